@@ -1,0 +1,116 @@
+"""Targets: the hardware and software a record was measured on.
+
+Everything that can invalidate a record is in the key: kind, arch, device name, and the TVM, CUDA
+and torch versions. A record whose target key differs from the running one is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from . import config
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "cuda" | "llvm"
+    arch: str  # "sm_90" | llvm mcpu, e.g. "znver3"
+    device_name: str  # "NVIDIA H100 80GB HBM3" | CPU model
+    num_cores: int  # SMs on a GPU, cores on a CPU
+    tvm_version: str
+    cuda_version: str  # "" on llvm
+    torch_version: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict | str) -> Target:
+        if isinstance(d, str):
+            d = json.loads(d)
+        return cls(**d)
+
+    @property
+    def key(self) -> str:
+        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return f"{self.kind}-{self.arch}-" + hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+    def tvm_target(self):
+        import tvm
+
+        if self.kind == "cuda":
+            # Hopper needs shared memory beyond the 48 KB of the default tag.
+            return tvm.target.Target(
+                {
+                    "kind": "cuda",
+                    "arch": self.arch,
+                    "max_shared_memory_per_block": 232448 if self.arch >= "sm_90" else 49152,
+                    "max_threads_per_block": 1024,
+                    "thread_warp_size": 32,
+                }
+            )
+        return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": self.num_cores})
+
+    def describe(self) -> str:
+        extra = f", CUDA {self.cuda_version}" if self.cuda_version else ""
+        return f"{self.device_name} ({self.kind} {self.arch}, TVM {self.tvm_version}{extra}, torch {self.torch_version})"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
+def detect(kind: str | None = None) -> Target:
+    """The target of this process: the current CUDA GPU if present, else the host CPU."""
+    import torch
+    import tvm
+
+    kind = kind or config.forced_target_kind() or ("cuda" if torch.cuda.is_available() else "llvm")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("target 'cuda' requested but torch sees no CUDA device")
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return Target(
+            kind="cuda",
+            arch=f"sm_{props.major}{props.minor}",
+            device_name=props.name,
+            num_cores=props.multi_processor_count,
+            tvm_version=tvm.__version__,
+            cuda_version=torch.version.cuda or "",
+            torch_version=torch.__version__.split("+")[0],
+        )
+    from tvm.target import codegen
+
+    return Target(
+        kind="llvm",
+        arch=codegen.llvm_get_system_cpu(),
+        device_name=_cpu_model(),
+        num_cores=torch.get_num_threads(),
+        tvm_version=tvm.__version__,
+        cuda_version="",
+        torch_version=torch.__version__.split("+")[0],
+    )
+
+
+def cuda_target(arch: str = "sm_90", device_name: str = "NVIDIA H100 80GB HBM3", sms: int = 132,
+                cuda_version: str = "13.0", torch_version: str = "2.11.0") -> Target:
+    """A CUDA target described by hand, for building on a machine without that GPU."""
+    import tvm
+
+    return Target("cuda", arch, device_name, sms, tvm.__version__, cuda_version, torch_version)
