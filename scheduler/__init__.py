@@ -1,0 +1,1 @@
+"""Scheduling: workload extraction from models and tuning schedule templates."""

@@ -1,0 +1,255 @@
+"""Extract tunable workloads from a PyTorch model by running it once with forward hooks.
+
+Each supported module type has a handler in ``HANDLERS`` that turns one call of the module
+into zero or more ``Workload``s. Only ``nn.Linear`` is handled today; conv2d, attention,
+group_norm and layer_norm can be added by writing a handler and adding one table entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shapetune.workload import Workload, linear_workload
+
+# handler(module, args, kwargs, output, dtype) -> workloads produced by this one call
+Handler = Callable[[nn.Module, tuple, dict, object, str], list[Workload]]
+
+
+@dataclass(frozen=True)
+class ExtractedOp:
+    """One distinct workload found in a model.
+
+    workload  the computation at concrete shapes
+    modules   qualified names of the modules that ran it, in first-call order
+    calls     how many times it ran in one forward pass (>= len(modules))
+    """
+
+    workload: Workload
+    modules: tuple[str, ...]
+    calls: int
+
+
+def _linear_handler(module: nn.Linear, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """y = x @ W^T (+ b): m = product of x's leading dims, n = out_features, k = in_features."""
+    x = args[0] if args else kwargs["input"]
+    m = math.prod(x.shape[:-1])
+    return [linear_workload(m, module.out_features, module.in_features, dtype, module.bias is not None)]
+
+
+#: module type -> handler; subclasses use their nearest registered base class.
+HANDLERS: dict[type, Handler] = {
+    nn.Linear: _linear_handler,
+}
+
+
+def _handler_for(module: nn.Module, handlers: dict[type, Handler]) -> Handler | None:
+    for cls in type(module).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+def _to_device(obj, device: torch.device, materialize: bool):
+    """Move tensors in (nested) inputs to ``device``; meta tensors become zeros if materializing."""
+    if isinstance(obj, torch.Tensor):
+        if materialize and obj.is_meta:
+            return torch.zeros(obj.shape, dtype=obj.dtype, device=device)
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, materialize) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device, materialize) for v in obj)
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _record_calls(model, inputs, dtype, handlers) -> list[tuple[Workload, str]]:
+    calls: list[tuple[Workload, str]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        handler = _handler_for(module, handlers)
+        if handler is None:
+            continue
+
+        def hook(mod, args, kwargs, output, _name=name, _handler=handler):
+            for w in _handler(mod, args, kwargs, output, dtype):
+                calls.append((w, _name))
+
+        hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _aggregate(calls: list[tuple[Workload, str]]) -> list[ExtractedOp]:
+    modules: dict[Workload, list[str]] = {}
+    counts: dict[Workload, int] = {}
+    for w, name in calls:
+        names = modules.setdefault(w, [])
+        if name not in names:
+            names.append(name)
+        counts[w] = counts.get(w, 0) + 1
+    return [ExtractedOp(w, tuple(names), counts[w]) for w, names in modules.items()]
+
+
+def extract_workloads(
+    model: nn.Module,
+    example_inputs: dict,
+    dtype: str = "float16",
+    handlers: dict[type, Handler] | None = None,
+) -> list[ExtractedOp]:
+    """Run one forward pass and collect the distinct workloads of every handled module call.
+
+    The pass runs where the model's parameters live. Build the model on the meta device
+    (``with torch.device("meta"):``) to get shapes with no compute and no memory. If the meta
+    pass fails (an op without a meta kernel), it is retried on a CPU float32 copy of the model
+    with uninitialized weights, so pass small inputs for large models in that case.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; it is not modified.
+    example_inputs : dict
+        Keyword arguments for ``model(**example_inputs)``; tensors are moved to the model's device.
+    dtype : str
+        Element type recorded in the workloads (the dtype the kernels will run in), independent
+        of the dtype the extraction pass runs in.
+    handlers : dict, optional
+        Module type -> handler table; defaults to ``HANDLERS``.
+
+    Returns
+    -------
+    list of ExtractedOp
+        One per distinct workload, in order of first call.
+    """
+    handlers = HANDLERS if handlers is None else handlers
+    device = _model_device(model)
+    try:
+        calls = _record_calls(model, _to_device(example_inputs, device, False), dtype, handlers)
+    except (NotImplementedError, RuntimeError) as e:
+        if device.type != "meta":
+            raise
+        warnings.warn(f"meta-device pass failed ({e}); retrying on CPU in float32", stacklevel=2)
+        cpu_model = copy.deepcopy(model).to_empty(device="cpu").float()
+        inputs = _to_device(example_inputs, torch.device("cpu"), True)
+        inputs = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()
+        }
+        calls = _record_calls(cpu_model, inputs, dtype, handlers)
+    return _aggregate(calls)
+
+
+def sd15_unet_inputs(
+    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, device="meta"
+) -> dict:
+    """Keyword inputs for the SD 1.5 UNet at one denoising step.
+
+    Parameters
+    ----------
+    batch : int
+        UNet batch. Classifier-free guidance runs the UNet at batch 2 for one image.
+    height, width : int
+        Image size in pixels; the latent is height/8 x width/8.
+    seq : int
+        Text tokens in ``encoder_hidden_states`` (CLIP: 77).
+    device : str or torch.device
+        Where to allocate the tensors.
+
+    Returns
+    -------
+    dict
+        ``sample``, ``timestep`` and ``encoder_hidden_states``.
+    """
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    return {
+        "sample": torch.zeros(batch, 4, height // 8, width // 8, device=device),
+        "timestep": torch.tensor(999, device=device),
+        "encoder_hidden_states": torch.zeros(batch, seq, 768, device=device),
+    }
+
+
+def sd15_linear_workloads(
+    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
+) -> list[ExtractedOp]:
+    """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass.
+
+    Parameters
+    ----------
+    batch : int
+        UNet batch (2 for one image with classifier-free guidance).
+    height, width : int
+        Image size in pixels.
+    seq : int
+        Text tokens.
+    dtype : str
+        Element type recorded in the workloads.
+
+    Returns
+    -------
+    list of ExtractedOp
+        One per distinct workload, in order of first call.
+    """
+    from scheduler.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet(device="meta")
+    inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
+    return extract_workloads(unet, inputs, dtype=dtype, handlers={nn.Linear: _linear_handler})
+
+
+def save_workload_file(path: str | Path, workloads: Iterable[Workload | ExtractedOp], meta: dict | None = None) -> None:
+    """Write workloads as JSON ``{"workloads": [w.to_json(), ...]}`` (what ``shapetune tune`` reads).
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file.
+    workloads : iterable of Workload or ExtractedOp
+        Written in order; duplicates are dropped.
+    meta : dict, optional
+        Free-form provenance stored under ``"meta"``; readers ignore it.
+    """
+    seen: dict[Workload, None] = {}
+    for w in workloads:
+        seen.setdefault(w.workload if isinstance(w, ExtractedOp) else w, None)
+    # one workload per line: readable and diff-friendly
+    lines = ",\n".join("    " + json.dumps(w.to_json()) for w in seen)
+    head = f'{{\n  "meta": {json.dumps(meta)},\n' if meta else "{\n"
+    Path(path).write_text(f'{head}  "workloads": [\n{lines}\n  ]\n}}\n')
+
+
+def load_workload_file(path: str | Path) -> list[Workload]:
+    """Read a workload file written by ``save_workload_file``.
+
+    Parameters
+    ----------
+    path : str or Path
+        JSON file with a top-level ``"workloads"`` list.
+
+    Returns
+    -------
+    list of Workload
+        In file order.
+    """
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("workloads"), list):
+        raise ValueError(f"{path}: expected a JSON object with a 'workloads' list")
+    return [Workload.from_json(d) for d in doc["workloads"]]

@@ -1,0 +1,66 @@
+"""Model configs for the diffusion UNets shapetune tunes, and builders with random weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+#: runwayml/stable-diffusion-v1-5, unet/config.json. Note diffusers' historical misnomer:
+#: ``attention_head_dim`` is really the number of heads (8), so head_dim = channels / 8.
+SD15_UNET_CONFIG: dict = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+    "use_linear_projection": False,
+}
+
+
+def build_sd15_unet(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Build the SD 1.5 UNet from its config with random (untrained) weights.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        Parameter dtype.
+    device : str or torch.device
+        Where to build it. ``"meta"`` builds shapes only: no memory, instant, and enough
+        for workload extraction. ``"cpu"`` allocates about 3.4 GB in float32.
+
+    Returns
+    -------
+    diffusers.UNet2DConditionModel
+        The model in eval mode.
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(copy.deepcopy(SD15_UNET_CONFIG))
+    if dtype != torch.float32:
+        unet = unet.to(dtype=dtype)
+    return unet.eval()

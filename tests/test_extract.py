@@ -1,0 +1,140 @@
+"""Workload extraction from the SD 1.5 UNet (meta device: seconds, no memory)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from scheduler.extract import (
+    ExtractedOp,
+    extract_workloads,
+    load_workload_file,
+    save_workload_file,
+    sd15_linear_workloads,
+    sd15_unet_inputs,
+)
+from scheduler.sd_configs import build_sd15_unet
+from shapetune.workload import linear_workload
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_sd15_unet(device="meta")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return sd15_linear_workloads(batch=2, height=512, width=512)
+
+
+def _by_module(ops):
+    return {name: op for op in ops for name in op.modules}
+
+
+def _find(ops, m, n, k, bias):
+    w = linear_workload(m, n, k, "float16", bias)
+    hits = [op for op in ops if op.workload == w]
+    assert len(hits) == 1, f"{w.name} not extracted"
+    return hits[0]
+
+
+def test_sd15_config_builds_expected_unet(unet):
+    assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert unet.config.cross_attention_dim == 768
+    assert next(unet.parameters()).is_meta
+    n_params = sum(p.numel() for p in unet.parameters())
+    assert 855e6 < n_params < 865e6  # SD 1.5 UNet: 859.5M
+
+
+def test_known_sd15_gemms(ops):
+    mods = _by_module(ops)
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert mods[f"{attn}.attn1.to_q"].workload == linear_workload(8192, 320, 320, "float16", bias=False)
+    assert mods[f"{attn}.attn1.to_out.0"].workload == linear_workload(8192, 320, 320, "float16", bias=True)
+    assert mods[f"{attn}.attn2.to_k"].workload == linear_workload(154, 320, 768, "float16", bias=False)
+    assert mods[f"{attn}.ff.net.0.proj"].workload == linear_workload(8192, 2560, 320, "float16", bias=True)
+    assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16", bias=True)
+    assert mods["time_embedding.linear_1"].workload == linear_workload(2, 1280, 320, "float16", bias=True)
+    # the 1280x1280 time MLP layer and the 1280-channel resnets' time_emb_proj share one GEMM
+    shared = mods["time_embedding.linear_2"]
+    assert "down_blocks.2.resnets.0.time_emb_proj" in shared.modules
+
+
+def test_counts_and_dedup(ops, unet):
+    n_linear_calls = 0
+
+    def count(*_):
+        nonlocal n_linear_calls
+        n_linear_calls += 1
+
+    hooks = [m.register_forward_hook(count) for m in unet.modules() if isinstance(m, nn.Linear)]
+    with torch.inference_mode():
+        unet(**sd15_unet_inputs(2, 512, 512))
+    for h in hooks:
+        h.remove()
+
+    assert n_linear_calls == 184
+    assert sum(op.calls for op in ops) == n_linear_calls
+    assert len({op.workload for op in ops}) == len(ops) == 23
+    # self- and cross-attention queries at 64x64 share one GEMM: 5 blocks x (q, k, v, q)
+    assert _find(ops, 8192, 320, 320, bias=False).calls == 20
+    # cross-attn K/V at 1280 channels: down_blocks.2 (2) + mid (1) + up_blocks.1 (3), x2
+    assert _find(ops, 154, 1280, 768, bias=False).calls == 12
+    assert all(op.workload.dtype == "float16" for op in ops)
+
+
+def test_batch_and_resolution_scale_m():
+    ops = sd15_linear_workloads(batch=1, height=256, width=384, dtype="float32")
+    assert {op.workload.dtype for op in ops} == {"float32"}
+    mods = _by_module(ops)
+    q = mods["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].workload
+    assert q == linear_workload(32 * 48, 320, 320, "float32", bias=False)
+    assert mods["time_embedding.linear_1"].workload.dim["m"] == 1
+
+
+def test_handler_table_on_cpu_model():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16, bias=False), nn.Linear(16, 32))
+    ops = extract_workloads(model, {"input": torch.zeros(3, 5, 16)}, dtype="float32")
+    assert ops == [
+        ExtractedOp(linear_workload(15, 32, 16, "float32", True), ("0", "3"), 2),
+        ExtractedOp(linear_workload(15, 16, 32, "float32", False), ("2",), 1),
+    ]
+
+
+def test_workload_file_round_trip(ops, tmp_path):
+    path = tmp_path / "sd15.json"
+    save_workload_file(path, ops, meta={"batch": 2})
+    doc = json.loads(path.read_text())
+    assert len(doc["workloads"]) == len(ops)
+    loaded = load_workload_file(path)
+    assert loaded == [op.workload for op in ops]
+    assert [w.key for w in loaded] == [op.workload.key for op in ops]
+
+
+def test_load_rejects_bad_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError):
+        load_workload_file(path)
+
+
+class _NeedsData(nn.Module):
+    """Reads a tensor value, which the meta device cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        reps = int(x.sum().item() >= 0) + 1
+        return self.proj(x.repeat(reps, 1))
+
+
+def test_meta_failure_falls_back_to_cpu():
+    with torch.device("meta"):
+        model = _NeedsData()
+    with pytest.warns(UserWarning, match="retrying on CPU"):
+        ops = extract_workloads(model, {"x": torch.zeros(3, 8, device="meta")})
+    assert [op.workload for op in ops] == [linear_workload(6, 4, 8, "float16", True)]
+    assert next(model.parameters()).is_meta  # the caller's model is untouched
