@@ -1,0 +1,241 @@
+"""`shapetune db ...`: inspect, export and import the tuning DB."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import json
+import math
+import sys
+
+import click
+
+from . import config
+from .db import DBError, TuningDB
+from .records import STATUSES, MeasureResult
+
+FORMATS = ("table", "json", "csv")
+
+
+def _db_option(f):
+    return click.option("--db", "db_path", type=click.Path(dir_okay=False),
+                        default=lambda: str(config.default_db_path()), show_default="$SHAPETUNE_DB "
+                        "or <user cache>/shapetune/tuning.db", help="Tuning DB file.")(f)
+
+
+def _format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
+                        show_default=True, help="Output format.")(f)
+
+
+def _errors(f):
+    """DBError (and unreadable files) -> one-line ClickException, no traceback."""
+    @functools.wraps(f)
+    def run(*a, **kw):
+        try:
+            return f(*a, **kw)
+        except DBError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+    return run
+
+
+def _open(path: str, create: bool = False) -> TuningDB:
+    return TuningDB(path, create=create)
+
+
+# -- output ------------------------------------------------------------------------------------
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def _json(v) -> str:
+    """Strict JSON (NaN/inf -> null), so jq and friends can read it."""
+    def fix(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: fix(y) for k, y in x.items()}
+        if isinstance(x, list):
+            return [fix(y) for y in x]
+        return x
+    return json.dumps(fix(v), indent=2, allow_nan=False)
+
+
+def _emit(rows: list[dict], fmt: str, title: str | None = None,
+          table_fmt: dict | None = None) -> None:
+    """Print rows (dicts sharing keys) as a rich table, a JSON list, or CSV."""
+    if fmt == "json":
+        click.echo(_json(rows))
+    elif fmt == "csv":
+        if rows:
+            w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text  # plain text: "[...]" in knobs or errors is not markup
+
+        if not rows:
+            click.echo(f"no {title or 'rows'}")
+            return
+        table_fmt = table_fmt or {}
+        t = Table(title=title)
+        for k in rows[0]:
+            t.add_column(k, justify="right" if isinstance(rows[0][k], (int, float)) else "left")
+        for r in rows:
+            t.add_row(*(Text(table_fmt.get(k, _cell)(v) if v is not None else "-")
+                        for k, v in r.items()))
+        Console(width=None if sys.stdout.isatty() else 220).print(t)
+
+
+def _result_row(id_: int, r: MeasureResult) -> dict:
+    lat = r.latency
+    return {"id": id_, "uid": r.uid, "workload": r.workload.name, "template": r.candidate.template, "status": r.status,
+            "median_us": lat.median_us if lat else None, "created": r.created}
+
+
+# -- commands ----------------------------------------------------------------------------------
+@click.group()
+def db():
+    """Inspect, export and import the tuning DB."""
+
+
+@db.command("list")
+@click.option("--op", help="Only this op (e.g. linear).")
+@click.option("--target", "target_key", help="Only this target key.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="At most this many records.")
+@_db_option
+@_format_option
+@_errors
+def list_(op, target_key, status, limit, db_path, fmt):
+    """Stored measurements, newest first."""
+    with _open(db_path) as d:
+        rows = [_result_row(i, r) for i, r in d.iter_results(target_key=target_key, op=op,
+                                                             status=status, limit=limit)]
+    _emit(rows, fmt, "records", {"created": _when})
+
+
+@db.command("show")
+@click.argument("ref")
+@_db_option
+@_format_option
+@_errors
+def show(ref, db_path, fmt):
+    """One record in full, by row id, uid, or unique uid prefix."""
+    with _open(db_path) as d:
+        hit = d.find(ref)
+        if hit is None:
+            raise click.ClickException(f"no record {ref!r} in {d.path}")
+    id_, r = hit
+    row = {"id": id_, "uid": r.uid, "workload": r.workload.name, "workload_key": r.workload.key,
+           "target": r.target.key, "device": r.target.describe(), "template": r.candidate.template,
+           "candidate_key": r.candidate.key, "knobs": r.candidate.knob, "status": r.status,
+           "verified": r.verified, "latency": r.latency.to_json() if r.latency else None,
+           "max_rel_err": r.max_rel_err, "build_s": r.build_s, "run_id": r.run_id,
+           "created": r.created, "error": r.error}
+    if fmt == "json":
+        click.echo(_json(row))
+        return
+    flat = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+    if fmt == "csv":
+        _emit([flat], fmt)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"record {id_}", show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in row.items():
+        if k == "knobs":
+            v = ", ".join(f"{kk}={vv!r}" for kk, vv in v.items()) or "-"
+        elif k == "latency" and v:
+            v = ", ".join(f"{kk}={_cell(vv)}" for kk, vv in v.items())
+        elif k == "created":
+            v = f"{_when(v)} ({v!r})"
+        t.add_row(k, Text("-" if v is None or v == "" else str(v)))
+    Console(width=None if sys.stdout.isatty() else 220).print(t)
+
+
+@db.command("best")
+@click.argument("op_arg", metavar="[OP]", required=False)
+@click.option("--op", help="Only this op (same as the OP argument).")
+@click.option("--target", "target_key", help="Only this target key.")
+@_db_option
+@_format_option
+@_errors
+def best(op_arg, op, target_key, db_path, fmt):
+    """The fastest verified schedule per workload and target, against the vendor baseline."""
+    if op_arg and op and op_arg != op:
+        raise click.UsageError(f"OP argument {op_arg!r} contradicts --op {op!r}")
+    op = op_arg or op
+    rows = []
+    with _open(db_path) as d:
+        for r in d.best_all(target_key=target_key, op=op):
+            b = d.baseline(r.workload.key, r.target.key)
+            bu, mu = (b.latency.median_us if b else None), r.latency.median_us
+            rows.append({"workload": r.workload.name, "target": r.target.key,
+                         "template": r.candidate.template, "candidate": str(r.candidate),
+                         "median_us": mu, "baseline": b.name if b else None, "baseline_us": bu,
+                         "speedup": bu / mu if bu is not None and mu > 0 else None,
+                         "uid": r.uid})
+    _emit(rows, fmt, "best schedules", {"speedup": lambda v: f"{v:.2f}x"})
+
+
+@db.command("stats")
+@_db_option
+@_format_option
+@_errors
+def stats(db_path, fmt):
+    """Counts per status, op and target; sizes and schema version."""
+    with _open(db_path) as d:
+        s = d.stats()
+    if fmt == "json":
+        click.echo(_json(s))
+        return
+    rows = []
+    for k, v in s.items():
+        if isinstance(v, dict):
+            rows += [{"metric": f"{k}.{kk}", "value": vv} for kk, vv in v.items()]
+        else:
+            rows.append({"metric": k, "value": v})
+    _emit(rows, fmt, "tuning DB", {"value": str})
+
+
+@db.command("export")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@click.option("--op", help="Only this op.")
+@click.option("--target", "target_key", help="Only this target key.")
+@_db_option
+@_errors
+def export(path, op, target_key, db_path):
+    """Write records and baselines as JSON lines to PATH (.xz: compressed)."""
+    with _open(db_path) as d:
+        n = d.export_jsonl(path, target_key=target_key, op=op)
+    click.echo(f"exported {n} lines to {path}")
+
+
+@db.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_db_option
+@_errors
+def import_(path, db_path):
+    """Append the records and baselines of a JSONL export (all or nothing)."""
+    with _open(db_path, create=True) as d:
+        added, skipped = d.import_jsonl(path)
+    click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}")

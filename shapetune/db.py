@@ -1,0 +1,674 @@
+"""The tuning DB: append-only history of measurements and vendor baselines in one SQLite file.
+
+Several processes may append at once (WAL, a 30 s busy timeout, and every write in one
+``BEGIN IMMEDIATE`` transaction). Nothing is ever updated or deleted; "the best schedule" is a
+query over the history (the ``best`` view).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import lzma
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from . import config
+from .records import Candidate, LatencyStats, MeasureResult, VendorBaseline
+from .target import Target
+from .workload import Workload
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+
+
+class DBError(RuntimeError):
+    """The DB file is unusable (corrupt, another schema version) or an import file is malformed."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workloads (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, op TEXT NOT NULL, name TEXT NOT NULL,
+    json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS targets (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, arch TEXT NOT NULL,
+    device_name TEXT NOT NULL, json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE,
+    workload_id INTEGER NOT NULL REFERENCES workloads(id),
+    target_id INTEGER NOT NULL REFERENCES targets(id),
+    run_id TEXT NOT NULL, created REAL NOT NULL, template TEXT NOT NULL,
+    candidate_key TEXT NOT NULL, knobs TEXT NOT NULL, status TEXT NOT NULL,
+    verified INTEGER NOT NULL, error TEXT NOT NULL, max_rel_err REAL, build_s REAL NOT NULL,
+    median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, repeats INTEGER);
+CREATE TABLE IF NOT EXISTS baselines (
+    id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE,
+    workload_id INTEGER NOT NULL REFERENCES workloads(id),
+    target_id INTEGER NOT NULL REFERENCES targets(id),
+    run_id TEXT NOT NULL, created REAL NOT NULL, name TEXT NOT NULL,
+    median_us REAL NOT NULL, mean_us REAL NOT NULL, min_us REAL NOT NULL, max_us REAL NOT NULL,
+    std_us REAL NOT NULL, repeats INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS workloads_op ON workloads(op);
+CREATE INDEX IF NOT EXISTS records_best ON records(workload_id, target_id, verified, median_us, id);
+CREATE INDEX IF NOT EXISTS records_target ON records(target_id, status);
+CREATE INDEX IF NOT EXISTS records_created ON records(created, id);
+CREATE INDEX IF NOT EXISTS baselines_wt ON baselines(workload_id, target_id, created, id);
+CREATE VIEW IF NOT EXISTS best AS
+    SELECT * FROM (
+        SELECT r.*, ROW_NUMBER() OVER (
+            PARTITION BY r.workload_id, r.target_id ORDER BY r.median_us, r.id) AS rank
+        FROM records r
+        WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer'))
+    WHERE rank = 1;
+"""
+
+_LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
+_REC_COLS = ("id", "workload_id", "target_id", "run_id", "created", "knobs", "status", "error",
+             "max_rel_err", "build_s") + _LAT
+_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT
+
+
+# SQLite stores a NaN REAL as NULL; keep NaN distinct from "no value" by storing it as text.
+def _enc(x):
+    return "NaN" if isinstance(x, float) and math.isnan(x) else x
+
+
+def _dec(x):
+    return math.nan if x == "NaN" else x
+
+
+def _lat_cols(lat: LatencyStats | None) -> tuple:
+    if lat is None:
+        return (None,) * len(_LAT)
+    return tuple(_enc(getattr(lat, c)) for c in _LAT)
+
+
+def _lat_of(row: sqlite3.Row) -> LatencyStats | None:
+    if row["repeats"] is None:
+        return None
+    return LatencyStats(*(_dec(row[c]) for c in _LAT))
+
+
+def _canon(r):
+    """`created` as a float, as it will read back (its repr is part of the uid)."""
+    return r if isinstance(r.created, float) else dataclasses.replace(r, created=float(r.created))
+
+
+def _open_text(fp_or_path, mode: str) -> tuple[IO[str], bool]:
+    """(text stream, whether we opened it). Paths ending in .xz go through lzma."""
+    if isinstance(fp_or_path, (str, os.PathLike)):
+        p = Path(fp_or_path)
+        if p.suffix == ".xz":
+            return lzma.open(p, mode + "t", encoding="utf-8"), True
+        return open(p, mode, encoding="utf-8", newline="\n"), True
+    return fp_or_path, False
+
+
+class TuningDB:
+    """Append-only store of tuning results in SQLite.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The DB file; ``config.default_db_path()`` if None. Parent directories are created.
+    create : bool
+        If False, a missing file raises `DBError` instead of creating an empty DB.
+
+    Raises
+    ------
+    DBError
+        The file is not a SQLite DB, is corrupt, is some other SQLite DB, or has another
+        schema version.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, create: bool = True):
+        self.path = Path(path) if path is not None else config.default_db_path()
+        if not create and not self.path.exists():
+            raise DBError(f"no tuning DB at {self.path} (nothing tuned yet, or a wrong --db path)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wl: dict[int, Workload] = {}
+        self._tg: dict[int, Target] = {}
+        self._wid: dict[str, int] = {}
+        self._tid: dict[str, int] = {}
+        try:
+            self._con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                        check_same_thread=False)
+        except sqlite3.Error as e:
+            raise DBError(f"cannot open tuning DB {self.path}: {e}") from e
+        self._con.row_factory = sqlite3.Row
+        try:
+            self._init()
+        except BaseException:
+            self._con.close()
+            raise
+
+    # -- setup -----------------------------------------------------------------------------
+    def _fail(self, what: str, e: Exception | None = None) -> DBError:
+        why = f": {e}" if e else ""
+        return DBError(f"tuning DB {self.path} {what}{why}. Move it aside (or delete it) to start "
+                       f"a fresh DB, or point --db / SHAPETUNE_DB elsewhere")
+
+    def _init(self) -> None:
+        c = self._con
+        try:
+            c.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:
+                raise self._fail("is a SQLite DB but not a shapetune tuning DB (no meta table)")
+            if not tables:
+                with self._tx():  # another process may be creating it too: IF NOT EXISTS
+                    for stmt in _SCHEMA.split(";\n"):
+                        if stmt.strip():
+                            c.execute(stmt)
+                    c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                              (str(SCHEMA_VERSION),))
+            self._check_version()
+            self._wal()
+            c.execute("PRAGMA synchronous = NORMAL")
+        except DBError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise self._fail("is not a readable SQLite DB (corrupt, or not a DB file)", e) from e
+
+    def _wal(self) -> None:
+        # Switching the journal mode needs an exclusive lock and may not wait on the busy handler.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._con.execute("PRAGMA journal_mode = WAL").fetchone()
+                return  # a filesystem without WAL support answers with its old mode; fine
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+            if time.monotonic() > deadline:
+                raise DBError(f"tuning DB {self.path}: cannot switch it to WAL mode "
+                              f"(locked by another process for {BUSY_TIMEOUT_S:.0f} s)")
+            time.sleep(0.05)
+
+    def _check_version(self) -> None:
+        row = self._con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            raise self._fail("has no schema_version in its meta table")
+        try:
+            v = int(row[0])
+        except ValueError:
+            raise self._fail(f"has a malformed schema_version {row[0]!r}") from None
+        if v != SCHEMA_VERSION:
+            raise DBError(
+                f"tuning DB {self.path} has schema version {v}, this shapetune reads version "
+                f"{SCHEMA_VERSION}. Use the shapetune that wrote it to `db export` it, then "
+                f"`db import` the export into a fresh DB (or move the file aside)")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the write lock up front (no deadlock on upgrade)."""
+        c = self._con
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            self._wid.clear()  # ids handed out inside the rolled-back transaction are gone
+            self._tid.clear()
+            raise
+        c.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise DBError(f"tuning DB {self.path}: {e}") from e
+
+    def close(self) -> None:
+        """Close the connection; the DB object is unusable afterwards."""
+        self._con.close()
+
+    def __enter__(self) -> TuningDB:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- interning ---------------------------------------------------------------------------
+    def _workload_id(self, w: Workload) -> int:
+        k = w.key
+        if k not in self._wid:
+            c = self._con
+            c.execute("INSERT OR IGNORE INTO workloads(key, op, name, json) VALUES (?,?,?,?)",
+                      (k, w.op, w.name, json.dumps(w.to_json(), sort_keys=True)))
+            self._wid[k] = c.execute("SELECT id FROM workloads WHERE key=?", (k,)).fetchone()[0]
+        return self._wid[k]
+
+    def _target_id(self, t: Target) -> int:
+        k = t.key
+        if k not in self._tid:
+            c = self._con
+            c.execute("INSERT OR IGNORE INTO targets(key, kind, arch, device_name, json) "
+                      "VALUES (?,?,?,?,?)",
+                      (k, t.kind, t.arch, t.device_name, json.dumps(t.to_json(), sort_keys=True)))
+            self._tid[k] = c.execute("SELECT id FROM targets WHERE key=?", (k,)).fetchone()[0]
+        return self._tid[k]
+
+    def _w(self, wid: int) -> Workload:
+        if wid not in self._wl:
+            row = self._con.execute("SELECT json FROM workloads WHERE id=?", (wid,)).fetchone()
+            self._wl[wid] = Workload.from_json(row[0])
+        return self._wl[wid]
+
+    def _t(self, tid: int) -> Target:
+        if tid not in self._tg:
+            row = self._con.execute("SELECT json FROM targets WHERE id=?", (tid,)).fetchone()
+            self._tg[tid] = Target.from_json(row[0])
+        return self._tg[tid]
+
+    # -- writes ------------------------------------------------------------------------------
+    def _insert_result(self, r: MeasureResult) -> bool:
+        r = _canon(r)
+        cand = r.candidate
+        cur = self._con.execute(
+            "INSERT OR IGNORE INTO records(uid, workload_id, target_id, run_id, created, template, "
+            "candidate_key, knobs, status, verified, error, max_rel_err, build_s, median_us, "
+            "mean_us, min_us, max_us, std_us, repeats) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.uid, self._workload_id(r.workload), self._target_id(r.target), r.run_id, r.created,
+             cand.template, cand.key, json.dumps(cand.to_json()), r.status, int(r.verified),
+             r.error, _enc(r.max_rel_err), _enc(r.build_s)) + _lat_cols(r.latency))
+        return cur.rowcount == 1
+
+    def _insert_baseline(self, b: VendorBaseline) -> bool:
+        b = _canon(b)
+        cur = self._con.execute(
+            "INSERT OR IGNORE INTO baselines(uid, workload_id, target_id, run_id, created, name, "
+            "median_us, mean_us, min_us, max_us, std_us, repeats) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (b.uid, self._workload_id(b.workload), self._target_id(b.target), b.run_id, b.created,
+             b.name) + _lat_cols(b.latency))
+        return cur.rowcount == 1
+
+    def add_result(self, r: MeasureResult) -> bool:
+        """Append one measurement.
+
+        Returns
+        -------
+        bool
+            True if it was new, False if a record with the same uid was already stored.
+        """
+        return self.add_results([r]) == 1
+
+    def add_results(self, results: Iterable[MeasureResult]) -> int:
+        """Append measurements in one transaction; duplicates (same uid) are skipped.
+
+        Returns
+        -------
+        int
+            How many were new.
+        """
+        with self._guard(), self._tx():
+            return sum(self._insert_result(r) for r in results)
+
+    def add_baseline(self, b: VendorBaseline) -> bool:
+        """Append one vendor baseline; returns False if its uid was already stored."""
+        with self._guard(), self._tx():
+            return self._insert_baseline(b)
+
+    # -- reads -------------------------------------------------------------------------------
+    @staticmethod
+    def _where(workload_key, target_key, op, **eq) -> tuple[str, list]:
+        conds, args = [], []
+        for col, v in (("w.key", workload_key), ("t.key", target_key), ("w.op", op),
+                       *((f"x.{k}", v) for k, v in eq.items())):
+            if v is not None:
+                conds.append(f"{col} = ?")
+                args.append(v)
+        return (" WHERE " + " AND ".join(conds)) if conds else "", args
+
+    def _result_of(self, row: sqlite3.Row) -> MeasureResult:
+        mre = row["max_rel_err"]
+        return MeasureResult(
+            workload=self._w(row["workload_id"]), target=self._t(row["target_id"]),
+            candidate=Candidate.from_json(row["knobs"]), status=row["status"],
+            latency=_lat_of(row), error=row["error"],
+            max_rel_err=None if mre is None else _dec(mre), build_s=_dec(row["build_s"]),
+            run_id=row["run_id"], created=row["created"])
+
+    def _baseline_of(self, row: sqlite3.Row) -> VendorBaseline:
+        return VendorBaseline(
+            workload=self._w(row["workload_id"]), target=self._t(row["target_id"]),
+            name=row["name"], latency=_lat_of(row), run_id=row["run_id"], created=row["created"])
+
+    def _select(self, table: str, cols: tuple, where: str, args: list, order: str,
+                limit: int | None) -> list[sqlite3.Row]:
+        sel = ", ".join(f"x.{c}" for c in cols)
+        sql = (f"SELECT {sel} FROM {table} x JOIN workloads w ON w.id = x.workload_id "
+               f"JOIN targets t ON t.id = x.target_id{where} ORDER BY {order}")
+        if limit is not None:
+            sql += " LIMIT ?"
+            args = [*args, int(limit)]
+        with self._guard():
+            return self._con.execute(sql, args).fetchall()
+
+    def iter_results(self, workload_key: str | None = None, target_key: str | None = None,
+                     op: str | None = None, status: str | None = None,
+                     template: str | None = None, limit: int | None = None,
+                     ) -> list[tuple[int, MeasureResult]]:
+        """Like `results`, with each record's row id: ``[(id, MeasureResult), ...]``."""
+        where, args = self._where(workload_key, target_key, op, status=status, template=template)
+        rows = self._select("records", _REC_COLS, where, args, "x.created DESC, x.id DESC", limit)
+        with self._guard():
+            return [(row["id"], self._result_of(row)) for row in rows]
+
+    def results(self, workload_key: str | None = None, target_key: str | None = None,
+                op: str | None = None, status: str | None = None, template: str | None = None,
+                limit: int | None = None) -> list[MeasureResult]:
+        """Stored measurements, newest (by ``created``) first.
+
+        Parameters
+        ----------
+        workload_key, target_key, op, status, template : str, optional
+            Keep only records matching every filter given.
+        limit : int, optional
+            At most this many.
+
+        Returns
+        -------
+        list of MeasureResult
+        """
+        return [r for _, r in self.iter_results(workload_key, target_key, op, status, template,
+                                                limit)]
+
+    def find(self, ref: str | int) -> tuple[int, MeasureResult] | None:
+        """One record by row id, full uid, or a unique uid prefix.
+
+        Returns
+        -------
+        (id, MeasureResult) or None
+            None if nothing matches.
+
+        Raises
+        ------
+        DBError
+            If a uid prefix matches several records.
+        """
+        ref = str(ref).strip()
+        sel = ", ".join(_REC_COLS)
+        with self._guard():
+            rows = []
+            if ref.isdigit():
+                rows = self._con.execute(f"SELECT {sel} FROM records WHERE id=?",
+                                         (int(ref),)).fetchall()
+            if not rows and ref:
+                pat = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                rows = self._con.execute(
+                    f"SELECT {sel} FROM records WHERE uid LIKE ? ESCAPE '\\' LIMIT 2",
+                    (pat + "%",)).fetchall()
+            if len(rows) > 1:
+                raise DBError(f"uid prefix {ref!r} matches several records; give more characters")
+            return (rows[0]["id"], self._result_of(rows[0])) if rows else None
+
+    def best(self, workload_key: str, target_key: str) -> MeasureResult | None:
+        """The verified record with the lowest median latency (ties: the earliest stored).
+
+        Returns
+        -------
+        MeasureResult or None
+            None if the workload has no verified record on that target.
+        """
+        where, args = self._where(workload_key, target_key, None)
+        rows = self._select("best", _REC_COLS, where, args, "x.id", None)
+        with self._guard():
+            return self._result_of(rows[0]) if rows else None
+
+    def best_all(self, target_key: str | None = None, op: str | None = None,
+                 ) -> list[MeasureResult]:
+        """`best` for every (workload, target) pair, ordered by workload name then target key."""
+        where, args = self._where(None, target_key, op)
+        rows = self._select("best", _REC_COLS, where, args, "w.name, t.key", None)
+        with self._guard():
+            return [self._result_of(row) for row in rows]
+
+    def baselines(self, workload_key: str | None = None, target_key: str | None = None,
+                  op: str | None = None, name: str | None = None, limit: int | None = None,
+                  ) -> list[VendorBaseline]:
+        """Stored vendor baselines, newest (by ``created``) first, filtered like `results`."""
+        where, args = self._where(workload_key, target_key, op, name=name)
+        rows = self._select("baselines", _BASE_COLS, where, args, "x.created DESC, x.id DESC",
+                            limit)
+        with self._guard():
+            return [self._baseline_of(row) for row in rows]
+
+    def baseline(self, workload_key: str, target_key: str) -> VendorBaseline | None:
+        """The newest vendor baseline of a workload on a target, or None."""
+        b = self.baselines(workload_key, target_key, limit=1)
+        return b[0] if b else None
+
+    def workloads(self, op: str | None = None) -> list[Workload]:
+        """Every workload seen, ordered by name."""
+        with self._guard():
+            rows = self._con.execute(
+                "SELECT id FROM workloads" + (" WHERE op=?" if op else "") + " ORDER BY name, key",
+                (op,) if op else ()).fetchall()
+            return [self._w(r[0]) for r in rows]
+
+    def workload(self, key: str) -> Workload | None:
+        """The workload with this key, or None."""
+        with self._guard():
+            row = self._con.execute("SELECT id FROM workloads WHERE key=?", (key,)).fetchone()
+            return self._w(row[0]) if row else None
+
+    def targets(self) -> list[Target]:
+        """Every target seen, ordered by key."""
+        with self._guard():
+            return [self._t(r[0]) for r in self._con.execute("SELECT id FROM targets ORDER BY key")]
+
+    def target(self, key: str) -> Target | None:
+        """The target with this key, or None."""
+        with self._guard():
+            row = self._con.execute("SELECT id FROM targets WHERE key=?", (key,)).fetchone()
+            return self._t(row[0]) if row else None
+
+    def stats(self) -> dict:
+        """Counts and facts about the DB.
+
+        Returns
+        -------
+        dict
+            ``path``, ``schema_version``, ``file_size`` (bytes, main file + WAL), ``records``,
+            ``by_status``, ``by_op``, ``by_target`` (record counts), ``workloads``, ``targets``,
+            ``baselines``, ``best`` (pairs with a verified record).
+        """
+        c = self._con
+
+        def one(sql):
+            return c.execute(sql).fetchone()[0]
+
+        def group(sql):
+            return {k: n for k, n in c.execute(sql)}
+
+        size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal"))
+                   if os.path.exists(p))
+        with self._guard():
+            return {
+                "path": str(self.path),
+                "schema_version": SCHEMA_VERSION,
+                "file_size": size,
+                "records": one("SELECT COUNT(*) FROM records"),
+                "by_status": group("SELECT status, COUNT(*) FROM records GROUP BY status "
+                                   "ORDER BY status"),
+                "by_op": group("SELECT w.op, COUNT(*) FROM records r JOIN workloads w "
+                               "ON w.id = r.workload_id GROUP BY w.op ORDER BY w.op"),
+                "by_target": group("SELECT t.key, COUNT(*) FROM records r JOIN targets t "
+                                   "ON t.id = r.target_id GROUP BY t.key ORDER BY t.key"),
+                "workloads": one("SELECT COUNT(*) FROM workloads"),
+                "targets": one("SELECT COUNT(*) FROM targets"),
+                "baselines": one("SELECT COUNT(*) FROM baselines"),
+                "best": one("SELECT COUNT(*) FROM best"),
+            }
+
+    # -- JSONL -------------------------------------------------------------------------------
+    def export_jsonl(self, fp_or_path: str | Path | IO[str], target_key: str | None = None,
+                     op: str | None = None) -> int:
+        """Write records, then baselines, oldest first, one JSON object per line.
+
+        Parameters
+        ----------
+        fp_or_path : path or text stream
+            A path ending in ``.xz`` is written xz-compressed.
+        target_key, op : str, optional
+            Export only these.
+
+        Returns
+        -------
+        int
+            Lines written.
+        """
+        where, args = self._where(None, target_key, op)
+        recs = self._select("records", _REC_COLS, where, args, "x.id", None)
+        bases = self._select("baselines", _BASE_COLS, where, args, "x.id", None)
+        fp, own = _open_text(fp_or_path, "w")
+        try:
+            with self._guard():
+                for row in recs:
+                    fp.write(json.dumps(record_to_json(self._result_of(row))) + "\n")
+                for row in bases:
+                    fp.write(json.dumps(baseline_to_json(self._baseline_of(row))) + "\n")
+        finally:
+            if own:
+                fp.close()
+        return len(recs) + len(bases)
+
+    def import_jsonl(self, fp_or_path: str | Path | IO[str]) -> tuple[int, int]:
+        """Append the records and baselines of a JSONL export, all or nothing.
+
+        Parameters
+        ----------
+        fp_or_path : path or text stream
+            A path ending in ``.xz`` is read through lzma.
+
+        Returns
+        -------
+        (added, skipped)
+            Skipped lines were already stored (same uid).
+
+        Raises
+        ------
+        DBError
+            On a malformed line (named by number); nothing from the file is then stored.
+        """
+        added = skipped = 0
+        fp, own = _open_text(fp_or_path, "r")
+        name = str(fp_or_path) if own else getattr(fp, "name", "<stream>")
+        n = 0
+        try:
+            with self._guard(), self._tx():
+                try:
+                    for n, line in enumerate(fp, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            obj = from_json_line(line)
+                        except (ValueError, KeyError, TypeError, AttributeError) as e:
+                            raise DBError(f"{name}: line {n} is malformed "
+                                          f"({type(e).__name__}: {e}); nothing imported") from e
+                        new = (self._insert_result(obj) if isinstance(obj, MeasureResult)
+                               else self._insert_baseline(obj))
+                        added += new
+                        skipped += not new
+                except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+                    raise DBError(f"{name}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                                  f"nothing imported") from e
+        finally:
+            if own:
+                fp.close()
+        return added, skipped
+
+
+# -- JSON line codec (module level: usable without a DB) ---------------------------------------
+def _lat_json(lat: LatencyStats | None) -> dict | None:
+    return None if lat is None else lat.to_json()
+
+
+def record_to_json(r: MeasureResult) -> dict:
+    """The export line of a measurement (``"type": "record"``)."""
+    r = _canon(r)
+    return {"type": "record", "uid": r.uid, "workload": r.workload.to_json(),
+            "target": r.target.to_json(), "candidate": r.candidate.to_json(), "status": r.status,
+            "latency": _lat_json(r.latency), "error": r.error, "max_rel_err": r.max_rel_err,
+            "build_s": r.build_s, "run_id": r.run_id, "created": r.created}
+
+
+def baseline_to_json(b: VendorBaseline) -> dict:
+    """The export line of a vendor baseline (``"type": "baseline"``)."""
+    b = _canon(b)
+    return {"type": "baseline", "uid": b.uid, "workload": b.workload.to_json(),
+            "target": b.target.to_json(), "name": b.name, "latency": _lat_json(b.latency),
+            "run_id": b.run_id, "created": b.created}
+
+
+def _num(x, what: str, nullable: bool = False):
+    if x is None and nullable:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{what} must be a number, got {x!r}")
+    return float(x)
+
+
+def _lat_from(d, nullable: bool) -> LatencyStats | None:
+    if d is None and nullable:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"latency must be an object, got {d!r}")
+    rep = d["repeats"]
+    if isinstance(rep, bool) or not isinstance(rep, int):
+        raise ValueError(f"latency.repeats must be an integer, got {rep!r}")
+    return LatencyStats(*(_num(d[c], f"latency.{c}") for c in _LAT[:-1]), repeats=rep)
+
+
+def _str(x, what: str) -> str:
+    if not isinstance(x, str):
+        raise ValueError(f"{what} must be a string, got {x!r}")
+    return x
+
+
+def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
+    """Parse one export line, checking types and (if present) that its uid matches its fields.
+
+    Raises
+    ------
+    ValueError, KeyError, TypeError
+        The line is not a valid record or baseline.
+    """
+    d = json.loads(line) if isinstance(line, str) else line
+    if not isinstance(d, dict):
+        raise ValueError("a line must be a JSON object")
+    kind = d.get("type")
+    w, t = Workload.from_json(d["workload"]), Target.from_json(d["target"])
+    common = dict(workload=w, target=t, run_id=_str(d.get("run_id", ""), "run_id"),
+                  created=_num(d["created"], "created"))
+    if kind == "record":
+        cand = d["candidate"]
+        if not isinstance(cand, dict) or not isinstance(cand.get("knobs", {}), dict):
+            raise ValueError("candidate must be {'template': ..., 'knobs': {...}}")
+        obj = MeasureResult(
+            candidate=Candidate.from_json(cand), status=_str(d["status"], "status"),
+            latency=_lat_from(d.get("latency"), nullable=True), error=_str(d.get("error", ""), "error"),
+            max_rel_err=_num(d.get("max_rel_err"), "max_rel_err", nullable=True),
+            build_s=_num(d.get("build_s", 0.0), "build_s"), **common)
+    elif kind == "baseline":
+        obj = VendorBaseline(name=_str(d["name"], "name"),
+                             latency=_lat_from(d["latency"], nullable=False), **common)
+    else:
+        raise ValueError(f"unknown line type {kind!r} (expected 'record' or 'baseline')")
+    if "uid" in d and d["uid"] != obj.uid:
+        raise ValueError(f"uid {d['uid']!r} does not match the line's fields ({obj.uid!r}): "
+                         f"edited by hand, or written by an incompatible shapetune")
+    return obj
+
+
+__all__ = ["SCHEMA_VERSION", "DBError", "TuningDB", "record_to_json", "baseline_to_json",
+           "from_json_line"]

@@ -1,0 +1,165 @@
+import csv
+import io
+import json
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from shapetune.cli_db import db
+from shapetune.db import TuningDB
+from test_db import CPU, H100, W1, W2, history
+
+FORMATS = ["table", "json", "csv"]
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = tmp_path / "t.db"
+    with TuningDB(p) as d:
+        rs, bs = history()
+        d.add_results(rs)
+        for b in bs:
+            d.add_baseline(b)
+    return str(p)
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(db, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    else:
+        assert res.exit_code != 0 and "Traceback" not in res.output
+    return res.output
+
+
+def parse(out, fmt):
+    if fmt == "json":
+        return json.loads(out)
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(out)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_list(path, fmt):
+    out = parse(run("list", "--db", path, "--format", fmt), fmt)
+    if fmt == "table":
+        assert "linear_m8192_n320_k320_f16+bias" in out and "wrong_result" in out
+        return
+    assert len(out) == 8 and set(out[0]) == {"id", "uid", "workload", "template", "status",
+                                            "median_us", "created"}
+    assert float(out[0]["created"]) >= float(out[-1]["created"])
+    ok = parse(run("list", "--db", path, "--format", fmt, "--status", "ok", "--limit", 2), fmt)
+    assert len(ok) == 2 and {r["status"] for r in ok} == {"ok"}
+    cpu = parse(run("list", "--db", path, "--format", fmt, "--target", CPU.key, "--op", "linear"),
+                fmt)
+    assert len(cpu) == 1 and float(cpu[0]["median_us"]) == 400.0
+    none = parse(run("list", "--db", path, "--format", fmt, "--op", "conv2d"), fmt)
+    assert none == [] if fmt == "json" else not none
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_show(path, fmt):
+    with TuningDB(path) as d:
+        (i, r), = d.iter_results(status="build_error")
+    for ref in (i, r.uid, r.uid[:8]):
+        out = run("show", ref, "--db", path, "--format", fmt)
+        if fmt == "table":
+            assert r.uid in out and "build_error: boom" in out and "tile_m=999" in out
+            assert "vec='f16x8'" in out
+            continue
+        row = parse(out, fmt)
+        row = row if fmt == "json" else row[0]
+        assert row["uid"] == r.uid and row["error"] == r.error
+        knobs = row["knobs"] if fmt == "json" else json.loads(row["knobs"])
+        assert knobs == {"tile_m": 999, "vec": "f16x8", "swizzle": True, "stages": 3}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_best(path, fmt):
+    out = parse(run("best", "--db", path, "--format", fmt), fmt)
+    if fmt == "table":
+        assert "1.53x" in out and "tile_m=128" in out and "torch.nn.functional.linear" in out
+        return
+    assert len(out) == 3
+    by = {(r["workload"], r["target"]): r for r in out}
+    r = by[(W1.name, H100.key)]
+    assert float(r["median_us"]) == 7.5 and float(r["baseline_us"]) == 11.5
+    assert float(r["speedup"]) == pytest.approx(11.5 / 7.5)
+    assert float(by[(W2.name, H100.key)]["speedup"]) == pytest.approx(4.5 / 3.0)
+    cpu = by[(W1.name, CPU.key)]
+    assert cpu["speedup"] in (None, "") and cpu["baseline"] in (None, "")
+    assert len(parse(run("best", "linear", "--db", path, "--format", fmt, "--target", CPU.key),
+                     fmt)) == 1
+    assert not parse(run("best", "conv2d", "--db", path, "--format", fmt), fmt)
+
+
+def test_best_op_conflict(path):
+    out = run("best", "linear", "--op", "conv2d", "--db", path, ok=False)
+    assert "contradicts" in out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stats(path, fmt):
+    out = parse(run("stats", "--db", path, "--format", fmt), fmt)
+    if fmt == "table":
+        assert "by_status.ok" in out and "schema_version" in out
+    elif fmt == "json":
+        assert out["records"] == 8 and out["by_status"]["ok"] == 5 and out["schema_version"] == 1
+    else:
+        m = {r["metric"]: r["value"] for r in out}
+        assert m["records"] == "8" and m["by_status.timeout"] == "1" and m["baselines"] == "3"
+
+
+@pytest.mark.parametrize("name", ["h.jsonl", "h.jsonl.xz"])
+def test_export_import(path, tmp_path, name):
+    p = tmp_path / name
+    assert "exported 11 lines" in run("export", p, "--db", path)
+    fresh = tmp_path / "new" / "fresh.db"
+    assert "imported 11 new, skipped 0" in run("import", p, "--db", fresh)
+    assert "imported 0 new, skipped 11" in run("import", p, "--db", fresh)
+    with TuningDB(path) as a, TuningDB(fresh) as b:
+        assert sorted(a.results(), key=lambda r: r.uid) == sorted(b.results(), key=lambda r: r.uid)
+    assert "exported 1 lines" in run("export", tmp_path / "cpu.jsonl", "--target", CPU.key,
+                                     "--db", path)
+    assert "exported 0 lines" in run("export", tmp_path / "none.jsonl", "--op", "conv2d",
+                                     "--db", path)
+
+
+def test_import_malformed(path, tmp_path):
+    p = tmp_path / "h.jsonl"
+    run("export", p, "--db", path)
+    p.write_text(p.read_text() + "{oops\n")
+    fresh = tmp_path / "fresh.db"
+    out = run("import", p, "--db", fresh, ok=False)
+    assert "line 12" in out and "nothing imported" in out
+    assert json.loads(run("stats", "--db", fresh, "--format", "json"))["records"] == 0
+
+
+def test_errors(path, tmp_path):
+    assert "no record 'zzz'" in run("show", "zzz", "--db", path, ok=False)
+    missing = tmp_path / "missing.db"
+    for cmd in (["list"], ["best"], ["stats"], ["show", "1"], ["export", tmp_path / "x.jsonl"]):
+        assert "no tuning DB" in run(*cmd, "--db", missing, ok=False)
+    assert not missing.exists()
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    out = run("list", "--db", bad, ok=False)
+    assert "Error:" in out and str(bad) in out and len(out.strip().splitlines()) == 1
+    c = sqlite3.connect(path)
+    c.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    c.commit()
+    c.close()
+    assert "schema version 7" in run("stats", "--db", path, ok=False)
+    assert "does not exist" in run("import", tmp_path / "nope.jsonl", "--db", path, ok=False)
+
+
+def test_default_db_from_env(path, monkeypatch):
+    monkeypatch.setenv("SHAPETUNE_DB", path)
+    assert len(json.loads(run("list", "--format", "json"))) == 8
+
+
+def test_main_cli_has_db():
+    cli = pytest.importorskip("shapetune.cli")
+    assert cli.main.commands.get("db") is db

@@ -1,0 +1,344 @@
+import io
+import json
+import lzma
+import math
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line
+from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
+from shapetune.target import Target
+from shapetune.workload import linear_workload
+
+H100 = Target("cuda", "sm_90", "NVIDIA H100 80GB HBM3", 132, "0.27.0", "13.0", "2.11.0")
+CPU = Target("llvm", "znver3", "AMD EPYC 7B13", 16, "0.27.0", "", "2.11.0")
+W1 = linear_workload(8192, 320, 320)
+W2 = linear_workload(1024, 1280, 320, bias=False)
+
+
+def cand(tile=64, name="mma"):
+    return Candidate(name, (("tile_m", tile), ("vec", "f16x8"), ("swizzle", True), ("stages", 3)))
+
+
+def ok(w=W1, t=H100, us=10.0, tile=64, created=1.7e9, run="run-a"):
+    lat = LatencyStats.of([us * 0.9, us, us * 1.3])
+    return MeasureResult(w, t, cand(tile), "ok", lat, max_rel_err=1.25e-4, build_s=0.731,
+                         run_id=run, created=created)
+
+
+def failed(status="build_error", w=W1, t=H100, created=1.7e9 + 0.5):
+    return MeasureResult(w, t, cand(999), status, None, error=f"{status}: boom\nline 2",
+                         max_rel_err=0.5 if status == "wrong_result" else None, created=created)
+
+
+def base(w=W1, t=H100, us=12.0, created=1.7e9 + 0.25):
+    return VendorBaseline(w, t, "torch.nn.functional.linear", LatencyStats.of([us, us + 1]),
+                          run_id="run-a", created=created)
+
+
+def history():
+    rs = [ok(us=10.0, tile=64), ok(us=7.5, tile=128, created=1.7e9 + 1.123456789),
+          ok(us=9.0, tile=32, created=1.7e9 + 2), failed(), failed("wrong_result", created=1.7e9 + 0.6),
+          failed("timeout", created=1.7e9 + 0.7), ok(W2, us=3.0, created=1.7e9 + 3), ok(t=CPU, us=400.0)]
+    bs = [base(), base(us=11.0, created=1.7e9 + 5), base(W2, us=4.0)]
+    return rs, bs
+
+
+@pytest.fixture
+def db(tmp_path):
+    with TuningDB(tmp_path / "sub" / "t.db") as d:
+        yield d
+
+
+@pytest.fixture
+def full(db):
+    rs, bs = history()
+    db.add_results(rs)
+    for b in bs:
+        db.add_baseline(b)
+    return db
+
+
+def test_creates_dirs_wal_and_schema(tmp_path, db):
+    assert db.path.exists()
+    c = sqlite3.connect(db.path)
+    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.stats()["schema_version"] == SCHEMA_VERSION
+
+
+def test_default_path_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAPETUNE_DB", str(tmp_path / "env" / "x.db"))
+    with TuningDB() as d:
+        assert d.path == tmp_path / "env" / "x.db" and d.path.exists()
+
+
+def test_add_and_dedup(db):
+    r = ok()
+    assert db.add_result(r) is True
+    assert db.add_result(r) is False
+    rs, _ = history()
+    assert db.add_results(rs) == len(rs) - 1
+    assert db.add_results(rs) == 0
+    assert len(db.results()) == len(rs)
+    assert db.add_baseline(base()) is True and db.add_baseline(base()) is False
+
+
+def test_results_roundtrip_exact_and_filters(full):
+    rs, _ = history()
+    got = full.results()
+    assert sorted(got, key=lambda r: r.uid) == sorted(rs, key=lambda r: r.uid)
+    assert [r.created for r in got] == sorted((r.created for r in rs), reverse=True)
+    r = next(g for g in got if g.candidate.knob.get("tile_m") == 128)
+    assert r.created == 1.7e9 + 1.123456789
+    assert {k: type(v) for k, v in r.candidate.knobs} == {
+        "tile_m": int, "vec": str, "swizzle": bool, "stages": int}
+    assert r.uid == ok(us=7.5, tile=128, created=1.7e9 + 1.123456789).uid
+    assert len(full.results(workload_key=W2.key)) == 1
+    assert len(full.results(target_key=CPU.key)) == 1
+    assert len(full.results(status="ok")) == 5
+    assert len(full.results(status="timeout", target_key=H100.key)) == 1
+    assert len(full.results(op="linear", limit=2)) == 2
+    assert full.results(op="conv2d") == []
+    assert len(full.results(template="mma")) == len(rs)
+    assert full.results(template="nope") == []
+
+
+def test_best_picks_fastest_verified(full, db):
+    b = full.best(W1.key, H100.key)
+    assert b.latency.median_us == 7.5 and b.candidate.knob["tile_m"] == 128
+    assert full.best(W1.key, CPU.key).latency.median_us == 400.0
+    assert full.best(W2.key, CPU.key) is None
+    assert {(r.workload, r.target) for r in full.best_all()} == {(W1, H100), (W2, H100), (W1, CPU)}
+    assert [r.target for r in full.best_all(target_key=CPU.key)] == [CPU]
+    assert full.best_all(op="conv2d") == []
+
+
+def test_best_ignores_failed_and_breaks_ties_by_id(db):
+    w = linear_workload(64, 64, 64)
+    db.add_results([failed("wrong_result", w=w), failed("runtime_error", w=w, created=3e9)])
+    assert db.best(w.key, H100.key) is None
+    first, second = ok(w, us=5.0, tile=16, created=2e9), ok(w, us=5.0, tile=8, created=1e9)
+    db.add_results([first, second, ok(w, us=6.0, tile=4)])
+    assert db.best(w.key, H100.key) == first
+
+
+def test_nan_and_edge_values_roundtrip(db):
+    r = MeasureResult(W1, H100, Candidate("t", (("neg", -3),)), "wrong_result",
+                      max_rel_err=float("nan"), build_s=0, created=1700000000)
+    inf = MeasureResult(W1, H100, Candidate("t"), "wrong_result", max_rel_err=float("inf"),
+                        created=1.5)
+    assert db.add_results([r, inf]) == 2
+    got = {g.max_rel_err if not math.isnan(g.max_rel_err) else "nan": g for g in db.results()}
+    assert got["nan"].created == 1700000000.0 and isinstance(got["nan"].created, float)
+    assert got["nan"].candidate == r.candidate and got[math.inf].candidate == inf.candidate
+    assert db.add_result(got["nan"]) is False  # int `created` is stored as the float it reads back
+    assert got[float("inf")] == inf
+
+
+def test_baselines(full):
+    assert full.baseline(W1.key, H100.key).latency.median_us == 11.5  # newest, not fastest
+    assert full.baseline(W1.key, CPU.key) is None
+    assert len(full.baselines()) == 3
+    assert len(full.baselines(workload_key=W1.key)) == 2
+    assert full.baselines(name="cudnn") == []
+    assert full.baselines()[0] == base(us=11.0, created=1.7e9 + 5)
+
+
+def test_workloads_targets_stats(full):
+    assert set(full.workloads()) == {W1, W2} and full.workloads("conv2d") == []
+    assert full.workload(W2.key) == W2 and full.workload("nope") is None
+    assert set(full.targets()) == {H100, CPU}
+    assert full.target(CPU.key) == CPU and full.target("nope") is None
+    s = full.stats()
+    assert s["records"] == 8 and s["baselines"] == 3 and s["workloads"] == 2
+    assert s["by_status"] == {"ok": 5, "build_error": 1, "wrong_result": 1, "timeout": 1}
+    assert s["by_op"] == {"linear": 8}
+    assert s["by_target"] == {H100.key: 7, CPU.key: 1}
+    assert s["file_size"] > 0 and s["path"] == str(full.path) and s["best"] == 3
+
+
+def test_find(full):
+    r = full.results()[0]
+    i, got = full.find(r.uid)
+    assert got == r and full.find(str(i))[1] == r and full.find(i)[1] == r
+    assert full.find(r.uid[:10])[1] == r
+    assert full.find("zzzz") is None and full.find("999999") is None
+    assert full.find("%") is None and full.find("_") is None  # LIKE wildcards are escaped
+    seen, k = {}, 0
+    while True:  # digits would be read as row ids first; find two uids starting with one letter
+        k += 1
+        u = ok(created=float(k)).uid
+        if u[0].isalpha() and u[0] in seen:
+            break
+        seen[u[0]] = u
+    full.add_results(ok(created=float(j)) for j in range(1, k + 1))
+    dup = u[0]
+    with pytest.raises(DBError, match="several"):
+        full.find(dup)
+
+
+def _same(a, b):
+    return sorted(a.results(), key=lambda r: r.uid) == sorted(b.results(), key=lambda r: r.uid) \
+        and sorted(a.baselines(), key=lambda x: x.uid) == sorted(b.baselines(), key=lambda x: x.uid)
+
+
+@pytest.mark.parametrize("name", ["h.jsonl", "h.jsonl.xz"])
+def test_export_import_roundtrip(full, tmp_path, name):
+    p = tmp_path / name
+    assert full.export_jsonl(p) == 11
+    if name.endswith(".xz"):
+        assert lzma.open(p, "rt").readline().startswith('{"type": "record"')
+    lines = [json.loads(x) for x in (lzma.open(p, "rt") if name.endswith("xz") else open(p))]
+    assert {x["type"] for x in lines} == {"record", "baseline"}
+    rec = lines[0]
+    assert set(rec) == {"type", "uid", "workload", "target", "candidate", "status", "latency",
+                        "error", "max_rel_err", "build_s", "run_id", "created"}
+    with TuningDB(tmp_path / "fresh.db") as fresh:
+        assert fresh.import_jsonl(p) == (11, 0)
+        assert _same(full, fresh)
+        assert fresh.best(W1.key, H100.key) == full.best(W1.key, H100.key)
+        assert fresh.import_jsonl(p) == (0, 11)
+        assert full.import_jsonl(p) == (0, 11)
+
+
+def test_export_filters_and_streams(full, tmp_path):
+    buf = io.StringIO()
+    assert full.export_jsonl(buf, target_key=CPU.key) == 1
+    assert full.export_jsonl(io.StringIO(), op="conv2d") == 0
+    assert full.export_jsonl(io.StringIO(), target_key=H100.key) == 7 + 3
+    buf.seek(0)
+    with TuningDB(tmp_path / "f.db") as fresh:
+        assert fresh.import_jsonl(buf) == (1, 0)
+        assert fresh.results() == full.results(target_key=CPU.key)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{not json", "line 3"),
+    ('{"type": "record"}', "KeyError"),
+    ('{"type": "nope", "workload": W, "target": T, "created": 1.0}', "unknown line type"),
+    ('["a list"]', "JSON object"),
+    ("EDIT_STATUS", "unknown status"),
+    ("EDIT_UID", "does not match"),
+    ("EDIT_CREATED", "created must be a number"),
+])
+def test_malformed_import_rolls_back(full, tmp_path, bad, why):
+    p = tmp_path / "h.jsonl"
+    full.export_jsonl(p)
+    lines = p.read_text().splitlines()
+    rec = json.loads(lines[0])
+    if bad == "EDIT_STATUS":
+        rec["status"] = "fast"
+        bad = json.dumps(rec)
+    elif bad == "EDIT_UID":
+        rec["created"] += 1
+        bad = json.dumps(rec)
+    elif bad == "EDIT_CREATED":
+        rec["created"] = "yesterday"
+        bad = json.dumps(rec)
+    bad = bad.replace("W", json.dumps(W1.to_json())).replace("T", json.dumps(H100.to_json())) \
+        if bad.startswith('{"type": "nope"') else bad
+    p.write_text("\n".join(lines[:2] + [bad] + lines[2:]) + "\n")
+    with TuningDB(tmp_path / "fresh.db") as fresh:
+        with pytest.raises(DBError, match="line 3") as e:
+            fresh.import_jsonl(p)
+        assert why in str(e.value)
+        assert fresh.stats()["records"] == 0 and fresh.workloads() == [] and fresh.targets() == []
+        assert fresh.add_result(ok()) and fresh.best(W1.key, H100.key) == ok()  # still usable
+
+
+def test_corrupt_xz_rolls_back(full, tmp_path):
+    p = tmp_path / "h.jsonl.xz"
+    full.export_jsonl(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with TuningDB(tmp_path / "fresh.db") as fresh:
+        with pytest.raises(DBError, match="nothing imported"):
+            fresh.import_jsonl(p)
+        assert fresh.stats()["records"] == 0
+
+
+def test_corrupt_file_raises(tmp_path):
+    p = tmp_path / "t.db"
+    p.write_bytes(b"this is not a sqlite file at all" * 200)
+    with pytest.raises(DBError, match=str(p)) as e:
+        TuningDB(p)
+    assert "Move it aside" in str(e.value)
+
+
+def test_truncated_db_raises(full, tmp_path):
+    full.close()
+    c = sqlite3.connect(full.path)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    p = tmp_path / "trunc.db"
+    data = full.path.read_bytes()
+    p.write_bytes(data[:100] + b"\xff" * (len(data) - 100))
+    with pytest.raises(DBError, match="trunc.db"):
+        with TuningDB(p) as d:
+            d.results()
+            d.stats()
+
+
+def test_foreign_sqlite_db_raises(tmp_path):
+    p = tmp_path / "other.db"
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    with pytest.raises(DBError, match="not a shapetune tuning DB"):
+        TuningDB(p)
+
+
+def test_wrong_schema_version_raises(db):
+    db.close()
+    c = sqlite3.connect(db.path)
+    c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    c.commit()
+    c.close()
+    with pytest.raises(DBError, match="schema version 2.*reads version 1"):
+        TuningDB(db.path)
+
+
+def test_missing_db_without_create(tmp_path):
+    with pytest.raises(DBError, match="no tuning DB"):
+        TuningDB(tmp_path / "nope.db", create=False)
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_from_json_line_accepts_int_created():
+    d = json.loads(json.dumps({"type": "baseline", "workload": W1.to_json(),
+                               "target": H100.to_json(), "name": "x",
+                               "latency": LatencyStats.of([1.0]).to_json(), "created": 5}))
+    b = from_json_line(d)
+    assert b.created == 5.0 and isinstance(b.created, float)
+
+
+N_PER_PROC = 150
+
+
+def _append(path, worker):
+    with TuningDB(path) as d:
+        for i in range(N_PER_PROC):
+            r = ok(linear_workload(64 + i % 5, 64, 64), us=1.0 + i, tile=i, run=f"w{worker}",
+                   created=1e9 + i)
+            assert d.add_result(r)
+            if i % 10 == 0:
+                d.add_baseline(base(created=1e9 + worker * 1000 + i))
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = tmp_path / "c.db"
+    ctx = mp.get_context("spawn")  # fresh interpreters: no SQLite state shared through fork
+    procs = [ctx.Process(target=_append, args=(path, k)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with TuningDB(path) as d:
+        assert d.stats()["records"] == 2 * N_PER_PROC
+        assert len(d.baselines()) == 2 * (N_PER_PROC // 10)
+        assert len(d.workloads()) == 5 + 1 and len(d.targets()) == 1
