@@ -1,0 +1,1 @@
+"""Tuned kernels exposed as PyTorch custom ops (torch.ops.shapetune.*)."""

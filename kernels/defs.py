@@ -1,0 +1,101 @@
+"""Compute definitions (TVM TE -> PrimFunc) and PyTorch references, one pair per op family.
+
+The PrimFunc's parameter order is the kernel's calling convention: inputs first, output last
+(destination-passing style), matching what the registry passes at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shapetune.workload import Workload
+
+TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+               "float64": torch.float64}
+
+
+# -- linear: y[m, n] = sum_k x[m, k] * w[n, k]  (+ b[n]) -------------------------------------------
+def linear_prim_func(w: Workload):
+    from tvm import te
+
+    d = w.dim
+    m, n, k = d["m"], d["n"], d["k"]
+    x = te.placeholder((m, k), w.dtype, name="x")
+    wt = te.placeholder((n, k), w.dtype, name="w")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum(x[i, r].astype(w.acc_dtype) * wt[j, r].astype(w.acc_dtype), axis=r),
+        name="matmul",
+    )
+    args = [x, wt]
+    out = acc
+    if "bias" in w.epilogue:
+        b = te.placeholder((n,), w.dtype, name="b")
+        args.append(b)
+        out = te.compute((m, n), lambda i, j: out[i, j] + b[j].astype(w.acc_dtype), name="bias_add")
+    y = te.compute((m, n), lambda i, j: out[i, j].astype(w.dtype), name="y")
+    return te.create_prim_func(args + [y]).with_attr("global_symbol", "main")
+
+
+def linear_inputs(w: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
+    """Fresh random operands, scaled so that outputs are O(1) whatever k is."""
+    d = w.dim
+    dt = TORCH_DTYPE[w.dtype]
+    x = torch.randn(d["m"], d["k"], generator=generator, device="cpu", dtype=torch.float32)
+    wt = torch.randn(d["n"], d["k"], generator=generator, device="cpu", dtype=torch.float32) / d["k"] ** 0.5
+    out = [x, wt]
+    if "bias" in w.epilogue:
+        out.append(torch.randn(d["n"], generator=generator, device="cpu", dtype=torch.float32))
+    return [t.to(device=device, dtype=dt) for t in out]
+
+
+def linear_output(w: Workload, device) -> torch.Tensor:
+    d = w.dim
+    return torch.empty(d["m"], d["n"], device=device, dtype=TORCH_DTYPE[w.dtype])
+
+
+def linear_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """float64 on the CPU: the ground truth every candidate is checked against."""
+    x, wt, *rest = (t.detach().to("cpu", torch.float64) for t in inputs)
+    y = x @ wt.T
+    if rest:
+        y = y + rest[0]
+    return y
+
+
+def linear_vendor(w: Workload):
+    """torch's own op (cuBLAS on the GPU, oneDNN/MKL on the CPU) in the kernel's calling convention."""
+
+    def run(x, wt, *rest):
+        *bias, out = rest
+        if bias:
+            torch.addmm(bias[0], x, wt.T, out=out)
+        else:
+            torch.mm(x, wt.T, out=out)
+
+    return run
+
+
+# -- table -------------------------------------------------------------------------------------
+class OpDef:
+    def __init__(self, prim_func, inputs, output, reference, vendor, vendor_name):
+        self.prim_func = prim_func
+        self.inputs = inputs
+        self.output = output
+        self.reference = reference
+        self.vendor = vendor
+        self.vendor_name = vendor_name
+
+
+OPS: dict[str, OpDef] = {
+    "linear": OpDef(linear_prim_func, linear_inputs, linear_output, linear_reference, linear_vendor,
+                    "torch.addmm (cuBLAS / CPU BLAS)"),
+}
+
+
+def opdef(op: str) -> OpDef:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(OPS)}") from None

@@ -1,0 +1,105 @@
+"""Crash- and hang-isolated worker processes.
+
+A candidate may segfault the compiler, crash the GPU context or never finish. Work runs in child
+processes started from a forkserver that has already imported the heavy modules (TVM's CUDA
+intrinsics alone take ~35 s to import), so a dead or hung worker costs a fork, not a re-import.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+PRELOAD = ["tvm", "torch", "shapetune", "kernels.defs", "scheduler.templates"]
+
+
+class WorkerCrashed(RuntimeError):
+    pass
+
+
+class WorkerTimeout(RuntimeError):
+    pass
+
+
+def _context(preload: list[str]):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+class IsolatedPool:
+    """`map`-like execution of top-level functions in killable worker processes."""
+
+    def __init__(self, workers: int, preload: list[str] | None = None, initializer=None, initargs=()):
+        self.workers = max(1, workers)
+        self.preload = preload or PRELOAD
+        self.initializer, self.initargs = initializer, initargs
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _ensure(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=_context(self.preload), initializer=self.initializer,
+                initargs=self.initargs)
+        return self._pool
+
+    def kill(self):
+        if self._pool is None:
+            return
+        procs = list(getattr(self._pool, "_processes", {}).values())
+        for p in procs:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def run_all(self, fn: Callable, argsets: list[tuple], timeout_s: float) -> list[Any]:
+        """Run fn(*args) for each argset; each slot holds the return value or the exception.
+
+        A crash or hang breaks the pool: it is killed, the hung call is recorded as a timeout, and
+        the calls caught in the wreck are rerun one at a time, so one bad candidate cannot take its
+        neighbours down with it and the culprit is named.
+        """
+        out: list[Any] = [None] * len(argsets)
+        futs = [self._ensure().submit(fn, *a) for a in argsets]
+        suspects = []
+        broken = False
+        for i, fut in enumerate(futs):
+            if broken and not fut.done():
+                suspects.append(i)
+                continue
+            try:
+                out[i] = fut.result(timeout=timeout_s)
+            except cf.TimeoutError:
+                out[i] = WorkerTimeout(f"no result after {timeout_s:.0f} s")
+                broken = True
+            except (BrokenProcessPool, cf.CancelledError):
+                suspects.append(i)
+                broken = True
+            except Exception as e:  # the function itself raised: an ordinary failure
+                out[i] = e
+        if broken:
+            self.kill()
+        if len(argsets) == 1 and suspects:
+            out[0] = WorkerCrashed("worker process died (crash or kill)")
+            return out
+        for i in suspects:
+            out[i] = self.run_all(fn, [argsets[i]], timeout_s)[0]
+        return out

@@ -1,0 +1,139 @@
+"""Runner: verify a built candidate against the reference, then time it (or the vendor path).
+
+Every measurement: fresh random inputs (new seed per trial), output poisoned with NaN, checked by
+scheduler.verify; only then timed. GPU timing: warm-up, then each call bracketed by CUDA events
+while the GPU is held busy (torch.cuda._sleep) so host launch cost stays out, inputs rotated over
+more than twice the L2 size so no run is served from cache; the median is reported.
+CPU timing: perf_counter around each call, median.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+from shapetune.records import LatencyStats
+from shapetune.target import Target
+from shapetune.workload import Workload
+
+from .isolation import IsolatedPool, WorkerCrashed, WorkerTimeout
+
+VENDOR = "vendor"  # pseudo artifact path: measure torch's own op
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    verify_trials: int = 2
+    warmup: int = 10
+    repeats: int = 50
+    rotate_bytes: int = 256 << 20  # GPU: > 2x the L2 of an H100/H200 (50/60 MB)
+    max_sets: int = 64
+
+    @classmethod
+    def for_target(cls, target: Target) -> RunOptions:
+        return cls() if target.is_gpu else cls(warmup=2, repeats=10, rotate_bytes=0)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    status: str  # ok | wrong_result | runtime_error | timeout
+    latency: LatencyStats | None = None
+    rel_err: float | None = None
+    error: str = ""
+
+
+def _device(target: Target):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if target.is_gpu else torch.device("cpu")
+
+
+def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: RunOptions, seed: int) -> dict:
+    """Worker entry point. Returns a plain dict (pickled back to the tuner)."""
+    import torch
+
+    from kernels.defs import opdef
+    from kernels.runtime import call_on_current_stream, load_function
+
+    from .verify import check_output
+
+    w, tgt = Workload.from_json(workload_json), Target.from_json(target_json)
+    od = opdef(w.op)
+    dev = _device(tgt)
+    fn = od.vendor(w) if artifact == VENDOR else load_function(artifact, tgt.is_gpu)
+
+    def call(args):
+        if artifact == VENDOR:
+            fn(*args)
+        else:
+            call_on_current_stream(fn, args, tgt.is_gpu)
+
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(opts.verify_trials):
+        ins = od.inputs(w, dev, gen)
+        out = od.output(w, dev).fill_(float("nan"))
+        call(ins + [out])
+        if tgt.is_gpu:
+            torch.cuda.synchronize()
+        chk = check_output(out, od.reference(w, ins), w.dtype)
+        if not chk.ok:
+            return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason}
+        worst = max(worst, chk.rel_err)
+
+    # Input sets to rotate through, so timed runs read from DRAM, not cache.
+    one = ins + [out]
+    set_bytes = sum(t.numel() * t.element_size() for t in one)
+    n_sets = 1 if not opts.rotate_bytes else max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / set_bytes)))
+    sets = [one] + [od.inputs(w, dev, gen) + [od.output(w, dev)] for _ in range(n_sets - 1)]
+    for r in range(opts.warmup):
+        call(sets[r % n_sets])
+    samples = []
+    if tgt.is_gpu:
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
+        torch.cuda._sleep(int(2e7))  # keep the GPU busy while the host enqueues everything below
+        for r in range(opts.repeats):
+            starts[r].record()
+            call(sets[r % n_sets])
+            ends[r].record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    else:
+        for r in range(opts.repeats):
+            t0 = time.perf_counter()
+            call(sets[r % n_sets])
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
+
+
+class Runner:
+    """Measures one artifact at a time in an isolated process (a crash there is a result here)."""
+
+    def __init__(self, target: Target, opts: RunOptions | None = None, timeout_s: float = 60, seed: int = 0):
+        self.target = target
+        self.opts = opts or RunOptions.for_target(target)
+        self.timeout_s = timeout_s
+        self.rng = random.Random(seed)
+        self.pool = IsolatedPool(1)
+
+    def run(self, workload: Workload, artifact: str) -> RunResult:
+        seed = self.rng.randrange(2**31)  # fresh inputs for every measurement
+        r = self.pool.run_all(measure_one, [(workload.to_json(), self.target.to_json(), artifact,
+                                             self.opts, seed)], self.timeout_s)[0]
+        if isinstance(r, WorkerTimeout):
+            return RunResult("timeout", error=str(r))
+        if isinstance(r, WorkerCrashed):
+            return RunResult("runtime_error", error=f"runner crashed: {r}")
+        if isinstance(r, BaseException):
+            from .builder import _short_error
+
+            return RunResult("runtime_error", error=_short_error(r))
+        lat = LatencyStats(**r["latency"]) if r.get("latency") else None
+        return RunResult(r["status"], lat, r.get("rel_err"), r.get("error", ""))
+
+    def close(self):
+        self.pool.close()

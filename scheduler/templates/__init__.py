@@ -1,0 +1,5 @@
+"""Schedule templates: knob spaces over tir.Schedule, one file per (op family, target kind)."""
+
+from .base import Template, all_templates, for_workload, get, register
+
+__all__ = ["Template", "all_templates", "for_workload", "get", "register"]

@@ -1,0 +1,77 @@
+"""A template turns (workload, target, knob values) into a scheduled TVM IRModule.
+
+The search space is plain data: `space()` enumerates every valid Candidate (template name + knob
+values), so candidates can be ranked by the cost model, stored in the DB and replayed exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+
+from shapetune.records import Candidate
+from shapetune.target import Target
+from shapetune.workload import Workload
+
+
+class Template(ABC):
+    name: str
+    ops: tuple[str, ...]
+    kinds: tuple[str, ...]  # target kinds
+    knob_choices: Mapping[str, tuple] = {}
+
+    def applies(self, workload: Workload, target: Target) -> bool:
+        return workload.op in self.ops and target.kind in self.kinds
+
+    def valid(self, workload: Workload, target: Target, knobs: dict) -> bool:
+        return True
+
+    def space(self, workload: Workload, target: Target) -> list[Candidate]:
+        names = sorted(self.knob_choices)
+        out = []
+        for values in itertools.product(*(self.knob_choices[n] for n in names)):
+            knobs = dict(zip(names, values))
+            if self.valid(workload, target, knobs):
+                out.append(Candidate(self.name, tuple(knobs.items())))
+        return out
+
+    @abstractmethod
+    def apply(self, workload: Workload, target: Target, candidate: Candidate):
+        """The scheduled IRModule (function "main") for this candidate."""
+
+    def features(self, workload: Workload, target: Target, knobs: dict) -> dict[str, float]:
+        return {}
+
+
+_TEMPLATES: dict[str, Template] = {}
+
+
+def register(t: Template) -> Template:
+    _TEMPLATES[t.name] = t
+    from cost_model import register_feature_fn
+
+    register_feature_fn(t.name, t.features)
+    return t
+
+
+def get(name: str) -> Template:
+    _load_builtin()
+    try:
+        return _TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown template {name!r}; known: {sorted(_TEMPLATES)}") from None
+
+
+def for_workload(workload: Workload, target: Target) -> list[Template]:
+    _load_builtin()
+    return [t for t in _TEMPLATES.values() if t.applies(workload, target)]
+
+
+def all_templates() -> Iterable[Template]:
+    _load_builtin()
+    return list(_TEMPLATES.values())
+
+
+def _load_builtin():
+    from . import dlight, gemm_cuda, gemm_llvm  # noqa: F401  (each registers itself)

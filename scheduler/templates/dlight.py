@@ -1,0 +1,32 @@
+"""TVM's dlight default schedule: the baseline candidate of every tuning run (no knobs)."""
+
+from __future__ import annotations
+
+from kernels.defs import opdef
+
+from .base import Template, register
+
+
+class DlightDefault(Template):
+    name = "dlight"
+    ops = ("linear",)
+    kinds = ("cuda", "llvm")
+    knob_choices = {}
+
+    def apply(self, workload, target, candidate):
+        import tvm
+        from tvm.s_tir import dlight as dl
+
+        mod = tvm.IRModule({"main": opdef(workload.op).prim_func(workload)})
+        if target.kind == "cuda":
+            import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the WMMA intrinsics)
+
+            rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                     dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        else:
+            rules = [dl.cpu.GEMV(), dl.cpu.Reduction()]
+        with target.tvm_target():
+            return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+register(DlightDefault())

@@ -1,0 +1,179 @@
+"""The tuning loop: candidates -> cost-model ranking -> parallel build -> verify + time -> DB.
+
+Per workload: measure the vendor path once; then rounds of `batch` candidates until `trials` are
+spent. The first round always holds TVM's dlight default schedule (the baseline). Each round the
+cost model is retrained on every result for this target in the DB (other workloads included: what
+was learned on one shape transfers to the next), ranks the untried candidates, and the top
+(1 - explore) of the batch plus a random `explore` share are built and measured. Every result is
+committed the moment it exists, so an interrupted run loses nothing and a rerun resumes: candidates
+already measured for (workload, target) are never measured again.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cost_model
+from shapetune import config
+from shapetune.db import TuningDB
+from shapetune.records import Candidate, MeasureResult, VendorBaseline
+from shapetune.target import Target
+from shapetune.workload import Workload
+
+from . import templates
+from .builder import Builder
+from .runner import VENDOR, RunOptions, Runner
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    trials: int = 32  # measured candidates per workload (the dlight baseline included)
+    batch: int = 8  # candidates built in parallel and measured per round
+    explore: float = 0.25  # share of each round picked at random instead of by the model
+    seed: int = 0
+    templates: tuple[str, ...] = ()  # restrict to these (default: every template that applies)
+    build_timeout_s: float = 180
+    run_timeout_s: float = 60
+
+
+@dataclass
+class WorkloadReport:
+    workload: Workload
+    measured: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    best: MeasureResult | None = None
+    dlight: MeasureResult | None = None
+    vendor: VendorBaseline | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Vendor time over best tuned time (>1: the tuned kernel wins)."""
+        if self.best is None or self.vendor is None:
+            return None
+        return self.vendor.latency.median_us / self.best.latency.median_us
+
+
+def search_space(workload: Workload, target: Target, names: tuple[str, ...] = ()) -> list[Candidate]:
+    out = []
+    for t in templates.for_workload(workload, target):
+        if not names or t.name in names:
+            out.extend(t.space(workload, target))
+    if not out:
+        raise ValueError(f"no template covers {workload.name} on {target.kind}")
+    return out
+
+
+class Tuner:
+    def __init__(self, db: TuningDB, target: Target, options: TuneOptions = TuneOptions(),
+                 model: cost_model.CostModel | None = None, work_dir: str | Path | None = None,
+                 run_options: RunOptions | None = None, on_result=None):
+        self.db, self.target, self.opt = db, target, options
+        self.model = model or cost_model.create("xgb", seed=options.seed)
+        self.rng = random.Random(options.seed)
+        self.run_id = uuid.uuid4().hex[:12]
+        self._tmp = None
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="shapetune-build-")
+            work_dir = self._tmp.name
+        self.builder = Builder(target, work_dir, timeout_s=options.build_timeout_s)
+        self.runner = Runner(target, run_options, timeout_s=options.run_timeout_s, seed=options.seed)
+        self.on_result = on_result or (lambda result: None)
+
+    def close(self):
+        self.builder.close()
+        self.runner.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- one workload ----------------------------------------------------------------------------
+    def tune(self, workload: Workload) -> WorkloadReport:
+        rep = WorkloadReport(workload)
+        rep.vendor = self._measure_vendor(workload)
+        space = search_space(workload, self.target, self.opt.templates)
+        done = {r.candidate.key for r in self.db.results(workload.key, self.target.key)}
+        untried = [c for c in space if c.key not in done]
+        budget = self.opt.trials
+        first = True
+        while budget > 0 and untried:
+            picked = self._pick(workload, untried, min(self.opt.batch, budget), first)
+            first = False
+            chosen = {c.key for c in picked}
+            untried = [c for c in untried if c.key not in chosen]
+            for res in self._measure(workload, picked):
+                self.db.add_result(res)
+                rep.measured += 1
+                rep.by_status[res.status] = rep.by_status.get(res.status, 0) + 1
+                self.on_result(res)
+            budget -= len(picked)
+        rep.best = self.db.best(workload.key, self.target.key)
+        dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok")]
+        rep.dlight = min(dl, key=lambda r: r.latency.median_us) if dl else None
+        return rep
+
+    def _pick(self, workload: Workload, untried: list[Candidate], n: int, first: bool) -> list[Candidate]:
+        picked: list[Candidate] = []
+        if first:
+            picked += [c for c in untried if c.template == "dlight"][:1]
+        rest = [c for c in untried if c not in picked]
+        n_explore = min(len(rest), round((n - len(picked)) * self.opt.explore))
+        self.model.fit(self.db.results(target_key=self.target.key))
+        if self.model.is_trained:
+            order = self.model.rank(workload, self.target, rest)
+            n_model = n - len(picked) - n_explore
+            picked += [rest[i] for i in order[:n_model]]
+            rest = [rest[i] for i in order[n_model:]]
+            picked += self.rng.sample(rest, min(n_explore, len(rest)))
+        else:
+            picked += self.rng.sample(rest, min(n - len(picked), len(rest)))
+        return picked
+
+    def _measure(self, workload: Workload, cands: list[Candidate]) -> list[MeasureResult]:
+        out = []
+        for b in self.builder.build(workload, cands):
+            common = dict(workload=workload, target=self.target, candidate=b.candidate,
+                          build_s=b.build_s, run_id=self.run_id)
+            if b.path is None:
+                out.append(MeasureResult(status="timeout" if b.kind == "timeout" else "build_error",
+                                         error=b.error, created=time.time(), **common))
+                continue
+            r = self.runner.run(workload, b.path)
+            out.append(MeasureResult(status=r.status, latency=r.latency, error=r.error,
+                                     max_rel_err=r.rel_err, created=time.time(), **common))
+            Path(b.path).unlink(missing_ok=True)
+        return out
+
+    def _measure_vendor(self, workload: Workload) -> VendorBaseline | None:
+        from kernels.defs import opdef
+
+        r = self.runner.run(workload, VENDOR)
+        if r.status != "ok":
+            raise RuntimeError(f"vendor path failed on {workload.name}: {r.error}")
+        b = VendorBaseline(workload, self.target, opdef(workload.op).vendor_name, r.latency,
+                           run_id=self.run_id, created=time.time())
+        self.db.add_baseline(b)
+        return b
+
+
+def tune(workloads: list[Workload], target: Target, db_path: str | Path | None = None,
+         options: TuneOptions = TuneOptions(), on_result=None, on_workload=None) -> list[WorkloadReport]:
+    """Tune each workload into the DB at db_path (default: config.default_db_path())."""
+    reports = []
+    with TuningDB(db_path or config.default_db_path()) as db, \
+            Tuner(db, target, options, on_result=on_result) as tuner:
+        for w in workloads:
+            rep = tuner.tune(w)
+            reports.append(rep)
+            if on_workload:
+                on_workload(rep)
+    return reports
