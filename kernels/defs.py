@@ -42,11 +42,12 @@ def linear_inputs(w: Workload, device, generator: torch.Generator) -> list[torch
     """Fresh random operands, scaled so that outputs are O(1) whatever k is."""
     d = w.dim
     dt = TORCH_DTYPE[w.dtype]
-    x = torch.randn(d["m"], d["k"], generator=generator, device="cpu", dtype=torch.float32)
-    wt = torch.randn(d["n"], d["k"], generator=generator, device="cpu", dtype=torch.float32) / d["k"] ** 0.5
+    gd = generator.device
+    x = torch.randn(d["m"], d["k"], generator=generator, device=gd, dtype=torch.float32)
+    wt = torch.randn(d["n"], d["k"], generator=generator, device=gd, dtype=torch.float32) / d["k"] ** 0.5
     out = [x, wt]
     if "bias" in w.epilogue:
-        out.append(torch.randn(d["n"], generator=generator, device="cpu", dtype=torch.float32))
+        out.append(torch.randn(d["n"], generator=generator, device=gd, dtype=torch.float32))
     return [t.to(device=device, dtype=dt) for t in out]
 
 

@@ -2,7 +2,8 @@
 
 A candidate may segfault the compiler, crash the GPU context or never finish. Work runs in child
 processes started from a forkserver that has already imported the heavy modules (TVM's CUDA
-intrinsics alone take ~35 s to import), so a dead or hung worker costs a fork, not a re-import.
+intrinsics alone take ~35 s to import), so a dead or hung worker costs a fork, not a re-import. Processes that touch the GPU are spawned
+instead: CUDA cannot be initialized in a forked child of a process where it already was.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ class WorkerTimeout(RuntimeError):
     pass
 
 
-def _context(preload: list[str]):
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
+def _context(method: str, preload: list[str]):
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(preload)
     return ctx
 
 
 class IsolatedPool:
     """`map`-like execution of top-level functions in killable worker processes."""
 
-    def __init__(self, workers: int, preload: list[str] | None = None, initializer=None, initargs=()):
+    def __init__(self, workers: int, preload: list[str] | None = None, initializer=None, initargs=(),
+                 method: str = "forkserver"):
         self.workers = max(1, workers)
+        self.method = method
         self.preload = preload or PRELOAD
         self.initializer, self.initargs = initializer, initargs
         self._pool: cf.ProcessPoolExecutor | None = None
@@ -43,7 +47,7 @@ class IsolatedPool:
     def _ensure(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=_context(self.preload), initializer=self.initializer,
+                self.workers, mp_context=_context(self.method, self.preload), initializer=self.initializer,
                 initargs=self.initargs)
         return self._pool
 

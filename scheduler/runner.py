@@ -70,7 +70,7 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
         else:
             call_on_current_stream(fn, args, tgt.is_gpu)
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     worst = 0.0
     for _ in range(opts.verify_trials):
         ins = od.inputs(w, dev, gen)
@@ -83,11 +83,8 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
             return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason}
         worst = max(worst, chk.rel_err)
 
-    # Input sets to rotate through, so timed runs read from DRAM, not cache.
-    one = ins + [out]
-    set_bytes = sum(t.numel() * t.element_size() for t in one)
-    n_sets = 1 if not opts.rotate_bytes else max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / set_bytes)))
-    sets = [one] + [od.inputs(w, dev, gen) + [od.output(w, dev)] for _ in range(n_sets - 1)]
+    sets = _timing_sets(w, dev, opts) if opts.rotate_bytes else [ins + [out]]
+    n_sets = len(sets)
     for r in range(opts.warmup):
         call(sets[r % n_sets])
     samples = []
@@ -110,6 +107,28 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
 
 
+_sets_cache: dict = {}
+
+
+def _timing_sets(w: Workload, dev, opts: RunOptions) -> list:
+    """Input sets to rotate through, so timed runs read from DRAM, not cache. Made once per
+    workload in this worker (timing only: verification always draws fresh inputs)."""
+    import torch
+
+    from kernels.defs import opdef
+
+    key = (w.key, str(dev))
+    if key not in _sets_cache:
+        _sets_cache.clear()
+        od = opdef(w.op)
+        gen = torch.Generator(device=dev).manual_seed(1234)
+        first = od.inputs(w, dev, gen) + [od.output(w, dev)]
+        set_bytes = sum(t.numel() * t.element_size() for t in first)
+        n = max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / set_bytes)))
+        _sets_cache[key] = [first] + [od.inputs(w, dev, gen) + [od.output(w, dev)] for _ in range(n - 1)]
+    return _sets_cache[key]
+
+
 class Runner:
     """Measures one artifact at a time in an isolated process (a crash there is a result here)."""
 
@@ -118,7 +137,7 @@ class Runner:
         self.opts = opts or RunOptions.for_target(target)
         self.timeout_s = timeout_s
         self.rng = random.Random(seed)
-        self.pool = IsolatedPool(1)
+        self.pool = IsolatedPool(1, method="spawn" if target.is_gpu else "forkserver")
 
     def run(self, workload: Workload, artifact: str) -> RunResult:
         seed = self.rng.randrange(2**31)  # fresh inputs for every measurement

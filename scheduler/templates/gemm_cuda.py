@@ -14,8 +14,10 @@ from kernels.defs import opdef
 
 from .base import Template, register
 
-SMEM_LIMIT = 232448  # bytes per block on sm_90 (opt-in)
-STATIC_SMEM_LIMIT = 49152  # static shared memory per block
+# TVM 0.27 launches without raising the dynamic shared-memory limit (cudaFuncSetAttribute), so
+# anything over the default 48 KB fails with CUDA_ERROR_INVALID_VALUE (seen on H200, 2026-11-27).
+SMEM_LIMIT = 49152
+STATIC_SMEM_LIMIT = 49152
 
 
 def tile_shape(kn: dict) -> tuple[int, int, int]:
