@@ -1,1 +1,11 @@
-"""Tuned kernels exposed as PyTorch custom ops (torch.ops.shapetune.*)."""
+"""Tuned kernels exposed as PyTorch custom ops (torch.ops.shapetune.*).
+
+>>> import kernels
+>>> y = kernels.linear(x, w, b)          # torch.ops.shapetune.linear
+>>> kernels.fallback_summary()           # how many calls ran tuned vs fell back, and why
+"""
+
+from .linear import linear
+from .registry import Registry, fallback_summary, get_registry, set_registry
+
+__all__ = ["Registry", "fallback_summary", "get_registry", "linear", "set_registry"]

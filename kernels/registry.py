@@ -1,0 +1,187 @@
+"""Registry: (op, shape, dtype, device) -> the best verified kernel for this target, or a fallback.
+
+Resolution, once per distinct call signature (then cached, so the hot path is one dict lookup):
+  signature -> workload -> bucket (`BucketPolicy`; exact shapes for now) -> best verified DB record
+  for (bucket workload, target) -> compare with the vendor baseline measured in the same run ->
+  load the compiled module from the kernel cache (keyed by target: arch, GPU, versions), building
+  it from the record's knobs on a miss.
+Anything that stops a tuned kernel from running (no record, vendor faster, stale target, build or
+load failure, SHAPETUNE_DISABLE=1) is a *fallback*: the op runs PyTorch's own implementation and the
+reason is counted. `fallback_summary()` reports the counts; one line is logged at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shapetune import config
+from shapetune.records import MeasureResult, VendorBaseline
+from shapetune.target import Target, detect
+from shapetune.workload import Workload
+
+log = logging.getLogger("shapetune")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a call signature resolves to: a kernel, or the reason there is none."""
+
+    workload: Workload
+    kind: str  # "exact" | "bucket" | "fallback"
+    reason: str
+    fn: Callable | None = None
+    record: MeasureResult | None = None
+    vendor: VendorBaseline | None = None
+    bucket: Workload | None = None
+
+
+class BucketPolicy:
+    """Maps a concrete workload to the workload whose kernel serves it. Exact match only here;
+    shape buckets replace this with ranges of dims sharing one padded/predicated kernel."""
+
+    def bucket_of(self, w: Workload) -> Workload:
+        return w
+
+
+class Registry:
+    def __init__(self, db_path: str | Path | None = None, target: Target | None = None,
+                 policy: BucketPolicy | None = None):
+        self.db_path = Path(db_path) if db_path else None
+        self._target = target
+        self.policy = policy or BucketPolicy()
+        self._cache: dict[Any, Resolution] = {}
+        self._lock = threading.Lock()
+        self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = detect()
+        return self._target
+
+    def _db(self):
+        from shapetune.db import TuningDB
+
+        path = self.db_path or config.default_db_path()
+        return TuningDB(path, create=False) if Path(path).exists() else None
+
+    # -- resolution ---------------------------------------------------------------------------------
+    def resolve(self, w: Workload) -> Resolution:
+        """Uncached resolution (also what `shapetune db best --shape` reports)."""
+        if config.disabled():
+            return Resolution(w, "fallback", "disabled by SHAPETUNE_DISABLE=1")
+        bucket = self.policy.bucket_of(w)
+        kind = "exact" if bucket == w else "bucket"
+        db = self._db()
+        if db is None:
+            return Resolution(w, "fallback", f"no tuning DB at {self.db_path or config.default_db_path()}")
+        with db:
+            best = db.best(bucket.key, self.target.key)
+            vendor = db.baseline(bucket.key, self.target.key)
+            if best is None:
+                return Resolution(w, "fallback", self._why_missing(db, bucket), vendor=vendor, bucket=bucket)
+        if vendor is not None and vendor.latency.median_us <= best.latency.median_us:
+            return Resolution(w, "fallback",
+                              f"vendor faster ({vendor.latency.median_us:.2f} us vs tuned "
+                              f"{best.latency.median_us:.2f} us)", record=best, vendor=vendor, bucket=bucket)
+        return Resolution(w, kind, "tuned kernel faster than vendor" if vendor else "tuned (no vendor baseline)",
+                          record=best, vendor=vendor, bucket=bucket)
+
+    def _why_missing(self, db, w: Workload) -> str:
+        others = [t for t in db.targets() if t.key != self.target.key
+                  and t.kind == self.target.kind and t.arch == self.target.arch
+                  and db.best(w.key, t.key) is not None]
+        if others:
+            t = others[0]
+            return (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
+                    f"(records from another GPU or TVM/CUDA/torch version are never used)")
+        if any(r.workload.key == w.key for r in db.results(workload_key=w.key, target_key=self.target.key, limit=1)):
+            return "no verified kernel (every measured candidate failed)"
+        return "not tuned"
+
+    def lookup(self, sig: tuple, make_workload: Callable[[], Workload]) -> Resolution:
+        """Cached per call signature; builds/loads the kernel on first use."""
+        res = self._cache.get(sig)
+        if res is not None:
+            return res
+        with self._lock:
+            res = self._cache.get(sig)
+            if res is None:
+                res = self._load(self.resolve(make_workload()))
+                self._cache[sig] = res
+        return res
+
+    def _load(self, res: Resolution) -> Resolution:
+        if res.record is None or res.kind == "fallback":
+            return res
+        try:
+            fn = load_kernel(res.bucket or res.workload, self.target, res.record)
+        except Exception as e:  # a record we cannot build or load here: fall back, loudly counted
+            msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            log.warning("shapetune: cannot load tuned kernel for %s: %s", res.workload.name, msg)
+            return Resolution(res.workload, "fallback", f"load failed: {msg}", record=res.record,
+                              vendor=res.vendor, bucket=res.bucket)
+        return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
+
+    def count(self, op: str, res: Resolution):
+        self.calls[(op, "tuned" if res.fn is not None else res.reason)] += 1
+
+    def clear(self):
+        with self._lock:
+            self._cache.clear()
+            self.calls.clear()
+
+
+def load_kernel(w: Workload, target: Target, record: MeasureResult) -> Callable:
+    """The compiled function of a record: from the kernel cache, or built (once) into it."""
+    from scheduler.builder import artifact_name, build_one
+
+    from .runtime import load_function
+
+    cache = config.kernel_cache_dir(target.key)
+    path = cache / artifact_name(w, record.candidate)
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        build_one(w.to_json(), target.to_json(), record.candidate.to_json(), str(cache))
+    return load_function(str(path), target.is_gpu)
+
+
+# -- the process-wide registry ------------------------------------------------------------------------
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    global _registry
+    if _registry is None:
+        _registry = Registry()
+    return _registry
+
+
+def set_registry(reg: Registry | None) -> Registry | None:
+    """Swap the process-wide registry (e.g. to point at another DB); returns the previous one."""
+    global _registry
+    prev, _registry = _registry, reg
+    return prev
+
+
+def fallback_summary() -> dict[str, dict[str, int]]:
+    """{op: {"tuned": n, "<fallback reason>": n, ...}} over every call so far."""
+    out: dict[str, dict[str, int]] = {}
+    if _registry is not None:
+        for (op, why), n in _registry.calls.items():
+            out.setdefault(op, {})[why] = n
+    return out
+
+
+@atexit.register
+def _log_summary():
+    s = fallback_summary()
+    fell = {op: {k: v for k, v in d.items() if k != "tuned"} for op, d in s.items()}
+    if any(fell.values()):
+        log.info("shapetune: calls per op and outcome: %s", s)

@@ -1,0 +1,141 @@
+"""`shapetune`: tune workloads into the DB, and query it (`shapetune db ...`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import config
+from .cli_db import db
+
+# Small GEMM sets for the default job: SD 1.5 UNet shapes on a GPU, CPU-sized ones on llvm.
+PRESETS = {
+    "demo": {
+        "cuda": [(8192, 320, 320, False), (154, 320, 768, False), (2048, 640, 640, True), (2, 1280, 1280, True)],
+        "llvm": [(64, 64, 64, False), (77, 96, 64, True), (128, 48, 96, True)],
+    },
+}
+
+
+def _parse_shape(text: str) -> dict[str, int]:
+    try:
+        dims = dict(part.split("=") for part in text.replace(" ", "").split(","))
+        return {k: int(v) for k, v in dims.items()}
+    except ValueError:
+        raise click.BadParameter(f"expected m=..,n=..,k=.., got {text!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shapetune", message="%(version)s")
+def main():
+    """Auto-scheduled, shape-bucketed kernels for PyTorch, tuned with Apache TVM."""
+
+
+main.add_command(db)
+
+
+@main.command()
+@click.option("--op", default="linear", show_default=True, type=click.Choice(["linear"]))
+@click.option("--shape", "shapes", multiple=True, help="m=..,n=..,k=.. (repeatable).")
+@click.option("--workloads", "workload_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON workload file (scripts/extract_workloads.py --out).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Built-in workload set (default: demo).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]),
+              help="Default: float16 on cuda, float32 on llvm.")
+@click.option("--bias/--no-bias", default=True, show_default=True, help="For --shape workloads.")
+@click.option("--target", "target_kind", type=click.Choice(["auto", "cuda", "llvm"]), default="auto",
+              show_default=True, help="auto: the GPU if present, else the CPU (llvm).")
+@click.option("--trials", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Measured candidates per workload (the dlight baseline included).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Candidates built in parallel and measured per round.")
+@click.option("--template", "templates", multiple=True, help="Only these templates (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, templates, seed,
+         db_path, fmt):
+    """Tune workloads: rank candidates with the cost model, build, verify, time, store."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scheduler.tuner import TuneOptions
+    from scheduler.tuner import tune as run_tune
+
+    from .target import detect
+    from .workload import linear_workload
+
+    try:
+        target = detect(None if target_kind == "auto" else target_kind)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    dtype = dtype or ("float16" if target.is_gpu else "float32")
+    workloads = [linear_workload(s["m"], s["n"], s["k"], dtype, bias) for s in map(_parse_shape, shapes)]
+    if workload_file:
+        from scheduler.extract import load_workload_file
+
+        workloads += load_workload_file(workload_file)
+    if preset or not workloads:
+        workloads += [linear_workload(m, n, k, dtype, b) for m, n, k, b in PRESETS[preset or "demo"][target.kind]]
+    db_path = db_path or str(config.default_db_path())
+    err = Console(stderr=True)
+    err.print(f"target  {target.describe()}\ndb      {db_path}\n"
+              f"tuning  {len(workloads)} workload(s) x {trials} trials")
+    opts = TuneOptions(trials=trials, batch=batch, seed=seed, templates=tuple(templates))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("tuning", total=trials * len(workloads))
+        done_names = []
+
+        def on_result(r):
+            progress.update(task, advance=1, description=f"{r.workload.name} [{r.status}]")
+
+        def on_workload(rep):
+            done_names.append(rep.workload.name)
+            progress.update(task, completed=trials * len(done_names))
+            if not err.is_terminal:
+                best = f"{rep.best.latency.median_us:.2f} us" if rep.best else "none"
+                err.print(f"  {rep.workload.name}: {rep.by_status} best {best}")
+
+        try:
+            reports = run_tune(workloads, target, db_path, opts, on_result=on_result, on_workload=on_workload)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+
+    rows = []
+    for rep in reports:
+        rows.append({
+            "workload": rep.workload.name,
+            "measured": rep.measured,
+            "ok": rep.by_status.get("ok", 0),
+            "failed": rep.measured - rep.by_status.get("ok", 0),
+            "best_us": rep.best.latency.median_us if rep.best else None,
+            "best": str(rep.best.candidate) if rep.best else None,
+            "dlight_us": rep.dlight.latency.median_us if rep.dlight else None,
+            "vendor_us": rep.vendor.latency.median_us if rep.vendor else None,
+            "speedup_vs_vendor": rep.speedup,
+        })
+    if fmt == "json":
+        click.echo(json.dumps({"target": target.to_json(), "db": db_path, "workloads": rows}, indent=1))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"tuned on {target.device_name} ({target.kind} {target.arch})")
+    for col in ("workload", "ok/measured", "best us", "dlight us", "vendor us", "vendor/best", "best candidate"):
+        t.add_column(col, justify="left" if col in ("workload", "best candidate") else "right")
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        t.add_row(r["workload"], f"{r['ok']}/{r['measured']}", f(r["best_us"]), f(r["dlight_us"]),
+                  f(r["vendor_us"]), f(r["speedup_vs_vendor"], 3), escape(r["best"] or "-"))
+    Console(width=max(160, Console().width)).print(t)
+    click.echo(f"DB: {db_path}  (query it: shapetune db best --db {db_path})")
+    click.echo("vendor/best > 1: the tuned kernel is faster and kernels.linear uses it; otherwise it falls back.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
