@@ -39,9 +39,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     is_gpu = x.is_cuda
     sig = ("linear", m, n, k, x.dtype, bias is not None, x.device.type)
     if x.dtype not in SUPPORTED or m == 0 or (is_gpu != reg.target.is_gpu):
-        reason = ("unsupported dtype " + str(x.dtype) if x.dtype not in SUPPORTED else
-                  "empty input" if m == 0 else f"device {x.device.type} is not the tuned target")
-        reg.calls[("linear", reason)] += 1
+        cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0 else "other_device")
+        reg.calls[("linear", cause)] += 1
         return torch.nn.functional.linear(x, weight, bias)
     res = reg.lookup(sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None))
     reg.count("linear", res)

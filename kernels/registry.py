@@ -34,11 +34,13 @@ class Resolution:
 
     workload: Workload
     kind: str  # "exact" | "bucket" | "fallback"
-    reason: str
+    reason: str  # human-readable, with numbers
     fn: Callable | None = None
     record: MeasureResult | None = None
     vendor: VendorBaseline | None = None
     bucket: Workload | None = None
+    cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
+    #                       | vendor_faster | load_failed
 
 
 class BucketPolicy:
@@ -51,8 +53,11 @@ class BucketPolicy:
 
 class Registry:
     def __init__(self, db_path: str | Path | None = None, target: Target | None = None,
-                 policy: BucketPolicy | None = None):
+                 policy: BucketPolicy | None = None, require_faster: bool = True):
+        """require_faster=False uses a tuned kernel even where the vendor path measured faster
+        (tests, and benchmarks of the tuned kernel itself)."""
         self.db_path = Path(db_path) if db_path else None
+        self.require_faster = require_faster
         self._target = target
         self.policy = policy or BucketPolicy()
         self._cache: dict[Any, Resolution] = {}
@@ -75,35 +80,38 @@ class Registry:
     def resolve(self, w: Workload) -> Resolution:
         """Uncached resolution (also what `shapetune db best --shape` reports)."""
         if config.disabled():
-            return Resolution(w, "fallback", "disabled by SHAPETUNE_DISABLE=1")
+            return Resolution(w, "fallback", "disabled by SHAPETUNE_DISABLE=1", cause="disabled")
         bucket = self.policy.bucket_of(w)
         kind = "exact" if bucket == w else "bucket"
         db = self._db()
         if db is None:
-            return Resolution(w, "fallback", f"no tuning DB at {self.db_path or config.default_db_path()}")
+            return Resolution(w, "fallback", f"no tuning DB at {self.db_path or config.default_db_path()}",
+                              cause="no_db")
         with db:
             best = db.best(bucket.key, self.target.key)
             vendor = db.baseline(bucket.key, self.target.key)
             if best is None:
-                return Resolution(w, "fallback", self._why_missing(db, bucket), vendor=vendor, bucket=bucket)
-        if vendor is not None and vendor.latency.median_us <= best.latency.median_us:
+                cause, why = self._why_missing(db, bucket)
+                return Resolution(w, "fallback", why, vendor=vendor, bucket=bucket, cause=cause)
+        if self.require_faster and vendor is not None and vendor.latency.median_us <= best.latency.median_us:
             return Resolution(w, "fallback",
                               f"vendor faster ({vendor.latency.median_us:.2f} us vs tuned "
-                              f"{best.latency.median_us:.2f} us)", record=best, vendor=vendor, bucket=bucket)
+                              f"{best.latency.median_us:.2f} us)", record=best, vendor=vendor, bucket=bucket,
+                              cause="vendor_faster")
         return Resolution(w, kind, "tuned kernel faster than vendor" if vendor else "tuned (no vendor baseline)",
                           record=best, vendor=vendor, bucket=bucket)
 
-    def _why_missing(self, db, w: Workload) -> str:
+    def _why_missing(self, db, w: Workload) -> tuple[str, str]:
         others = [t for t in db.targets() if t.key != self.target.key
                   and t.kind == self.target.kind and t.arch == self.target.arch
                   and db.best(w.key, t.key) is not None]
         if others:
             t = others[0]
-            return (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
-                    f"(records from another GPU or TVM/CUDA/torch version are never used)")
-        if any(r.workload.key == w.key for r in db.results(workload_key=w.key, target_key=self.target.key, limit=1)):
-            return "no verified kernel (every measured candidate failed)"
-        return "not tuned"
+            return "stale", (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
+                             f"(records from another GPU or TVM/CUDA/torch version are never used)")
+        if db.results(workload_key=w.key, target_key=self.target.key, limit=1):
+            return "all_failed", "no verified kernel (every measured candidate failed)"
+        return "not_tuned", "not tuned"
 
     def lookup(self, sig: tuple, make_workload: Callable[[], Workload]) -> Resolution:
         """Cached per call signature; builds/loads the kernel on first use."""
@@ -126,11 +134,11 @@ class Registry:
             msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             log.warning("shapetune: cannot load tuned kernel for %s: %s", res.workload.name, msg)
             return Resolution(res.workload, "fallback", f"load failed: {msg}", record=res.record,
-                              vendor=res.vendor, bucket=res.bucket)
+                              vendor=res.vendor, bucket=res.bucket, cause="load_failed")
         return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
 
     def count(self, op: str, res: Resolution):
-        self.calls[(op, "tuned" if res.fn is not None else res.reason)] += 1
+        self.calls[(op, "tuned" if res.fn is not None else res.cause)] += 1
 
     def clear(self):
         with self._lock:
@@ -171,7 +179,8 @@ def set_registry(reg: Registry | None) -> Registry | None:
 
 
 def fallback_summary() -> dict[str, dict[str, int]]:
-    """{op: {"tuned": n, "<fallback reason>": n, ...}} over every call so far."""
+    """{op: {"tuned": n, "<fallback cause>": n, ...}} over every call so far
+    (`Registry.resolve` gives the full reason for one shape)."""
     out: dict[str, dict[str, int]] = {}
     if _registry is not None:
         for (op, why), n in _registry.calls.items():
