@@ -65,17 +65,18 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     fn = od.vendor(w) if artifact == VENDOR else load_function(artifact, tgt.is_gpu)
 
     def call(args):
+        """Run on inputs + [out]; returns the output tensor (the vendor path allocates its own)."""
         if artifact == VENDOR:
-            fn(*args)
-        else:
-            call_on_current_stream(fn, args, tgt.is_gpu)
+            return fn(*args[:-1])
+        call_on_current_stream(fn, args, tgt.is_gpu)
+        return args[-1]
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     worst = 0.0
     for _ in range(opts.verify_trials):
         ins = od.inputs(w, dev, gen)
         out = od.output(w, dev).fill_(float("nan"))
-        call(ins + [out])
+        out = call(ins + [out])
         if tgt.is_gpu:
             torch.cuda.synchronize()
         chk = check_output(out, od.reference(w, ins), w.dtype)
