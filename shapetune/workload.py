@@ -19,6 +19,9 @@ class Workload:
     acc_dtype accumulation type
     layout    operand layout, op-specific (linear: "x[m,k] w[n,k] -> y[m,n]")
     epilogue  fused ops applied to the output in order, e.g. ("bias",)
+    dynamic   dims left symbolic in the kernel, with the closed range it must serve, e.g.
+              (("m", 513, 1024),): a shape-bucket workload; `dims` then holds the representative
+              shape it is tuned and timed at. Empty for an exact-shape workload.
     """
 
     op: str
@@ -27,21 +30,44 @@ class Workload:
     acc_dtype: str
     layout: str
     epilogue: tuple[str, ...] = field(default=())
+    dynamic: tuple[tuple[str, int, int], ...] = field(default=())
 
     def __post_init__(self):
         object.__setattr__(self, "dims", tuple((str(n), int(v)) for n, v in self.dims))
         object.__setattr__(self, "epilogue", tuple(self.epilogue))
+        object.__setattr__(self, "dynamic", tuple((str(n), int(lo), int(hi)) for n, lo, hi in self.dynamic))
         for name, v in self.dims:
             if v <= 0:
                 raise ValueError(f"{self.op}: dim {name}={v} must be positive")
+        dims = self.dim
+        for name, lo, hi in self.dynamic:
+            if name not in dims or not 1 <= lo <= dims[name] <= hi:
+                raise ValueError(f"{self.op}: dynamic dim {name} needs 1 <= lo <= {name} <= hi, "
+                                 f"got [{lo}, {hi}] with {name}={dims.get(name)}")
 
     # -- views -------------------------------------------------------------------------------
     @property
     def dim(self) -> dict[str, int]:
         return dict(self.dims)
 
+    @property
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        return {n: (lo, hi) for n, lo, hi in self.dynamic}
+
+    def covers(self, other: Workload) -> bool:
+        """Whether this (bucket) workload's kernel computes `other`'s shape."""
+        if (self.op, self.dtype, self.acc_dtype, self.layout, self.epilogue) != (
+                other.op, other.dtype, other.acc_dtype, other.layout, other.epilogue):
+            return False
+        rng = self.ranges
+        for (n, v), (n2, v2) in zip(self.dims, other.dims):
+            lo, hi = rng.get(n, (v, v))
+            if n != n2 or not lo <= v2 <= hi:
+                return False
+        return True
+
     def to_json(self) -> dict:
-        return {
+        d = {
             "op": self.op,
             "dims": [[n, v] for n, v in self.dims],
             "dtype": self.dtype,
@@ -49,6 +75,9 @@ class Workload:
             "layout": self.layout,
             "epilogue": list(self.epilogue),
         }
+        if self.dynamic:  # absent for exact workloads, so their keys never change
+            d["dynamic"] = [[n, lo, hi] for n, lo, hi in self.dynamic]
+        return d
 
     @classmethod
     def from_json(cls, d: dict | str) -> Workload:
@@ -61,6 +90,7 @@ class Workload:
             acc_dtype=d["acc_dtype"],
             layout=d["layout"],
             epilogue=tuple(d.get("epilogue", ())),
+            dynamic=tuple(tuple(x) for x in d.get("dynamic", ())),
         )
 
     @property
@@ -71,7 +101,8 @@ class Workload:
 
     @property
     def name(self) -> str:
-        dims = "_".join(f"{n}{v}" for n, v in self.dims)
+        rng = self.ranges
+        dims = "_".join(f"{n}{rng[n][0]}-{rng[n][1]}" if n in rng else f"{n}{v}" for n, v in self.dims)
         epi = "".join(f"+{e}" for e in self.epilogue)
         return f"{self.op}_{dims}_{DTYPE_SHORT.get(self.dtype, self.dtype)}{epi}"
 
@@ -83,8 +114,9 @@ class Workload:
         raise NotImplementedError(self.op)
 
 
-def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True) -> Workload:
-    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32."""
+def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True,
+                    m_range: tuple[int, int] | None = None) -> Workload:
+    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32. m_range makes m dynamic."""
     acc = "float32" if dtype in ("float16", "bfloat16", "float32") else dtype
     return Workload(
         op="linear",
@@ -93,4 +125,5 @@ def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool =
         acc_dtype=acc,
         layout="x[m,k] w[n,k] -> y[m,n]",
         epilogue=("bias",) if bias else (),
+        dynamic=(("m", *m_range),) if m_range else (),
     )

@@ -46,12 +46,16 @@ class GemmLLVM(Template):
         if "bias_add" in consumers:
             sch.reverse_compute_inline(last)
             last = sch.get_sblock("bias_add")
-        sch.reverse_compute_at(last, jo)
+        dynamic = bool(workload.ranges)
+        if not dynamic:
+            # (With a symbolic m, TVM 0.27 mis-sizes the compacted tile buffer: the epilogue then
+            # stays a separate pass over y.)
+            sch.reverse_compute_at(last, jo)
         outer = sch.fuse(io, jo)
         sch.parallel(outer)
         init = sch.decompose_reduction(mm, ko)
         d = workload.dim
-        if d["m"] % kn["tm"] == 0 and d["n"] % kn["tn"] == 0 and d["k"] % kn["tk"] == 0:
+        if not dynamic and d["m"] % kn["tm"] == 0 and d["n"] % kn["tn"] == 0 and d["k"] % kn["tk"] == 0:
             # Ragged tiles carry a predicate, which TVM cannot vectorize: they stay scalar.
             for loop in (sch.get_loops(init)[-1], ji, sch.get_loops(last)[-1]):
                 _try(sch.vectorize, loop)
