@@ -1,8 +1,9 @@
 """Registry: (op, shape, dtype, device) -> the best verified kernel for this target, or a fallback.
 
 Resolution, once per distinct call signature (then cached, so the hot path is one dict lookup):
-  signature -> workload -> bucket (`BucketPolicy`; exact shapes for now) -> best verified DB record
-  for (bucket workload, target) -> compare with the vendor baseline measured in the same run ->
+  signature -> workload -> its exact record, else its shape bucket's (shapetune.buckets) -> best
+  verified record for this target (an in-memory index of the DB) -> compare with the vendor
+  baseline measured in the same run ->
   load the compiled module from the kernel cache (keyed by target: arch, GPU, versions), building
   it from the record's knobs on a miss.
 Anything that stops a tuned kernel from running (no record, vendor faster, stale target, build or
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shapetune import config
+from shapetune.buckets import DEFAULT, BucketPolicy
 from shapetune.records import MeasureResult, VendorBaseline
 from shapetune.target import Target, detect
 from shapetune.workload import Workload
@@ -40,15 +42,7 @@ class Resolution:
     vendor: VendorBaseline | None = None
     bucket: Workload | None = None
     cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
-    #                       | vendor_faster | load_failed
-
-
-class BucketPolicy:
-    """Maps a concrete workload to the workload whose kernel serves it. Exact match only here;
-    shape buckets replace this with ranges of dims sharing one padded/predicated kernel."""
-
-    def bucket_of(self, w: Workload) -> Workload:
-        return w
+    #                       | outside_buckets | vendor_faster | load_failed
 
 
 class Registry:
@@ -59,8 +53,9 @@ class Registry:
         self.db_path = Path(db_path) if db_path else None
         self.require_faster = require_faster
         self._target = target
-        self.policy = policy or BucketPolicy()
+        self.policy = policy or DEFAULT
         self._cache: dict[Any, Resolution] = {}
+        self._index: tuple[dict, dict] | None = None  # best record / vendor baseline per workload key
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
 
@@ -77,41 +72,63 @@ class Registry:
         return TuningDB(path, create=False) if Path(path).exists() else None
 
     # -- resolution ---------------------------------------------------------------------------------
+    def _load_index(self) -> tuple[dict, dict] | None:
+        """Every best verified record and newest vendor baseline for this target, in memory: a
+        new shape then resolves with dict lookups, no DB query."""
+        if self._index is None:
+            db = self._db()
+            if db is None:
+                return None
+            with db:
+                best = {r.workload.key: r for r in db.best_all(target_key=self.target.key)}
+                vendor = {}
+                for b in db.baselines(target_key=self.target.key):  # newest first
+                    vendor.setdefault(b.workload.key, b)
+            self._index = (best, vendor)
+        return self._index
+
     def resolve(self, w: Workload) -> Resolution:
-        """Uncached resolution (also what `shapetune db best --shape` reports)."""
+        """Uncached resolution: exact record, else the shape bucket's, else a fallback with its
+        reason (also what `shapetune db best OP --shape` reports)."""
         if config.disabled():
             return Resolution(w, "fallback", "disabled by SHAPETUNE_DISABLE=1", cause="disabled")
-        bucket = self.policy.bucket_of(w)
-        kind = "exact" if bucket == w else "bucket"
-        db = self._db()
-        if db is None:
+        index = self._load_index()
+        if index is None:
             return Resolution(w, "fallback", f"no tuning DB at {self.db_path or config.default_db_path()}",
                               cause="no_db")
-        with db:
-            best = db.best(bucket.key, self.target.key)
-            vendor = db.baseline(bucket.key, self.target.key)
-            if best is None:
-                cause, why = self._why_missing(db, bucket)
-                return Resolution(w, "fallback", why, vendor=vendor, bucket=bucket, cause=cause)
-        if self.require_faster and vendor is not None and vendor.latency.median_us <= best.latency.median_us:
+        best, vendors = index
+        bucket, kind = w, "exact"
+        if w.key not in best:
+            bucket, kind = self.policy.bucket_of(w), "bucket"
+            if bucket is None:
+                return Resolution(w, "fallback", f"shape outside every {self.policy.name} bucket",
+                                  cause="outside_buckets")
+        rec, vendor = best.get(bucket.key), vendors.get(bucket.key)
+        if rec is None:
+            with self._db() as db:
+                cause, why = self._why_missing(db, w, bucket)
+            return Resolution(w, "fallback", why, vendor=vendor, bucket=bucket, cause=cause)
+        where = "exact shape" if kind == "exact" else f"bucket {bucket.name}"
+        if self.require_faster and vendor is not None and vendor.latency.median_us <= rec.latency.median_us:
             return Resolution(w, "fallback",
-                              f"vendor faster ({vendor.latency.median_us:.2f} us vs tuned "
-                              f"{best.latency.median_us:.2f} us)", record=best, vendor=vendor, bucket=bucket,
+                              f"vendor faster at {where} ({vendor.latency.median_us:.2f} us vs tuned "
+                              f"{rec.latency.median_us:.2f} us)", record=rec, vendor=vendor, bucket=bucket,
                               cause="vendor_faster")
-        return Resolution(w, kind, "tuned kernel faster than vendor" if vendor else "tuned (no vendor baseline)",
-                          record=best, vendor=vendor, bucket=bucket)
+        why = (f"{kind} hit ({where}): tuned {rec.latency.median_us:.2f} us"
+               + (f" vs vendor {vendor.latency.median_us:.2f} us" if vendor else " (no vendor baseline)"))
+        return Resolution(w, kind, why, record=rec, vendor=vendor, bucket=bucket)
 
-    def _why_missing(self, db, w: Workload) -> tuple[str, str]:
+    def _why_missing(self, db, w: Workload, bucket: Workload) -> tuple[str, str]:
         others = [t for t in db.targets() if t.key != self.target.key
                   and t.kind == self.target.kind and t.arch == self.target.arch
-                  and db.best(w.key, t.key) is not None]
+                  and (db.best(w.key, t.key) or db.best(bucket.key, t.key)) is not None]
         if others:
             t = others[0]
             return "stale", (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
                              f"(records from another GPU or TVM/CUDA/torch version are never used)")
-        if db.results(workload_key=w.key, target_key=self.target.key, limit=1):
+        if any(db.results(workload_key=x.key, target_key=self.target.key, limit=1) for x in (w, bucket)):
             return "all_failed", "no verified kernel (every measured candidate failed)"
-        return "not_tuned", "not tuned"
+        return "not_tuned", f"not tuned (neither the exact shape nor bucket {bucket.name})"
 
     def lookup(self, sig: tuple, make_workload: Callable[[], Workload]) -> Resolution:
         """Cached per call signature; builds/loads the kernel on first use."""
@@ -141,8 +158,10 @@ class Registry:
         self.calls[(op, "tuned" if res.fn is not None else res.cause)] += 1
 
     def clear(self):
+        """Forget resolutions, counts and the DB index (e.g. after tuning more in this process)."""
         with self._lock:
             self._cache.clear()
+            self._index = None
             self.calls.clear()
 
 

@@ -40,7 +40,7 @@ class IsolatedPool:
                  method: str = "forkserver"):
         self.workers = max(1, workers)
         self.method = method
-        self.preload = preload or PRELOAD
+        self.preload = PRELOAD if preload is None else list(preload)
         self.initializer, self.initargs = initializer, initargs
         self._pool: cf.ProcessPoolExecutor | None = None
 

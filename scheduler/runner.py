@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from shapetune.buckets import verification_members
 from shapetune.records import LatencyStats
 from shapetune.target import Target
 from shapetune.workload import Workload
@@ -73,18 +74,23 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     worst = 0.0
-    for _ in range(opts.verify_trials):
-        ins = od.inputs(w, dev, gen)
-        out = od.output(w, dev).fill_(float("nan"))
+    # A bucket kernel must be right for every member: check the bounds and an odd size too.
+    members = verification_members(w, random.Random(seed)) if w.dynamic else [w]
+    for trial in range(max(opts.verify_trials, len(members))):
+        mw = members[trial % len(members)]
+        ins = od.inputs(mw, dev, gen)
+        out = od.output(mw, dev).fill_(float("nan"))
         out = call(ins + [out])
         if tgt.is_gpu:
             torch.cuda.synchronize()
-        chk = check_output(out, od.reference(w, ins), w.dtype)
+        chk = check_output(out, od.reference(mw, ins), w.dtype)
         if not chk.ok:
-            return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason}
+            where = f" at {mw.name}" if w.dynamic else ""
+            return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason + where}
         worst = max(worst, chk.rel_err)
 
-    sets = _timing_sets(w, dev, opts) if opts.rotate_bytes else [ins + [out]]
+    w = members[0]  # timed at the representative shape
+    sets = _timing_sets(w, dev, opts) if opts.rotate_bytes else [od.inputs(w, dev, gen) + [od.output(w, dev)]]
     n_sets = len(sets)
     for r in range(opts.warmup):
         call(sets[r % n_sets])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cost_model
 from shapetune import config
+from shapetune.buckets import DEFAULT
 from shapetune.db import TuningDB
 from shapetune.records import Candidate, MeasureResult, VendorBaseline
 from shapetune.target import Target
@@ -99,6 +100,8 @@ class Tuner:
     # -- one workload ----------------------------------------------------------------------------
     def tune(self, workload: Workload) -> WorkloadReport:
         rep = WorkloadReport(workload)
+        if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
+            self.db.add_buckets(DEFAULT.rows(workload.op))
         rep.vendor = self._measure_vendor(workload)
         space = search_space(workload, self.target, self.opt.templates)
         done = {r.candidate.key for r in self.db.results(workload.key, self.target.key)}

@@ -51,13 +51,16 @@ main.add_command(db)
               help="Measured candidates per workload (the dlight baseline included).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Candidates built in parallel and measured per round.")
+@click.option("--buckets/--exact", default=False, show_default=True,
+              help="Tune each workload's shape bucket (one kernel for every m in its range) "
+                   "instead of the exact shape.")
 @click.option("--template", "templates", multiple=True, help="Only these templates (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, templates, seed,
-         db_path, fmt):
+def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
+         seed, db_path, fmt):
     """Tune workloads: rank candidates with the cost model, build, verify, time, store."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -80,6 +83,13 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
         workloads += load_workload_file(workload_file)
     if preset or not workloads:
         workloads += [linear_workload(m, n, k, dtype, b) for m, n, k, b in PRESETS[preset or "demo"][target.kind]]
+    if buckets:
+        from .buckets import DEFAULT
+
+        mapped = [DEFAULT.bucket_of(w) for w in workloads]
+        if None in mapped:
+            raise click.ClickException(f"{workloads[mapped.index(None)].name} is outside every bucket")
+        workloads = list(dict.fromkeys(mapped))
     db_path = db_path or str(config.default_db_path())
     err = Console(stderr=True)
     err.print(f"target  {target.describe()}\ndb      {db_path}\n"

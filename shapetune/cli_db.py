@@ -176,14 +176,20 @@ def show(ref, db_path, fmt):
 @click.argument("op_arg", metavar="[OP]", required=False)
 @click.option("--op", help="Only this op (same as the OP argument).")
 @click.option("--target", "target_key", help="Only this target key.")
+@click.option("--shape", help="m=..,n=..,k=..: how a call of OP at this shape resolves on this "
+                              "machine's target (or --target): exact hit, bucket hit or fallback, and why.")
+@click.option("--dtype", default=None, help="With --shape (default: float16 on cuda, float32 on llvm).")
+@click.option("--bias/--no-bias", default=True, help="With --shape.")
 @_db_option
 @_format_option
 @_errors
-def best(op_arg, op, target_key, db_path, fmt):
+def best(op_arg, op, target_key, shape, dtype, bias, db_path, fmt):
     """The fastest verified schedule per workload and target, against the vendor baseline."""
     if op_arg and op and op_arg != op:
         raise click.UsageError(f"OP argument {op_arg!r} contradicts --op {op!r}")
     op = op_arg or op
+    if shape:
+        return _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt)
     rows = []
     with _open(db_path) as d:
         for r in d.best_all(target_key=target_key, op=op):
@@ -195,6 +201,54 @@ def best(op_arg, op, target_key, db_path, fmt):
                          "speedup": bu / mu if bu is not None and mu > 0 else None,
                          "uid": r.uid})
     _emit(rows, fmt, "best schedules", {"speedup": lambda v: f"{v:.2f}x"})
+
+
+def _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt):
+    from kernels.registry import Registry
+
+    from .cli import _parse_shape
+    from .target import detect
+    from .workload import linear_workload
+
+    if op != "linear":
+        raise click.UsageError("--shape needs OP (one of: linear)")
+    with _open(db_path) as d:
+        target = d.target(target_key) if target_key else detect()
+        if target is None:
+            raise click.ClickException(f"no target {target_key!r} in {d.path}")
+    dims = _parse_shape(shape)
+    w = linear_workload(dims["m"], dims["n"], dims["k"], dtype or ("float16" if target.is_gpu else "float32"), bias)
+    res = Registry(db_path=db_path or None, target=target).resolve(w)
+    row = {"workload": w.name, "target": target.key, "answer": res.kind, "cause": res.cause,
+           "why": res.reason, "bucket": res.bucket.name if res.bucket else None,
+           "candidate": str(res.record.candidate) if res.record else None,
+           "tuned_us": res.record.latency.median_us if res.record else None,
+           "vendor_us": res.vendor.latency.median_us if res.vendor else None}
+    _emit([row], fmt, f"{op} at {shape}")
+
+
+@db.command("buckets")
+@click.option("--op", help="Only this op.")
+@_db_option
+@_format_option
+@_errors
+def buckets(op, db_path, fmt):
+    """The shape buckets: stored ones, and this version's policy, with what is tuned per bucket."""
+    from .buckets import DEFAULT
+
+    with _open(db_path) as d:
+        stored = {(r["policy"], r["op"], r["dim"], r["lo"], r["hi"]) for r in d.buckets(op)}
+        tuned: dict = {}
+        for r in d.best_all(op=op):
+            for n, lo, hi in r.workload.dynamic:
+                tuned.setdefault((r.workload.op, n, lo, hi), []).append(r.workload.name)
+        rows = []
+        for b in DEFAULT.rows(op) + [dict(zip(("policy", "op", "dim", "lo", "hi"), k), representative=k[4])
+                                     for k in sorted(stored) if k[0] != DEFAULT.name]:
+            names = tuned.get((b["op"], b["dim"], b["lo"], b["hi"]), [])
+            rows.append({**b, "in_db": (b["policy"], b["op"], b["dim"], b["lo"], b["hi"]) in stored,
+                         "tuned_workloads": len(names)})
+    _emit(rows, fmt, "shape buckets")
 
 
 @db.command("stats")

@@ -24,7 +24,7 @@ from .records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from .target import Target
 from .workload import Workload
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 
 
@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS baselines (
     run_id TEXT NOT NULL, created REAL NOT NULL, name TEXT NOT NULL,
     median_us REAL NOT NULL, mean_us REAL NOT NULL, min_us REAL NOT NULL, max_us REAL NOT NULL,
     std_us REAL NOT NULL, repeats INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets (
+    policy TEXT NOT NULL, op TEXT NOT NULL, dim TEXT NOT NULL, lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL, representative INTEGER NOT NULL, PRIMARY KEY (policy, op, dim, lo, hi));
 CREATE INDEX IF NOT EXISTS workloads_op ON workloads(op);
 CREATE INDEX IF NOT EXISTS records_best ON records(workload_id, target_id, verified, median_us, id);
 CREATE INDEX IF NOT EXISTS records_target ON records(target_id, status);
@@ -68,6 +71,13 @@ CREATE VIEW IF NOT EXISTS best AS
         WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer'))
     WHERE rank = 1;
 """
+
+# Upgrades in place: version -> the statements that take a DB from it to the next version.
+_MIGRATIONS = {
+    1: ["CREATE TABLE IF NOT EXISTS buckets (policy TEXT NOT NULL, op TEXT NOT NULL, "
+        "dim TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, representative INTEGER NOT NULL, "
+        "PRIMARY KEY (policy, op, dim, lo, hi))"],
+}
 
 _LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
 _REC_COLS = ("id", "workload_id", "target_id", "run_id", "created", "knobs", "status", "error",
@@ -200,6 +210,14 @@ class TuningDB:
             v = int(row[0])
         except ValueError:
             raise self._fail(f"has a malformed schema_version {row[0]!r}") from None
+        if v < SCHEMA_VERSION and all(u in _MIGRATIONS for u in range(v, SCHEMA_VERSION)):
+            with self._tx() as c:
+                v = int(c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+                for u in range(v, SCHEMA_VERSION):
+                    for stmt in _MIGRATIONS[u]:
+                        c.execute(stmt)
+                c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            return
         if v != SCHEMA_VERSION:
             raise DBError(
                 f"tuning DB {self.path} has schema version {v}, this shapetune reads version "
@@ -471,6 +489,25 @@ class TuningDB:
         with self._guard():
             row = self._con.execute("SELECT id FROM targets WHERE key=?", (key,)).fetchone()
             return self._t(row[0]) if row else None
+
+    # -- shape buckets ----------------------------------------------------------------------
+    def add_buckets(self, rows: Iterable[dict]) -> int:
+        """Record bucket definitions (policy, op, dim, lo, hi, representative); returns how many
+        were new. Records of bucket workloads name their ranges; this table names the policy."""
+        with self._guard(), self._tx() as c:
+            before = c.total_changes
+            c.executemany("INSERT OR IGNORE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
+                          [(r["policy"], r["op"], r["dim"], r["lo"], r["hi"], r["representative"])
+                           for r in rows])
+            return c.total_changes - before
+
+    def buckets(self, op: str | None = None) -> list[dict]:
+        sql = "SELECT policy, op, dim, lo, hi, representative FROM buckets"
+        args: tuple = ()
+        if op:
+            sql, args = sql + " WHERE op = ?", (op,)
+        with self._guard():
+            return [dict(r) for r in self._con.execute(sql + " ORDER BY policy, op, dim, lo", args)]
 
     def stats(self) -> dict:
         """Counts and facts about the DB.

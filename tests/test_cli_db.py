@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from shapetune.cli_db import db
-from shapetune.db import TuningDB
+from shapetune.db import SCHEMA_VERSION, TuningDB
 from test_db import CPU, H100, W1, W2, history
 
 FORMATS = ["table", "json", "csv"]
@@ -106,7 +106,7 @@ def test_stats(path, fmt):
     if fmt == "table":
         assert "by_status.ok" in out and "schema_version" in out
     elif fmt == "json":
-        assert out["records"] == 8 and out["by_status"]["ok"] == 5 and out["schema_version"] == 1
+        assert out["records"] == 8 and out["by_status"]["ok"] == 5 and out["schema_version"] == SCHEMA_VERSION
     else:
         m = {r["metric"]: r["value"] for r in out}
         assert m["records"] == "8" and m["by_status.timeout"] == "1" and m["baselines"] == "3"

@@ -65,7 +65,7 @@ def test_creates_dirs_wal_and_schema(tmp_path, db):
     assert db.path.exists()
     c = sqlite3.connect(db.path)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     assert db.stats()["schema_version"] == SCHEMA_VERSION
 
 
@@ -292,14 +292,32 @@ def test_foreign_sqlite_db_raises(tmp_path):
         TuningDB(p)
 
 
-def test_wrong_schema_version_raises(db):
+def test_newer_schema_version_raises(db):
     db.close()
     c = sqlite3.connect(db.path)
-    c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     c.commit()
     c.close()
-    with pytest.raises(DBError, match="schema version 2.*reads version 1"):
+    with pytest.raises(DBError, match=f"schema version {SCHEMA_VERSION + 1}.*reads version {SCHEMA_VERSION}"):
         TuningDB(db.path)
+
+
+def test_version_1_db_is_migrated_in_place(full):
+    """A v1 DB (no buckets table) opens as the current version, history intact."""
+    n = full.stats()["records"]
+    full.close()
+    c = sqlite3.connect(full.path)
+    c.execute("DROP TABLE buckets")
+    c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    c.commit()
+    c.close()
+    with TuningDB(full.path) as db:
+        assert db.stats()["records"] == n
+        assert db.add_buckets([{"policy": "p", "op": "linear", "dim": "m", "lo": 1, "hi": 16,
+                                "representative": 16}]) == 1
+        assert db.buckets("linear")[0]["hi"] == 16
+    c = sqlite3.connect(full.path)
+    assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
 def test_missing_db_without_create(tmp_path):

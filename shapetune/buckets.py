@@ -1,0 +1,99 @@
+"""Shape buckets: one tuned kernel serves every shape whose dynamic dims fall in its ranges.
+
+Design (policy "pow2-v1"): each dynamic dim is cut at powers of two, buckets (2^(i-1), 2^i], the
+smallest [1, 16] (no tensor-core tile is smaller than 16 rows, so below 16 every m costs the same
+tile). A bucket's kernel keeps the dim symbolic in TIR and pads to its tile multiple inside the
+kernel (pad_einsum / predication), so it is correct for every value in the bucket; it is tuned and
+timed at the bucket's upper bound (the largest, most expensive member: a kernel good there keeps
+its tiles full at every smaller size down to half) and verified at the bounds and at an odd
+value in between. Why powers of two: the work per call doubles across a bucket at most, so the
+tile/wave choice that is best at the top stays close to best across it; scripts/bench_buckets.py
+measures how close (bucket efficiency).
+
+Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights).
+Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class DimBuckets:
+    dim: str
+    edges: tuple[int, ...]  # inclusive upper bounds, ascending: [1, e0], [e0+1, e1], ...
+
+    def find(self, v: int) -> tuple[int, int] | None:
+        lo = 1
+        for hi in self.edges:
+            if v <= hi:
+                return lo, hi
+            lo = hi + 1
+        return None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        out, lo = [], 1
+        for hi in self.edges:
+            out.append((lo, hi))
+            lo = hi + 1
+        return out
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    name: str
+    dims: tuple[tuple[str, tuple[DimBuckets, ...]], ...]  # (op, per-dim buckets)
+
+    def for_op(self, op: str) -> tuple[DimBuckets, ...]:
+        return dict(self.dims).get(op, ())
+
+    def bucket_of(self, w: Workload) -> Workload | None:
+        """The bucket workload serving w (dims at the bucket's representative), or None when a
+        dynamic dim is beyond every bucket. Ops without dynamic dims bucket to themselves."""
+        specs = self.for_op(w.op)
+        if not specs:
+            return w
+        dims, dynamic = dict(w.dims), []
+        for spec in specs:
+            rng = spec.find(dims[spec.dim])
+            if rng is None:
+                return None
+            dims[spec.dim] = rng[1]  # representative: the upper bound
+            dynamic.append((spec.dim, *rng))
+        return Workload(w.op, tuple(dims.items()), w.dtype, w.acc_dtype, w.layout, w.epilogue, tuple(dynamic))
+
+    def rows(self, op: str | None = None) -> list[dict]:
+        """Every bucket as a plain row (what the DB stores and `shapetune db buckets` shows)."""
+        return [{"policy": self.name, "op": o, "dim": spec.dim, "lo": lo, "hi": hi, "representative": hi}
+                for o, specs in self.dims if op in (None, o) for spec in specs for lo, hi in spec.ranges()]
+
+
+def concrete(bucket: Workload, **values: int) -> Workload:
+    """A concrete member of a bucket workload (dims replaced, nothing dynamic)."""
+    dims = dict(bucket.dims)
+    for n, v in values.items():
+        lo, hi = bucket.ranges[n]
+        if not lo <= v <= hi:
+            raise ValueError(f"{n}={v} is outside the bucket [{lo}, {hi}]")
+        dims[n] = v
+    return Workload(bucket.op, tuple(dims.items()), bucket.dtype, bucket.acc_dtype, bucket.layout, bucket.epilogue)
+
+
+def verification_members(bucket: Workload, rng: random.Random) -> list[Workload]:
+    """Shapes a bucket kernel is checked on: the representative, each bound, and an odd value."""
+    out = [concrete(bucket)]
+    for n, lo, hi in bucket.dynamic:
+        odd = [v for v in range(lo, hi + 1) if v % 2] or [lo]
+        for v in dict.fromkeys((lo, hi, rng.choice(odd))):
+            w = concrete(bucket, **{n: v})
+            if w not in out:
+                out.append(w)
+    return out
+
+
+POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
+DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)),))
