@@ -55,7 +55,7 @@ class Registry:
         self._target = target
         self.policy = policy or DEFAULT
         self._cache: dict[Any, Resolution] = {}
-        self._index: tuple[dict, dict] | None = None  # best record / vendor baseline per workload key
+        self._index: tuple[dict, dict] | None = None  # best record / vendor baseline per workload
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
 
@@ -80,10 +80,11 @@ class Registry:
             if db is None:
                 return None
             with db:
-                best = {r.workload.key: r for r in db.best_all(target_key=self.target.key)}
+                # Keyed by the Workload value itself: hashing its fields is cheaper than its key.
+                best = {r.workload: r for r in db.best_all(target_key=self.target.key)}
                 vendor = {}
                 for b in db.baselines(target_key=self.target.key):  # newest first
-                    vendor.setdefault(b.workload.key, b)
+                    vendor.setdefault(b.workload, b)
             self._index = (best, vendor)
         return self._index
 
@@ -98,12 +99,12 @@ class Registry:
                               cause="no_db")
         best, vendors = index
         bucket, kind = w, "exact"
-        if w.key not in best:
+        if w not in best:
             bucket, kind = self.policy.bucket_of(w), "bucket"
             if bucket is None:
                 return Resolution(w, "fallback", f"shape outside every {self.policy.name} bucket",
                                   cause="outside_buckets")
-        rec, vendor = best.get(bucket.key), vendors.get(bucket.key)
+        rec, vendor = best.get(bucket), vendors.get(bucket)
         if rec is None:
             with self._db() as db:
                 cause, why = self._why_missing(db, w, bucket)

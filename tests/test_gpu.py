@@ -60,3 +60,35 @@ def test_opcheck_cuda(registry):
     x = torch.randn(154, 768, device="cuda").half()
     w = torch.randn(320, 768, device="cuda").half()
     torch.library.opcheck(torch.ops.shapetune.linear.default, (x, w, None))
+
+
+# -- shape buckets on the GPU: one fp16 kernel per bucket, checked on edges, primes, odd sizes -------
+BUCKET_MEMBERS = [1, 7, 16, 131, 154, 256, 11970]  # 11970: 504x760 pixels, batch 2, first level
+
+
+@pytest.fixture(scope="module")
+def bucket_registry(tmp_path_factory):
+    from shapetune.buckets import DEFAULT
+
+    path = tmp_path_factory.mktemp("gpu-buckets") / "tuning.db"
+    ws = list(dict.fromkeys(DEFAULT.bucket_of(linear_workload(m, 320, 320, "float16", True))
+                            for m in BUCKET_MEMBERS))
+    reps = tune(ws, detect("cuda"), path, TuneOptions(trials=6, batch=6, templates=("gemm_cuda_wmma",)))
+    assert all(r.best is not None for r in reps), [r.by_status for r in reps]
+    return Registry(db_path=path, target=detect("cuda"), require_faster=False)
+
+
+@pytest.mark.parametrize("m", BUCKET_MEMBERS)
+def test_bucket_kernels_fp16(bucket_registry, m):
+    prev = set_registry(bucket_registry)
+    try:
+        x = torch.randn(m, 320, device="cuda").half()
+        w = (torch.randn(320, 320, device="cuda") / 320**0.5).half()
+        b = torch.randn(320, device="cuda").half()
+        y = kernels.linear(x, w, b)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+        res = bucket_registry._cache[("linear", m, 320, 320, torch.float16, True, "cuda")]
+        assert res.kind == "bucket" and res.fn is not None
+    finally:
+        set_registry(prev)
