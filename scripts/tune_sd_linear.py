@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler.extract import sd15_linear_workloads  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
+from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.target import detect  # noqa: E402
 
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="tune only the first N workloads")
     ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
     ap.add_argument("--json", default="", help="write the summary here")
+    ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
     a = ap.parse_args()
 
     target = detect()
@@ -41,6 +43,8 @@ def main():
         workloads = [w for w in workloads if any(k in w.name for k in keys)]
     if a.limit:
         workloads = workloads[: a.limit]
+    if a.buckets:
+        workloads = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in workloads))
     print(f"target: {target.describe()}  [{target.key}]")
     print(f"{len(workloads)} workloads, {a.trials} trials each, db {a.db}", flush=True)
 
@@ -48,7 +52,7 @@ def main():
 
     def on_workload(rep):
         best = rep.best.latency.median_us if rep.best else float("nan")
-        print(f"  {rep.workload.name:36s} measured {rep.measured:3d} {rep.by_status} best {best:9.2f} us "
+        print(f"  {rep.workload.name:40s} measured {rep.measured:3d} {rep.by_status} best {best:9.2f} us "
               f"vendor {rep.vendor.latency.median_us:9.2f} us  [{time.time() - t0:6.0f} s]", flush=True)
 
     reports = tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch), on_workload=on_workload)
@@ -74,11 +78,11 @@ def main():
         with TuningDB(a.db) as db:
             n = db.export_jsonl(a.export, target_key=target.key)
         print(f"exported {n} lines to {a.export}")
-    print(f"\n{'workload':36s} {'tvm_us':>9s} {'dlight_us':>9s} {'cublas_us':>9s} {'tvm/cublas':>10s}  best")
+    print(f"\n{'workload':40s} {'tvm_us':>9s} {'dlight_us':>9s} {'cublas_us':>9s} {'tvm/cublas':>10s}  best")
     for r in rows:
         f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
         ratio = f"{r['ratio_vs_vendor']:10.3f}" if r["ratio_vs_vendor"] else "       n/a"
-        print(f"{r['workload']:36s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} {ratio}  {r['best']}")
+        print(f"{r['workload']:40s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} {ratio}  {r['best']}")
 
 
 if __name__ == "__main__":
