@@ -1,0 +1,41 @@
+"""Shared test setup: GPU skipping, and an environment that never touches the user's cache."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # no torch, or a broken driver: either way, no GPU for us
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return  # don't import torch just to learn we need no GPU
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache dir and DB path, and at most two builder processes.
+
+    These are read in the test process (paths are handed to workers explicitly). Note that
+    forkserver workers inherit the environment of the fork server, i.e. of the moment it started,
+    not of the current test.
+    """
+    root = tmp_path_factory.mktemp("shapetune-env")
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("SHAPETUNE_DB", str(root / "tuning.db"))
+    monkeypatch.setenv("SHAPETUNE_BUILD_JOBS", "2")
+    monkeypatch.delenv("SHAPETUNE_TARGET", raising=False)
+    monkeypatch.delenv("SHAPETUNE_DISABLE", raising=False)

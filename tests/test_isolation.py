@@ -1,0 +1,96 @@
+"""scheduler.isolation.IsolatedPool: results, ordinary exceptions, crashes and hangs, slot by slot.
+
+The worker functions live in tests/_pool_helpers.py: workers unpickle them by module name.
+Most tests use method="fork" (no fork server, instant). The fork server of multiprocessing is
+process-global and keeps the preload list it was started with, so the single forkserver test here
+uses the default PRELOAD: it warms the same server the builder/runner tests use later anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import _pool_helpers as h
+from scheduler.isolation import PRELOAD, IsolatedPool, WorkerCrashed, WorkerTimeout
+
+
+@pytest.fixture
+def pool():
+    p = IsolatedPool(2, preload=[], method="fork")
+    yield p
+    p.kill()
+
+
+def test_ok_results_in_order(pool):
+    assert pool.run_all(h.square, [(i,) for i in range(7)], timeout_s=30) == [i * i for i in range(7)]
+
+
+def test_empty_batch(pool):
+    assert pool.run_all(h.square, [], timeout_s=5) == []
+
+
+def test_ordinary_exception_is_returned_not_raised(pool):
+    out = pool.run_all(h.dispatch, [("square", 3), ("boom", "bad knob"), ("square", 4)], timeout_s=30)
+    assert out[0] == 9 and out[2] == 16
+    assert isinstance(out[1], h.Boom) and str(out[1]) == "bad knob"
+    # an ordinary failure does not break the pool: the same workers serve the next batch
+    pids = set(pool.run_all(h.pid, [()] * 4, timeout_s=30))
+    assert pids <= {p.pid for p in pool._pool._processes.values()}
+
+
+@pytest.mark.parametrize("bad", ["exit", "segv"])
+def test_crash_is_confined_to_its_slot(pool, bad):
+    argsets = [("square", 2), (bad, 1), ("square", 3), ("boom", "x"), ("square", 5), ("square", 6)]
+    out = pool.run_all(h.dispatch, argsets, timeout_s=30)
+    assert isinstance(out[1], WorkerCrashed), out
+    assert out[0] == 4 and out[2] == 9 and out[4] == 25 and out[5] == 36
+    assert isinstance(out[3], h.Boom)
+    # the pool recovers
+    assert pool.run_all(h.square, [(7,), (8,)], timeout_s=30) == [49, 64]
+
+
+def test_two_crashes_in_one_batch(pool):
+    out = pool.run_all(h.dispatch, [("segv", 0), ("square", 2), ("exit", 3), ("square", 3)], timeout_s=30)
+    assert isinstance(out[0], WorkerCrashed) and isinstance(out[2], WorkerCrashed)
+    assert out[1] == 4 and out[3] == 9
+
+
+def test_hang_is_a_timeout_and_pool_is_usable_afterwards(pool):
+    t0 = time.monotonic()
+    out = pool.run_all(h.dispatch, [("square", 2), ("sleep", 60), ("square", 3)], timeout_s=1.5)
+    assert time.monotonic() - t0 < 20
+    assert out[0] == 4 and out[2] == 9
+    assert isinstance(out[1], WorkerTimeout)
+    assert pool._pool is None  # the hung worker was killed with its pool
+    assert pool.run_all(h.square, [(5,), (6,), (7,)], timeout_s=30) == [25, 36, 49]
+    assert pool.run_all(h.sleep_then, [(0.1, "late")], timeout_s=30) == ["late"]
+
+
+def test_single_slot_crash_and_timeout(pool):
+    assert isinstance(pool.run_all(h.exit_hard, [(3,)], timeout_s=30)[0], WorkerCrashed)
+    assert isinstance(pool.run_all(h.sleep_then, [(60, 0)], timeout_s=1)[0], WorkerTimeout)
+    assert pool.run_all(h.square, [(9,)], timeout_s=30) == [81]
+
+
+def test_empty_preload_is_respected():
+    # preload=[] must mean "import nothing", not "the default list"
+    assert IsolatedPool(1, preload=[]).preload == []
+    assert IsolatedPool(1).preload == PRELOAD
+
+
+@pytest.mark.xfail(strict=True, reason="concurrent.futures.TimeoutError is the builtin TimeoutError "
+                   "since 3.11, so run_all mistakes a function's own TimeoutError for a hang")
+def test_function_raising_timeout_error_is_an_ordinary_failure(pool):
+    out = pool.run_all(h.raise_timeout, [("socket",)], timeout_s=30)
+    assert type(out[0]) is TimeoutError
+
+
+def test_forkserver_workers_crash_and_recover():
+    with IsolatedPool(2, method="forkserver") as p:
+        out = p.run_all(h.dispatch, [("square", 2), ("segv", 0), ("square", 3)], timeout_s=60)
+        assert out[0] == 4 and isinstance(out[1], WorkerCrashed) and out[2] == 9
+        pids = p.run_all(h.pid, [(), ()], timeout_s=60)
+        assert os.getpid() not in pids
