@@ -90,15 +90,22 @@ class IsolatedPool:
                 suspects.append(i)
                 continue
             try:
-                out[i] = fut.result(timeout=timeout_s)
+                # exception() raises TimeoutError only when the wait runs out; a TimeoutError the
+                # function itself raised comes back as its value (on 3.11 they are one class).
+                exc = fut.exception(timeout=timeout_s)
             except cf.TimeoutError:
                 out[i] = WorkerTimeout(f"no result after {timeout_s:.0f} s")
                 broken = True
-            except (BrokenProcessPool, cf.CancelledError):
+                continue
+            except cf.CancelledError:
                 suspects.append(i)
                 broken = True
-            except Exception as e:  # the function itself raised: an ordinary failure
-                out[i] = e
+                continue
+            if isinstance(exc, BrokenProcessPool):
+                suspects.append(i)
+                broken = True
+            else:  # a value, or an ordinary failure of the function itself
+                out[i] = exc if exc is not None else fut.result()
         if broken:
             self.kill()
         if len(argsets) == 1 and suspects:

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from shapetune.buckets import verification_members
+from shapetune.buckets import timing_members, verification_members
 from shapetune.records import LatencyStats
 from shapetune.target import Target
 from shapetune.workload import Workload
@@ -89,29 +89,39 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
             return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason + where}
         worst = max(worst, chk.rel_err)
 
-    w = members[0]  # timed at the representative shape
-    sets = _timing_sets(w, dev, opts) if opts.rotate_bytes else [od.inputs(w, dev, gen) + [od.output(w, dev)]]
+    # A bucket kernel is timed across its bucket (upper bound, middle, lower bound) and scored by
+    # the geometric mean, so the tuner picks what is good for the whole bucket, not for one size.
+    timed = timing_members(w) if w.dynamic else [w]
+    per_shape = [_time(call, _timing_sets(tw, dev, opts) if opts.rotate_bytes else
+                       [od.inputs(tw, dev, gen) + [od.output(tw, dev)]], opts, tgt.is_gpu) for tw in timed]
+    samples = [math.exp(sum(math.log(max(x, 1e-3)) for x in col) / len(col)) for col in zip(*per_shape)]
+    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
+
+
+def _time(call, sets: list, opts: RunOptions, is_gpu: bool) -> list[float]:
+    """Per-call times in microseconds, rotating through the input sets."""
+    import torch
+
     n_sets = len(sets)
     for r in range(opts.warmup):
         call(sets[r % n_sets])
-    samples = []
-    if tgt.is_gpu:
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
-        torch.cuda._sleep(int(2e7))  # keep the GPU busy while the host enqueues everything below
-        for r in range(opts.repeats):
-            starts[r].record()
-            call(sets[r % n_sets])
-            ends[r].record()
-        torch.cuda.synchronize()
-        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-    else:
+    if not is_gpu:
+        samples = []
         for r in range(opts.repeats):
             t0 = time.perf_counter()
             call(sets[r % n_sets])
             samples.append((time.perf_counter() - t0) * 1e6)
-    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
+        return samples
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(opts.repeats)]
+    torch.cuda._sleep(int(2e7))  # keep the GPU busy while the host enqueues everything below
+    for r in range(opts.repeats):
+        starts[r].record()
+        call(sets[r % n_sets])
+        ends[r].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) * 1e3 for a, b in zip(starts, ends)]
 
 
 _sets_cache: dict = {}
@@ -126,7 +136,8 @@ def _timing_sets(w: Workload, dev, opts: RunOptions) -> list:
 
     key = (w.key, str(dev))
     if key not in _sets_cache:
-        _sets_cache.clear()
+        if len(_sets_cache) >= 4:  # a bucket's timing shapes stay resident together
+            _sets_cache.pop(next(iter(_sets_cache)))
         od = opdef(w.op)
         gen = torch.Generator(device=dev).manual_seed(1234)
         first = od.inputs(w, dev, gen) + [od.output(w, dev)]

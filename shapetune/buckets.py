@@ -3,12 +3,13 @@
 Design (policy "pow2-v1"): each dynamic dim is cut at powers of two, buckets (2^(i-1), 2^i], the
 smallest [1, 16] (no tensor-core tile is smaller than 16 rows, so below 16 every m costs the same
 tile). A bucket's kernel keeps the dim symbolic in TIR and pads to its tile multiple inside the
-kernel (pad_einsum / predication), so it is correct for every value in the bucket; it is tuned and
-timed at the bucket's upper bound (the largest, most expensive member: a kernel good there keeps
-its tiles full at every smaller size down to half) and verified at the bounds and at an odd
-value in between. Why powers of two: the work per call doubles across a bucket at most, so the
-tile/wave choice that is best at the top stays close to best across it; scripts/bench_buckets.py
-measures how close (bucket efficiency).
+kernel (pad_einsum / predication), so it is correct for every value in the bucket. It is verified
+at the bounds and at an odd value in between, and scored by the geometric mean of its times at
+the bucket's upper bound, middle and lower bound (`timing_members`); the workload's own dims hold
+the upper bound as its representative. Tuned at the upper bound alone, kernels lost up to a third
+of their speed in the lower half of a bucket (H200, 2026-11-27). Why powers of two: the work per
+call at most doubles across a bucket, so one tile/wave choice can stay close to best across it;
+scripts/bench_buckets.py measures how close (bucket efficiency).
 
 Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights).
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
@@ -93,6 +94,16 @@ def verification_members(bucket: Workload, rng: random.Random) -> list[Workload]
             if w not in out:
                 out.append(w)
     return out
+
+
+def timing_members(bucket: Workload) -> list[Workload]:
+    """Shapes a bucket kernel is timed on: upper bound, middle, lower bound (its score is the
+    geometric mean, so each size counts alike whatever its absolute time)."""
+    out: list[Workload] = []
+    for n, lo, hi in bucket.dynamic:
+        for v in dict.fromkeys((hi, (lo + hi + 1) // 2, lo)):
+            out.append(concrete(bucket, **{n: v}))
+    return out or [bucket]
 
 
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]

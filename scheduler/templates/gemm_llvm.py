@@ -25,8 +25,10 @@ class GemmLLVM(Template):
 
     def valid(self, workload, target, knobs):
         d = workload.dim
+        # Unrolling tm x tk vector steps makes LLVM compile for minutes (tm=32, tk=64: > 10 min).
+        unroll_ok = not knobs["unroll_k"] or knobs["tm"] * knobs["tk"] <= 64
         return (knobs["tm"] <= max(2, d["m"]) and knobs["tn"] <= max(4, d["n"])
-                and knobs["tk"] <= max(4, d["k"]) and knobs["tm"] * knobs["tn"] <= 1024)
+                and knobs["tk"] <= max(4, d["k"]) and knobs["tm"] * knobs["tn"] <= 1024 and unroll_ok)
 
     def apply(self, workload, target, candidate):
         import tvm
