@@ -81,6 +81,13 @@ def linear_vendor(w: Workload):
 
 # -- table -------------------------------------------------------------------------------------
 class OpDef:
+    """What the tuner, runner and registry need to know about one op family.
+
+    prim_func(w) -> TIR PrimFunc (inputs..., output); inputs(w, device, generator) -> fresh random
+    operands; output(w, device) -> empty output; reference(w, inputs) -> float64 truth on the CPU;
+    vendor(w) -> callable(*inputs) -> output, torch's own implementation as models call it.
+    """
+
     def __init__(self, prim_func, inputs, output, reference, vendor, vendor_name):
         self.prim_func = prim_func
         self.inputs = inputs
@@ -90,13 +97,33 @@ class OpDef:
         self.vendor_name = vendor_name
 
 
-OPS: dict[str, OpDef] = {
-    "linear": OpDef(linear_prim_func, linear_inputs, linear_output, linear_reference, linear_vendor,
-                    "torch.nn.functional.linear"),
-}
+OPS: dict[str, OpDef] = {}
+
+
+def register_op(name: str, op: OpDef) -> OpDef:
+    OPS[name] = op
+    return op
+
+
+register_op("linear", OpDef(linear_prim_func, linear_inputs, linear_output, linear_reference, linear_vendor,
+                            "torch.nn.functional.linear"))
+
+
+def _load_families():
+    """Import every kernels/defs_<family>.py: each registers its ops on import."""
+    import importlib
+    import pkgutil
+
+    import kernels
+
+    for m in pkgutil.iter_modules(kernels.__path__):
+        if m.name.startswith("defs_"):
+            importlib.import_module(f"kernels.{m.name}")
 
 
 def opdef(op: str) -> OpDef:
+    if op not in OPS:
+        _load_families()
     try:
         return OPS[op]
     except KeyError:

@@ -74,4 +74,12 @@ def all_templates() -> Iterable[Template]:
 
 
 def _load_builtin():
-    from . import dlight, gemm_cuda, gemm_llvm  # noqa: F401  (each registers itself)
+    """Import every module of this package: each template module registers itself."""
+    import importlib
+    import pkgutil
+
+    from .. import templates
+
+    for m in pkgutil.iter_modules(templates.__path__):
+        if m.name != "base":
+            importlib.import_module(f"{templates.__name__}.{m.name}")

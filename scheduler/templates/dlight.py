@@ -9,9 +9,12 @@ from .base import Template, register
 
 class DlightDefault(Template):
     name = "dlight"
-    ops = ("linear",)
+    ops = ()  # every op family
     kinds = ("cuda", "llvm")
     knob_choices = {}
+
+    def applies(self, workload, target):
+        return target.kind in self.kinds
 
     def apply(self, workload, target, candidate):
         import tvm
