@@ -11,6 +11,13 @@ of their speed in the lower half of a bucket (H200, 2026-11-27). Why powers of t
 call at most doubles across a bucket, so one tile/wave choice can stay close to best across it;
 scripts/bench_buckets.py measures how close (bucket efficiency).
 
+Symbolic dims vs padding. The alternative, padding inputs on the host up to the bucket's upper
+bound and running a fixed-shape kernel, costs up to 2x the arithmetic in a pow2 bucket plus a copy
+of the padded operands per call. Keeping m symbolic costs only the last partial tile: the kernel pads
+in shared memory (pad_einsum: out-of-range rows read as zero, their results never stored) and the
+CPU schedules predicate the tail. The price is a kernel that cannot constant-fold m (a few integer
+ops per tile) and, on the CPU, tails that stay scalar.
+
 Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights).
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
 """
