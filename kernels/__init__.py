@@ -6,6 +6,7 @@
 """
 
 from .linear import linear
+from .norm import group_norm, layer_norm
 from .registry import Registry, fallback_summary, get_registry, set_registry
 
-__all__ = ["Registry", "fallback_summary", "get_registry", "linear", "set_registry"]
+__all__ = ["Registry", "fallback_summary", "get_registry", "group_norm", "layer_norm", "linear", "set_registry"]

@@ -1,8 +1,8 @@
 """Extract tunable workloads from a PyTorch model by running it once with forward hooks.
 
 Each supported module type has a handler in ``HANDLERS`` that turns one call of the module
-into zero or more ``Workload``s. Only ``nn.Linear`` is handled today; conv2d, attention,
-group_norm and layer_norm can be added by writing a handler and adding one table entry.
+into zero or more ``Workload``s: nn.Linear, nn.GroupNorm and nn.LayerNorm today; conv2d and attention
+can be added by writing a handler and adding one table entry.
 """
 
 from __future__ import annotations
@@ -45,9 +45,33 @@ def _linear_handler(module: nn.Linear, args: tuple, kwargs: dict, output, dtype:
     return [linear_workload(m, module.out_features, module.in_features, dtype, module.bias is not None)]
 
 
+def _group_norm_handler(module: nn.GroupNorm, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """x [N, C, H, W] -> group_norm(n, hw=H*W, c, g), channels-last; SiLU fusion is decided by the
+    caller from the module names (the SiLU that follows is a separate module or call)."""
+    from kernels.defs_norm import group_norm_workload
+
+    x = args[0] if args else kwargs["input"]
+    if not module.affine or x.dim() < 3:
+        return []
+    return [group_norm_workload(x.shape[0], math.prod(x.shape[2:]), x.shape[1], module.num_groups, dtype,
+                                module.eps)]
+
+
+def _layer_norm_handler(module: nn.LayerNorm, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """x [..., C] -> layer_norm(m = product of leading dims, c); affine over the last dim only."""
+    from kernels.defs_norm import layer_norm_workload
+
+    x = args[0] if args else kwargs["input"]
+    if len(module.normalized_shape) != 1 or not module.elementwise_affine or module.bias is None:
+        return []
+    return [layer_norm_workload(math.prod(x.shape[:-1]), x.shape[-1], dtype, module.eps)]
+
+
 #: module type -> handler; subclasses use their nearest registered base class.
 HANDLERS: dict[type, Handler] = {
     nn.Linear: _linear_handler,
+    nn.GroupNorm: _group_norm_handler,
+    nn.LayerNorm: _layer_norm_handler,
 }
 
 

@@ -18,7 +18,8 @@ in shared memory (pad_einsum: out-of-range rows read as zero, their results neve
 CPU schedules predicate the tail. The price is a kernel that cannot constant-fold m (a few integer
 ops per tile) and, on the CPU, tails that stay scalar.
 
-Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights).
+Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights); group_norm:
+hw (spatial size; batch stays exact); layer_norm: m (rows).
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
 """
 
@@ -114,4 +115,5 @@ def timing_members(bucket: Workload) -> list[Workload]:
 
 
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
-DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)),))
+DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (DimBuckets("hw", POW2.edges),)),
+                                   ("layer_norm", (POW2,))))

@@ -1,0 +1,210 @@
+"""Normalization ops (memory-bound): group_norm over channels-last activations, layer_norm over rows.
+
+group_norm  x[n, hw, c] (NHWC flattened: the memory of a channels_last NCHW tensor), G groups of
+            C/G consecutive channels; per (n, g) over hw x C/G elements:
+              mean = S1 / cnt, var = max(S2 / cnt - mean^2, 0), cnt = HW * C/G,
+              y = (x - mean) * rsqrt(var + eps) * w[c] + b[c], then y * sigmoid(y) with "silu".
+layer_norm  x[m, c]; the same with one group per row (cnt = C), always affine.
+
+Statistics: one fused pass of S1 = sum x and S2 = sum x^2, both accumulated in fp32 from the
+fp16/fp32 inputs (no Welford). The variance E[x^2] - mean^2 loses log2((mean^2 + var) / var) bits
+to cancellation: for the O(1)-magnitude, roughly centred activations of SD (|mean| <~ 3 std), that
+is <= 4 of fp32's 24 bits, far below fp16's 11-bit output rounding. Inputs with |mean| >> std (or
+magnitudes near fp16's range) would need a two-pass or Welford reduction; var is clamped at 0 so
+rounding can never produce NaN. eps is a compile-time constant and part of the workload key
+(in `layout`, e.g. "x[n,hw,c] nhwc eps=1e-05").
+
+Calling convention (destination-passing): group_norm (x[n,hw,c], w[c], b[c], y[n,hw,c]);
+layer_norm (x[m,c], w[c], b[c], y[m,c]).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from shapetune.workload import Workload
+
+from .defs import TORCH_DTYPE, OpDef, register_op
+
+
+def _acc(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16", "float32") else dtype
+
+
+def eps_of(w: Workload) -> float:
+    m = re.search(r"eps=([0-9.eE+-]+)", w.layout)
+    if not m:
+        raise ValueError(f"{w.name}: layout {w.layout!r} carries no eps=")
+    return float(m.group(1))
+
+
+def group_norm_workload(n: int, hw: int, c: int, g: int = 32, dtype: str = "float16", eps: float = 1e-5,
+                        silu: bool = False, hw_range: tuple[int, int] | None = None) -> Workload:
+    """GroupNorm(g, c, eps) (+ SiLU) of x[n, hw, c] (channels-last); hw_range makes hw dynamic."""
+    if c % g:
+        raise ValueError(f"group_norm: channels {c} not divisible by groups {g}")
+    return Workload(
+        op="group_norm",
+        dims=(("n", n), ("hw", hw), ("c", c), ("g", g)),
+        dtype=dtype,
+        acc_dtype=_acc(dtype),
+        layout=f"x[n,hw,c] nhwc eps={eps!r}",
+        epilogue=("affine", "silu") if silu else ("affine",),
+        dynamic=(("hw", *hw_range),) if hw_range else (),
+    )
+
+
+def layer_norm_workload(m: int, c: int, dtype: str = "float16", eps: float = 1e-5,
+                        m_range: tuple[int, int] | None = None) -> Workload:
+    """LayerNorm(c, eps) with affine weight and bias, of x[m, c]; m_range makes m dynamic."""
+    return Workload(
+        op="layer_norm",
+        dims=(("m", m), ("c", c)),
+        dtype=dtype,
+        acc_dtype=_acc(dtype),
+        layout=f"x[m,c] eps={eps!r}",
+        epilogue=("affine",),
+        dynamic=(("m", *m_range),) if m_range else (),
+    )
+
+
+# -- TE definitions ------------------------------------------------------------------------------
+def _normalize(te, tirx, x, w, b, s1, s2, cnt, eps, shape, idx_stat, idx_c, dtype, acc, silu):
+    """mean/rstd blocks from (S1, S2), then y = cast((x - mean) * rstd * w + b (, silu))."""
+    stat_shape = s1.shape
+    mean = te.compute(stat_shape, lambda *i: s1(*i) / cnt, name="mean")
+    rstd = te.compute(stat_shape, lambda *i: tirx.rsqrt(
+        tirx.max(s2(*i) / cnt - mean(*i) * mean(*i), tirx.const(0, acc)) + tirx.const(eps, acc)), name="rstd")
+
+    def affine(*i):
+        st = idx_stat(*i)
+        c = idx_c(*i)
+        return ((x(*i).astype(acc) - mean(*st)) * rstd(*st) * w[c].astype(acc) + b[c].astype(acc))
+
+    out = te.compute(shape, affine, name="affine")
+    if silu:
+        out = te.compute(shape, lambda *i: out(*i) * tirx.sigmoid(out(*i)), name="silu")
+    return te.compute(shape, lambda *i: out(*i).astype(dtype), name="y")
+
+
+def group_norm_prim_func(wl: Workload):
+    from tvm import te, tirx
+
+    d = wl.dim
+    n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
+    cg = c // g
+    if "hw" in wl.ranges:
+        hw = te.var("hw")
+    acc = wl.acc_dtype
+    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+
+    def stat(name, f):
+        rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
+        return te.compute((n, g), lambda i, j: te.sum(f(x[i, rh, j * cg + rc].astype(acc)), axis=[rh, rc]),
+                          name=name)
+
+    s1 = stat("sum", lambda v: v)
+    s2 = stat("sqsum", lambda v: v * v)
+    cnt = (hw * cg).astype(acc) if not isinstance(hw, int) else tirx.const(float(hw * cg), acc)
+    y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
+                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
+    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+def layer_norm_prim_func(wl: Workload):
+    from tvm import te, tirx
+
+    d = wl.dim
+    m, c = d["m"], d["c"]
+    if "m" in wl.ranges:
+        m = te.var("m")
+    acc = wl.acc_dtype
+    x = te.placeholder((m, c), wl.dtype, name="x")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+
+    def stat(name, f):
+        r = te.reduce_axis((0, c), "rc")
+        return te.compute((m,), lambda i: te.sum(f(x[i, r].astype(acc)), axis=r), name=name)
+
+    s1 = stat("sum", lambda v: v)
+    s2 = stat("sqsum", lambda v: v * v)
+    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
+                   lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
+    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+# -- operands, references, vendor paths -----------------------------------------------------------
+def _affine_params(c: int, gen: torch.Generator) -> list[torch.Tensor]:
+    gd = gen.device
+    w = 1.0 + 0.25 * torch.randn(c, generator=gen, device=gd)
+    b = 0.25 * torch.randn(c, generator=gen, device=gd)
+    return [w, b]
+
+
+def group_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
+    """x ~ N(0.5, 1) (a mean offset, as activations have) and w ~ 1 + N(0, 1/16), b ~ N(0, 1/16)."""
+    d = wl.dim
+    x = torch.randn(d["n"], d["hw"], d["c"], generator=generator, device=generator.device) + 0.5
+    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [x, *_affine_params(d["c"], generator)]]
+
+
+def group_norm_output(wl: Workload, device) -> torch.Tensor:
+    d = wl.dim
+    return torch.empty(d["n"], d["hw"], d["c"], device=device, dtype=TORCH_DTYPE[wl.dtype])
+
+
+def group_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """float64 on the CPU: F.group_norm on the NCHW view (H*W flattened into one axis), then SiLU."""
+    x, w, b = (t.detach().to("cpu", torch.float64) for t in inputs)
+    y = torch.nn.functional.group_norm(x.permute(0, 2, 1), wl.dim["g"], w, b, eps_of(wl)).permute(0, 2, 1)
+    return torch.nn.functional.silu(y) if "silu" in wl.epilogue else y
+
+
+def group_norm_vendor(wl: Workload):
+    """F.group_norm (+ F.silu, a separate kernel as in diffusers' ResnetBlock2D) on a channels_last
+    NCHW tensor, the layout the model passes once it is channels_last ([n, c, hw, 1] here)."""
+    g, eps, silu = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue
+
+    def run(x, w, b):
+        y = torch.nn.functional.group_norm(x.permute(0, 2, 1).unsqueeze(-1), g, w, b, eps)
+        if silu:
+            y = torch.nn.functional.silu(y)
+        return y.squeeze(-1).permute(0, 2, 1)
+
+    return run
+
+
+def layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
+    d = wl.dim
+    x = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.5
+    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [x, *_affine_params(d["c"], generator)]]
+
+
+def layer_norm_output(wl: Workload, device) -> torch.Tensor:
+    d = wl.dim
+    return torch.empty(d["m"], d["c"], device=device, dtype=TORCH_DTYPE[wl.dtype])
+
+
+def layer_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
+    x, w, b = (t.detach().to("cpu", torch.float64) for t in inputs)
+    return torch.nn.functional.layer_norm(x, (wl.dim["c"],), w, b, eps_of(wl))
+
+
+def layer_norm_vendor(wl: Workload):
+    c, eps = wl.dim["c"], eps_of(wl)
+
+    def run(x, w, b):
+        return torch.nn.functional.layer_norm(x, (c,), w, b, eps)
+
+    return run
+
+
+register_op("group_norm", OpDef(group_norm_prim_func, group_norm_inputs, group_norm_output, group_norm_reference,
+                                group_norm_vendor, "torch.nn.functional.group_norm"))
+register_op("layer_norm", OpDef(layer_norm_prim_func, layer_norm_inputs, layer_norm_output, layer_norm_reference,
+                                layer_norm_vendor, "torch.nn.functional.layer_norm"))

@@ -1,0 +1,214 @@
+"""shapetune::group_norm and shapetune::layer_norm through the tuned kernel for the shape, or torch's.
+
+group_norm takes activations channels-last: a 4-D NCHW tensor in torch.channels_last memory format
+(what diffusers passes once the model is channels_last: x.permute(0, 2, 3, 1) is then a contiguous
+[N, H, W, C]) or a contiguous [N, HW, C]. Any other layout is first copied to channels-last; those
+copies are counted as ("group_norm", "relayout_copy") in `fallback_summary()` (an extra count next
+to the call's own outcome, not a fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .defs_norm import group_norm_workload, layer_norm_workload
+from .registry import get_registry
+from .runtime import call_on_current_stream
+
+SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
+
+
+# -- group_norm -------------------------------------------------------------------------------------
+def _check_gn(x: torch.Tensor, num_groups: int, weight, bias):
+    if x.dim() not in (3, 4):
+        raise ValueError(f"shapetune.group_norm: x must be [N, C, H, W] or [N, HW, C], got {tuple(x.shape)}")
+    c = x.shape[1] if x.dim() == 4 else x.shape[2]
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(f"shapetune.group_norm: {c} channels not divisible by num_groups={num_groups}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (c,) or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"shapetune.group_norm: {name} must be [{c}] {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def _gn_torch(x, num_groups, weight, bias, eps, silu):
+    """torch's own path, in the layout the op returns."""
+    if x.dim() == 3:
+        y = F.group_norm(x.permute(0, 2, 1), num_groups, weight, bias, eps).permute(0, 2, 1)
+        y = y.contiguous()
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps).contiguous(memory_format=torch.channels_last)
+    return F.silu(y) if silu else y
+
+
+def _gn_out_like(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("shapetune::group_norm", mutates_args=())
+def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float, silu: bool) -> torch.Tensor:
+    _check_gn(x, num_groups, weight, bias)
+    reg = get_registry()
+    if x.dim() == 4:
+        n, c, h, w = x.shape
+        hw = h * w
+    else:
+        n, hw, c = x.shape
+    is_gpu = x.is_cuda
+    cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if x.numel() == 0
+             else "no_affine" if weight is None or bias is None else "other_device" if is_gpu != reg.target.is_gpu
+             else None)
+    if cause:
+        reg.calls[("group_norm", cause)] += 1
+        return _gn_torch(x, num_groups, weight, bias, eps, silu)
+    sig = ("group_norm", n, hw, c, num_groups, x.dtype, eps, silu, x.device.type)
+    res = reg.lookup(sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu))
+    reg.count("group_norm", res)
+    if res.fn is None:
+        return _gn_torch(x, num_groups, weight, bias, eps, silu)
+    if x.dim() == 4:
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            reg.calls[("group_norm", "relayout_copy")] += 1
+            x = x.contiguous(memory_format=torch.channels_last)
+        x3 = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view: channels-last memory is [N, H, W, C]
+    else:
+        if not x.is_contiguous():
+            reg.calls[("group_norm", "relayout_copy")] += 1
+        x3 = x.contiguous()
+    out = _gn_out_like(x)
+    out3 = out.permute(0, 2, 3, 1).reshape(n, hw, c) if x.dim() == 4 else out
+    call_on_current_stream(res.fn, [x3, weight.contiguous(), bias.contiguous(), out3], is_gpu)
+    return out
+
+
+@_group_norm.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    _check_gn(x, num_groups, weight, bias)
+    return _gn_out_like(x)
+
+
+def _gn_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (num_groups, eps, silu)
+
+
+def _gn_backward(ctx, grad):
+    """Through torch's own ops, recomputed (the forward kernel keeps no statistics)."""
+    x, weight, bias = ctx.saved_tensors
+    num_groups, eps, silu = ctx.args
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, bias)]
+        y = _gn_torch(leaves[0], num_groups, leaves[1], leaves[2], eps, silu)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
+    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return out[0], None, out[1], out[2], None, None
+
+
+torch.library.register_autograd("shapetune::group_norm", _gn_backward, setup_context=_gn_setup)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+    """GroupNorm (optionally followed by SiLU, fused) with the tuned kernel for this shape and GPU.
+
+    Parameters
+    ----------
+    x : Tensor [N, C, H, W] (best in torch.channels_last memory format) or [N, HW, C] contiguous,
+        float16 (GPU) or float32 (CPU); other dtypes fall back to torch
+    num_groups : int, dividing C
+    weight, bias : Tensor [C], x's dtype and device (None: torch's path, counted "no_affine")
+    eps : float
+    silu : bool, apply y * sigmoid(y) after the affine transform
+
+    Returns
+    -------
+    Tensor of x's shape and dtype: channels_last for a 4-D x, contiguous for a 3-D x.
+    """
+    return torch.ops.shapetune.group_norm(x, num_groups, weight, bias, float(eps), bool(silu))
+
+
+# -- layer_norm -------------------------------------------------------------------------------------
+def _check_ln(x: torch.Tensor, weight, bias):
+    if x.dim() < 1:
+        raise ValueError("shapetune.layer_norm: x must have at least one dim")
+    c = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (c,) or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"shapetune.layer_norm: {name} must be [{c}] {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+@torch.library.custom_op("shapetune::layer_norm", mutates_args=())
+def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
+    _check_ln(x, weight, bias)
+    c = x.shape[-1]
+    m = x.numel() // c if c else 0
+    reg = get_registry()
+    is_gpu = x.is_cuda
+    cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0
+             else "no_affine" if weight is None or bias is None else "other_device" if is_gpu != reg.target.is_gpu
+             else None)
+    if cause:
+        reg.calls[("layer_norm", cause)] += 1
+        return F.layer_norm(x, (c,), weight, bias, eps).contiguous()
+    sig = ("layer_norm", m, c, x.dtype, eps, x.device.type)
+    res = reg.lookup(sig, lambda: layer_norm_workload(m, c, SUPPORTED[x.dtype], eps))
+    reg.count("layer_norm", res)
+    if res.fn is None:
+        return F.layer_norm(x, (c,), weight, bias, eps).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    call_on_current_stream(res.fn, [x.reshape(m, c).contiguous(), weight.contiguous(), bias.contiguous(),
+                                    out.view(m, c)], is_gpu)
+    return out
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    _check_ln(x, weight, bias)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.eps = eps
+
+
+def _ln_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, bias)]
+        y = F.layer_norm(leaves[0], (x.shape[-1],), leaves[1], leaves[2], ctx.eps)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
+    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return out[0], out[1], out[2], None
+
+
+torch.library.register_autograd("shapetune::layer_norm", _ln_backward, setup_context=_ln_setup)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim with the tuned kernel for this shape and GPU.
+
+    Parameters
+    ----------
+    x : Tensor [..., C], float16 (GPU) or float32 (CPU); other dtypes fall back to torch
+    weight, bias : Tensor [C], x's dtype and device (None: torch's path, counted "no_affine")
+    eps : float
+
+    Returns
+    -------
+    Tensor [..., C], x's dtype, contiguous. Non-contiguous inputs are copied to contiguous first.
+    """
+    return torch.ops.shapetune.layer_norm(x, weight, bias, float(eps))

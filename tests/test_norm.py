@@ -1,0 +1,213 @@
+"""shapetune::group_norm / shapetune::layer_norm: templates, tuned ops vs torch, fallbacks, opcheck.
+
+Tolerances (scheduler.verify.TOLERANCES, the same numbers the tuner verifies with):
+  float32 (CPU here)  1e-4 elementwise, 1e-5 relative L2. The statistics are fp32 sums of x and
+          x^2 in another order than torch's: ~sqrt(n) * 6e-8 relative error in mean and E[x^2];
+          the variance E[x^2] - mean^2 loses log2((mean^2 + var) / var) bits more (~1 bit for
+          these N(0.5, 1) inputs); normalized outputs are O(1), so errors stay ~1e-6.
+  float16 (GPU)       1e-2 elementwise, 5e-3 relative L2: the output is rounded to fp16 once
+          (2^-11 = 4.9e-4 relative, i.e. <= 2e-3 absolute for |y| <= 4); statistics are kept in
+          fp32, whose error (above) is three orders of magnitude smaller.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import kernels
+from kernels.defs import opdef
+from kernels.defs_norm import eps_of, group_norm_workload, layer_norm_workload
+from kernels.registry import Registry, set_registry
+from scheduler import templates
+from scheduler.tuner import TuneOptions, tune
+from scheduler.verify import check_output
+from shapetune.buckets import DEFAULT
+from shapetune.target import cuda_target, detect
+
+# (n, h, w, c, groups, silu): 7x11 = 77 (prime factors only), C/G = 12 and 2 channels per group.
+GN = [(2, 7, 11, 48, 4, True), (1, 7, 11, 64, 32, False)]
+LN = [(37, 48), (5, 24)]
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("norm") / "tuning.db"
+    ws = ([group_norm_workload(n, h * w, c, g, "float32", silu=s) for n, h, w, c, g, s in GN]
+          + [layer_norm_workload(m, c, "float32") for m, c in LN])
+    reps = tune(ws, detect("llvm"), path, TuneOptions(trials=3, batch=3, templates=("dlight", "norm_llvm")))
+    assert all(r.best is not None for r in reps), [r.by_status for r in reps]
+    return path
+
+
+@pytest.fixture
+def registry(tuned_db):
+    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
+    prev = set_registry(reg)
+    yield reg
+    set_registry(prev)
+
+
+def _gn_ref(x, g, w, b, silu):
+    y = F.group_norm(x.double(), g, w.double(), b.double(), 1e-5)
+    return (F.silu(y) if silu else y).float()
+
+
+# -- workloads and templates ---------------------------------------------------------------------
+def test_workload_key_carries_eps_and_epilogue():
+    a = group_norm_workload(2, 4096, 320, 32, eps=1e-5)
+    assert eps_of(a) == 1e-5 and a.epilogue == ("affine",)
+    assert a.key != group_norm_workload(2, 4096, 320, 32, eps=1e-6).key
+    assert a.key != group_norm_workload(2, 4096, 320, 32, silu=True).key
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_workload(2, 16, 30, 32)
+
+
+def test_buckets_make_hw_and_m_dynamic():
+    b = DEFAULT.bucket_of(group_norm_workload(2, 77, 64, 32))
+    assert b.ranges == {"hw": (65, 128)} and b.dim["hw"] == 128 and b.dim["n"] == 2
+    assert DEFAULT.bucket_of(layer_norm_workload(37, 48)).ranges == {"m": (33, 64)}
+
+
+@pytest.mark.parametrize("w", [
+    group_norm_workload(2, 77, 48, 4, "float32", silu=True),
+    group_norm_workload(1, 77, 64, 32, "float32"),
+    group_norm_workload(2, 77, 64, 32, "float32", hw_range=(65, 128)),
+    layer_norm_workload(37, 48, "float32"),
+    layer_norm_workload(30, 24, "float32", m_range=(17, 32)),
+], ids=lambda w: w.name)
+def test_llvm_templates_match_reference(w):
+    from shapetune.buckets import concrete
+
+    import tvm
+
+    tgt = detect("llvm")
+    od = opdef(w.op)
+    mw = concrete(w, **{n: lo for n, lo, _ in w.dynamic}) if w.dynamic else w
+    for t in ("norm_llvm", "dlight"):
+        space = templates.get(t).space(w, tgt)
+        for cand in space[:: max(1, len(space) // 3)]:
+            mod = templates.get(t).apply(w, tgt, cand)
+            with tgt.tvm_target():
+                fn = tvm.compile(mod, target=tgt.tvm_target())["main"]
+            ins = od.inputs(mw, "cpu", torch.Generator().manual_seed(1))
+            out = od.output(mw, "cpu").fill_(float("nan"))
+            fn(*ins, out)
+            chk = check_output(out, od.reference(mw, ins), w.dtype)
+            assert chk.ok, (str(cand), chk.reason)
+
+
+@pytest.mark.parametrize("w", [
+    group_norm_workload(2, 4096, 320, 32, silu=True),  # C/G = 10: vec <= 2, no shared cache
+    group_norm_workload(2, 1024, 640, 32),
+    group_norm_workload(2, 64, 2560, 32, silu=True),
+    group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)),
+    layer_norm_workload(8192, 320),
+    layer_norm_workload(512, 1280, m_range=(257, 512)),
+], ids=lambda w: w.name)
+def test_cuda_template_builds_for_sm90(w):
+    """CUDA codegen (no GPU needed): sampled candidates of the SD shapes lower and generate code."""
+    import tvm
+
+    tgt = cuda_target()
+    t = templates.get("norm_cuda")
+    space = t.space(w, tgt)
+    assert space
+    for cand in space[:: max(1, len(space) // 5)] + [space[-1]]:
+        with tgt.tvm_target():
+            tvm.compile(t.apply(w, tgt, cand), target=tgt.tvm_target())
+        assert t.features(w, tgt, cand.knob)["blocks"] >= 1
+
+
+def test_cuda_valid_bounds():
+    t, tgt = templates.get("norm_cuda"), cuda_target()
+    space = t.space(group_norm_workload(2, 4096, 320, 32), tgt)
+    assert {c.knob["vec"] for c in space} == {1, 2}  # C/G = 10 channels per run
+    assert not any(c.knob["cache_x"] for c in space)  # 4096 x 10 x 2 B = 80 KB > 48 KB
+    assert any(c.knob["cache_x"] for c in t.space(group_norm_workload(2, 1024, 640, 32), tgt))  # 40 KB
+    assert not any(c.knob["cache_x"] for c in t.space(group_norm_workload(2, 1024, 640, 32, hw_range=(513, 1024)), tgt))
+
+
+# -- the custom ops ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,h,w,c,g,silu", GN)
+def test_group_norm_channels_last_matches_torch(registry, n, h, w, c, g, silu):
+    gen = torch.Generator().manual_seed(c + g)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    y = kernels.group_norm(x, g, wt, b, silu=silu)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _gn_ref(x, g, wt, b, silu), atol=1e-4, rtol=1e-4)
+    # [N, HW, C] input: the same kernel
+    y3 = kernels.group_norm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), g, wt, b, silu=silu)
+    torch.testing.assert_close(y3, y.permute(0, 2, 3, 1).reshape(n, h * w, c))
+    assert registry.calls[("group_norm", "tuned")] == 2
+    assert ("group_norm", "relayout_copy") not in registry.calls
+
+
+def test_group_norm_nchw_contiguous_is_copied_and_counted(registry):
+    n, h, w, c, g, silu = GN[0]
+    x = torch.randn(n, c, h, w)
+    wt, b = torch.randn(c), torch.randn(c)
+    y = kernels.group_norm(x, g, wt, b, silu=silu)
+    torch.testing.assert_close(y, _gn_ref(x, g, wt, b, silu), atol=1e-4, rtol=1e-4)
+    assert registry.calls[("group_norm", "tuned")] == 1 and registry.calls[("group_norm", "relayout_copy")] == 1
+
+
+def test_group_norm_fallbacks(registry):
+    x = torch.randn(2, 16, 3, 5).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(16), torch.randn(16)
+    torch.testing.assert_close(kernels.group_norm(x, 4, wt, b), F.group_norm(x, 4, wt, b))
+    torch.testing.assert_close(kernels.group_norm(x, 4), F.group_norm(x, 4))
+    x64 = x.double()
+    torch.testing.assert_close(kernels.group_norm(x64, 4, wt.double(), b.double(), silu=True),
+                               F.silu(F.group_norm(x64, 4, wt.double(), b.double())))
+    assert registry.calls[("group_norm", "not_tuned")] == 1
+    assert registry.calls[("group_norm", "no_affine")] == 1
+    assert registry.calls[("group_norm", "unsupported_dtype")] == 1
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.group_norm(x, 5, None, None)
+
+
+@pytest.mark.parametrize("m,c", LN)
+def test_layer_norm_matches_torch(registry, m, c):
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, c, generator=gen) + 0.5
+    wt, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    y = kernels.layer_norm(x, wt, b)
+    ref = F.layer_norm(x.double(), (c,), wt.double(), b.double()).float()
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernels.layer_norm(x.reshape(1, m, c), wt, b), ref.reshape(1, m, c),
+                               atol=1e-4, rtol=1e-4)
+    assert registry.calls[("layer_norm", "tuned")] == 2
+
+
+def test_layer_norm_untuned_falls_back(registry):
+    x, wt, b = torch.randn(3, 7), torch.randn(7), torch.randn(7)
+    torch.testing.assert_close(kernels.layer_norm(x, wt, b), F.layer_norm(x, (7,), wt, b))
+    assert kernels.fallback_summary()["layer_norm"]["not_tuned"] == 1
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck(registry, grad):
+    n, h, w, c, g, silu = GN[0]
+    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    wt, b = torch.randn(c, requires_grad=grad), torch.randn(c)
+    opcheck(torch.ops.shapetune.group_norm.default, (x, g, wt, b, 1e-5, silu))
+    opcheck(torch.ops.shapetune.group_norm.default, (x.permute(0, 2, 3, 1).reshape(n, h * w, c).detach(),
+                                                     g, wt.detach(), b, 1e-5, silu))
+    m, c = LN[0]
+    opcheck(torch.ops.shapetune.layer_norm.default,
+            (torch.randn(m, c, requires_grad=grad), torch.randn(c, requires_grad=grad), torch.randn(c), 1e-5))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.shapetune.group_norm(torch.empty(2, 64, 8, 8).contiguous(memory_format=torch.channels_last),
+                                           32, torch.empty(64), torch.empty(64), 1e-5, True)
+        z = torch.ops.shapetune.layer_norm(torch.empty(2, 9, 32), torch.empty(32), torch.empty(32), 1e-5)
+    assert y.shape == (2, 64, 8, 8) and y.is_contiguous(memory_format=torch.channels_last)
+    assert z.shape == (2, 9, 32)
