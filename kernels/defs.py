@@ -14,10 +14,34 @@ TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
                "float64": torch.float64}
 
 
-# -- linear: y[m, n] = sum_k x[m, k] * w[n, k]  (+ b[n]) -------------------------------------------
+# -- linear: y[m, n] = epilogue(sum_k x[m, k] * w[n, k])  ------------------------------------------
+# Epilogue steps, applied in order to the fp32 accumulator (each at most once):
+#   "bias"      + b[n]
+#   "gelu"      exact GELU, 0.5 v (1 + erf(v / sqrt 2)) (torch's default approximate="none")
+#   "residual"  + r[m, n]  (an extra input of the output's dtype)
+# Extra inputs follow x and w in epilogue order. The result is cast to the output dtype once.
+LINEAR_EPILOGUE_STEPS = ("bias", "gelu", "residual")
+_EPI_BLOCK = {"bias": "bias_add", "gelu": "gelu", "residual": "residual_add"}
+
+
+def check_linear_epilogue(epilogue: tuple[str, ...]) -> None:
+    bad = [e for e in epilogue if e not in LINEAR_EPILOGUE_STEPS]
+    if bad or len(set(epilogue)) != len(epilogue):
+        raise ValueError(f"linear epilogue {epilogue!r}: steps must be distinct, from {LINEAR_EPILOGUE_STEPS}")
+
+
+def te_gelu(v, dtype: str):
+    """Exact GELU of a TE expression of type dtype (erf form, as torch.nn.functional.gelu)."""
+    from tvm import te
+
+    c = lambda x: te.const(x, dtype)  # noqa: E731
+    return c(0.5) * v * (c(1.0) + te.erf(v * c(0.7071067811865476)))
+
+
 def linear_prim_func(w: Workload):
     from tvm import te
 
+    check_linear_epilogue(w.epilogue)
     d = w.dim
     m, n, k = d["m"], d["n"], d["k"]
     if "m" in w.ranges:
@@ -32,11 +56,21 @@ def linear_prim_func(w: Workload):
     )
     args = [x, wt]
     out = acc
-    if "bias" in w.epilogue:
-        b = te.placeholder((n,), w.dtype, name="b")
-        args.append(b)
-        out = te.compute((m, n), lambda i, j: out[i, j] + b[j].astype(w.acc_dtype), name="bias_add")
-    y = te.compute((m, n), lambda i, j: out[i, j].astype(w.dtype), name="y")
+    for step in w.epilogue:  # one elementwise block per step; the templates inline them all
+        prev = out
+        if step == "bias":
+            b = te.placeholder((n,), w.dtype, name="b")
+            args.append(b)
+            out = te.compute((m, n), lambda i, j: prev[i, j] + b[j].astype(w.acc_dtype), name="bias_add")
+        elif step == "gelu":
+            out = te.compute((m, n), lambda i, j: te_gelu(prev[i, j], w.acc_dtype), name="gelu")
+        else:
+            res = te.placeholder((m, n), w.dtype, name="r")
+            args.append(res)
+            out = te.compute((m, n), lambda i, j: prev[i, j] + res[i, j].astype(w.acc_dtype),
+                             name="residual_add")
+    final = out
+    y = te.compute((m, n), lambda i, j: final[i, j].astype(w.dtype), name="y")
     return te.create_prim_func(args + [y]).with_attr("global_symbol", "main")
 
 
@@ -48,8 +82,11 @@ def linear_inputs(w: Workload, device, generator: torch.Generator) -> list[torch
     x = torch.randn(d["m"], d["k"], generator=generator, device=gd, dtype=torch.float32)
     wt = torch.randn(d["n"], d["k"], generator=generator, device=gd, dtype=torch.float32) / d["k"] ** 0.5
     out = [x, wt]
-    if "bias" in w.epilogue:
-        out.append(torch.randn(d["n"], generator=generator, device=gd, dtype=torch.float32))
+    for step in w.epilogue:
+        if step == "bias":
+            out.append(torch.randn(d["n"], generator=generator, device=gd, dtype=torch.float32))
+        elif step == "residual":
+            out.append(torch.randn(d["m"], d["n"], generator=generator, device=gd, dtype=torch.float32))
     return [t.to(device=device, dtype=dt) for t in out]
 
 
@@ -62,21 +99,32 @@ def linear_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
     """float64 on the CPU: the ground truth every candidate is checked against."""
     x, wt, *rest = (t.detach().to("cpu", torch.float64) for t in inputs)
     y = x @ wt.T
-    if rest:
-        y = y + rest[0]
+    extra = iter(rest)
+    for step in w.epilogue:
+        y = torch.nn.functional.gelu(y) if step == "gelu" else y + next(extra)
     return y
 
 
 def linear_vendor(w: Workload):
     """torch's own op, exactly as models call it: F.linear (cuBLAS/cuBLASLt with the bias fused
-    on the GPU, oneDNN/MKL on the CPU). Returns its output instead of writing a given buffer: an
-    `out=` variant takes other code paths (addmm copies the bias into out first) and would time
-    something no model runs."""
+    on the GPU, oneDNN/MKL on the CPU), then F.gelu / `+ r` as separate ops. Returns its output
+    instead of writing a given buffer: an `out=` variant takes other code paths (addmm copies the
+    bias into out first) and would time something no model runs."""
+    epi = w.epilogue
+    if epi in (("bias",), ()):
+        def run(x, wt, *bias):
+            return torch.nn.functional.linear(x, wt, bias[0] if bias else None)
 
-    def run(x, wt, *bias):
-        return torch.nn.functional.linear(x, wt, bias[0] if bias else None)
+        return run
 
-    return run
+    def run_epilogue(x, wt, *extra):
+        extra = list(extra)
+        y = torch.nn.functional.linear(x, wt, extra.pop(0) if epi[0] == "bias" else None)
+        for step in epi[1:] if epi[0] == "bias" else epi:
+            y = torch.nn.functional.gelu(y) if step == "gelu" else y + extra.pop(0)
+        return y
+
+    return run_epilogue
 
 
 # -- table -------------------------------------------------------------------------------------

@@ -108,22 +108,48 @@ class Workload:
 
     @property
     def flops(self) -> float:
+        d = self.dim
         if self.op == "linear":
-            d = self.dim
             return 2.0 * d["m"] * d["n"] * d["k"]
+        if self.op == "geglu":  # one GEMM with 2f outputs per row
+            return 2.0 * d["m"] * 2 * d["f"] * d["k"]
         raise NotImplementedError(self.op)
 
 
+def _acc_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16", "float32") else dtype
+
+
 def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True,
-                    m_range: tuple[int, int] | None = None) -> Workload:
-    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32. m_range makes m dynamic."""
-    acc = "float32" if dtype in ("float16", "bfloat16", "float32") else dtype
+                    m_range: tuple[int, int] | None = None,
+                    epilogue: tuple[str, ...] | None = None) -> Workload:
+    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32. m_range makes m dynamic.
+
+    epilogue, when given, replaces the one `bias` implies, e.g. ("bias", "gelu") or
+    ("bias", "residual") (kernels.defs.LINEAR_EPILOGUE_STEPS).
+    """
     return Workload(
         op="linear",
         dims=(("m", m), ("n", n), ("k", k)),
         dtype=dtype,
-        acc_dtype=acc,
+        acc_dtype=_acc_dtype(dtype),
         layout="x[m,k] w[n,k] -> y[m,n]",
-        epilogue=("bias",) if bias else (),
+        epilogue=tuple(epilogue) if epilogue is not None else (("bias",) if bias else ()),
+        dynamic=(("m", *m_range),) if m_range else (),
+    )
+
+
+def geglu_workload(m: int, f: int, k: int, dtype: str = "float16",
+                   m_range: tuple[int, int] | None = None) -> Workload:
+    """diffusers' GEGLU: h, g = (x[m, k] @ W[2f, k]^T + b[2f]).chunk(2, -1); y[m, f] = h * gelu(g).
+
+    The kernel takes W as its free view [2, f, k] and b as [2, f] (half 0: h, half 1: the gate)."""
+    return Workload(
+        op="geglu",
+        dims=(("m", m), ("f", f), ("k", k)),
+        dtype=dtype,
+        acc_dtype=_acc_dtype(dtype),
+        layout="x[m,k] w[2,f,k] b[2,f] -> y[m,f]",
+        epilogue=("bias", "gelu_gate"),
         dynamic=(("m", *m_range),) if m_range else (),
     )

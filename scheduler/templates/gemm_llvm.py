@@ -1,7 +1,7 @@
 """CPU GEMM (llvm): register tiling of (m, n), a k split, vectorized n, parallel outer tiles.
 
 y[m, n] = sum_k x[m, k] w[n, k]: each task owns a tm x tn tile of y, accumulated over k in tk chunks;
-the epilogue (bias, cast) is computed right after its tile so the accumulator stays tile-sized.
+the epilogue (bias, gelu, residual, cast) is computed right after its tile so the accumulator stays tile-sized.
 """
 
 from __future__ import annotations
@@ -42,12 +42,9 @@ class GemmLLVM(Template):
         jo, ji = sch.split(j, [None, kn["tn"]])
         ko, ki = sch.split(k, [None, kn["tk"]])
         sch.reorder(io, jo, ko, ki, ii, ji)
-        # Epilogue blocks (bias add, cast) collapse into the last one, placed after each tile.
-        consumers = [b for b in ("y", "bias_add") if _has_block(sch, b)]
-        last = sch.get_sblock("y")
-        if "bias_add" in consumers:
-            sch.reverse_compute_inline(last)
-            last = sch.get_sblock("bias_add")
+        # The epilogue chain (bias, gelu, residual, cast) collapses into its first block, placed
+        # after each tile.
+        last = collapse_epilogue(sch, mm)
         dynamic = bool(workload.ranges)
         if not dynamic:
             # (With a symbolic m, TVM 0.27 mis-sizes the compacted tile buffer: the epilogue then
@@ -82,12 +79,25 @@ def _try(primitive, loop) -> None:
         pass
 
 
-def _has_block(sch, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:
-        return False
+def epilogue_chain(sch, block) -> list:
+    """The elementwise blocks after `block`, in order (each the only consumer of the one before)."""
+    chain = []
+    while True:
+        cs = sch.get_consumers(block)
+        if len(cs) != 1:
+            return chain
+        block = cs[0]
+        chain.append(block)
+
+
+def collapse_epilogue(sch, block):
+    """Reverse-inline every epilogue block after the first into it; returns that first block
+    (which then computes the whole epilogue and writes the output)."""
+    chain = epilogue_chain(sch, block)
+    names = [sch.get(b).name_hint for b in chain]
+    for name in reversed(names[1:]):
+        sch.reverse_compute_inline(sch.get_sblock(name))
+    return sch.get_sblock(names[0])
 
 
 register(GemmLLVM())
