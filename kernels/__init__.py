@@ -5,6 +5,7 @@
 >>> kernels.fallback_summary()           # how many calls ran tuned vs fell back, and why
 """
 
+from .fused import geglu, linear_gelu, linear_residual
 from .linear import linear
 from .norm import group_norm, layer_norm
 from .registry import Registry, fallback_summary, get_registry, set_registry

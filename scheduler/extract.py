@@ -67,12 +67,31 @@ def _layer_norm_handler(module: nn.LayerNorm, args: tuple, kwargs: dict, output,
     return [layer_norm_workload(math.prod(x.shape[:-1]), x.shape[-1], dtype, module.eps)]
 
 
+def _geglu_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """diffusers GEGLU: proj = Linear(dim_in, 2 * dim_out); y = h * gelu(g), (h, g) = proj(x).chunk(2):
+    geglu(m = product of x's leading dims, f = dim_out, k = dim_in). Without a bias: nothing."""
+    from shapetune.workload import geglu_workload
+
+    x = args[0] if args else kwargs["hidden_states"]
+    proj = module.proj
+    if proj.bias is None or proj.out_features % 2:
+        return []
+    return [geglu_workload(math.prod(x.shape[:-1]), proj.out_features // 2, proj.in_features, dtype)]
+
+
 #: module type -> handler; subclasses use their nearest registered base class.
 HANDLERS: dict[type, Handler] = {
     nn.Linear: _linear_handler,
     nn.GroupNorm: _group_norm_handler,
     nn.LayerNorm: _layer_norm_handler,
 }
+
+try:  # diffusers' feed-forward gate (a dependency; guarded so extraction works without it)
+    from diffusers.models.activations import GEGLU as _DiffusersGEGLU
+
+    HANDLERS[_DiffusersGEGLU] = _geglu_handler
+except ImportError:  # pragma: no cover
+    pass
 
 
 def _handler_for(module: nn.Module, handlers: dict[type, Handler]) -> Handler | None:
@@ -237,6 +256,23 @@ def sd15_linear_workloads(
     unet = build_sd15_unet(device="meta")
     inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
     return extract_workloads(unet, inputs, dtype=dtype, handlers={nn.Linear: _linear_handler})
+
+
+def sd15_geglu_workloads(
+    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
+) -> list[ExtractedOp]:
+    """The distinct GEGLU workloads (geglu m, f, k) of one SD 1.5 UNet forward pass: every
+    transformer block's FeedForward, proj = Linear(C, 2 * 4C), so f = 4C, k = C.
+
+    Parameters and returns as ``sd15_linear_workloads``.
+    """
+    from diffusers.models.activations import GEGLU
+
+    from scheduler.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet(device="meta")
+    inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
+    return extract_workloads(unet, inputs, dtype=dtype, handlers={GEGLU: _geglu_handler})
 
 
 def save_workload_file(path: str | Path, workloads: Iterable[Workload | ExtractedOp], meta: dict | None = None) -> None:

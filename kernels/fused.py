@@ -1,0 +1,145 @@
+"""Fused linear ops: shapetune::linear_gelu, shapetune::linear_residual, shapetune::geglu.
+
+Each runs the tuned kernel for its shape (kernels.defs linear epilogues, kernels.defs_geglu) or,
+without one, torch's own unfused ops, counting the reason like shapetune::linear. Inference only:
+no autograd formula is registered (backward through them raises).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from shapetune.workload import geglu_workload, linear_workload
+
+from .linear import SUPPORTED, _check
+from .registry import get_registry
+from .runtime import call_on_current_stream
+
+
+def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,
+         kernel_args: Callable, fallback: Callable) -> torch.Tensor:
+    """The tuned kernel for this call's signature, else fallback() (the reason counted under op)."""
+    m = x.numel() // k if k else 0
+    reg = get_registry()
+    if x.dtype not in SUPPORTED or m == 0 or x.is_cuda != reg.target.is_gpu:
+        cause = "unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0 else "other_device"
+        reg.calls[(op, cause)] += 1
+        return fallback()
+    sig = (op, m, n_out, k, x.dtype, x.device.type) + sig_extra
+    res = reg.lookup(sig, lambda: make_workload(m, SUPPORTED[x.dtype]))
+    reg.count(op, res)
+    if res.fn is None:
+        return fallback()
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    call_on_current_stream(res.fn, [x.reshape(m, k).contiguous()] + kernel_args(m) + [out], x.is_cuda)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+# -- linear_gelu: gelu(x·Wᵀ + b) ---------------------------------------------------------------------
+@torch.library.custom_op("shapetune::linear_gelu", mutates_args=())
+def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check(x, weight, bias)
+    n, k = weight.shape
+    epi = ("bias", "gelu") if bias is not None else ("gelu",)
+    return _run("linear_gelu", x, n, k, (bias is not None,),
+                lambda m, dt: linear_workload(m, n, k, dt, epilogue=epi),
+                lambda m: [weight.contiguous()] + ([bias.contiguous()] if bias is not None else []),
+                lambda: F.gelu(F.linear(x, weight, bias)))
+
+
+@_linear_gelu.register_fake
+def _(x, weight, bias):
+    _check(x, weight, bias)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# -- linear_residual: x·Wᵀ + b + r --------------------------------------------------------------------
+def _check_residual(x, weight, residual):
+    want = (*x.shape[:-1], weight.shape[0])
+    if tuple(residual.shape) != want:
+        raise ValueError(f"shapetune.linear_residual: residual must be {want}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError("shapetune.linear_residual: residual must have x's dtype and device")
+
+
+@torch.library.custom_op("shapetune::linear_residual", mutates_args=())
+def _linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     residual: torch.Tensor) -> torch.Tensor:
+    _check(x, weight, bias)
+    _check_residual(x, weight, residual)
+    n, k = weight.shape
+    epi = ("bias", "residual") if bias is not None else ("residual",)
+    return _run("linear_residual", x, n, k, (bias is not None,),
+                lambda m, dt: linear_workload(m, n, k, dt, epilogue=epi),
+                lambda m: [weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])
+                + [residual.reshape(m, n).contiguous()],
+                lambda: F.linear(x, weight, bias) + residual)
+
+
+@_linear_residual.register_fake
+def _(x, weight, bias, residual):
+    _check(x, weight, bias)
+    _check_residual(x, weight, residual)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# -- geglu: h, g = (x·Wᵀ + b).chunk(2, -1); h * gelu(g) -------------------------------------------------
+def _check_geglu(x, weight, bias):
+    _check(x, weight, bias)
+    if weight.shape[0] % 2:
+        raise ValueError(f"shapetune.geglu: weight rows must be even (2 * f), got {weight.shape[0]}")
+
+
+def _geglu_unfused(x, weight, bias):
+    h, g = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return h * F.gelu(g)
+
+
+@torch.library.custom_op("shapetune::geglu", mutates_args=())
+def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    _check_geglu(x, weight, bias)
+    f2, k = weight.shape
+    f = f2 // 2
+    return _run("geglu", x, f, k, (),
+                lambda m, dt: geglu_workload(m, f, k, dt),
+                lambda m: [weight.contiguous().view(2, f, k), bias.contiguous().view(2, f)],
+                lambda: _geglu_unfused(x, weight, bias))
+
+
+@_geglu.register_fake
+def _(x, weight, bias):
+    _check_geglu(x, weight, bias)
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
+# -- public -----------------------------------------------------------------------------------------
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = gelu(x·Wᵀ + b), exact (erf) GELU computed in fp32, in one kernel.
+
+    x [..., in] float16 (GPU) / float32 (CPU); weight [out, in]; bias [out] or None; same dtype and
+    device. Returns [..., out] in x's dtype.
+    """
+    return torch.ops.shapetune.linear_gelu(x, weight, bias)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: torch.Tensor) -> torch.Tensor:
+    """y = x·Wᵀ + b + residual in one kernel (the add happens on the fp32 accumulator).
+
+    x [..., in]; weight [out, in]; bias [out] or None; residual [..., out] (exactly the output's
+    shape, no broadcasting); one dtype (float16 GPU / float32 CPU) and device. Returns [..., out].
+    """
+    return torch.ops.shapetune.linear_residual(x, weight, bias, residual)
+
+
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU in one kernel: h, g = (x·Wᵀ + b).chunk(2, -1); y = h * gelu(g).
+
+    x [..., in]; weight [2f, in] (GEGLU.proj.weight: rows [0, f) give h, [f, 2f) the gate);
+    bias [2f]; one dtype (float16 GPU / float32 CPU) and device. Returns [..., f]; the [.., 2f]
+    projection is never materialized.
+    """
+    return torch.ops.shapetune.geglu(x, weight, bias)
