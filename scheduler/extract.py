@@ -67,6 +67,22 @@ def _layer_norm_handler(module: nn.LayerNorm, args: tuple, kwargs: dict, output,
     return [layer_norm_workload(math.prod(x.shape[:-1]), x.shape[-1], dtype, module.eps)]
 
 
+def _conv2d_handler(module: nn.Conv2d, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """x [N, Ci, H, W] -> conv2d(n, h, w, ci, co, kh, kw, stride, padding), channels-last; only
+    square stride/padding, dilation 1, groups 1, zero padding. A fused residual add is decided by
+    the caller from the module names (the add happens outside the module)."""
+    from kernels.defs_conv import conv2d_workload
+
+    x = args[0] if args else kwargs["input"]
+    (sh, sw), pad = module.stride, module.padding
+    if (module.groups != 1 or tuple(module.dilation) != (1, 1) or sh != sw or isinstance(pad, str)
+            or pad[0] != pad[1] or module.padding_mode != "zeros" or x.dim() != 4):
+        return []
+    n, ci, h, w = x.shape
+    co, _, kh, kw = module.weight.shape
+    return [conv2d_workload(n, h, w, ci, co, kh, kw, sh, pad[0], dtype, module.bias is not None)]
+
+
 def _geglu_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
     """diffusers GEGLU: proj = Linear(dim_in, 2 * dim_out); y = h * gelu(g), (h, g) = proj(x).chunk(2):
     geglu(m = product of x's leading dims, f = dim_out, k = dim_in). Without a bias: nothing."""
@@ -84,6 +100,7 @@ HANDLERS: dict[type, Handler] = {
     nn.Linear: _linear_handler,
     nn.GroupNorm: _group_norm_handler,
     nn.LayerNorm: _layer_norm_handler,
+    nn.Conv2d: _conv2d_handler,
 }
 
 try:  # diffusers' feed-forward gate (a dependency; guarded so extraction works without it)

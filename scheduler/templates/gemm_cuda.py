@@ -67,94 +67,102 @@ class GemmCudaWMMA(Template):
     def apply(self, workload, target, candidate):
         import tvm
         from tvm import s_tir
-        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-        kn = candidate.knob
-        bm, bn, bk = tile_shape(kn)
-        n_warps = kn["warps_m"] * kn["warps_n"]
         sch = s_tir.Schedule(tvm.IRModule({"main": opdef(workload.op).prim_func(workload)}))
-        mm = sch.get_sblock("matmul")
-        sch.pad_einsum(mm, [bm, bn, bk])
-
-        # 16x16x16 micro tiles become one block each: the unit the WMMA intrinsics replace.
-        i, j, k = sch.get_loops(mm)
-        i, ii = sch.split(i, [None, 16])
-        j, ji = sch.split(j, [None, 16])
-        k, ki = sch.split(k, [None, 16])
-        sch.reorder(i, j, k, ii, ji, ki)
-        outer = sch.blockize(ii)
-
-        i0, i1, i2 = sch.split(i, [None, kn["warps_m"], kn["frag_m"]])
-        j0, j1, j2 = sch.split(j, [None, kn["warps_n"], kn["frag_n"]])
-        k0, k1 = sch.split(k, [None, kn["k_frags"]])
-        sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
-        sch.bind(sch.fuse(i0, j0), "blockIdx.x")
-        warp = sch.fuse(i1, j1)
-        sch.bind(warp, "threadIdx.y")
-
-        def to_shared(idx):
-            blk = sch.cache_read(outer, idx, "shared.dyn")
-            sch.compute_at(blk, k0)
-            fused = sch.fuse(*sch.get_loops(blk)[-2:])
-            _, ty, tx, v = sch.split(fused, [None, n_warps, 32, kn["vec"]])
-            sch.bind(ty, "threadIdx.y")
-            sch.bind(tx, "threadIdx.x")
-            sch.vectorize(v)
-            sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
-            return blk
-
-        a_s, b_s = to_shared(0), to_shared(1)
-        for blk in (a_s, b_s):
-            _inline_producers(sch, blk)
-
-        a_f = sch.cache_read(outer, 0, "wmma.matrix_a")
-        b_f = sch.cache_read(outer, 1, "wmma.matrix_b")
-        sch.compute_at(a_f, k1)
-        sch.compute_at(b_f, k1)
-
-        # Static shared memory for the fp32 staging tile: merged into the fp16 dynamic pool, TVM
-        # 0.27 mistypes its tvm_access_ptr (float16 vs float32) and refuses to build.
-        acc_s = sch.cache_write(outer, 0, "shared")
-        sch.storage_align(acc_s, 0, axis=-2, factor=16, offset=4)
-        acc_f = sch.cache_write(outer, 0, "wmma.accumulator")
-        sch.reverse_compute_at(acc_f, warp)
-        sch.reverse_compute_at(acc_s, warp)
-        init = sch.decompose_reduction(outer, k0)
-
-        intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared",
-                                       in_dtype="float16", out_dtype="float32", trans_b=True)
-        for blk, name in ((a_f, "load_a"), (b_f, "load_b"), (acc_f, "store")):
-            li, lj = sch.get_loops(blk)[-2:]
-            li0, li1 = sch.split(li, [None, 16])
-            lj0, lj1 = sch.split(lj, [None, 16])
-            sch.reorder(li0, lj0, li1, lj1)
-            sch.tensorize(li1, intrin[name])
-        sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
-        sch.tensorize(sch.get_loops(mm)[-3], intrin["compute"])
-
-        # Epilogue (unpad, bias, cast) fused into the shared -> global store of each warp's tile.
-        _inline_consumers(sch, acc_s)
-        fused = sch.fuse(*sch.get_loops(acc_s)[-2:])
-        _, tx, v = sch.split(fused, [None, 32, kn["vec"]])
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(v)
-
-        if kn["pipeline"]:
-            sch.annotate(k0, "software_pipeline_stage", [0, 0, 1])
-            sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
-            if kn["pipeline"] == 2:
-                sch.annotate(k0, "software_pipeline_async_stages", [0])
+        schedule_wmma_gemm(sch, sch.get_sblock("matmul"), candidate.knob)
         return sch.mod
 
     def features(self, workload, target, kn):
         d = workload.dim
-        bm, bn, bk = tile_shape(kn)
-        f = gemm_tile_features(d["m"], d["n"], d["k"], bm, bn, bk, target.num_cores,
-                               dtype_bytes(workload.dtype))
-        f["threads"] = 32.0 * kn["warps_m"] * kn["warps_n"]
-        f["smem_kb"] = sum(smem_bytes(kn)) / 1024
-        f["frags_per_warp"] = float(kn["frag_m"] * kn["frag_n"])
-        return f
+        return wmma_features(workload, target, kn, d["m"], d["n"], d["k"])
+
+
+def wmma_features(workload, target, kn, m: int, n: int, k: int) -> dict[str, float]:
+    bm, bn, bk = tile_shape(kn)
+    f = gemm_tile_features(m, n, k, bm, bn, bk, target.num_cores, dtype_bytes(workload.dtype))
+    f["threads"] = 32.0 * kn["warps_m"] * kn["warps_n"]
+    f["smem_kb"] = sum(smem_bytes(kn)) / 1024
+    f["frags_per_warp"] = float(kn["frag_m"] * kn["frag_n"])
+    return f
+
+
+def schedule_wmma_gemm(sch, mm, kn: dict) -> None:
+    """Schedule the einsum block mm, C[i, j] = sum_k A[i, k] B[j, k] (exactly three loops i, j, k;
+    A and B may be produced by inlinable blocks, C may feed elementwise consumers) with these knobs."""
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    bm, bn, bk = tile_shape(kn)
+    n_warps = kn["warps_m"] * kn["warps_n"]
+    sch.pad_einsum(mm, [bm, bn, bk])
+
+    # 16x16x16 micro tiles become one block each: the unit the WMMA intrinsics replace.
+    i, j, k = sch.get_loops(mm)
+    i, ii = sch.split(i, [None, 16])
+    j, ji = sch.split(j, [None, 16])
+    k, ki = sch.split(k, [None, 16])
+    sch.reorder(i, j, k, ii, ji, ki)
+    outer = sch.blockize(ii)
+
+    i0, i1, i2 = sch.split(i, [None, kn["warps_m"], kn["frag_m"]])
+    j0, j1, j2 = sch.split(j, [None, kn["warps_n"], kn["frag_n"]])
+    k0, k1 = sch.split(k, [None, kn["k_frags"]])
+    sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
+    sch.bind(sch.fuse(i0, j0), "blockIdx.x")
+    warp = sch.fuse(i1, j1)
+    sch.bind(warp, "threadIdx.y")
+
+    def to_shared(idx):
+        blk = sch.cache_read(outer, idx, "shared.dyn")
+        sch.compute_at(blk, k0)
+        fused = sch.fuse(*sch.get_loops(blk)[-2:])
+        _, ty, tx, v = sch.split(fused, [None, n_warps, 32, kn["vec"]])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(v)
+        sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
+        return blk
+
+    a_s, b_s = to_shared(0), to_shared(1)
+    for blk in (a_s, b_s):
+        _inline_producers(sch, blk)
+
+    a_f = sch.cache_read(outer, 0, "wmma.matrix_a")
+    b_f = sch.cache_read(outer, 1, "wmma.matrix_b")
+    sch.compute_at(a_f, k1)
+    sch.compute_at(b_f, k1)
+
+    # Static shared memory for the fp32 staging tile: merged into the fp16 dynamic pool, TVM
+    # 0.27 mistypes its tvm_access_ptr (float16 vs float32) and refuses to build.
+    acc_s = sch.cache_write(outer, 0, "shared")
+    sch.storage_align(acc_s, 0, axis=-2, factor=16, offset=4)
+    acc_f = sch.cache_write(outer, 0, "wmma.accumulator")
+    sch.reverse_compute_at(acc_f, warp)
+    sch.reverse_compute_at(acc_s, warp)
+    init = sch.decompose_reduction(outer, k0)
+
+    intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared",
+                                   in_dtype="float16", out_dtype="float32", trans_b=True)
+    for blk, name in ((a_f, "load_a"), (b_f, "load_b"), (acc_f, "store")):
+        li, lj = sch.get_loops(blk)[-2:]
+        li0, li1 = sch.split(li, [None, 16])
+        lj0, lj1 = sch.split(lj, [None, 16])
+        sch.reorder(li0, lj0, li1, lj1)
+        sch.tensorize(li1, intrin[name])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
+    sch.tensorize(sch.get_loops(mm)[-3], intrin["compute"])
+
+    # Epilogue (unpad, bias, cast) fused into the shared -> global store of each warp's tile.
+    _inline_consumers(sch, acc_s)
+    fused = sch.fuse(*sch.get_loops(acc_s)[-2:])
+    _, tx, v = sch.split(fused, [None, 32, kn["vec"]])
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(v)
+
+    if kn["pipeline"]:
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, 1])
+        sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+        if kn["pipeline"] == 2:
+            sch.annotate(k0, "software_pipeline_async_stages", [0])
 
 
 def _inline_producers(sch, blk):

@@ -1,0 +1,159 @@
+"""shapetune::conv2d — y = conv2d(x, W, b, stride, padding) (+ r) on channels-last activations,
+through the tuned implicit-GEMM kernel for this shape, or torch's own.
+
+The op takes and returns NCHW tensors in channels_last memory (what diffusers passes once the model
+is `.to(memory_format=torch.channels_last)`): `x.permute(0, 2, 3, 1)` is then the kernel's NHWC
+operand with no copy. Other memory formats are copied to channels_last first. The kernel wants
+the weight as OHWI [Co, KH, KW, Ci]: a channels_last weight already is one (free view); a
+contiguous OIHW weight is converted once and cached per (data_ptr, version, shape, dtype, device).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from .defs_conv import conv2d_workload
+from .registry import get_registry
+from .runtime import call_on_current_stream
+
+SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
+CL = torch.channels_last
+_OHWI_CACHE: OrderedDict = OrderedDict()
+_OHWI_CACHE_MAX = 512  # SD 1.5's UNet has 98 convs
+
+
+def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def _check(x, weight, bias, stride, padding, residual):
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"shapetune.conv2d: x and weight must be 4-D (NCHW, OIHW), got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"shapetune.conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1]} "
+                         f"(groups are not supported)")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"shapetune.conv2d: stride {stride} must be >= 1 and padding {padding} >= 0")
+    ho, wo = _out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"shapetune.conv2d: empty output for input {tuple(x.shape)} and kernel "
+                         f"{tuple(weight.shape[2:])}")
+    tensors = [t for t in (weight, bias, residual) if t is not None]
+    if any(t.dtype != x.dtype for t in tensors):
+        raise ValueError(f"shapetune.conv2d: dtypes differ ({[str(t.dtype) for t in (x, *tensors)]})")
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("shapetune.conv2d: x, weight, bias and residual must be on one device")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"shapetune.conv2d: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    want = (x.shape[0], weight.shape[0], ho, wo)
+    if residual is not None and tuple(residual.shape) != want:
+        raise ValueError(f"shapetune.conv2d: residual must be {list(want)}, got {tuple(residual.shape)}")
+    return ho, wo
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The NHWC (contiguous) view of an NCHW tensor; a copy only if it is not channels_last."""
+    v = t.permute(0, 2, 3, 1)
+    return v if v.is_contiguous() else v.contiguous()
+
+
+def ohwi_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [Co, Ci, KH, KW] as a contiguous [Co, KH, KW, Ci]: free for a channels_last weight,
+    else converted once per weight value (cache keyed by data_ptr and version counter)."""
+    v = weight.permute(0, 2, 3, 1)
+    if v.is_contiguous():
+        return v
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
+    hit = _OHWI_CACHE.get(key)
+    if hit is None:
+        hit = v.detach().contiguous()
+        _OHWI_CACHE[key] = hit
+        if len(_OHWI_CACHE) > _OHWI_CACHE_MAX:
+            _OHWI_CACHE.popitem(last=False)
+    return hit
+
+
+def _torch_conv(x, weight, bias, stride, padding, residual):
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
+    if residual is not None:
+        y = y + residual
+    return y.contiguous(memory_format=CL)
+
+
+@torch.library.custom_op("shapetune::conv2d", mutates_args=())
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    ho, wo = _check(x, weight, bias, stride, padding, residual)
+    n, ci, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    reg = get_registry()
+    is_gpu = x.is_cuda
+    has_b, has_r = bias is not None, residual is not None
+    if x.dtype not in SUPPORTED or x.numel() == 0 or is_gpu != reg.target.is_gpu:
+        cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if x.numel() == 0
+                 else "other_device")
+        reg.calls[("conv2d", cause)] += 1
+        return _torch_conv(x, weight, bias, stride, padding, residual)
+    sig = ("conv2d", n, h, w, ci, co, kh, kw, stride, padding, x.dtype, has_b, has_r, x.device.type)
+    res = reg.lookup(sig, lambda: conv2d_workload(n, h, w, ci, co, kh, kw, stride, padding, SUPPORTED[x.dtype],
+                                                  has_b, has_r))
+    reg.count("conv2d", res)
+    if res.fn is None:
+        return _torch_conv(x, weight, bias, stride, padding, residual)
+    args = [_nhwc(x), ohwi_weight(weight)]
+    if has_b:
+        args.append(bias.contiguous())
+    if has_r:
+        args.append(_nhwc(residual))
+    out = torch.empty(n, ho, wo, co, dtype=x.dtype, device=x.device)
+    call_on_current_stream(res.fn, args + [out], is_gpu)
+    return out.permute(0, 3, 1, 2)
+
+
+@_conv2d.register_fake
+def _(x, weight, bias, stride, padding, residual=None):
+    ho, wo = _check(x, weight, bias, stride, padding, residual)
+    return x.new_empty(x.shape[0], ho, wo, weight.shape[0]).permute(0, 3, 1, 2)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (stride, padding, bias is not None, residual is not None)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, has_b, has_r = ctx.conv
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if has_b else None, [stride] * 2, [padding] * 2, [1, 1], False,
+        [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_b])
+    return gx, gw, gb, None, None, grad if has_r else None
+
+
+torch.library.register_autograd("shapetune::conv2d", _backward, setup_context=_setup_context)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,
+           padding: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = conv2d(x, weight, bias, stride, padding) (+ residual), with the tuned kernel for this
+    shape and GPU (torch's op where none is tuned or faster).
+
+    Parameters
+    ----------
+    x : Tensor [N, Ci, H, W], float16 (GPU) or float32 (CPU), channels_last memory (else copied)
+    weight : Tensor [Co, Ci, KH, KW], same dtype and device; channels_last is free, OIHW is
+        converted once per weight value
+    bias : Tensor [Co] or None
+    stride, padding : int, the same for h and w (dilation 1, groups 1)
+    residual : Tensor [N, Co, Ho, Wo] or None, added after the bias (fused)
+
+    Returns
+    -------
+    Tensor [N, Co, Ho, Wo] in channels_last memory, x's dtype.
+    """
+    return torch.ops.shapetune.conv2d(x, weight, bias, int(stride), int(padding), residual)
