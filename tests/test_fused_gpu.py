@@ -21,7 +21,8 @@ from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402
 from shapetune.workload import geglu_workload, linear_workload  # noqa: E402
 
-M, N, K = 300, 200, 96  # odd m and n: padding paths
+M, N, K = 300, 200, 96  # odd m and n: padding paths (linear epilogues)
+GM, GF = 256, 320  # geglu_cuda_wmma takes whole tiles only
 TOL = dict(atol=2e-2, rtol=2e-2)
 
 
@@ -30,7 +31,7 @@ def registry(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu") / "tuning.db"
     ws = [linear_workload(M, N, K, "float16", epilogue=("bias", "gelu")),
           linear_workload(M, N, K, "float16", epilogue=("bias", "residual")),
-          geglu_workload(M, N, K, "float16")]
+          geglu_workload(GM, GF, K, "float16")]
     reps = tune(ws, detect("cuda"), path, TuneOptions(trials=6, batch=6))
     assert all(r.best is not None for r in reps), [(r.workload.name, r.by_status) for r in reps]
     reg = Registry(db_path=path, target=detect("cuda"), require_faster=False)
@@ -39,9 +40,9 @@ def registry(tmp_path_factory):
     set_registry(prev)
 
 
-def _inputs(n_out, seed):
+def _inputs(n_out, seed, m=M):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, K, device="cuda", generator=g).half()
+    x = torch.randn(m, K, device="cuda", generator=g).half()
     w = (torch.randn(n_out, K, device="cuda", generator=g) / K**0.5).half()
     b = torch.randn(n_out, device="cuda", generator=g).half()
     return x, w, b
@@ -60,7 +61,7 @@ def test_linear_gelu_and_residual(registry, seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_geglu(registry, seed):
-    x, w, b = _inputs(2 * N, seed)
+    x, w, b = _inputs(2 * GF, seed, GM)
     h, g = F.linear(x.float(), w.float(), b.float()).chunk(2, dim=-1)
     torch.testing.assert_close(kernels.geglu(x, w, b).float(), h * F.gelu(g), **TOL)
     assert registry.calls[("geglu", "tuned")] >= 1
@@ -69,8 +70,8 @@ def test_geglu(registry, seed):
 def test_geglu_matches_diffusers_module(registry):
     from diffusers.models.activations import GEGLU
 
-    mod = GEGLU(K, N).cuda().half()
-    x = torch.randn(3, 100, K, device="cuda").half()  # m = 300 after flattening
+    mod = GEGLU(K, GF).cuda().half()
+    x = torch.randn(2, 128, K, device="cuda").half()  # m = 256 after flattening
     with torch.no_grad():
         y = kernels.geglu(x, mod.proj.weight, mod.proj.bias)
         ref = mod.float()(x.float())
@@ -80,6 +81,7 @@ def test_geglu_matches_diffusers_module(registry):
 def test_opcheck_cuda(registry):
     from torch.library import opcheck
 
-    x, w, b = _inputs(2 * N, 2)
+    x, w, b = _inputs(2 * GF, 2, GM)
     opcheck(torch.ops.shapetune.geglu.default, (x, w, b))
-    opcheck(torch.ops.shapetune.linear_gelu.default, (x, w[:N].contiguous(), b[:N].contiguous()))
+    x, w, b = _inputs(N, 3)
+    opcheck(torch.ops.shapetune.linear_gelu.default, (x, w, b))

@@ -15,7 +15,7 @@ other way round as in gemm_cuda: the epilogue reads two elements of the accumula
 TVM cannot move it under the GEMM's loops (reverse_compute_at solves one producer element per
 output) nor inline it into the fragment store.
 
-Exact shapes only: with a symbolic m (a shape bucket), TVM 0.27 refuses the compute_at of the
+Exact shapes that are whole multiples of the tile only (see `valid`); with a symbolic m (a shape bucket), TVM 0.27 refuses the compute_at of the
 shared-memory loads ("not a stage pipeline": region cover fails under the ragged symbolic tile), so
 this template does not apply to bucket workloads; geglu buckets get dlight alone on CUDA.
 """
@@ -66,7 +66,10 @@ class GegluCudaWMMA(Template):
         if (bm * bk) % per_step or (2 * bn * bk) % per_step or (bm * bn) % per_step:
             return False
         d = workload.dim
-        return bm <= max(16, 2 * d["m"]) and bn <= max(16, 2 * d["f"]) and bk <= max(16, 2 * d["k"])
+        # Whole tiles only: with padding (pad_einsum's ragged tiles) TVM 0.27 refuses the
+        # compute_at of the shared-memory loads under y's tile ("not a stage pipeline"). Every SD
+        # geglu shape divides; other shapes get no candidate here and run the unfused path.
+        return d["m"] % bm == 0 and d["f"] % bn == 0 and d["k"] % bk == 0
 
     def apply(self, workload, target, candidate):
         import tvm
