@@ -14,9 +14,7 @@ summary as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch import nn  # noqa: E402
 
 from kernels.defs_conv import conv2d_flops, conv2d_workload, stride_padding  # noqa: E402
+from scheduler import jobs  # noqa: E402
 from scheduler.extract import HANDLERS, ExtractedOp, extract_workloads, sd15_unet_inputs  # noqa: E402
-from shapetune.db import TuningDB  # noqa: E402
 
 
 def _residual_follows(module_name: str) -> bool:
@@ -64,76 +62,19 @@ def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dty
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--db", default="sd_conv.db")
-    ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
-    ap.add_argument("--limit", type=int, default=0, help="tune only the first N workloads")
-    ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
-    ap.add_argument("--json", default="", help="write the summary here")
+    ap = jobs.add_job_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "sd_conv.db")
     ap.add_argument("--list", action="store_true", help="print the workloads and exit")
     a = ap.parse_args()
-
     ops = sd15_conv_workloads(batch=2, height=512, width=512)
-    if a.only:
-        keys = a.only.split(",")
-        ops = [op for op in ops if any(k in op.workload.name for k in keys)]
-    if a.limit:
-        ops = ops[: a.limit]
+    workloads = jobs.select([op.workload for op in ops], a)
     if a.list:
-        for op in ops:
-            w = op.workload
-            print(f"{w.name:60s} {w.layout:18s} calls {op.calls:2d}  {conv2d_flops(w) / 1e9:7.2f} GFLOP  "
-                  f"{op.modules[0]}")
+        calls = {op.workload: (op.calls, op.modules[0]) for op in ops}
+        for w in workloads:
+            n, first = calls.get(w, (0, ""))
+            print(f"{w.name:60s} {w.layout:18s} calls {n:2d}  {conv2d_flops(w) / 1e9:7.2f} GFLOP  {first}")
         return
-    workloads = [op.workload for op in ops]
-
-    from scheduler.tuner import TuneOptions, tune
-    from shapetune.target import detect
-
-    target = detect()
-    print(f"target: {target.describe()}  [{target.key}]")
-    print(f"{len(workloads)} workloads, {a.trials} trials each, db {a.db}", flush=True)
-    t0 = time.time()
-
-    def on_workload(rep):
-        best = rep.best.latency.median_us if rep.best else float("nan")
-        print(f"  {rep.workload.name:60s} measured {rep.measured:3d} {rep.by_status} best {best:9.2f} us "
-              f"cudnn {rep.vendor.latency.median_us:9.2f} us  [{time.time() - t0:6.0f} s]", flush=True)
-
-    reports = tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch), on_workload=on_workload)
-
-    calls = {op.workload: op.calls for op in ops}
-    rows = []
-    for rep in reports:
-        w = rep.workload
-        best_us = rep.best.latency.median_us if rep.best else None
-        flops = conv2d_flops(w)
-        rows.append({
-            "workload": w.name, "key": w.key, "layout": w.layout, "calls": calls.get(w, 1), "flops": flops,
-            "best_us": best_us, "best": str(rep.best.candidate) if rep.best else None,
-            "dlight_us": rep.dlight.latency.median_us if rep.dlight else None,
-            "vendor_us": rep.vendor.latency.median_us,
-            "best_tflops": flops / best_us / 1e6 if best_us else None,
-            "ratio_vs_vendor": rep.vendor.latency.median_us / best_us if best_us else None,
-            "by_status": rep.by_status,
-        })
-    summary = {"target": target.to_json(), "target_key": target.key, "date": time.strftime("%Y-%m-%d"),
-               "trials": a.trials, "vendor": "F.conv2d channels_last (cuDNN)", "rows": rows,
-               "seconds": time.time() - t0}
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
-    if a.export:
-        with TuningDB(a.db) as db:
-            n = db.export_jsonl(a.export, target_key=target.key)
-        print(f"exported {n} lines to {a.export}")
-    print(f"\n{'workload':60s} {'layout':16s} {'tvm_us':>9s} {'dlight_us':>9s} {'cudnn_us':>9s} {'cudnn/tvm':>9s}  best")
-    for r in rows:
-        f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
-        ratio = f"{r['ratio_vs_vendor']:9.3f}" if r["ratio_vs_vendor"] else "      n/a"
-        print(f"{r['workload']:60s} {r['layout']:16s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} "
-              f"{ratio}  {r['best']}")
+    jobs.run(workloads, a, vendor="F.conv2d on channels_last (cuDNN)",
+             calls={op.workload: op.calls for op in ops}, flops=conv2d_flops)
 
 
 if __name__ == "__main__":

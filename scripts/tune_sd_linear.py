@@ -9,80 +9,20 @@ Prints, per workload, the best verified TVM kernel, TVM's dlight default and the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scheduler import jobs  # noqa: E402
 from scheduler.extract import sd15_linear_workloads  # noqa: E402
-from scheduler.tuner import TuneOptions, tune  # noqa: E402
-from shapetune.buckets import DEFAULT  # noqa: E402
-from shapetune.db import TuningDB  # noqa: E402
-from shapetune.target import detect  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--db", default="sd_linear.db")
-    ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
-    ap.add_argument("--limit", type=int, default=0, help="tune only the first N workloads")
-    ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
-    ap.add_argument("--json", default="", help="write the summary here")
-    ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
-    a = ap.parse_args()
-
-    target = detect()
+    a = jobs.add_job_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "sd_linear.db").parse_args()
     ops = sd15_linear_workloads(batch=2, height=512, width=512)
-    workloads = [op.workload for op in ops]
-    if a.only:
-        keys = a.only.split(",")
-        workloads = [w for w in workloads if any(k in w.name for k in keys)]
-    if a.limit:
-        workloads = workloads[: a.limit]
-    if a.buckets:
-        workloads = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in workloads))
-    print(f"target: {target.describe()}  [{target.key}]")
-    print(f"{len(workloads)} workloads, {a.trials} trials each, db {a.db}", flush=True)
-
-    t0 = time.time()
-
-    def on_workload(rep):
-        best = rep.best.latency.median_us if rep.best else float("nan")
-        print(f"  {rep.workload.name:40s} measured {rep.measured:3d} {rep.by_status} best {best:9.2f} us "
-              f"vendor {rep.vendor.latency.median_us:9.2f} us  [{time.time() - t0:6.0f} s]", flush=True)
-
-    reports = tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch), on_workload=on_workload)
-
-    rows = []
-    for rep in reports:
-        w = rep.workload
-        best_us = rep.best.latency.median_us if rep.best else None
-        rows.append({
-            "workload": w.name, "key": w.key, "flops": w.flops,
-            "best_us": best_us, "best": str(rep.best.candidate) if rep.best else None,
-            "dlight_us": rep.dlight.latency.median_us if rep.dlight else None,
-            "vendor_us": rep.vendor.latency.median_us,
-            "best_tflops": w.flops / best_us / 1e6 if best_us else None,
-            "ratio_vs_vendor": rep.vendor.latency.median_us / best_us if best_us else None,
-            "by_status": rep.by_status,
-        })
-    summary = {"target": target.to_json(), "target_key": target.key, "date": time.strftime("%Y-%m-%d"),
-               "trials": a.trials, "rows": rows, "seconds": time.time() - t0}
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
-    if a.export:
-        with TuningDB(a.db) as db:
-            n = db.export_jsonl(a.export, target_key=target.key)
-        print(f"exported {n} lines to {a.export}")
-    print(f"\n{'workload':40s} {'tvm_us':>9s} {'dlight_us':>9s} {'cublas_us':>9s} {'tvm/cublas':>10s}  best")
-    for r in rows:
-        f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
-        ratio = f"{r['ratio_vs_vendor']:10.3f}" if r["ratio_vs_vendor"] else "       n/a"
-        print(f"{r['workload']:40s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} {ratio}  {r['best']}")
+    jobs.run(jobs.select([op.workload for op in ops], a), a, vendor="torch.nn.functional.linear (cuBLAS)",
+             calls={op.workload: op.calls for op in ops}, flops=lambda w: w.flops)
 
 
 if __name__ == "__main__":

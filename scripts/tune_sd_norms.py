@@ -13,9 +13,7 @@ device-to-device copy of the same bytes (torch.empty_like(x).copy_(x)) timed the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,11 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch import nn  # noqa: E402
 
 from kernels.defs_norm import group_norm_workload  # noqa: E402
+from scheduler import jobs  # noqa: E402
 from scheduler.extract import HANDLERS, ExtractedOp, extract_workloads, sd15_unet_inputs  # noqa: E402
-from scheduler.tuner import TuneOptions, tune  # noqa: E402
-from shapetune.buckets import DEFAULT  # noqa: E402
-from shapetune.db import TuningDB  # noqa: E402
-from shapetune.target import detect  # noqa: E402
 
 
 def _silu_follows(module_name: str) -> bool:
@@ -80,76 +75,31 @@ def copy_us(w, repeats: int = 50) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--db", default="sd_norms.db")
-    ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
-    ap.add_argument("--limit", type=int, default=0, help="tune only the first N workloads")
-    ap.add_argument("--no-silu", action="store_true", help="do not fuse the SiLU that follows GroupNorms")
-    ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
-    ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
-    ap.add_argument("--json", default="sd_norms.json", help="write the summary here")
-    a = ap.parse_args()
-
-    target = detect()
-    ops = sd15_norm_workloads(fuse_silu=not a.no_silu)
-    workloads = [op.workload for op in ops]
-    if a.only:
-        keys = a.only.split(",")
-        workloads = [w for w in workloads if any(k in w.name for k in keys)]
-    if a.limit:
-        workloads = workloads[: a.limit]
-    if a.buckets:
-        workloads = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in workloads))
-    print(f"target: {target.describe()}  [{target.key}]")
-    print(f"{len(workloads)} workloads, {a.trials} trials each, db {a.db}", flush=True)
-    calls = {op.workload: op.calls for op in ops}
-
-    t0 = time.time()
-
-    def on_workload(rep):
-        best = rep.best.latency.median_us if rep.best else float("nan")
-        print(f"  {rep.workload.name:48s} measured {rep.measured:3d} {rep.by_status} best {best:8.2f} us "
-              f"vendor {rep.vendor.latency.median_us:8.2f} us  [{time.time() - t0:6.0f} s]", flush=True)
-
-    reports = tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch), on_workload=on_workload)
-
-    rows = []
-    for rep in reports:
-        w = rep.workload
-        x_bytes = 2 * (w.dim["n"] * w.dim["hw"] * w.dim["c"] if w.op == "group_norm" else w.dim["m"] * w.dim["c"])
-        moved = 2 * x_bytes  # x read once + y written once: the minimum
-        cp = copy_us(w)
-        best_us = rep.best.latency.median_us if rep.best else None
-        rows.append({
-            "workload": w.name, "key": w.key, "calls_per_step": calls.get(w),
-            "best_us": best_us, "best": str(rep.best.candidate) if rep.best else None,
-            "dlight_us": rep.dlight.latency.median_us if rep.dlight else None,
-            "vendor_us": rep.vendor.latency.median_us, "copy_us": cp,
-            "ratio_vs_vendor": rep.vendor.latency.median_us / best_us if best_us else None,
+def bandwidth(rep) -> dict:
+    """Achieved bandwidth of the tuned kernel and of torch, as fractions of a copy of the same bytes."""
+    w = rep.workload
+    x_bytes = 2 * (w.dim["n"] * w.dim["hw"] * w.dim["c"] if w.op == "group_norm" else w.dim["m"] * w.dim["c"])
+    moved, cp = 2 * x_bytes, copy_us(w)  # x read once + y written once: the minimum
+    best_us = rep.best.latency.median_us if rep.best else None
+    return {"copy_us": cp, "copy_gbps": moved / cp / 1e3,
             "best_gbps": moved / best_us / 1e3 if best_us else None,
             "vendor_gbps": moved / rep.vendor.latency.median_us / 1e3,
-            "copy_gbps": moved / cp / 1e3,
             "best_frac_of_copy": cp / best_us if best_us else None,
-            "vendor_frac_of_copy": cp / rep.vendor.latency.median_us,
-            "by_status": rep.by_status,
-        })
-    summary = {"target": target.to_json(), "target_key": target.key, "date": time.strftime("%Y-%m-%d"),
-               "trials": a.trials, "rows": rows, "seconds": time.time() - t0}
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
-    if a.export:
-        with TuningDB(a.db) as db:
-            n = db.export_jsonl(a.export, target_key=target.key)
-        print(f"exported {n} lines to {a.export}")
-    f = lambda v: f"{v:8.2f}" if v else "     n/a"  # noqa: E731
-    print(f"\n{'workload':48s} {'tvm_us':>8s} {'dlight':>8s} {'torch_us':>8s} {'copy_us':>8s} {'torch/tvm':>9s} "
-          f"{'tvm/copy':>8s} {'torch/copy':>10s}  best")
+            "vendor_frac_of_copy": cp / rep.vendor.latency.median_us}
+
+
+def main():
+    ap = jobs.add_job_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "sd_norms.db")
+    ap.add_argument("--no-silu", action="store_true", help="do not fuse the SiLU that follows GroupNorms")
+    a = ap.parse_args()
+    ops = sd15_norm_workloads(fuse_silu=not a.no_silu)
+    rows = jobs.run(jobs.select([op.workload for op in ops], a), a,
+                    vendor="F.group_norm (+F.silu) on channels_last / F.layer_norm",
+                    calls={op.workload: op.calls for op in ops}, extra=bandwidth)
+    f = lambda v: f"{v:6.2f}" if v else "   n/a"  # noqa: E731
+    print(f"\n{'workload':52s} {'tvm/copy':>8s} {'torch/copy':>10s}  (fraction of copy bandwidth)")
     for r in rows:
-        print(f"{r['workload']:48s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} {f(r['copy_us'])} "
-              f"{f(r['ratio_vs_vendor']):>9s} {f(r['best_frac_of_copy'])} {f(r['vendor_frac_of_copy']):>10s}  {r['best']}")
+        print(f"{r['workload']:52s} {f(r['best_frac_of_copy']):>8s} {f(r['vendor_frac_of_copy']):>10s}")
 
 
 if __name__ == "__main__":
