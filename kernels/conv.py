@@ -5,10 +5,12 @@ The op takes and returns NCHW tensors in channels_last memory (what diffusers pa
 is `.to(memory_format=torch.channels_last)`): `x.permute(0, 2, 3, 1)` is then the kernel's NHWC
 operand with no copy. Other memory formats are copied to channels_last first. The kernel wants
 the weight as OHWI [Co, KH, KW, Ci]: a channels_last weight already is one (free view); a
-contiguous OIHW weight is converted once and cached per (data_ptr, version, shape, dtype, device).
+contiguous OIHW weight is converted once and cached per weight tensor (weak reference) and version.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from collections import OrderedDict
 from typing import Optional
@@ -63,18 +65,20 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 def ohwi_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight [Co, Ci, KH, KW] as a contiguous [Co, KH, KW, Ci]: free for a channels_last weight,
-    else converted once per weight value (cache keyed by data_ptr and version counter)."""
+    else converted once per weight tensor and version. The cache holds a weak reference to the
+    tensor itself: a data_ptr key would hand a freed weight's conversion to whatever tensor reuses
+    its memory (seen in CI: every element wrong)."""
     v = weight.permute(0, 2, 3, 1)
     if v.is_contiguous():
         return v
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
-    hit = _OHWI_CACHE.get(key)
-    if hit is None:
-        hit = v.detach().contiguous()
-        _OHWI_CACHE[key] = hit
-        if len(_OHWI_CACHE) > _OHWI_CACHE_MAX:
-            _OHWI_CACHE.popitem(last=False)
-    return hit
+    entry = _OHWI_CACHE.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2]
+    converted = v.detach().contiguous()
+    _OHWI_CACHE[id(weight)] = (weakref.ref(weight), weight._version, converted)
+    if len(_OHWI_CACHE) > _OHWI_CACHE_MAX:
+        _OHWI_CACHE.popitem(last=False)
+    return converted
 
 
 def _torch_conv(x, weight, bias, stride, padding, residual):

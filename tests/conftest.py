@@ -39,3 +39,16 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SHAPETUNE_BUILD_JOBS", "2")
     monkeypatch.delenv("SHAPETUNE_TARGET", raising=False)
     monkeypatch.delenv("SHAPETUNE_DISABLE", raising=False)
+
+
+@pytest.fixture
+def registry(tuned_db):
+    """The process-wide registry, pointed at the test module's `tuned_db` fixture (llvm target),
+    using tuned kernels even where the vendor path measured faster; restored afterwards."""
+    from kernels.registry import Registry, set_registry
+    from shapetune.target import detect
+
+    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
+    prev = set_registry(reg)
+    yield reg
+    set_registry(prev)

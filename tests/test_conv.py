@@ -16,7 +16,6 @@ from torch.library import opcheck
 
 import kernels
 from kernels.defs import opdef
-from kernels.registry import Registry, set_registry
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output
 from shapetune.target import detect
@@ -54,14 +53,6 @@ def tuned_db(tmp_path_factory):
     tune([_workload(s) for s in SHAPES], detect("llvm"), path,
          TuneOptions(trials=3, batch=3, templates=("conv_llvm",)))
     return path
-
-
-@pytest.fixture
-def registry(tuned_db):
-    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
 
 
 @pytest.mark.parametrize("s", SHAPES, ids=lambda s: _workload(s).name)
@@ -171,3 +162,14 @@ def test_cuda_candidates_build_for_sd_convs():
                 lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
             src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
             assert "wmma::mma_sync" in src, f"{w.name} {c}: not tensorized"
+
+
+def test_weight_cache_never_serves_a_freed_weights_conversion():
+    """Fresh weights often land in a freed weight's memory: a cache keyed by data_ptr then returns
+    the old conversion (CI caught exactly this: every output element wrong)."""
+    from kernels.conv import ohwi_weight
+
+    for i in range(50):
+        w = torch.randn(12, 8, 3, 3, generator=torch.Generator().manual_seed(i))
+        assert torch.equal(ohwi_weight(w), w.permute(0, 2, 3, 1))
+        del w

@@ -19,7 +19,6 @@ from torch.library import opcheck
 
 import kernels
 from kernels.defs import opdef
-from kernels.registry import Registry, set_registry
 from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output
@@ -139,14 +138,6 @@ def tuned_db(tmp_path_factory):
     ws += [geglu_workload(m, n, k, "float32") for m, n, k in OP_SHAPES]
     tune(ws, detect("llvm"), path, TuneOptions(trials=3, batch=3, templates=("gemm_llvm", "geglu_llvm")))
     return path
-
-
-@pytest.fixture
-def registry(tuned_db):
-    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
 
 
 @pytest.mark.parametrize("m,n,k", OP_SHAPES)

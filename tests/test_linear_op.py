@@ -11,7 +11,7 @@ import torch
 from torch.library import opcheck
 
 import kernels
-from kernels.registry import Registry, set_registry
+from kernels.registry import Registry
 from scheduler.tuner import TuneOptions, tune
 from shapetune.db import TuningDB
 from shapetune.target import detect
@@ -26,14 +26,6 @@ def tuned_db(tmp_path_factory):
     ws = [linear_workload(m, n, k, "float32", b) for m, n, k, b in SHAPES]
     tune(ws, detect("llvm"), path, TuneOptions(trials=3, batch=3, templates=("gemm_llvm",)))
     return path
-
-
-@pytest.fixture
-def registry(tuned_db):
-    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
 
 
 @pytest.mark.parametrize("m,n,k,bias", SHAPES)

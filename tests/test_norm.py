@@ -20,7 +20,6 @@ from torch.library import opcheck
 import kernels
 from kernels.defs import opdef
 from kernels.defs_norm import eps_of, group_norm_workload, layer_norm_workload
-from kernels.registry import Registry, set_registry
 from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output
@@ -40,14 +39,6 @@ def tuned_db(tmp_path_factory):
     reps = tune(ws, detect("llvm"), path, TuneOptions(trials=3, batch=3, templates=("dlight", "norm_llvm")))
     assert all(r.best is not None for r in reps), [r.by_status for r in reps]
     return path
-
-
-@pytest.fixture
-def registry(tuned_db):
-    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
 
 
 def _gn_ref(x, g, w, b, silu):
