@@ -25,7 +25,8 @@ from __future__ import annotations
 from kernels.defs import opdef
 
 from .base import Template, register
-from .gemm_cuda import SMEM_LIMIT, STATIC_SMEM_LIMIT, _inline_producers, tile_shape
+from .gemm_cuda import (SMEM_LIMIT, STATIC_SMEM_LIMIT, _inline_producers, annotate_pipeline, tensorize_wmma,
+                        tile_shape)
 
 
 def smem_bytes(kn: dict) -> tuple[int, int]:
@@ -74,7 +75,6 @@ class GegluCudaWMMA(Template):
     def apply(self, workload, target, candidate):
         import tvm
         from tvm import s_tir
-        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
         kn = candidate.knob
         bm, bn, bk = tile_shape(kn)
@@ -137,16 +137,7 @@ class GegluCudaWMMA(Template):
         sch.compute_inline(acc_s)  # y reads the staging tile directly
         init = sch.decompose_reduction(outer, k0)
 
-        intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared",
-                                       in_dtype="float16", out_dtype="float32", trans_b=True)
-        for c, name in ((a_f, "load_a"), (b_f, "load_b"), (acc_f, "store")):
-            li, lj = sch.get_loops(c)[-2:]
-            li0, li1 = sch.split(li, [None, 16])
-            lj0, lj1 = sch.split(lj, [None, 16])
-            sch.reorder(li0, lj0, li1, lj1)
-            sch.tensorize(li1, intrin[name])
-        sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
-        sch.tensorize(sch.get_loops(mm)[-3], intrin["compute"])
+        tensorize_wmma(sch, a_f, b_f, acc_f, init, mm)
 
         # Gated epilogue: every thread of the block, vec outputs at a time.
         fused = sch.fuse(yi, yj)
@@ -155,11 +146,7 @@ class GegluCudaWMMA(Template):
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(v)
 
-        if kn["pipeline"]:
-            sch.annotate(k0, "software_pipeline_stage", [0, 0, 1])
-            sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
-            if kn["pipeline"] == 2:
-                sch.annotate(k0, "software_pipeline_async_stages", [0])
+        annotate_pipeline(sch, k0, kn["pipeline"])
         return sch.mod
 
     def features(self, workload, target, kn):

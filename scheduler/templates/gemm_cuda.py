@@ -89,8 +89,6 @@ def wmma_features(workload, target, kn, m: int, n: int, k: int) -> dict[str, flo
 def schedule_wmma_gemm(sch, mm, kn: dict) -> None:
     """Schedule the einsum block mm, C[i, j] = sum_k A[i, k] B[j, k] (exactly three loops i, j, k;
     A and B may be produced by inlinable blocks, C may feed elementwise consumers) with these knobs."""
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
-
     bm, bn, bk = tile_shape(kn)
     n_warps = kn["warps_m"] * kn["warps_n"]
     sch.pad_einsum(mm, [bm, bn, bk])
@@ -140,6 +138,23 @@ def schedule_wmma_gemm(sch, mm, kn: dict) -> None:
     sch.reverse_compute_at(acc_s, warp)
     init = sch.decompose_reduction(outer, k0)
 
+    tensorize_wmma(sch, a_f, b_f, acc_f, init, mm)
+
+    # Epilogue (unpad, bias, cast) fused into the shared -> global store of each warp's tile.
+    _inline_consumers(sch, acc_s)
+    fused = sch.fuse(*sch.get_loops(acc_s)[-2:])
+    _, tx, v = sch.split(fused, [None, 32, kn["vec"]])
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(v)
+
+    annotate_pipeline(sch, k0, kn["pipeline"])
+
+
+def tensorize_wmma(sch, a_f, b_f, acc_f, init, mm):
+    """Replace the fragment loads, the accumulator store, its zero-init and the 16x16x16 update
+    with WMMA intrinsics (fp16 x fp16 -> fp32; x tiles from shared.dyn, staging tile in shared)."""
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
     intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared",
                                    in_dtype="float16", out_dtype="float32", trans_b=True)
     for blk, name in ((a_f, "load_a"), (b_f, "load_b"), (acc_f, "store")):
@@ -151,17 +166,13 @@ def schedule_wmma_gemm(sch, mm, kn: dict) -> None:
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
     sch.tensorize(sch.get_loops(mm)[-3], intrin["compute"])
 
-    # Epilogue (unpad, bias, cast) fused into the shared -> global store of each warp's tile.
-    _inline_consumers(sch, acc_s)
-    fused = sch.fuse(*sch.get_loops(acc_s)[-2:])
-    _, tx, v = sch.split(fused, [None, 32, kn["vec"]])
-    sch.bind(tx, "threadIdx.x")
-    sch.vectorize(v)
 
-    if kn["pipeline"]:
+def annotate_pipeline(sch, k0, mode: int):
+    """mode 1: double-buffer the shared tiles across k0; mode 2: and load them with cp.async."""
+    if mode:
         sch.annotate(k0, "software_pipeline_stage", [0, 0, 1])
         sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
-        if kn["pipeline"] == 2:
+        if mode == 2:
             sch.annotate(k0, "software_pipeline_async_stages", [0])
 
 
