@@ -22,11 +22,16 @@ from .tuner import TuneOptions, WorkloadReport, tune
 
 
 def add_job_args(ap: argparse.ArgumentParser, default_db: str) -> argparse.ArgumentParser:
-    ap.add_argument("--trials", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=32,
+                    help="measured candidates per workload in the DB (a rerun tops up to this, so a job cut "
+                         "off by a time limit resumes where it stopped)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--db", default=default_db)
     ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
     ap.add_argument("--limit", type=int, default=0, help="tune only the first N workloads")
+    ap.add_argument("--shard", default="", metavar="K/N",
+                    help="take every N-th workload from the K-th (0-based): N processes, one per GPU "
+                         "(CUDA_VISIBLE_DEVICES), tune a job together; merge their exports with `shapetune db import`")
     ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
     ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
     ap.add_argument("--json", default="", help="write the summary here")
@@ -39,6 +44,11 @@ def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
         workloads = [w for w in workloads if any(k in w.name for k in keys)]
     if a.limit:
         workloads = workloads[: a.limit]
+    if getattr(a, "shard", ""):
+        k, n = (int(v) for v in a.shard.split("/"))
+        if not 0 <= k < n:
+            raise SystemExit(f"--shard {a.shard}: need 0 <= K < N")
+        workloads = workloads[k::n]
     if a.buckets:
         workloads = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in workloads))
     return workloads
@@ -76,7 +86,7 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
             with TuningDB(a.db) as db:
                 db.export_jsonl(a.export, target_key=target.key)
 
-    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch), on_workload=on_workload)
+    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch, top_up=True), on_workload=on_workload)
     f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
     print(f"\n{'workload':52s} {'tvm_us':>9s} {'dlight_us':>9s} {'vendor_us':>9s} {'vendor/tvm':>10s}  best")
     for r in rows:

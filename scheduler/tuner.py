@@ -40,6 +40,9 @@ class TuneOptions:
     templates: tuple[str, ...] = ()  # restrict to these (default: every template that applies)
     build_timeout_s: float = 180
     run_timeout_s: float = 60
+    # False: `trials` new candidates on every call (a rerun searches further). True: `trials` is the
+    # per-workload total in the DB, so rerunning a job cut off by a time limit finishes it.
+    top_up: bool = False
 
 
 @dataclass
@@ -106,7 +109,7 @@ class Tuner:
         space = search_space(workload, self.target, self.opt.templates)
         done = {r.candidate.key for r in self.db.results(workload.key, self.target.key)}
         untried = [c for c in space if c.key not in done]
-        budget = self.opt.trials
+        budget = self.opt.trials - (len(done) if self.opt.top_up else 0)
         first = True
         while budget > 0 and untried:
             picked = self._pick(workload, untried, min(self.opt.batch, budget), first)

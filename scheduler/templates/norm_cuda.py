@@ -22,6 +22,10 @@ from kernels.defs import opdef
 from .base import Template, register
 
 SMEM_LIMIT = 49152  # TVM 0.27 launches without opting in to more (see gemm_cuda.py)
+# Full unrolling of a loop with more iterations makes nvcc take minutes (hw4096 x c640 groups: 1280
+# iterations at 64 threads x vec 1 never finished building within the tuning job's limit) and
+# gains nothing over a rolled loop of that length.
+MAX_UNROLL = 64
 
 
 def group_shape(workload) -> tuple[int, int, int]:
@@ -95,6 +99,8 @@ class NormCuda(Template):
         if run % kn["vec"] or kn["vec"] * eb > 16:  # whole, at most 128-bit vectors
             return False
         if kn["threads"] > max(64, -(-per_block // kn["vec"])):  # no mostly idle blocks
+            return False
+        if kn["unroll"] and -(-per_block // (kn["threads"] * kn["vec"])) > MAX_UNROLL:
             return False
         if kn["cache_x"]:  # a static shared buffer: concrete sizes only
             return not workload.dynamic and per_block * eb <= SMEM_LIMIT - 1024
