@@ -22,6 +22,7 @@ from shapetune.workload import Workload
 from .isolation import IsolatedPool, WorkerCrashed, WorkerTimeout
 
 VENDOR = "vendor"  # pseudo artifact path: measure torch's own op
+COPY = "device_copy"  # pseudo artifact path: a device-to-device copy moving the op's minimal bytes
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     w, tgt = Workload.from_json(workload_json), Target.from_json(target_json)
     od = opdef(w.op)
     dev = _device(tgt)
+    if artifact == COPY:
+        return _measure_copy(w, od, dev, opts, tgt.is_gpu)
     fn = od.vendor(w) if artifact == VENDOR else load_function(artifact, tgt.is_gpu)
 
     def call(args):
@@ -96,6 +99,21 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
                        [od.inputs(tw, dev, gen) + [od.output(tw, dev)]], opts, tgt.is_gpu) for tw in timed]
     samples = [math.exp(sum(math.log(max(x, 1e-3)) for x in col) / len(col)) for col in zip(*per_shape)]
     return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
+
+
+def _measure_copy(w: Workload, od, dev, opts: RunOptions, is_gpu: bool) -> dict:
+    """The bandwidth yardstick of a memory-bound op: `dst.copy_(src)` with src as large as half the
+    op's minimal traffic (every input read once + the output written once), so the copy moves the
+    same bytes; timed like a kernel, rotating buffers."""
+    import torch
+
+    ins = od.inputs(w, dev, torch.Generator(device=dev).manual_seed(7)) + [od.output(w, dev)]
+    half = sum(t.numel() * t.element_size() for t in ins) // 2 // 2  # in fp16 elements
+    n = max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / (4 * half)))) if opts.rotate_bytes else 1
+    sets = [(torch.randn(half, device=dev).half(), torch.empty(half, device=dev, dtype=torch.half))
+            for _ in range(n)]
+    samples = _time(lambda s: s[1].copy_(s[0]), sets, opts, is_gpu)
+    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": 0.0}
 
 
 def _time(call, sets: list, opts: RunOptions, is_gpu: bool) -> list[float]:
