@@ -5,10 +5,11 @@
 >>> kernels.fallback_summary()           # how many calls ran tuned vs fell back, and why
 """
 
+from .attention import attention
 from .conv import conv2d
 from .fused import geglu, linear_gelu, linear_residual
 from .linear import linear
 from .norm import group_norm, layer_norm
 from .registry import Registry, fallback_summary, get_registry, set_registry
 
-__all__ = ["Registry", "conv2d", "fallback_summary", "get_registry", "group_norm", "layer_norm", "linear", "set_registry"]
+__all__ = ["Registry", "attention", "conv2d", "fallback_summary", "get_registry", "group_norm", "layer_norm", "linear", "set_registry"]

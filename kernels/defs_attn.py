@@ -20,7 +20,6 @@ Calling convention (destination-passing): attention(q, k, v, o).
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -43,7 +42,9 @@ def attention_workload(b: int, sq: int, skv: int, h: int, d: int, dtype: str = "
                        scale: float | None = None, sq_range: tuple[int, int] | None = None,
                        skv_range: tuple[int, int] | None = None) -> Workload:
     """softmax(q kᵀ * scale) v for q[b, sq, h, d], k, v[b, skv, h, d]; ranges make sq / skv dynamic."""
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # 12 significant digits: d ** -0.5 (diffusers) and 1 / sqrt(d) differ in the last bit and must
+    # name the same kernel; the kernel then uses this value (a 1e-12 relative change)
+    scale = float(f"{(d ** -0.5 if scale is None else float(scale)):.12g}")
     dyn = tuple((name, *r) for name, r in (("sq", sq_range), ("skv", skv_range)) if r)
     return Workload(
         op="attention",

@@ -1,8 +1,8 @@
 """Extract tunable workloads from a PyTorch model by running it once with forward hooks.
 
 Each supported module type has a handler in ``HANDLERS`` that turns one call of the module
-into zero or more ``Workload``s: nn.Linear, nn.GroupNorm and nn.LayerNorm today; conv2d and attention
-can be added by writing a handler and adding one table entry.
+into zero or more ``Workload``s: nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers' GEGLU
+and Attention; another family is one handler and one table entry.
 """
 
 from __future__ import annotations
@@ -95,6 +95,23 @@ def _geglu_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: 
     return [geglu_workload(math.prod(x.shape[:-1]), proj.out_features // 2, proj.in_features, dtype)]
 
 
+def _attention_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+    """diffusers Attention: softmax(q kᵀ · scale) v over `heads` heads: attention(b, sq, skv, h, d) with
+    sq the query tokens and skv those of encoder_hidden_states (cross) or of the queries (self).
+    Not extracted: masks, 4-D (spatial) inputs, normalized q/k, or a head dim that isn't inner_dim / heads."""
+    from kernels.defs_attn import attention_workload
+
+    x = args[0] if args else kwargs["hidden_states"]
+    ctx = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+    if x.dim() != 3 or mask is not None or getattr(module, "norm_q", None) is not None \
+            or getattr(module, "spatial_norm", None) is not None or module.inner_dim % module.heads:
+        return []
+    skv = ctx.shape[1] if ctx is not None else x.shape[1]
+    return [attention_workload(x.shape[0], x.shape[1], skv, module.heads, module.inner_dim // module.heads, dtype,
+                               module.scale)]
+
+
 #: module type -> handler; subclasses use their nearest registered base class.
 HANDLERS: dict[type, Handler] = {
     nn.Linear: _linear_handler,
@@ -103,10 +120,12 @@ HANDLERS: dict[type, Handler] = {
     nn.Conv2d: _conv2d_handler,
 }
 
-try:  # diffusers' feed-forward gate (a dependency; guarded so extraction works without it)
+try:  # diffusers' feed-forward gate and attention (a dependency; guarded so extraction works without it)
     from diffusers.models.activations import GEGLU as _DiffusersGEGLU
+    from diffusers.models.attention_processor import Attention as _DiffusersAttention
 
     HANDLERS[_DiffusersGEGLU] = _geglu_handler
+    HANDLERS[_DiffusersAttention] = _attention_handler
 except ImportError:  # pragma: no cover
     pass
 
@@ -290,6 +309,23 @@ def sd15_geglu_workloads(
     unet = build_sd15_unet(device="meta")
     inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
     return extract_workloads(unet, inputs, dtype=dtype, handlers={GEGLU: _geglu_handler})
+
+
+def sd15_attention_workloads(
+    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
+) -> list[ExtractedOp]:
+    """The distinct attention workloads of one SD 1.5 UNet forward pass: each transformer block's
+    self-attention (attn1, sq = skv = latent tokens) and cross-attention (attn2, skv = `seq`).
+
+    Parameters and returns as ``sd15_linear_workloads``.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    from scheduler.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet(device="meta")
+    inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
+    return extract_workloads(unet, inputs, dtype=dtype, handlers={Attention: _attention_handler})
 
 
 def save_workload_file(path: str | Path, workloads: Iterable[Workload | ExtractedOp], meta: dict | None = None) -> None:

@@ -20,7 +20,8 @@ ops per tile) and, on the CPU, tails that stay scalar.
 
 Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights); group_norm:
 hw (spatial size; batch stays exact); layer_norm: m (rows).
-geglu: m (batch x tokens, as linear).
+geglu: m (batch x tokens, as linear). attention: sq and skv (query and key/value tokens), each on
+the same pow2 edges; batch, heads and head dim stay exact.
 conv2d: none (n, h, w exact; `kernels/defs_conv.py`'s note says why).
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
 """
@@ -118,4 +119,5 @@ def timing_members(bucket: Workload) -> list[Workload]:
 
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
 DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (DimBuckets("hw", POW2.edges),)),
-                                   ("layer_norm", (POW2,)), ("geglu", (POW2,)), ("conv2d", ())))
+                                   ("layer_norm", (POW2,)), ("geglu", (POW2,)), ("conv2d", ()),
+                                   ("attention", (DimBuckets("sq", POW2.edges), DimBuckets("skv", POW2.edges)))))

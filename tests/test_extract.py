@@ -138,3 +138,17 @@ def test_meta_failure_falls_back_to_cpu():
         ops = extract_workloads(model, {"x": torch.zeros(3, 8, device="meta")})
     assert [op.workload for op in ops] == [linear_workload(6, 4, 8, "float16", True)]
     assert next(model.parameters()).is_meta  # the caller's model is untouched
+
+
+def test_sd15_attention_workloads():
+    """Self-attention at 4096/1024/256/64 latent tokens and cross-attention to 77 text tokens, 8 heads,
+    head dim 40/80/160/160, diffusers' scale (dim_head ** -0.5) naming the same kernel as 1/sqrt(d)."""
+    from kernels.defs_attn import attention_workload
+    from scheduler.extract import sd15_attention_workloads
+
+    ops = {op.workload: op.calls for op in sd15_attention_workloads()}
+    want = {(s, kv, d) for s, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for kv in (s, 77)}
+    assert {(w.dim["sq"], w.dim["skv"], w.dim["d"]) for w in ops} == want
+    assert all(w.dim["b"] == 2 and w.dim["h"] == 8 for w in ops)
+    assert ops[attention_workload(2, 4096, 77, 8, 40)] == 5 and ops[attention_workload(2, 64, 64, 8, 160)] == 1
+    assert sum(ops.values()) == 32  # 16 transformer blocks x (attn1 + attn2)

@@ -1,0 +1,120 @@
+"""shapetune::attention: softmax(q kᵀ · scale) v through the tuned kernel for the shape, or torch SDPA.
+
+Tensors are "bshd": q [B, Sq, H, D], k and v [B, Skv, H, D], the output [B, Sq, H, D] contiguous —
+the memory of the to_q/to_k/to_v projections' outputs ([B, S, H*D]) as they come, and what to_out
+takes back with no copy. `attention()` also accepts those 3-D [B, S, H*D] tensors with `heads`.
+Inputs that are not contiguous (e.g. slices of a fused QKV projection) are copied first, counted as
+("attention", "relayout_copy") in `fallback_summary()`. No mask, no dropout, no causal flag: SD's
+attention has none; callers with a mask use torch's path (diffusers' processor decides, see patch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .defs_attn import attention_workload
+from .registry import get_registry
+from .runtime import call_on_current_stream
+
+SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"shapetune.attention: q, k, v must be [B, S, H, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+        raise ValueError(f"shapetune.attention: k and v must be [{b}, Skv, {h}, {d}], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"shapetune.attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/"
+                         f"{v.dtype} on {q.device}/{k.device}/{v.device}")
+
+
+def _torch(q, k, v, scale):
+    """torch SDPA on the [B, H, S, D] views, as diffusers' AttnProcessor2_0 calls it."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("shapetune::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    _check(q, k, v)
+    b, sq, h, d = q.shape
+    skv = k.shape[1]
+    reg = get_registry()
+    is_gpu = q.is_cuda
+    cause = ("unsupported_dtype" if q.dtype not in SUPPORTED else "empty" if q.numel() == 0 or skv == 0
+             else "other_device" if is_gpu != reg.target.is_gpu else None)
+    if cause:
+        reg.calls[("attention", cause)] += 1
+        return _torch(q, k, v, scale)
+    sig = ("attention", b, sq, skv, h, d, q.dtype, scale, q.device.type)
+    res = reg.lookup(sig, lambda: attention_workload(b, sq, skv, h, d, SUPPORTED[q.dtype], scale))
+    reg.count("attention", res)
+    if res.fn is None:
+        return _torch(q, k, v, scale)
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        reg.calls[("attention", "relayout_copy")] += 1
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    call_on_current_stream(res.fn, [q, k, v, out], is_gpu)
+    return out
+
+
+@_attention.register_fake
+def _(q, k, v, scale):
+    _check(q, k, v)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    """Through torch SDPA, recomputed (the forward kernel keeps no softmax statistics)."""
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        y = _torch(*leaves, ctx.scale)
+        wrt = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
+    out = [next(grads) if t.requires_grad else None for t in leaves]
+    return out[0], out[1], out[2], None
+
+
+torch.library.register_autograd("shapetune::attention", _backward, setup_context=_setup)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Optional[int] = None,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v per batch and head, with the tuned kernel for this shape and GPU.
+
+    Parameters
+    ----------
+    q : Tensor [B, Sq, H, D], or [B, Sq, H*D] with `heads`; float16 (GPU) or float32 (CPU), other
+        dtypes fall back to torch SDPA
+    k, v : Tensor [B, Skv, H, D] (or [B, Skv, H*D]), q's dtype and device
+    heads : int, required for 3-D inputs
+    scale : float, default 1/sqrt(D)
+
+    Returns
+    -------
+    Tensor of q's shape (3-D in, 3-D out), contiguous.
+    """
+    flat = q.dim() == 3
+    if flat:
+        if not heads or q.shape[-1] % heads:
+            raise ValueError(f"shapetune.attention: 3-D inputs need heads dividing {q.shape[-1]}, got {heads}")
+        q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = torch.ops.shapetune.attention(q, k, v, scale)
+    return out.flatten(-2) if flat else out
