@@ -32,6 +32,8 @@ def add_job_args(ap: argparse.ArgumentParser, default_db: str) -> argparse.Argum
     ap.add_argument("--shard", default="", metavar="K/N",
                     help="take every N-th workload from the K-th (0-based): N processes, one per GPU "
                          "(CUDA_VISIBLE_DEVICES), tune a job together; merge their exports with `shapetune db import`")
+    ap.add_argument("--template", action="append", default=[],
+                    help="only these templates (repeatable); --trials then counts their records only")
     ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
     ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
     ap.add_argument("--json", default="", help="write the summary here")
@@ -86,7 +88,8 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
             with TuningDB(a.db) as db:
                 db.export_jsonl(a.export, target_key=target.key)
 
-    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch, top_up=True), on_workload=on_workload)
+    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch, top_up=True,
+                                                  templates=tuple(a.template)), on_workload=on_workload)
     f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
     print(f"\n{'workload':52s} {'tvm_us':>9s} {'dlight_us':>9s} {'vendor_us':>9s} {'vendor/tvm':>10s}  best")
     for r in rows:

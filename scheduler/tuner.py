@@ -109,7 +109,9 @@ class Tuner:
         space = search_space(workload, self.target, self.opt.templates)
         done = {r.candidate.key for r in self.db.results(workload.key, self.target.key)}
         untried = [c for c in space if c.key not in done]
-        budget = self.opt.trials - (len(done) if self.opt.top_up else 0)
+        mine = [r for r in self.db.results(workload.key, self.target.key)
+                if not self.opt.templates or r.candidate.template in self.opt.templates]
+        budget = self.opt.trials - (len(mine) if self.opt.top_up else 0)
         first = True
         while budget > 0 and untried:
             picked = self._pick(workload, untried, min(self.opt.batch, budget), first)

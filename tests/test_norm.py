@@ -202,3 +202,29 @@ def test_fake_tensor_shapes():
         z = torch.ops.shapetune.layer_norm(torch.empty(2, 9, 32), torch.empty(32), torch.empty(32), 1e-5)
     assert y.shape == (2, 64, 8, 8) and y.is_contiguous(memory_format=torch.channels_last)
     assert z.shape == (2, 9, 32)
+
+
+@pytest.mark.parametrize("w", [
+    group_norm_workload(2, 4096, 320, 32, silu=True),  # C/G = 10
+    group_norm_workload(2, 1024, 1920, 32, silu=True),
+    group_norm_workload(2, 64, 1280, 32),
+], ids=lambda w: w.name)
+def test_cuda_split_template_builds_with_one_group_per_thread(w):
+    """norm_cuda_split (statistics over S blocks per group, then a normalize kernel): sampled candidates
+    of both orders build for sm_90, and each normalize thread holds one group's two statistics — a
+    region over-approximated by the schedule would show up as a huge per-thread array here."""
+    import re
+
+    import tvm
+
+    tgt, t = cuda_target(), templates.get("norm_cuda_split")
+    space = t.space(w, tgt)
+    assert {c.knob["order"] for c in space} == {"group", "natural"}
+    assert not t.applies(group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)), tgt)
+    for cand in space[:: max(1, len(space) // 4)] + [c for c in space if c.knob["order"] == "natural"][:2]:
+        with tgt.tvm_target():
+            lib = tvm.compile(t.apply(w, tgt, cand), target=tgt.tvm_target())
+        src = lib.mod.imports[0].inspect_source()
+        assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 2, str(cand)  # two kernel definitions
+        sizes = [int(n) for n in re.findall(r"float stats_local_ptr\[(\d+)\]", src)]
+        assert sizes == [2], (str(cand), sizes)

@@ -1,0 +1,170 @@
+"""CUDA group_norm with the statistics split over several blocks per group: two kernels, no idle SMs.
+
+Why: SD's GroupNorm has n x 32 = 64 groups at batch 2. One block per group (norm_cuda) fills at most
+64 of an H100/H200's 132 SMs, and at 4096 positions each of those blocks streams 2.6 MB alone: the
+kernel reached only 26-40% of a device copy's bandwidth on the H200 (2026-11-27). Here:
+
+  kernel 1 (statistics)  grid n*g*S: block (n, g, s) reduces S1 = sum x and S2 = sum x^2 over its
+                         1/S of the group's positions (threads strided over `vec_s`-wide vector
+                         loads of contiguous channels, TVM's cross-thread allreduce), writing partials [S, n, g, 2] to a global workspace;
+  kernel 2 (normalize)   grid over all elements, `iters` x `vec` per thread: each thread first sums
+                         its group's S partials (2S loads, L1 broadcasts) into registers, then writes
+                         y = (x - mean) * rstd * w + b (, silu) for its elements.
+
+x is read twice, but SD's activations (<= 21 MB at batch 2) stay in the 50/60 MB L2 between the two
+kernels, so DRAM sees about x once and y once. The two statistics come from one reduction block
+over a stacked axis t in {0: x, 1: x^2} (rfactor then splits it over S), so one kernel computes
+both. S must divide hw (rfactor of a non-perfect split is refused), so shape buckets (symbolic hw)
+stay with norm_cuda. The PrimFunc is this template's own variant of kernels/defs_norm's definition
+(same arguments, same math) — verified against the same float64 reference as every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cost_model import dtype_bytes
+from kernels.defs_norm import _normalize, eps_of
+
+from .base import Template, register
+from .norm_cuda import inline_elementwise
+
+
+def stacked_group_norm(wl):
+    """group_norm(x, w, b) -> y with S1, S2 as one reduction: st[n, g, t], t = 0: x, 1: x^2."""
+    from tvm import te, tirx
+
+    d = wl.dim
+    n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
+    cg = c // g
+    acc = wl.acc_dtype
+    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+    rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
+
+    def term(i, j, t):
+        v = x[i, rh, j * cg + rc].astype(acc)
+        return tirx.Select(t == 0, v, v * v)
+
+    st = te.compute((n, g, 2), lambda i, j, t: te.sum(term(i, j, t), axis=[rh, rc]), name="stats")
+    s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
+    s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
+    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), acc), eps_of(wl), (n, hw, c),
+                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
+    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+class NormCudaSplit(Template):
+    name = "norm_cuda_split"
+    ops = ("group_norm",)
+    kinds = ("cuda",)
+    knob_choices = {
+        "split": (2, 4, 8, 16),  # S: blocks per group in the statistics kernel
+        "threads": (128, 256, 512),  # statistics kernel
+        "vec_s": (1, 2, 4, 8),  # statistics kernel: elements per vector load
+        "threads_y": (128, 256),  # normalize kernel
+        "iters": (1, 2, 4, 8),  # normalize: vectors per thread (amortizes the partial sums)
+        "vec": (1, 2, 4, 8),  # normalize: elements per vector access
+        # normalize order: "group" walks a group's (hw, C/G) elements (a thread stays in one group);
+        # "natural" walks y in memory order (fully coalesced rows of C channels), one vector a thread
+        "order": ("group", "natural"),
+    }
+
+    def applies(self, workload, target):
+        return super().applies(workload, target) and not workload.dynamic
+
+    def valid(self, workload, target, kn):
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        eb = dtype_bytes(workload.dtype)
+        if d["hw"] % kn["split"] or cg % kn["vec"] or kn["vec"] * eb > 16:
+            return False
+        if cg % kn["vec_s"] or kn["vec_s"] * eb > 16:
+            return False
+        per_block = d["hw"] // kn["split"] * cg
+        if kn["threads"] * kn["vec_s"] > per_block:  # no mostly idle statistics blocks
+            return False
+        if kn["order"] == "natural":
+            return kn["iters"] == 1 and d["n"] * d["hw"] * d["c"] // kn["vec"] % kn["threads_y"] == 0
+        per_thread_y = kn["threads_y"] * kn["iters"] * kn["vec"]
+        return d["hw"] * cg % per_thread_y == 0  # normalize tiles never straddle two groups
+
+    def apply(self, workload, target, candidate):
+        import tvm
+        from tvm import s_tir
+
+        kn = candidate.knob
+        S, T, TY, IT, V, VS = kn["split"], kn["threads"], kn["threads_y"], kn["iters"], kn["vec"], kn["vec_s"]
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        sch = s_tir.Schedule(tvm.IRModule({"main": stacked_group_norm(workload)}))
+        for name in ("sum", "sqsum"):
+            sch.compute_inline(sch.get_sblock(name))
+        inline_elementwise(sch)
+
+        # kernel 1: partial statistics [S, n, g, 2]
+        st = sch.get_sblock("stats")
+        _, _, _, rh, _ = sch.get_loops(st)
+        rs, _ = sch.split(rh, [S, None])
+        rf = sch.rfactor(rs, factor_axis=0)
+        ln, lg, lt, ls, li, lc = sch.get_loops(rf)
+        sch.reorder(ln, lg, ls, lt, li, lc)
+        bx = sch.fuse(ln, lg, ls)
+        sch.bind(bx, "blockIdx.x")
+        lc_o, lc_v = sch.split(lc, [None, VS])  # thread t owns vectors t, t + T, ... of VS channels
+        r_s, tx = sch.split(sch.fuse(li, lc_o), [None, T])
+        sch.reorder(tx, r_s, lc_v)
+        sch.bind(tx, "threadIdx.x")
+        if VS > 1:  # one vector load into registers, then VS scalar accumulations
+            xl = sch.cache_read(rf, 0, "local", consumer_blocks=[rf])
+            sch.compute_at(xl, r_s, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(xl)[-1])
+
+        # kernel 2: normalize, each thread reducing its group's partials first
+        y = sch.get_sblock("y")
+        if kn["order"] == "group":
+            sch.transform_block_layout(y, lambda n, h, c: (n, c // cg, h * cg + c % cg))
+            yn, yg, ye = sch.get_loops(y)
+            eo, ei, ty, yv = sch.split(ye, [None, IT, TY, V])
+            ybx = sch.fuse(yn, yg, eo)
+            sch.reorder(ty, ei, yv)
+        else:  # (n, hw, g, c % (C/G)): memory order, with the group a loop of its own so each
+            # thread's statistics region is provably one group (a fused index over-approximates it)
+            sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
+            yn, yh, yg, yc = sch.get_loops(y)
+            yco, yv = sch.split(yc, [None, V])
+            ybx, ty = sch.split(sch.fuse(yn, yh, yg, yco), [None, TY])
+        sch.bind(ybx, "blockIdx.x")
+        sch.bind(ty, "threadIdx.x")
+        sch.vectorize(yv)
+        sch.set_scope(st, 0, "local")
+        sch.compute_at(st, ty, preserve_unit_loops=True)
+        return sch.mod
+
+    def features(self, workload, target, kn):
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        groups = d["n"] * d["g"]
+        eb = dtype_bytes(workload.dtype)
+        blocks1 = groups * kn["split"]
+        blocks2 = groups * d["hw"] * cg // (kn["threads_y"] * kn["iters"] * kn["vec"])
+        natural = kn["order"] == "natural"
+        return {
+            "log2_bytes": math.log2(d["n"] * d["hw"] * d["c"] * eb * 2),
+            "blocks": float(blocks1),
+            "waves": blocks1 / target.num_cores,
+            "blocks_y": float(blocks2),
+            "waves_y": blocks2 / (target.num_cores * max(1, 2048 // kn["threads_y"])),
+            "elems_per_thread": d["hw"] // kn["split"] * cg / kn["threads"],
+            "partial_loads_per_elem": 2.0 * kn["split"] / (kn["iters"] * kn["vec"]),
+            "vec_bytes": float(kn["vec"] * eb),
+            "vec_s_bytes": float(kn["vec_s"] * eb),
+            "threads": float(kn["threads"]),
+            "split": float(kn["split"]),
+            "natural_order": float(natural),
+            "run_bytes": float(d["c"] * eb if natural else cg * eb),  # contiguous bytes per row walked
+        }
+
+
+register(NormCudaSplit())
