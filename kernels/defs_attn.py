@@ -56,6 +56,12 @@ def attention_workload(b: int, sq: int, skv: int, h: int, d: int, dtype: str = "
     )
 
 
+def attention_flops(w: Workload) -> float:
+    """Useful flops: q kᵀ and P·V, 2 · b·h·sq·skv·d each (softmax not counted, as FlashAttention reports)."""
+    d = w.dim
+    return 4.0 * d["b"] * d["h"] * d["sq"] * d["skv"] * d["d"]
+
+
 def attention_prim_func(wl: Workload):
     from tvm import te, tirx
 

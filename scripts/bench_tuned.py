@@ -37,16 +37,18 @@ MEMORY_BOUND = {"group_norm", "layer_norm"}
 
 
 def flops(w) -> float | None:
-    d = w.dim
     if w.op == "attention":
-        return 4.0 * d["b"] * d["h"] * d["sq"] * d["skv"] * d["d"]
-    if w.op == "linear":
-        return 2.0 * d["m"] * d["n"] * d["k"]
+        from kernels.defs_attn import attention_flops
+
+        return attention_flops(w)
     if w.op == "conv2d":
         from kernels.defs_conv import conv2d_flops
 
         return conv2d_flops(w)
-    return None
+    try:
+        return w.flops
+    except NotImplementedError:
+        return None
 
 
 def open_db(path: str, tmp: Path) -> TuningDB:

@@ -17,13 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.defs_attn import attention_flops  # noqa: E402
 from scheduler import jobs  # noqa: E402
 from scheduler.extract import sd15_attention_workloads  # noqa: E402
-
-
-def attention_flops(w) -> float:
-    d = w.dim
-    return 4.0 * d["b"] * d["h"] * d["sq"] * d["skv"] * d["d"]
 
 
 def main():
