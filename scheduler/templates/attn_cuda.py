@@ -14,11 +14,30 @@ Grid: (ceil(sq / BQ), b*h); a block of `warps` warps owns BQ = 16*warps query ro
      the partner lane), alpha = 2^(m - m'), P = 2^(s - m') rounded to fp16 into shared memory,
      running sum l = l*alpha + sum(P) (each lane's partial; combined at the end), and the lane's
      slice of the fp32 O rows (registers) scaled by alpha;
-     O += P V on WMMA, one 16-column chunk at a time through a 16x16 fp32 staging tile (lane 2r+h
-     adds columns 8h..8h+7 of row r of each chunk into its registers).
+     O += P V, one 16-column chunk at a time through a 16x16 fp32 staging tile inside the warp's
+     S tile, free by then (lane 2r+h adds columns 8h..8h+7 of row r of each chunk into its
+     registers).
   3. O / l, rounded to fp16, staged in shared memory (over the Q tile), stored with vector writes
      (rows >= sq and columns >= d are not written).
 Symbolic sq / skv (buckets) only change the grid size, the key-tile count and the masks.
+
+Measured (H200, 2026-11-27, torch 2.11 SDPA in the same run, median of 20 with inputs rotated over
+256 MB; every candidate of the space verified: rel L2 err 2.2e-4..2.3e-4, as SDPA's own 2.2e-4),
+batch 2, 8 heads, fp16, best knobs (warps, kv_tile), us ours / SDPA:
+  self  sq=skv=4096 d40: (4,64) 662 / 154 (0.23x)   1024 d80: (2,64) 74 / 22.5 (0.30x)
+        256 d160: (2,32) 26 / 14.3 (0.55x)          64 d160: (2,32) 9.6 / 11.6 (1.20x)
+  cross skv=77, sq=4096 d40: (4,32) 28 / 17.6 (0.63x)  1024 d80: (2,32) 14.6 / 12.2 (0.83x)
+        256 d160: (1,32) 15.9 / 12.1 (0.76x)        64 d160: (1,32) 14.5 / 11.7 (0.81x)
+  buckets sq,skv in [2049,4096] d40: (4,64) 559 / 134 (geomean over the bucket, 0.24x);
+        sq in [2049,4096], skv in [65,128] d40: (4,32) 29 / 16.8 (0.58x); sq 1024, skv in [65,128]
+        d80: (2,64) 15.8 / 12.1 (0.76x).
+Where it loses (long self-attention): 3 block barriers per key tile with synchronous K/V loads (no
+cp.async / double buffering: load latency is exposed), scores, P and each O chunk round-trip through
+shared memory (WMMA fragments have no element access), 146-255 registers per thread, and the
+48 KB shared-memory cap that rules out larger tiles. Next steps, by expected gain: mma.sync
+(T.ptx_mma + ldmatrix) so S, P and O stay in registers (no staging, no O-chunk barriers); cp.async
+double-buffered K/V; opting in to >48 KB dynamic shared memory (needs a launch attribute TVM 0.27
+does not set).
 
 TVM 0.27 notes (found writing this; [built] = compiled here, [measured] = ran on a GPU):
 - `from tvm.script import tirx as T`; a plain `@T.prim_func` with `T.launch_thread` and
@@ -27,9 +46,21 @@ TVM 0.27 notes (found writing this; [built] = compiled here, [measured] = ran on
   T.tvm_fill_fragment / tvm_load_matrix_sync / tvm_mma_sync / tvm_store_matrix_sync with
   T.tvm_access_ptr(T.type_annotation(dtype), buf.data, offset, extent, rw) pointers; fragment
   index = element offset / 256. Static shared arrays are emitted `alignas(64)` (WMMA needs 32 B).
-- `T.tvm_storage_sync("warp")` emits nothing (pre-Volta assumption); the ThreadSync pass inserts
-  __syncthreads() wherever a shared buffer is written by one thread and read by another, which it
-  cannot prove warp-private here. So every hand-written barrier below is a block barrier.
+- A matrix_b fragment buffer has one layout: K (col_major) and V (row_major) need two buffers
+  (else InferFragment: "row_major vs. col_major") [built].
+- `T.tvm_storage_sync("warp")` emits nothing (pre-Volta assumption); write
+  `T.call_extern("void", "__syncwarp")`. The ThreadSync pass adds a __syncthreads() after every
+  shared write that another thread reads, warp-private or not (it added 2 per 16 O columns per key
+  tile). Marking the WMMA stores of warp-private tiles read-only in tvm_access_ptr (rw mask 1) keeps
+  it out; then 3 block barriers per key tile remain [built; verified on H200].
+- A shared scope with a made-up tag ("shared.foo") is emitted as a per-thread local array, not
+  __shared__ [built]: don't use tags to dodge ThreadSync.
+- A key loop with one trip (skv <= kv_tile) is simplified away; StorageRewrite then shares one
+  allocation between the fp32 S and an fp16 tile and the build fails ("tvm_access_ptr element type
+  must match the source buffer"). An annotation on the loop keeps it [built].
+- Runtime-only TVM (the GPU bundle) rejects kernels.runtime.ensure_cuda_runtime's str lib paths
+  ("extra_lib_paths[0] must be a pathlib.Path") and scheduler.cuda_compile's callback calls
+  Target.current(), absent there ("_ffi_api has no attribute TargetCurrent") [measured].
 """
 
 from __future__ import annotations
@@ -54,11 +85,10 @@ def vec_width(d: int) -> int:
 
 
 def smem_bytes(d: int, kn: dict) -> int:
-    """Q tile + K and V tiles + per-warp S (fp32), P (fp16) and O staging (fp32) tiles."""
+    """Q tile + K and V tiles + per-warp S (fp32, also the O-chunk staging) and P (fp16) tiles."""
     dp, bq, bk, w = head_pad(d), 16 * kn["warps"], kn["kv_tile"], kn["warps"]
     ld = dp + 8
-    return (bq * ld * 2 + 2 * bk * ld * 2 + w * 16 * (bk + 4) * 4 + w * 16 * (bk + 8) * 2
-            + w * 16 * 20 * 4)
+    return bq * ld * 2 + 2 * bk * ld * 2 + w * 16 * (bk + 4) * 4 + w * 16 * (bk + 8) * 2
 
 
 def attention_kernel(workload, kn: dict):
@@ -79,7 +109,7 @@ def attention_kernel(workload, kn: dict):
     DP = head_pad(D)
     VEC = vec_width(D)
     LDQ = DP + 8  # fp16 row strides (x8: WMMA ldm; +8 staggers banks)
-    LDS, LDP, LDO = BK + 4, BK + 8, 20  # fp32 S, fp16 P, fp32 O-chunk staging
+    LDS, LDP, LDO = BK + 4, BK + 8, 20  # fp32 S, fp16 P, fp32 O-chunk staging (inside S's tile)
     NF_D, NF_K = DP // 16, BK // 16
     CH_ROW = DP // VEC  # vector chunks per padded row
     CH_REAL = D // VEC  # of which hold data
@@ -115,7 +145,6 @@ def attention_kernel(workload, kn: dict):
         v_s = T.alloc_buffer((BK * LDQ,), f16, scope="shared")
         s_s = T.alloc_buffer((W * 16 * LDS,), f32, scope="shared")
         p_s = T.alloc_buffer((W * 16 * LDP,), f16, scope="shared")
-        ot_s = T.alloc_buffer((W * 16 * LDO,), f32, scope="shared")
         a_f = T.alloc_buffer((NF_K * 256,), f16, scope="wmma.matrix_a")
         kb_f = T.alloc_buffer((256,), f16, scope="wmma.matrix_b")  # one layout per fragment
         vb_f = T.alloc_buffer((256,), f16, scope="wmma.matrix_b")
@@ -219,10 +248,10 @@ def attention_kernel(workload, kn: dict):
                                            ptr(f16, v_s, kk * 16 * LDQ + n * 16, 16 * LDQ, 1), LDQ, "row_major")
                     T.tvm_mma_sync(o_f.data, 0, a_f.data, kk, vb_f.data, 0, o_f.data, 0)
                 T.tvm_store_matrix_sync(o_f.data, 16, 16, 16, 0,
-                                        ptr(f32, ot_s, ty * 16 * LDO, 16 * LDO, WARP_PRIVATE), LDO, "row_major")
+                                        ptr(f32, s_s, ty * 16 * LDS, 16 * LDO, WARP_PRIVATE), LDO, "row_major")
                 T.call_extern("void", "__syncwarp")
                 for j in T.unroll(8):
-                    o_r[n * 8 + j] = o_r[n * 8 + j] + ot_s[(ty * 16 + row) * LDO + hf * 8 + j]
+                    o_r[n * 8 + j] = o_r[n * 8 + j] + s_s[ty * 16 * LDS + row * LDO + hf * 8 + j]
                 T.call_extern("void", "__syncwarp")
 
         # O / l -> fp16 over the warp's rows of the Q tile -> global
