@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 _lock = threading.Lock()
 _cuda_ready = False
@@ -27,7 +28,7 @@ def ensure_cuda_runtime():
             libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi()) if hasattr(tvm_ffi.libinfo, "find_libtvm_ffi") else None
             tvm_dir = os.path.join(os.path.dirname(tvm.__file__), "lib")
             tvm_ffi.libinfo.load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                            extra_lib_paths=[p for p in (tvm_dir, libdir) if p],
+                                            extra_lib_paths=[Path(p) for p in (tvm_dir, libdir) if p],
                                             mode="RTLD_LOCAL")
         from scheduler.cuda_compile import install_compile_callback
 

@@ -32,6 +32,19 @@ def nvcc_fatbin(code: str, arch: str) -> bytes:
             return f.read()
 
 
+def _device_arch() -> str:
+    """sm_XY of the current GPU (where a module carrying CUDA source is loaded), else sm_90."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"sm_{major}{minor}"
+    except Exception:  # pragma: no cover
+        pass
+    return "sm_90"
+
+
 def install_compile_callback():
     """Register tvm_callback_cuda_compile (used by codegen when a CUDA runtime is present)."""
     global _installed
@@ -42,8 +55,11 @@ def install_compile_callback():
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *rest):
-        tgt = tvm.target.Target.current(allow_none=True)
-        arch = str(tgt.attrs.get("arch", "sm_90")) if tgt is not None else "sm_90"
+        try:
+            tgt = tvm.target.Target.current(allow_none=True)
+        except AttributeError:  # runtime-only TVM (no target registry): loading, not building
+            tgt = None
+        arch = str(tgt.attrs.get("arch", "sm_90")) if tgt is not None else _device_arch()
         return nvcc_fatbin(code, arch)
 
     _installed = True
