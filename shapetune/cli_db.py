@@ -176,10 +176,12 @@ def show(ref, db_path, fmt):
 @click.argument("op_arg", metavar="[OP]", required=False)
 @click.option("--op", help="Only this op (same as the OP argument).")
 @click.option("--target", "target_key", help="Only this target key.")
-@click.option("--shape", help="m=..,n=..,k=..: how a call of OP at this shape resolves on this "
-                              "machine's target (or --target): exact hit, bucket hit or fallback, and why.")
+@click.option("--shape", help="How a call of OP at this shape resolves on this machine's target (or "
+                              "--target): exact hit, bucket hit or fallback, and why. linear: m=..,n=..,k=..; "
+                              "other ops take their workload's parameters, e.g. attention "
+                              "b=2,sq=4096,skv=77,h=8,d=40; group_norm n=2,hw=4096,c=320,silu=1.")
 @click.option("--dtype", default=None, help="With --shape (default: float16 on cuda, float32 on llvm).")
-@click.option("--bias/--no-bias", default=True, help="With --shape.")
+@click.option("--bias/--no-bias", default=True, help="With --shape (linear, conv2d).")
 @_db_option
 @_format_option
 @_errors
@@ -203,21 +205,62 @@ def best(op_arg, op, target_key, shape, dtype, bias, db_path, fmt):
     _emit(rows, fmt, "best schedules", {"speedup": lambda v: f"{v:.2f}x"})
 
 
+def _shape_factories() -> dict:
+    """op -> its workload constructor; --shape's keys are the constructor's parameters."""
+    from kernels.defs_attn import attention_workload
+    from kernels.defs_conv import conv2d_workload
+    from kernels.defs_norm import group_norm_workload, layer_norm_workload
+
+    from .workload import geglu_workload, linear_workload
+
+    return {"linear": linear_workload, "geglu": geglu_workload, "group_norm": group_norm_workload,
+            "layer_norm": layer_norm_workload, "conv2d": conv2d_workload, "attention": attention_workload}
+
+
+def shape_workload(op: str, shape: str, dtype: str, bias: bool):
+    """The workload a call of `op` makes at `shape` ("m=..,n=..,k=.." for linear; every op takes its
+    constructor's parameters, e.g. attention b=2,sq=4096,skv=77,h=8,d=40; flags as silu=1)."""
+    import inspect
+
+    factories = _shape_factories()
+    if op not in factories:
+        raise click.UsageError(f"--shape needs OP, one of: {', '.join(factories)}")
+    f = factories[op]
+    params = {n: p for n, p in inspect.signature(f).parameters.items()
+              if n != "dtype" and not n.endswith("_range")}
+    try:
+        given = dict(part.split("=") for part in shape.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected name=value,..., got {shape!r}") from None
+    bad = sorted(set(given) - set(params))
+    if bad:
+        raise click.BadParameter(f"{op} takes {', '.join(params)}; unknown: {', '.join(bad)}")
+    kwargs = {}
+    for n, v in given.items():
+        kind = params[n].annotation
+        try:
+            kwargs[n] = (v.lower() in ("1", "true", "yes") if "bool" in str(kind)
+                         else float(v) if "float" in str(kind) else int(v))
+        except ValueError:
+            raise click.BadParameter(f"{n}={v!r} is not a number") from None
+    if "bias" in params and "bias" not in kwargs:
+        kwargs["bias"] = bias
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise click.BadParameter(f"{op} needs {', '.join(missing)}")
+    return f(**kwargs, dtype=dtype)
+
+
 def _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt):
     from kernels.registry import Registry
 
-    from .cli import _parse_shape
     from .target import detect
-    from .workload import linear_workload
 
-    if op != "linear":
-        raise click.UsageError("--shape needs OP (one of: linear)")
     with _open(db_path) as d:
         target = d.target(target_key) if target_key else detect()
         if target is None:
             raise click.ClickException(f"no target {target_key!r} in {d.path}")
-    dims = _parse_shape(shape)
-    w = linear_workload(dims["m"], dims["n"], dims["k"], dtype or ("float16" if target.is_gpu else "float32"), bias)
+    w = shape_workload(op, shape, dtype or ("float16" if target.is_gpu else "float32"), bias)
     res = Registry(db_path=db_path or None, target=target).resolve(w)
     row = {"workload": w.name, "target": target.key, "answer": res.kind, "cause": res.cause,
            "why": res.reason, "bucket": res.bucket.name if res.bucket else None,

@@ -163,3 +163,34 @@ def test_default_db_from_env(path, monkeypatch):
 def test_main_cli_has_db():
     cli = pytest.importorskip("shapetune.cli")
     assert cli.main.commands.get("db") is db
+
+
+def test_shape_workload_for_every_op():
+    """`db best OP --shape` builds the workload a call of OP at that shape makes, for every family."""
+    from kernels.defs_attn import attention_workload
+    from kernels.defs_conv import conv2d_workload
+    from kernels.defs_norm import group_norm_workload
+    from shapetune.cli_db import shape_workload
+    from shapetune.workload import geglu_workload, linear_workload
+
+    f16 = "float16"
+    assert shape_workload("linear", "m=154,n=320,k=768", f16, False) == linear_workload(154, 320, 768, f16, False)
+    assert shape_workload("attention", "b=2,sq=4096,skv=77,h=8,d=40", f16, True) == \
+        attention_workload(2, 4096, 77, 8, 40, f16)
+    assert shape_workload("group_norm", "n=2,hw=4096,c=320,silu=1", f16, True) == \
+        group_norm_workload(2, 4096, 320, dtype=f16, silu=True)
+    assert shape_workload("conv2d", "n=2,h=8,w=8,ci=64,co=32,kh=1,kw=1,padding=0", f16, False) == \
+        conv2d_workload(2, 8, 8, 64, 32, 1, 1, padding=0, dtype=f16, bias=False)
+    assert shape_workload("geglu", "m=77,f=64,k=32", f16, True) == geglu_workload(77, 64, 32, f16)
+
+
+def test_best_shape_other_ops_and_errors(path):
+    out = json.loads(run("best", "attention", "--db", path, "--target", CPU.key, "--shape",
+                         "b=1,sq=20,skv=77,h=2,d=16", "--format", "json"))
+    assert out[0]["answer"] == "fallback" and out[0]["cause"] == "not_tuned"
+    assert out[0]["bucket"] == "attention_b1_sq17-32_skv65-128_h2_d16_f32"
+    assert "needs skv, h, d" in run("best", "attention", "--db", path, "--target", CPU.key,
+                                    "--shape", "b=1,sq=20", ok=False)
+    assert "unknown: q" in run("best", "layer_norm", "--db", path, "--target", CPU.key,
+                               "--shape", "m=3,c=4,q=1", ok=False)
+    assert "one of" in run("best", "nonsense", "--db", path, "--target", CPU.key, "--shape", "m=1", ok=False)
