@@ -34,6 +34,23 @@ def _rankdata(a: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def quality_at(latencies_in_rank_order: list[float], k: int) -> float:
+    """(true best latency) / (best latency among the first k): 1.0 when measuring the top k finds
+    the best candidate."""
+    return min(latencies_in_rank_order) / min(latencies_in_rank_order[:k])
+
+
+def random_quality_at(latencies: list[float], k: int) -> float:
+    """`quality_at` expected under a uniformly random order, exactly: the j-th fastest (0-based) is
+    the best of k drawn without replacement with probability C(n-1-j, k-1) / C(n, k)."""
+    import math
+
+    lat = sorted(latencies)
+    n, k = len(lat), min(k, len(lat))
+    total = math.comb(n, k)
+    return sum(math.comb(n - 1 - j, k - 1) / total * lat[0] / lat[j] for j in range(n - k + 1))
+
+
 def spearman(a, b) -> float:
     """Spearman rank correlation of two equal-length sequences (NaN if either is constant)."""
     ra, rb = _rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float))

@@ -177,3 +177,17 @@ def test_fit_few_thousand_rows_is_fast():
     dt = time.perf_counter() - t0
     print(f"\nfit on {len(results)} rows: {dt:.2f} s")
     assert m.is_trained and m.n_train == len(results) and dt < 5.0
+
+
+def test_quality_at_and_its_random_expectation():
+    """quality@k of a ranking, and its exact expectation under random order, against brute force."""
+    import itertools
+    import math
+
+    from cost_model.evaluate import quality_at, random_quality_at
+
+    lat = [3.0, 1.0, 2.0, 5.0, 4.0]
+    assert quality_at([1.0, 2.0, 3.0], 1) == 1.0 and quality_at([2.0, 1.0, 4.0], 1) == 0.5
+    for k in (1, 2, 3, 5, 9):
+        brute = [quality_at(list(p), k) for p in itertools.permutations(lat)]
+        assert math.isclose(random_quality_at(lat, k), sum(brute) / len(brute), rel_tol=1e-12)
