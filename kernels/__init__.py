@@ -12,4 +12,5 @@ from .linear import linear
 from .norm import group_norm, layer_norm
 from .registry import Registry, fallback_summary, get_registry, set_registry
 
-__all__ = ["Registry", "attention", "conv2d", "fallback_summary", "get_registry", "group_norm", "layer_norm", "linear", "set_registry"]
+__all__ = ["Registry", "attention", "conv2d", "fallback_summary", "geglu", "get_registry", "group_norm", "layer_norm",
+           "linear", "linear_gelu", "linear_residual", "set_registry"]

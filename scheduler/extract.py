@@ -328,6 +328,97 @@ def sd15_attention_workloads(
     return extract_workloads(unet, inputs, dtype=dtype, handlers={Attention: _attention_handler})
 
 
+def _silu_follows(module_name: str) -> bool:
+    """diffusers applies SiLU right after these GroupNorms (ResnetBlock2D norm1/norm2, UNet output)."""
+    return ".resnets." in module_name and module_name.rsplit(".", 1)[-1] in ("norm1", "norm2") \
+        or module_name == "conv_norm_out"
+
+
+def _residual_follows(module_name: str) -> bool:
+    """diffusers adds a residual right after these convs: ResnetBlock2D's conv2 (output =
+    shortcut(input) + conv2(h), output_scale_factor 1 in SD) and Transformer2DModel's 1x1 proj_out
+    (output = proj_out(h) + input, use_linear_projection False in SD 1.5)."""
+    return (".resnets." in module_name and module_name.endswith(".conv2")
+            or ".attentions." in module_name and module_name.endswith(".proj_out"))
+
+
+def _split_fused(ops: list[ExtractedOp], follows: Callable[[str], bool],
+                 fused: Callable[[Workload, bool], Workload | None]) -> list[ExtractedOp]:
+    """Split each op's modules by whether `follows(module name)` (an elementwise op diffusers runs
+    right after it), into the workload `fused(w, flag)` (None: keep w); calls are shared pro rata."""
+    out: dict = {}
+    for op in ops:
+        groups = {f: [m for m in op.modules if follows(m) == f] for f in (False, True)}
+        for flag, mods in groups.items():
+            if not mods:
+                continue
+            ww = fused(op.workload, flag) or op.workload
+            calls = round(op.calls * len(mods) / len(op.modules))
+            prev = out.get(ww)
+            out[ww] = ExtractedOp(ww, (prev.modules if prev else ()) + tuple(mods), (prev.calls if prev else 0) + calls)
+    return list(out.values())
+
+
+def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
+                        fuse_silu: bool = True) -> list[ExtractedOp]:
+    """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass; GroupNorms
+    that diffusers follows with SiLU become group_norm(+silu) workloads (fused) with `fuse_silu`."""
+    from kernels.defs_norm import eps_of, group_norm_workload
+    from scheduler.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet(device="meta")
+    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
+                            handlers={k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)})
+
+    def fused(w, silu):
+        if w.op != "group_norm" or not silu:
+            return None
+        d = w.dim
+        return group_norm_workload(d["n"], d["hw"], d["c"], d["g"], dtype, eps_of(w), True)
+
+    return _split_fused(ops, _silu_follows if fuse_silu else (lambda m: False), fused)
+
+
+def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
+                        fuse_residual: bool = True) -> list[ExtractedOp]:
+    """The distinct conv2d workloads of one SD 1.5 UNet forward pass; convs whose output diffusers
+    adds a residual to become conv2d(+residual) workloads (fused) with `fuse_residual`."""
+    from kernels.defs_conv import conv2d_workload, stride_padding
+    from scheduler.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet(device="meta")
+    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
+                            handlers={nn.Conv2d: HANDLERS[nn.Conv2d]})
+
+    def fused(w, residual):
+        if not residual:
+            return None
+        d, (st, pad) = w.dim, stride_padding(w)
+        return conv2d_workload(d["n"], d["h"], d["w"], d["ci"], d["co"], d["kh"], d["kw"], st, pad, dtype,
+                               "bias" in w.epilogue, True)
+
+    return _split_fused(ops, _residual_follows if fuse_residual else (lambda m: False), fused)
+
+
+#: family -> the function listing its SD 1.5 UNet workloads (batch, height, width, dtype keywords)
+SD15_FAMILIES = {
+    "linear": lambda **kw: sd15_linear_workloads(**kw),
+    "geglu": lambda **kw: sd15_geglu_workloads(**kw),
+    "norms": lambda **kw: sd15_norm_workloads(**kw),
+    "conv": lambda **kw: sd15_conv_workloads(**kw),
+    "attention": lambda **kw: sd15_attention_workloads(**kw),
+}
+
+
+def sd15_workloads(families=tuple(SD15_FAMILIES), batch: int = 2, height: int = 512, width: int = 512,
+                   dtype: str = "float16") -> list[ExtractedOp]:
+    """Every distinct workload of the named op families in one SD 1.5 UNet forward pass."""
+    out = []
+    for f in families:
+        out += SD15_FAMILIES[f](batch=batch, height=height, width=width, dtype=dtype)
+    return out
+
+
 def save_workload_file(path: str | Path, workloads: Iterable[Workload | ExtractedOp], meta: dict | None = None) -> None:
     """Write workloads as JSON ``{"workloads": [w.to_json(), ...]}`` (what ``shapetune tune`` reads).
 

@@ -19,46 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch import nn  # noqa: E402
-
-from kernels.defs_conv import conv2d_flops, conv2d_workload, stride_padding  # noqa: E402
+from kernels.defs_conv import conv2d_flops  # noqa: E402
 from scheduler import jobs  # noqa: E402
-from scheduler.extract import HANDLERS, ExtractedOp, extract_workloads, sd15_unet_inputs  # noqa: E402
-
-
-def _residual_follows(module_name: str) -> bool:
-    """diffusers adds a residual right after these convs: ResnetBlock2D's conv2 (output =
-    shortcut(input) + conv2(h), output_scale_factor 1 in SD) and Transformer2DModel's 1x1 proj_out
-    (output = proj_out(h) + input, use_linear_projection False in SD 1.5)."""
-    return (".resnets." in module_name and module_name.endswith(".conv2")
-            or ".attentions." in module_name and module_name.endswith(".proj_out"))
-
-
-def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
-                        fuse_residual: bool = True) -> list[ExtractedOp]:
-    """The distinct conv2d workloads of one SD 1.5 UNet forward pass."""
-    from scheduler.sd_configs import build_sd15_unet
-
-    unet = build_sd15_unet(device="meta")
-    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
-                            handlers={nn.Conv2d: HANDLERS[nn.Conv2d]})
-    out: dict = {}
-    for op in ops:
-        w = op.workload
-        groups = {False: list(op.modules)}
-        if fuse_residual:
-            groups = {r: [m for m in op.modules if _residual_follows(m) == r] for r in (False, True)}
-        for res, mods in groups.items():
-            if not mods:
-                continue
-            d, (s, p) = w.dim, stride_padding(w)
-            ww = conv2d_workload(d["n"], d["h"], d["w"], d["ci"], d["co"], d["kh"], d["kw"], s, p, dtype,
-                                 "bias" in w.epilogue, res)
-            calls = round(op.calls * len(mods) / len(op.modules))
-            prev = out.get(ww)
-            out[ww] = ExtractedOp(ww, (prev.modules if prev else ()) + tuple(mods),
-                                  (prev.calls if prev else 0) + calls)
-    return list(out.values())
+from scheduler.extract import sd15_conv_workloads  # noqa: E402
 
 
 def main():

@@ -18,68 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch import nn  # noqa: E402
-
-from kernels.defs_norm import group_norm_workload  # noqa: E402
 from scheduler import jobs  # noqa: E402
-from scheduler.extract import HANDLERS, ExtractedOp, extract_workloads, sd15_unet_inputs  # noqa: E402
-
-
-def _silu_follows(module_name: str) -> bool:
-    """diffusers applies SiLU right after these GroupNorms (ResnetBlock2D, UNet output)."""
-    return ".resnets." in module_name and module_name.rsplit(".", 1)[-1] in ("norm1", "norm2") \
-        or module_name == "conv_norm_out"
-
-
-def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
-                        fuse_silu: bool = True) -> list[ExtractedOp]:
-    """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass."""
-    from scheduler.sd_configs import build_sd15_unet
-
-    unet = build_sd15_unet(device="meta")
-    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
-                            handlers={k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)})
-    out: dict = {}
-    for op in ops:
-        w = op.workload
-        groups = {False: list(op.modules)}
-        if w.op == "group_norm" and fuse_silu:
-            groups = {s: [m for m in op.modules if _silu_follows(m) == s] for s in (False, True)}
-        for silu, mods in groups.items():
-            if not mods:
-                continue
-            d = w.dim
-            ww = group_norm_workload(d["n"], d["hw"], d["c"], d["g"], dtype, float(w.layout.split("eps=")[1]),
-                                     silu) if w.op == "group_norm" else w
-            calls = round(op.calls * len(mods) / len(op.modules))
-            prev = out.get(ww)
-            out[ww] = ExtractedOp(ww, (prev.modules if prev else ()) + tuple(mods), (prev.calls if prev else 0) + calls)
-    return list(out.values())
-
-
-def copy_us(w, repeats: int = 50) -> float:
-    """Median time of a device-to-device copy of x (CUDA events, GPU kept busy, rotated buffers)."""
-    import math
-
-    import torch
-
-    from kernels.defs import opdef
-    from scheduler.runner import RunOptions, _time
-
-    opts = RunOptions(repeats=repeats)
-    dev = torch.device("cuda")
-    x = opdef(w.op).inputs(w, dev, torch.Generator(device=dev).manual_seed(0))[0]
-    n = max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / (2 * x.numel() * x.element_size()))))
-    sets = [(x.clone(), torch.empty_like(x)) for _ in range(n)]
-    samples = _time(lambda s: s[1].copy_(s[0]), sets, opts, True)
-    return sorted(samples)[len(samples) // 2]
+from scheduler.extract import sd15_norm_workloads  # noqa: E402
 
 
 def bandwidth(rep) -> dict:
-    """Achieved bandwidth of the tuned kernel and of torch, as fractions of a copy of the same bytes."""
+    """Achieved bandwidth of the tuned kernel and of torch, as fractions of a device copy moving the
+    op's minimal bytes (x read once + y written once), timed like a kernel in this run."""
+    from scheduler.runner import COPY, RunOptions, measure_one
+    from shapetune.target import detect
+
     w = rep.workload
-    x_bytes = 2 * (w.dim["n"] * w.dim["hw"] * w.dim["c"] if w.op == "group_norm" else w.dim["m"] * w.dim["c"])
-    moved, cp = 2 * x_bytes, copy_us(w)  # x read once + y written once: the minimum
+    r = measure_one(w.to_json(), detect().to_json(), COPY, RunOptions(), 0)
+    cp = r["latency"]["median_us"]
+    moved = 2 * 2 * (w.dim["n"] * w.dim["hw"] * w.dim["c"] if w.op == "group_norm" else w.dim["m"] * w.dim["c"])
     best_us = rep.best.latency.median_us if rep.best else None
     return {"copy_us": cp, "copy_gbps": moved / cp / 1e3,
             "best_gbps": moved / best_us / 1e3 if best_us else None,

@@ -19,12 +19,8 @@ PRESETS = {
 }
 
 
-def _parse_shape(text: str) -> dict[str, int]:
-    try:
-        dims = dict(part.split("=") for part in text.replace(" ", "").split(","))
-        return {k: int(v) for k, v in dims.items()}
-    except ValueError:
-        raise click.BadParameter(f"expected m=..,n=..,k=.., got {text!r}") from None
+OPS = ["linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention"]
+SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", "sd15-attention"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,11 +33,15 @@ main.add_command(db)
 
 
 @main.command()
-@click.option("--op", default="linear", show_default=True, type=click.Choice(["linear"]))
-@click.option("--shape", "shapes", multiple=True, help="m=..,n=..,k=.. (repeatable).")
+@click.option("--op", default="linear", show_default=True, type=click.Choice(OPS), help="The op of --shape.")
+@click.option("--shape", "shapes", multiple=True,
+              help="Repeatable. linear: m=..,n=..,k=..; other ops: their workload's parameters, e.g. "
+                   "--op attention --shape b=2,sq=1024,skv=77,h=8,d=80 (see `shapetune db best --help`).")
 @click.option("--workloads", "workload_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON workload file (scripts/extract_workloads.py --out).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Built-in workload set (default: demo).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS) + SD15_PRESETS),
+              help="Built-in workload set (default: demo, a few GEMMs). sd15: every op family's workloads of "
+                   "the SD 1.5 UNet at batch 2, 512² (100; GPU-sized); sd15-<family>: one family.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]),
               help="Default: float16 on cuda, float32 on llvm.")
 @click.option("--bias/--no-bias", default=True, show_default=True, help="For --shape workloads.")
@@ -76,12 +76,19 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     dtype = dtype or ("float16" if target.is_gpu else "float32")
-    workloads = [linear_workload(s["m"], s["n"], s["k"], dtype, bias) for s in map(_parse_shape, shapes)]
+    from .cli_db import shape_workload
+
+    workloads = [shape_workload(op, s, dtype, bias) for s in shapes]
     if workload_file:
         from scheduler.extract import load_workload_file
 
         workloads += load_workload_file(workload_file)
-    if preset or not workloads:
+    if preset in SD15_PRESETS:
+        from scheduler.extract import SD15_FAMILIES, sd15_workloads
+
+        fams = tuple(SD15_FAMILIES) if preset == "sd15" else (preset.split("-", 1)[1],)
+        workloads += [o.workload for o in sd15_workloads(fams, dtype=dtype)]
+    elif preset or not workloads:
         workloads += [linear_workload(m, n, k, dtype, b) for m, n, k, b in PRESETS[preset or "demo"][target.kind]]
     if buckets:
         from .buckets import DEFAULT
@@ -144,7 +151,8 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
                   f(r["vendor_us"]), f(r["speedup_vs_vendor"], 3), escape(r["best"] or "-"))
     Console(width=max(160, Console().width)).print(t)
     click.echo(f"DB: {db_path}  (query it: shapetune db best --db {db_path})")
-    click.echo("vendor/best > 1: the tuned kernel is faster and kernels.linear uses it; otherwise it falls back.")
+    click.echo("vendor/best > 1: the tuned kernel is faster and the op (kernels.linear, ...) uses it; "
+               "otherwise it falls back to torch's.")
 
 
 if __name__ == "__main__":

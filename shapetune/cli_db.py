@@ -231,7 +231,7 @@ def shape_workload(op: str, shape: str, dtype: str, bias: bool):
     try:
         given = dict(part.split("=") for part in shape.replace(" ", "").split(","))
     except ValueError:
-        raise click.BadParameter(f"expected name=value,..., got {shape!r}") from None
+        raise click.BadParameter(f"expected name=value,... (linear: m=..,n=..,k=..), got {shape!r}") from None
     bad = sorted(set(given) - set(params))
     if bad:
         raise click.BadParameter(f"{op} takes {', '.join(params)}; unknown: {', '.join(bad)}")

@@ -49,3 +49,24 @@ def test_version_and_help():
     assert _run("--version").exit_code == 0
     out = _run("--help")
     assert "tune" in out.output and "db" in out.output
+
+
+def test_tune_other_op_families_by_shape(tmp_path):
+    """--op with its workload's parameters: attention (cross, 77 keys) tuned and verified on llvm."""
+    db = tmp_path / "t.db"
+    out = _run("tune", "--target", "llvm", "--op", "attention", "--shape", "b=1,sq=9,skv=77,h=2,d=8",
+               "--trials", "2", "--batch", "2", "--db", str(db), "--format", "json")
+    rows = json.loads(out.stdout)["workloads"]
+    assert [r["workload"] for r in rows] == ["attention_b1_sq9_skv77_h2_d8_f32"] and rows[0]["ok"] >= 1
+    bad = CliRunner().invoke(main, ["tune", "--target", "llvm", "--op", "layer_norm", "--shape", "m=4",
+                                    "--db", str(db)])
+    assert bad.exit_code != 0 and "needs c" in bad.output
+
+
+def test_sd15_presets_cover_every_family():
+    from scheduler.extract import SD15_FAMILIES, sd15_workloads
+    from shapetune.cli import SD15_PRESETS
+
+    assert set(SD15_PRESETS) == {"sd15"} | {f"sd15-{f}" for f in SD15_FAMILIES}
+    ops = {o.workload.op for o in sd15_workloads()}
+    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention"}

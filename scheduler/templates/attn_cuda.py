@@ -93,7 +93,6 @@ def smem_bytes(d: int, kn: dict) -> int:
 
 def attention_kernel(workload, kn: dict):
     """The PrimFunc main(q, k, v, o) for this workload and knobs."""
-    import tvm
     from tvm import tirx
     from tvm.script import tirx as T
 
