@@ -10,7 +10,8 @@ from .conv import conv2d
 from .fused import geglu, linear_gelu, linear_residual
 from .linear import linear
 from .norm import group_norm, layer_norm
+from .patch import patch, unpatch
 from .registry import Registry, fallback_summary, get_registry, set_registry
 
 __all__ = ["Registry", "attention", "conv2d", "fallback_summary", "geglu", "get_registry", "group_norm", "layer_norm",
-           "linear", "linear_gelu", "linear_residual", "set_registry"]
+           "linear", "linear_gelu", "linear_residual", "patch", "set_registry", "unpatch"]
