@@ -143,3 +143,23 @@ def test_unpatch_restores_torch_forwards():
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         patch(object())
+
+
+def test_bench_e2e_smoke(tmp_path, monkeypatch):
+    """scripts/bench_e2e.py end to end on the tiny UNet (CPU): every mode runs and matches eager."""
+    import json
+    import runpy
+    import sys
+
+    out = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--modes", "eager,eager_cl,shapetune",
+                                      "--iters", "2", "--warmup", "1", "--json", str(out)])
+    prev = kernels.get_registry()
+    try:
+        runpy.run_path("scripts/bench_e2e.py", run_name="__main__")
+    finally:
+        kernels.set_registry(prev)
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"eager", "eager_cl", "shapetune"}
+    assert all(r["rel_l2_vs_eager"] < 1e-5 and r["us"] > 0 for r in rows.values())
+    assert sum(rows["shapetune"]["calls"]["attention"].values()) == 8 * 4  # 8 attentions x (1 warm-up + 2 timed + parity)
