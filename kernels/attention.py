@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .defs_attn import attention_workload
 from .registry import get_registry
-from .runtime import call_on_current_stream
+from .runtime import call_on_current_stream, call_op, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
@@ -42,7 +42,7 @@ def _torch(q, k, v, scale):
     return o.transpose(1, 2).contiguous()
 
 
-@torch.library.custom_op("shapetune::attention", mutates_args=())
+@shapetune_op("attention")
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     _check(q, k, v)
     b, sq, h, d = q.shape
@@ -116,5 +116,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Optional
             raise ValueError(f"shapetune.attention: 3-D inputs need heads dividing {q.shape[-1]}, got {heads}")
         q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out = torch.ops.shapetune.attention(q, k, v, scale)
+    out = call_op("attention", q, k, v, scale)
     return out.flatten(-2) if flat else out

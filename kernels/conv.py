@@ -19,7 +19,7 @@ import torch
 
 from .defs_conv import conv2d_workload
 from .registry import get_registry
-from .runtime import call_on_current_stream
+from .runtime import call_on_current_stream, call_op, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 CL = torch.channels_last
@@ -88,7 +88,7 @@ def _torch_conv(x, weight, bias, stride, padding, residual):
     return y.contiguous(memory_format=CL)
 
 
-@torch.library.custom_op("shapetune::conv2d", mutates_args=())
+@shapetune_op("conv2d")
 def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     ho, wo = _check(x, weight, bias, stride, padding, residual)
@@ -160,4 +160,4 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     -------
     Tensor [N, Co, Ho, Wo] in channels_last memory, x's dtype.
     """
-    return torch.ops.shapetune.conv2d(x, weight, bias, int(stride), int(padding), residual)
+    return call_op("conv2d", x, weight, bias, int(stride), int(padding), residual)

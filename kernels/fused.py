@@ -16,7 +16,7 @@ from shapetune.workload import geglu_workload, linear_workload
 
 from .linear import SUPPORTED, _check
 from .registry import get_registry
-from .runtime import call_on_current_stream
+from .runtime import call_on_current_stream, call_op, shapetune_op
 
 
 def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,
@@ -39,7 +39,7 @@ def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_wo
 
 
 # -- linear_gelu: gelu(x·Wᵀ + b) ---------------------------------------------------------------------
-@torch.library.custom_op("shapetune::linear_gelu", mutates_args=())
+@shapetune_op("linear_gelu")
 def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check(x, weight, bias)
     n, k = weight.shape
@@ -65,7 +65,7 @@ def _check_residual(x, weight, residual):
         raise ValueError("shapetune.linear_residual: residual must have x's dtype and device")
 
 
-@torch.library.custom_op("shapetune::linear_residual", mutates_args=())
+@shapetune_op("linear_residual")
 def _linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      residual: torch.Tensor) -> torch.Tensor:
     _check(x, weight, bias)
@@ -98,7 +98,7 @@ def _geglu_unfused(x, weight, bias):
     return h * F.gelu(g)
 
 
-@torch.library.custom_op("shapetune::geglu", mutates_args=())
+@shapetune_op("geglu")
 def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     _check_geglu(x, weight, bias)
     f2, k = weight.shape
@@ -122,7 +122,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     x [..., in] float16 (GPU) / float32 (CPU); weight [out, in]; bias [out] or None; same dtype and
     device. Returns [..., out] in x's dtype.
     """
-    return torch.ops.shapetune.linear_gelu(x, weight, bias)
+    return call_op("linear_gelu", x, weight, bias)
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -132,7 +132,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     x [..., in]; weight [out, in]; bias [out] or None; residual [..., out] (exactly the output's
     shape, no broadcasting); one dtype (float16 GPU / float32 CPU) and device. Returns [..., out].
     """
-    return torch.ops.shapetune.linear_residual(x, weight, bias, residual)
+    return call_op("linear_residual", x, weight, bias, residual)
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -142,4 +142,4 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
     bias [2f]; one dtype (float16 GPU / float32 CPU) and device. Returns [..., f]; the [.., 2f]
     projection is never materialized.
     """
-    return torch.ops.shapetune.geglu(x, weight, bias)
+    return call_op("geglu", x, weight, bias)

@@ -10,7 +10,7 @@ from shapetune.workload import linear_workload
 
 from .defs import TORCH_DTYPE
 from .registry import get_registry
-from .runtime import call_on_current_stream
+from .runtime import call_on_current_stream, call_op, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 _DTYPE_NAME = {v: k for k, v in TORCH_DTYPE.items()}
@@ -30,7 +30,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         raise ValueError(f"shapetune.linear: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-@torch.library.custom_op("shapetune::linear", mutates_args=())
+@shapetune_op("linear")
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check(x, weight, bias)
     n, k = weight.shape
@@ -90,4 +90,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     -------
     Tensor [..., out_features], x's dtype. Non-contiguous inputs are copied to contiguous first.
     """
-    return torch.ops.shapetune.linear(x, weight, bias)
+    return call_op("linear", x, weight, bias)

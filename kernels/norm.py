@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .defs_norm import group_norm_workload, layer_norm_workload
 from .registry import get_registry
-from .runtime import call_on_current_stream
+from .runtime import call_on_current_stream, call_op, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
@@ -50,7 +50,7 @@ def _gn_out_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("shapetune::group_norm", mutates_args=())
+@shapetune_op("group_norm")
 def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float, silu: bool) -> torch.Tensor:
     _check_gn(x, num_groups, weight, bias)
@@ -132,7 +132,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     -------
     Tensor of x's shape and dtype: channels_last for a 4-D x, contiguous for a 3-D x.
     """
-    return torch.ops.shapetune.group_norm(x, num_groups, weight, bias, float(eps), bool(silu))
+    return call_op("group_norm", x, num_groups, weight, bias, float(eps), bool(silu))
 
 
 # -- layer_norm -------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def _check_ln(x: torch.Tensor, weight, bias):
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-@torch.library.custom_op("shapetune::layer_norm", mutates_args=())
+@shapetune_op("layer_norm")
 def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float) -> torch.Tensor:
     _check_ln(x, weight, bias)
@@ -211,4 +211,4 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     -------
     Tensor [..., C], x's dtype, contiguous. Non-contiguous inputs are copied to contiguous first.
     """
-    return torch.ops.shapetune.layer_norm(x, weight, bias, float(eps))
+    return call_op("layer_norm", x, weight, bias, float(eps))

@@ -58,3 +58,50 @@ def call_on_current_stream(fn, args, is_gpu: bool):
     dev = args[-1].device
     with tvm_ffi.StreamContext(tvm_ffi.device(f"cuda:{dev.index or 0}"), stream.cuda_stream):
         fn(*args)
+
+
+# -- custom ops: registration and a direct path for plain inference calls ---------------------------
+_RAW: dict = {}  # op name -> the undecorated implementation
+_OPS: dict = {}  # op name -> torch.ops.shapetune.<name>
+
+
+def shapetune_op(name: str):
+    """`torch.library.custom_op("shapetune::<name>", mutates_args=())` that also keeps the plain
+    function, so `call_op` can run it without the dispatcher where the dispatcher adds nothing."""
+    import torch
+
+    def deco(fn):
+        _RAW[name] = fn
+        return torch.library.custom_op(f"shapetune::{name}", mutates_args=())(fn)
+
+    return deco
+
+
+def direct_ok(args) -> bool:
+    """Whether calling an op's implementation directly is what the dispatcher would do anyway:
+    plain tensors, no autograd to record, no tracing (torch.compile), no functorch transform (vmap,
+    grad), no dispatch or function modes (FakeTensor, device contexts)."""
+    import torch
+
+    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+def call_op(name: str, *args):
+    """torch.ops.shapetune.<name>(*args), skipping the custom-op dispatch (~30-45 µs of Python per
+    call on the CPU dev box, against ~0.3 µs for the registry lookup) when `direct_ok`: a patched
+    diffusers UNet makes ~1000 op calls per step."""
+    if direct_ok(args):
+        return _RAW[name](*args)
+    op = _OPS.get(name)
+    if op is None:
+        import torch
+
+        op = _OPS[name] = getattr(torch.ops.shapetune, name)
+    return op(*args)

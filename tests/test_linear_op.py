@@ -103,3 +103,24 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         y = torch.ops.shapetune.linear(torch.empty(2, 9, 16), torch.empty(32, 16), torch.empty(32))
     assert y.shape == (2, 9, 32)
+
+
+def test_direct_path_only_where_the_dispatcher_adds_nothing(registry):
+    """call_op runs an op's implementation directly for plain inference calls (no dispatcher cost)
+    and goes through torch.ops wherever autograd, tracing, functorch or a mode needs it; both paths
+    give the same result."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels.runtime import direct_ok
+
+    x, w, b = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8)
+    assert direct_ok((x, w, b)) and direct_ok((x, w, None))
+    assert not direct_ok((x, w.requires_grad_(True), b))  # autograd must record
+    with torch.no_grad():
+        assert direct_ok((x, w, b))  # ... not under no_grad
+        with torch.device("cpu"):
+            assert not direct_ok((x, w, b))  # a function mode is active
+        with FakeTensorMode():
+            assert not direct_ok((x, w, b))
+        assert bool(torch.func.vmap(lambda r: torch.tensor(float(not direct_ok((r, w, b)))))(x).all())
+        torch.testing.assert_close(kernels.linear(x, w, b), torch.ops.shapetune.linear(x, w, b))
