@@ -155,6 +155,38 @@ class Registry:
                               vendor=res.vendor, bucket=res.bucket, cause="load_failed")
         return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
 
+    def prebuild(self, jobs: int | None = None, timeout_s: float = 600) -> dict[str, int]:
+        """Build every kernel this registry would dispatch to (each workload's best record, where
+        it beats the vendor path if require_faster) into the kernel cache, in parallel isolated
+        processes, so no call builds one on first use. Returns {"cached", "built", "failed"}."""
+        from scheduler.builder import artifact_name, build_one, preload_for
+        from scheduler.isolation import IsolatedPool
+
+        index = self._load_index()
+        out = {"cached": 0, "built": 0, "failed": 0}
+        if index is None:
+            return out
+        best, vendors = index
+        cache = config.kernel_cache_dir(self.target.key)
+        todo = []
+        for w, rec in best.items():
+            v = vendors.get(w)
+            if self.require_faster and v is not None and v.latency.median_us <= rec.latency.median_us:
+                continue
+            if (cache / artifact_name(w, rec.candidate)).exists():
+                out["cached"] += 1
+            else:
+                todo.append((w.to_json(), self.target.to_json(), rec.candidate.to_json(), str(cache)))
+        if todo:
+            cache.mkdir(parents=True, exist_ok=True)
+            pool = IsolatedPool(jobs or config.build_jobs(), preload=preload_for(self.target))
+            try:
+                for r in pool.run_all(build_one, todo, timeout_s):
+                    out["failed" if isinstance(r, BaseException) else "built"] += 1
+            finally:
+                pool.close()
+        return out
+
     def count(self, op: str, res: Resolution):
         self.calls[(op, "tuned" if res.fn is not None else res.cause)] += 1
 

@@ -111,7 +111,11 @@ def main():
                     db.add_results(src.results())
                     for b in src.baselines():
                         db.add_baseline(b)
-    set_registry(Registry(db_path=db_path, target=target))
+    reg = Registry(db_path=db_path, target=target)
+    set_registry(reg)
+    t0 = time.time()
+    built = reg.prebuild()  # every dispatched kernel compiled up front, in parallel (not on first call)
+    print(f"kernels: {built} in {time.time() - t0:.0f} s")
 
     unet = build(a.tiny, dev, dtype)
     x = inputs(a.tiny, a.batch, a.res, dev, dtype)

@@ -163,3 +163,14 @@ def test_bench_e2e_smoke(tmp_path, monkeypatch):
     assert set(rows) == {"eager", "eager_cl", "shapetune"}
     assert all(r["rel_l2_vs_eager"] < 1e-5 and r["us"] > 0 for r in rows.values())
     assert sum(rows["shapetune"]["calls"]["attention"].values()) == 8 * 4  # 8 attentions x (1 warm-up + 2 timed + parity)
+
+
+def test_registry_prebuild_fills_the_kernel_cache(tuned_db, tmp_path, monkeypatch):
+    """Registry.prebuild builds every dispatched kernel in parallel; the next call loads, never builds."""
+    from kernels.registry import Registry
+
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    reg = Registry(db_path=tuned_db, target=detect("llvm"), require_faster=False)
+    first = reg.prebuild(jobs=2)
+    assert first["built"] >= 4 and first["failed"] == 0
+    assert reg.prebuild(jobs=2) == {"cached": first["built"], "built": 0, "failed": 0}
