@@ -228,3 +228,39 @@ def test_cuda_split_template_builds_with_one_group_per_thread(w):
         assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 2, str(cand)  # two kernel definitions
         sizes = [int(n) for n in re.findall(r"float stats_local_ptr\[(\d+)\]", src)]
         assert sizes == [2], (str(cand), sizes)
+
+
+def test_row_stats_definition_matches_reference_on_llvm():
+    """norm_cuda_rows' three-stage definition (per-chunk, per-channel partial sums -> per-group sums
+    -> normalize) computes group_norm: compiled unscheduled for the CPU, against float64."""
+    import tvm
+
+    from scheduler.templates.norm_cuda_rows import row_stats_group_norm
+
+    od = opdef("group_norm")
+    for w, chunk in ((group_norm_workload(2, 64, 96, 8, "float32", silu=True), 16),
+                     (group_norm_workload(1, 32, 64, 32, "float32"), 8)):
+        fn = tvm.compile(tvm.IRModule({"main": row_stats_group_norm(w, chunk)}), target="llvm")["main"]
+        ins = od.inputs(w, "cpu", torch.Generator().manual_seed(0))
+        out = od.output(w, "cpu").fill_(float("nan"))
+        fn(*ins, out)
+        chk = check_output(out, od.reference(w, ins), w.dtype)
+        assert chk.ok, chk.reason
+
+
+@pytest.mark.parametrize("w", [group_norm_workload(2, 4096, 320, 32, silu=True), group_norm_workload(2, 64, 2560, 32)],
+                         ids=lambda w: w.name)
+def test_cuda_rows_template_builds_three_kernels(w):
+    import re
+
+    import tvm
+
+    tgt, t = cuda_target(), templates.get("norm_cuda_rows")
+    space = t.space(w, tgt)
+    assert space and not t.applies(group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)), tgt)
+    for cand in space[:: max(1, len(space) // 3)]:
+        with tgt.tvm_target():
+            src = tvm.compile(t.apply(w, tgt, cand), target=tgt.tvm_target()).mod.imports[0].inspect_source()
+        assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 3, str(cand)
+        # the row pass accumulates in registers (2 sums x vec channels), not in global memory
+        assert re.findall(r"float partial_local_ptr\[(\d+)\]", src) == [str(2 * cand.knob["vec"])], str(cand)

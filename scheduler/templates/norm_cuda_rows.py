@@ -1,0 +1,151 @@
+"""CUDA group_norm whose statistics pass reads whole NHWC rows: three kernels, every access coalesced.
+
+Why: a group of SD's NHWC GroupNorm is C/G = 10..80 channels of each position, i.e. runs of
+20..160 bytes every C*2 bytes. Reading group by group (norm_cuda, norm_cuda_split) leaves DRAM
+sectors partly used, and at 4096 positions those kernels reached 0.43-0.51 of a device copy's
+bandwidth on the H200 (2026-11-27). Here:
+
+  kernel 1 (row partials)  grid n x (hw / P): block (n, chunk) walks its P positions; thread j owns
+                           channels [vec*j, vec*j + vec) and sums x and x^2 of them over the chunk
+                           (a warp reads 32*vec contiguous channels per position: full sectors),
+                           writing partials[n, chunk, c, 2];
+  kernel 2 (group stats)   grid n*g: block (n, g) reduces its chunks x C/G partials (cross-thread);
+  kernel 3 (normalize)     memory order, one vector of `vec_y` channels of one group per thread, its
+                           group's two sums read from the stats (L1/L2 hits).
+
+DRAM traffic: x once (kernel 1), partials (n*hw/P*C*8 bytes: 1/16 of x at P = 64 in fp16), x again
+(kernel 3; SD's activations fit the 50/60 MB L2) and y once. Only for concrete shapes whose hw is a
+multiple of P (the SD shapes); buckets stay with norm_cuda.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cost_model import dtype_bytes
+from kernels.defs_norm import _normalize, eps_of
+
+from .base import Template, register
+from .norm_cuda import inline_elementwise
+
+
+def row_stats_group_norm(wl, chunk: int):
+    """group_norm(x, w, b) -> y via per-(chunk, channel) partial sums, then per-group sums."""
+    from tvm import te, tirx
+
+    d = wl.dim
+    n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
+    cg, nch = c // g, hw // chunk
+    acc = wl.acc_dtype
+    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+    rp = te.reduce_axis((0, chunk), "rp")
+
+    def term(i, k, ch, t):
+        v = x[i, ch * chunk + rp, k].astype(acc)
+        return tirx.Select(t == 0, v, v * v)
+
+    part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(term(i, k, ch, t), axis=rp), name="partial")
+    rch, rcc = te.reduce_axis((0, nch), "rch"), te.reduce_axis((0, cg), "rcc")
+    st = te.compute((n, g, 2), lambda i, j, t: te.sum(part[i, rch, j * cg + rcc, t], axis=[rch, rcc]),
+                    name="stats")
+    s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
+    s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
+    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), acc), eps_of(wl), (n, hw, c),
+                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
+    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+class NormCudaRows(Template):
+    name = "norm_cuda_rows"
+    ops = ("group_norm",)
+    kinds = ("cuda",)
+    knob_choices = {
+        "chunk": (16, 32, 64, 128),  # P: positions per kernel-1 block
+        "vec": (1, 2, 4),  # kernel 1: channels per thread
+        "threads_s": (64, 128, 256),  # kernel 2
+        "threads_y": (128, 256),  # kernel 3
+        "vec_y": (1, 2, 4, 8),  # kernel 3: channels per thread (one group)
+    }
+
+    def applies(self, workload, target):
+        return super().applies(workload, target) and not workload.dynamic
+
+    def valid(self, workload, target, kn):
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        eb = dtype_bytes(workload.dtype)
+        if d["hw"] % kn["chunk"] or d["c"] % kn["vec"] or d["c"] // kn["vec"] > 1024:
+            return False
+        if cg % kn["vec_y"] or kn["vec_y"] * eb > 16 or d["n"] * d["hw"] * d["c"] // kn["vec_y"] % kn["threads_y"]:
+            return False
+        return kn["threads_s"] <= max(64, d["hw"] // kn["chunk"] * cg)  # no mostly idle stats blocks
+
+    def apply(self, workload, target, candidate):
+        import tvm
+        from tvm import s_tir
+
+        kn = candidate.knob
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        sch = s_tir.Schedule(tvm.IRModule({"main": row_stats_group_norm(workload, kn["chunk"])}))
+        for name in ("sum", "sqsum"):
+            sch.compute_inline(sch.get_sblock(name))
+        inline_elementwise(sch)
+
+        # kernel 1: block (n, chunk), thread over channel vectors, serial over t and positions
+        # (sums in registers, written out once; x loaded once per position as one vector for both sums)
+        part = sch.get_sblock("partial")
+        pn, pch, pc, pt, prp = sch.get_loops(part)
+        pco, pcv = sch.split(pc, [None, kn["vec"]])
+        sch.reorder(pn, pch, pco, prp, pt, pcv)
+        sch.bind(sch.fuse(pn, pch), "blockIdx.x")
+        sch.bind(pco, "threadIdx.x")
+        acc = sch.cache_write(part, 0, "local")
+        sch.reverse_compute_at(acc, pco, preserve_unit_loops=True)
+        xl = sch.cache_read(part, 0, "local", consumer_blocks=[part])
+        sch.compute_at(xl, prp, preserve_unit_loops=True)
+        if kn["vec"] > 1:
+            sch.vectorize(sch.get_loops(xl)[-1])
+
+        # kernel 2: block (n, g), threads over (chunks x C/G) partials
+        st = sch.get_sblock("stats")
+        sn, sg, stt, srch, srcc = sch.get_loops(st)
+        sch.bind(sch.fuse(sn, sg), "blockIdx.x")
+        r_s, tx = sch.split(sch.fuse(srch, srcc), [None, kn["threads_s"]])
+        sch.reorder(stt, tx, r_s)
+        sch.bind(tx, "threadIdx.x")
+
+        # kernel 3: memory order, (n, hw, g, c % (C/G)) so each thread's group is a loop of its own
+        y = sch.get_sblock("y")
+        sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
+        yn, yh, yg, yc = sch.get_loops(y)
+        yco, yv = sch.split(yc, [None, kn["vec_y"]])
+        ybx, ty = sch.split(sch.fuse(yn, yh, yg, yco), [None, kn["threads_y"]])
+        sch.bind(ybx, "blockIdx.x")
+        sch.bind(ty, "threadIdx.x")
+        sch.vectorize(yv)
+        return sch.mod
+
+    def features(self, workload, target, kn):
+        d = workload.dim
+        cg = d["c"] // d["g"]
+        eb = dtype_bytes(workload.dtype)
+        x_bytes = d["n"] * d["hw"] * d["c"] * eb
+        blocks1 = d["n"] * d["hw"] // kn["chunk"]
+        return {
+            "log2_bytes": math.log2(2 * x_bytes),
+            "blocks": float(blocks1),
+            "waves": blocks1 / target.num_cores,
+            "partial_bytes_frac": 8.0 * d["c"] * blocks1 / x_bytes,
+            "threads": float(d["c"] // kn["vec"]),
+            "vec_bytes": float(kn["vec"] * eb),
+            "vec_y_bytes": float(kn["vec_y"] * eb),
+            "stats_elems_per_thread": d["hw"] // kn["chunk"] * cg / kn["threads_s"],
+            "run_bytes": float(d["c"] * eb),
+            "chunk": float(kn["chunk"]),
+        }
+
+
+register(NormCudaRows())
