@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .defs_attn import attention_workload
 from .registry import get_registry
-from .runtime import call_on_current_stream, call_op, shapetune_op
+from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
@@ -73,25 +73,8 @@ def _(q, k, v, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad):
-    """Through torch SDPA, recomputed (the forward kernel keeps no softmax statistics)."""
-    q, k, v = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
-        y = _torch(*leaves, ctx.scale)
-        wrt = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
-    out = [next(grads) if t.requires_grad else None for t in leaves]
-    return out[0], out[1], out[2], None
-
-
-torch.library.register_autograd("shapetune::attention", _backward, setup_context=_setup)
+# Backward through torch SDPA, recomputed (the forward kernel keeps no softmax statistics).
+register_recompute_autograd("attention", _torch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Optional[int] = None,

@@ -16,7 +16,7 @@ from shapetune.workload import geglu_workload, linear_workload
 
 from .linear import SUPPORTED, _check
 from .registry import get_registry
-from .runtime import call_on_current_stream, call_op, shapetune_op
+from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
 
 
 def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,
@@ -113,6 +113,12 @@ def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
 def _(x, weight, bias):
     _check_geglu(x, weight, bias)
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
+# Backward through torch's unfused ops, recomputed.
+register_recompute_autograd("linear_gelu", lambda x, w, b: F.gelu(F.linear(x, w, b)))
+register_recompute_autograd("linear_residual", lambda x, w, b, r: F.linear(x, w, b) + r)
+register_recompute_autograd("geglu", _geglu_unfused)
 
 
 # -- public -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .defs_norm import group_norm_workload, layer_norm_workload
 from .registry import get_registry
-from .runtime import call_on_current_stream, call_op, shapetune_op
+from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
@@ -93,26 +93,8 @@ def _(x, num_groups, weight, bias, eps, silu):
     return _gn_out_like(x)
 
 
-def _gn_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.args = (num_groups, eps, silu)
-
-
-def _gn_backward(ctx, grad):
-    """Through torch's own ops, recomputed (the forward kernel keeps no statistics)."""
-    x, weight, bias = ctx.saved_tensors
-    num_groups, eps, silu = ctx.args
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, bias)]
-        y = _gn_torch(leaves[0], num_groups, leaves[1], leaves[2], eps, silu)
-        wrt = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
-    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return out[0], None, out[1], out[2], None, None
-
-
-torch.library.register_autograd("shapetune::group_norm", _gn_backward, setup_context=_gn_setup)
+# Backward through torch's own ops, recomputed (the forward kernel keeps no statistics).
+register_recompute_autograd("group_norm", _gn_torch)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -177,24 +159,7 @@ def _(x, weight, bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _ln_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.eps = eps
-
-
-def _ln_backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, bias)]
-        y = F.layer_norm(leaves[0], (x.shape[-1],), leaves[1], leaves[2], ctx.eps)
-        wrt = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wrt, grad)) if wrt else iter(())
-    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return out[0], out[1], out[2], None
-
-
-torch.library.register_autograd("shapetune::layer_norm", _ln_backward, setup_context=_ln_setup)
+register_recompute_autograd("layer_norm", lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps))
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,

@@ -105,3 +105,26 @@ def call_op(name: str, *args):
 
         op = _OPS[name] = getattr(torch.ops.shapetune, name)
     return op(*args)
+
+
+def register_recompute_autograd(name: str, torch_fn) -> None:
+    """Autograd for shapetune::<name>: the backward recomputes `torch_fn(*inputs)` (torch's own ops,
+    same signature as the op) with autograd on and differentiates that (the forward kernels keep no
+    intermediates). Non-tensor inputs get no gradient."""
+    import torch
+
+    def setup(ctx, inputs, output):
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
+        ctx.save_for_backward(*[a for a, t in zip(inputs, ctx.is_tensor) if t])
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if t else a for a, t in zip(ctx.others, ctx.is_tensor)]
+        with torch.enable_grad():
+            leaves = [a.detach().requires_grad_(a.requires_grad) if t else a for a, t in zip(args, ctx.is_tensor)]
+            wrt = [a for a, t in zip(leaves, ctx.is_tensor) if t and a.requires_grad]
+            grads = iter(torch.autograd.grad(torch_fn(*leaves), wrt, grad)) if wrt else iter(())
+        return tuple(next(grads) if t and a.requires_grad else None for a, t in zip(leaves, ctx.is_tensor))
+
+    torch.library.register_autograd(f"shapetune::{name}", backward, setup_context=setup)

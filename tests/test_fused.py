@@ -184,12 +184,28 @@ def test_bad_inputs(registry):
     assert registry.calls[("linear_gelu", "unsupported_dtype")] == 1
 
 
+@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("op", ["linear_gelu", "linear_residual", "geglu"])
-def test_opcheck(registry, op):
+def test_opcheck(registry, op, grad):
     x, w, b = torch.randn(2, 37, 40), torch.randn(24, 40), torch.randn(24)
     args = {"linear_gelu": (x, w, b), "linear_residual": (x, w, None, torch.randn(2, 37, 24)),
             "geglu": (x, torch.randn(48, 40), torch.randn(48))}[op]
+    args = tuple(a.requires_grad_(grad) if a is not None else None for a in args)
     opcheck(getattr(torch.ops.shapetune, op).default, args)
+
+
+def test_backward_matches_torch(registry):
+    """The fused ops differentiate like torch's unfused ops (backward recomputes those)."""
+    x, w, b = torch.randn(2, 37, 40), torch.randn(48, 40), torch.randn(48)
+    for fused, ref in ((kernels.geglu, lambda x, w, b: (lambda h, g: h * F.gelu(g))(*F.linear(x, w, b).chunk(2, -1))),
+                       (kernels.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b)))):
+        a = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        r = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        g = torch.randn(fused(*a).shape)
+        fused(*a).backward(g)
+        ref(*r).backward(g)
+        for p, q in zip(a, r):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_fake_tensor_shapes():

@@ -264,3 +264,26 @@ def test_cuda_rows_template_builds_three_kernels(w):
         assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 3, str(cand)
         # the row pass accumulates in registers (2 sums x vec channels), not in global memory
         assert re.findall(r"float partial_local_ptr\[(\d+)\]", src) == [str(2 * cand.knob["vec"])], str(cand)
+
+
+def test_backward_matches_torch(registry):
+    """group_norm(+silu) and layer_norm differentiate like torch (the backward recomputes torch's ops)."""
+    n, h, w, c, g, silu = GN[0]
+    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(c), torch.randn(c)
+    a = [t.clone().requires_grad_(True) for t in (x, wt, b)]
+    r = [t.clone().requires_grad_(True) for t in (x, wt, b)]
+    y = kernels.group_norm(a[0], g, a[1], a[2], silu=silu)
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    F.silu(F.group_norm(r[0], g, r[1], r[2])).backward(gy)
+    for p, q in zip(a, r):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    m, c = LN[0]
+    a = [torch.randn(s, requires_grad=True) for s in ((m, c), (c,), (c,))]
+    r = [t.detach().clone().requires_grad_(True) for t in a]
+    gy = torch.randn(m, c)
+    kernels.layer_norm(*a).backward(gy)
+    F.layer_norm(r[0], (c,), r[1], r[2]).backward(gy)
+    for p, q in zip(a, r):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
