@@ -56,11 +56,15 @@ main.add_command(db)
                    "instead of the exact shape.")
 @click.option("--template", "templates", multiple=True, help="Only these templates (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gpus", default="", help="Comma-separated GPU ids: one worker process per GPU, workloads "
+                                         "shared round robin, shard DBs merged into --db (e.g. 0,1,2,3).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With the llvm target: this many CPU worker processes, the cores split between them.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
-         seed, db_path, fmt):
+         seed, gpus, workers, db_path, fmt):
     """Tune workloads: rank candidates with the cost model, build, verify, time, store."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -102,6 +106,9 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     err.print(f"target  {target.describe()}\ndb      {db_path}\n"
               f"tuning  {len(workloads)} workload(s) x {trials} trials")
     opts = TuneOptions(trials=trials, batch=batch, seed=seed, templates=tuple(templates))
+    if gpus or workers:
+        rows = _tune_parallel(workloads, target, db_path, opts, gpus, workers, err)
+        return _report(rows, target, db_path, fmt)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
     with progress:
@@ -136,9 +143,52 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
             "vendor_us": rep.vendor.latency.median_us if rep.vendor else None,
             "speedup_vs_vendor": rep.speedup,
         })
+    _report(rows, target, db_path, fmt)
+
+
+def _tune_parallel(workloads, target, db_path, opts, gpus, workers, err) -> list[dict]:
+    """One worker process per GPU (or CPU worker); rows from the merged DB."""
+    from scheduler.parallel import tune_parallel
+
+    from .db import TuningDB
+
+    if gpus and target.kind != "cuda":
+        raise click.UsageError("--gpus needs the cuda target")
+    if workers and target.kind != "llvm":
+        raise click.UsageError("--workers is for the llvm target; use --gpus on GPUs")
+    devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else [""] * workers
+    err.print(f"workers {len(devices)} ({', '.join(f'GPU {d}' if d else 'CPU' for d in devices)})")
+    shards = tune_parallel(workloads, db_path, opts, devices, target.kind)
+    for s in shards:
+        err.print(f"  shard {s.shard}: {s.workloads} workload(s), exit {s.returncode}, "
+                  f"{s.merged} new entries merged (log {s.log})")
+    rows = []
+    with TuningDB(db_path) as db:
+        for w in workloads:
+            rs = db.results(w.key, target.key)
+            best = db.best(w.key, target.key)
+            dl = [r for r in rs if r.candidate.template == "dlight" and r.status == "ok"]
+            vendor = db.baseline(w.key, target.key)
+            rows.append({
+                "workload": w.name, "measured": len(rs), "ok": sum(r.status == "ok" for r in rs),
+                "failed": sum(r.status != "ok" for r in rs),
+                "best_us": best.latency.median_us if best else None,
+                "best": str(best.candidate) if best else None,
+                "dlight_us": min(r.latency.median_us for r in dl) if dl else None,
+                "vendor_us": vendor.latency.median_us if vendor else None,
+                "speedup_vs_vendor": vendor.latency.median_us / best.latency.median_us if best and vendor else None,
+            })
+    if any(s.returncode for s in shards):
+        failed = ", ".join(str(s.shard) for s in shards if s.returncode)
+        err.print(f"[red]shard(s) {failed} failed; what they measured is merged, the logs say why[/red]")
+    return rows
+
+
+def _report(rows: list[dict], target, db_path: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps({"target": target.to_json(), "db": db_path, "workloads": rows}, indent=1))
         return
+    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 

@@ -509,6 +509,20 @@ class TuningDB:
         with self._guard():
             return [dict(r) for r in self._con.execute(sql + " ORDER BY policy, op, dim, lo", args)]
 
+    def merge_from(self, path: str | Path) -> tuple[int, int]:
+        """Append another DB's records, baselines and bucket rows (e.g. one shard of a multi-GPU
+        job); returns (added, skipped). Entries already here (same uid) are skipped."""
+        import io
+
+        buf = io.StringIO()
+        with TuningDB(path) as src:
+            src.export_jsonl(buf)
+            rows = src.buckets()
+        buf.seek(0)
+        added, skipped = self.import_jsonl(buf)
+        self.add_buckets(rows)
+        return added, skipped
+
     def stats(self) -> dict:
         """Counts and facts about the DB.
 

@@ -70,3 +70,26 @@ def test_sd15_presets_cover_every_family():
     assert set(SD15_PRESETS) == {"sd15"} | {f"sd15-{f}" for f in SD15_FAMILIES}
     ops = {o.workload.op for o in sd15_workloads()}
     assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention"}
+
+
+def test_parallel_workers_merge_shards_and_survive_a_crashing_shard(tmp_path):
+    """--workers: one process per shard; every shard DB is merged into --db, and a shard that dies
+    (here on an unknown op) loses nothing it measured before, and the others' results all arrive."""
+    from scheduler.parallel import tune_parallel
+    from scheduler.tuner import TuneOptions
+    from shapetune.workload import Workload, linear_workload
+
+    a, b = linear_workload(16, 8, 16, "float32", False), linear_workload(24, 8, 16, "float32", True)
+    bad = Workload(op="no_such_op", dims=(("m", 1),), dtype="float32", acc_dtype="float32", layout="", epilogue=())
+    db = tmp_path / "job.db"
+    shards = tune_parallel([a, b, bad], db, TuneOptions(trials=2, batch=2, templates=("gemm_llvm",)), ["", ""], "llvm")
+    assert [s.workloads for s in shards] == [2, 1]
+    assert shards[0].returncode != 0 and shards[1].returncode == 0
+    assert "no_such_op" in open(shards[0].log).read()
+    with TuningDB(db) as d:
+        keys = {r.workload.key for r in d.results()}
+        assert keys == {a.key, b.key} and len(d.baselines()) == 2
+
+    out = _run("tune", "--target", "llvm", "--shape", "m=16,n=8,k=16", "--no-bias", "--trials", "2",
+               "--template", "gemm_llvm", "--workers", "2", "--db", str(tmp_path / "cli.db"), "--format", "json")
+    assert json.loads(out.stdout)["workloads"][0]["ok"] == 2
