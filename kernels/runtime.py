@@ -83,8 +83,10 @@ def direct_ok(args) -> bool:
     grad), no dispatch or function modes (FakeTensor, device contexts)."""
     import torch
 
+    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, the rest it cannot trace
+        return False
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+            or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
     for a in args:

@@ -174,3 +174,21 @@ def test_registry_prebuild_fills_the_kernel_cache(tuned_db, tmp_path, monkeypatc
     first = reg.prebuild(jobs=2)
     assert first["built"] >= 4 and first["failed"] == 0
     assert reg.prebuild(jobs=2) == {"cached": first["built"], "built": 0, "failed": 0}
+
+
+def test_torch_compile_of_a_patched_unet(registry):
+    """torch.compile over a patched UNet: no graph breaks (the ops are custom ops with fake kernels,
+    the SiLU pass-through traces as a constant decision), tuned kernels called from the compiled
+    graph, output as eager's."""
+    import torch._dynamo
+
+    unet = _unet()
+    ref = _run(unet)
+    patch(unet)
+    registry.clear()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = _run(torch.compile(unet))
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert kernels.fallback_summary()["attention"].get("tuned", 0) >= 8
