@@ -8,8 +8,11 @@ Modes, all on the same random weights and inputs (no model hub: the UNet is buil
   eager            diffusers as users run it (NCHW)
   eager_cl         the same with the model and input in channels_last memory
   compile          torch.compile(unet) (default mode), channels_last
+  compile_ro       torch.compile(unet, mode="reduce-overhead"): inductor plus CUDA graphs
   shapetune        kernels.patch(unet) with the registry over the given DBs, channels_last: tuned
                    kernels where they measured faster than torch, torch's ops elsewhere
+  shapetune_compile, shapetune_compile_ro   the patched UNet, then torch.compile as above (the ops
+                   are custom ops: inductor calls them, and CUDA graphs capture their launches)
 Per mode: median wall time per UNet call over `--iters` calls (CUDA events around each call, after
 warm-up; what a pipeline step costs, launch overhead included), and the output's relative L2 error
 against eager NCHW. The shapetune row also prints its fallback summary (tuned calls and fallbacks by
@@ -87,7 +90,7 @@ def main():
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--modes", default="eager,eager_cl,compile,shapetune")
+    ap.add_argument("--modes", default="eager,eager_cl,compile,compile_ro,shapetune,shapetune_compile_ro")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -131,25 +134,29 @@ def main():
         else:
             m = build(a.tiny, dev, dtype).to(memory_format=torch.channels_last)
             inp = x_cl
-            if mode == "compile":
-                m = torch.compile(m)
-            elif mode == "shapetune":
+            if mode.startswith("shapetune"):
                 report = kernels.patch(m)
                 print(f"  {report}")
+            if mode.endswith("compile"):
+                m = torch.compile(m)
+            elif mode.endswith("compile_ro"):  # inductor + CUDA graphs (cudagraph trees)
+                m = torch.compile(m, mode="reduce-overhead")
         t = time_calls(lambda: m(**inp), a.iters, a.warmup, is_gpu)
         with torch.no_grad():
             err = rel_l2(m(**inp).sample.float(), ref)
         rows[mode] = {"us": t, "rel_l2_vs_eager": err}
-        if mode == "shapetune":
+        if mode.startswith("shapetune"):
             rows[mode]["calls"] = kernels.fallback_summary()
+            kernels.get_registry().calls.clear()
     base = rows.get("eager", {}).get("us")
     print(f"\n{'mode':12s} {'ms/call':>9s} {'eager/mode':>10s} {'rel L2 vs eager':>16s}")
     for mode, r in rows.items():
         r["speedup_vs_eager"] = base / r["us"] if base else None
         sp = f"{r['speedup_vs_eager']:10.2f}" if base else f"{'n/a':>10s}"
         print(f"{mode:12s} {r['us'] / 1e3:9.3f} {sp} {r['rel_l2_vs_eager']:16.2e}")
-    if "shapetune" in rows:
-        print("\nshapetune op calls:", json.dumps(rows["shapetune"]["calls"]))
+    for mode, r in rows.items():
+        if "calls" in r:
+            print(f"\n{mode} op calls:", json.dumps(r["calls"]))
     if a.json:
         Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
                                             "args": vars(a), "rows": rows}, indent=1))
