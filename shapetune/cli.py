@@ -146,6 +146,24 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     _report(rows, target, db_path, fmt)
 
 
+@main.command()
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
+@click.option("--all", "all_records", is_flag=True,
+              help="Also kernels that measured slower than the vendor path (normally never dispatched).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel builds (default: cores).")
+def prebuild(db_path, all_records, jobs):
+    """Compile every kernel the registry would dispatch to on this machine, into the kernel cache."""
+    from kernels.registry import Registry
+
+    reg = Registry(db_path=db_path, require_faster=not all_records)
+    out = reg.prebuild(jobs=jobs)
+    click.echo(f"{reg.target.describe()}: {out['built']} built, {out['cached']} already cached, "
+               f"{out['failed']} failed  (cache {config.kernel_cache_dir(reg.target.key)})")
+    if out["failed"]:
+        raise SystemExit(1)
+
+
 def _tune_parallel(workloads, target, db_path, opts, gpus, workers, err) -> list[dict]:
     """One worker process per GPU (or CPU worker); rows from the merged DB."""
     from scheduler.parallel import tune_parallel

@@ -93,3 +93,14 @@ def test_parallel_workers_merge_shards_and_survive_a_crashing_shard(tmp_path):
     out = _run("tune", "--target", "llvm", "--shape", "m=16,n=8,k=16", "--no-bias", "--trials", "2",
                "--template", "gemm_llvm", "--workers", "2", "--db", str(tmp_path / "cli.db"), "--format", "json")
     assert json.loads(out.stdout)["workloads"][0]["ok"] == 2
+
+
+def test_prebuild_compiles_the_dispatched_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    db = str(tmp_path / "t.db")
+    _run("tune", "--target", "llvm", "--shape", "m=16,n=8,k=16", "--no-bias", "--trials", "2",
+         "--template", "gemm_llvm", "--db", db)
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    out = _run("prebuild", "--db", db, "--all")
+    assert "1 built, 0 already cached, 0 failed" in out.output, out.output
+    assert "0 built, 1 already cached" in _run("prebuild", "--db", db, "--all").output
