@@ -107,13 +107,7 @@ def main():
     db_path = tmp / "e2e.db"
     with TuningDB(db_path) as db:  # one DB over every given export / DB
         for p in a.db:
-            if p.endswith((".jsonl", ".jsonl.xz")):
-                db.import_jsonl(p)
-            else:
-                with TuningDB(p) as src:
-                    db.add_results(src.results())
-                    for b in src.baselines():
-                        db.add_baseline(b)
+            db.merge_from(p)
     reg = Registry(db_path=db_path, target=target)
     set_registry(reg)
     t0 = time.time()

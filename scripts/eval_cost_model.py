@@ -81,14 +81,9 @@ def main():
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shapetune-eval-"))
-    results = []
     with TuningDB(tmp / "all.db") as db:
         for p in a.exports:
-            if p.endswith((".jsonl", ".jsonl.xz")):
-                db.import_jsonl(p)
-            else:
-                with TuningDB(p) as src:
-                    db.add_results(src.results())
+            db.merge_from(p)
         results = db.results()
     t0 = time.time()
     rows = evaluate(results, a.min_ok)

@@ -511,9 +511,12 @@ class TuningDB:
 
     def merge_from(self, path: str | Path) -> tuple[int, int]:
         """Append another DB's records, baselines and bucket rows (e.g. one shard of a multi-GPU
-        job); returns (added, skipped). Entries already here (same uid) are skipped."""
+        job), or a JSONL(.xz) export's; returns (added, skipped). Entries already here (same uid)
+        are skipped."""
         import io
 
+        if str(path).endswith((".jsonl", ".jsonl.xz")):
+            return self.import_jsonl(path)
         buf = io.StringIO()
         with TuningDB(path) as src:
             src.export_jsonl(buf)

@@ -360,3 +360,16 @@ def test_concurrent_appends_lose_nothing(tmp_path):
         assert d.stats()["records"] == 2 * N_PER_PROC
         assert len(d.baselines()) == 2 * (N_PER_PROC // 10)
         assert len(d.workloads()) == 5 + 1 and len(d.targets()) == 1
+
+
+def test_merge_from_a_db_or_an_export(full, tmp_path):
+    """merge_from takes another DB (records, baselines, bucket rows) or a JSONL(.xz) export."""
+    full.add_buckets([{"policy": "p", "op": "linear", "dim": "m", "lo": 1, "hi": 16, "representative": 16}])
+    n = len(full.results()) + len(full.baselines())
+    full.export_jsonl(tmp_path / "e.jsonl.xz")
+    for i, src in enumerate((full.path, tmp_path / "e.jsonl.xz")):
+        with TuningDB(tmp_path / f"merged{i}.db") as m:
+            assert m.merge_from(src) == (n, 0)
+            assert m.merge_from(src) == (0, n)  # already there: skipped
+            assert len(m.results()) == len(full.results())
+            assert bool(m.buckets()) == (src == full.path)  # exports carry no bucket rows
