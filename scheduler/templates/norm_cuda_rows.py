@@ -23,38 +23,26 @@ from __future__ import annotations
 import math
 
 from cost_model import dtype_bytes
-from kernels.defs_norm import _normalize, eps_of
-
 from .base import Template, register
 from .norm_cuda import inline_elementwise
+from .norm_cuda_split import group_norm_from_stats, stacked_term
 
 
 def row_stats_group_norm(wl, chunk: int):
     """group_norm(x, w, b) -> y via per-(chunk, channel) partial sums, then per-group sums."""
-    from tvm import te, tirx
-
     d = wl.dim
-    n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
-    cg, nch = c // g, hw // chunk
-    acc = wl.acc_dtype
-    x = te.placeholder((n, hw, c), wl.dtype, name="x")
-    w = te.placeholder((c,), wl.dtype, name="w")
-    b = te.placeholder((c,), wl.dtype, name="b")
-    rp = te.reduce_axis((0, chunk), "rp")
+    n, c, g = d["n"], d["c"], d["g"]
+    cg, nch = c // g, d["hw"] // chunk
 
-    def term(i, k, ch, t):
-        v = x[i, ch * chunk + rp, k].astype(acc)
-        return tirx.Select(t == 0, v, v * v)
+    def stats(x, te, tirx):
+        rp = te.reduce_axis((0, chunk), "rp")
+        part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(
+            stacked_term(x, (i, ch * chunk + rp, k), wl.acc_dtype, t, tirx), axis=rp), name="partial")
+        rch, rcc = te.reduce_axis((0, nch), "rch"), te.reduce_axis((0, cg), "rcc")
+        return te.compute((n, g, 2), lambda i, j, t: te.sum(part[i, rch, j * cg + rcc, t], axis=[rch, rcc]),
+                          name="stats")
 
-    part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(term(i, k, ch, t), axis=rp), name="partial")
-    rch, rcc = te.reduce_axis((0, nch), "rch"), te.reduce_axis((0, cg), "rcc")
-    st = te.compute((n, g, 2), lambda i, j, t: te.sum(part[i, rch, j * cg + rcc, t], axis=[rch, rcc]),
-                    name="stats")
-    s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
-    s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
-    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), acc), eps_of(wl), (n, hw, c),
-                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
-    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+    return group_norm_from_stats(wl, stats)
 
 
 class NormCudaRows(Template):

@@ -30,29 +30,42 @@ from .base import Template, register
 from .norm_cuda import inline_elementwise
 
 
-def stacked_group_norm(wl):
-    """group_norm(x, w, b) -> y with S1, S2 as one reduction: st[n, g, t], t = 0: x, 1: x^2."""
+def group_norm_from_stats(wl, stats):
+    """group_norm(x, w, b) -> y whose sums come from `stats(x, te, tirx)`: a tensor st[n, g, t]
+    with t = 0: sum x, 1: sum x^2 over the group (the templates differ only in how they build it)."""
     from tvm import te, tirx
 
     d = wl.dim
     n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
     cg = c // g
-    acc = wl.acc_dtype
     x = te.placeholder((n, hw, c), wl.dtype, name="x")
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
-    rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
-
-    def term(i, j, t):
-        v = x[i, rh, j * cg + rc].astype(acc)
-        return tirx.Select(t == 0, v, v * v)
-
-    st = te.compute((n, g, 2), lambda i, j, t: te.sum(term(i, j, t), axis=[rh, rc]), name="stats")
+    st = stats(x, te, tirx)
     s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
     s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
-    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), acc), eps_of(wl), (n, hw, c),
-                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
+    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), wl.acc_dtype), eps_of(wl), (n, hw, c),
+                   lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, wl.acc_dtype, "silu" in wl.epilogue)
     return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+def stacked_term(x, idx, acc: str, t, tirx):
+    """x (as acc) for t == 0, x^2 for t == 1: the two sums as one stacked reduction."""
+    v = x[idx].astype(acc)
+    return tirx.Select(t == 0, v, v * v)
+
+
+def stacked_group_norm(wl):
+    """group_norm(x, w, b) -> y with S1, S2 as one reduction: st[n, g, t], t = 0: x, 1: x^2."""
+    d = wl.dim
+    hw, cg = d["hw"], d["c"] // d["g"]
+
+    def stats(x, te, tirx):
+        rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
+        return te.compute((d["n"], d["g"], 2), lambda i, j, t: te.sum(
+            stacked_term(x, (i, rh, j * cg + rc), wl.acc_dtype, t, tirx), axis=[rh, rc]), name="stats")
+
+    return group_norm_from_stats(wl, stats)
 
 
 class NormCudaSplit(Template):
