@@ -107,10 +107,10 @@ class Tuner:
             self.db.add_buckets(DEFAULT.rows(workload.op))
         rep.vendor = self._measure_vendor(workload)
         space = search_space(workload, self.target, self.opt.templates)
-        done = {r.candidate.key for r in self.db.results(workload.key, self.target.key)}
+        stored = self.db.results(workload.key, self.target.key)
+        done = {r.candidate.key for r in stored}
         untried = [c for c in space if c.key not in done]
-        mine = [r for r in self.db.results(workload.key, self.target.key)
-                if not self.opt.templates or r.candidate.template in self.opt.templates]
+        mine = [r for r in stored if not self.opt.templates or r.candidate.template in self.opt.templates]
         budget = self.opt.trials - (len(mine) if self.opt.top_up else 0)
         first = True
         while budget > 0 and untried:
