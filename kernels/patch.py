@@ -41,6 +41,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .attention import attention
+from .conv import conv2d
+from .fused import geglu
+from .linear import linear
+from .norm import group_norm, layer_norm
+
 _MARK = "_shapetune_patched"  # instance attribute: the kind of patch applied
 
 
@@ -63,20 +69,14 @@ def _set_forward(module: nn.Module, fn, kind: str, report: PatchReport) -> None:
 
 # -- per-module forwards ----------------------------------------------------------------------------
 def _linear_forward(self, x):
-    from .linear import linear
-
     return linear(x, self.weight, self.bias)
 
 
 def _conv_forward(self, x):
-    from .conv import conv2d
-
     return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
 def _group_norm_forward(self, x):
-    from .norm import group_norm
-
     silu = self.__dict__.get("_shapetune_silu")
     y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu is not None)
     if silu is not None:
@@ -85,8 +85,6 @@ def _group_norm_forward(self, x):
 
 
 def _layer_norm_forward(self, x):
-    from .norm import layer_norm
-
     return layer_norm(x, self.weight, self.bias, self.eps)
 
 
@@ -105,8 +103,6 @@ def _silu_forward(self, x):
 
 
 def _geglu_forward(self, hidden_states, *args, **kwargs):
-    from .fused import geglu
-
     if type(self.proj) is not nn.Linear or self.proj.bias is None:  # e.g. a LoRA layer around proj
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return geglu(hidden_states, self.proj.weight, self.proj.bias)
@@ -127,8 +123,6 @@ class AttnProcessor:
                 or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
                 or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None))):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        from .attention import attention
-
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         head_dim = k.shape[-1] // attn.heads
