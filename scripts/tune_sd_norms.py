@@ -26,10 +26,9 @@ def bandwidth(rep) -> dict:
     """Achieved bandwidth of the tuned kernel and of torch, as fractions of a device copy moving the
     op's minimal bytes (x read once + y written once), timed like a kernel in this run."""
     from scheduler.runner import COPY, RunOptions, measure_one
-    from shapetune.target import detect
 
     w = rep.workload
-    r = measure_one(w.to_json(), detect().to_json(), COPY, RunOptions(), 0)
+    r = measure_one(w.to_json(), rep.vendor.target.to_json(), COPY, RunOptions(), 0)
     cp = r["latency"]["median_us"]
     moved = 2 * 2 * (w.dim["n"] * w.dim["hw"] * w.dim["c"] if w.op == "group_norm" else w.dim["m"] * w.dim["c"])
     best_us = rep.best.latency.median_us if rep.best else None
