@@ -1,0 +1,771 @@
+"""Generate BENCHMARKS.md from the committed JSON under tuning_logs/: every table and every figure.
+
+    python scripts/make_benchmarks.py            # write BENCHMARKS.md
+    python scripts/make_benchmarks.py --check    # exit 1 with a unified diff if BENCHMARKS.md differs
+
+Sources: the job summaries tuning_logs/*_summary.json (scripts/tune_sd_*.py), the benchmark outputs
+tuning_logs/bench/*.json (scripts/bench_*.py, scripts/eval_cost_model.py), the records
+tuning_logs/*.jsonl.xz (workload JSON by key, timing repeats), and tuning_logs/bench/provenance.json
+for what a file does not record itself (command lines, machine). Workload names are computed by
+`Workload.name` from the workload JSON (a row's own, else the records' for its key); a row without
+either keeps its stored name. Geomeans are geometric. Needs no TVM and no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import lzma
+import math
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shapetune.workload import Workload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE = "bench/provenance.json"
+LINEAR = "sm90_h200_sd15_linear_summary.json"
+GEGLU = "sm90_h200_sd15_geglu_summary.json"
+CONV = "sm90_h200_sd15_conv_summary.json"
+ATTENTION = "sm90_h200_sd15_attention_summary.json"
+NORMS = "sm90_h200_sd15_norms_summary.json"
+NORMS_BENCH = "bench/bench_norms_h200.json"
+METASCHEDULE = "bench/bench_metaschedule_h200.json"
+BUCKETS = "bench/bench_buckets_h200.json"
+COST_MODEL = "bench/cost_model_eval.json"
+LOOKUP = "bench/bench_lookup_cpu.json"
+
+# Goals (issue 4, for an H100) and floors: targets, not measurements.
+GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
+GOAL_OF_COPY = 0.8  # GroupNorm, LayerNorm: geomean share of copy bandwidth
+GOAL_BUCKET_EFFICIENCY, FLOOR_BUCKET_EFFICIENCY = 0.99, 0.95
+# Two measurements of one cuDNN call (two runs) that differ by more than this factor are flagged.
+RUN_DISAGREEMENT = 1.5
+# What a bracketed baseline variant in bench_tuned's "vendors" measures, e.g. "...group_norm[nchw]".
+VARIANT_TEXT = {"nchw": "the same torch op on a contiguous NCHW tensor, as eager diffusers runs it"}
+
+
+# -- numbers and tables ------------------------------------------------------------------------
+
+def geomean(xs) -> float:
+    """Geometric mean of positive numbers: exp(mean(log x)). ValueError on none or a non-positive one."""
+    xs = list(xs)
+    if not xs:
+        raise ValueError("geomean of no values")
+    if min(xs) <= 0:
+        raise ValueError(f"geomean needs positive values, got {min(xs)}")
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        raise ValueError("mean of no values")
+    return sum(xs) / len(xs)
+
+
+def num(x: float | None, nd: int = 2) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def span(xs, nd: int = 2) -> str:
+    xs = list(xs)
+    return f"{min(xs):.{nd}f}-{max(xs):.{nd}f}"
+
+
+def table(cols: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """A Markdown table; cols are (header, "l" or "r")."""
+    head = "| " + " | ".join(h for h, _ in cols) + " |"
+    rule = "| " + " | ".join("---:" if a == "r" else "---" for _, a in cols) + " |"
+    return "\n".join([head, rule] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def bullets(lines: list[str]) -> str:
+    return "\n".join(f"- {s}" for s in lines)
+
+
+def template_of(candidate: str) -> str:
+    return candidate.split("[")[0]
+
+
+def at_least(goal: float, value: float, what: str) -> str:
+    return f"≥ {goal:.1f}{what}: {'reached' if value >= goal else 'not reached'}"
+
+
+def dispatch_text(vendor: str, ratios: list[float]) -> str:
+    """What the registry's rule (the tuned kernel only where it measured faster) picks from these ratios."""
+    faster = sum(r > 1 for r in ratios)
+    if faster == 0:
+        return f"{vendor} everywhere"
+    if faster == len(ratios):
+        return "shapetune everywhere"
+    return f"{vendor}, except {faster} of {len(ratios)} where shapetune measured faster"
+
+
+def registry_sentence(vendor: str, ratios: list[float]) -> str:
+    """The same rule as dispatch_text, as a sentence with the counts."""
+    faster, n = sum(r > 1 for r in ratios), len(ratios)
+    if faster == 0:
+        return f"None of the {n} measured faster than {vendor}, so the registry sends all of them to {vendor}."
+    if faster == n:
+        return f"All {n} measured faster than {vendor}, so the registry sends all of them to the tuned kernel."
+    return (f"{faster} of {n} measured faster than {vendor}; the registry sends those to the tuned kernel and the "
+            f"others to {vendor}.")
+
+
+# -- the committed data ------------------------------------------------------------------------
+
+@dataclass
+class Measured:
+    """One workload: the tuned best and the vendor path, both measured in one run (per run, if several)."""
+
+    name: str
+    workload: Workload | None
+    row: dict  # the latest run's row
+    tuned_us: float
+    vendor_runs: list[tuple[str, float]] = field(default_factory=list)  # (run label, vendor µs)
+
+    @property
+    def vendor_us(self) -> float:
+        """The fastest of the runs' vendor measurements: never flatters shapetune."""
+        return min(us for _, us in self.vendor_runs)
+
+    @property
+    def ratio(self) -> float:
+        return self.vendor_us / self.tuned_us
+
+    @property
+    def dim(self) -> dict[str, int]:
+        if self.workload is not None:
+            return self.workload.dim
+        dims = {}
+        for tok in self.name.split("+")[0].split("_"):
+            m = re.fullmatch(r"([a-z]+)(\d+)", tok)
+            if m:
+                dims.setdefault(m[1], int(m[2]))
+        return dims
+
+
+class Logs:
+    """Read-only view of tuning_logs/ under `root`; every file is read once."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(root) / "tuning_logs"
+        self._cache: dict[str, dict] = {}
+
+    def load(self, rel: str) -> dict:
+        if rel not in self._cache:
+            self._cache[rel] = json.loads((self.dir / rel).read_text())
+        return self._cache[rel]
+
+    def meta(self, rel: str, key: str) -> str:
+        """A file's own top-level `key`, else its entry in the provenance file."""
+        own = self.load(rel).get(key)
+        if own is not None:
+            return own
+        entry = self.load(PROVENANCE)["files"].get(rel, {})
+        if key not in entry:
+            raise ValueError(f"{rel}: no {key!r} in the file or in {PROVENANCE}")
+        return entry[key]
+
+    def runs(self, rel: str) -> list[dict]:
+        d = self.load(rel)
+        return d["runs"] if "runs" in d else [d]
+
+    @cached_property
+    def records(self) -> list[dict]:
+        out = []
+        for p in sorted(self.dir.glob("*.jsonl.xz")):
+            with lzma.open(p, "rt") as f:
+                out.extend(json.loads(line) for line in f if line.strip())
+        return out
+
+    @cached_property
+    def workloads_by_key(self) -> dict[str, Workload]:
+        ws = (Workload.from_json(r["workload"]) for r in self.records if isinstance(r.get("workload"), dict))
+        return {w.key: w for w in ws}
+
+    def workload(self, row: dict) -> Workload | None:
+        own = row.get("workload_json") or (row["workload"] if isinstance(row.get("workload"), dict) else None)
+        if own:
+            return Workload.from_json(own)
+        return self.workloads_by_key.get(row.get("key"))
+
+    def name(self, row: dict, stored: str = "workload") -> str:
+        w = self.workload(row)
+        return w.name if w is not None else row[stored]
+
+    def op(self, m: Measured) -> str:
+        if m.workload is not None:
+            return m.workload.op
+        return next(op for op in ("group_norm", "layer_norm", "conv2d", "linear", "geglu", "attention")
+                    if m.name.startswith(op + "_"))
+
+    def measured(self, row: dict, tuned: str, run: str) -> Measured:
+        if row.get(tuned) is None or row.get("vendor_us") is None:
+            raise ValueError(f"{row['workload']}: no {tuned} or vendor_us in {run}")
+        return Measured(self.name(row), self.workload(row), row, row[tuned], [(run, row["vendor_us"])])
+
+    def summary_results(self, rel: str) -> list[Measured]:
+        """A job summary's workloads, one per key, in the order of their latest row. A workload reported
+        by several runs keeps its latest row and every run's vendor time."""
+        merged: dict[str, Measured] = {}
+        for run in self.runs(rel):
+            label = run.get("run", run["date"]).split(" ")[0]
+            for row in run["rows"]:
+                m = self.measured(row, "best_us", label)
+                old = merged.pop(row["key"], None)
+                if old is not None:
+                    m.vendor_runs = old.vendor_runs + m.vendor_runs
+                merged[row["key"]] = m
+        return list(merged.values())
+
+    def trials(self, rel: str, keys: set[str]) -> str:
+        """The trial budgets of the runs that tuned these workloads, e.g. "32 + 6"."""
+        ts = [run["trials"] for run in self.runs(rel) if any(r["key"] in keys for r in run["rows"])]
+        return " + ".join(str(t) for t in dict.fromkeys(ts))
+
+    def dates(self, *rels: str) -> str:
+        ds = {run.get("date") or self.meta(rel, "date") for rel in rels for run in self.runs(rel)}
+        return ", ".join(sorted(ds))
+
+    def card(self, rel: str, full: bool = True) -> str:
+        t = self.runs(rel)[0]["target"]
+        s = t["device_name"]
+        if full:
+            s += f" ({t['arch']}; CUDA {t['cuda_version']}, torch {t['torch_version']}, TVM {t['tvm_version']})"
+        try:
+            return f"{s}, {self.meta(rel, 'machine')}"
+        except ValueError:
+            return s
+
+    def tvm(self, rel: str) -> str:
+        """TVM's major.minor version, e.g. "0.27"."""
+        return ".".join(self.runs(rel)[0]["target"]["tvm_version"].split(".")[:2])
+
+    def command(self, rel: str) -> str:
+        """The command line, checked against the file's trial count where it has one."""
+        cmd = self.meta(rel, "command")
+        trials = {run["trials"] for run in self.runs(rel) if "trials" in run}
+        if trials and not any(f"--trials {t}" in cmd for t in trials):
+            raise ValueError(f"{rel}: command {cmd!r} disagrees with trials {sorted(trials)}")
+        return cmd
+
+    @cached_property
+    def repeats(self) -> str:
+        return "/".join(str(r) for r in sorted({rec["latency"]["repeats"] for rec in self.records
+                                                 if rec.get("latency")}))
+
+
+def ratio_figures(results: list[Measured], vendor: str) -> str:
+    rs = [m.ratio for m in results]
+    return f"{geomean(rs):.2f}x {vendor} ({span(rs)}x)"
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+def intro(logs: Logs) -> str:
+    return (
+        "Every ratio is against a baseline measured in the same run on the same card: ratio = baseline time / "
+        "shapetune time (> 1: shapetune faster). GPU timing: warm-up, CUDA events around each call while the GPU "
+        "is held busy (launch cost excluded), inputs rotated through several input sets so calls read from DRAM "
+        "(for the smallest workloads of these runs the rotation stayed under twice the L2: issue 8 item 7), "
+        f"median of {logs.repeats} calls; every kernel is verified against a float64 reference on fresh "
+        "NaN-poisoned runs before it is timed. Raw numbers: `tuning_logs/*_summary.json` and `tuning_logs/bench/`. "
+        "This file is generated from them by `python scripts/make_benchmarks.py`; edit that script, not this file.")
+
+
+@dataclass
+class Family:
+    label: str
+    workloads: int
+    trials: str
+    versus: str
+    goal: str
+    dispatch: str
+
+
+def linear_family(logs: Logs) -> Family:
+    res = logs.summary_results(LINEAR)
+    return Family("linear (GEMM)", len(res), logs.trials(LINEAR, {m.row["key"] for m in res}),
+                  f"{geomean(m.ratio for m in res):.2f}x cuBLAS", "(none)",
+                  dispatch_text("cuBLAS", [m.ratio for m in res]))
+
+
+def geglu_family(logs: Logs) -> Family:
+    res = logs.summary_results(GEGLU)
+    return Family("GEGLU, fused", len(res), logs.trials(GEGLU, {m.row["key"] for m in res}),
+                  f"{geomean(m.ratio for m in res):.2f}x diffusers path", "(none)",
+                  dispatch_text("diffusers path", [m.ratio for m in res]))
+
+
+def kernel_size(m: Measured) -> str:
+    return f"{m.dim['kh']}x{m.dim['kw']}"
+
+
+def by_kernel_size(res: list[Measured]) -> str:
+    groups = defaultdict(list)
+    for m in res:
+        groups[kernel_size(m)].append(m.ratio)
+    return ", ".join(f"{k} {geomean(v):.2f}x" for k, v in sorted(groups.items(), reverse=True))
+
+
+def conv_family(logs: Logs) -> Family:
+    res = logs.summary_results(CONV)
+    g = geomean(m.ratio for m in res)
+    return Family("conv2d (NHWC)", len(res), logs.trials(CONV, {m.row["key"] for m in res}),
+                  f"{g:.2f}x cuDNN ({by_kernel_size(res)})", at_least(GOAL_VS_VENDOR, g, "x"),
+                  dispatch_text("cuDNN", [m.ratio for m in res]))
+
+
+def attention_family(logs: Logs) -> Family:
+    res = logs.summary_results(ATTENTION)
+    g = geomean(m.ratio for m in res)
+    return Family("attention", len(res), logs.trials(ATTENTION, {m.row["key"] for m in res}),
+                  ratio_figures(res, "SDPA"), at_least(GOAL_VS_VENDOR, g, "x"),
+                  dispatch_text("SDPA", [m.ratio for m in res]))
+
+
+@dataclass
+class NormRow:
+    """One row of scripts/bench_tuned.py's JSON for a memory-bound op."""
+
+    m: Measured
+    op: str
+
+    @property
+    def of_copy(self) -> float:
+        return self.m.row["copy_us"] / self.m.tuned_us
+
+    @property
+    def vendor_of_copy(self) -> float:
+        return self.m.row["copy_us"] / self.m.vendor_us
+
+    def variant_us(self, variant: str) -> float | None:
+        return next((us for name, us in self.m.row.get("vendors", {}).items() if name.endswith(f"[{variant}]")),
+                    None)
+
+
+NORM_LABEL = {"group_norm": "GroupNorm (+SiLU)", "layer_norm": "LayerNorm"}
+
+
+def norm_rows(logs: Logs) -> list[NormRow]:
+    out = []
+    for row in logs.load(NORMS_BENCH)["rows"]:
+        m = logs.measured(row, "tuned_us", "bench")
+        out.append(NormRow(m, logs.op(m)))
+    return out
+
+
+def variants(rows: list[NormRow]) -> list[str]:
+    """Bracketed baseline variants present in the rows' "vendors", e.g. ["nchw"]."""
+    names = {name for r in rows for name in r.m.row.get("vendors", {})}
+    return sorted({m[1] for n in names if (m := re.search(r"\[(\w+)\]$", n))})
+
+
+def norm_versus(rows: list[NormRow]) -> str:
+    """Geomeans vs each torch baseline and of copy bandwidth, naming each baseline."""
+    parts = [f"{geomean(r.m.ratio for r in rows):.2f}x torch" + (" (default layout)" if variants(rows) else "")]
+    for v in variants(rows):
+        us = [(r.variant_us(v), r.m.tuned_us) for r in rows if r.variant_us(v)]
+        if us:
+            parts.append(f"{geomean(b / t for b, t in us):.2f}x torch[{v}]")
+    return ", ".join(parts) + f", {geomean(r.of_copy for r in rows):.2f} of copy bandwidth"
+
+
+def norm_families(logs: Logs) -> list[Family]:
+    rows = norm_rows(logs)
+    out = []
+    for op in dict.fromkeys(r.op for r in rows):
+        sel = [r for r in rows if r.op == op]
+        frac = geomean(r.of_copy for r in sel)
+        goal = at_least(GOAL_OF_COPY, frac, " of copy")
+        if frac < GOAL_OF_COPY:
+            goal += f" ({span(r.of_copy for r in sel)})"
+        out.append(Family(NORM_LABEL.get(op, op), len(sel), logs.trials(NORMS, {r.m.row["key"] for r in sel}),
+                          norm_versus(sel), goal, dispatch_text("torch", [r.m.ratio for r in sel])))
+    return out
+
+
+def weakest_group_norm(rows: list[NormRow]) -> str:
+    """The GroupNorm size (hw) with the lowest share of copy bandwidth, and why it is hard."""
+    by_hw = defaultdict(list)
+    for r in rows:
+        if r.op == "group_norm":
+            by_hw[r.m.dim["hw"]].append(r)
+    hw, sel = min(by_hw.items(), key=lambda kv: geomean(r.of_copy for r in kv[1]))
+    groups = sorted({r.m.dim["n"] * r.m.dim["g"] for r in sel})
+    return (f"GroupNorm at {hw} positions is the weak spot: {span(r.of_copy for r in sel)} of copy. It has only "
+            f"{'/'.join(map(str, groups))} groups to parallelize over, which is what the split-statistics template "
+            "(`norm_cuda_split`) addresses.")
+
+
+def split_template_note(logs: Logs, rows: list[NormRow]) -> str:
+    gn = [r for r in rows if r.op == "group_norm"]
+    won = sum(template_of(r.m.row["candidate"]) == "norm_cuda_split" for r in gn)
+    trials = dict.fromkeys(run["trials"] for run in logs.runs(NORMS) if "norm_cuda_split" in run.get("run", ""))
+    s = (f"That template got {' + '.join(map(str, trials))} trials and won {won} of the {len(gn)} GroupNorm "
+         "workloads.")
+    templates = {rec["candidate"]["template"] for rec in logs.records if "candidate" in rec}
+    if "norm_cuda_rows" not in templates:
+        s += (" Another template, `norm_cuda_rows`, reads whole NHWC rows for its statistics; it is written but "
+              "has no GPU records yet.")
+    return s
+
+
+def summary(logs: Logs) -> str:
+    fams = [linear_family(logs), geglu_family(logs), conv_family(logs), attention_family(logs),
+            *norm_families(logs)]
+    gpu = [LINEAR, GEGLU, CONV, ATTENTION, NORMS, NORMS_BENCH]
+    cards = ", ".join(sorted({logs.runs(rel)[0]["target"]["device_name"] for rel in gpu}))
+    rows = norm_rows(logs)
+    tvm = logs.tvm(LINEAR)
+    return "\n\n".join([
+        f"## Summary: SD 1.5 UNet op families (batch 2, 512², fp16), {cards}, {logs.dates(*gpu)}",
+        "Each figure is a geomean over the family's distinct workloads. Each workload's ratio is against the vendor "
+        "path, measured in the same run (conv2d: the faster of two runs' vendor times, see its section). Details "
+        "and commands are in the sections below. \"dispatches to\" applies the registry's rule (the tuned kernel "
+        "only where it measured faster) to these numbers.",
+        table([("family", "l"), ("workloads", "r"), ("trials each", "r"), ("shapetune vs vendor", "l"),
+               ("issue 4 goal (H100)", "l"), ("registry dispatches to", "l")],
+              [[f.label, str(f.workloads), f.trials, f.versus, f.goal, f.dispatch] for f in fams]),
+        f"The compute-bound families are held back by one limit. TVM {tvm}'s tensor-core schedules (dlight, "
+        "MetaSchedule, our templates) emit WMMA/mma.sync only, and launch with at most 48 KB of shared memory. "
+        "Reaching cuBLAS/cuDNN/FlashAttention needs the Hopper path: wgmma + TMA through TIRx "
+        "(`../shared/TVM_NOTES.md`).",
+        f"The memory-bound families run {span((r.m.ratio for r in rows), 1)}x faster than torch. "
+        f"{weakest_group_norm(rows)} {split_template_note(logs, rows)}",
+    ])
+
+
+def linear(logs: Logs) -> str:
+    res = logs.summary_results(LINEAR)
+    trials = logs.load(LINEAR)["trials"]
+    dl = [m.vendor_us / m.row["dlight_us"] for m in res]
+    return "\n\n".join([
+        "## Linear (GEMM), SD 1.5 UNet at batch 2, 512², fp16: exact shapes",
+        bullets([f"Card: {logs.card(LINEAR)}. Date: {logs.dates(LINEAR)}.",
+                 f"Command: `{logs.command(LINEAR)}`",
+                 "Baseline: `torch.nn.functional.linear` (cuBLAS/cuBLASLt), measured in that run. Search: "
+                 f"{trials} measured candidates per workload (WMMA template plus dlight), ranked by the XGBoost "
+                 "model. dispatch: the faster of shapetune and cuBLAS in this run."]),
+        table([("workload", "l"), ("shapetune µs", "r"), ("dlight µs", "r"), ("cuBLAS µs", "r"),
+               ("ratio vs cuBLAS", "r"), ("dispatch", "l")],
+              [[m.name, num(m.tuned_us), num(m.row["dlight_us"]), num(m.vendor_us), num(m.ratio),
+                "shapetune" if m.ratio > 1 else "cuBLAS"] for m in res]),
+        f"Geomean ratio: {geomean(m.ratio for m in res):.2f}. TVM's dlight default alone: {geomean(dl):.2f}. "
+        f"TVM {logs.tvm(LINEAR)}'s tensor-core schedules (WMMA, which compiles to mma.sync) reach "
+        f"{span(m.ratio for m in res)}x cuBLAS on Hopper. {registry_sentence('cuBLAS', [m.ratio for m in res])} "
+        "Closing the gap needs wgmma/TMA templates (the Hopper item on the roadmap).",
+    ])
+
+
+def metaschedule(logs: Logs) -> str:
+    d = logs.load(METASCHEDULE)
+    ok = sum(r["ms_records_ok"] for r in d["rows"])
+    failed = sum(r["ms_records_failed"] for r in d["rows"])
+    return "\n\n".join([
+        f"## Same trial budget: MetaSchedule, dlight and shapetune ({d['dtype'].replace('float', 'fp')})",
+        bullets([f"Card: {logs.card(METASCHEDULE)}. Date: {logs.dates(METASCHEDULE)}.",
+                 f"Command: `{logs.command(METASCHEDULE)}`",
+                 "Method: each kernel is rebuilt and measured by the same verified runner in one run. The baseline "
+                 "is cuBLAS from that run. MetaSchedule: `tune_tir` with the `cuda-tensorcore` space and "
+                 f"{d['trials']} trials."]),
+        table([("shape", "l")] + [(h, "r") for h in (
+            "MetaSchedule µs", "dlight µs", "shapetune µs", "cuBLAS µs", "MetaSchedule ratio", "dlight ratio",
+            "shapetune ratio", "MS tune s", "MS ok / failed")],
+              [[logs.name(r), num(r["metaschedule_us"]), num(r["dlight_us"]), num(r["shapetune_us"]),
+                num(r["cublas_us"])] + [num(r["cublas_us"] / r[f"{k}_us"], 3)
+                                        for k in ("metaschedule", "dlight", "shapetune")]
+               + [num(r["ms_tune_s"], 0), f"{r['ms_records_ok']} / {r['ms_records_failed']}"]
+               for r in d["rows"]]),
+        f"{failed} of {ok + failed} MetaSchedule tensor-core samples failed to build on TVM {logs.tvm(METASCHEDULE)} (the "
+        f"tvm_access_ptr float16/float32 bug), so {d['trials']} trials leave it few valid kernels.",
+    ])
+
+
+def buckets(logs: Logs) -> str:
+    d = logs.load(BUCKETS)
+    rows = d["rows"]
+    eff = [r["exact_us"] / r["bucket_us"] for r in rows]
+    worst = min(rows, key=lambda r: r["exact_us"] / r["bucket_us"])
+    g, lo = geomean(eff), min(eff)
+    above = sum(e > 1 for e in eff)
+    return "\n\n".join([
+        f"## Shape buckets: one kernel per bucket ({d['op']}, fp16)",
+        bullets([f"Card: {logs.card(BUCKETS)}. Date: {logs.dates(BUCKETS)}.",
+                 f"Command: `{logs.command(BUCKETS)}`, run after `{logs.meta(BUCKETS, 'after')}` on the same DB.",
+                 "Method: efficiency = time of a kernel tuned for exactly s / time of the bucket kernel on s. Both "
+                 f"are timed on s in the same run, and both searches get {d['trials']} trials. Buckets follow "
+                 "policy pow2-v1. A bucket kernel is scored by the geometric mean of its times at the bucket's upper "
+                 "bound, middle and lower bound."]),
+        table([("shape s", "l"), ("bucket", "l"), ("exact-tuned µs", "r"), ("bucket kernel µs", "r"),
+               ("cuBLAS µs", "r"), ("efficiency", "r")],
+              [[r["shape"], r["bucket"], num(r["exact_us"]), num(r["bucket_us"]), num(r["vendor_us"]), num(e, 3)]
+               for r, e in zip(rows, eff)]),
+        f"Geomean efficiency: {g:.3f} (goal {GOAL_BUCKET_EFFICIENCY}: {'reached' if g >= GOAL_BUCKET_EFFICIENCY else 'not reached'}). "
+        f"Minimum: {lo:.3f}, at {worst['shape']}: {'below' if lo < FLOOR_BUCKET_EFFICIENCY else 'above'} the "
+        f"{FLOOR_BUCKET_EFFICIENCY} floor. {above} of {len(rows)} values are above 1: search variance between two "
+        f"{d['trials']}-trial searches.",
+        "In `tuning_logs/sm90_h200_sd15_linear_buckets_summary.json`, each bucket's µs is the geomean over its "
+        "three timing sizes. The vendor figure is taken the same way.",
+    ])
+
+
+def norm_copy_caption(rows: list[NormRow]) -> str:
+    if all("bytes" in r.m.row for r in rows):
+        s = ("Yardstick: an aligned device-to-device copy of exactly the op's minimal traffic (`bytes`: x read "
+             "once + y written once), timed like a kernel.")
+    else:
+        s = ("Yardstick: a device-to-device copy of the bytes of x, weight, bias and y; that size copies slower "
+             "than an aligned copy of the same traffic (issue 8 item 2), so these \"of copy\" figures run high.")
+    return s + " \"of copy\" = copy µs / kernel µs, the share of copy bandwidth reached."
+
+
+def norm_baselines_caption(rows: list[NormRow]) -> str:
+    s = ("Baselines: \"torch\" is torch `F.group_norm` (+`F.silu`, unfused, as diffusers runs it) on a "
+         "channels_last tensor, which torch's CUDA kernel first makes contiguous (a transpose a channels-last model "
+         "pays; issue 8 item 3), and `F.layer_norm`.")
+    for v in variants(rows):
+        s += f" \"torch[{v}]\": {VARIANT_TEXT.get(v, v)}."
+    return s
+
+
+def norms(logs: Logs) -> str:
+    d = logs.load(NORMS_BENCH)
+    rows = norm_rows(logs)
+    vs = variants(rows)
+    gbps = all("tuned_gbps" in r.m.row for r in rows)
+    cols = [("workload", "l"), ("shapetune µs", "r"), ("torch µs", "r"), ("ratio vs torch", "r")]
+    for v in vs:
+        cols += [(f"torch[{v}] µs", "r"), (f"ratio vs torch[{v}]", "r")]
+    cols += [("copy µs", "r")] + ([("copy GB/s", "r"), ("shapetune GB/s", "r")] if gbps else [])
+    cols += [("shapetune of copy", "r"), ("torch of copy", "r"), ("kernel", "l")]
+    body = []
+    for r in rows:
+        line = [r.m.name, num(r.m.tuned_us), num(r.m.vendor_us), num(r.m.ratio)]
+        for v in vs:
+            b = r.variant_us(v)
+            line += [num(b), num(b / r.m.tuned_us if b else None)]
+        line += [num(r.m.row["copy_us"])]
+        line += [num(r.m.row["copy_gbps"], 0), num(r.m.row["tuned_gbps"], 0)] if gbps else []
+        line += [num(r.of_copy), num(r.vendor_of_copy), template_of(r.m.row["candidate"])]
+        body.append(line)
+    per_op = " ".join(f"{NORM_LABEL.get(op, op)} alone: {norm_versus([r for r in rows if r.op == op])}."
+                      for op in dict.fromkeys(r.op for r in rows))
+    prose = (f"Geomeans over the {len(rows)} workloads: {geomean(r.m.ratio for r in rows):.2f}x torch (min "
+             f"{min(r.m.ratio for r in rows):.2f}, max {max(r.m.ratio for r in rows):.2f}); "
+             f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth (torch: "
+             f"{geomean(r.vendor_of_copy for r in rows):.2f}). {per_op} "
+             + registry_sentence("torch", [r.m.ratio for r in rows]))
+    if "large_copy" in d:
+        lc = d["large_copy"]
+        prose += (f" A {lc['bytes'] / 2**30:.2f} GiB copy in the same run moved {lc['gbps']:.0f} GB/s; the "
+                  f"per-workload copies reach {span(r.m.row['copy_gbps'] / lc['gbps'] for r in rows)} of that.")
+    return "\n\n".join([
+        "## GroupNorm (+SiLU) and LayerNorm, SD 1.5 UNet at batch 2, 512², fp16",
+        bullets([f"Card: {logs.card(NORMS_BENCH)}. Date: {logs.dates(NORMS_BENCH)}.",
+                 f"Tuning: `{logs.command(NORMS)}` (norm_cuda, every workload), then `{logs.meta(NORMS, 'then')}` "
+                 "(the split-statistics template). Records: `tuning_logs/sm90_h200_sd15_norms.jsonl.xz`.",
+                 f"Benchmark (all columns from this one run): `{logs.meta(NORMS_BENCH, 'command')}`. Each best "
+                 "kernel is rebuilt from its knobs, verified again, then timed.",
+                 norm_baselines_caption(rows), norm_copy_caption(rows)]),
+        table(cols, body),
+        prose,
+    ])
+
+
+def geglu(logs: Logs) -> str:
+    res = logs.summary_results(GEGLU)
+    return "\n\n".join([
+        "## GEGLU, fused (one GEMM with the gated epilogue), fp16",
+        bullets([f"Card: {logs.card(GEGLU)}. Date: {logs.dates(GEGLU)}.",
+                 f"Command: `{logs.command(GEGLU)}`.",
+                 "Baseline: diffusers' path (`F.linear` → chunk → `h * F.gelu(g)`), measured in the same run."]),
+        table([("workload", "l"), ("shapetune µs", "r"), ("diffusers path µs", "r"), ("ratio", "r")],
+              [[m.name, num(m.tuned_us), num(m.vendor_us), num(m.ratio)] for m in res]),
+        f"Geomean: {geomean(m.ratio for m in res):.2f}x (min {min(m.ratio for m in res):.2f}, max "
+        f"{max(m.ratio for m in res):.2f}). The fused kernel's WMMA GEMM core is the limit: it runs at "
+        f"{span(m.ratio for m in res)}x of cuBLAS plus two elementwise kernels. "
+        + registry_sentence("the diffusers path", [m.ratio for m in res]),
+    ])
+
+
+def disagreeing(m: Measured) -> bool:
+    us = [u for _, u in m.vendor_runs]
+    return len(us) > 1 and max(us) / min(us) > RUN_DISAGREEMENT
+
+
+def conv_caveat(res: list[Measured]) -> str:
+    both = [m for m in res if len(m.vendor_runs) > 1]
+    flagged = [m for m in both if disagreeing(m)]
+    runs = sorted({max(m.vendor_runs, key=lambda ru: ru[1])[0] for m in flagged})
+    gaps = [max(u for _, u in m.vendor_runs) / m.vendor_us for m in flagged]
+    s = (f"cuDNN was measured in every run that reported a workload ({len(both)} of {len(res)} workloads in two "
+         "runs). The cuDNN column is the faster measurement, which never flatters shapetune; † marks a workload "
+         f"whose two cuDNN times differ by more than {RUN_DISAGREEMENT}x")
+    if flagged:
+        s += (f": {len(flagged)} of {len(both)}, {span(gaps, 1)}x apart, the slower always in "
+              f"{' / '.join(runs)}. Processes building in parallel had the host fall behind the GPU; the runner "
+              "now detects this and re-measures")
+    return s + "."
+
+
+def conv(logs: Logs) -> str:
+    res = logs.summary_results(CONV)
+    rs = [m.ratio for m in res]
+    fast = [m for m in res if m.ratio >= 1.0]
+    sizes = Counter(kernel_size(m) for m in fast)
+    g = geomean(rs)
+    return "\n\n".join([
+        "## conv2d (channels-last implicit GEMM on WMMA), SD 1.5 UNet at batch 2, 512², fp16",
+        bullets([f"Card: {logs.card(CONV)}. Date: {logs.dates(CONV)}.",
+                 f"Command: `{logs.command(CONV)}`, run twice: the second run resumed the job after the first hit "
+                 "its time limit, and re-measured cuDNN for every workload. Records: "
+                 "`tuning_logs/sm90_h200_sd15_conv.jsonl.xz`. Rows of both runs: "
+                 f"`tuning_logs/{CONV}`.",
+                 "Baseline: cuDNN through `F.conv2d` on channels_last tensors, plus the residual add as a separate "
+                 "op where shapetune fuses it. torch's default algorithm heuristics apply (`cudnn.benchmark` off), "
+                 "as in diffusers.",
+                 f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run."]),
+        table([("workload", "l"), ("shapetune µs", "r"), ("cuDNN µs", "r"), ("ratio", "r"),
+               ("shapetune TF/s", "r"), ("best", "l")],
+              [[m.name, num(m.tuned_us), num(m.vendor_us) + (" †" if disagreeing(m) else ""), num(m.ratio),
+                num(m.row.get("best_tflops"), 1), template_of(m.row["best"])] for m in res]),
+        f"Geomean over the {len(res)} workloads: {g:.2f}x cuDNN. By kernel size: {by_kernel_size(res)}. Range: "
+        f"min {min(rs):.2f}, max {max(rs):.2f}. {len(fast)} of {len(res)} are at or above 1.0x"
+        + (f" (by kernel size: {', '.join(f'{k}: {n}' for k, n in sorted(sizes.items()))})" if fast else "") + ".",
+        f"Goal {at_least(GOAL_VS_VENDOR, g, 'x')}. TVM {logs.tvm(CONV)}'s tensor-core path is WMMA-only, the "
+        "same limit as for GEMM. The registry dispatches to cuDNN wherever cuDNN measured faster.",
+    ])
+
+
+def attention(logs: Logs) -> str:
+    res = logs.summary_results(ATTENTION)
+    trials = logs.trials(ATTENTION, {m.row["key"] for m in res})
+    faster = [m.name for m in res if m.ratio > 1]
+    worst = min(res, key=lambda m: m.ratio)
+    return "\n\n".join([
+        "## Attention (flash-style on WMMA), SD 1.5 UNet at batch 2, 512², 8 heads, fp16",
+        bullets([f"Card: {logs.card(ATTENTION)}. Date: {logs.dates(ATTENTION)}.",
+                 f"Command: `{logs.command(ATTENTION)}`. Records: `tuning_logs/sm90_h200_sd15_attention.jsonl.xz`. "
+                 f"{trials} measured candidates per workload: the best of a small search, not of the whole space.",
+                 "Baseline: torch SDPA (FlashAttention-2 backend) as diffusers' AttnProcessor2_0 calls it, measured "
+                 "in the same run."]),
+        table([("workload", "l"), ("shapetune µs", "r"), ("SDPA µs", "r"), ("ratio", "r"),
+               ("shapetune TF/s", "r"), ("best", "l")],
+              [[m.name, num(m.tuned_us), num(m.vendor_us), num(m.ratio), num(m.row.get("best_tflops"), 1),
+                m.row["best"]] for m in res]),
+        f"Geomean: {geomean(m.ratio for m in res):.2f}x SDPA (min {worst.ratio:.2f}, max "
+        f"{max(m.ratio for m in res):.2f}). Faster than SDPA: "
+        + (", ".join(f"`{n}`" for n in faster) if faster else "none")
+        + f". The weak case is `{worst.name}` ({worst.ratio:.2f}x): S, P and each O chunk round-trip through shared "
+        "memory, because WMMA fragments can't be addressed per element; K/V loads are synchronous; tiles are "
+        "capped at 48 KB. The next step is mma.sync/wgmma with register-resident S and P. The registry dispatches "
+        "to SDPA except where the tuned kernel measured faster.",
+    ])
+
+
+COST_COLS = [("in_family@1", "in-family @1"), ("in_family@4", "@4"), ("in_family@8", "@8"),
+             ("transfer@1", "transfer @1"), ("transfer@4", "@4"), ("random@1", "random @1"), ("random@4", "@4")]
+
+
+def cost_model_means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of each metric over the held-out workloads, per op and over all ("all")."""
+    out = {}
+    for op in sorted({r["op"] for r in rows}) + ["all"]:
+        sel = [r for r in rows if op in ("all", r["op"])]
+        out[op] = {k: mean(r.get(k) for r in sel) for k, _ in COST_COLS + [("in_family_spearman", "")]}
+        out[op]["workloads"] = len(sel)
+    return out
+
+
+def cost_model(logs: Logs) -> str:
+    d = logs.load(COST_MODEL)
+    s = cost_model_means(d["rows"])
+    a = s["all"]
+    worse = [op for op in s if op != "all" and s[op]["transfer@1"] < s[op]["random@1"]]
+    per_key = Counter(Workload.from_json(r["workload"]).key for r in logs.records
+                      if r.get("type") == "record" and isinstance(r.get("workload"), dict))
+    by_op = defaultdict(int)
+    for w in logs.workloads_by_key.values():
+        by_op[w.op] = max(by_op[w.op], per_key.get(w.key, 0))
+    absent = [f"{op} (at most {n} records per workload)" for op, n in sorted(by_op.items()) if op not in s]
+    return "\n\n".join([
+        "## Cost model: ranking held-out workloads (CPU, from the shipped H200 records)",
+        bullets([f"Machine: {logs.meta(COST_MODEL, 'machine')}. It needs no GPU, because it re-ranks measured "
+                 f"records. Date: {logs.dates(COST_MODEL)}.",
+                 f"Command: `{logs.command(COST_MODEL)}`.",
+                 f"Method: each workload with at least {d['min_ok']} verified records is held out. The XGBoost "
+                 "model is trained without it, either on the same op's other workloads (in-family) or on the other "
+                 "ops only (transfer), and then ranks the held-out workload's verified candidates.",
+                 "Metric: quality@k = true best latency / best latency among the model's top k. 1.0 means measuring "
+                 "k candidates would have found the best. Each figure is the mean over the held-out workloads.",
+                 "Baseline: a uniformly random order, computed exactly in the same run.",
+                 "Caveat: the records were themselves chosen by an earlier model plus random exploration, so this "
+                 "measures ranking among plausible candidates, not over the whole space."]),
+        table([("op", "l"), ("held-out workloads", "r")] + [(h, "r") for _, h in COST_COLS]
+              + [("Spearman (in-family)", "r")],
+              [[op, str(v["workloads"])] + [num(v[k], 3) for k, _ in COST_COLS] + [num(v["in_family_spearman"])]
+               for op, v in s.items()]),
+        f"Over all {a['workloads']} workloads, the model's first pick reaches {a['in_family@1']:.2f} of the best "
+        f"kernel's speed, against {a['random@1']:.2f} for a random pick. Its top 4 reach {a['in_family@4']:.2f}, "
+        f"against {a['random@4']:.2f}.",
+        f"Transfer to an unseen op family reaches {a['transfer@1']:.2f} at top 1"
+        + (", worse than random for " + " and ".join(
+            f"{op} ({s[op]['transfer@1']:.2f} against {s[op]['random@1']:.2f})" for op in worse) if worse else "")
+        + ". Features learned on one family can mislead on another, which is why the tuner keeps random "
+        "exploration in each round."
+        + (f" Absent, below the {d['min_ok']} records needed: {', '.join(absent)}." if absent else ""),
+    ])
+
+
+def lookup(logs: Logs) -> str:
+    d = logs.load(LOOKUP)
+    empty = num(d["empty_call_ns"], 0)
+    return "\n\n".join([
+        "## Registry lookup (CPU)",
+        f"- Machine: {logs.meta(LOOKUP, 'machine')}. Date: {logs.dates(LOOKUP)}. Command: "
+        f"`{logs.command(LOOKUP)}`",
+        table([("path", "l"), ("ns per call", "r"), ("baseline: empty Python call, ns", "r"), ("budget, ns", "r")],
+              [["cached per call signature (every call)", num(d["cached_lookup_ns"], 0), empty,
+                str(d["budget_ns"])],
+               ["first call of a new shape in a tuned bucket (in-memory index, no DB query)",
+                num(d["first_call_new_shape_ns"], 0), empty, "(none)"]]),
+    ])
+
+
+SECTIONS = (summary, linear, metaschedule, buckets, norms, geglu, conv, attention, cost_model, lookup)
+
+
+def render(root: Path = ROOT) -> str:
+    """BENCHMARKS.md's full text, from the committed JSON under root/tuning_logs."""
+    logs = Logs(root)
+    return "# Benchmarks\n\n" + intro(logs) + "\n\n" + "\n\n".join(f(logs) for f in SECTIONS) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 with a diff if BENCHMARKS.md is out of date")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    a = ap.parse_args()
+    text, out = render(), Path(a.out)
+    if not a.check:
+        out.write_text(text)
+        return
+    old = out.read_text() if out.exists() else ""
+    if old != text:
+        sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                                   str(out), "generated"))
+        sys.exit(f"{out} is out of date: run python scripts/make_benchmarks.py")
+
+
+if __name__ == "__main__":
+    main()
