@@ -1,0 +1,299 @@
+"""Imports are claims, not measurements: an integrity hash per line, knobs checked against the
+template's space, and nothing imported is served before `shapetune db verify` (or `prebuild`)
+rebuilt and re-verified it on this target (llvm, tiny GEMMs).
+
+Builder workers import tests/_bad_templates.py through the pool's initializer (see test_tuner.py)
+so a deliberately wrong template can be imported, re-verified and caught.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import scheduler.builder
+from scheduler.isolation import IsolatedPool
+from scheduler.templates import base
+from scheduler.tuner import TuneOptions, tune
+from shapetune.cli import main
+from shapetune.db import DBError, TuningDB
+from shapetune.records import Candidate, LatencyStats, MeasureResult
+from shapetune.target import detect
+from shapetune.workload import linear_workload
+
+W = linear_workload(16, 8, 16, "float32", bias=False)
+W_ONLY_WRONG = linear_workload(24, 8, 16, "float32", bias=False)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return detect("llvm")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, cpu):
+    """A DB tuned here (dlight + gemm_llvm, 3 trials) plus one build_error record of a valid
+    candidate, and its export."""
+    d = tmp_path_factory.mktemp("tuned")
+    db_path = d / "t.db"
+    tune([W], cpu, db_path, TuneOptions(trials=3, batch=3, templates=("dlight", "gemm_llvm")))
+    with TuningDB(db_path) as db:
+        used = {r.candidate.key for r in db.results()}
+        from scheduler.tuner import search_space
+
+        spare = next(c for c in search_space(W, cpu, ("gemm_llvm",)) if c.key not in used)
+        db.add_result(MeasureResult(W, cpu, spare, "build_error", error="boom", run_id="r0",
+                                    created=1.8e9))
+        db.export_jsonl(d / "export.jsonl")
+    return db_path, d / "export.jsonl"
+
+
+@pytest.fixture
+def bad_templates(monkeypatch):
+    from cost_model import unregister_feature_fn
+
+    mod = importlib.import_module("_bad_templates")
+    mod.register_all()
+    monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
+        IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))
+    yield mod
+    for name in mod.NAMES:
+        base._TEMPLATES.pop(name, None)
+        unregister_feature_fn(name)
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _lines(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def _rehash(d: dict) -> dict:
+    """What a careful forger does: recompute the line's sha256 after editing it."""
+    body = {k: v for k, v in d.items() if k != "sha256"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return {**body, "sha256": hashlib.sha256(canon.encode()).hexdigest()}
+
+
+def _write(p: Path, lines: list[dict]) -> Path:
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return p
+
+
+def _snapshot(db_path: Path) -> dict:
+    """The DB's bytes on disk (main file and WAL), with no connection open."""
+    return {s: Path(f"{db_path}{s}").read_bytes() for s in ("", "-wal") if Path(f"{db_path}{s}").exists()}
+
+
+def _fresh_db_with_history(tmp_path, cpu) -> Path:
+    """A non-empty DB, closed, so that a rejected import must leave its bytes as they were."""
+    p = tmp_path / "fresh.db"
+    with TuningDB(p) as db:
+        db.add_result(MeasureResult(W_ONLY_WRONG, cpu, Candidate("dlight"), "build_error", error="x",
+                                    created=1.0))
+    return p
+
+
+def _registry(db_path, cpu):
+    from kernels.registry import Registry
+
+    return Registry(db_path=db_path, target=cpu, require_faster=False)
+
+
+def _forged_ok(line: dict, us: float = 0.5) -> dict:
+    lat = LatencyStats.of([us]).to_json()
+    return _rehash({**line, "status": "ok", "latency": lat, "error": "", "max_rel_err": 0.0})
+
+
+# -- 1. the hash ------------------------------------------------------------------------------------
+def test_export_lines_carry_a_sha256_over_every_field(tuned):
+    _, export = tuned
+    lines = _lines(export)
+    assert lines and all(x == _rehash(x) for x in lines)  # sha256 of the line without it
+
+
+@pytest.mark.parametrize("edit", ["status_and_latency", "baseline_latency", "hash_removed"])
+def test_edited_line_is_rejected_with_its_line_number(tuned, tmp_path, cpu, edit):
+    _, export = tuned
+    lines = _lines(export)
+    if edit == "baseline_latency":
+        i = next(i for i, x in enumerate(lines) if x["type"] == "baseline")
+        lines[i]["latency"]["median_us"] = 0.01
+        why = "sha256"
+    else:
+        i = next(i for i, x in enumerate(lines) if x.get("status") == "build_error")
+        forged = {**lines[i], "status": "ok", "latency": LatencyStats.of([0.5]).to_json(), "error": ""}
+        if edit == "hash_removed":  # an edited line whose hash was dropped, among hashed lines
+            forged.pop("sha256")
+            why = "no sha256"
+        else:
+            why = "sha256"
+        lines[i] = forged
+    bad = _write(tmp_path / "bad.jsonl", lines)
+    db_path = _fresh_db_with_history(tmp_path, cpu)
+    before = _snapshot(db_path)
+    with TuningDB(db_path) as db, pytest.raises(DBError, match=f"line {i + 1}") as e:
+        db.import_jsonl(bad)
+    assert why in str(e.value) and "nothing imported" in str(e.value)
+    assert _snapshot(db_path) == before
+    out = _cli("db", "import", bad, "--db", db_path)
+    assert out.exit_code != 0 and f"line {i + 1}" in out.output and "Traceback" not in out.output
+    assert _snapshot(db_path) == before
+
+
+def test_a_stored_record_cannot_be_reimported_with_other_contents(tuned, tmp_path):
+    """Same uid as a stored record (the uid covers neither status nor latency), other contents."""
+    db_path, export = tuned
+    lines = _lines(export)
+    i = next(i for i, x in enumerate(lines) if x.get("status") == "build_error")
+    lines[i] = _forged_ok(lines[i])
+    bad = _write(tmp_path / "bad.jsonl", lines)
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(Path(db_path).read_bytes())
+    with TuningDB(copy) as db:
+        with pytest.raises(DBError, match=f"line {i + 1}.*stored here with other contents"):
+            db.import_jsonl(bad)
+        (kept,) = [r for r in db.results() if r.uid == lines[i]["uid"]]
+        assert kept.status == "build_error"
+
+
+# -- 2. knobs against the template's space ---------------------------------------------------------
+@pytest.mark.parametrize("edit, why", [("knob", "outside"), ("template", "unknown template")])
+def test_knobs_outside_the_space_are_rejected_by_db_import(tuned, tmp_path, cpu, edit, why):
+    _, export = tuned
+    lines = _lines(export)
+    i = next(i for i, x in enumerate(lines) if x.get("candidate", {}).get("template") == "gemm_llvm")
+    cand = dict(lines[i]["candidate"])
+    if edit == "knob":
+        cand["knobs"] = {**cand["knobs"], next(iter(cand["knobs"])): 999}
+    else:
+        cand["template"] = "no_such_template"
+    edited = {**lines[i], "candidate": cand}
+    edited["uid"] = from_line_uid(edited)
+    lines[i] = _rehash(edited)
+    bad = _write(tmp_path / "bad.jsonl", lines)
+    db_path = _fresh_db_with_history(tmp_path, cpu)
+    before = _snapshot(db_path)
+    out = _cli("db", "import", bad, "--db", db_path)
+    assert out.exit_code != 0 and "Traceback" not in out.output, out.output
+    assert f"line {i + 1}" in out.output and why in out.output
+    assert _snapshot(db_path) == before
+
+
+def from_line_uid(d: dict) -> str:
+    from shapetune.db import from_json_line
+
+    return from_json_line({k: v for k, v in d.items() if k not in ("uid", "sha256")}).uid
+
+
+# -- 3. pending until re-verified --------------------------------------------------------------------
+def test_import_is_served_only_after_db_verify(tuned, tmp_path, cpu, monkeypatch):
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    db_path, export = tuned
+    with TuningDB(db_path) as src:
+        best_here = src.best(W.key, cpu.key)
+    fresh = tmp_path / "fresh.db"
+    out = _cli("db", "import", export, "--db", fresh)
+    assert out.exit_code == 0, out.output
+    with TuningDB(fresh) as db:
+        assert db.best(W.key, cpu.key) is None and db.best_all(target_key=cpu.key) == []
+    res = _registry(fresh, cpu).resolve(W)
+    assert res.kind == "fallback" and res.cause == "unverified", res
+    assert "shapetune db verify" in res.reason
+
+    out = _cli("db", "verify", "--db", fresh)
+    assert out.exit_code == 0, out.output
+    (line,) = [x for x in out.output.splitlines() if W.name in x]
+    assert "reverified" in line and str(best_here.candidate) in line
+    res = _registry(fresh, cpu).resolve(W)
+    assert res.kind == "exact" and res.record.candidate == best_here.candidate
+    with TuningDB(fresh) as db:
+        (i, imported), = [(i, r) for i, r in db.iter_results() if r.uid == best_here.uid]
+        assert db.trust([i])[i] == ("reverified", "")
+        assert res.record.run_id != imported.run_id  # what is served was measured here
+    again = _cli("db", "verify", "--db", fresh)
+    assert again.exit_code == 0 and "nothing to re-verify" in again.output
+
+
+def test_wrong_kernel_fails_reverification_and_is_never_served(tuned, tmp_path, cpu, bad_templates,
+                                                                monkeypatch):
+    """Forged, valid-hash records of a deliberately wrong template claim 0.5 us: the fastest claim
+    fails re-verification, is marked, and the next best is re-verified and served instead; where
+    only the wrong one exists, nothing is served."""
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    _, export = tuned
+    lines = _lines(export)
+    tmpl = next(x for x in lines if x["type"] == "record" and x["status"] == "ok")
+    forged = []
+    for w in (W, W_ONLY_WRONG):
+        r = MeasureResult(w, cpu, Candidate("wrong_gemm", (("variant", 0),)), "ok",
+                          LatencyStats.of([0.5]), max_rel_err=0.0, run_id="forger", created=1.9e9)
+        from shapetune.db import record_to_json
+
+        forged.append(_rehash(record_to_json(r)))
+    assert forged[0]["target"] == tmpl["target"]
+    imp = _write(tmp_path / "imp.jsonl", lines + forged)
+    fresh = tmp_path / "fresh.db"
+    assert _cli("db", "import", imp, "--db", fresh).exit_code == 0
+    out = _cli("db", "verify", "--db", fresh, "--jobs", "2")
+    assert out.exit_code == 0, out.output
+    rows = {w.name: [x for x in out.output.splitlines() if x.startswith(w.name)] for w in (W, W_ONLY_WRONG)}
+    assert len(rows[W.name]) == 1 and len(rows[W_ONLY_WRONG.name]) == 1, out.output
+    assert "reverified" in rows[W.name][0] and "1 failed" in rows[W.name][0]
+    assert "none passed" in rows[W_ONLY_WRONG.name][0] and "wrong_result" in rows[W_ONLY_WRONG.name][0]
+    with TuningDB(fresh) as db:
+        wrong = [(i, r) for i, r in db.iter_results() if r.candidate.template == "wrong_gemm"]
+        states = db.trust([i for i, _ in wrong])
+        assert {s for s, _ in states.values()} == {"reverify_failed"}
+        assert all("wrong_result" in why for _, why in states.values())
+        assert db.best(W_ONLY_WRONG.key, cpu.key) is None
+        assert db.best(W.key, cpu.key).candidate.template != "wrong_gemm"
+    reg = _registry(fresh, cpu)
+    assert reg.resolve(W).record.candidate.template != "wrong_gemm"
+    res = reg.resolve(W_ONLY_WRONG)
+    assert res.kind == "fallback" and res.record is None and res.cause == "all_failed"
+    assert "nothing to re-verify" in _cli("db", "verify", "--db", fresh).output  # marked: not retried
+
+
+def test_prebuild_reverifies_imports_first(tuned, tmp_path, cpu, monkeypatch):
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    _, export = tuned
+    fresh = tmp_path / "fresh.db"
+    with TuningDB(fresh) as db:
+        db.import_jsonl(export)
+    reg = _registry(fresh, cpu)
+    out = reg.prebuild(jobs=2)
+    assert out["reverified"] == 1 and out["built"] == 1 and out["failed"] == 0, out
+    assert reg.resolve(W).kind == "exact"
+
+
+def test_shard_merge_stays_measured_and_export_merge_is_pending(tuned, tmp_path, cpu):
+    db_path, export = tuned
+    with TuningDB(tmp_path / "job.db") as job:
+        job.merge_from(db_path)  # a shard DB of this job: measured here
+        assert job.best(W.key, cpu.key) is not None
+    with TuningDB(tmp_path / "other.db") as other:
+        other.merge_from(export)  # an export: a claim
+        assert other.best(W.key, cpu.key) is None
+        assert other.best(W.key, cpu.key, include_pending=True) is not None
+
+
+# -- 4. shipped logs ------------------------------------------------------------------------------------
+def test_a_shipped_log_without_hashes_still_imports_as_pending(tmp_path):
+    log = REPO / "tuning_logs" / "sm90_h200_sd15_geglu.jsonl.xz"
+    fresh = tmp_path / "fresh.db"
+    out = _cli("db", "import", log, "--db", fresh)
+    assert out.exit_code == 0, out.output
+    with TuningDB(fresh) as db:
+        n = db.stats()["records"]
+        assert n > 0 and "imported %d new" % (n + len(db.baselines())) in out.output
+        assert db.best_all() == [] and db.stats()["by_trust"] == {"imported": n}
