@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import lzma
 import math
@@ -50,6 +51,7 @@ GOAL_BUCKET_EFFICIENCY, FLOOR_BUCKET_EFFICIENCY = 0.99, 0.95
 RUN_DISAGREEMENT = 1.5
 # What a bracketed baseline variant in bench_tuned's "vendors" measures, e.g. "...group_norm[nchw]".
 VARIANT_TEXT = {"nchw": "the same torch op on a contiguous NCHW tensor, as eager diffusers runs it"}
+DEFAULT_LAYOUT = "channels_last"  # what bench_tuned's default ("vendor_us") GroupNorm baseline is fed
 
 
 # -- numbers and tables ------------------------------------------------------------------------
@@ -189,8 +191,14 @@ class Logs:
 
     @cached_property
     def workloads_by_key(self) -> dict[str, Workload]:
-        ws = (Workload.from_json(r["workload"]) for r in self.records if isinstance(r.get("workload"), dict))
-        return {w.key: w for w in ws}
+        """Every recorded workload, under the key it was stored with: Workload.key's hash of the JSON as
+        written, so that a later change to Workload's JSON cannot unlink old summary rows from it."""
+        out = {}
+        for r in self.records:
+            if isinstance(r.get("workload"), dict):
+                canon = json.dumps(r["workload"], sort_keys=True, separators=(",", ":"))
+                out[hashlib.sha256(canon.encode()).hexdigest()[:20]] = Workload.from_json(r["workload"])
+        return out
 
     def workload(self, row: dict) -> Workload | None:
         own = row.get("workload_json") or (row["workload"] if isinstance(row.get("workload"), dict) else None)
@@ -236,11 +244,10 @@ class Logs:
         ds = {run.get("date") or self.meta(rel, "date") for rel in rels for run in self.runs(rel)}
         return ", ".join(sorted(ds))
 
-    def card(self, rel: str, full: bool = True) -> str:
+    def card(self, rel: str) -> str:
         t = self.runs(rel)[0]["target"]
-        s = t["device_name"]
-        if full:
-            s += f" ({t['arch']}; CUDA {t['cuda_version']}, torch {t['torch_version']}, TVM {t['tvm_version']})"
+        s = (f"{t['device_name']} ({t['arch']}; CUDA {t['cuda_version']}, torch {t['torch_version']}, "
+             f"TVM {t['tvm_version']})")
         try:
             return f"{s}, {self.meta(rel, 'machine')}"
         except ValueError:
@@ -370,9 +377,14 @@ def variants(rows: list[NormRow]) -> list[str]:
     return sorted({m[1] for n in names if (m := re.search(r"\[(\w+)\]$", n))})
 
 
+def torch_label(rows: list[NormRow]) -> str:
+    """The default torch baseline's name, with its layout once a variant is there to tell it from."""
+    return f"torch ({DEFAULT_LAYOUT})" if variants(rows) else "torch"
+
+
 def norm_versus(rows: list[NormRow]) -> str:
     """Geomeans vs each torch baseline and of copy bandwidth, naming each baseline."""
-    parts = [f"{geomean(r.m.ratio for r in rows):.2f}x torch" + (" (default layout)" if variants(rows) else "")]
+    parts = [f"{geomean(r.m.ratio for r in rows):.2f}x {torch_label(rows)}"]
     for v in variants(rows):
         us = [(r.variant_us(v), r.m.tuned_us) for r in rows if r.variant_us(v)]
         if us:
@@ -390,7 +402,7 @@ def norm_families(logs: Logs) -> list[Family]:
         if frac < GOAL_OF_COPY:
             goal += f" ({span(r.of_copy for r in sel)})"
         out.append(Family(NORM_LABEL.get(op, op), len(sel), logs.trials(NORMS, {r.m.row["key"] for r in sel}),
-                          norm_versus(sel), goal, dispatch_text("torch", [r.m.ratio for r in sel])))
+                          norm_versus(sel), goal, dispatch_text(torch_label(sel), [r.m.ratio for r in sel])))
     return out
 
 
@@ -486,8 +498,9 @@ def metaschedule(logs: Logs) -> str:
                                         for k in ("metaschedule", "dlight", "shapetune")]
                + [num(r["ms_tune_s"], 0), f"{r['ms_records_ok']} / {r['ms_records_failed']}"]
                for r in d["rows"]]),
-        f"{failed} of {ok + failed} MetaSchedule tensor-core samples failed to build on TVM {logs.tvm(METASCHEDULE)} (the "
-        f"tvm_access_ptr float16/float32 bug), so {d['trials']} trials leave it few valid kernels.",
+        f"{failed} of {ok + failed} MetaSchedule tensor-core samples failed to build on TVM "
+        f"{logs.tvm(METASCHEDULE)} (the tvm_access_ptr float16/float32 bug), so {d['trials']} trials leave it "
+        "few valid kernels.",
     ])
 
 
@@ -510,7 +523,8 @@ def buckets(logs: Logs) -> str:
                ("cuBLAS µs", "r"), ("efficiency", "r")],
               [[r["shape"], r["bucket"], num(r["exact_us"]), num(r["bucket_us"]), num(r["vendor_us"]), num(e, 3)]
                for r, e in zip(rows, eff)]),
-        f"Geomean efficiency: {g:.3f} (goal {GOAL_BUCKET_EFFICIENCY}: {'reached' if g >= GOAL_BUCKET_EFFICIENCY else 'not reached'}). "
+        f"Geomean efficiency: {g:.3f} (goal {GOAL_BUCKET_EFFICIENCY}: "
+        f"{'reached' if g >= GOAL_BUCKET_EFFICIENCY else 'not reached'}). "
         f"Minimum: {lo:.3f}, at {worst['shape']}: {'below' if lo < FLOOR_BUCKET_EFFICIENCY else 'above'} the "
         f"{FLOOR_BUCKET_EFFICIENCY} floor. {above} of {len(rows)} values are above 1: search variance between two "
         f"{d['trials']}-trial searches.",
@@ -564,7 +578,7 @@ def norms(logs: Logs) -> str:
              f"{min(r.m.ratio for r in rows):.2f}, max {max(r.m.ratio for r in rows):.2f}); "
              f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth (torch: "
              f"{geomean(r.vendor_of_copy for r in rows):.2f}). {per_op} "
-             + registry_sentence("torch", [r.m.ratio for r in rows]))
+             + registry_sentence(torch_label(rows), [r.m.ratio for r in rows]))
     if "large_copy" in d:
         lc = d["large_copy"]
         prose += (f" A {lc['bytes'] / 2**30:.2f} GiB copy in the same run moved {lc['gbps']:.0f} GB/s; the "
@@ -692,11 +706,12 @@ def cost_model(logs: Logs) -> str:
     s = cost_model_means(d["rows"])
     a = s["all"]
     worse = [op for op in s if op != "all" and s[op]["transfer@1"] < s[op]["random@1"]]
-    per_key = Counter(Workload.from_json(r["workload"]).key for r in logs.records
-                      if r.get("type") == "record" and isinstance(r.get("workload"), dict))
+    per_workload = Counter(json.dumps(r["workload"], sort_keys=True) for r in logs.records
+                           if r.get("type") == "record" and isinstance(r.get("workload"), dict))
     by_op = defaultdict(int)
-    for w in logs.workloads_by_key.values():
-        by_op[w.op] = max(by_op[w.op], per_key.get(w.key, 0))
+    for w, n in per_workload.items():
+        op = json.loads(w)["op"]
+        by_op[op] = max(by_op[op], n)
     absent = [f"{op} (at most {n} records per workload)" for op, n in sorted(by_op.items()) if op not in s]
     return "\n\n".join([
         "## Cost model: ranking held-out workloads (CPU, from the shipped H200 records)",

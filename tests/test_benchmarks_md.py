@@ -1,0 +1,195 @@
+"""scripts/make_benchmarks.py: BENCHMARKS.md is exactly what the committed JSON generates (no TVM, no GPU)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from shapetune.workload import linear_workload
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("make_benchmarks", REPO / "scripts" / "make_benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+mb = _load()
+COMMITTED = mb.render(REPO)  # rendered once; tests that edit data render their own copy
+
+
+@pytest.fixture
+def logs_copy(tmp_path):
+    """A writable copy of tuning_logs/ under tmp_path; returns (root, edit) where edit(rel, fn) rewrites a JSON."""
+    shutil.copytree(REPO / "tuning_logs", tmp_path / "tuning_logs")
+
+    def edit(rel, fn):
+        p = tmp_path / "tuning_logs" / rel
+        d = json.loads(p.read_text())
+        fn(d)
+        p.write_text(json.dumps(d))
+
+    return tmp_path, edit
+
+
+def section(text: str, title: str) -> str:
+    """The text of the section whose heading starts with `## title`."""
+    start = text.index(f"\n## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_committed_benchmarks_md_is_what_the_json_generates():
+    want = COMMITTED
+    have = (REPO / "BENCHMARKS.md").read_text()
+    diff = "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True), "BENCHMARKS.md", "generated"))
+    assert have == want, f"BENCHMARKS.md is out of date: run python scripts/make_benchmarks.py\n{diff[:4000]}"
+
+
+def test_geomean_is_geometric_not_arithmetic():
+    assert mb.geomean([1.0, 4.0]) == pytest.approx(2.0)  # arithmetic mean: 2.5
+    assert mb.geomean([0.25, 1.0, 4.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no values"):
+        mb.geomean([])
+    with pytest.raises(ValueError, match="positive"):
+        mb.geomean([1.0, 0.0])
+
+
+def test_linear_summary_figure_is_the_geomean_of_the_table():
+    res = mb.Logs(REPO).summary_results(mb.LINEAR)
+    ratios = [m.vendor_us / m.row["best_us"] for m in res]
+    row = next(line for line in COMMITTED.splitlines() if line.startswith("| linear (GEMM) |"))
+    assert f"| {mb.geomean(ratios):.2f}x cuBLAS |" in row
+    assert f"{sum(ratios) / len(ratios):.2f}x" not in row  # the hand-written 0.49x was the arithmetic mean
+
+
+def test_a_row_added_to_a_summary_changes_the_tables(logs_copy):
+    root, edit = logs_copy
+    w = linear_workload(777, 320, 640, "float16", bias=True)
+    new = {"workload": "stored name, not used", "workload_json": w.to_json(), "key": w.key, "best_us": 10.0,
+           "best": "gemm_cuda_wmma[frag_m=1]", "dlight_us": 20.0, "vendor_us": 30.0, "by_status": {"ok": 32}}
+    edit(mb.LINEAR, lambda d: d["rows"].append(new))
+    before, after = COMMITTED, mb.render(root)
+    lin = section(after, "Linear")
+    assert f"| {w.name} | 10.00 | 20.00 | 30.00 | 3.00 | shapetune |" in lin
+    assert "stored name" not in after
+    assert "| linear (GEMM) | 24 | 32 |" in after and "| linear (GEMM) | 23 | 32 |" in before
+    assert "1 of 24 measured faster than cuBLAS" in lin
+
+
+def test_names_come_from_the_workload_json_not_the_stored_string(logs_copy):
+    root, edit = logs_copy
+    res = mb.Logs(REPO).summary_results(mb.GEGLU)
+
+    def rename(d):
+        for r in d["rows"]:
+            r["workload"] = "geglu_stale_name"
+    edit(mb.GEGLU, rename)
+    text = mb.render(root)
+    assert "geglu_stale_name" not in text
+    assert all(f"| {m.workload.name} |" in section(text, "GEGLU") for m in res)
+
+
+def test_every_summary_row_finds_its_workload_json():
+    """Names come from Workload.name today: no row falls back to its stored name string."""
+    logs = mb.Logs(REPO)
+    rows = [r for rel in (mb.LINEAR, mb.GEGLU, mb.CONV, mb.ATTENTION, mb.NORMS) for run in logs.runs(rel)
+            for r in run["rows"]] + logs.load(mb.NORMS_BENCH)["rows"] + logs.load(mb.METASCHEDULE)["rows"]
+    assert rows and all(logs.workload(r) is not None and logs.workload(r).key == r["key"] for r in rows)
+
+
+def test_conv_dagger_and_vendor_time_come_from_both_runs(logs_copy):
+    root, edit = logs_copy
+    conv = section(COMMITTED, "conv2d")
+    marked = [line for line in conv.splitlines() if " † |" in line]
+    assert len(marked) == 6 and "6 of 36" in conv
+
+    def agree(d):  # run 1 measured cuDNN exactly as run 2 did: nothing to flag
+        latest = {r["key"]: r["vendor_us"] for run in d["runs"] for r in run["rows"]}
+        for run in d["runs"]:
+            for r in run["rows"]:
+                r["vendor_us"] = latest[r["key"]]
+    edit(mb.CONV, agree)
+    conv2 = section(mb.render(root), "conv2d")
+    assert " † |" not in conv2 and "differ by more than 1.5x." in conv2
+
+    def slower_run2(d):  # run 2 is 3x slower for every workload: the table keeps run 1's time
+        for run in d["runs"]:
+            if run["run"].startswith("run2"):
+                for r in run["rows"]:
+                    r["vendor_us"] *= 3
+    edit(mb.CONV, slower_run2)
+    conv3 = section(mb.render(root), "conv2d")
+    assert conv3.count(" † |") == 36 and "the slower always in run2" in conv3
+
+
+def _new_norms_shape(d):
+    """bench_tuned.py's coming JSON: bytes, GB/s, both torch baselines, a large copy."""
+    for r in d["rows"]:
+        name = "torch.nn.functional." + ("group_norm" if r["workload"].startswith("group_norm") else "layer_norm")
+        r.update(bytes=4_000_000, copy_gbps=4e-3 / r["copy_us"] * 1e6, tuned_gbps=4e-3 / r["tuned_us"] * 1e6,
+                 vendor_gbps=4e-3 / r["vendor_us"] * 1e6, vendors={name: r["vendor_us"]})
+        if name.endswith("group_norm"):
+            r["vendors"][name + "[nchw]"] = r["vendor_us"] / 2
+            r["speedup_vs_nchw"] = r["vendor_us"] / 2 / r["tuned_us"]
+    d["large_copy"] = {"bytes": 2 << 30, "us": 500.0, "gbps": 4295.0}
+
+
+def test_norms_section_renders_todays_and_the_new_json_shape(logs_copy):
+    root, edit = logs_copy
+    old = section(COMMITTED, "GroupNorm")
+    assert "torch[nchw]" not in old and "GB/s" not in old and "issue 8 item 2" in old
+    edit(mb.NORMS_BENCH, _new_norms_shape)
+    new = section(mb.render(root), "GroupNorm")
+    head = next(line for line in new.splitlines() if line.startswith("| workload |"))
+    for col in ("torch µs", "torch[nchw] µs", "ratio vs torch[nchw]", "copy GB/s", "shapetune GB/s"):
+        assert f"| {col} |" in head
+    assert "A 2.00 GiB copy in the same run moved 4295 GB/s" in new
+    assert "an aligned device-to-device copy" in new and "as eager diffusers runs it" in new
+    rows = mb.norm_rows(mb.Logs(REPO))
+    gn = [r for r in rows if r.op == "group_norm"]
+    nchw = mb.geomean(r.m.vendor_us / 2 / r.m.tuned_us for r in gn)
+    assert f"{nchw:.2f}x torch[nchw]" in new and "x torch (channels_last)" in new
+
+
+def test_cost_model_tolerates_added_fields(logs_copy):
+    root, edit = logs_copy
+
+    def add(d):
+        for r in d["rows"]:
+            r["new_feature@1"] = 0.5
+        d["summary"]["all"]["new_feature@1"] = 0.5
+        d["features"] = ["epilogue", "layout"]
+    edit(mb.COST_MODEL, add)
+    assert section(mb.render(root), "Cost model") == section(COMMITTED, "Cost model")
+
+
+def test_check_mode_exits_nonzero_with_a_diff(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "B.md"
+    out.write_text(COMMITTED.replace("0.47", "0.49", 1))
+    monkeypatch.setattr(sys, "argv", ["make_benchmarks.py", "--check", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        mb.main()
+    assert e.value.code and "out of date" in str(e.value.code)
+    assert "+| linear (GEMM) | 23 | 32 | 0.47x cuBLAS" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["make_benchmarks.py", "--out", str(out)])
+    mb.main()
+    assert out.read_text() == COMMITTED
+
+
+def test_command_must_agree_with_the_trial_count(logs_copy):
+    root, edit = logs_copy
+    edit(mb.GEGLU, lambda d: d.update(trials=64))
+    with pytest.raises(ValueError, match="disagrees with trials"):
+        mb.render(root)
+
