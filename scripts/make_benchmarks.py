@@ -271,6 +271,15 @@ class Logs:
                                                  if rec.get("latency")}))
 
 
+def clash_note(res: list[Measured]) -> list[str]:
+    """A caption line when distinct workloads (keys) share a name, else nothing."""
+    shared = [n for n, k in Counter(m.name for m in res).items() if k > 1]
+    if not shared:
+        return []
+    return [f"Names: {len(shared)} names below each stand for more than one workload (different keys): "
+            "`Workload.name` does not yet tell them apart (issue 8 item 5)."]
+
+
 def ratio_figures(results: list[Measured], vendor: str) -> str:
     rs = [m.ratio for m in results]
     return f"{geomean(rs):.2f}x {vendor} ({span(rs)}x)"
@@ -452,7 +461,7 @@ def summary(logs: Logs) -> str:
         "MetaSchedule, our templates) emit WMMA/mma.sync only, and launch with at most 48 KB of shared memory. "
         "Reaching cuBLAS/cuDNN/FlashAttention needs the Hopper path: wgmma + TMA through TIRx "
         "(`../shared/TVM_NOTES.md`).",
-        f"The memory-bound families run {span((r.m.ratio for r in rows), 1)}x faster than torch. "
+        f"The memory-bound families run {span((r.m.ratio for r in rows), 1)}x faster than {torch_label(rows)}. "
         f"{weakest_group_norm(rows)} {split_template_note(logs, rows)}",
     ])
 
@@ -467,7 +476,7 @@ def linear(logs: Logs) -> str:
                  f"Command: `{logs.command(LINEAR)}`",
                  "Baseline: `torch.nn.functional.linear` (cuBLAS/cuBLASLt), measured in that run. Search: "
                  f"{trials} measured candidates per workload (WMMA template plus dlight), ranked by the XGBoost "
-                 "model. dispatch: the faster of shapetune and cuBLAS in this run."]),
+                 "model. dispatch: the faster of shapetune and cuBLAS in this run.", *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("dlight µs", "r"), ("cuBLAS µs", "r"),
                ("ratio vs cuBLAS", "r"), ("dispatch", "l")],
               [[m.name, num(m.tuned_us), num(m.row["dlight_us"]), num(m.vendor_us), num(m.ratio),
@@ -602,7 +611,8 @@ def geglu(logs: Logs) -> str:
         "## GEGLU, fused (one GEMM with the gated epilogue), fp16",
         bullets([f"Card: {logs.card(GEGLU)}. Date: {logs.dates(GEGLU)}.",
                  f"Command: `{logs.command(GEGLU)}`.",
-                 "Baseline: diffusers' path (`F.linear` → chunk → `h * F.gelu(g)`), measured in the same run."]),
+                 "Baseline: diffusers' path (`F.linear` → chunk → `h * F.gelu(g)`), measured in the same run.",
+                 *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("diffusers path µs", "r"), ("ratio", "r")],
               [[m.name, num(m.tuned_us), num(m.vendor_us), num(m.ratio)] for m in res]),
         f"Geomean: {geomean(m.ratio for m in res):.2f}x (min {min(m.ratio for m in res):.2f}, max "
@@ -648,7 +658,8 @@ def conv(logs: Logs) -> str:
                  "Baseline: cuDNN through `F.conv2d` on channels_last tensors, plus the residual add as a separate "
                  "op where shapetune fuses it. torch's default algorithm heuristics apply (`cudnn.benchmark` off), "
                  "as in diffusers.",
-                 f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run."]),
+                 f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run.",
+                 *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("cuDNN µs", "r"), ("ratio", "r"),
                ("shapetune TF/s", "r"), ("best", "l")],
               [[m.name, num(m.tuned_us), num(m.vendor_us) + (" †" if disagreeing(m) else ""), num(m.ratio),
@@ -672,7 +683,7 @@ def attention(logs: Logs) -> str:
                  f"Command: `{logs.command(ATTENTION)}`. Records: `tuning_logs/sm90_h200_sd15_attention.jsonl.xz`. "
                  f"{trials} measured candidates per workload: the best of a small search, not of the whole space.",
                  "Baseline: torch SDPA (FlashAttention-2 backend) as diffusers' AttnProcessor2_0 calls it, measured "
-                 "in the same run."]),
+                 "in the same run.", *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("SDPA µs", "r"), ("ratio", "r"),
                ("shapetune TF/s", "r"), ("best", "l")],
               [[m.name, num(m.tuned_us), num(m.vendor_us), num(m.ratio), num(m.row.get("best_tflops"), 1),
