@@ -583,11 +583,12 @@ def norms(logs: Logs) -> str:
         body.append(line)
     per_op = " ".join(f"{NORM_LABEL.get(op, op)} alone: {norm_versus([r for r in rows if r.op == op])}."
                       for op in dict.fromkeys(r.op for r in rows))
-    prose = (f"Geomeans over the {len(rows)} workloads: {geomean(r.m.ratio for r in rows):.2f}x torch (min "
+    torch = torch_label(rows)
+    prose = (f"Geomeans over the {len(rows)} workloads: {geomean(r.m.ratio for r in rows):.2f}x {torch} (min "
              f"{min(r.m.ratio for r in rows):.2f}, max {max(r.m.ratio for r in rows):.2f}); "
-             f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth (torch: "
+             f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth ({torch}: "
              f"{geomean(r.vendor_of_copy for r in rows):.2f}). {per_op} "
-             + registry_sentence(torch_label(rows), [r.m.ratio for r in rows]))
+             + registry_sentence(torch, [r.m.ratio for r in rows]))
     if "large_copy" in d:
         lc = d["large_copy"]
         prose += (f" A {lc['bytes'] / 2**30:.2f} GiB copy in the same run moved {lc['gbps']:.0f} GB/s; the "
