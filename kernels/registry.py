@@ -42,7 +42,7 @@ class Resolution:
     vendor: VendorBaseline | None = None
     bucket: Workload | None = None
     cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
-    #                       | outside_buckets | vendor_faster | load_failed
+    #                       | unverified | outside_buckets | vendor_faster | load_failed
 
 
 class Registry:
@@ -120,9 +120,13 @@ class Registry:
         return Resolution(w, kind, why, record=rec, vendor=vendor, bucket=bucket)
 
     def _why_missing(self, db, w: Workload, bucket: Workload) -> tuple[str, str]:
+        if any(db.pending(self.target.key, workload_key=x.key) for x in (w, bucket)):
+            return "unverified", ("imported, not yet re-verified on this target: run `shapetune db verify` "
+                                  "(or `shapetune prebuild`)")
         others = [t for t in db.targets() if t.key != self.target.key
                   and t.kind == self.target.kind and t.arch == self.target.arch
-                  and (db.best(w.key, t.key) or db.best(bucket.key, t.key)) is not None]
+                  and (db.best(w.key, t.key, include_pending=True)
+                       or db.best(bucket.key, t.key, include_pending=True)) is not None]
         if others:
             t = others[0]
             return "stale", (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
@@ -156,14 +160,27 @@ class Registry:
         return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
 
     def prebuild(self, jobs: int | None = None, timeout_s: float = 600) -> dict[str, int]:
-        """Build every kernel this registry would dispatch to (each workload's best record, where
-        it beats the vendor path if require_faster) into the kernel cache, in parallel isolated
-        processes, so no call builds one on first use. Returns {"cached", "built", "failed"}."""
+        """Re-verify this target's pending imports first (scheduler.reverify, as `shapetune db
+        verify`), then build every kernel this registry would dispatch to (each workload's best
+        record, where it beats the vendor path if require_faster) into the kernel cache, in parallel
+        isolated processes, so no call builds one on first use. Returns {"reverified",
+        "reverify_failed" (imported records), "cached", "built", "failed"}."""
         from scheduler.builder import artifact_name, build_one, preload_for
         from scheduler.isolation import IsolatedPool
+        from scheduler.reverify import reverify
 
+        out = {"reverified": 0, "reverify_failed": 0, "cached": 0, "built": 0, "failed": 0}
+        db = self._db()
+        if db is None:
+            return out
+        db.close()
+        for v in reverify(self.db_path or config.default_db_path(), self.target, jobs=jobs):
+            out["reverified"] += v.passed is not None
+            out["reverify_failed"] += len(v.failed)
+        with self._lock:
+            self._index = None  # what passed is served now
+            self._cache.clear()
         index = self._load_index()
-        out = {"cached": 0, "built": 0, "failed": 0}
         if index is None:
             return out
         best, vendors = index

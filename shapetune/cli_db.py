@@ -1,4 +1,4 @@
-"""`shapetune db ...`: inspect, export and import the tuning DB."""
+"""`shapetune db ...`: inspect, export, import and re-verify the tuning DB."""
 
 from __future__ import annotations
 
@@ -100,10 +100,10 @@ def _emit(rows: list[dict], fmt: str, title: str | None = None,
         Console(width=None if sys.stdout.isatty() else 220).print(t)
 
 
-def _result_row(id_: int, r: MeasureResult) -> dict:
+def _result_row(id_: int, r: MeasureResult, trust: str) -> dict:
     lat = r.latency
     return {"id": id_, "uid": r.uid, "workload": r.workload.name, "template": r.candidate.template, "status": r.status,
-            "median_us": lat.median_us if lat else None, "created": r.created}
+            "trust": trust, "median_us": lat.median_us if lat else None, "created": r.created}
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -124,8 +124,9 @@ def db():
 def list_(op, target_key, status, limit, db_path, fmt):
     """Stored measurements, newest first."""
     with _open(db_path) as d:
-        rows = [_result_row(i, r) for i, r in d.iter_results(target_key=target_key, op=op,
-                                                             status=status, limit=limit)]
+        hits = d.iter_results(target_key=target_key, op=op, status=status, limit=limit)
+        trust = d.trust(i for i, _ in hits)
+        rows = [_result_row(i, r, trust[i][0]) for i, r in hits]
     _emit(rows, fmt, "records", {"created": _when})
 
 
@@ -140,11 +141,13 @@ def show(ref, db_path, fmt):
         hit = d.find(ref)
         if hit is None:
             raise click.ClickException(f"no record {ref!r} in {d.path}")
+        trust, why = d.trust([hit[0]])[hit[0]]
     id_, r = hit
     row = {"id": id_, "uid": r.uid, "workload": r.workload.name, "workload_key": r.workload.key,
            "target": r.target.key, "device": r.target.describe(), "template": r.candidate.template,
            "candidate_key": r.candidate.key, "knobs": r.candidate.knob, "status": r.status,
-           "verified": r.verified, "latency": r.latency.to_json() if r.latency else None,
+           "verified": r.verified, "trust": trust, "trust_reason": why,
+           "latency": r.latency.to_json() if r.latency else None,
            "max_rel_err": r.max_rel_err, "build_s": r.build_s, "run_id": r.run_id,
            "created": r.created, "error": r.error}
     if fmt == "json":
@@ -186,7 +189,8 @@ def show(ref, db_path, fmt):
 @_format_option
 @_errors
 def best(op_arg, op, target_key, shape, dtype, bias, db_path, fmt):
-    """The fastest verified schedule per workload and target, against the vendor baseline."""
+    """The fastest verified schedule per workload and target, against the vendor baseline
+    (measured here, or imported and re-verified here: `db verify`)."""
     if op_arg and op and op_arg != op:
         raise click.UsageError(f"OP argument {op_arg!r} contradicts --op {op!r}")
     op = op_arg or op
@@ -332,7 +336,37 @@ def export(path, op, target_key, db_path):
 @_db_option
 @_errors
 def import_(path, db_path):
-    """Append the records and baselines of a JSONL export (all or nothing)."""
+    """Append the records and baselines of a JSONL export (all or nothing): every line's sha256
+    and every record's knobs (against its template's space) are checked first. Imported records
+    are served only after `shapetune db verify` re-verified them on this machine."""
+    from scheduler.reverify import knob_error
+
     with _open(db_path, create=True) as d:
-        added, skipped = d.import_jsonl(path)
+        added, skipped = d.import_jsonl(path, validate=knob_error)
     click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}")
+    if added:
+        click.echo("imported records are served once re-verified on this machine: "
+                   f"shapetune db verify --db {d.path}  (shapetune prebuild does it too)")
+
+
+@db.command("verify")
+@click.option("--op", help="Only this op.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel builds (default: cores).")
+@_db_option
+@_errors
+def verify(op, jobs, db_path):
+    """Rebuild and re-verify the imported records of this machine's target that could be served
+    (per workload the fastest claim, then the next while they fail), as the tuner verifies; one
+    that passes is served with the latency measured here, one that fails is marked and never
+    served. One line per workload."""
+    from scheduler.reverify import reverify
+
+    from .target import detect
+
+    target = detect()
+    _open(db_path).close()  # a missing DB is an error here, not a new empty one
+    verdicts = reverify(db_path, target, op=op, jobs=jobs)
+    if not verdicts:
+        click.echo(f"nothing to re-verify for {target.describe()} in {db_path}")
+    for v in verdicts:
+        click.echo(v.line())

@@ -3,19 +3,29 @@
 Several processes may append at once (WAL, a 30 s busy timeout, and every write in one
 ``BEGIN IMMEDIATE`` transaction). Nothing is ever updated or deleted; "the best schedule" is a
 query over the history (the ``best`` view).
+
+Trust. Every record and baseline stores the sha256 of its export line (`line_sha256`) and its
+origin: "measured" (by a tuner writing into this DB, or a shard DB of this job merged with
+`merge_from`) or "imported" (a line of a JSONL export: a claim made elsewhere). Only measured
+records are served (`best`, `best_all`). An imported record is re-verified on this target once
+(scheduler.reverify: `shapetune db verify`, and `Registry.prebuild`): the verdict is appended to
+the ``reverifications`` table and a record that passes is appended again, as measured here with
+the latency measured here. A record's trust state (`trust`): measured | imported (pending) |
+reverified | reverify_failed (with the reason).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import lzma
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -24,13 +34,32 @@ from .records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from .target import Target
 from .workload import Workload
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0
 
 
 class DBError(RuntimeError):
     """The DB file is unusable (corrupt, another schema version) or an import file is malformed."""
 
+
+# Re-verification verdicts (one per imported record; `measured_uid`: the record appended as
+# measured here when it passed), and the fastest ok record per (workload, target) in two views:
+# `best` serves measured records only, `best_claimed` adds imports not failed re-verification.
+_BEST = """CREATE VIEW IF NOT EXISTS {name} AS
+    SELECT * FROM (
+        SELECT r.*, ROW_NUMBER() OVER (
+            PARTITION BY r.workload_id, r.target_id ORDER BY r.median_us, r.id) AS rank
+        FROM records r
+        WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer') AND ({trusted}))
+    WHERE rank = 1"""
+_FAILED = "EXISTS (SELECT 1 FROM reverifications v WHERE v.record_id = r.id AND v.ok = 0)"
+_V3 = [
+    """CREATE TABLE IF NOT EXISTS reverifications (
+    record_id INTEGER PRIMARY KEY REFERENCES records(id), created REAL NOT NULL,
+    ok INTEGER NOT NULL, error TEXT NOT NULL, measured_uid TEXT)""",
+    _BEST.format(name="best", trusted="r.origin = 'measured'"),
+    _BEST.format(name="best_claimed", trusted=f"r.origin = 'measured' OR NOT {_FAILED}"),
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,14 +76,16 @@ CREATE TABLE IF NOT EXISTS records (
     run_id TEXT NOT NULL, created REAL NOT NULL, template TEXT NOT NULL,
     candidate_key TEXT NOT NULL, knobs TEXT NOT NULL, status TEXT NOT NULL,
     verified INTEGER NOT NULL, error TEXT NOT NULL, max_rel_err REAL, build_s REAL NOT NULL,
-    median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, repeats INTEGER);
+    median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, repeats INTEGER,
+    origin TEXT NOT NULL DEFAULT 'measured', sha256 TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS baselines (
     id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE,
     workload_id INTEGER NOT NULL REFERENCES workloads(id),
     target_id INTEGER NOT NULL REFERENCES targets(id),
     run_id TEXT NOT NULL, created REAL NOT NULL, name TEXT NOT NULL,
     median_us REAL NOT NULL, mean_us REAL NOT NULL, min_us REAL NOT NULL, max_us REAL NOT NULL,
-    std_us REAL NOT NULL, repeats INTEGER NOT NULL);
+    std_us REAL NOT NULL, repeats INTEGER NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'measured', sha256 TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS buckets (
     policy TEXT NOT NULL, op TEXT NOT NULL, dim TEXT NOT NULL, lo INTEGER NOT NULL,
     hi INTEGER NOT NULL, representative INTEGER NOT NULL, PRIMARY KEY (policy, op, dim, lo, hi));
@@ -63,26 +94,27 @@ CREATE INDEX IF NOT EXISTS records_best ON records(workload_id, target_id, verif
 CREATE INDEX IF NOT EXISTS records_target ON records(target_id, status);
 CREATE INDEX IF NOT EXISTS records_created ON records(created, id);
 CREATE INDEX IF NOT EXISTS baselines_wt ON baselines(workload_id, target_id, created, id);
-CREATE VIEW IF NOT EXISTS best AS
-    SELECT * FROM (
-        SELECT r.*, ROW_NUMBER() OVER (
-            PARTITION BY r.workload_id, r.target_id ORDER BY r.median_us, r.id) AS rank
-        FROM records r
-        WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer'))
-    WHERE rank = 1;
-"""
+""" + ";\n".join(_V3)
 
 # Upgrades in place: version -> the statements that take a DB from it to the next version.
 _MIGRATIONS = {
     1: ["CREATE TABLE IF NOT EXISTS buckets (policy TEXT NOT NULL, op TEXT NOT NULL, "
         "dim TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, representative INTEGER NOT NULL, "
         "PRIMARY KEY (policy, op, dim, lo, hi))"],
+    # Rows already stored were measured into this DB; their hashes are computed from their fields.
+    2: [*(f"ALTER TABLE {t} ADD COLUMN {c} TEXT NOT NULL DEFAULT '{d}'"
+          for t in ("records", "baselines") for c, d in (("origin", "measured"), ("sha256", ""))),
+        "DROP VIEW IF EXISTS best", *_V3, lambda db: db._hash_existing()],
 }
 
 _LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
 _REC_COLS = ("id", "workload_id", "target_id", "run_id", "created", "knobs", "status", "error",
-             "max_rel_err", "build_s") + _LAT
-_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT
+             "max_rel_err", "build_s") + _LAT + ("origin", "sha256")
+_TRUST = ("CASE WHEN x.origin = 'measured' THEN 'measured' WHEN v.ok = 1 THEN 'reverified' "
+          "WHEN v.ok = 0 THEN 'reverify_failed' ELSE 'imported' END")
+_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT + ("origin",
+                                                                                      "sha256")
+TRUST_STATES = ("measured", "imported", "reverified", "reverify_failed")
 
 
 # SQLite stores a NaN REAL as NULL; keep NaN distinct from "no value" by storing it as text.
@@ -215,7 +247,7 @@ class TuningDB:
                 v = int(c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
                 for u in range(v, SCHEMA_VERSION):
                     for stmt in _MIGRATIONS[u]:
-                        c.execute(stmt)
+                        stmt(self) if callable(stmt) else c.execute(stmt)
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             return
         if v != SCHEMA_VERSION:
@@ -223,6 +255,15 @@ class TuningDB:
                 f"tuning DB {self.path} has schema version {v}, this shapetune reads version "
                 f"{SCHEMA_VERSION}. Use the shapetune that wrote it to `db export` it, then "
                 f"`db import` the export into a fresh DB (or move the file aside)")
+
+    def _hash_existing(self) -> None:
+        """Migration to v3: the sha256 of every stored row, computed from its fields."""
+        c = self._con
+        for table, cols, of, enc in (("records", _REC_COLS, self._result_of, record_to_json),
+                                     ("baselines", _BASE_COLS, self._baseline_of, baseline_to_json)):
+            rows = c.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+            c.executemany(f"UPDATE {table} SET sha256 = ? WHERE id = ?",
+                          [(line_sha256(enc(of(row))), row["id"]) for row in rows])
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -288,26 +329,34 @@ class TuningDB:
         return self._tg[tid]
 
     # -- writes ------------------------------------------------------------------------------
-    def _insert_result(self, r: MeasureResult) -> bool:
+    def _insert_result(self, r: MeasureResult, origin: str = "measured") -> bool:
         r = _canon(r)
         cand = r.candidate
         cur = self._con.execute(
             "INSERT OR IGNORE INTO records(uid, workload_id, target_id, run_id, created, template, "
             "candidate_key, knobs, status, verified, error, max_rel_err, build_s, median_us, "
-            "mean_us, min_us, max_us, std_us, repeats) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "mean_us, min_us, max_us, std_us, repeats, origin, sha256) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (r.uid, self._workload_id(r.workload), self._target_id(r.target), r.run_id, r.created,
              cand.template, cand.key, json.dumps(cand.to_json()), r.status, int(r.verified),
-             r.error, _enc(r.max_rel_err), _enc(r.build_s)) + _lat_cols(r.latency))
+             r.error, _enc(r.max_rel_err), _enc(r.build_s)) + _lat_cols(r.latency)
+            + (origin, line_sha256(record_to_json(r))))
         return cur.rowcount == 1
 
-    def _insert_baseline(self, b: VendorBaseline) -> bool:
+    def _insert_baseline(self, b: VendorBaseline, origin: str = "measured") -> bool:
         b = _canon(b)
         cur = self._con.execute(
             "INSERT OR IGNORE INTO baselines(uid, workload_id, target_id, run_id, created, name, "
-            "median_us, mean_us, min_us, max_us, std_us, repeats) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "median_us, mean_us, min_us, max_us, std_us, repeats, origin, sha256) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (b.uid, self._workload_id(b.workload), self._target_id(b.target), b.run_id, b.created,
-             b.name) + _lat_cols(b.latency))
+             b.name) + _lat_cols(b.latency) + (origin, line_sha256(baseline_to_json(b))))
         return cur.rowcount == 1
+
+    def _insert(self, obj: MeasureResult | VendorBaseline, origin: str) -> bool:
+        if isinstance(obj, MeasureResult):
+            return self._insert_result(obj, origin)
+        return self._insert_baseline(obj, origin)
 
     def add_result(self, r: MeasureResult) -> bool:
         """Append one measurement.
@@ -429,26 +478,83 @@ class TuningDB:
                 raise DBError(f"uid prefix {ref!r} matches several records; give more characters")
             return (rows[0]["id"], self._result_of(rows[0])) if rows else None
 
-    def best(self, workload_key: str, target_key: str) -> MeasureResult | None:
-        """The verified record with the lowest median latency (ties: the earliest stored).
+    def best(self, workload_key: str, target_key: str, include_pending: bool = False,
+             ) -> MeasureResult | None:
+        """The verified, measured record with the lowest median latency (ties: the earliest
+        stored): what may be served.
+
+        Parameters
+        ----------
+        include_pending : bool
+            Also imported records not re-verified here (yet), the claims of the export they came
+            from: for tools that rebuild and re-measure the kernel themselves. Records that failed
+            re-verification are never included.
 
         Returns
         -------
         MeasureResult or None
-            None if the workload has no verified record on that target.
+            None if the workload has no such record on that target.
         """
         where, args = self._where(workload_key, target_key, None)
-        rows = self._select("best", _REC_COLS, where, args, "x.id", None)
+        rows = self._select("best_claimed" if include_pending else "best", _REC_COLS, where, args,
+                            "x.id", None)
         with self._guard():
             return self._result_of(rows[0]) if rows else None
 
     def best_all(self, target_key: str | None = None, op: str | None = None,
-                 ) -> list[MeasureResult]:
+                 include_pending: bool = False) -> list[MeasureResult]:
         """`best` for every (workload, target) pair, ordered by workload name then target key."""
         where, args = self._where(None, target_key, op)
-        rows = self._select("best", _REC_COLS, where, args, "w.name, t.key", None)
+        rows = self._select("best_claimed" if include_pending else "best", _REC_COLS, where, args,
+                            "w.name, t.key", None)
         with self._guard():
             return [self._result_of(row) for row in rows]
+
+    # -- trust -----------------------------------------------------------------------------------
+    def pending(self, target_key: str, workload_key: str | None = None, op: str | None = None,
+                ) -> list[tuple[int, MeasureResult]]:
+        """Imported ok records of a target, not re-verified yet, that could be served: faster
+        than the workload's best measured record, or it has none. ``[(id, MeasureResult), ...]``
+        by workload name, then fastest first."""
+        where, args = self._where(workload_key, target_key, op)
+        sel = ", ".join(f"x.{c}" for c in _REC_COLS)
+        sql = (f"SELECT {sel} FROM records x JOIN workloads w ON w.id = x.workload_id "
+               f"JOIN targets t ON t.id = x.target_id LEFT JOIN best b "
+               f"ON b.workload_id = x.workload_id AND b.target_id = x.target_id{where} "
+               "AND x.origin = 'imported' AND x.verified = 1 "
+               "AND typeof(x.median_us) IN ('real', 'integer') "
+               "AND NOT EXISTS (SELECT 1 FROM reverifications v WHERE v.record_id = x.id) "
+               "AND (b.id IS NULL OR (x.median_us, x.id) < (b.median_us, b.id)) "
+               "ORDER BY w.name, w.key, x.median_us, x.id")
+        with self._guard():
+            return [(row["id"], self._result_of(row)) for row in self._con.execute(sql, args)]
+
+    def trust(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """{row id: (trust state, reason)} of records: measured | imported (pending
+        re-verification) | reverified | reverify_failed (the reason: why it failed)."""
+        ids = [int(i) for i in ids]
+        sql = (f"SELECT x.id, {_TRUST}, COALESCE(v.error, '') FROM records x LEFT JOIN "
+               f"reverifications v ON v.record_id = x.id WHERE x.id IN ({','.join('?' * len(ids))})")
+        with self._guard():
+            return {i: (state, why) for i, state, why in self._con.execute(sql, ids)}
+
+    def add_reverification(self, record_id: int, measured: MeasureResult | None = None,
+                           error: str = "") -> bool:
+        """Store the verdict of re-verifying imported record `record_id` on this target: passed,
+        with `measured` (its result measured here, appended as a measured record), or failed with
+        `error`. Returns False if the record already had a verdict (it keeps the first)."""
+        if (measured is None) == (not error) or (measured is not None and not measured.verified):
+            raise ValueError("a verdict is either an ok result measured here or an error")
+        with self._guard(), self._tx() as c:
+            row = c.execute("SELECT origin FROM records WHERE id = ?", (record_id,)).fetchone()
+            if row is None or row[0] != "imported":
+                raise ValueError(f"record {record_id} is not an imported record")
+            cur = c.execute("INSERT OR IGNORE INTO reverifications VALUES (?, ?, ?, ?, ?)",
+                            (record_id, time.time(), int(measured is not None), error,
+                             measured.uid if measured else None))
+            if cur.rowcount == 1 and measured is not None:
+                self._insert_result(measured)
+            return cur.rowcount == 1
 
     def baselines(self, workload_key: str | None = None, target_key: str | None = None,
                   op: str | None = None, name: str | None = None, limit: int | None = None,
@@ -512,19 +618,34 @@ class TuningDB:
     def merge_from(self, path: str | Path) -> tuple[int, int]:
         """Append another DB's records, baselines and bucket rows (e.g. one shard of a multi-GPU
         job), or a JSONL(.xz) export's; returns (added, skipped). Entries already here (same uid)
-        are skipped."""
-        import io
-
+        are skipped. A DB's entries keep their origin (a shard's measurements stay measured; its
+        imports are pending here, its verdicts are not copied); an export's are imported
+        (`import_jsonl`)."""
         if str(path).endswith((".jsonl", ".jsonl.xz")):
             return self.import_jsonl(path)
-        buf = io.StringIO()
         with TuningDB(path) as src:
-            src.export_jsonl(buf)
+            entries = list(src._stored())
             rows = src.buckets()
-        buf.seek(0)
-        added, skipped = self.import_jsonl(buf)
+        with self._guard(), self._tx():
+            new = [self._insert(obj, origin) for obj, origin, _ in entries]
         self.add_buckets(rows)
-        return added, skipped
+        return sum(new), len(new) - sum(new)
+
+    def _stored(self, where: str = "", args: list | None = None,
+                ) -> Iterator[tuple[MeasureResult | VendorBaseline, str, dict]]:
+        """(entry, origin, export line) of every record, then every baseline, oldest first; a row
+        whose fields no longer match its stored sha256 (edited in the DB) raises DBError."""
+        for table, cols, of, enc in (("records", _REC_COLS, self._result_of, record_to_json),
+                                     ("baselines", _BASE_COLS, self._baseline_of, baseline_to_json)):
+            for row in self._select(table, cols, where, args or [], "x.id", None):
+                with self._guard():
+                    obj = of(row)
+                line = enc(obj)
+                h = line_sha256(line)
+                if row["sha256"] != h:
+                    raise DBError(f"tuning DB {self.path}: {table} row {row['id']} does not match "
+                                  f"its stored sha256 (edited in the DB after it was stored)")
+                yield obj, row["origin"], {**line, "sha256": h}
 
     def stats(self) -> dict:
         """Counts and facts about the DB.
@@ -533,8 +654,8 @@ class TuningDB:
         -------
         dict
             ``path``, ``schema_version``, ``file_size`` (bytes, main file + WAL), ``records``,
-            ``by_status``, ``by_op``, ``by_target`` (record counts), ``workloads``, ``targets``,
-            ``baselines``, ``best`` (pairs with a verified record).
+            ``by_status``, ``by_trust``, ``by_op``, ``by_target`` (record counts), ``workloads``,
+            ``targets``, ``baselines``, ``best`` (pairs with a verified, measured record).
         """
         c = self._con
 
@@ -554,6 +675,8 @@ class TuningDB:
                 "records": one("SELECT COUNT(*) FROM records"),
                 "by_status": group("SELECT status, COUNT(*) FROM records GROUP BY status "
                                    "ORDER BY status"),
+                "by_trust": group(f"SELECT {_TRUST} AS s, COUNT(*) FROM records x LEFT JOIN "
+                                  "reverifications v ON v.record_id = x.id GROUP BY s ORDER BY s"),
                 "by_op": group("SELECT w.op, COUNT(*) FROM records r JOIN workloads w "
                                "ON w.id = r.workload_id GROUP BY w.op ORDER BY w.op"),
                 "by_target": group("SELECT t.key, COUNT(*) FROM records r JOIN targets t "
@@ -567,7 +690,9 @@ class TuningDB:
     # -- JSONL -------------------------------------------------------------------------------
     def export_jsonl(self, fp_or_path: str | Path | IO[str], target_key: str | None = None,
                      op: str | None = None) -> int:
-        """Write records, then baselines, oldest first, one JSON object per line.
+        """Write records, then baselines, oldest first, one JSON object per line, each with the
+        ``sha256`` of the line without it (`line_sha256`). Origins and re-verification verdicts
+        are not exported: whoever imports the file re-verifies it.
 
         Parameters
         ----------
@@ -582,69 +707,109 @@ class TuningDB:
             Lines written.
         """
         where, args = self._where(None, target_key, op)
-        recs = self._select("records", _REC_COLS, where, args, "x.id", None)
-        bases = self._select("baselines", _BASE_COLS, where, args, "x.id", None)
+        lines = [line for _, _, line in self._stored(where, args)]
         fp, own = _open_text(fp_or_path, "w")
         try:
-            with self._guard():
-                for row in recs:
-                    fp.write(json.dumps(record_to_json(self._result_of(row))) + "\n")
-                for row in bases:
-                    fp.write(json.dumps(baseline_to_json(self._baseline_of(row))) + "\n")
+            for line in lines:
+                fp.write(json.dumps(line) + "\n")
         finally:
             if own:
                 fp.close()
-        return len(recs) + len(bases)
+        return len(lines)
 
-    def import_jsonl(self, fp_or_path: str | Path | IO[str]) -> tuple[int, int]:
-        """Append the records and baselines of a JSONL export, all or nothing.
+    def import_jsonl(self, fp_or_path: str | Path | IO[str],
+                     validate: Callable[[MeasureResult], str | None] | None = None,
+                     ) -> tuple[int, int]:
+        """Append the records and baselines of a JSONL export, all or nothing, as imported:
+        pending re-verification on this target, not served before (see the module docstring).
+
+        Every line is checked before anything is stored: its fields and uid, its ``sha256``
+        (`from_json_line`), that an entry stored here with its uid has the same contents, and
+        `validate`. A file whose lines carry no sha256 (exports older than schema v3, such as the
+        shipped tuning_logs/) is accepted as legacy; one that mixes lines with and without is not.
+        The hash catches edits that did not recompute it; re-verification is the trust boundary.
 
         Parameters
         ----------
         fp_or_path : path or text stream
             A path ending in ``.xz`` is read through lzma.
+        validate : callable, optional
+            ``validate(record) -> reason or None``, called on every record: a reason rejects the
+            file (e.g. scheduler.reverify.knob_error: the knobs against the template's space).
 
         Returns
         -------
         (added, skipped)
-            Skipped lines were already stored (same uid).
+            Skipped lines were already stored (same uid, same contents).
 
         Raises
         ------
         DBError
-            On a malformed line (named by number); nothing from the file is then stored.
+            On a line that fails a check (named by number, with the reason); nothing from the
+            file is then stored.
         """
-        added = skipped = 0
+        objs = self._read_export(fp_or_path, validate)
+        with self._guard(), self._tx():
+            new = [self._insert(obj, "imported") for obj in objs]
+        return sum(new), len(new) - sum(new)
+
+    def _read_export(self, fp_or_path, validate) -> list[MeasureResult | VendorBaseline]:
         fp, own = _open_text(fp_or_path, "r")
         name = str(fp_or_path) if own else getattr(fp, "name", "<stream>")
-        n = 0
+        objs, hashed, n = [], None, 0
         try:
-            with self._guard(), self._tx():
+            for n, line in enumerate(fp, 1):
+                if not line.strip():
+                    continue
                 try:
-                    for n, line in enumerate(fp, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            obj = from_json_line(line)
-                        except (ValueError, KeyError, TypeError, AttributeError) as e:
-                            raise DBError(f"{name}: line {n} is malformed "
-                                          f"({type(e).__name__}: {e}); nothing imported") from e
-                        new = (self._insert_result(obj) if isinstance(obj, MeasureResult)
-                               else self._insert_baseline(obj))
-                        added += new
-                        skipped += not new
-                except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-                    raise DBError(f"{name}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                    d = json.loads(line)
+                    obj = from_json_line(d)
+                    why = self._conflict(obj) or (validate(obj) if validate and
+                                                  isinstance(obj, MeasureResult) else None)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise DBError(f"{name}: line {n} is malformed ({type(e).__name__}: {e}); "
                                   f"nothing imported") from e
+                has = "sha256" in d
+                if hashed is not None and has != hashed[0]:
+                    why = why or (f"{'has a' if has else 'has no'} sha256, line {hashed[1]} "
+                                  f"{'has none' if has else 'has one'} (a hash removed from an "
+                                  f"edited line, or files joined: import them one by one)")
+                hashed = hashed or (has, n)
+                if why:
+                    raise DBError(f"{name}: line {n} rejected: {why}; nothing imported")
+                objs.append(obj)
+        except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+            raise DBError(f"{name}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                          f"nothing imported") from e
         finally:
             if own:
                 fp.close()
-        return added, skipped
+        return objs
+
+    def _conflict(self, obj: MeasureResult | VendorBaseline) -> str | None:
+        """Why `obj` cannot be imported next to what is stored here under its uid, or None."""
+        rec = isinstance(obj, MeasureResult)
+        with self._guard():
+            row = self._con.execute(f"SELECT sha256 FROM {'records' if rec else 'baselines'} "
+                                    "WHERE uid = ?", (obj.uid,)).fetchone()
+        h = line_sha256(record_to_json(obj) if rec else baseline_to_json(obj))
+        if row is None or row[0] == h:
+            return None
+        return (f"uid {obj.uid} is stored here with other contents (status, latency or error "
+                f"edited, or a different history)")
 
 
 # -- JSON line codec (module level: usable without a DB) ---------------------------------------
 def _lat_json(lat: LatencyStats | None) -> dict | None:
     return None if lat is None else lat.to_json()
+
+
+def line_sha256(line: dict) -> str:
+    """The integrity hash of an export line: sha256 of its canonical JSON (keys sorted, no
+    spaces), without its own ``sha256`` key."""
+    body = {k: v for k, v in line.items() if k != "sha256"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def record_to_json(r: MeasureResult) -> dict:
@@ -690,7 +855,8 @@ def _str(x, what: str) -> str:
 
 
 def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
-    """Parse one export line, checking types and (if present) that its uid matches its fields.
+    """Parse one export line, checking types and (if present) that its uid and its sha256
+    (`line_sha256`) match its fields.
 
     Raises
     ------
@@ -721,8 +887,13 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
     if "uid" in d and d["uid"] != obj.uid:
         raise ValueError(f"uid {d['uid']!r} does not match the line's fields ({obj.uid!r}): "
                          f"edited by hand, or written by an incompatible shapetune")
+    if "sha256" in d:
+        h = line_sha256(record_to_json(obj) if kind == "record" else baseline_to_json(obj))
+        if d["sha256"] != h:
+            raise ValueError(f"sha256 {d['sha256']!r} does not match the line's fields: edited "
+                             f"after export, or written by an incompatible shapetune")
     return obj
 
 
-__all__ = ["SCHEMA_VERSION", "DBError", "TuningDB", "record_to_json", "baseline_to_json",
-           "from_json_line"]
+__all__ = ["SCHEMA_VERSION", "TRUST_STATES", "DBError", "TuningDB", "record_to_json",
+           "baseline_to_json", "from_json_line", "line_sha256"]

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line
+from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line, line_sha256
 from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from shapetune.target import Target
 from shapetune.workload import linear_workload
@@ -195,13 +195,19 @@ def test_export_import_roundtrip(full, tmp_path, name):
     assert {x["type"] for x in lines} == {"record", "baseline"}
     rec = lines[0]
     assert set(rec) == {"type", "uid", "workload", "target", "candidate", "status", "latency",
-                        "error", "max_rel_err", "build_s", "run_id", "created"}
+                        "error", "max_rel_err", "build_s", "run_id", "created", "sha256"}
+    assert all(x["sha256"] == line_sha256(x) for x in lines)
     with TuningDB(tmp_path / "fresh.db") as fresh:
         assert fresh.import_jsonl(p) == (11, 0)
         assert _same(full, fresh)
-        assert fresh.best(W1.key, H100.key) == full.best(W1.key, H100.key)
+        # imported: a claim, served only once re-verified here
+        assert fresh.best(W1.key, H100.key) is None and fresh.best_all() == []
+        assert fresh.best(W1.key, H100.key, include_pending=True) == full.best(W1.key, H100.key)
+        assert {s for s, _ in fresh.trust(i for i, _ in fresh.iter_results()).values()} == {"imported"}
+        assert fresh.stats()["by_trust"] == {"imported": 8} and full.stats()["by_trust"] == {"measured": 8}
         assert fresh.import_jsonl(p) == (0, 11)
         assert full.import_jsonl(p) == (0, 11)
+        assert full.best(W1.key, H100.key).latency.median_us == 7.5  # still measured there
 
 
 def test_export_filters_and_streams(full, tmp_path):
@@ -302,15 +308,47 @@ def test_newer_schema_version_raises(db):
         TuningDB(db.path)
 
 
+V2_BEST = """CREATE VIEW best AS SELECT * FROM (SELECT r.*, ROW_NUMBER() OVER (
+    PARTITION BY r.workload_id, r.target_id ORDER BY r.median_us, r.id) AS rank FROM records r
+    WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer')) WHERE rank = 1"""
+
+
+def _downgrade(path, version):
+    """Turn a current DB into one of an older schema version, as that version wrote it."""
+    c = sqlite3.connect(path)
+    for stmt in ("DROP VIEW best", "DROP VIEW best_claimed", "DROP TABLE reverifications",
+                 *(f"ALTER TABLE {t} DROP COLUMN {col}" for t in ("records", "baselines")
+                   for col in ("origin", "sha256")), V2_BEST):
+        c.execute(stmt)
+    if version == 1:
+        c.execute("DROP TABLE buckets")
+    c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+    c.commit()
+    c.close()
+
+
+def test_version_2_db_is_migrated_in_place(full, tmp_path):
+    """A v2 DB (no origin, hashes or verdicts) opens as the current version: its rows are
+    measured (still served) and get their sha256, so an export of them imports."""
+    before = full.best_all()
+    full.close()
+    _downgrade(full.path, 2)
+    with TuningDB(full.path) as db:
+        assert db.best_all() == before and db.stats()["by_trust"] == {"measured": 8}
+        db.export_jsonl(tmp_path / "e.jsonl")
+        with TuningDB(tmp_path / "fresh.db") as fresh:
+            assert fresh.import_jsonl(tmp_path / "e.jsonl") == (11, 0)
+        assert db.merge_from(tmp_path / "fresh.db") == (0, 11)  # same hashes: nothing conflicts
+    c = sqlite3.connect(full.path)
+    assert c.execute("SELECT COUNT(*) FROM records WHERE length(sha256) = 64").fetchone()[0] == 8
+    assert c.execute("SELECT COUNT(*) FROM baselines WHERE length(sha256) = 64").fetchone()[0] == 3
+
+
 def test_version_1_db_is_migrated_in_place(full):
     """A v1 DB (no buckets table) opens as the current version, history intact."""
     n = full.stats()["records"]
     full.close()
-    c = sqlite3.connect(full.path)
-    c.execute("DROP TABLE buckets")
-    c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
-    c.commit()
-    c.close()
+    _downgrade(full.path, 1)
     with TuningDB(full.path) as db:
         assert db.stats()["records"] == n
         assert db.add_buckets([{"policy": "p", "op": "linear", "dim": "m", "lo": 1, "hi": 16,

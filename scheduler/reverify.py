@@ -1,0 +1,153 @@
+"""Re-verification: an imported record is rebuilt and re-verified on this target before it is served.
+
+A JSONL export is a claim made on another machine (or edited since): its sha256 only shows that
+no line was edited without recomputing it. So `shapetune db verify` (and `Registry.prebuild`,
+first) takes this target's imported records that could be served -- per workload the fastest claim,
+then, if it fails, the next, until one passes or none is left -- and for each: checks its knobs
+against the template's space (`knob_error`), builds it with `builder.build_one` and verifies and
+times it with `runner.Runner`, exactly as the tuner does. One that passes is appended as a record
+measured here (this run's id, the latency measured here, the vendor path timed in the same run);
+the import is marked reverified, or reverify_failed with the reason, and never retried.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shapetune import config
+from shapetune.db import TuningDB
+from shapetune.records import MeasureResult, VendorBaseline
+from shapetune.target import Target
+from shapetune.workload import Workload
+
+from . import builder, templates
+from .runner import VENDOR, Runner
+
+
+def knob_error(r: MeasureResult) -> str | None:
+    """Why a record's candidate is not in its template's space for its workload and target, or
+    None (the `validate` of `TuningDB.import_jsonl`)."""
+    try:
+        t = templates.get(r.candidate.template)
+    except ValueError:
+        return f"unknown template {r.candidate.template!r}"
+    if not t.applies(r.workload, r.target):
+        return f"template {t.name} does not apply to {r.workload.op} on {r.target.kind}"
+    if r.candidate.key not in _space_keys(t, r.workload, r.target):
+        return f"{r.candidate} is outside {t.name}'s space for {r.workload.name}"
+    return None
+
+
+_spaces: dict[tuple[str, str, str], frozenset[str]] = {}
+
+
+def _space_keys(t, w: Workload, target: Target) -> frozenset[str]:
+    k = (t.name, w.key, target.key)
+    if k not in _spaces:
+        _spaces[k] = frozenset(c.key for c in t.space(w, target))
+    return _spaces[k]
+
+
+@dataclass
+class Verdict:
+    """What re-verifying one workload's imported records did."""
+
+    workload: Workload
+    passed: MeasureResult | None = None  # the record measured here, now served
+    claimed_us: float | None = None  # the import's latency, for the passed one
+    failed: list[tuple[MeasureResult, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One line: the workload and what became of its imports."""
+        fails = f"; {len(self.failed)} failed" if self.failed else ""
+        if self.passed is not None:
+            return (f"{self.workload.name}: reverified {self.passed.candidate} (claimed "
+                    f"{self.claimed_us:.2f} us, {self.passed.latency.median_us:.2f} us here){fails}")
+        why = self.failed[-1][1].splitlines()[0][:160] if self.failed else "nothing to try"
+        return f"{self.workload.name}: none passed, {len(self.failed)} failed (last: {why})"
+
+
+def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: int | None = None,
+             build_timeout_s: float = 180, run_timeout_s: float = 60) -> list[Verdict]:
+    """Re-verify this target's pending imports in the DB at `db_path`; one Verdict per workload
+    that had any (none: an empty list, no process started).
+
+    Builds run in parallel (`jobs`, default config.build_jobs()), one candidate per still
+    unresolved workload per round; runs are one at a time, as the tuner measures.
+    """
+    with TuningDB(db_path) as db:
+        todo: dict[Workload, list[tuple[int, MeasureResult]]] = {}
+        for i, r in db.pending(target.key, op=op):
+            todo.setdefault(r.workload, []).append((i, r))
+        if not todo:
+            return []
+        verdicts = {w: Verdict(w) for w in todo}
+        run_id = uuid.uuid4().hex[:12]
+        pool = builder.IsolatedPool(jobs or config.build_jobs(), preload=builder.preload_for(target))
+        runner = Runner(target, timeout_s=run_timeout_s)
+        try:
+            with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:
+                for w in todo:
+                    _measure_vendor(db, runner, w, target, run_id)
+                while todo:
+                    batch = {w: todo[w].pop(0) for w in todo}
+                    for w, (i, r), why in _build_and_run(pool, runner, batch, target, run_id, tmp,
+                                                         build_timeout_s):
+                        _decide(db, verdicts[w], i, r, why)
+                    todo = {w: rest for w, rest in todo.items()
+                            if rest and verdicts[w].passed is None}
+        finally:
+            pool.close()
+            runner.close()
+    return list(verdicts.values())
+
+
+def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: str, tmp: str,
+                   timeout_s: float):
+    """Yield (workload, (id, import), MeasureResult measured here, or the reason it failed)."""
+    checked = {w: knob_error(r) for w, (_, r) in batch.items()}
+    ok = [w for w in batch if checked[w] is None]
+    args = [(w.to_json(), target.to_json(), batch[w][1].candidate.to_json(), tmp) for w in ok]
+    built = dict(zip(ok, pool.run_all(builder.build_one, args, timeout_s)))
+    for w, (i, r) in batch.items():
+        if checked[w] is not None:
+            yield w, (i, r), f"knobs: {checked[w]}"
+            continue
+        b = built[w]
+        if isinstance(b, BaseException):
+            kind = "timeout" if type(b).__name__ == "WorkerTimeout" else "build_error"
+            yield w, (i, r), f"{kind}: {builder._short_error(b)}"
+            continue
+        path, build_s = b
+        res = runner.run(w, path)
+        Path(path).unlink(missing_ok=True)
+        if res.status != "ok":
+            yield w, (i, r), f"{res.status}: {res.error}"
+            continue
+        yield w, (i, r), MeasureResult(w, target, r.candidate, "ok", res.latency,
+                                       max_rel_err=res.rel_err, build_s=build_s, run_id=run_id,
+                                       created=time.time())
+
+
+def _decide(db: TuningDB, v: Verdict, record_id: int, imported: MeasureResult,
+            outcome: MeasureResult | str) -> None:
+    if isinstance(outcome, str):
+        db.add_reverification(record_id, error=outcome)
+        v.failed.append((imported, outcome))
+    elif db.add_reverification(record_id, measured=outcome):
+        v.passed, v.claimed_us = outcome, imported.latency.median_us
+
+
+def _measure_vendor(db: TuningDB, runner: Runner, w: Workload, target: Target, run_id: str) -> None:
+    """The vendor path, timed in this run as the tuner times it (dispatch compares within a run)."""
+    from kernels.defs import opdef
+
+    r = runner.run(w, VENDOR)
+    if r.status != "ok":
+        raise RuntimeError(f"vendor path failed on {w.name}: {r.error}")
+    db.add_baseline(VendorBaseline(w, target, opdef(w.op).vendor_name, r.latency, run_id=run_id,
+                                   created=time.time()))
