@@ -1,16 +1,43 @@
 """Runner: verify a built candidate against the reference, then time it (or the vendor path).
 
-Every measurement: fresh random inputs (new seed per trial), output poisoned with NaN, checked by
-scheduler.verify; only then timed. GPU timing: warm-up, then each call bracketed by CUDA events
-while the GPU is held busy (torch.cuda._sleep) so host launch cost stays out (verified: if the GPU
-went idle between calls, the host fell behind and the run is repeated with a longer busy period),
-inputs rotated over
-more than twice the L2 size so no run is served from cache; the median is reported.
-CPU timing: perf_counter around each call, median.
+Verification, before any timing (`verify_trials` draws, and every checked member of a bucket):
+fresh random inputs (a new seed per measurement), the float64 reference computed from them BEFORE
+the call, a bitwise clone of every input kept, the output poisoned with NaN; after the call the
+output is checked by scheduler.verify and every input must be bit-identical to its clone (compared
+as raw integers of the element's width, so NaN == NaN and -0.0 != +0.0). A kernel that writes into
+an input is `wrong_result` ("input 0 (x) modified by the kernel: N of M elements changed"), even if
+its output matches what a reference of the clobbered inputs would say.
+
+Timing. GPU: `warmup` calls, then `repeats` calls, each bracketed by CUDA events while the GPU is
+held busy (torch.cuda._sleep), so host launch cost stays out (checked: if the GPU went idle between
+calls, the host fell behind and the run is repeated with a 4x longer busy period, at most 3 times).
+The median of the per-call times is reported. CPU: perf_counter around each call, median.
+
+Rotation (GPU). Each call gets the next of N input sets (inputs + output), cyclically over warmup,
+timed calls and repeats alike, with N = 1 + ceil(R / set_bytes) and R = `rotate_bytes`, by default
+2x the device's L2 (torch's L2_cache_size; DEFAULT_L2_BYTES where torch reports none). So between
+two uses of one set, the N - 1 other sets, >= 2x L2 of distinct data, were read and written: no
+input is served from L2 however small the workload. We rotate rather than flush L2 between calls:
+a flush kernel would sit inside the host-bound gap check, and a write flush would leave L2 full of
+dirty lines the timed kernel must write back. Rotation keeps N x set_bytes ~= R + set_bytes
+resident (~120 MB on an H200) and costs N allocations per tensor once per workload and worker.
+
+Copy yardstick (COPY, memory-bound ops). `dst.copy_(src)` of fp16 buffers, each allocated on its
+own (so it starts aligned) and sized up to a multiple of COPY_ALIGN bytes, the two together moving
+copy_bytes(w) >= min_traffic_bytes(w) (every input read once + the output written once; exact
+but for <= 2 x COPY_ALIGN of round-up); timed and rotated like a kernel. An unaligned odd-sized copy
+runs ~1.29x slower on an H200 and would inflate every "fraction of copy" figure. `Runner.large_copy`
+times a >= 1 GiB copy the same way: the device's copy bandwidth in the same run.
+
+Vendor paths: artifact VENDOR is the op's default vendor path (`OpDef.vendor`), and
+vendor_artifact(v) = f"{VENDOR}:{v}" its variant v (`OpDef.vendor_variants`, e.g. group_norm's
+"nchw"). A variant's inputs are converted to its layout before the call (outside the timed region),
+its output back to the op's layout after it, and it is verified like the default.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -23,8 +50,23 @@ from shapetune.workload import Workload
 
 from .isolation import IsolatedPool, WorkerCrashed, WorkerTimeout
 
-VENDOR = "vendor"  # pseudo artifact path: measure torch's own op
-COPY = "device_copy"  # pseudo artifact path: a device-to-device copy moving the op's minimal bytes
+VENDOR = "vendor"  # pseudo artifact path: measure torch's own op (its default path)
+COPY = "device_copy"  # pseudo artifact path: an aligned device copy moving the op's minimal bytes
+COPY_ALIGN = 256  # bytes: each copy buffer is a multiple of this (16-byte vectors, whole 256 B sectors)
+LARGE_COPY_BYTES = 1 << 30  # bytes copied (read, and written again) by Runner.large_copy
+DEFAULT_L2_BYTES = 64 << 20  # where torch reports no L2 size: above an H200's 60 MB (H100: 50 MB)
+
+
+def vendor_artifact(variant: str = "") -> str:
+    """Pseudo artifact path of the vendor path: VENDOR for the default, "vendor:<variant>" else."""
+    return f"{VENDOR}:{variant}" if variant else VENDOR
+
+
+def vendor_variant(artifact: str) -> str | None:
+    """The vendor variant an artifact path names ("" = the default), None for a built kernel."""
+    if artifact == VENDOR:
+        return ""
+    return artifact[len(VENDOR) + 1:] if artifact.startswith(VENDOR + ":") else None
 
 
 @dataclass(frozen=True)
@@ -32,8 +74,7 @@ class RunOptions:
     verify_trials: int = 2
     warmup: int = 10
     repeats: int = 50
-    rotate_bytes: int = 256 << 20  # GPU: > 2x the L2 of an H100/H200 (50/60 MB)
-    max_sets: int = 64
+    rotate_bytes: int | None = None  # None: 2x the device's L2; 0: no rotation (one set)
 
     @classmethod
     def for_target(cls, target: Target) -> RunOptions:
@@ -54,12 +95,103 @@ def _device(target: Target):
     return torch.device("cuda", torch.cuda.current_device()) if target.is_gpu else torch.device("cpu")
 
 
+# -- bytes and rotation ----------------------------------------------------------------------------
+def min_traffic_bytes(w: Workload) -> int:
+    """Bytes the op must move at the least: every input read once + the output written once, at
+    w's dims (a bucket at its nominal dims), in the dtypes the runner passes."""
+    import torch
+
+    from kernels.defs import opdef
+
+    od = opdef(w.op)
+    meta = torch.device("meta")
+    ts = od.inputs(w, meta, torch.Generator().manual_seed(0)) + [od.output(w, meta)]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def copy_bytes(w: Workload) -> int:
+    """Read + write bytes of w's copy yardstick: min_traffic_bytes(w) split into a source and a
+    destination buffer, each rounded up to a multiple of COPY_ALIGN."""
+    half = math.ceil(min_traffic_bytes(w) / 2 / COPY_ALIGN) * COPY_ALIGN
+    return 2 * half
+
+
+def l2_bytes(dev) -> int:
+    """The L2 cache size of a CUDA device in bytes (DEFAULT_L2_BYTES where torch reports none)."""
+    import torch
+
+    return getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+
+
+def rotation_set_count(set_bytes: int, rotate_bytes: int) -> int:
+    """Number of input sets N to rotate through so that the N - 1 sets used between two uses of
+    one set hold >= rotate_bytes; 1 when rotate_bytes is 0 (no rotation)."""
+    if set_bytes <= 0 or rotate_bytes < 0:
+        raise ValueError(f"rotation: set of {set_bytes} bytes, rotate_bytes {rotate_bytes}: need > 0 and >= 0")
+    return 1 + math.ceil(rotate_bytes / set_bytes) if rotate_bytes else 1
+
+
+def _rotate_bytes(opts: RunOptions, dev) -> int:
+    if opts.rotate_bytes is not None:
+        return opts.rotate_bytes
+    return 2 * l2_bytes(dev) if dev.type == "cuda" else 0
+
+
+# -- verification ----------------------------------------------------------------------------------
+_SAME_WIDTH_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def first_modified(after: list, before: list) -> tuple[int, int] | None:
+    """(index, number of changed elements) of the first tensor of `after` that differs from its
+    clone in `before` bit for bit, None if none does."""
+    import torch
+
+    for i, (a, b) in enumerate(zip(after, before)):
+        as_int = getattr(torch, _SAME_WIDTH_INT[a.element_size()])
+        changed = int((a.view(as_int) != b.view(as_int)).sum())
+        if changed:
+            return i, changed
+    return None
+
+
+def _input_names(od, w: Workload) -> list[str]:
+    """The kernel's parameter names (its PrimFunc's buffers), inputs first."""
+    f = od.prim_func(w)
+    return [p.name for p in f.params]
+
+
+def _same(x):
+    return x
+
+
+def _calling(artifact: str, od, w: Workload, is_gpu: bool):
+    """(prepare, call, restore): prepare(inputs) -> the inputs as the path takes them (untimed);
+    call(prepared + [out]) -> its output; restore(output) -> in the op's layout (untimed)."""
+    variant = vendor_variant(artifact)
+    if variant is None:
+        from kernels.runtime import call_on_current_stream, load_function
+
+        fn = load_function(artifact, is_gpu)
+
+        def call_kernel(args):
+            call_on_current_stream(fn, args, is_gpu)
+            return args[-1]
+
+        return _same, call_kernel, _same
+    if not variant:
+        fn = od.vendor(w)
+        return _same, lambda args: fn(*args[:-1]), _same  # the vendor path allocates its own output
+    if variant not in od.vendor_variants:
+        raise ValueError(f"{od.vendor_name} has no vendor variant {variant!r}; known: {sorted(od.vendor_variants)}")
+    path = od.vendor_variants[variant](w)
+    return path.prepare, lambda args: path.run(*args[:-1]), path.restore
+
+
 def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: RunOptions, seed: int) -> dict:
     """Worker entry point. Returns a plain dict (pickled back to the tuner)."""
     import torch
 
     from kernels.defs import opdef
-    from kernels.runtime import call_on_current_stream, load_function
 
     from .verify import check_output
 
@@ -67,15 +199,8 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     od = opdef(w.op)
     dev = _device(tgt)
     if artifact == COPY:
-        return _measure_copy(w, od, dev, opts, tgt.is_gpu)
-    fn = od.vendor(w) if artifact == VENDOR else load_function(artifact, tgt.is_gpu)
-
-    def call(args):
-        """Run on inputs + [out]; returns the output tensor (the vendor path allocates its own)."""
-        if artifact == VENDOR:
-            return fn(*args[:-1])
-        call_on_current_stream(fn, args, tgt.is_gpu)
-        return args[-1]
+        return _measure_copy(copy_bytes(w) // 2, dev, opts, tgt.is_gpu)
+    prepare, call, restore = _calling(artifact, od, w, tgt.is_gpu)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     worst = 0.0
@@ -84,55 +209,75 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     for trial in range(max(opts.verify_trials, len(members))):
         mw = members[trial % len(members)]
         ins = od.inputs(mw, dev, gen)
-        out = od.output(mw, dev).fill_(float("nan"))
-        out = call(ins + [out])
+        ref = od.reference(mw, ins)  # before the call: a kernel writing into ins cannot move it
+        args = prepare(ins) + [od.output(mw, dev).fill_(float("nan"))]
+        before = [t.clone() for t in args[:-1]]
+        out = call(args)
         if tgt.is_gpu:
             torch.cuda.synchronize()
-        chk = check_output(out, od.reference(mw, ins), w.dtype)
+        where = f" at {mw.name}" if w.dynamic else ""
+        clobbered = first_modified(args[:-1], before)
+        if clobbered is not None:
+            i, changed = clobbered
+            return {"status": "wrong_result", "rel_err": None,
+                    "error": f"input {i} ({_input_names(od, mw)[i]}) modified by the kernel: {changed} of "
+                             f"{args[i].numel()} elements changed{where}"}
+        chk = check_output(restore(out), ref, w.dtype)
         if not chk.ok:
-            where = f" at {mw.name}" if w.dynamic else ""
             return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason + where}
         worst = max(worst, chk.rel_err)
 
     # A bucket kernel is timed across its bucket (upper bound, middle, lower bound) and scored by
     # the geometric mean, so the tuner picks what is good for the whole bucket, not for one size.
     timed = timing_members(w) if w.dynamic else [w]
-    per_shape = [_time(call, _timing_sets(tw, dev, opts) if opts.rotate_bytes else
-                       [od.inputs(tw, dev, gen) + [od.output(tw, dev)]], opts, tgt.is_gpu) for tw in timed]
+    rotate = _rotate_bytes(opts, dev)
+    per_shape = []
+    for tw in timed:
+        sets = [prepare(s[:-1]) + [s[-1]] for s in _timing_sets(tw, dev, rotate)]
+        per_shape.append(_time(call, sets, opts, tgt.is_gpu))
     samples = [math.exp(sum(math.log(max(x, 1e-3)) for x in col) / len(col)) for col in zip(*per_shape)]
     return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
 
 
-def _measure_copy(w: Workload, od, dev, opts: RunOptions, is_gpu: bool) -> dict:
-    """The bandwidth yardstick of a memory-bound op: `dst.copy_(src)` with src as large as half the
-    op's minimal traffic (every input read once + the output written once), so the copy moves the
-    same bytes; timed like a kernel, rotating buffers."""
+# -- copies ------------------------------------------------------------------------------------------
+def _measure_copy(buf_bytes: int, dev, opts: RunOptions, is_gpu: bool) -> dict:
+    """`dst.copy_(src)` of two fp16 buffers of buf_bytes (a multiple of COPY_ALIGN) each, timed like
+    a kernel over rotated (src, dst) pairs."""
     import torch
 
-    ins = od.inputs(w, dev, torch.Generator(device=dev).manual_seed(7)) + [od.output(w, dev)]
-    half = sum(t.numel() * t.element_size() for t in ins) // 2 // 2  # in fp16 elements
-    n = max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / (4 * half)))) if opts.rotate_bytes else 1
-    sets = [(torch.randn(half, device=dev).half(), torch.empty(half, device=dev, dtype=torch.half))
-            for _ in range(n)]
+    if buf_bytes <= 0 or buf_bytes % COPY_ALIGN:
+        raise ValueError(f"copy buffers of {buf_bytes} bytes: need a positive multiple of {COPY_ALIGN}")
+    n = rotation_set_count(2 * buf_bytes, _rotate_bytes(opts, dev))
+    gen = torch.Generator(device=dev).manual_seed(7)
+    sets = [(torch.randn(buf_bytes // 2, generator=gen, device=dev, dtype=torch.half),
+             torch.empty(buf_bytes // 2, device=dev, dtype=torch.half)) for _ in range(n)]
     samples = _time(lambda s: s[1].copy_(s[0]), sets, opts, is_gpu)
     return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": 0.0}
 
 
+def measure_large_copy(target_json: dict, opts: RunOptions, nbytes: int) -> dict:
+    """Worker entry point: a copy of nbytes (rounded up to COPY_ALIGN), timed like COPY."""
+    tgt = Target.from_json(target_json)
+    return _measure_copy(math.ceil(nbytes / COPY_ALIGN) * COPY_ALIGN, _device(tgt), opts, tgt.is_gpu)
+
+
+# -- timing ------------------------------------------------------------------------------------------
 def _time(call, sets: list, opts: RunOptions, is_gpu: bool) -> list[float]:
-    """Per-call times in microseconds, rotating through the input sets."""
-    n_sets = len(sets)
-    for r in range(opts.warmup):
-        call(sets[r % n_sets])
+    """Per-call times in microseconds; every call (warm-up, timed, repeated) takes the next set."""
+    next_set = itertools.cycle(sets).__next__
+    for _ in range(opts.warmup):
+        call(next_set())
     if not is_gpu:
         samples = []
-        for r in range(opts.repeats):
+        for _ in range(opts.repeats):
+            s = next_set()
             t0 = time.perf_counter()
-            call(sets[r % n_sets])
+            call(s)
             samples.append((time.perf_counter() - t0) * 1e6)
         return samples
     sleep_cycles = int(2e7)  # ~10 ms at H100/H200 clocks
     for _ in range(3):
-        samples, gaps = _time_gpu(call, sets, opts.repeats, sleep_cycles)
+        samples, gaps = _time_gpu(call, next_set, opts.repeats, sleep_cycles)
         if not host_bound(gaps):
             return samples
         sleep_cycles *= 4  # the host fell behind the GPU: hold it busy longer and measure again
@@ -157,19 +302,19 @@ def host_bound(gaps_us: list[float]) -> bool:
     return g[len(g) // 2] > HOST_BOUND_GAP_US
 
 
-def _time_gpu(call, sets: list, repeats: int, sleep_cycles: int) -> tuple[list[float], list[float]]:
+def _time_gpu(call, next_set, repeats: int, sleep_cycles: int) -> tuple[list[float], list[float]]:
     """(per-call µs, µs between each call's end and the next call's start) with the GPU held busy by
     a sleep kernel while the host enqueues every call between CUDA events."""
     import torch
 
-    n_sets = len(sets)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    sets = [next_set() for _ in range(repeats)]
     torch.cuda._sleep(sleep_cycles)  # keep the GPU busy while the host enqueues everything below
     for r in range(repeats):
         starts[r].record()
-        call(sets[r % n_sets])
+        call(sets[r])
         ends[r].record()
     torch.cuda.synchronize()
     gaps = [ends[r].elapsed_time(starts[r + 1]) * 1e3 for r in range(repeats - 1)]
@@ -179,22 +324,22 @@ def _time_gpu(call, sets: list, repeats: int, sleep_cycles: int) -> tuple[list[f
 _sets_cache: dict = {}
 
 
-def _timing_sets(w: Workload, dev, opts: RunOptions) -> list:
-    """Input sets to rotate through, so timed runs read from DRAM, not cache. Made once per
-    workload in this worker (timing only: verification always draws fresh inputs)."""
+def _timing_sets(w: Workload, dev, rotate_bytes: int) -> list:
+    """rotation_set_count input sets (inputs + output) to rotate through, so timed runs read from
+    DRAM, not L2. Made once per workload in this worker (timing only: verification always draws
+    fresh inputs)."""
     import torch
 
     from kernels.defs import opdef
 
-    key = (w.key, str(dev))
+    key = (w.key, str(dev), rotate_bytes)
     if key not in _sets_cache:
         if len(_sets_cache) >= 4:  # a bucket's timing shapes stay resident together
             _sets_cache.pop(next(iter(_sets_cache)))
         od = opdef(w.op)
         gen = torch.Generator(device=dev).manual_seed(1234)
         first = od.inputs(w, dev, gen) + [od.output(w, dev)]
-        set_bytes = sum(t.numel() * t.element_size() for t in first)
-        n = max(1, min(opts.max_sets, math.ceil(opts.rotate_bytes / set_bytes)))
+        n = rotation_set_count(sum(t.numel() * t.element_size() for t in first), rotate_bytes)
         _sets_cache[key] = [first] + [od.inputs(w, dev, gen) + [od.output(w, dev)] for _ in range(n - 1)]
     return _sets_cache[key]
 
@@ -223,6 +368,14 @@ class Runner:
             return RunResult("runtime_error", error=_short_error(r))
         lat = LatencyStats(**r["latency"]) if r.get("latency") else None
         return RunResult(r["status"], lat, r.get("rel_err"), r.get("error", ""))
+
+    def large_copy(self, nbytes: int = LARGE_COPY_BYTES) -> RunResult:
+        """The device's copy bandwidth in this run: a copy of nbytes (read, and nbytes written),
+        timed like the COPY yardstick."""
+        r = self.pool.run_all(measure_large_copy, [(self.target.to_json(), self.opts, nbytes)], self.timeout_s)[0]
+        if isinstance(r, BaseException):
+            return RunResult("runtime_error", error=str(r))
+        return RunResult(r["status"], LatencyStats(**r["latency"]), r["rel_err"])
 
     def close(self):
         self.pool.close()

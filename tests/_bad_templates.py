@@ -51,6 +51,40 @@ class WrongGemm(Template):
         return sch.mod
 
 
+def clobbering_linear_prim_func(w):
+    """linear + bias (x, w, b, y) that zeroes x and writes y = b: exactly what the reference computes
+    from the clobbered x, so only a check that the inputs came back unchanged can reject it."""
+    from tvm.script import tirx as T
+
+    d, dt = w.dim, w.dtype
+    m, n, k = d["m"], d["n"], d["k"]
+
+    @T.prim_func
+    def main(x: T.Buffer((m, k), dt), wt: T.Buffer((n, k), dt), b: T.Buffer((n,), dt), y: T.Buffer((m, n), dt)):
+        T.func_attr({"global_symbol": "main"})
+        for i, r in T.grid(m, k):
+            x[i, r] = T.cast(0, dt)
+        for i, j in T.grid(m, n):
+            y[i, j] = b[j]
+
+    return main
+
+
+class ClobberingGemm(Template):
+    name = "clobbering_gemm"
+    ops = ("linear",)
+    kinds = ("llvm",)
+    knob_choices = {"variant": (0,)}
+
+    def applies(self, workload, target):
+        return super().applies(workload, target) and workload.epilogue == ("bias",)
+
+    def apply(self, workload, target, candidate):
+        import tvm
+
+        return tvm.IRModule({"main": clobbering_linear_prim_func(workload)})
+
+
 BUILD_FAILURE = "raising_gemm: deliberately unbuildable"
 
 
@@ -64,7 +98,7 @@ class RaisingGemm(Template):
         raise RuntimeError(f"{BUILD_FAILURE} ({workload.name})")
 
 
-TEMPLATES = (WrongGemm(), RaisingGemm())
+TEMPLATES = (WrongGemm(), RaisingGemm(), ClobberingGemm())
 NAMES = tuple(t.name for t in TEMPLATES)
 
 
