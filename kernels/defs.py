@@ -6,6 +6,9 @@ The PrimFunc's parameter order is the kernel's calling convention: inputs first,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from shapetune.workload import Workload
@@ -128,21 +131,49 @@ def linear_vendor(w: Workload):
 
 
 # -- table -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VendorPath:
+    """A vendor call that takes its operands in another layout than the op's calling convention
+    (e.g. NCHW-contiguous where the op is channels-last): prepare(inputs) -> operands in that
+    layout, run(*operands) -> output in that layout, restore(output) -> the op's layout. The runner
+    times `run` only; calling the object does all three (inputs and output in the op's layout)."""
+
+    prepare: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    run: Callable[..., torch.Tensor]
+    restore: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.restore(self.run(*self.prepare(list(inputs))))
+
+
 class OpDef:
     """What the tuner, runner and registry need to know about one op family.
 
     prim_func(w) -> TIR PrimFunc (inputs..., output); inputs(w, device, generator) -> fresh random
     operands; output(w, device) -> empty output; reference(w, inputs) -> float64 truth on the CPU;
-    vendor(w) -> callable(*inputs) -> output, torch's own implementation as models call it.
+    vendor(w) -> callable(*inputs) -> output, torch's own implementation as models call it, on the
+    op's own layout (the default baseline, named vendor_name); vendor_variants[v](w) -> a VendorPath,
+    another way torch runs the op that a model may pay instead (e.g. group_norm's "nchw"), named
+    baseline_name(v). The runner measures the default as scheduler.runner.VENDOR and variant v as
+    vendor_artifact(v), both verified against the reference.
     """
 
-    def __init__(self, prim_func, inputs, output, reference, vendor, vendor_name):
+    def __init__(self, prim_func, inputs, output, reference, vendor, vendor_name,
+                 vendor_variants: dict[str, Callable[[Workload], VendorPath]] | None = None):
         self.prim_func = prim_func
         self.inputs = inputs
         self.output = output
         self.reference = reference
         self.vendor = vendor
         self.vendor_name = vendor_name
+        self.vendor_variants = dict(vendor_variants or {})
+
+    def baseline_name(self, variant: str = "") -> str:
+        """vendor_name for the default vendor path, "vendor_name[variant]" for a variant."""
+        if variant and variant not in self.vendor_variants:
+            raise ValueError(f"{self.vendor_name} has no vendor variant {variant!r}; "
+                             f"known: {sorted(self.vendor_variants)}")
+        return f"{self.vendor_name}[{variant}]" if variant else self.vendor_name
 
 
 OPS: dict[str, OpDef] = {}

@@ -26,7 +26,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from .defs import TORCH_DTYPE, OpDef, register_op
+from .defs import TORCH_DTYPE, OpDef, VendorPath, register_op
 
 
 def _acc(dtype: str) -> str:
@@ -166,8 +166,9 @@ def group_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tens
 
 
 def group_norm_vendor(wl: Workload):
-    """F.group_norm (+ F.silu, a separate kernel as in diffusers' ResnetBlock2D) on a channels_last
-    NCHW tensor, the layout the model passes once it is channels_last ([n, c, hw, 1] here)."""
+    """The default baseline: F.group_norm (+ F.silu, a separate kernel as in diffusers'
+    ResnetBlock2D) on a channels_last NCHW tensor ([n, c, hw, 1] here), as a channels-last model pays
+    it (torch's CUDA group_norm makes the input contiguous first: a transpose in every call)."""
     g, eps, silu = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue
 
     def run(x, w, b):
@@ -177,6 +178,22 @@ def group_norm_vendor(wl: Workload):
         return y.squeeze(-1).permute(0, 2, 1)
 
     return run
+
+
+def group_norm_vendor_nchw(wl: Workload) -> VendorPath:
+    """Variant "nchw": F.group_norm (+ F.silu) on an NCHW-contiguous x[n, c, hw, 1], as eager
+    diffusers runs it (no transpose inside the call); x is converted before and y back after."""
+    g, eps, silu = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue
+
+    def prepare(inputs):
+        x, w, b = inputs
+        return [x.permute(0, 2, 1).contiguous().unsqueeze(-1), w, b]
+
+    def run(x, w, b):
+        y = torch.nn.functional.group_norm(x, g, w, b, eps)
+        return torch.nn.functional.silu(y) if silu else y
+
+    return VendorPath(prepare, run, lambda y: y.squeeze(-1).permute(0, 2, 1))
 
 
 def layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
@@ -205,6 +222,7 @@ def layer_norm_vendor(wl: Workload):
 
 
 register_op("group_norm", OpDef(group_norm_prim_func, group_norm_inputs, group_norm_output, group_norm_reference,
-                                group_norm_vendor, "torch.nn.functional.group_norm"))
+                                group_norm_vendor, "torch.nn.functional.group_norm",
+                                vendor_variants={"nchw": group_norm_vendor_nchw}))
 register_op("layer_norm", OpDef(layer_norm_prim_func, layer_norm_inputs, layer_norm_output, layer_norm_reference,
                                 layer_norm_vendor, "torch.nn.functional.layer_norm"))
