@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DTYPE_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+
+# A layout parameter: a whitespace-separated token "<letters><number>" or "<letters>=<number>",
+# e.g. conv's "s2" and "p1", the norms' "eps=1e-05", attention's "scale=0.125".
+_LAYOUT_PARAM = re.compile(r"([a-z]+)=?(-?[0-9][0-9.eE+-]*)")
+
+#: op -> the layout parameters its constructor writes by default, as a function of the dims.
+#: `Workload.name` leaves them out when all equal these, so the common case keeps a short name.
+LAYOUT_DEFAULTS: dict[str, Callable[[dict[str, int]], dict[str, float]]] = {
+    "conv2d": lambda d: {"s": 1, "p": d["kh"] // 2},  # stride 1, "same" padding
+    "group_norm": lambda d: {"eps": 1e-5},
+    "layer_norm": lambda d: {"eps": 1e-5},
+    "attention": lambda d: {"scale": d["d"] ** -0.5},
+}
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,35 @@ class Workload:
 
     @property
     def name(self) -> str:
+        """Readable and unique per key: op, dims (ranges for dynamic ones), layout parameters,
+        dtype, accumulation type, epilogue, e.g. "conv2d_n2_h64_w64_ci320_co320_kh3_kw3_s2p1_f16+bias".
+
+        The layout's parameters (`layout_params`) appear, all of them, unless every one equals the
+        op's default (`LAYOUT_DEFAULTS`); an op without stated defaults always shows them. The
+        accumulation type appears ("_accf16") unless it is the dtype's usual one.
+        """
         rng = self.ranges
-        dims = "_".join(f"{n}{rng[n][0]}-{rng[n][1]}" if n in rng else f"{n}{v}" for n, v in self.dims)
-        epi = "".join(f"+{e}" for e in self.epilogue)
-        return f"{self.op}_{dims}_{DTYPE_SHORT.get(self.dtype, self.dtype)}{epi}"
+        parts = [self.op] + [f"{n}{rng[n][0]}-{rng[n][1]}" if n in rng else f"{n}{v}" for n, v in self.dims]
+        params = self.layout_params
+        if params and not self._default_layout(params):
+            parts.append("".join(f"{k}{v}" for k, v in params))
+        parts.append(_short(self.dtype))
+        if self.acc_dtype != _acc_dtype(self.dtype):
+            parts.append(f"acc{_short(self.acc_dtype)}")
+        return "_".join(parts) + "".join(f"+{e}" for e in self.epilogue)
+
+    @property
+    def layout_params(self) -> tuple[tuple[str, str], ...]:
+        """The (name, value text) parameters in `layout`, in order: "nhwc ohwi s2 p1" -> (("s", "2"), ("p", "1"))."""
+        return tuple(m.groups() for t in self.layout.split() if (m := _LAYOUT_PARAM.fullmatch(t)))
+
+    def _default_layout(self, params: tuple[tuple[str, str], ...]) -> bool:
+        fn = LAYOUT_DEFAULTS.get(self.op)
+        if fn is None:
+            return False
+        want = fn(self.dim)
+        # 12 significant digits, as the constructors write floats (attention_workload's scale)
+        return all(k in want and float(v) == float(f"{want[k]:.12g}") for k, v in params)
 
     @property
     def flops(self) -> float:
@@ -114,6 +154,10 @@ class Workload:
         if self.op == "geglu":  # one GEMM with 2f outputs per row
             return 2.0 * d["m"] * 2 * d["f"] * d["k"]
         raise NotImplementedError(self.op)
+
+
+def _short(dtype: str) -> str:
+    return DTYPE_SHORT.get(dtype, dtype)
 
 
 def _acc_dtype(dtype: str) -> str:
