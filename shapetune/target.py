@@ -9,10 +9,30 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from . import config
+
+
+def cuda_arch_version(arch: str) -> tuple[int, int]:
+    """The compute capability (major, minor) of a CUDA arch string.
+
+    "sm_90" and "sm_90a" -> (9, 0), "sm_86" -> (8, 6), "sm_100" -> (10, 0), "sm_120" -> (12, 0):
+    the last digit is the minor version, the digits before it the major (a trailing "a"/"f" feature
+    suffix is ignored). Compare archs through this, never as strings ("sm_100" < "sm_90" as text).
+    """
+    m = re.fullmatch(r"sm_(\d+)(\d)[af]?", arch)
+    if not m:
+        raise ValueError(f"not a CUDA arch 'sm_<major><minor>[a|f]': {arch!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def max_shared_memory_per_block(arch: str) -> int:
+    """Bytes of shared memory one block may use on `arch`: 227 KB (opt-in) on Hopper (9.x) and
+    datacenter Blackwell (10.x), else the 48 KB every arch grants without opt-in."""
+    return 232448 if 9 <= cuda_arch_version(arch)[0] <= 10 else 49152
 
 
 @dataclass(frozen=True)
@@ -52,7 +72,7 @@ class Target:
                 {
                     "kind": "cuda",
                     "arch": self.arch,
-                    "max_shared_memory_per_block": 232448 if self.arch >= "sm_90" else 49152,
+                    "max_shared_memory_per_block": max_shared_memory_per_block(self.arch),
                     "max_threads_per_block": 1024,
                     "thread_warp_size": 32,
                 }
