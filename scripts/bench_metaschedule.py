@@ -216,11 +216,11 @@ def shapetune_best(db_path: str | None, w, target, match: str = "exact"):
     from shapetune.db import TuningDB
 
     with TuningDB(db_path, create=False) as db:
-        r = db.best(w.key, target.key)
+        r = db.best(w.key, target.key, include_pending=True)  # imports too: measure_one verifies here
         if r is not None or match != "arch":
             return r, (target.key if r else None)
         found = [(x, t.key) for t in db.targets() if t.kind == target.kind and t.arch == target.arch
-                 for x in [db.best(w.key, t.key)] if x is not None]
+                 for x in [db.best(w.key, t.key, include_pending=True)] if x is not None]
         if not found:
             return None, None
         return min(found, key=lambda f: (f[0].target.device_name != target.device_name,

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import io
 import json
 import sqlite3
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 
 from shapetune.cli_db import db
 from shapetune.db import SCHEMA_VERSION, TuningDB
+from shapetune.records import Candidate
 from test_db import CPU, H100, W1, W2, history
 
 FORMATS = ["table", "json", "csv"]
@@ -19,6 +21,19 @@ def path(tmp_path):
     with TuningDB(p) as d:
         rs, bs = history()
         d.add_results(rs)
+        for b in bs:
+            d.add_baseline(b)
+    return str(p)
+
+
+@pytest.fixture
+def dlight_path(tmp_path):
+    """The same history with a real candidate (dlight, whose space is itself): `db import`
+    checks every record's knobs against its template's space."""
+    p = tmp_path / "dlight.db"
+    with TuningDB(p) as d:
+        rs, bs = history()
+        d.add_results(dataclasses.replace(r, candidate=Candidate("dlight")) for r in rs)
         for b in bs:
             d.add_baseline(b)
     return str(p)
@@ -48,7 +63,8 @@ def test_list(path, fmt):
         assert "linear_m8192_n320_k320_f16+bias" in out and "wrong_result" in out
         return
     assert len(out) == 8 and set(out[0]) == {"id", "uid", "workload", "template", "status",
-                                            "median_us", "created"}
+                                            "trust", "median_us", "created"}
+    assert {r["trust"] for r in out} == {"measured"}
     assert float(out[0]["created"]) >= float(out[-1]["created"])
     ok = parse(run("list", "--db", path, "--format", fmt, "--status", "ok", "--limit", 2), fmt)
     assert len(ok) == 2 and {r["status"] for r in ok} == {"ok"}
@@ -113,23 +129,31 @@ def test_stats(path, fmt):
 
 
 @pytest.mark.parametrize("name", ["h.jsonl", "h.jsonl.xz"])
-def test_export_import(path, tmp_path, name):
+def test_export_import(path, dlight_path, tmp_path, name):
     p = tmp_path / name
-    assert "exported 11 lines" in run("export", p, "--db", path)
+    assert "exported 11 lines" in run("export", p, "--db", dlight_path)
     fresh = tmp_path / "new" / "fresh.db"
-    assert "imported 11 new, skipped 0" in run("import", p, "--db", fresh)
+    out = run("import", p, "--db", fresh)
+    assert "imported 11 new, skipped 0" in out and "shapetune db verify" in out
     assert "imported 0 new, skipped 11" in run("import", p, "--db", fresh)
-    with TuningDB(path) as a, TuningDB(fresh) as b:
+    with TuningDB(dlight_path) as a, TuningDB(fresh) as b:
         assert sorted(a.results(), key=lambda r: r.uid) == sorted(b.results(), key=lambda r: r.uid)
+    assert {r["trust"] for r in json.loads(run("list", "--db", fresh, "--format", "json"))} == {"imported"}
+    assert json.loads(run("best", "--db", fresh, "--format", "json")) == []  # nothing re-verified yet
+    # this machine (llvm) is neither target: nothing of the file could be served here
+    assert "nothing to re-verify" in run("verify", "--db", fresh)
+    run("export", tmp_path / "mma.jsonl", "--db", path)  # test_db's made-up template "mma"
+    assert "line 1 rejected: unknown template 'mma'" in run("import", tmp_path / "mma.jsonl", "--db", fresh,
+                                                            ok=False)
     assert "exported 1 lines" in run("export", tmp_path / "cpu.jsonl", "--target", CPU.key,
                                      "--db", path)
     assert "exported 0 lines" in run("export", tmp_path / "none.jsonl", "--op", "conv2d",
                                      "--db", path)
 
 
-def test_import_malformed(path, tmp_path):
+def test_import_malformed(dlight_path, tmp_path):
     p = tmp_path / "h.jsonl"
-    run("export", p, "--db", path)
+    run("export", p, "--db", dlight_path)
     p.write_text(p.read_text() + "{oops\n")
     fresh = tmp_path / "fresh.db"
     out = run("import", p, "--db", fresh, ok=False)
@@ -140,7 +164,7 @@ def test_import_malformed(path, tmp_path):
 def test_errors(path, tmp_path):
     assert "no record 'zzz'" in run("show", "zzz", "--db", path, ok=False)
     missing = tmp_path / "missing.db"
-    for cmd in (["list"], ["best"], ["stats"], ["show", "1"], ["export", tmp_path / "x.jsonl"]):
+    for cmd in (["list"], ["best"], ["stats"], ["show", "1"], ["export", tmp_path / "x.jsonl"], ["verify"]):
         assert "no tuning DB" in run(*cmd, "--db", missing, ok=False)
     assert not missing.exists()
     bad = tmp_path / "bad.db"

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import lzma
@@ -7,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line, line_sha256
+from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line, line_sha256, record_to_json
 from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from shapetune.target import Target
 from shapetune.workload import linear_workload
@@ -411,3 +412,42 @@ def test_merge_from_a_db_or_an_export(full, tmp_path):
             assert m.merge_from(src) == (0, n)  # already there: skipped
             assert len(m.results()) == len(full.results())
             assert bool(m.buckets()) == (src == full.path)  # exports carry no bucket rows
+
+
+def test_a_row_edited_in_the_db_is_refused_by_export_and_merge(full, tmp_path):
+    """Its stored sha256 no longer matches its fields: an edit cannot be laundered into a fresh,
+    valid-hash export or a merge."""
+    full.close()
+    c = sqlite3.connect(full.path)
+    c.execute("UPDATE records SET status = 'ok', median_us = 0.5, mean_us = 0.5, min_us = 0.5, "
+              "max_us = 0.5, std_us = 0, repeats = 1, verified = 1, error = '' WHERE status = 'build_error'")
+    c.commit()
+    c.close()
+    with TuningDB(full.path) as db:
+        with pytest.raises(DBError, match="records row .* does not match its stored sha256"):
+            db.export_jsonl(tmp_path / "e.jsonl")
+        with TuningDB(tmp_path / "m.db") as m, pytest.raises(DBError, match="stored sha256"):
+            m.merge_from(full.path)
+
+
+def test_verdicts(full):
+    """add_reverification: a pass appends the result measured here (served); a failure is kept
+    with its reason; measured records take no verdict."""
+    imported = [ok(W2, us=1.0, tile=7, created=9e8), ok(W2, us=2.0, tile=8, created=9e8)]
+    buf = io.StringIO("".join(json.dumps(record_to_json(r)) + "\n" for r in imported))
+    assert full.import_jsonl(buf) == (2, 0)
+    pend = full.pending(H100.key)
+    assert [r for _, r in pend] == imported  # both claim faster than the measured 3.0 us
+    assert full.pending(CPU.key) == [] and full.pending(H100.key, workload_key=W1.key) == []
+    (i1, _), (i2, _) = pend
+    full.add_reverification(i1, error="wrong_result: out of tolerance")
+    here = dataclasses.replace(imported[1], run_id="here", created=9.5e8)
+    assert full.add_reverification(i2, measured=here)
+    assert full.add_reverification(i2, error="again") is False  # the first verdict stands
+    assert full.trust([i1, i2]) == {i1: ("reverify_failed", "wrong_result: out of tolerance"),
+                                    i2: ("reverified", "")}
+    assert full.best(W2.key, H100.key) == here and full.pending(H100.key) == []
+    assert full.best(W2.key, H100.key, include_pending=True) == imported[1]  # i1 failed: never
+    measured = full.iter_results(workload_key=W1.key, limit=1)[0][0]
+    with pytest.raises(ValueError, match="not an imported record"):
+        full.add_reverification(measured, error="x")
