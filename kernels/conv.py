@@ -4,15 +4,20 @@ through the tuned implicit-GEMM kernel for this shape, or torch's own.
 The op takes and returns NCHW tensors in channels_last memory (what diffusers passes once the model
 is `.to(memory_format=torch.channels_last)`): `x.permute(0, 2, 3, 1)` is then the kernel's NHWC
 operand with no copy. Other memory formats are copied to channels_last first. The kernel wants
-the weight as OHWI [Co, KH, KW, Ci]: a channels_last weight already is one (free view); a
-contiguous OIHW weight is converted once and cached per weight tensor (weak reference) and version.
+the weight as OHWI [Co, KH, KW, Ci]: a channels_last weight already is one (a free view, and
+kernels.patch keeps patched nn.Conv2d weights channels_last); any other weight is converted on
+every call, counted as ("conv2d", "weight_relayout") in `fallback_summary()`.
+
+Nothing derived from a tensor's values is cached: every call reads the live weight, so writes
+through `.data` (which do not bump a tensor's version counter, e.g. a PEFT LoRA merge), `copy_`,
+`param.data = t` and `load_state_dict` all take effect on the next call. (Audit, issue 8: the
+other caches on the call path hold no tensor values either: the registry's resolutions are keyed
+by shape signature, runtime.load_function by artifact path; linear, the fused ops, the norms and
+attention read their tensors per call.)
 """
 
 from __future__ import annotations
 
-import weakref
-
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -23,8 +28,6 @@ from .runtime import call_on_current_stream, call_op, shapetune_op
 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 CL = torch.channels_last
-_OHWI_CACHE: OrderedDict = OrderedDict()
-_OHWI_CACHE_MAX = 512  # SD 1.5's UNet has 98 convs
 
 
 def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
@@ -63,22 +66,14 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return v if v.is_contiguous() else v.contiguous()
 
 
-def ohwi_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [Co, Ci, KH, KW] as a contiguous [Co, KH, KW, Ci]: free for a channels_last weight,
-    else converted once per weight tensor and version. The cache holds a weak reference to the
-    tensor itself: a data_ptr key would hand a freed weight's conversion to whatever tensor reuses
-    its memory (seen in CI: every element wrong)."""
+def _ohwi(weight: torch.Tensor, reg) -> torch.Tensor:
+    """weight [Co, Ci, KH, KW] as the kernel's contiguous [Co, KH, KW, Ci], from its current
+    values: a view of a channels_last weight, else a copy (counted)."""
     v = weight.permute(0, 2, 3, 1)
     if v.is_contiguous():
         return v
-    entry = _OHWI_CACHE.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
-        return entry[2]
-    converted = v.detach().contiguous()
-    _OHWI_CACHE[id(weight)] = (weakref.ref(weight), weight._version, converted)
-    if len(_OHWI_CACHE) > _OHWI_CACHE_MAX:
-        _OHWI_CACHE.popitem(last=False)
-    return converted
+    reg.calls[("conv2d", "weight_relayout")] += 1
+    return v.contiguous()
 
 
 def _torch_conv(x, weight, bias, stride, padding, residual):
@@ -108,7 +103,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     reg.count("conv2d", res)
     if res.fn is None:
         return _torch_conv(x, weight, bias, stride, padding, residual)
-    args = [_nhwc(x), ohwi_weight(weight)]
+    args = [_nhwc(x), _ohwi(weight, reg)]
     if has_b:
         args.append(bias.contiguous())
     if has_r:
@@ -150,8 +145,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Parameters
     ----------
     x : Tensor [N, Ci, H, W], float16 (GPU) or float32 (CPU), channels_last memory (else copied)
-    weight : Tensor [Co, Ci, KH, KW], same dtype and device; channels_last is free, OIHW is
-        converted once per weight value
+    weight : Tensor [Co, Ci, KH, KW], same dtype and device; read on every call (nothing derived
+        from it is cached). channels_last memory is the kernel's layout; any other is converted on
+        each call, counted ("conv2d", "weight_relayout")
     bias : Tensor [Co] or None
     stride, padding : int, the same for h and w (dilation 1, groups 1)
     residual : Tensor [N, Co, Ho, Wo] or None, added after the bias (fused)

