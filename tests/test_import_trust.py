@@ -20,9 +20,9 @@ from click.testing import CliRunner
 import scheduler.builder
 from scheduler.isolation import IsolatedPool
 from scheduler.templates import base
-from scheduler.tuner import TuneOptions, tune
+from scheduler.tuner import TuneOptions, search_space, tune
 from shapetune.cli import main
-from shapetune.db import DBError, TuningDB
+from shapetune.db import DBError, TuningDB, from_json_line, record_to_json
 from shapetune.records import Candidate, LatencyStats, MeasureResult
 from shapetune.target import detect
 from shapetune.workload import linear_workload
@@ -46,8 +46,6 @@ def tuned(tmp_path_factory, cpu):
     tune([W], cpu, db_path, TuneOptions(trials=3, batch=3, templates=("dlight", "gemm_llvm")))
     with TuningDB(db_path) as db:
         used = {r.candidate.key for r in db.results()}
-        from scheduler.tuner import search_space
-
         spare = next(c for c in search_space(W, cpu, ("gemm_llvm",)) if c.key not in used)
         db.add_result(MeasureResult(W, cpu, spare, "build_error", error="boom", run_id="r0",
                                     created=1.8e9))
@@ -178,7 +176,7 @@ def test_knobs_outside_the_space_are_rejected_by_db_import(tuned, tmp_path, cpu,
     else:
         cand["template"] = "no_such_template"
     edited = {**lines[i], "candidate": cand}
-    edited["uid"] = from_line_uid(edited)
+    edited["uid"] = from_json_line({k: v for k, v in edited.items() if k not in ("uid", "sha256")}).uid
     lines[i] = _rehash(edited)
     bad = _write(tmp_path / "bad.jsonl", lines)
     db_path = _fresh_db_with_history(tmp_path, cpu)
@@ -187,12 +185,6 @@ def test_knobs_outside_the_space_are_rejected_by_db_import(tuned, tmp_path, cpu,
     assert out.exit_code != 0 and "Traceback" not in out.output, out.output
     assert f"line {i + 1}" in out.output and why in out.output
     assert _snapshot(db_path) == before
-
-
-def from_line_uid(d: dict) -> str:
-    from shapetune.db import from_json_line
-
-    return from_json_line({k: v for k, v in d.items() if k not in ("uid", "sha256")}).uid
 
 
 # -- 3. pending until re-verified --------------------------------------------------------------------
@@ -237,8 +229,6 @@ def test_wrong_kernel_fails_reverification_and_is_never_served(tuned, tmp_path, 
     for w in (W, W_ONLY_WRONG):
         r = MeasureResult(w, cpu, Candidate("wrong_gemm", (("variant", 0),)), "ok",
                           LatencyStats.of([0.5]), max_rel_err=0.0, run_id="forger", created=1.9e9)
-        from shapetune.db import record_to_json
-
         forged.append(_rehash(record_to_json(r)))
     assert forged[0]["target"] == tmpl["target"]
     imp = _write(tmp_path / "imp.jsonl", lines + forged)
