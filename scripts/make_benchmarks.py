@@ -358,11 +358,12 @@ class NormRow:
 
     @property
     def of_copy(self) -> float:
-        return self.m.row["copy_us"] / self.m.tuned_us
+        """Share of the copy yardstick's bandwidth, as bench_tuned computed it (with bytes: by GB/s)."""
+        return self.m.row["tuned_frac_of_copy"]
 
     @property
     def vendor_of_copy(self) -> float:
-        return self.m.row["copy_us"] / self.m.vendor_us
+        return self.m.row["vendor_frac_of_copy"]
 
     def variant_us(self, variant: str) -> float | None:
         return next((us for name, us in self.m.row.get("vendors", {}).items() if name.endswith(f"[{variant}]")),
@@ -372,12 +373,21 @@ class NormRow:
 NORM_LABEL = {"group_norm": "GroupNorm (+SiLU)", "layer_norm": "LayerNorm"}
 
 
+def timed(row: dict) -> bool:
+    """Whether bench_tuned re-verified and timed the kernel, the torch default and the copy."""
+    return row.get("status") == "ok" and all(row.get(k) for k in ("tuned_us", "vendor_us", "copy_us"))
+
+
 def norm_rows(logs: Logs) -> list[NormRow]:
-    out = []
-    for row in logs.load(NORMS_BENCH)["rows"]:
-        m = logs.measured(row, "tuned_us", "bench")
-        out.append(NormRow(m, logs.op(m)))
-    return out
+    """The benchmark's timed memory-bound rows."""
+    rows = [logs.measured(r, "tuned_us", "bench") for r in logs.load(NORMS_BENCH)["rows"] if timed(r)]
+    return [NormRow(m, logs.op(m)) for m in rows if logs.op(m) in NORM_LABEL]
+
+
+def untimed_norms(logs: Logs) -> str:
+    """A sentence naming the rows the benchmark could not time (re-verification failed), else ""."""
+    bad = [f"`{logs.name(r)}` ({r.get('status')})" for r in logs.load(NORMS_BENCH)["rows"] if not timed(r)]
+    return f" Not timed, left out of the table and geomeans: {', '.join(bad)}." if bad else ""
 
 
 def variants(rows: list[NormRow]) -> list[str]:
@@ -544,12 +554,21 @@ def buckets(logs: Logs) -> str:
 
 def norm_copy_caption(rows: list[NormRow]) -> str:
     if all("bytes" in r.m.row for r in rows):
-        s = ("Yardstick: an aligned device-to-device copy of exactly the op's minimal traffic (`bytes`: x read "
-             "once + y written once), timed like a kernel.")
-    else:
-        s = ("Yardstick: a device-to-device copy of the bytes of x, weight, bias and y; that size copies slower "
-             "than an aligned copy of the same traffic (issue 8 item 2), so these \"of copy\" figures run high.")
-    return s + " \"of copy\" = copy µs / kernel µs, the share of copy bandwidth reached."
+        return ("Yardstick: an aligned device-to-device copy whose read + write traffic is the op's minimal bytes "
+                "(every input read once + the output written once), rounded up to whole buffers, timed like a "
+                "kernel. GB/s = bytes / time. \"of copy\" = kernel GB/s / copy GB/s, the share of copy bandwidth "
+                "reached.")
+    return ("Yardstick: a device-to-device copy of the bytes of x, weight, bias and y; that size copies slower "
+            "than an aligned copy of the same traffic (issue 8 item 2), so these \"of copy\" figures run high. "
+            "\"of copy\" = copy µs / kernel µs, the share of copy bandwidth reached.")
+
+
+def large_copy_sentence(lc: dict | None, rows: list[NormRow]) -> str:
+    if lc is None:
+        return "The large copy failed in this run."
+    shares = [r.m.row["copy_gbps"] / lc["gbps"] for r in rows if r.m.row.get("copy_gbps")]
+    return (f"A large copy in the same run ({lc['bytes'] / 2**30:.2f} GiB of read + write traffic) reached "
+            f"{lc['gbps']:.0f} GB/s; the per-workload copies reach {span(shares)} of that.")
 
 
 def norm_baselines_caption(rows: list[NormRow]) -> str:
@@ -588,11 +607,9 @@ def norms(logs: Logs) -> str:
              f"{min(r.m.ratio for r in rows):.2f}, max {max(r.m.ratio for r in rows):.2f}); "
              f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth ({torch}: "
              f"{geomean(r.vendor_of_copy for r in rows):.2f}). {per_op} "
-             + registry_sentence(torch, [r.m.ratio for r in rows]))
+             + registry_sentence(torch, [r.m.ratio for r in rows]) + untimed_norms(logs))
     if "large_copy" in d:
-        lc = d["large_copy"]
-        prose += (f" A {lc['bytes'] / 2**30:.2f} GiB copy in the same run moved {lc['gbps']:.0f} GB/s; the "
-                  f"per-workload copies reach {span(r.m.row['copy_gbps'] / lc['gbps'] for r in rows)} of that.")
+        prose += " " + large_copy_sentence(d["large_copy"], rows)
     return "\n\n".join([
         "## GroupNorm (+SiLU) and LayerNorm, SD 1.5 UNet at batch 2, 512², fp16",
         bullets([f"Card: {logs.card(NORMS_BENCH)}. Date: {logs.dates(NORMS_BENCH)}.",
