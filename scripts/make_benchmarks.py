@@ -397,8 +397,9 @@ def variants(rows: list[NormRow]) -> list[str]:
 
 
 def torch_label(rows: list[NormRow]) -> str:
-    """The default torch baseline's name, with its layout once a variant is there to tell it from."""
-    return f"torch ({DEFAULT_LAYOUT})" if variants(rows) else "torch"
+    """The default torch baseline's name; for GroupNorm alone with its layout, once a variant is there to tell
+    it from (a mixed set keeps the caption's plain "torch")."""
+    return f"torch ({DEFAULT_LAYOUT})" if variants(rows) and all(r.op == "group_norm" for r in rows) else "torch"
 
 
 def norm_versus(rows: list[NormRow]) -> str:
