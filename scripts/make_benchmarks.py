@@ -459,11 +459,13 @@ def summary(logs: Logs) -> str:
     cards = ", ".join(sorted({logs.runs(rel)[0]["target"]["device_name"] for rel in gpu}))
     rows = norm_rows(logs)
     tvm = logs.tvm(LINEAR)
+    multi_run_note = (" (conv2d: the fastest of its runs' vendor times, see its section)"
+                      if len(run_labels(logs.summary_results(CONV))) > 1 else "")
     return "\n\n".join([
         f"## Summary: SD 1.5 UNet op families (batch 2, 512², fp16), {cards}, {logs.dates(*gpu)}",
         "Each figure is a geomean over the family's distinct workloads. Each workload's ratio is against the vendor "
-        "path, measured in the same run (conv2d: the faster of two runs' vendor times, see its section). Details "
-        "and commands are in the sections below. \"dispatches to\" applies the registry's rule (the tuned kernel "
+        f"path, measured in the same run{multi_run_note}. Details and commands are in the sections below. "
+        "\"dispatches to\" applies the registry's rule (the tuned kernel "
         "only where it measured faster) to these numbers.",
         table([("family", "l"), ("workloads", "r"), ("trials each", "r"), ("shapetune vs vendor", "l"),
                ("issue 4 goal (H100)", "l"), ("registry dispatches to", "l")],
@@ -646,16 +648,20 @@ def disagreeing(m: Measured) -> bool:
     return len(us) > 1 and max(us) / min(us) > RUN_DISAGREEMENT
 
 
+def run_labels(res: list[Measured]) -> list[str]:
+    return list(dict.fromkeys(label for m in res for label, _ in m.vendor_runs))
+
+
 def conv_caveat(res: list[Measured]) -> str:
     both = [m for m in res if len(m.vendor_runs) > 1]
     flagged = [m for m in both if disagreeing(m)]
     runs = sorted({max(m.vendor_runs, key=lambda ru: ru[1])[0] for m in flagged})
     gaps = [max(u for _, u in m.vendor_runs) / m.vendor_us for m in flagged]
-    s = (f"cuDNN was measured in every run that reported a workload ({len(both)} of {len(res)} workloads in two "
-         "runs). The cuDNN column is the faster measurement, which never flatters shapetune; † marks a workload "
-         f"whose two cuDNN times differ by more than {RUN_DISAGREEMENT}x")
+    s = (f"cuDNN was measured in every run that reported a workload ({len(both)} of {len(res)} workloads in more "
+         "than one run). The cuDNN column is the fastest measurement, which never flatters shapetune; † marks a "
+         f"workload whose slowest and fastest cuDNN times differ by more than {RUN_DISAGREEMENT}x")
     if flagged:
-        s += (f": {len(flagged)} of {len(both)}, {span(gaps, 1)}x apart, the slower always in "
+        s += (f": {len(flagged)} of {len(both)}, {span(gaps, 1)}x apart, the slowest always in "
               f"{' / '.join(runs)}. Processes building in parallel had the host fall behind the GPU; the runner "
               "now detects this and re-measures")
     return s + "."
@@ -667,18 +673,20 @@ def conv(logs: Logs) -> str:
     fast = [m for m in res if m.ratio >= 1.0]
     sizes = Counter(kernel_size(m) for m in fast)
     g = geomean(rs)
+    labels = run_labels(res)
+    runs = [f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run."
+            ] if len(labels) > 1 else []
     return "\n\n".join([
         "## conv2d (channels-last implicit GEMM on WMMA), SD 1.5 UNet at batch 2, 512², fp16",
         bullets([f"Card: {logs.card(CONV)}. Date: {logs.dates(CONV)}.",
-                 f"Command: `{logs.command(CONV)}`, run twice: the second run resumed the job after the first hit "
-                 "its time limit, and re-measured cuDNN for every workload. Records: "
-                 "`tuning_logs/sm90_h200_sd15_conv.jsonl.xz`. Rows of both runs: "
-                 f"`tuning_logs/{CONV}`.",
+                 f"Command: `{logs.command(CONV)}`"
+                 + (f", run {len(labels)} times ({', '.join(labels)}): each later run resumed the job and "
+                    "re-measured cuDNN for every workload it reported" if len(labels) > 1 else "")
+                 + f". Records: `tuning_logs/sm90_h200_sd15_conv.jsonl.xz`. Rows of every run: `tuning_logs/{CONV}`.",
                  "Baseline: cuDNN through `F.conv2d` on channels_last tensors, plus the residual add as a separate "
                  "op where shapetune fuses it. torch's default algorithm heuristics apply (`cudnn.benchmark` off), "
                  "as in diffusers.",
-                 f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run.",
-                 *clash_note(res)]),
+                 *runs, *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("cuDNN µs", "r"), ("ratio", "r"),
                ("shapetune TF/s", "r"), ("best", "l")],
               [[m.name, num(m.tuned_us), num(m.vendor_us) + (" †" if disagreeing(m) else ""), num(m.ratio),

@@ -130,7 +130,13 @@ def test_conv_dagger_and_vendor_time_come_from_both_runs(logs_copy):
                     r["vendor_us"] *= 3
     edit(mb.CONV, slower_run2)
     conv3 = section(mb.render(root), "conv2d")
-    assert conv3.count(" † |") == 36 and "the slower always in run2" in conv3
+    assert conv3.count(" † |") == 36 and "the slowest always in run2" in conv3
+
+    edit(mb.CONV, lambda d: d.update(runs=[r for r in d["runs"] if r["run"].startswith("run2")]))
+    text = mb.render(root)
+    conv4 = section(text, "conv2d")
+    assert "- Runs:" not in conv4 and " † |" not in conv4 and "times (run" not in conv4
+    assert "fastest of its runs" not in section(text, "Summary")
 
 
 def _new_norms_shape(d):
