@@ -705,7 +705,8 @@ def attention(logs: Logs) -> str:
     faster = [m.name for m in res if m.ratio > 1]
     worst = min(res, key=lambda m: m.ratio)
     return "\n\n".join([
-        "## Attention (flash-style on WMMA), SD 1.5 UNet at batch 2, 512², 8 heads, fp16",
+        f"## Attention (flash-style on WMMA), SD 1.5 UNet at batch 2, 512², "
+        f"{'/'.join(str(h) for h in sorted({m.dim['h'] for m in res}))} heads, fp16",
         bullets([f"Card: {logs.card(ATTENTION)}. Date: {logs.dates(ATTENTION)}.",
                  f"Command: `{logs.command(ATTENTION)}`. Records: `tuning_logs/sm90_h200_sd15_attention.jsonl.xz`. "
                  f"{trials} measured candidates per workload: the best of a small search, not of the whole space.",
