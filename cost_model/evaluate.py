@@ -1,4 +1,9 @@
-"""How well a cost model ranks held-out measured results: top-k recall and per-group Spearman."""
+"""How well a cost model ranks held-out measured results: top-k recall and per-group Spearman.
+
+A held-out workload leaves with its twins (`twins`): a model trained on a ±bias twin or on the
+bucket whose representative is the same shape has seen nearly the same ranking, so leaving only
+the workload itself out overstates how well the model ranks an unseen shape.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from shapetune.records import MeasureResult
+from shapetune.workload import Workload
 
 from .base import CostModel
 from .xgb import group_key
@@ -17,6 +23,29 @@ def _groups(results: list[MeasureResult]) -> dict[str, list[MeasureResult]]:
     for r in results:
         by[group_key(r.workload, r.target)].append(r)
     return dict(by)
+
+
+def twin_key(w: Workload) -> tuple:
+    """What a workload shares with its twins: everything but the epilogue and the dynamic ranges
+    (op, dims, which for a bucket are its representative shape, dtypes, layout)."""
+    return w.op, w.dims, w.dtype, w.acc_dtype, w.layout
+
+
+def twins(w: Workload, workloads) -> list[Workload]:
+    """The distinct workloads among `workloads`, other than `w`, equal to it up to epilogue and
+    dynamic ranges: its ±bias/±gelu/±silu/±residual variants, and the bucket (or exact) workloads
+    whose representative dims are w's."""
+    key = twin_key(w)
+    return [x for x in dict.fromkeys(workloads) if x != w and twin_key(x) == key]
+
+
+def leave_out(results: list[MeasureResult], w: Workload) -> tuple[list[MeasureResult], list[MeasureResult]]:
+    """Split `results` into (train, held out): held out are those of `w` and of its `twins`."""
+    key = twin_key(w)
+    train, held = [], []
+    for r in results:
+        (held if twin_key(r.workload) == key else train).append(r)
+    return train, held
 
 
 def _rankdata(a: np.ndarray) -> np.ndarray:

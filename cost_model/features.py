@@ -1,7 +1,9 @@
 """Features of (workload, target, candidate) for the learned cost model.
 
-The generic part knows nothing about templates: workload dims, dtype, flops, target cores, and every
-knob as a number. Templates add analytical features (tile vs. dim padding, waves, shared memory, ...)
+The generic part knows nothing about templates: workload dims and their dynamic ranges, dtype,
+epilogue steps, layout parameters (conv stride/padding, ...), flops, target cores, and every knob as
+a number. For one op every workload gets the same workload columns (fixed length), so workloads
+that differ only in epilogue, layout or ranges ("twins") differ in value, never in presence. Templates add analytical features (tile vs. dim padding, waves, shared memory, ...)
 through `register_feature_fn`; `gemm_tile_features` is the shared helper for tiled GEMM-like
 templates. Feature dicts become a dense matrix through a `FeatureSpace`, whose column list is stored
 with the model so that a saved model reads new rows in the same order.
@@ -22,6 +24,8 @@ from shapetune.workload import Workload
 FeatureFn = Callable[[Workload, Target, Mapping], Mapping[str, float]]
 
 _FEATURE_FNS: dict[str, FeatureFn] = {}
+#: every epilogue step of the op families (kernels/defs*.py); each gets an `epi:<step>` 0/1 column
+EPILOGUE_STEPS = ("bias", "gelu", "residual", "affine", "silu", "gelu_gate")
 _DTYPE_BYTES = {"bool": 1, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
@@ -89,13 +93,17 @@ def featurize(workload: Workload, target: Target, candidate: Candidate) -> dict[
     Returns
     -------
     dict[str, float]
-        ``dim:<name>`` log2 of each workload dim, ``dtype_bytes``, ``log2_flops`` (when the op
-        defines flops), ``num_cores``, ``template=<name>`` one-hot, ``knob:<name>`` per numeric knob
+        Workload: ``dim:<name>`` log2 of each dim (a bucket's representative); ``range_lo:<name>``,
+        ``range_hi:<name>`` log2 of the range each dim must serve (lo = hi = the dim when exact);
+        ``bucket`` 1 for a shape-bucket workload, else 0; ``epi:<step>`` 0/1 per `EPILOGUE_STEPS`
+        step and ``epi:other`` the count of other steps; ``layout:<param>`` each numeric layout
+        parameter (`Workload.layout_params`: conv ``s``, ``p``; norms ``eps``; attention ``scale``);
+        ``dtype_bytes``, ``acc_dtype_bytes``; ``log2_flops`` (when the op defines flops).
+        Target: ``num_cores``. Candidate: ``template=<name>`` one-hot, ``knob:<name>`` per numeric knob
         (log2(1+v) for ints, 0/1 for bools, the value for floats), ``knob:<name>=<value>`` one-hot per
         string knob, and ``x:<key>`` for the template's registered analytical features.
     """
-    f: dict[str, float] = {f"dim:{n}": _log2(v) for n, v in workload.dims}
-    f["dtype_bytes"] = float(dtype_bytes(workload.dtype))
+    f = workload_features(workload)
     try:
         f["log2_flops"] = _log2(workload.flops)
     except NotImplementedError:
@@ -107,6 +115,22 @@ def featurize(workload: Workload, target: Target, candidate: Candidate) -> dict[
     fn = _FEATURE_FNS.get(candidate.template)
     if fn is not None:
         f.update({f"x:{k}": float(v) for k, v in fn(workload, target, knobs).items()})
+    return f
+
+
+def workload_features(workload: Workload) -> dict[str, float]:
+    """The workload part of `featurize` (see there); the same keys for every workload of one op."""
+    rng = workload.ranges
+    f: dict[str, float] = {}
+    for n, v in workload.dims:
+        lo, hi = rng.get(n, (v, v))
+        f[f"dim:{n}"], f[f"range_lo:{n}"], f[f"range_hi:{n}"] = _log2(v), _log2(lo), _log2(hi)
+    f["bucket"] = float(bool(workload.dynamic))
+    f.update({f"epi:{e}": float(e in workload.epilogue) for e in EPILOGUE_STEPS})
+    f["epi:other"] = float(sum(e not in EPILOGUE_STEPS for e in workload.epilogue))
+    f.update({f"layout:{k}": float(v) for k, v in workload.layout_params})
+    f["dtype_bytes"] = float(dtype_bytes(workload.dtype))
+    f["acc_dtype_bytes"] = float(dtype_bytes(workload.acc_dtype))
     return f
 
 

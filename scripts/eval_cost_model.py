@@ -3,15 +3,25 @@
     python scripts/eval_cost_model.py tuning_logs/sm90_h200_sd15_*.jsonl.xz --json cost_model_eval.json
 
 For each workload with at least `--min-ok` verified records, the model is trained without it and
-ranks that workload's verified candidates:
-  in-family  trained on every other workload of the same op (the usual tuning situation: the DB
-             already holds that op's other shapes);
+without its twins (cost_model.evaluate.twins: the workloads equal to it but for the epilogue or the
+dynamic ranges, e.g. its +bias variant, or the bucket whose representative is its shape), and ranks
+that workload's verified candidates:
+  in-family  trained on every other workload of the same op, twins excluded (the usual tuning
+             situation: the DB already holds that op's other shapes);
   transfer   trained on the other ops only (a new op family, or a model shipped from elsewhere);
   random     the expectation under a uniformly random order (exact, by counting).
 Metric quality@k = (true best latency) / (best latency among the model's top k): 1.0 means the
 tuner would have found the best kernel measuring only k candidates. Also per-workload Spearman
 between scores and throughput. The candidates in a DB were themselves picked by an earlier model
 plus random exploration, so this measures ranking among plausible candidates, not over the space.
+
+JSON (--json): {"date", "inputs" (the exports), "min_ok", "summary", "rows"}.
+  rows: one per held-out workload: "op", "workload" (Workload.name), "key" (Workload.key), "target"
+    (target key), "n_ok" (verified candidates ranked), "twins" (how many other workloads were held
+    out with it), "random@k", "in_family@k", "transfer@k" (quality@k, k in 1, 4, 8; a mode's keys
+    are absent when its model could not train), "in_family_spearman", "transfer_spearman".
+  summary: per op and "all": "workloads" (rows) and the mean of each row metric over the rows
+    that have it (null when none).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_model.evaluate import quality_at, random_quality_at, spearman  # noqa: E402
+from cost_model.evaluate import leave_out, quality_at, random_quality_at, spearman, twins  # noqa: E402
 from cost_model.xgb import XGBCostModel  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 
@@ -44,11 +54,12 @@ def evaluate(results, min_ok: int, seed: int = 0) -> list[dict]:
         if len(ok) < min_ok:
             continue
         lat = [r.latency.median_us for r in ok]
-        row = {"op": w.op, "workload": w.name, "target": tkey, "n_ok": len(ok),
+        row = {"op": w.op, "workload": w.name, "key": w.key, "target": tkey, "n_ok": len(ok),
+               "twins": len(twins(w, (r.workload for r in results))),
                **{f"random@{k}": random_quality_at(lat, k) for k in KS}}
+        kept, _ = leave_out(results, w)
         for mode in ("in_family", "transfer"):
-            train = [r for r in results if r.workload != w
-                     and ((r.workload.op == w.op) == (mode == "in_family"))]
+            train = [r for r in kept if (r.workload.op == w.op) == (mode == "in_family")]
             model = XGBCostModel(seed=seed).fit(train)
             if not model.is_trained:
                 continue

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from shapetune.records import Candidate, LatencyStats, MeasureResult
 from shapetune.target import Target
 from shapetune.workload import linear_workload
 
+REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "test_gemm_tiled"
 H100 = Target("cuda", "sm_90", "NVIDIA H100 80GB HBM3", 132, "0.27.0", "13.0", "2.11.0")
 SPACE = [dict(bm=bm, bn=bn, bk=bk, unroll=u, vec=v)
@@ -191,3 +194,58 @@ def test_quality_at_and_its_random_expectation():
     for k in (1, 2, 3, 5, 9):
         brute = [quality_at(list(p), k) for p in itertools.permutations(lat)]
         assert math.isclose(random_quality_at(lat, k), sum(brute) / len(brute), rel_tol=1e-12)
+
+
+# -- twins: workloads that differ only in epilogue, layout or dynamic ranges (issue 8 item 9) -------
+PLAIN = Candidate("test_untiled", (("vec", 4),))  # a template without analytical features (any op)
+
+
+def _twins():
+    from kernels.defs_conv import conv2d_workload
+
+    lin = [linear_workload(256, 320, 320), linear_workload(256, 320, 320, bias=False),
+           linear_workload(256, 320, 320, epilogue=("bias", "gelu")),
+           linear_workload(256, 320, 320, epilogue=("bias", "residual")),
+           linear_workload(256, 320, 320, m_range=(129, 256)),  # the bucket whose representative is m=256
+           linear_workload(256, 320, 320, m_range=(1, 256))]
+    conv = [conv2d_workload(2, 32, 32, 64, 64, stride=s, padding=p, residual=r)
+            for s, p, r in ((1, 1, False), (2, 1, False), (1, 0, False), (1, 1, True))]
+    return lin, conv
+
+
+def test_twins_get_different_feature_vectors():
+    """±bias/±gelu/±residual, bucket vs exact shape, conv stride/padding: distinct rows; one key set per op."""
+    c = Candidate(TEMPLATE, (("bm", 64), ("bn", 128), ("bk", 32), ("unroll", True), ("vec", 4)))
+    for group, cand in zip(_twins(), (c, PLAIN)):
+        feats = [featurize(w, H100, cand) for w in group]
+        assert len({tuple(sorted(f)) for f in feats}) == 1  # fixed length: the same columns for every workload
+        x = FeatureSpace().fit_transform(feats)
+        assert not np.isnan(x).any() and len({row.tobytes() for row in x}) == len(group)
+    lin, conv = _twins()
+    f = featurize(lin[4], H100, c)
+    assert f["bucket"] == 1.0 and f["range_lo:m"] == math.log2(129) and f["range_hi:m"] == 8.0
+    assert featurize(lin[0], H100, c)["range_lo:m"] == 8.0 and featurize(lin[0], H100, c)["bucket"] == 0.0
+    assert featurize(lin[2], H100, c)["epi:gelu"] == 1.0 and featurize(lin[0], H100, c)["epi:gelu"] == 0.0
+    assert featurize(conv[1], H100, PLAIN)["layout:s"] == 2.0 and featurize(conv[2], H100, PLAIN)["layout:p"] == 0.0
+
+
+def test_held_out_with_its_twins():
+    """Holding a workload out also holds out its epilogue twins and its bucket/exact twins, nothing else."""
+    from cost_model.evaluate import leave_out, twins
+
+    lin, conv = _twins()
+    others = [linear_workload(512, 320, 320), linear_workload(256, 640, 320)]
+    results = [r for i, w in enumerate(lin + others) for r in measure(w, sample(24, i), seed=i)]
+    results += [MeasureResult(w, H100, Candidate(PLAIN.template, (("vec", v),)), "ok",
+                              latency=LatencyStats.of([float(v + i)])) for i, w in enumerate(conv) for v in range(1, 9)]
+    train, held = leave_out(results, lin[0])
+    assert {r.workload for r in held} == set(lin)
+    assert {r.workload for r in train} == set(conv + others)
+    assert set(twins(conv[0], [r.workload for r in results])) == {conv[3]}  # residual twin; s/p differ
+
+    spec = importlib.util.spec_from_file_location("eval_cost_model", REPO / "scripts" / "eval_cost_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = {r["workload"]: r for r in script.evaluate([r for r in results if r.workload in lin + others], 8)}
+    assert rows[lin[0].name]["twins"] == len(lin) - 1 and rows[others[0].name]["twins"] == 0
+    assert "in_family@1" in rows[lin[0].name]
