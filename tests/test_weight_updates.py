@@ -67,6 +67,18 @@ def tuned_db(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def _kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(autouse=True)
+def _shared_kernel_cache(_kernel_cache, monkeypatch):
+    """One kernel cache for the module (still a temporary dir): each test would otherwise build the
+    same five kernels again."""
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(_kernel_cache))
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     model = Tiny().eval()
