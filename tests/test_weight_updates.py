@@ -233,3 +233,52 @@ def test_peft_lora_merge_unmerge_and_unload(registry, patch_first):
     _assert_follows(pm, base, registry, tuned)
     unloaded = pm.merge_and_unload()
     _assert_follows(unloaded, base, registry, tuned + ("linear", "geglu"))  # GEGLU's proj is a Linear again
+
+
+# -- on an NVIDIA GPU: the fp16 CUDA conv kernel ------------------------------------------------------
+@pytest.fixture(scope="module")
+def cuda_registry(tmp_path_factory):
+    from kernels.registry import Registry, set_registry
+
+    path = tmp_path_factory.mktemp("gpu") / "tuning.db"
+    w = conv2d_workload(1, 17, 15, 32, 48, 3, 3, 1, 1, "float16", True, False)
+    reps = tune([w], detect("cuda"), path, TuneOptions(trials=6, batch=6, templates=("conv_cuda_wmma",)))
+    assert reps[0].best is not None, reps[0].by_status
+    prev = set_registry(Registry(db_path=path, target=detect("cuda"), require_faster=False))
+    yield kernels.get_registry()
+    set_registry(prev)
+
+
+@pytest.mark.gpu
+def test_cuda_conv_follows_data_writes_and_lora_merge(cuda_registry):
+    """A patched fp16 nn.Conv2d on the tuned CUDA kernel after `weight.data += 0.05` and after a
+    PEFT merge: fp32 torch on the same fp16 weights, 1e-2 (fp16 output rounding, fp32 accumulation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 48, 3, padding=1)).cuda().half()
+    conv = model[0]  # also the LoRA layer's base_layer below
+    kernels.patch(model)
+    x = torch.randn(1, 32, 17, 15, device="cuda").half().contiguous(memory_format=torch.channels_last)
+
+    def follows(model, before):
+        with torch.no_grad():
+            out = model(x).float()
+            ref = torch.nn.functional.conv2d(x.float(), conv.weight.float(), conv.bias.float(), 1, 1)
+        torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+        assert (out - before).abs().max() > 0.1
+        return out
+
+    with torch.no_grad():
+        first = model(x).float()
+    conv.weight.data += 0.05
+    updated = follows(model, first)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+        unmerged = pm(x).float()
+    pm.merge_adapter()
+    merged = follows(pm, updated)
+    torch.testing.assert_close(merged, unmerged, atol=1e-2, rtol=1e-2)
+    assert cuda_registry.calls[("conv2d", "tuned")] >= 4
+    assert cuda_registry.calls[("conv2d", "weight_relayout")] == 0
