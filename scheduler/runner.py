@@ -109,11 +109,15 @@ def min_traffic_bytes(w: Workload) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def aligned_copy_bytes(nbytes: int) -> int:
+    """Read + write bytes of a copy of nbytes whose buffers are rounded up to COPY_ALIGN each."""
+    return 2 * (math.ceil(nbytes / COPY_ALIGN) * COPY_ALIGN)
+
+
 def copy_bytes(w: Workload) -> int:
     """Read + write bytes of w's copy yardstick: min_traffic_bytes(w) split into a source and a
     destination buffer, each rounded up to a multiple of COPY_ALIGN."""
-    half = math.ceil(min_traffic_bytes(w) / 2 / COPY_ALIGN) * COPY_ALIGN
-    return 2 * half
+    return aligned_copy_bytes(math.ceil(min_traffic_bytes(w) / 2))
 
 
 def l2_bytes(dev) -> int:
@@ -256,9 +260,10 @@ def _measure_copy(buf_bytes: int, dev, opts: RunOptions, is_gpu: bool) -> dict:
 
 
 def measure_large_copy(target_json: dict, opts: RunOptions, nbytes: int) -> dict:
-    """Worker entry point: a copy of nbytes (rounded up to COPY_ALIGN), timed like COPY."""
+    """Worker entry point: a copy of nbytes (rounded up to COPY_ALIGN), timed like COPY; it moves
+    aligned_copy_bytes(nbytes)."""
     tgt = Target.from_json(target_json)
-    return _measure_copy(math.ceil(nbytes / COPY_ALIGN) * COPY_ALIGN, _device(tgt), opts, tgt.is_gpu)
+    return _measure_copy(aligned_copy_bytes(nbytes) // 2, _device(tgt), opts, tgt.is_gpu)
 
 
 # -- timing ------------------------------------------------------------------------------------------
