@@ -10,14 +10,14 @@ its output matches what a reference of the clobbered inputs would say.
 
 Timing. GPU: `warmup` calls, then `repeats` calls, each bracketed by CUDA events while the GPU is
 held busy (torch.cuda._sleep), so host launch cost stays out (checked: if the GPU went idle between
-calls, the host fell behind and the run is repeated with a 4x longer busy period, at most 3 times).
+calls, the host fell behind and the run is repeated with a 4x longer busy period, at most 3 runs).
 The median of the per-call times is reported. CPU: perf_counter around each call, median.
 
-Rotation (GPU). Each call gets the next of N input sets (inputs + output), cyclically over warmup,
-timed calls and repeats alike, with N = 1 + ceil(R / set_bytes) and R = `rotate_bytes`, by default
-2x the device's L2 (torch's L2_cache_size; DEFAULT_L2_BYTES where torch reports none). So between
-two uses of one set, the N - 1 other sets, >= 2x L2 of distinct data, were read and written: no
-input is served from L2 however small the workload. We rotate rather than flush L2 between calls:
+Rotation (GPU). Each call gets the next of N input sets (inputs + output), cyclically over
+warm-up, timed calls and repeated runs alike, with N = 1 + ceil(R / set_bytes), R = `rotate_bytes`,
+by default 2x the device's L2 (torch's L2_cache_size; DEFAULT_L2_BYTES where torch reports none).
+So between two uses of one set, the N - 1 other sets, >= 2x L2 of distinct data, were read and
+written: no input is served from L2 however small the workload. We rotate rather than flush L2 between calls:
 a flush kernel would sit inside the host-bound gap check, and a write flush would leave L2 full of
 dirty lines the timed kernel must write back. Rotation keeps N x set_bytes ~= R + set_bytes
 resident (~120 MB on an H200) and costs N allocations per tensor once per workload and worker.

@@ -223,3 +223,36 @@ def test_unknown_vendor_variant_is_an_error(cpu):
     w = layer_norm_workload(8, 32, "float32")
     with pytest.raises(ValueError, match="no vendor variant 'nchw'; known: \\[\\]"):
         measure_one(w.to_json(), cpu.to_json(), vendor_artifact("nchw"), RunOptions.for_target(cpu), 0)
+
+
+@pytest.mark.gpu
+def test_gpu_group_norm_baselines_and_copy_bandwidth():
+    """On the GPU: both group_norm baselines verify; NCHW-contiguous pays no transpose, so it is the
+    faster one at hw4096 c960 (H200: ~140 vs ~163 us); the aligned yardstick copy of its 31 MB gets
+    most of a 1 GiB copy's bandwidth; a tiny workload (thousands of rotation sets) still measures."""
+    import time
+
+    from scheduler.runner import COPY, VENDOR, RunOptions, Runner, copy_bytes, measure_one, vendor_artifact
+
+    gpu = detect()
+    opts = RunOptions.for_target(gpu)
+    w = group_norm_workload(2, 4096, 960, 32, "float16", silu=True)
+    us = {}
+    for art in (VENDOR, vendor_artifact("nchw"), COPY):
+        r = measure_one(w.to_json(), gpu.to_json(), art, opts, 0)
+        assert r["status"] == "ok", (art, r)
+        us[art] = r["latency"]["median_us"]
+    assert us[vendor_artifact("nchw")] < us[VENDOR], us
+    runner = Runner(gpu)
+    try:
+        big = runner.large_copy()
+    finally:
+        runner.close()
+    assert big.status == "ok", big.error
+    copy_gbps, big_gbps = copy_bytes(w) / us[COPY] / 1e3, 2 * (1 << 30) / big.latency.median_us / 1e3
+    print(f"group_norm copy yardstick {copy_gbps:.0f} GB/s, 1 GiB copy {big_gbps:.0f} GB/s, {us}")
+    assert 0.6 * big_gbps < copy_gbps < 1.1 * big_gbps
+    t0 = time.perf_counter()
+    tiny = layer_norm_workload(1, 320)
+    assert measure_one(tiny.to_json(), gpu.to_json(), VENDOR, opts, 0)["status"] == "ok"
+    assert time.perf_counter() - t0 < 60
