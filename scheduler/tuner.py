@@ -1,12 +1,14 @@
 """The tuning loop: candidates -> cost-model ranking -> parallel build -> verify + time -> DB.
 
-Per workload: measure the vendor path once; then rounds of `batch` candidates until `trials` are
-spent. The first round always holds TVM's dlight default schedule (the baseline). Each round the
-cost model is retrained on every result for this target in the DB (other workloads included: what
-was learned on one shape transfers to the next), ranks the untried candidates, and the top
-(1 - explore) of the batch plus a random `explore` share are built and measured. Every result is
-committed the moment it exists, so an interrupted run loses nothing and a rerun resumes: candidates
-already measured for (workload, target) are never measured again.
+Per workload: measure the vendor path once (its default and every variant, e.g. group_norm's NCHW
+path, all under this Tuner's run id: dispatch compares a record only with the vendor timed in its
+own run); then rounds of `batch` candidates until `trials` are spent. The first round always holds
+TVM's dlight default schedule (the baseline). Each round the cost model is retrained on every
+result for this target in the DB (other workloads included: what was learned on one shape transfers
+to the next), ranks the untried candidates, and the top (1 - explore) of the batch plus a random
+`explore` share are built and measured. Every result is committed the moment it exists, so an
+interrupted run loses nothing and a rerun resumes: candidates already measured for (workload,
+target) are never measured again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from shapetune.workload import Workload
 
 from . import templates
 from .builder import Builder
-from .runner import VENDOR, RunOptions, Runner
+from .runner import RunOptions, Runner, vendor_artifact
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,12 @@ class WorkloadReport:
     by_status: dict[str, int] = field(default_factory=dict)
     best: MeasureResult | None = None
     dlight: MeasureResult | None = None
-    vendor: VendorBaseline | None = None
+    vendor: VendorBaseline | None = None  # the op's default vendor path
+    vendor_variants: dict[str, VendorBaseline] = field(default_factory=dict)  # variant -> its baseline
 
     @property
     def speedup(self) -> float | None:
-        """Vendor time over best tuned time (>1: the tuned kernel wins)."""
+        """Default vendor path's time over best tuned time (>1: the tuned kernel wins)."""
         if self.best is None or self.vendor is None:
             return None
         return self.vendor.latency.median_us / self.best.latency.median_us
@@ -105,7 +108,7 @@ class Tuner:
         rep = WorkloadReport(workload)
         if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
             self.db.add_buckets(DEFAULT.rows(workload.op))
-        rep.vendor = self._measure_vendor(workload)
+        rep.vendor, rep.vendor_variants = self._measure_vendor(workload)
         space = search_space(workload, self.target, self.opt.templates)
         stored = self.db.results(workload.key, self.target.key)
         done = {r.candidate.key for r in stored}
@@ -161,16 +164,22 @@ class Tuner:
             Path(b.path).unlink(missing_ok=True)
         return out
 
-    def _measure_vendor(self, workload: Workload) -> VendorBaseline | None:
+    def _measure_vendor(self, workload: Workload) -> tuple[VendorBaseline, dict[str, VendorBaseline]]:
+        """Time the op's default vendor path and each of its variants in this run, store each as
+        a baseline named opdef.baseline_name(variant); returns (default, {variant: baseline})."""
         from kernels.defs import opdef
 
-        r = self.runner.run(workload, VENDOR)
-        if r.status != "ok":
-            raise RuntimeError(f"vendor path failed on {workload.name}: {r.error}")
-        b = VendorBaseline(workload, self.target, opdef(workload.op).vendor_name, r.latency,
-                           run_id=self.run_id, created=time.time())
-        self.db.add_baseline(b)
-        return b
+        od = opdef(workload.op)
+        out = {}
+        for v in ("", *getattr(od, "vendor_variants", {})):
+            r = self.runner.run(workload, vendor_artifact(v))
+            if r.status != "ok":
+                raise RuntimeError(f"vendor path {v or 'default'} failed on {workload.name}: {r.error}")
+            name = od.baseline_name(v) if v else od.vendor_name  # vendor_name == baseline_name("")
+            out[v] = VendorBaseline(workload, self.target, name, r.latency, run_id=self.run_id,
+                                    created=time.time())
+            self.db.add_baseline(out[v])
+        return out.pop(""), out
 
 
 def tune(workloads: list[Workload], target: Target, db_path: str | Path | None = None,
