@@ -112,9 +112,8 @@ _REC_COLS = ("id", "workload_id", "target_id", "run_id", "created", "knobs", "st
              "max_rel_err", "build_s") + _LAT + ("origin", "sha256")
 _TRUST = ("CASE WHEN x.origin = 'measured' THEN 'measured' WHEN v.ok = 1 THEN 'reverified' "
           "WHEN v.ok = 0 THEN 'reverify_failed' ELSE 'imported' END")
-_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT + ("origin",
-                                                                                      "sha256")
-TRUST_STATES = ("measured", "imported", "reverified", "reverify_failed")
+_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT \
+    + ("origin", "sha256")
 
 
 # SQLite stores a NaN REAL as NULL; keep NaN distinct from "no value" by storing it as text.
@@ -895,5 +894,5 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
     return obj
 
 
-__all__ = ["SCHEMA_VERSION", "TRUST_STATES", "DBError", "TuningDB", "record_to_json",
+__all__ = ["SCHEMA_VERSION", "DBError", "TuningDB", "record_to_json",
            "baseline_to_json", "from_json_line", "line_sha256"]
