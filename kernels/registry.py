@@ -38,6 +38,18 @@ log = logging.getLogger("shapetune")
 # tuned kernel is kept only where it wins by more than that noise. (The few workloads that
 # differ by 70-450% between runs are why records and vendor times are compared within one run.)
 MARGIN = 0.05
+# A vendor timing whose median is over UNSTABLE x its fastest sample was disturbed while it ran
+# (H200 logs: 184 of 194 vendor timings have median/min <= 1.17, the other 10 >= 1.76, e.g. 52.85
+# us median, 11.52 us min, where the next run timed 12.03 us). Its median is no yardstick; its
+# fastest sample is (a lower bound on the vendor time, so a tuned kernel must beat even that).
+UNSTABLE = 1.5
+
+
+def vendor_us(b: VendorBaseline) -> float:
+    """The time a vendor baseline stands for: its median, or its fastest sample where the median
+    is over UNSTABLE x that (a disturbed timing)."""
+    lat = b.latency
+    return lat.median_us if lat.median_us <= UNSTABLE * lat.min_us else lat.min_us
 
 
 def servable(tuned_us: float, vendor_us: float) -> bool:
@@ -120,7 +132,7 @@ class Registry:
                 vendors: dict[tuple[Workload, str], VendorBaseline] = {}
                 for b in db.baselines(target_key=key):
                     v = vendors.get((b.workload, b.run_id))
-                    if v is None or b.latency.median_us < v.latency.median_us:
+                    if v is None or vendor_us(b) < vendor_us(v):
                         vendors[(b.workload, b.run_id)] = b
             self._index = _Index({w: rs for w, rs in runs.items() if rs}, vendors)
         return self._index
@@ -153,8 +165,8 @@ class Registry:
         Each run's fastest record is compared with the fastest vendor path timed in that run (over
         the op's vendor variants: the patched model would otherwise run one of them, and the
         fastest is the conservative yardstick). The fastest record with
-        ``servable(tuned_us, vendor_us)`` is served. A run that timed no vendor proves nothing:
-        with no other run to go by, the cause is "no_baseline". require_faster=False serves the
+        ``servable(tuned_us, vendor_us(baseline))`` is served. A run that timed no vendor proves
+        nothing: with no other run to go by, the cause is "no_baseline". require_faster=False serves the
         fastest record, compared with nothing.
         """
         index = self._load_index()
@@ -167,7 +179,7 @@ class Registry:
             return Resolution(w, kind, f"{kind} hit ({where}): tuned {r.latency.median_us:.2f} us, run "
                               f"{r.run_id} (require_faster=False: vendor not compared)",
                               record=r, vendor=index.vendors.get((tuned, r.run_id)), bucket=tuned)
-        wins = [(r, v) for r, v in pairs if servable(r.latency.median_us, v.latency.median_us)]
+        wins = [(r, v) for r, v in pairs if servable(r.latency.median_us, vendor_us(v))]
         unproven = len(recs) - len(pairs)
         if wins:
             r, v = wins[0]
@@ -179,7 +191,7 @@ class Registry:
         if pairs:
             r, v = pairs[0]
             why = (f"vendor faster at {where}: {_versus(r, v)}; serving needs tuned <= "
-                   f"{v.latency.median_us / (1 + MARGIN):.2f} us"
+                   f"{vendor_us(v) / (1 + MARGIN):.2f} us"
                    + (f"; {unproven} more run(s) timed no vendor" if unproven else ""))
             return Resolution(w, "fallback", why, record=r, vendor=v, bucket=tuned, cause="vendor_faster")
         r = recs[0]
@@ -285,8 +297,12 @@ class Registry:
 
 
 def _versus(r: MeasureResult, v: VendorBaseline) -> str:
-    return (f"tuned {r.latency.median_us:.2f} us vs vendor {v.name} {v.latency.median_us:.2f} us, "
-            f"both in run {r.run_id} (margin {MARGIN:.0%})")
+    us = vendor_us(v)
+    disturbed = "" if us == v.latency.median_us else (
+        f" (its fastest sample: the median {v.latency.median_us:.2f} us is over {UNSTABLE}x that, a "
+        f"disturbed timing)")
+    return (f"tuned {r.latency.median_us:.2f} us vs vendor {v.name} {us:.2f} us{disturbed}, both in "
+            f"run {r.run_id} (margin {MARGIN:.0%})")
 
 
 def load_kernel(w: Workload, target: Target, record: MeasureResult) -> Callable:

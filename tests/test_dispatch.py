@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from kernels.registry import MARGIN, Registry, servable
+from kernels.registry import MARGIN, UNSTABLE, Registry, servable, vendor_us
 from scheduler.tuner import TuneOptions, Tuner, search_space
 from shapetune.db import TuningDB
 from shapetune.records import LatencyStats, MeasureResult, VendorBaseline
@@ -39,8 +39,11 @@ def rec(cpu, cand, us: float, run: str, created: float) -> MeasureResult:
                          created=created)
 
 
-def base(cpu, us: float, run: str, created: float, name: str = VENDOR) -> VendorBaseline:
-    return VendorBaseline(W, cpu, name, LatencyStats.of([us]), run_id=run, created=created)
+def base(cpu, us: float, run: str, created: float, name: str = VENDOR, min_us: float | None = None,
+         ) -> VendorBaseline:
+    """A vendor timing with median `us` (and fastest sample `min_us`, default: also `us`)."""
+    lat = LatencyStats.of([min_us or us, us, us])
+    return VendorBaseline(W, cpu, name, lat, run_id=run, created=created)
 
 
 def resolve(tmp_path, cpu, records, baselines, require_faster=True):
@@ -104,6 +107,32 @@ def test_require_faster_false_serves_the_fastest_record_regardless(tmp_path, cpu
                   [rec(cpu, cands[0], 10.0, "r1", 1e9), rec(cpu, cands[1], 9.0, "r2", 2e9)],
                   [base(cpu, 8.0, "r2", 2e9)], require_faster=False)
     assert res.kind == "exact" and res.record.run_id == "r2", res
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_disturbed_vendor_timing_counts_as_its_fastest_sample(tmp_path, cpu, cands, served):
+    """A vendor median far above its own fastest sample (H200 logs: 52.85 us median, 11.52 us min;
+    the next run timed 12.03 us) is a disturbed measurement: the tuned kernel must beat the vendor's
+    fastest sample instead (tuned 10 us vs median 40 us: served only if the min is >= 10.5 us)."""
+    min_us = 12.0 if served else 10.2
+    res = resolve(tmp_path, cpu, [rec(cpu, cands[0], 10.0, "r1", 1e9)],
+                  [base(cpu, 40.0, "r1", 1e9, min_us=min_us)])
+    assert (res.kind, res.cause) == (("exact", "tuned") if served else ("fallback", "vendor_faster")), res
+    assert f"{min_us:.2f} us" in res.reason and "disturbed" in res.reason, res.reason
+
+
+def test_disturbed_variant_is_judged_by_its_fastest_sample(tmp_path, cpu, cands):
+    """The default path timed a steady 12 us; the variant a disturbed 40 us median with a 10.2 us
+    fastest sample: the run's yardstick is 10.2 us, so tuned 10 us is not served."""
+    res = resolve(tmp_path, cpu, [rec(cpu, cands[0], 10.0, "r1", 1e9)],
+                  [base(cpu, 12.0, "r1", 1e9), base(cpu, 40.0, "r1", 1e9, VENDOR + "[nchw]", 10.2)])
+    assert res.kind == "fallback" and res.vendor.name == VENDOR + "[nchw]", res
+
+
+def test_unstable_threshold(cpu):
+    """Median/min just under UNSTABLE: the median stands; just over: the fastest sample does."""
+    steady, disturbed = (base(cpu, 40.0, "r1", 1e9, min_us=40.0 / (UNSTABLE * f)) for f in (0.99, 1.01))
+    assert vendor_us(steady) == 40.0 and vendor_us(disturbed) == disturbed.latency.min_us
 
 
 # -- the margin ---------------------------------------------------------------------------------------
