@@ -35,8 +35,8 @@ log = logging.getLogger("shapetune")
 # A tuned kernel is served only if tuned_us * (1 + MARGIN) <= vendor_us, both timed in one run.
 # Why 5%: the same vendor op timed in two tuning runs on the H200 (tuning_logs/, 39 conv and 22
 # norm workloads measured twice) differs by a median of 1%, and by <= 3% for about 80% of them; a
-# tuned kernel is kept only where it wins by more than that noise. (The few workloads that
-# differ by 70-450% between runs are why records and vendor times are compared within one run.)
+# tuned kernel is kept only where it wins by more than that noise. (The few that differ by 70-450%
+# are disturbed timings, see UNSTABLE.)
 MARGIN = 0.05
 # A vendor timing whose median is over UNSTABLE x its fastest sample was disturbed while it ran
 # (H200 logs: 184 of 194 vendor timings have median/min <= 1.17, the other 10 >= 1.76, e.g. 52.85
@@ -52,9 +52,9 @@ def vendor_us(b: VendorBaseline) -> float:
     return lat.median_us if lat.median_us <= UNSTABLE * lat.min_us else lat.min_us
 
 
-def servable(tuned_us: float, vendor_us: float) -> bool:
-    """Whether a tuned time beats a vendor time measured in the same run by MARGIN."""
-    return tuned_us * (1 + MARGIN) <= vendor_us
+def servable(tuned_us: float, yardstick_us: float) -> bool:
+    """Whether a tuned time beats a vendor time (`vendor_us`) measured in the same run by MARGIN."""
+    return tuned_us * (1 + MARGIN) <= yardstick_us
 
 
 @dataclass(frozen=True)
