@@ -20,12 +20,12 @@ from pathlib import Path
 
 from shapetune import config
 from shapetune.db import TuningDB
-from shapetune.records import MeasureResult, VendorBaseline
+from shapetune.records import MeasureResult
 from shapetune.target import Target
 from shapetune.workload import Workload
 
 from . import builder, templates
-from .runner import VENDOR, Runner
+from .runner import Runner, vendor_baselines
 
 
 def knob_error(r: MeasureResult) -> str | None:
@@ -92,7 +92,7 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
         try:
             with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:
                 for w in todo:
-                    _measure_vendor(db, runner, w, target, run_id)
+                    _measure_vendor(db, runner, w, run_id)
                 while todo:
                     batch = {w: todo[w].pop(0) for w in todo}
                     for w, (i, r), why in _build_and_run(pool, runner, batch, target, run_id, tmp,
@@ -142,12 +142,7 @@ def _decide(db: TuningDB, v: Verdict, record_id: int, imported: MeasureResult,
         v.passed, v.claimed_us = outcome, imported.latency.median_us
 
 
-def _measure_vendor(db: TuningDB, runner: Runner, w: Workload, target: Target, run_id: str) -> None:
-    """The vendor path, timed in this run as the tuner times it (dispatch compares within a run)."""
-    from kernels.defs import opdef
-
-    r = runner.run(w, VENDOR)
-    if r.status != "ok":
-        raise RuntimeError(f"vendor path failed on {w.name}: {r.error}")
-    db.add_baseline(VendorBaseline(w, target, opdef(w.op).vendor_name, r.latency, run_id=run_id,
-                                   created=time.time()))
+def _measure_vendor(db: TuningDB, runner: Runner, w: Workload, run_id: str) -> None:
+    """Every vendor path, timed in this run as the tuner times them (dispatch compares within a run)."""
+    for b in vendor_baselines(runner, w, run_id).values():
+        db.add_baseline(b)

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 
 from shapetune.buckets import timing_members, verification_members
-from shapetune.records import LatencyStats
+from shapetune.records import LatencyStats, VendorBaseline
 from shapetune.target import Target
 from shapetune.workload import Workload
 
@@ -374,6 +374,13 @@ class Runner:
         lat = LatencyStats(**r["latency"]) if r.get("latency") else None
         return RunResult(r["status"], lat, r.get("rel_err"), r.get("error", ""))
 
+    def vendors(self, workload: Workload) -> dict[str, RunResult]:
+        """{variant: result} for the op's default vendor path ("") and each of
+        OpDef.vendor_variants, measured now, one after the other."""
+        from kernels.defs import opdef
+
+        return {v: self.run(workload, vendor_artifact(v)) for v in ("", *opdef(workload.op).vendor_variants)}
+
     def large_copy(self, nbytes: int = LARGE_COPY_BYTES) -> RunResult:
         """The device's copy bandwidth in this run: a copy of nbytes (read, and nbytes written),
         timed like the COPY yardstick."""
@@ -384,3 +391,18 @@ class Runner:
 
     def close(self):
         self.pool.close()
+
+
+def vendor_baselines(runner: Runner, workload: Workload, run_id: str) -> dict[str, VendorBaseline]:
+    """Every vendor path of the op timed in run `run_id` ({variant: baseline}, the default under
+    ""), each named OpDef.baseline_name(variant): what dispatch compares a record of that run with.
+    Raises RuntimeError if one fails (a vendor path that does not verify is a broken setup)."""
+    from kernels.defs import opdef
+
+    od, out = opdef(workload.op), {}
+    for v, r in runner.vendors(workload).items():
+        if r.status != "ok":
+            raise RuntimeError(f"vendor path {od.baseline_name(v)} failed on {workload.name}: {r.error}")
+        out[v] = VendorBaseline(workload, runner.target, od.baseline_name(v), r.latency, run_id=run_id,
+                                created=time.time())
+    return out

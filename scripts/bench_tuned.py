@@ -14,10 +14,13 @@ whole 256-byte buffers). Once per run, a large copy (>= 1 GiB) measures the devi
 the same way. Compute ops report TFLOP/s where a flop count is known. Prints a table with geomeans
 and writes JSON.
 
---db takes a SQLite tuning DB or a JSONL(.xz) export (imported into a temporary DB).
+--db takes a SQLite tuning DB or a JSONL(.xz) export (imported into a temporary DB; imported records
+are benchmarked too, since each is rebuilt and re-verified here). --export writes this run (every
+re-verified record and every vendor baseline, under one run id) as a JSONL(.xz) export, so the records
+we ship can carry a same-run vendor comparison measured with the current runner.
 
 JSON written by --json (times are medians in µs, bandwidths in GB/s = 1e9 bytes/s):
-  target, target_key, date, db
+  target, target_key, date, db, run_id, command
   large_copy   {"bytes": read + write traffic (2 x the bytes copied), "us", "gbps": bytes / us / 1e3}
                (null if that copy failed)
   summary      geomean_speedup, min_speedup, max_speedup (tuned vs the default vendor path),
@@ -34,6 +37,8 @@ JSON written by --json (times are medians in µs, bandwidths in GB/s = 1e9 bytes
                               OpDef.baseline_name ("torch.nn.functional.group_norm",
                               "torch.nn.functional.group_norm[nchw]")
     speedup                   vendor_us / tuned_us (vs the default vendor path)
+    dispatch                  "tuned" | "vendor": what kernels.registry would serve given this run
+                              alone (tuned beats the run's fastest vendor path by its MARGIN)
     speedup_vs_<variant>      vendors[baseline_name(variant)] / tuned_us, e.g. speedup_vs_nchw
     bytes                     minimal traffic (scheduler.runner.min_traffic_bytes: every input read
                               once + the output written once)
@@ -53,6 +58,7 @@ import math
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,10 +66,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.defs import opdef  # noqa: E402
 from scheduler.builder import build_one, preload_for  # noqa: E402
 from scheduler.isolation import IsolatedPool  # noqa: E402
+from kernels.registry import servable, vendor_us  # noqa: E402
 from scheduler.runner import (COPY, LARGE_COPY_BYTES, Runner, aligned_copy_bytes, copy_bytes,  # noqa: E402
-                              min_traffic_bytes, vendor_artifact)
+                              min_traffic_bytes)
 from shapetune import config  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
+from shapetune.records import MeasureResult, VendorBaseline  # noqa: E402
 from shapetune.target import detect  # noqa: E402
 
 MEMORY_BOUND = {"group_norm", "layer_norm"}
@@ -105,14 +113,9 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
-def measure_vendors(runner: Runner, w) -> dict[str, float | None]:
-    """{baseline name: µs or None} for the op's default vendor path and every variant."""
-    od = opdef(w.op)
-    return {od.baseline_name(v): _us(runner.run(w, vendor_artifact(v))) for v in ["", *od.vendor_variants]}
-
-
-def bench_row(runner: Runner, w, best, art) -> dict:
-    """One workload: re-verify and time the tuned kernel, every vendor path and (memory-bound) the copy."""
+def bench_row(runner: Runner, w, best, art, run: list, run_id: str) -> dict:
+    """One workload: re-verify and time the tuned kernel, every vendor path and (memory-bound) the
+    copy. Appends what it measured (the record and every vendor baseline, under run_id) to `run`."""
     od = opdef(w.op)
     row = {"workload": w.name, "key": w.key, "candidate": str(best.candidate),
            "tuned_when": best.created, "tuned_us_in_tuning": best.latency.median_us}
@@ -123,8 +126,18 @@ def bench_row(runner: Runner, w, best, art) -> dict:
         row.update(status=k.status, rel_err=k.rel_err, error=k.error[-400:])
         if k.status == "ok":
             row["tuned_us"] = k.latency.median_us
-    row["vendors"] = measure_vendors(runner, w)
+            run.append(MeasureResult(w, runner.target, best.candidate, "ok", k.latency, max_rel_err=k.rel_err,
+                                     build_s=art[1], run_id=run_id, created=time.time()))
+    vendors = runner.vendors(w)
+    baselines = [VendorBaseline(w, runner.target, od.baseline_name(v), r.latency, run_id=run_id,
+                                created=time.time()) for v, r in vendors.items() if r.status == "ok"]
+    run.extend(baselines)
+    row["vendors"] = {od.baseline_name(v): _us(r) for v, r in vendors.items()}
     row["vendor_us"] = row["vendors"][od.baseline_name()]
+    # What the registry would serve given this run alone (kernels.registry: the fastest vendor
+    # path of the run, MARGIN, a disturbed vendor timing read as its fastest sample).
+    row["dispatch"] = ("tuned" if row.get("tuned_us") and baselines
+                       and servable(row["tuned_us"], min(vendor_us(b) for b in baselines)) else "vendor")
     row["speedup"] = _ratio(row["vendor_us"], row.get("tuned_us"))
     for v in od.vendor_variants:
         row[f"speedup_vs_{v}"] = _ratio(row["vendors"][od.baseline_name(v)], row.get("tuned_us"))
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--op", default="", help="comma-separated ops (default: all)")
     ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
     ap.add_argument("--json", default="")
+    ap.add_argument("--export", default="",
+                    help="also write this run (each re-verified record and every vendor baseline, one run "
+                         "id) as a JSONL(.xz) export: what dispatch compares within one run")
     ap.add_argument("--large-copy-bytes", type=int, default=LARGE_COPY_BYTES,
                     help="bytes of the once-per-run bandwidth copy (default 1 GiB)")
     a = ap.parse_args(argv)
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None):
         for w in db.workloads():
             if ops and w.op not in ops or a.only and not any(s in w.name for s in a.only.split(",")):
                 continue
-            best = db.best(w.key, target.key)
+            # Imported records too: every one is rebuilt and re-verified here before it is timed.
+            best = db.best(w.key, target.key, include_pending=True)
             if best is not None:
                 pairs.append((w, best))
     print(f"target: {target.describe()}  [{target.key}]\n{len(pairs)} tuned workloads in {a.db}", flush=True)
@@ -205,22 +222,30 @@ def main(argv: list[str] | None = None):
     print(f"built {sum(not isinstance(r, BaseException) for r in built)}/{len(pairs)} in {time.time() - t0:.0f} s",
           flush=True)
 
-    runner, rows = Runner(target, timeout_s=120), []
+    runner, rows, run, run_id = Runner(target, timeout_s=120), [], [], uuid.uuid4().hex[:12]
     try:
         big = large_copy(runner, a.large_copy_bytes)
         if big:
             print(f"large copy: {big['bytes'] / 2**30:.2f} GiB moved in {big['us']:.1f} us, {big['gbps']:.0f} GB/s")
         for (w, best), art in zip(pairs, built):
-            rows.append(bench_row(runner, w, best, art))
+            rows.append(bench_row(runner, w, best, art, run, run_id))
             _print_row(rows[-1])
     finally:
         runner.close()
 
+    if a.export:
+        with TuningDB(tmp / "run.db") as out:
+            for m in run:
+                (out.add_result if isinstance(m, MeasureResult) else out.add_baseline)(m)
+            out.export_jsonl(a.export)
+        print(f"this run ({run_id}): {sum(isinstance(m, MeasureResult) for m in run)} records and "
+              f"{sum(isinstance(m, VendorBaseline) for m in run)} vendor baselines -> {a.export}")
     summary = summarize(rows)
     print("\n" + "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if v is not None))
     if a.json:
         Path(a.json).write_text(json.dumps({"target": target.to_json(), "target_key": target.key,
-                                            "date": time.strftime("%Y-%m-%d"), "db": a.db, "large_copy": big,
+                                            "date": time.strftime("%Y-%m-%d"), "db": a.db, "run_id": run_id,
+                                            "command": " ".join(["python", *sys.argv]), "large_copy": big,
                                             "summary": summary, "rows": rows}, indent=1))
 
 

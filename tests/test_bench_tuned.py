@@ -28,8 +28,9 @@ def test_bench_tuned_on_a_tiny_llvm_db(tmp_path):
     w = group_norm_workload(1, 36, 64, 8, "float32", silu=True)
     with TuningDB(tmp_path / "t.db") as db:  # the record bench_tuned rebuilds, verifies and times again
         db.add_result(MeasureResult(w, detect("llvm"), Candidate("dlight"), "ok", LatencyStats.of([5.0])))
-    out = tmp_path / "bench.json"
-    _bench().main(["--db", str(tmp_path / "t.db"), "--json", str(out), "--large-copy-bytes", str(1 << 20)])
+    out, run = tmp_path / "bench.json", tmp_path / "run.jsonl"
+    _bench().main(["--db", str(tmp_path / "t.db"), "--json", str(out), "--large-copy-bytes", str(1 << 20),
+                   "--export", str(run)])
 
     doc = json.loads(out.read_text())
     assert doc["large_copy"]["bytes"] == 2 << 20 and doc["large_copy"]["us"] > 0
@@ -49,3 +50,15 @@ def test_bench_tuned_on_a_tiny_llvm_db(tmp_path):
     s = doc["summary"]
     assert s["geomean_speedup"] == approx(row["speedup"])
     assert s["geomean_speedup_vs_nchw"] == approx(row["speedup_vs_nchw"])
+    from kernels.registry import MARGIN
+
+    fastest = min(row["vendors"].values())
+    assert row["dispatch"] == ("tuned" if row["tuned_us"] * (1 + MARGIN) <= fastest else "vendor")
+
+    # --export: this run's re-verified record and both vendor paths, under the JSON's run id, importable
+    # (as claims to re-verify) with a same-run baseline for dispatch to compare against.
+    with TuningDB(tmp_path / "fresh.db") as db:
+        assert db.import_jsonl(run)[0] == 3
+        (rec,) = db.results(target_key=detect("llvm").key)
+        assert rec.run_id == doc["run_id"] and rec.latency.median_us == approx(row["tuned_us"])
+        assert {b.name: b.run_id for b in db.baselines()} == {gn: doc["run_id"], nchw: doc["run_id"]}
