@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.registry import MARGIN, servable  # noqa: E402
 from shapetune.workload import Workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ CONV = "sm90_h200_sd15_conv_summary.json"
 ATTENTION = "sm90_h200_sd15_attention_summary.json"
 NORMS = "sm90_h200_sd15_norms_summary.json"
 NORMS_BENCH = "bench/bench_norms_h200.json"
+CONV_BENCH = "bench/bench_conv_h200.json"
 METASCHEDULE = "bench/bench_metaschedule_h200.json"
 BUCKETS = "bench/bench_buckets_h200.json"
 COST_MODEL = "bench/cost_model_eval.json"
@@ -101,25 +103,34 @@ def at_least(goal: float, value: float, what: str) -> str:
     return f"≥ {goal:.1f}{what}: {'reached' if value >= goal else 'not reached'}"
 
 
-def dispatch_text(vendor: str, ratios: list[float]) -> str:
-    """What the registry's rule (the tuned kernel only where it measured faster) picks from these ratios."""
-    faster = sum(r > 1 for r in ratios)
+def served(m: "Measured") -> bool:
+    """The registry's rule (kernels.registry.servable): the tuned kernel is served only where it beats
+    the vendor time by MARGIN. A bench_tuned row carries its own decision ("dispatch"), made against the
+    fastest vendor path of its run."""
+    if "dispatch" in m.row:
+        return m.row["dispatch"] == "tuned"
+    return servable(m.tuned_us, m.vendor_us)
+
+
+def dispatch_text(vendor: str, res: list["Measured"]) -> str:
+    """What the registry's rule picks for these workloads."""
+    faster = sum(map(served, res))
     if faster == 0:
         return f"{vendor} everywhere"
-    if faster == len(ratios):
+    if faster == len(res):
         return "shapetune everywhere"
-    return f"{vendor}, except {faster} of {len(ratios)} where shapetune measured faster"
+    return f"{vendor}, except {faster} of {len(res)} where shapetune measured faster by the {MARGIN:.0%} margin"
 
 
-def registry_sentence(vendor: str, ratios: list[float]) -> str:
+def registry_sentence(vendor: str, res: list["Measured"]) -> str:
     """The same rule as dispatch_text, as a sentence with the counts."""
-    faster, n = sum(r > 1 for r in ratios), len(ratios)
+    faster, n = sum(map(served, res)), len(res)
+    by = f"at least {MARGIN:.0%} faster than {vendor} (the registry's margin)"
     if faster == 0:
-        return f"None of the {n} measured faster than {vendor}, so the registry sends all of them to {vendor}."
+        return f"None of the {n} measured {by}, so the registry sends all of them to {vendor}."
     if faster == n:
-        return f"All {n} measured faster than {vendor}, so the registry sends all of them to the tuned kernel."
-    return (f"{faster} of {n} measured faster than {vendor}; the registry sends those to the tuned kernel and the "
-            f"others to {vendor}.")
+        return f"All {n} measured {by}, so the registry sends all of them to the tuned kernel."
+    return f"{faster} of {n} measured {by}; the registry sends those to the tuned kernel and the others to {vendor}."
 
 
 # -- the committed data ------------------------------------------------------------------------
@@ -288,13 +299,17 @@ def ratio_figures(results: list[Measured], vendor: str) -> str:
 # -- sections ----------------------------------------------------------------------------------
 
 def intro(logs: Logs) -> str:
+    current = [rel for rel in (NORMS_BENCH, CONV_BENCH) if "run_id" in logs.load(rel)]  # bench_tuned since issue 8
     return (
         "Every ratio is against a baseline measured in the same run on the same card: ratio = baseline time / "
         "shapetune time (> 1: shapetune faster). GPU timing: warm-up, CUDA events around each call while the GPU "
-        "is held busy (launch cost excluded), inputs rotated through several input sets so calls read from DRAM "
-        "(for the smallest workloads of these runs the rotation stayed under twice the L2: issue 8 item 7), "
+        "is held busy (launch cost excluded), inputs rotated through several input sets so calls read from DRAM, "
         f"median of {logs.repeats} calls; every kernel is verified against a float64 reference on fresh "
-        "NaN-poisoned runs before it is timed. Raw numbers: `tuning_logs/*_summary.json` and `tuning_logs/bench/`. "
+        "NaN-poisoned runs before it is timed. Runs with the current runner "
+        f"({', '.join(f'`{r}`' for r in current)}) rotate over at least twice the L2 per rotation for every "
+        "workload and require every input unchanged after the call; the older runs capped the rotation at 64 input "
+        "sets, which for the smallest workloads stayed under twice the L2 (issue 8 item 7). "
+        "Raw numbers: `tuning_logs/*_summary.json` and `tuning_logs/bench/`. "
         "This file is generated from them by `python scripts/make_benchmarks.py`; edit that script, not this file.")
 
 
@@ -312,14 +327,14 @@ def linear_family(logs: Logs) -> Family:
     res = logs.summary_results(LINEAR)
     return Family("linear (GEMM)", len(res), logs.trials(LINEAR, {m.row["key"] for m in res}),
                   f"{geomean(m.ratio for m in res):.2f}x cuBLAS", "(none)",
-                  dispatch_text("cuBLAS", [m.ratio for m in res]))
+                  dispatch_text("cuBLAS", res))
 
 
 def geglu_family(logs: Logs) -> Family:
     res = logs.summary_results(GEGLU)
     return Family("GEGLU, fused", len(res), logs.trials(GEGLU, {m.row["key"] for m in res}),
                   f"{geomean(m.ratio for m in res):.2f}x diffusers path", "(none)",
-                  dispatch_text("diffusers path", [m.ratio for m in res]))
+                  dispatch_text("diffusers path", res))
 
 
 def kernel_size(m: Measured) -> str:
@@ -333,12 +348,21 @@ def by_kernel_size(res: list[Measured]) -> str:
     return ", ".join(f"{k} {geomean(v):.2f}x" for k, v in sorted(groups.items(), reverse=True))
 
 
+def conv_results(logs: Logs) -> list[Measured]:
+    """The conv re-benchmark's rows: each best record rebuilt, re-verified and timed next to cuDNN in one run."""
+    rows = logs.load(CONV_BENCH)["rows"]
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        raise ValueError(f"{CONV_BENCH}: {len(bad)} rows failed re-verification, e.g. {bad[0]['workload']}")
+    return [logs.measured(r, "tuned_us", "bench") for r in rows]
+
+
 def conv_family(logs: Logs) -> Family:
-    res = logs.summary_results(CONV)
+    res = conv_results(logs)
     g = geomean(m.ratio for m in res)
     return Family("conv2d (NHWC)", len(res), logs.trials(CONV, {m.row["key"] for m in res}),
                   f"{g:.2f}x cuDNN ({by_kernel_size(res)})", at_least(GOAL_VS_VENDOR, g, "x"),
-                  dispatch_text("cuDNN", [m.ratio for m in res]))
+                  dispatch_text("cuDNN", res))
 
 
 def attention_family(logs: Logs) -> Family:
@@ -346,7 +370,7 @@ def attention_family(logs: Logs) -> Family:
     g = geomean(m.ratio for m in res)
     return Family("attention", len(res), logs.trials(ATTENTION, {m.row["key"] for m in res}),
                   ratio_figures(res, "SDPA"), at_least(GOAL_VS_VENDOR, g, "x"),
-                  dispatch_text("SDPA", [m.ratio for m in res]))
+                  dispatch_text("SDPA", res))
 
 
 @dataclass
@@ -422,7 +446,7 @@ def norm_families(logs: Logs) -> list[Family]:
         if frac < GOAL_OF_COPY:
             goal += f" ({span(r.of_copy for r in sel)})"
         out.append(Family(NORM_LABEL.get(op, op), len(sel), logs.trials(NORMS, {r.m.row["key"] for r in sel}),
-                          norm_versus(sel), goal, dispatch_text(torch_label(sel), [r.m.ratio for r in sel])))
+                          norm_versus(sel), goal, dispatch_text(torch_label(sel), [r.m for r in sel])))
     return out
 
 
@@ -455,18 +479,17 @@ def split_template_note(logs: Logs, rows: list[NormRow]) -> str:
 def summary(logs: Logs) -> str:
     fams = [linear_family(logs), geglu_family(logs), conv_family(logs), attention_family(logs),
             *norm_families(logs)]
-    gpu = [LINEAR, GEGLU, CONV, ATTENTION, NORMS, NORMS_BENCH]
+    gpu = [LINEAR, GEGLU, ATTENTION, NORMS_BENCH, CONV_BENCH]
     cards = ", ".join(sorted({logs.runs(rel)[0]["target"]["device_name"] for rel in gpu}))
     rows = norm_rows(logs)
     tvm = logs.tvm(LINEAR)
-    multi_run_note = (" (conv2d: the fastest of its runs' vendor times, see its section)"
-                      if len(run_labels(logs.summary_results(CONV))) > 1 else "")
+    multi_run_note = ""
     return "\n\n".join([
         f"## Summary: SD 1.5 UNet op families (batch 2, 512², fp16), {cards}, {logs.dates(*gpu)}",
         "Each figure is a geomean over the family's distinct workloads. Each workload's ratio is against the vendor "
         f"path, measured in the same run{multi_run_note}. Details and commands are in the sections below. "
-        "\"dispatches to\" applies the registry's rule (the tuned kernel "
-        "only where it measured faster) to these numbers.",
+        f"\"dispatches to\" applies the registry's rule (the tuned kernel only where it measured at least {MARGIN:.0%} "
+        "faster than the fastest vendor path of the same run) to these numbers.",
         table([("family", "l"), ("workloads", "r"), ("trials each", "r"), ("shapetune vs vendor", "l"),
                ("issue 4 goal (H100)", "l"), ("registry dispatches to", "l")],
               [[f.label, str(f.workloads), f.trials, f.versus, f.goal, f.dispatch] for f in fams]),
@@ -493,10 +516,10 @@ def linear(logs: Logs) -> str:
         table([("workload", "l"), ("shapetune µs", "r"), ("dlight µs", "r"), ("cuBLAS µs", "r"),
                ("ratio vs cuBLAS", "r"), ("dispatch", "l")],
               [[m.name, num(m.tuned_us), num(m.row["dlight_us"]), num(m.vendor_us), num(m.ratio),
-                "shapetune" if m.ratio > 1 else "cuBLAS"] for m in res]),
+                "shapetune" if served(m) else "cuBLAS"] for m in res]),
         f"Geomean ratio: {geomean(m.ratio for m in res):.2f}. TVM's dlight default alone: {geomean(dl):.2f}. "
         f"TVM {logs.tvm(LINEAR)}'s tensor-core schedules (WMMA, which compiles to mma.sync) reach "
-        f"{span(m.ratio for m in res)}x cuBLAS on Hopper. {registry_sentence('cuBLAS', [m.ratio for m in res])} "
+        f"{span(m.ratio for m in res)}x cuBLAS on Hopper. {registry_sentence('cuBLAS', res)} "
         "Closing the gap needs wgmma/TMA templates (the Hopper item on the roadmap).",
     ])
 
@@ -610,7 +633,7 @@ def norms(logs: Logs) -> str:
              f"{min(r.m.ratio for r in rows):.2f}, max {max(r.m.ratio for r in rows):.2f}); "
              f"{geomean(r.of_copy for r in rows):.2f} of copy bandwidth ({torch}: "
              f"{geomean(r.vendor_of_copy for r in rows):.2f}). {per_op} "
-             + registry_sentence(torch, [r.m.ratio for r in rows]) + untimed_norms(logs))
+             + registry_sentence(torch, [r.m for r in rows]) + untimed_norms(logs))
     if "large_copy" in d:
         prose += " " + large_copy_sentence(d["large_copy"], rows)
     return "\n\n".join([
@@ -639,7 +662,7 @@ def geglu(logs: Logs) -> str:
         f"Geomean: {geomean(m.ratio for m in res):.2f}x (min {min(m.ratio for m in res):.2f}, max "
         f"{max(m.ratio for m in res):.2f}). The fused kernel's WMMA GEMM core is the limit: it runs at "
         f"{span(m.ratio for m in res)}x of cuBLAS plus two elementwise kernels. "
-        + registry_sentence("the diffusers path", [m.ratio for m in res]),
+        + registry_sentence("the diffusers path", res),
     ])
 
 
@@ -657,45 +680,50 @@ def conv_caveat(res: list[Measured]) -> str:
     flagged = [m for m in both if disagreeing(m)]
     runs = sorted({max(m.vendor_runs, key=lambda ru: ru[1])[0] for m in flagged})
     gaps = [max(u for _, u in m.vendor_runs) / m.vendor_us for m in flagged]
-    s = (f"cuDNN was measured in every run that reported a workload ({len(both)} of {len(res)} workloads in more "
-         "than one run). The cuDNN column is the fastest measurement, which never flatters shapetune; † marks a "
-         f"workload whose slowest and fastest cuDNN times differ by more than {RUN_DISAGREEMENT}x")
+    s = (f"cuDNN was timed in every tuning run that reported a workload ({len(both)} of {len(res)} workloads in "
+         f"more than one run)")
     if flagged:
-        s += (f": {len(flagged)} of {len(both)}, {span(gaps, 1)}x apart, the slowest always in "
-              f"{' / '.join(runs)}. Processes building in parallel had the host fall behind the GPU; the runner "
-              "now detects this and re-measures")
+        s += (f"; for {len(flagged)} of {len(both)} the slowest and fastest cuDNN times differ by more than "
+              f"{RUN_DISAGREEMENT}x ({span(gaps, 1)}x apart, the slowest always in {' / '.join(runs)}): processes "
+              "building in parallel had the host fall behind the GPU; the runner now detects this and re-measures")
     return s + "."
 
 
 def conv(logs: Logs) -> str:
-    res = logs.summary_results(CONV)
+    res = conv_results(logs)
     rs = [m.ratio for m in res]
     fast = [m for m in res if m.ratio >= 1.0]
     sizes = Counter(kernel_size(m) for m in fast)
     g = geomean(rs)
-    labels = run_labels(res)
-    runs = [f"Runs: {conv_caveat(res)} shapetune µs, TF/s and best are from the latest run."
-            ] if len(labels) > 1 else []
+    tuning = logs.summary_results(CONV)
+    labels = run_labels(tuning)
+    runs = [f"Tuning: `{logs.command(CONV)}`"
+            + (f", run {len(labels)} times ({', '.join(labels)}): each later run resumed the job and re-measured "
+               "cuDNN" if len(labels) > 1 else "")
+            + f" (rows of every run: `tuning_logs/{CONV}`; records: `tuning_logs/sm90_h200_sd15_conv.jsonl.xz`)."]
+    if len(labels) > 1:
+        runs.append(f"The tuning runs' own times are not used here: {conv_caveat(tuning)} This table re-measures "
+                    "both sides in one run instead (the tuning runs' figures, each with its fastest cuDNN time, "
+                    f"give {geomean(m.ratio for m in tuning):.2f}x).")
     return "\n\n".join([
         "## conv2d (channels-last implicit GEMM on WMMA), SD 1.5 UNet at batch 2, 512², fp16",
-        bullets([f"Card: {logs.card(CONV)}. Date: {logs.dates(CONV)}.",
-                 f"Command: `{logs.command(CONV)}`"
-                 + (f", run {len(labels)} times ({', '.join(labels)}): each later run resumed the job and "
-                    "re-measured cuDNN for every workload it reported" if len(labels) > 1 else "")
-                 + f". Records: `tuning_logs/sm90_h200_sd15_conv.jsonl.xz`. Rows of every run: `tuning_logs/{CONV}`.",
+        bullets([f"Card: {logs.card(CONV_BENCH)}. Date: {logs.dates(CONV_BENCH)}.",
+                 f"Benchmark (all columns from this one run): `{logs.command(CONV_BENCH)}`. Each workload's best "
+                 "record is rebuilt from its knobs, verified again (every input unchanged), then timed next to "
+                 "cuDNN. This run's records and baselines: `tuning_logs/sm90_h200_sd15_conv_rebench.jsonl.xz`.",
+                 *runs,
                  "Baseline: cuDNN through `F.conv2d` on channels_last tensors, plus the residual add as a separate "
                  "op where shapetune fuses it. torch's default algorithm heuristics apply (`cudnn.benchmark` off), "
-                 "as in diffusers.",
-                 *runs, *clash_note(res)]),
+                 "as in diffusers.", *clash_note(res)]),
         table([("workload", "l"), ("shapetune µs", "r"), ("cuDNN µs", "r"), ("ratio", "r"),
-               ("shapetune TF/s", "r"), ("best", "l")],
-              [[m.name, num(m.tuned_us), num(m.vendor_us) + (" †" if disagreeing(m) else ""), num(m.ratio),
-                num(m.row.get("best_tflops"), 1), template_of(m.row["best"])] for m in res]),
+               ("shapetune TF/s", "r"), ("best", "l"), ("dispatch", "l")],
+              [[m.name, num(m.tuned_us), num(m.vendor_us), num(m.ratio), num(m.row.get("tuned_tflops"), 1),
+                template_of(m.row["candidate"]), "shapetune" if served(m) else "cuDNN"] for m in res]),
         f"Geomean over the {len(res)} workloads: {g:.2f}x cuDNN. By kernel size: {by_kernel_size(res)}. Range: "
         f"min {min(rs):.2f}, max {max(rs):.2f}. {len(fast)} of {len(res)} are at or above 1.0x"
         + (f" (by kernel size: {', '.join(f'{k}: {n}' for k, n in sorted(sizes.items()))})" if fast else "") + ".",
-        f"Goal {at_least(GOAL_VS_VENDOR, g, 'x')}. TVM {logs.tvm(CONV)}'s tensor-core path is WMMA-only, the "
-        "same limit as for GEMM. The registry dispatches to cuDNN wherever cuDNN measured faster.",
+        f"Goal {at_least(GOAL_VS_VENDOR, g, 'x')}. TVM {logs.tvm(CONV_BENCH)}'s tensor-core path is WMMA-only, the "
+        "same limit as for GEMM. " + registry_sentence("cuDNN", res),
     ])
 
 
@@ -721,8 +749,8 @@ def attention(logs: Logs) -> str:
         + (", ".join(f"`{n}`" for n in faster) if faster else "none")
         + f". The weak case is `{worst.name}` ({worst.ratio:.2f}x): S, P and each O chunk round-trip through shared "
         "memory, because WMMA fragments can't be addressed per element; K/V loads are synchronous; tiles are "
-        "capped at 48 KB. The next step is mma.sync/wgmma with register-resident S and P. The registry dispatches "
-        "to SDPA except where the tuned kernel measured faster.",
+        "capped at 48 KB. The next step is mma.sync/wgmma with register-resident S and P. "
+        + registry_sentence("SDPA", res),
     ])
 
 
@@ -757,9 +785,14 @@ def cost_model(logs: Logs) -> str:
         bullets([f"Machine: {logs.meta(COST_MODEL, 'machine')}. It needs no GPU, because it re-ranks measured "
                  f"records. Date: {logs.dates(COST_MODEL)}.",
                  f"Command: `{logs.command(COST_MODEL)}`.",
-                 f"Method: each workload with at least {d['min_ok']} verified records is held out. The XGBoost "
-                 "model is trained without it, either on the same op's other workloads (in-family) or on the other "
-                 "ops only (transfer), and then ranks the held-out workload's verified candidates.",
+                 f"Method: each workload with at least {d['min_ok']} verified records is held out together with "
+                 "its twins, the workloads equal to it but for the epilogue or the dynamic ranges (its "
+                 "±bias/±residual variants, the bucket whose representative is its shape; "
+                 f"{sum(bool(r.get('twins')) for r in d['rows'])} of {len(d['rows'])} have twins). The XGBoost "
+                 "model is trained without them, either on the same op's other workloads (in-family) or on the "
+                 "other ops only (transfer), and then ranks the held-out workload's verified candidates. Features "
+                 "include the epilogue steps, layout parameters (conv stride/padding) and dynamic ranges, so twins "
+                 "are told apart.",
                  "Metric: quality@k = true best latency / best latency among the model's top k. 1.0 means measuring "
                  "k candidates would have found the best. Each figure is the mean over the held-out workloads.",
                  "Baseline: a uniformly random order, computed exactly in the same run.",
