@@ -30,7 +30,7 @@ from shapetune.workload import Workload
 
 from . import templates
 from .builder import Builder
-from .runner import RunOptions, Runner, vendor_artifact
+from .runner import RunOptions, Runner, vendor_baselines
 
 
 @dataclass(frozen=True)
@@ -165,20 +165,11 @@ class Tuner:
         return out
 
     def _measure_vendor(self, workload: Workload) -> tuple[VendorBaseline, dict[str, VendorBaseline]]:
-        """Time the op's default vendor path and each of its variants in this run, store each as
-        a baseline named opdef.baseline_name(variant); returns (default, {variant: baseline})."""
-        from kernels.defs import opdef
-
-        od = opdef(workload.op)
-        out = {}
-        for v in ("", *getattr(od, "vendor_variants", {})):
-            r = self.runner.run(workload, vendor_artifact(v))
-            if r.status != "ok":
-                raise RuntimeError(f"vendor path {v or 'default'} failed on {workload.name}: {r.error}")
-            name = od.baseline_name(v) if v else od.vendor_name  # vendor_name == baseline_name("")
-            out[v] = VendorBaseline(workload, self.target, name, r.latency, run_id=self.run_id,
-                                    created=time.time())
-            self.db.add_baseline(out[v])
+        """Time the op's default vendor path and each of its variants in this run and store each
+        (runner.vendor_baselines); returns (default, {variant: baseline})."""
+        out = vendor_baselines(self.runner, workload, self.run_id)
+        for b in out.values():
+            self.db.add_baseline(b)
         return out.pop(""), out
 
 
