@@ -52,3 +52,25 @@ def registry(tuned_db):
     prev = set_registry(reg)
     yield reg
     set_registry(prev)
+
+
+@pytest.fixture
+def bad_templates(monkeypatch):
+    """tests/_bad_templates.py's deliberately broken templates, registered here and in every builder
+    worker (its pool's workers import the module, which registers them); unregistered afterwards."""
+    import functools
+    import importlib
+
+    import scheduler.builder
+    from cost_model import unregister_feature_fn
+    from scheduler.isolation import IsolatedPool
+    from scheduler.templates import base
+
+    mod = importlib.import_module("_bad_templates")
+    mod.register_all()  # again, if an earlier test unregistered them
+    monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
+        IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))
+    yield mod
+    for name in mod.NAMES:
+        base._TEMPLATES.pop(name, None)
+        unregister_feature_fn(name)

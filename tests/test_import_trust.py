@@ -8,18 +8,13 @@ so a deliberately wrong template can be imported, re-verified and caught.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-import scheduler.builder
-from scheduler.isolation import IsolatedPool
-from scheduler.templates import base
 from scheduler.tuner import TuneOptions, search_space, tune
 from shapetune.cli import main
 from shapetune.db import DBError, TuningDB, from_json_line, record_to_json
@@ -52,19 +47,6 @@ def tuned(tmp_path_factory, cpu):
         db.export_jsonl(d / "export.jsonl")
     return db_path, d / "export.jsonl"
 
-
-@pytest.fixture
-def bad_templates(monkeypatch):
-    from cost_model import unregister_feature_fn
-
-    mod = importlib.import_module("_bad_templates")
-    mod.register_all()
-    monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
-        IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))
-    yield mod
-    for name in mod.NAMES:
-        base._TEMPLATES.pop(name, None)
-        unregister_feature_fn(name)
 
 
 def _cli(*args):

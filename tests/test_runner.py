@@ -3,15 +3,10 @@ vendor variants (llvm; the GPU parts are marked gpu)."""
 
 from __future__ import annotations
 
-import functools
-import importlib
 
 import pytest
 
-import scheduler.builder
 from kernels.defs_norm import group_norm_workload, layer_norm_workload
-from scheduler.isolation import IsolatedPool
-from scheduler.templates import base
 from shapetune.target import detect
 from shapetune.workload import linear_workload
 
@@ -20,20 +15,6 @@ from shapetune.workload import linear_workload
 def cpu():
     return detect("llvm")
 
-
-@pytest.fixture
-def bad_templates(monkeypatch):
-    """tests/_bad_templates.py registered here and in every builder worker (see test_tuner.py)."""
-    from cost_model import unregister_feature_fn
-
-    mod = importlib.import_module("_bad_templates")
-    mod.register_all()
-    monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
-        IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))
-    yield mod
-    for name in mod.NAMES:
-        base._TEMPLATES.pop(name, None)
-        unregister_feature_fn(name)
 
 
 # -- item 1: a kernel that writes into its inputs --------------------------------------------------

@@ -5,7 +5,7 @@ Making test-only templates visible to builder workers: workers are separate proc
 multiprocessing's fork server, which is process-global and was started (with its own preload list)
 by whichever pool came first -- so neither registering in the test process nor extending
 scheduler.isolation.PRELOAD / builder.preload_for reliably reaches them. IsolatedPool takes an
-`initializer` that runs in every worker however it was started; the `bad_templates` fixture swaps
+`initializer` that runs in every worker however it was started; the `bad_templates` fixture (tests/conftest.py) swaps
 scheduler.builder.IsolatedPool for one whose workers import tests/_bad_templates.py (which registers
 the templates on import) before their first build. The test process registers them too (the tuner
 enumerates the search space there) and unregisters them afterwards.
@@ -13,15 +13,9 @@ enumerates the search space there) and unregisters them afterwards.
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import pytest
 
-import scheduler.builder
 from scheduler import templates
-from scheduler.isolation import IsolatedPool
-from scheduler.templates import base
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import TOLERANCES
 from shapetune.db import TuningDB
@@ -48,19 +42,6 @@ def cheap_gemm_llvm(monkeypatch):
 
     monkeypatch.setattr(t, "valid", cheap_valid)
 
-
-@pytest.fixture
-def bad_templates(monkeypatch):
-    from cost_model import unregister_feature_fn
-
-    mod = importlib.import_module("_bad_templates")
-    mod.register_all()  # again, if an earlier test unregistered them
-    monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
-        IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))
-    yield mod
-    for name in mod.NAMES:
-        base._TEMPLATES.pop(name, None)
-        unregister_feature_fn(name)
 
 
 def _check_db(db, w, tgt, n_expected):
