@@ -218,3 +218,16 @@ def test_command_must_agree_with_the_trial_count(logs_copy):
     with pytest.raises(ValueError, match="disagrees with trials"):
         mb.render(root)
 
+
+
+def test_yardstick_comparison_is_computed_from_its_run(logs_copy):
+    root, edit = logs_copy
+    assert "old / aligned time" in section(COMMITTED, "GroupNorm")
+
+    def slower_old(d):  # the odd-size copy 1.29x slower everywhere (the review's claim)
+        for r in d["rows"]:
+            r["old_over_aligned"] = 1.29
+    edit(mb.COPY_YARDSTICK, slower_old)
+    assert "old / aligned time 1.290 geomean (1.290-1.290)" in section(mb.render(root), "GroupNorm")
+    (root / "tuning_logs" / mb.COPY_YARDSTICK).unlink()
+    assert "old / aligned" not in section(mb.render(root), "GroupNorm")
