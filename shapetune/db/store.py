@@ -1,26 +1,15 @@
-"""The tuning DB: append-only history of measurements and vendor baselines in one SQLite file.
+"""The tuning DB's store: `TuningDB`, one SQLite connection, its transactions, appends and queries.
 
 Several processes may append at once (WAL, a 30 s busy timeout, and every write in one
 ``BEGIN IMMEDIATE`` transaction). Nothing is ever updated or deleted; "the best schedule" is a
-query over the history (the ``best`` view).
-
-Trust. Every record and baseline stores the sha256 of its export line (`line_sha256`) and its
-origin: "measured" (by a tuner writing into this DB, or a shard DB of this job merged with
-`merge_from`) or "imported" (a line of a JSONL export: a claim made elsewhere). Only measured
-records are served (`best`, `best_all`). An imported record is re-verified on this target once
-(scheduler.reverify: `shapetune db verify`, and `Registry.prebuild`): the verdict is appended to
-the ``reverifications`` table and a record that passes is appended again, as measured here with
-the latency measured here. A record's trust state (`trust`): measured | imported (pending) |
-reverified | reverify_failed (with the reason).
+query over the history (the ``best`` view). Trust state and re-verification verdicts: see the
+`shapetune.db` docstring. Export lines are made and read by `codec`; the SQL lives in `schema`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
-import lzma
 import math
 import os
 import sqlite3
@@ -29,91 +18,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from . import config
-from .records import Candidate, LatencyStats, MeasureResult, VendorBaseline
-from .target import Target
-from .workload import Workload
+from .. import config
+from ..records import Candidate, LatencyStats, MeasureResult, VendorBaseline
+from ..target import Target
+from ..workload import Workload
+from .codec import (LAT, baseline_to_json, canonical, line_sha256, read_jsonl, record_to_json,
+                    write_jsonl)
+from .errors import DBError
+from .schema import BASE_COLS, MIGRATIONS, REC_COLS, SCHEMA, SCHEMA_VERSION, TRUST
 
-SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0
-
-
-class DBError(RuntimeError):
-    """The DB file is unusable (corrupt, another schema version) or an import file is malformed."""
-
-
-# Re-verification verdicts (one per imported record; `measured_uid`: the record appended as
-# measured here when it passed), and the fastest ok record per (workload, target) in two views:
-# `best` serves measured records only, `best_claimed` adds imports not failed re-verification.
-_BEST = """CREATE VIEW IF NOT EXISTS {name} AS
-    SELECT * FROM (
-        SELECT r.*, ROW_NUMBER() OVER (
-            PARTITION BY r.workload_id, r.target_id ORDER BY r.median_us, r.id) AS rank
-        FROM records r
-        WHERE r.verified = 1 AND typeof(r.median_us) IN ('real', 'integer') AND ({trusted}))
-    WHERE rank = 1"""
-_FAILED = "EXISTS (SELECT 1 FROM reverifications v WHERE v.record_id = r.id AND v.ok = 0)"
-_V3 = [
-    """CREATE TABLE IF NOT EXISTS reverifications (
-    record_id INTEGER PRIMARY KEY REFERENCES records(id), created REAL NOT NULL,
-    ok INTEGER NOT NULL, error TEXT NOT NULL, measured_uid TEXT)""",
-    _BEST.format(name="best", trusted="r.origin = 'measured'"),
-    _BEST.format(name="best_claimed", trusted=f"r.origin = 'measured' OR NOT {_FAILED}"),
-]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS workloads (
-    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, op TEXT NOT NULL, name TEXT NOT NULL,
-    json TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS targets (
-    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, arch TEXT NOT NULL,
-    device_name TEXT NOT NULL, json TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE,
-    workload_id INTEGER NOT NULL REFERENCES workloads(id),
-    target_id INTEGER NOT NULL REFERENCES targets(id),
-    run_id TEXT NOT NULL, created REAL NOT NULL, template TEXT NOT NULL,
-    candidate_key TEXT NOT NULL, knobs TEXT NOT NULL, status TEXT NOT NULL,
-    verified INTEGER NOT NULL, error TEXT NOT NULL, max_rel_err REAL, build_s REAL NOT NULL,
-    median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, repeats INTEGER,
-    origin TEXT NOT NULL DEFAULT 'measured', sha256 TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS baselines (
-    id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE,
-    workload_id INTEGER NOT NULL REFERENCES workloads(id),
-    target_id INTEGER NOT NULL REFERENCES targets(id),
-    run_id TEXT NOT NULL, created REAL NOT NULL, name TEXT NOT NULL,
-    median_us REAL NOT NULL, mean_us REAL NOT NULL, min_us REAL NOT NULL, max_us REAL NOT NULL,
-    std_us REAL NOT NULL, repeats INTEGER NOT NULL,
-    origin TEXT NOT NULL DEFAULT 'measured', sha256 TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS buckets (
-    policy TEXT NOT NULL, op TEXT NOT NULL, dim TEXT NOT NULL, lo INTEGER NOT NULL,
-    hi INTEGER NOT NULL, representative INTEGER NOT NULL, PRIMARY KEY (policy, op, dim, lo, hi));
-CREATE INDEX IF NOT EXISTS workloads_op ON workloads(op);
-CREATE INDEX IF NOT EXISTS records_best ON records(workload_id, target_id, verified, median_us, id);
-CREATE INDEX IF NOT EXISTS records_target ON records(target_id, status);
-CREATE INDEX IF NOT EXISTS records_created ON records(created, id);
-CREATE INDEX IF NOT EXISTS baselines_wt ON baselines(workload_id, target_id, created, id);
-""" + ";\n".join(_V3)
-
-# Upgrades in place: version -> the statements that take a DB from it to the next version.
-_MIGRATIONS = {
-    1: ["CREATE TABLE IF NOT EXISTS buckets (policy TEXT NOT NULL, op TEXT NOT NULL, "
-        "dim TEXT NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, representative INTEGER NOT NULL, "
-        "PRIMARY KEY (policy, op, dim, lo, hi))"],
-    # Rows already stored were measured into this DB; their hashes are computed from their fields.
-    2: [*(f"ALTER TABLE {t} ADD COLUMN {c} TEXT NOT NULL DEFAULT '{d}'"
-          for t in ("records", "baselines") for c, d in (("origin", "measured"), ("sha256", ""))),
-        "DROP VIEW IF EXISTS best", *_V3, lambda db: db._hash_existing()],
-}
-
-_LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
-_REC_COLS = ("id", "workload_id", "target_id", "run_id", "created", "knobs", "status", "error",
-             "max_rel_err", "build_s") + _LAT + ("origin", "sha256")
-_TRUST = ("CASE WHEN x.origin = 'measured' THEN 'measured' WHEN v.ok = 1 THEN 'reverified' "
-          "WHEN v.ok = 0 THEN 'reverify_failed' ELSE 'imported' END")
-_BASE_COLS = ("id", "workload_id", "target_id", "run_id", "created", "name") + _LAT \
-    + ("origin", "sha256")
 
 
 # SQLite stores a NaN REAL as NULL; keep NaN distinct from "no value" by storing it as text.
@@ -127,29 +41,14 @@ def _dec(x):
 
 def _lat_cols(lat: LatencyStats | None) -> tuple:
     if lat is None:
-        return (None,) * len(_LAT)
-    return tuple(_enc(getattr(lat, c)) for c in _LAT)
+        return (None,) * len(LAT)
+    return tuple(_enc(getattr(lat, c)) for c in LAT)
 
 
 def _lat_of(row: sqlite3.Row) -> LatencyStats | None:
     if row["repeats"] is None:
         return None
-    return LatencyStats(*(_dec(row[c]) for c in _LAT))
-
-
-def _canon(r):
-    """`created` as a float, as it will read back (its repr is part of the uid)."""
-    return r if isinstance(r.created, float) else dataclasses.replace(r, created=float(r.created))
-
-
-def _open_text(fp_or_path, mode: str) -> tuple[IO[str], bool]:
-    """(text stream, whether we opened it). Paths ending in .xz go through lzma."""
-    if isinstance(fp_or_path, (str, os.PathLike)):
-        p = Path(fp_or_path)
-        if p.suffix == ".xz":
-            return lzma.open(p, mode + "t", encoding="utf-8"), True
-        return open(p, mode, encoding="utf-8", newline="\n"), True
-    return fp_or_path, False
+    return LatencyStats(*(_dec(row[c]) for c in LAT))
 
 
 class TuningDB:
@@ -205,7 +104,7 @@ class TuningDB:
                 raise self._fail("is a SQLite DB but not a shapetune tuning DB (no meta table)")
             if not tables:
                 with self._tx():  # another process may be creating it too: IF NOT EXISTS
-                    for stmt in _SCHEMA.split(";\n"):
+                    for stmt in SCHEMA.split(";\n"):
                         if stmt.strip():
                             c.execute(stmt)
                     c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
@@ -241,11 +140,11 @@ class TuningDB:
             v = int(row[0])
         except ValueError:
             raise self._fail(f"has a malformed schema_version {row[0]!r}") from None
-        if v < SCHEMA_VERSION and all(u in _MIGRATIONS for u in range(v, SCHEMA_VERSION)):
+        if v < SCHEMA_VERSION and all(u in MIGRATIONS for u in range(v, SCHEMA_VERSION)):
             with self._tx() as c:
                 v = int(c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
                 for u in range(v, SCHEMA_VERSION):
-                    for stmt in _MIGRATIONS[u]:
+                    for stmt in MIGRATIONS[u]:
                         stmt(self) if callable(stmt) else c.execute(stmt)
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             return
@@ -258,8 +157,8 @@ class TuningDB:
     def _hash_existing(self) -> None:
         """Migration to v3: the sha256 of every stored row, computed from its fields."""
         c = self._con
-        for table, cols, of, enc in (("records", _REC_COLS, self._result_of, record_to_json),
-                                     ("baselines", _BASE_COLS, self._baseline_of, baseline_to_json)):
+        for table, cols, of, enc in (("records", REC_COLS, self._result_of, record_to_json),
+                                     ("baselines", BASE_COLS, self._baseline_of, baseline_to_json)):
             rows = c.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
             c.executemany(f"UPDATE {table} SET sha256 = ? WHERE id = ?",
                           [(line_sha256(enc(of(row))), row["id"]) for row in rows])
@@ -329,7 +228,7 @@ class TuningDB:
 
     # -- writes ------------------------------------------------------------------------------
     def _insert_result(self, r: MeasureResult, origin: str = "measured") -> bool:
-        r = _canon(r)
+        r = canonical(r)
         cand = r.candidate
         cur = self._con.execute(
             "INSERT OR IGNORE INTO records(uid, workload_id, target_id, run_id, created, template, "
@@ -343,7 +242,7 @@ class TuningDB:
         return cur.rowcount == 1
 
     def _insert_baseline(self, b: VendorBaseline, origin: str = "measured") -> bool:
-        b = _canon(b)
+        b = canonical(b)
         cur = self._con.execute(
             "INSERT OR IGNORE INTO baselines(uid, workload_id, target_id, run_id, created, name, "
             "median_us, mean_us, min_us, max_us, std_us, repeats, origin, sha256) "
@@ -425,7 +324,7 @@ class TuningDB:
                      ) -> list[tuple[int, MeasureResult]]:
         """Like `results`, with each record's row id: ``[(id, MeasureResult), ...]``."""
         where, args = self._where(workload_key, target_key, op, status=status, template=template)
-        rows = self._select("records", _REC_COLS, where, args, "x.created DESC, x.id DESC", limit)
+        rows = self._select("records", REC_COLS, where, args, "x.created DESC, x.id DESC", limit)
         with self._guard():
             return [(row["id"], self._result_of(row)) for row in rows]
 
@@ -462,7 +361,7 @@ class TuningDB:
             If a uid prefix matches several records.
         """
         ref = str(ref).strip()
-        sel = ", ".join(_REC_COLS)
+        sel = ", ".join(REC_COLS)
         with self._guard():
             rows = []
             if ref.isdigit():
@@ -495,7 +394,7 @@ class TuningDB:
             None if the workload has no such record on that target.
         """
         where, args = self._where(workload_key, target_key, None)
-        rows = self._select("best_claimed" if include_pending else "best", _REC_COLS, where, args,
+        rows = self._select("best_claimed" if include_pending else "best", REC_COLS, where, args,
                             "x.id", None)
         with self._guard():
             return self._result_of(rows[0]) if rows else None
@@ -504,7 +403,7 @@ class TuningDB:
                  include_pending: bool = False) -> list[MeasureResult]:
         """`best` for every (workload, target) pair, ordered by workload name then target key."""
         where, args = self._where(None, target_key, op)
-        rows = self._select("best_claimed" if include_pending else "best", _REC_COLS, where, args,
+        rows = self._select("best_claimed" if include_pending else "best", REC_COLS, where, args,
                             "w.name, t.key", None)
         with self._guard():
             return [self._result_of(row) for row in rows]
@@ -516,7 +415,7 @@ class TuningDB:
         than the workload's best measured record, or it has none. ``[(id, MeasureResult), ...]``
         by workload name, then fastest first."""
         where, args = self._where(workload_key, target_key, op)
-        sel = ", ".join(f"x.{c}" for c in _REC_COLS)
+        sel = ", ".join(f"x.{c}" for c in REC_COLS)
         sql = (f"SELECT {sel} FROM records x JOIN workloads w ON w.id = x.workload_id "
                f"JOIN targets t ON t.id = x.target_id LEFT JOIN best b "
                f"ON b.workload_id = x.workload_id AND b.target_id = x.target_id{where} "
@@ -532,7 +431,7 @@ class TuningDB:
         """{row id: (trust state, reason)} of records: measured | imported (pending
         re-verification) | reverified | reverify_failed (the reason: why it failed)."""
         ids = [int(i) for i in ids]
-        sql = (f"SELECT x.id, {_TRUST}, COALESCE(v.error, '') FROM records x LEFT JOIN "
+        sql = (f"SELECT x.id, {TRUST}, COALESCE(v.error, '') FROM records x LEFT JOIN "
                f"reverifications v ON v.record_id = x.id WHERE x.id IN ({','.join('?' * len(ids))})")
         with self._guard():
             return {i: (state, why) for i, state, why in self._con.execute(sql, ids)}
@@ -560,7 +459,7 @@ class TuningDB:
                   ) -> list[VendorBaseline]:
         """Stored vendor baselines, newest (by ``created``) first, filtered like `results`."""
         where, args = self._where(workload_key, target_key, op, name=name)
-        rows = self._select("baselines", _BASE_COLS, where, args, "x.created DESC, x.id DESC",
+        rows = self._select("baselines", BASE_COLS, where, args, "x.created DESC, x.id DESC",
                             limit)
         with self._guard():
             return [self._baseline_of(row) for row in rows]
@@ -634,8 +533,8 @@ class TuningDB:
                 ) -> Iterator[tuple[MeasureResult | VendorBaseline, str, dict]]:
         """(entry, origin, export line) of every record, then every baseline, oldest first; a row
         whose fields no longer match its stored sha256 (edited in the DB) raises DBError."""
-        for table, cols, of, enc in (("records", _REC_COLS, self._result_of, record_to_json),
-                                     ("baselines", _BASE_COLS, self._baseline_of, baseline_to_json)):
+        for table, cols, of, enc in (("records", REC_COLS, self._result_of, record_to_json),
+                                     ("baselines", BASE_COLS, self._baseline_of, baseline_to_json)):
             for row in self._select(table, cols, where, args or [], "x.id", None):
                 with self._guard():
                     obj = of(row)
@@ -674,7 +573,7 @@ class TuningDB:
                 "records": one("SELECT COUNT(*) FROM records"),
                 "by_status": group("SELECT status, COUNT(*) FROM records GROUP BY status "
                                    "ORDER BY status"),
-                "by_trust": group(f"SELECT {_TRUST} AS s, COUNT(*) FROM records x LEFT JOIN "
+                "by_trust": group(f"SELECT {TRUST} AS s, COUNT(*) FROM records x LEFT JOIN "
                                   "reverifications v ON v.record_id = x.id GROUP BY s ORDER BY s"),
                 "by_op": group("SELECT w.op, COUNT(*) FROM records r JOIN workloads w "
                                "ON w.id = r.workload_id GROUP BY w.op ORDER BY w.op"),
@@ -707,26 +606,20 @@ class TuningDB:
         """
         where, args = self._where(None, target_key, op)
         lines = [line for _, _, line in self._stored(where, args)]
-        fp, own = _open_text(fp_or_path, "w")
-        try:
-            for line in lines:
-                fp.write(json.dumps(line) + "\n")
-        finally:
-            if own:
-                fp.close()
-        return len(lines)
+        return write_jsonl(fp_or_path, lines)
 
     def import_jsonl(self, fp_or_path: str | Path | IO[str],
                      validate: Callable[[MeasureResult], str | None] | None = None,
                      ) -> tuple[int, int]:
         """Append the records and baselines of a JSONL export, all or nothing, as imported:
-        pending re-verification on this target, not served before (see the module docstring).
+        pending re-verification on this target, not served before (see `shapetune.db`).
 
         Every line is checked before anything is stored: its fields and uid, its ``sha256``
         (`from_json_line`), that an entry stored here with its uid has the same contents, and
         `validate`. A file whose lines carry no sha256 (exports older than schema v3, such as the
         shipped tuning_logs/) is accepted as legacy; one that mixes lines with and without is not.
         The hash catches edits that did not recompute it; re-verification is the trust boundary.
+        The lines are read by `codec.read_jsonl`.
 
         Parameters
         ----------
@@ -747,43 +640,11 @@ class TuningDB:
             On a line that fails a check (named by number, with the reason); nothing from the
             file is then stored.
         """
-        objs = self._read_export(fp_or_path, validate)
+        objs = read_jsonl(fp_or_path, lambda obj: self._conflict(obj) or (
+            validate(obj) if validate and isinstance(obj, MeasureResult) else None))
         with self._guard(), self._tx():
             new = [self._insert(obj, "imported") for obj in objs]
         return sum(new), len(new) - sum(new)
-
-    def _read_export(self, fp_or_path, validate) -> list[MeasureResult | VendorBaseline]:
-        fp, own = _open_text(fp_or_path, "r")
-        name = str(fp_or_path) if own else getattr(fp, "name", "<stream>")
-        objs, hashed, n = [], None, 0
-        try:
-            for n, line in enumerate(fp, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    obj = from_json_line(d)
-                    why = self._conflict(obj) or (validate(obj) if validate and
-                                                  isinstance(obj, MeasureResult) else None)
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise DBError(f"{name}: line {n} is malformed ({type(e).__name__}: {e}); "
-                                  f"nothing imported") from e
-                has = "sha256" in d
-                if hashed is not None and has != hashed[0]:
-                    why = why or (f"{'has a' if has else 'has no'} sha256, line {hashed[1]} "
-                                  f"{'has none' if has else 'has one'} (a hash removed from an "
-                                  f"edited line, or files joined: import them one by one)")
-                hashed = hashed or (has, n)
-                if why:
-                    raise DBError(f"{name}: line {n} rejected: {why}; nothing imported")
-                objs.append(obj)
-        except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-            raise DBError(f"{name}: unreadable after line {n} ({type(e).__name__}: {e}); "
-                          f"nothing imported") from e
-        finally:
-            if own:
-                fp.close()
-        return objs
 
     def _conflict(self, obj: MeasureResult | VendorBaseline) -> str | None:
         """Why `obj` cannot be imported next to what is stored here under its uid, or None."""
@@ -796,103 +657,3 @@ class TuningDB:
             return None
         return (f"uid {obj.uid} is stored here with other contents (status, latency or error "
                 f"edited, or a different history)")
-
-
-# -- JSON line codec (module level: usable without a DB) ---------------------------------------
-def _lat_json(lat: LatencyStats | None) -> dict | None:
-    return None if lat is None else lat.to_json()
-
-
-def line_sha256(line: dict) -> str:
-    """The integrity hash of an export line: sha256 of its canonical JSON (keys sorted, no
-    spaces), without its own ``sha256`` key."""
-    body = {k: v for k, v in line.items() if k != "sha256"}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def record_to_json(r: MeasureResult) -> dict:
-    """The export line of a measurement (``"type": "record"``)."""
-    r = _canon(r)
-    return {"type": "record", "uid": r.uid, "workload": r.workload.to_json(),
-            "target": r.target.to_json(), "candidate": r.candidate.to_json(), "status": r.status,
-            "latency": _lat_json(r.latency), "error": r.error, "max_rel_err": r.max_rel_err,
-            "build_s": r.build_s, "run_id": r.run_id, "created": r.created}
-
-
-def baseline_to_json(b: VendorBaseline) -> dict:
-    """The export line of a vendor baseline (``"type": "baseline"``)."""
-    b = _canon(b)
-    return {"type": "baseline", "uid": b.uid, "workload": b.workload.to_json(),
-            "target": b.target.to_json(), "name": b.name, "latency": _lat_json(b.latency),
-            "run_id": b.run_id, "created": b.created}
-
-
-def _num(x, what: str, nullable: bool = False):
-    if x is None and nullable:
-        return None
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"{what} must be a number, got {x!r}")
-    return float(x)
-
-
-def _lat_from(d, nullable: bool) -> LatencyStats | None:
-    if d is None and nullable:
-        return None
-    if not isinstance(d, dict):
-        raise ValueError(f"latency must be an object, got {d!r}")
-    rep = d["repeats"]
-    if isinstance(rep, bool) or not isinstance(rep, int):
-        raise ValueError(f"latency.repeats must be an integer, got {rep!r}")
-    return LatencyStats(*(_num(d[c], f"latency.{c}") for c in _LAT[:-1]), repeats=rep)
-
-
-def _str(x, what: str) -> str:
-    if not isinstance(x, str):
-        raise ValueError(f"{what} must be a string, got {x!r}")
-    return x
-
-
-def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
-    """Parse one export line, checking types and (if present) that its uid and its sha256
-    (`line_sha256`) match its fields.
-
-    Raises
-    ------
-    ValueError, KeyError, TypeError
-        The line is not a valid record or baseline.
-    """
-    d = json.loads(line) if isinstance(line, str) else line
-    if not isinstance(d, dict):
-        raise ValueError("a line must be a JSON object")
-    kind = d.get("type")
-    w, t = Workload.from_json(d["workload"]), Target.from_json(d["target"])
-    common = dict(workload=w, target=t, run_id=_str(d.get("run_id", ""), "run_id"),
-                  created=_num(d["created"], "created"))
-    if kind == "record":
-        cand = d["candidate"]
-        if not isinstance(cand, dict) or not isinstance(cand.get("knobs", {}), dict):
-            raise ValueError("candidate must be {'template': ..., 'knobs': {...}}")
-        obj = MeasureResult(
-            candidate=Candidate.from_json(cand), status=_str(d["status"], "status"),
-            latency=_lat_from(d.get("latency"), nullable=True), error=_str(d.get("error", ""), "error"),
-            max_rel_err=_num(d.get("max_rel_err"), "max_rel_err", nullable=True),
-            build_s=_num(d.get("build_s", 0.0), "build_s"), **common)
-    elif kind == "baseline":
-        obj = VendorBaseline(name=_str(d["name"], "name"),
-                             latency=_lat_from(d["latency"], nullable=False), **common)
-    else:
-        raise ValueError(f"unknown line type {kind!r} (expected 'record' or 'baseline')")
-    if "uid" in d and d["uid"] != obj.uid:
-        raise ValueError(f"uid {d['uid']!r} does not match the line's fields ({obj.uid!r}): "
-                         f"edited by hand, or written by an incompatible shapetune")
-    if "sha256" in d:
-        h = line_sha256(record_to_json(obj) if kind == "record" else baseline_to_json(obj))
-        if d["sha256"] != h:
-            raise ValueError(f"sha256 {d['sha256']!r} does not match the line's fields: edited "
-                             f"after export, or written by an incompatible shapetune")
-    return obj
-
-
-__all__ = ["SCHEMA_VERSION", "DBError", "TuningDB", "record_to_json",
-           "baseline_to_json", "from_json_line", "line_sha256"]

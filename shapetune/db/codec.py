@@ -1,0 +1,194 @@
+"""Records and baselines <-> JSON export lines: fields, uid and sha256 checks, JSONL(.xz) files.
+
+Usable without a DB. An export line is one JSON object (``"type": "record"`` or ``"baseline"``)
+carrying the ``sha256`` of its canonical JSON without that key (`line_sha256`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import lzma
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+from ..records import Candidate, LatencyStats, MeasureResult, VendorBaseline
+from ..target import Target
+from ..workload import Workload
+from .errors import DBError
+
+# The fields of LatencyStats in order (also the DB's latency columns).
+LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
+
+
+def canonical(r):
+    """`created` as a float, as it will read back (its repr is part of the uid)."""
+    return r if isinstance(r.created, float) else dataclasses.replace(r, created=float(r.created))
+
+
+def open_text(fp_or_path, mode: str) -> tuple[IO[str], bool]:
+    """(text stream, whether we opened it). Paths ending in .xz go through lzma."""
+    if isinstance(fp_or_path, (str, os.PathLike)):
+        p = Path(fp_or_path)
+        if p.suffix == ".xz":
+            return lzma.open(p, mode + "t", encoding="utf-8"), True
+        return open(p, mode, encoding="utf-8", newline="\n"), True
+    return fp_or_path, False
+
+
+# -- JSON line codec ---------------------------------------------------------------------------
+def _lat_json(lat: LatencyStats | None) -> dict | None:
+    return None if lat is None else lat.to_json()
+
+
+def line_sha256(line: dict) -> str:
+    """The integrity hash of an export line: sha256 of its canonical JSON (keys sorted, no
+    spaces), without its own ``sha256`` key."""
+    body = {k: v for k, v in line.items() if k != "sha256"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def record_to_json(r: MeasureResult) -> dict:
+    """The export line of a measurement (``"type": "record"``)."""
+    r = canonical(r)
+    return {"type": "record", "uid": r.uid, "workload": r.workload.to_json(),
+            "target": r.target.to_json(), "candidate": r.candidate.to_json(), "status": r.status,
+            "latency": _lat_json(r.latency), "error": r.error, "max_rel_err": r.max_rel_err,
+            "build_s": r.build_s, "run_id": r.run_id, "created": r.created}
+
+
+def baseline_to_json(b: VendorBaseline) -> dict:
+    """The export line of a vendor baseline (``"type": "baseline"``)."""
+    b = canonical(b)
+    return {"type": "baseline", "uid": b.uid, "workload": b.workload.to_json(),
+            "target": b.target.to_json(), "name": b.name, "latency": _lat_json(b.latency),
+            "run_id": b.run_id, "created": b.created}
+
+
+def _num(x, what: str, nullable: bool = False):
+    if x is None and nullable:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{what} must be a number, got {x!r}")
+    return float(x)
+
+
+def _lat_from(d, nullable: bool) -> LatencyStats | None:
+    if d is None and nullable:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"latency must be an object, got {d!r}")
+    rep = d["repeats"]
+    if isinstance(rep, bool) or not isinstance(rep, int):
+        raise ValueError(f"latency.repeats must be an integer, got {rep!r}")
+    return LatencyStats(*(_num(d[c], f"latency.{c}") for c in LAT[:-1]), repeats=rep)
+
+
+def _str(x, what: str) -> str:
+    if not isinstance(x, str):
+        raise ValueError(f"{what} must be a string, got {x!r}")
+    return x
+
+
+def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
+    """Parse one export line, checking types and (if present) that its uid and its sha256
+    (`line_sha256`) match its fields.
+
+    Raises
+    ------
+    ValueError, KeyError, TypeError
+        The line is not a valid record or baseline.
+    """
+    d = json.loads(line) if isinstance(line, str) else line
+    if not isinstance(d, dict):
+        raise ValueError("a line must be a JSON object")
+    kind = d.get("type")
+    w, t = Workload.from_json(d["workload"]), Target.from_json(d["target"])
+    common = dict(workload=w, target=t, run_id=_str(d.get("run_id", ""), "run_id"),
+                  created=_num(d["created"], "created"))
+    if kind == "record":
+        cand = d["candidate"]
+        if not isinstance(cand, dict) or not isinstance(cand.get("knobs", {}), dict):
+            raise ValueError("candidate must be {'template': ..., 'knobs': {...}}")
+        obj = MeasureResult(
+            candidate=Candidate.from_json(cand), status=_str(d["status"], "status"),
+            latency=_lat_from(d.get("latency"), nullable=True), error=_str(d.get("error", ""), "error"),
+            max_rel_err=_num(d.get("max_rel_err"), "max_rel_err", nullable=True),
+            build_s=_num(d.get("build_s", 0.0), "build_s"), **common)
+    elif kind == "baseline":
+        obj = VendorBaseline(name=_str(d["name"], "name"),
+                             latency=_lat_from(d["latency"], nullable=False), **common)
+    else:
+        raise ValueError(f"unknown line type {kind!r} (expected 'record' or 'baseline')")
+    if "uid" in d and d["uid"] != obj.uid:
+        raise ValueError(f"uid {d['uid']!r} does not match the line's fields ({obj.uid!r}): "
+                         f"edited by hand, or written by an incompatible shapetune")
+    if "sha256" in d:
+        h = line_sha256(record_to_json(obj) if kind == "record" else baseline_to_json(obj))
+        if d["sha256"] != h:
+            raise ValueError(f"sha256 {d['sha256']!r} does not match the line's fields: edited "
+                             f"after export, or written by an incompatible shapetune")
+    return obj
+
+
+# -- JSONL files -------------------------------------------------------------------------------
+def write_jsonl(fp_or_path: str | Path | IO[str], lines: Iterable[dict]) -> int:
+    """Write one JSON object per line (a path ending in ``.xz`` xz-compressed); returns how many."""
+    lines = list(lines)
+    fp, own = open_text(fp_or_path, "w")
+    try:
+        for line in lines:
+            fp.write(json.dumps(line) + "\n")
+    finally:
+        if own:
+            fp.close()
+    return len(lines)
+
+
+def read_jsonl(fp_or_path: str | Path | IO[str],
+               check: Callable[[MeasureResult | VendorBaseline], str | None],
+               ) -> list[MeasureResult | VendorBaseline]:
+    """Every entry of a JSONL(.xz) export, each line parsed by `from_json_line` and passed to
+    ``check(entry) -> reason or None``; blank lines are skipped. A file whose lines carry no
+    sha256 is legacy; one that mixes lines with and without is rejected.
+
+    Raises
+    ------
+    DBError
+        On the first line that is malformed or rejected (named by number, with the reason), or
+        an unreadable file.
+    """
+    fp, own = open_text(fp_or_path, "r")
+    name = str(fp_or_path) if own else getattr(fp, "name", "<stream>")
+    objs, hashed, n = [], None, 0
+    try:
+        for n, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                obj = from_json_line(d)
+                why = check(obj)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DBError(f"{name}: line {n} is malformed ({type(e).__name__}: {e}); "
+                              f"nothing imported") from e
+            has = "sha256" in d
+            if hashed is not None and has != hashed[0]:
+                why = why or (f"{'has a' if has else 'has no'} sha256, line {hashed[1]} "
+                              f"{'has none' if has else 'has one'} (a hash removed from an "
+                              f"edited line, or files joined: import them one by one)")
+            hashed = hashed or (has, n)
+            if why:
+                raise DBError(f"{name}: line {n} rejected: {why}; nothing imported")
+            objs.append(obj)
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise DBError(f"{name}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                      f"nothing imported") from e
+    finally:
+        if own:
+            fp.close()
+    return objs
