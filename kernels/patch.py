@@ -21,11 +21,28 @@ fused into a weight, or a PEFT layer wrapped around a Linear, takes effect witho
                                outputs (no transposes); masks, spatial/group norms, normalized q/k
                                and 4-D inputs go to the processor that was set before
 
-GroupNorm + SiLU fusion (`fuse=True`): where diffusers applies SiLU right after a GroupNorm —
-ResnetBlock2D's norm1 (always) and norm2 (with time_embedding_norm "default"), and the UNet's
-conv_norm_out -> conv_act — the norm computes SiLU in the same kernel and the SiLU module passes
-that one tensor through (checked by identity; any other input, e.g. the block's time embedding,
-still gets its SiLU). That is the group_norm(+silu) workload the tuning scripts extract.
+Fusions (`fuse=True`), where kernels/fusions.py says diffusers runs an elementwise op right after
+a patched module — the same table scheduler/extract.py reads, so the fused workloads the tuning
+scripts extract are the ones dispatched here:
+
+  GroupNorm + SiLU     ResnetBlock2D's norm1 (always) and norm2 (time_embedding_norm "default"), the
+                       UNet's conv_norm_out -> conv_act: the norm computes SiLU in the same kernel and
+                       the SiLU module passes that one tensor through (checked by identity; any other
+                       input, e.g. the block's time embedding, still gets its SiLU)
+  conv2d + residual    ResnetBlock2D: its forward (diffusers' own, restated) calls
+                       conv2d(h, conv2, residual=shortcut(input)), then divides by
+                       output_scale_factor where it is not 1 (the eager (input + conv2(h)) / factor,
+                       the add fused); Transformer2DModel (continuous input, conv proj_out): its
+                       `_get_output_for_continuous_inputs` calls conv2d(h, proj_out, residual=input)
+                       on the channels_last view of the blocks' output (no copy)
+  linear + residual    diffusers Attention with residual_connection: our processor calls
+                       linear_residual(o, to_out[0], residual=input), then / rescale_output_factor
+  linear + gelu        diffusers GELU (approximate "none", FeedForward "gelu"): linear_gelu(x, proj)
+  (each keeps diffusers' unfused path where its conv / proj is not a plain patched module, e.g.
+  LoRA-wrapped, or shapes/dtypes would broadcast or promote)
+
+Not fused (would need diffusers' BasicTransformerBlock.forward copied): the transformer block's
+`attn_output + hidden_states` and `ff_output + hidden_states` (see kernels/fusions.py).
 
 Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
 issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the
@@ -53,7 +70,8 @@ from torch import nn
 
 from .attention import attention
 from .conv import conv2d
-from .fused import geglu
+from .fused import geglu, linear_gelu, linear_residual
+from .fusions import sites_of
 from .linear import linear
 from .norm import group_norm, layer_norm
 
@@ -127,13 +145,84 @@ def _geglu_forward(self, hidden_states, *args, **kwargs):
     return geglu(hidden_states, self.proj.weight, self.proj.bias)
 
 
+def _gelu_forward(self, hidden_states):
+    """diffusers GELU: gelu(proj(x)) as one linear_gelu (exact erf GELU)."""
+    if type(self.proj) is not nn.Linear or self.approximate != "none":  # e.g. a LoRA layer around proj
+        return type(self).forward(self, hidden_states)
+    return linear_gelu(hidden_states, self.proj.weight, self.proj.bias)
+
+
+def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
+    (kh, kw), s, p = conv.kernel_size, conv.stride[0], conv.padding[0]
+    return (x.shape[0], conv.out_channels, (x.shape[2] + 2 * p - kh) // s + 1, (x.shape[3] + 2 * p - kw) // s + 1)
+
+
+def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """conv(x) + residual: one conv2d(residual=) where conv is a patched plain Conv2d and residual has
+    the output's exact shape and x's dtype (no broadcast, no promotion); else the eager expression."""
+    if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
+            and residual.dtype == x.dtype and tuple(residual.shape) == _conv_out_shape(conv, x)):
+        return conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], residual=residual)
+    return residual + conv(x)
+
+
+def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers ResnetBlock2D.forward (0.2x-0.4x), restated so conv2 and the residual add are one
+    conv2d(residual=) call: output = (shortcut(input) + conv2(h)) / output_scale_factor, the factor
+    dividing the fused sum (the same expression; skipped where it is 1)."""
+    if args or kwargs:  # the deprecated `scale` argument: diffusers' own forward warns about it
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    h = self.nonlinearity(self.norm1(input_tensor))
+    if self.upsample is not None:
+        if h.shape[0] >= 64:  # diffusers: upsample_nearest_nhwc fails with large batches
+            input_tensor, h = input_tensor.contiguous(), h.contiguous()
+        input_tensor, h = self.upsample(input_tensor), self.upsample(h)
+    elif self.downsample is not None:
+        input_tensor, h = self.downsample(input_tensor), self.downsample(h)
+    h = self.conv1(h)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if self.time_embedding_norm == "default":
+        if temb is not None:
+            h = h + temb
+        h = self.norm2(h)
+    elif self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+        h = self.norm2(h)
+        h = h * (1 + time_scale) + time_shift
+    else:
+        h = self.norm2(h)
+    h = self.dropout(self.nonlinearity(h))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+    out = _conv_residual(self.conv2, h, input_tensor)
+    return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+def _transformer_2d_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """diffusers Transformer2DModel's continuous-input output, conv proj_out: proj_out(h) + input as one
+    conv2d(residual=) on the [B, C, H, W] channels_last view of the blocks' [B, H*W, C] output."""
+    if self.use_linear_projection:
+        return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height,
+                                                            width, inner_dim)
+    h = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return _conv_residual(self.proj_out, h, residual)
+
+
 class AttnProcessor:
     """diffusers attention processor: q/k/v projections, then shapetune::attention on their
-    [B, S, H*D] outputs, then to_out. Anything it does not cover goes to `fallback`, the processor
-    the module had (so LoRA-aware or masked paths keep diffusers' own behaviour)."""
+    [B, S, H*D] outputs, then to_out (with `fuse_residual` and the module's residual_connection,
+    to_out[0] and the residual add as one linear_residual). Anything it does not cover goes to
+    `fallback`, the processor the module had (so LoRA-aware or masked paths keep diffusers' own
+    behaviour)."""
 
-    def __init__(self, fallback):
+    def __init__(self, fallback, fuse_residual: bool = False):
         self.fallback = fallback
+        self.fuse_residual = fuse_residual
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -147,9 +236,15 @@ class AttnProcessor:
         head_dim = k.shape[-1] // attn.heads
         # diffusers' SDPA processor uses SDPA's default scale, 1/sqrt(head_dim): so do we
         o = attention(q, k, v, heads=attn.heads, scale=head_dim ** -0.5)
-        o = attn.to_out[1](attn.to_out[0](o))
-        if attn.residual_connection:
-            o = o + hidden_states
+        proj, drop = attn.to_out[0], attn.to_out[1]
+        if (self.fuse_residual and attn.residual_connection and type(proj) is nn.Linear
+                and type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
+                and hidden_states.dtype == o.dtype and hidden_states.shape == (*o.shape[:-1], proj.out_features)):
+            o = linear_residual(o, proj.weight, proj.bias, hidden_states)  # dropout is the identity here
+        else:
+            o = drop(proj(o))
+            if attn.residual_connection:
+                o = o + hidden_states
         return o / attn.rescale_output_factor
 
 
@@ -158,11 +253,9 @@ def _diffusers_types():
     try:
         from diffusers.models.activations import GEGLU
         from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     except ImportError:  # pragma: no cover
-        return None, None, None, None
-    return GEGLU, Attention, ResnetBlock2D, UNet2DConditionModel
+        return None, None
+    return GEGLU, Attention
 
 
 def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
@@ -184,7 +277,8 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     Parameters
     ----------
     model : nn.Module, e.g. a diffusers UNet2DConditionModel (or a pipeline's `.unet`)
-    fuse : bool, fuse SiLU into the GroupNorms diffusers follows with it
+    fuse : bool, apply the fusions of kernels/fusions.py (GroupNorm+SiLU, conv/linear + residual,
+        linear + gelu; see the module docstring)
 
     Returns
     -------
@@ -192,7 +286,7 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"kernels.patch: expected an nn.Module (e.g. pipe.unet), got {type(model).__name__}")
-    GEGLU, Attention, ResnetBlock2D, UNet2D = _diffusers_types()
+    GEGLU, Attention = _diffusers_types()
     report = PatchReport()
     for name, m in model.named_modules():
         if getattr(m, _MARK, None):
@@ -222,18 +316,46 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
             _set_forward(m, _geglu_forward, "geglu", report)
         elif Attention is not None and isinstance(m, Attention):
             prev = m.get_processor()
-            m.set_processor(AttnProcessor(prev))
+            fuse_residual = fuse and sites_of(m).get("to_out.0") is not None
+            m.set_processor(AttnProcessor(prev, fuse_residual))
             setattr(m, _MARK, "attention")
             report.patched["attention"] += 1
-    if fuse and ResnetBlock2D is not None:
+            if fuse_residual:
+                report.patched["linear+residual"] += 1
+    if fuse:
         for m in model.modules():
-            if type(m) is ResnetBlock2D:
-                report.patched["group_norm+silu"] += _fuse_silu(m.norm1, m.nonlinearity)
-                if m.time_embedding_norm == "default":  # norm2 -> SiLU directly only in this mode
-                    report.patched["group_norm+silu"] += _fuse_silu(m.norm2, m.nonlinearity)
-            elif isinstance(m, UNet2D) and m.conv_norm_out is not None and m.conv_act is not None:
-                report.patched["group_norm+silu"] += _fuse_silu(m.conv_norm_out, m.conv_act)
+            _fuse_sites(m, report)
     return report
+
+
+def _install_resnet(m: nn.Module, report: PatchReport) -> None:
+    _set_forward(m, _resnet_forward, "conv2d+residual", report)
+
+
+def _install_transformer_2d(m: nn.Module, report: PatchReport) -> None:
+    if hasattr(type(m), "_get_output_for_continuous_inputs"):  # diffusers >= 0.28
+        m._get_output_for_continuous_inputs = types.MethodType(_transformer_2d_output, m)
+        setattr(m, _MARK, "conv2d+residual")
+        report.patched["conv2d+residual"] += 1
+
+
+def _install_gelu(m: nn.Module, report: PatchReport) -> None:
+    _set_forward(m, _gelu_forward, "linear+gelu", report)
+
+
+#: (parent class name, child path) of a kernels/fusions.py residual / gelu site -> how patch fuses it
+#: (the attention's to_out.0 residual is the AttnProcessor's, set in patch's main loop)
+_INSTALL = {("ResnetBlock2D", "conv2"): _install_resnet, ("Transformer2DModel", "proj_out"): _install_transformer_2d,
+            ("GELU", "proj"): _install_gelu}
+
+
+def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
+    """Apply kernels/fusions.py's sites inside module m."""
+    for path, site in sites_of(m).items():
+        if site.kind == "silu":
+            report.patched["group_norm+silu"] += _fuse_silu(m.get_submodule(path), getattr(m, site.act))
+        elif _MARK not in m.__dict__ and (type(m).__name__, path) in _INSTALL:
+            _INSTALL[type(m).__name__, path](m, report)
 
 
 def unpatch(model: nn.Module) -> int:
@@ -251,6 +373,7 @@ def unpatch(model: nn.Module) -> int:
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue
         m.__dict__.pop("forward", None)
+        m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()
         for attr in ("_shapetune_silu", "_shapetune_fused"):

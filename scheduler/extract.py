@@ -2,7 +2,9 @@
 
 Each supported module type has a handler in ``HANDLERS`` that turns one call of the module
 into zero or more ``Workload``s: nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers' GEGLU
-and Attention; another family is one handler and one table entry.
+and Attention; another family is one handler and one table entry. ``extract_fused_workloads`` then
+folds in the fusions kernels.patch applies (GroupNorm+SiLU, conv / linear + residual, linear + gelu),
+read from kernels/fusions.py, the one table both use.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from shapetune.workload import Workload, linear_workload
+
+if TYPE_CHECKING:
+    from kernels.fusions import Site
 
 # handler(module, args, kwargs, output, dtype) -> workloads produced by this one call
 Handler = Callable[[nn.Module, tuple, dict, object, str], list[Workload]]
@@ -269,7 +275,8 @@ def sd15_unet_inputs(
 def sd15_linear_workloads(
     batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
 ) -> list[ExtractedOp]:
-    """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass.
+    """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass (a linear diffusers follows
+    with a residual add or a gelu, kernels.fusions, becomes that epilogue's workload; SD 1.5 has none).
 
     Parameters
     ----------
@@ -287,11 +294,7 @@ def sd15_linear_workloads(
     list of ExtractedOp
         One per distinct workload, in order of first call.
     """
-    from scheduler.sd_configs import build_sd15_unet
-
-    unet = build_sd15_unet(device="meta")
-    inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
-    return extract_workloads(unet, inputs, dtype=dtype, handlers={nn.Linear: _linear_handler})
+    return _sd15_fused({nn.Linear: _linear_handler}, batch, height, width, dtype, True, seq)
 
 
 def sd15_geglu_workloads(
@@ -328,76 +331,78 @@ def sd15_attention_workloads(
     return extract_workloads(unet, inputs, dtype=dtype, handlers={Attention: _attention_handler})
 
 
-def _silu_follows(module_name: str) -> bool:
-    """diffusers applies SiLU right after these GroupNorms (ResnetBlock2D norm1/norm2, UNet output)."""
-    return ".resnets." in module_name and module_name.rsplit(".", 1)[-1] in ("norm1", "norm2") \
-        or module_name == "conv_norm_out"
+def fused_workload(w: Workload, site: Site | None) -> Workload | None:
+    """The workload of `w`'s op with the elementwise op diffusers runs after it (a kernels.fusions Site)
+    in the epilogue: group_norm(+silu), conv2d(+residual), linear epilogue (bias,) residual / gelu.
+    None where the site does not apply to this op (keep w)."""
+    from kernels.defs_conv import conv2d_workload, stride_padding
+    from kernels.defs_norm import eps_of, group_norm_workload
+
+    if site is None:
+        return None
+    d = w.dim
+    if w.op == "group_norm" and site.kind == "silu" and "silu" not in w.epilogue:
+        return group_norm_workload(d["n"], d["hw"], d["c"], d["g"], w.dtype, eps_of(w), True)
+    if w.op == "conv2d" and site.kind == "residual" and "residual" not in w.epilogue:
+        st, pad = stride_padding(w)
+        return conv2d_workload(d["n"], d["h"], d["w"], d["ci"], d["co"], d["kh"], d["kw"], st, pad, w.dtype,
+                               "bias" in w.epilogue, True)
+    if w.op == "linear" and site.kind in ("residual", "gelu") and w.epilogue in ((), ("bias",)):
+        return linear_workload(d["m"], d["n"], d["k"], w.dtype, epilogue=w.epilogue + (site.kind,))
+    return None
 
 
-def _residual_follows(module_name: str) -> bool:
-    """diffusers adds a residual right after these convs: ResnetBlock2D's conv2 (output =
-    shortcut(input) + conv2(h), output_scale_factor 1 in SD) and Transformer2DModel's 1x1 proj_out
-    (output = proj_out(h) + input, use_linear_projection False in SD 1.5)."""
-    return (".resnets." in module_name and module_name.endswith(".conv2")
-            or ".attentions." in module_name and module_name.endswith(".proj_out"))
-
-
-def _split_fused(ops: list[ExtractedOp], follows: Callable[[str], bool],
-                 fused: Callable[[Workload, bool], Workload | None]) -> list[ExtractedOp]:
-    """Split each op's modules by whether `follows(module name)` (an elementwise op diffusers runs
-    right after it), into the workload `fused(w, flag)` (None: keep w); calls are shared pro rata."""
+def apply_fusions(ops: list[ExtractedOp], sites: dict[str, Site]) -> list[ExtractedOp]:
+    """Split each op's modules by their fusion site (`sites`: kernels.fusions.fusion_sites of the
+    model) into the fused workload (fused_workload) where one applies; calls are shared pro rata."""
     out: dict = {}
     for op in ops:
-        groups = {f: [m for m in op.modules if follows(m) == f] for f in (False, True)}
-        for flag, mods in groups.items():
+        groups: dict = {op.workload: []}  # the unfused modules first, then each fusion's
+        for m in op.modules:
+            groups.setdefault(fused_workload(op.workload, sites.get(m)) or op.workload, []).append(m)
+        for ww, mods in groups.items():
             if not mods:
                 continue
-            ww = fused(op.workload, flag) or op.workload
             calls = round(op.calls * len(mods) / len(op.modules))
             prev = out.get(ww)
             out[ww] = ExtractedOp(ww, (prev.modules if prev else ()) + tuple(mods), (prev.calls if prev else 0) + calls)
     return list(out.values())
 
 
-def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
-                        fuse_silu: bool = True) -> list[ExtractedOp]:
-    """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass; GroupNorms
-    that diffusers follows with SiLU become group_norm(+silu) workloads (fused) with `fuse_silu`."""
-    from kernels.defs_norm import eps_of, group_norm_workload
+def extract_fused_workloads(model: nn.Module, example_inputs: dict, dtype: str = "float16",
+                            handlers: dict[type, Handler] | None = None) -> list[ExtractedOp]:
+    """extract_workloads, then the fusions kernels.patch applies (kernels.fusions: GroupNorm+SiLU,
+    conv/linear + residual, linear + gelu) folded into the workloads of the modules they follow."""
+    from kernels.fusions import fusion_sites
+
+    return apply_fusions(extract_workloads(model, example_inputs, dtype, handlers), fusion_sites(model))
+
+
+def _sd15_fused(handlers: dict, batch: int, height: int, width: int, dtype: str, fuse: bool,
+                seq: int = 77) -> list[ExtractedOp]:
     from scheduler.sd_configs import build_sd15_unet
 
     unet = build_sd15_unet(device="meta")
-    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
-                            handlers={k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)})
+    inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
+    if not fuse:
+        return extract_workloads(unet, inputs, dtype, handlers=handlers)
+    return extract_fused_workloads(unet, inputs, dtype, handlers=handlers)
 
-    def fused(w, silu):
-        if w.op != "group_norm" or not silu:
-            return None
-        d = w.dim
-        return group_norm_workload(d["n"], d["hw"], d["c"], d["g"], dtype, eps_of(w), True)
 
-    return _split_fused(ops, _silu_follows if fuse_silu else (lambda m: False), fused)
+def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
+                        fuse_silu: bool = True) -> list[ExtractedOp]:
+    """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass; GroupNorms
+    that diffusers follows with SiLU (kernels.fusions) become group_norm(+silu) workloads with `fuse_silu`."""
+    return _sd15_fused({k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)}, batch, height, width, dtype,
+                       fuse_silu)
 
 
 def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
                         fuse_residual: bool = True) -> list[ExtractedOp]:
     """The distinct conv2d workloads of one SD 1.5 UNet forward pass; convs whose output diffusers
-    adds a residual to become conv2d(+residual) workloads (fused) with `fuse_residual`."""
-    from kernels.defs_conv import conv2d_workload, stride_padding
-    from scheduler.sd_configs import build_sd15_unet
-
-    unet = build_sd15_unet(device="meta")
-    ops = extract_workloads(unet, sd15_unet_inputs(batch, height, width, device="meta"), dtype,
-                            handlers={nn.Conv2d: HANDLERS[nn.Conv2d]})
-
-    def fused(w, residual):
-        if not residual:
-            return None
-        d, (st, pad) = w.dim, stride_padding(w)
-        return conv2d_workload(d["n"], d["h"], d["w"], d["ci"], d["co"], d["kh"], d["kw"], st, pad, dtype,
-                               "bias" in w.epilogue, True)
-
-    return _split_fused(ops, _residual_follows if fuse_residual else (lambda m: False), fused)
+    adds a residual to (kernels.fusions: ResnetBlock2D.conv2, Transformer2DModel's 1x1 proj_out)
+    become conv2d(+residual) workloads with `fuse_residual`."""
+    return _sd15_fused({nn.Conv2d: HANDLERS[nn.Conv2d]}, batch, height, width, dtype, fuse_residual)
 
 
 #: family -> the function listing its SD 1.5 UNet workloads (batch, height, width, dtype keywords)

@@ -152,3 +152,33 @@ def test_sd15_attention_workloads():
     assert all(w.dim["b"] == 2 and w.dim["h"] == 8 for w in ops)
     assert ops[attention_workload(2, 4096, 77, 8, 40)] == 5 and ops[attention_workload(2, 64, 64, 8, 160)] == 1
     assert sum(ops.values()) == 32  # 16 transformer blocks x (attn1 + attn2)
+
+
+def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
+    """kernels/fusions.py on SD 1.5: SiLU follows every resnet's norm1/norm2 and conv_norm_out; a
+    residual is added to every resnet's conv2 and every Transformer2DModel's 1x1 proj_out (no linear
+    carries one, no GELU: SD 1.5's attentions have no residual_connection, its FeedForwards are GEGLU)."""
+    from kernels.fusions import fusion_sites
+
+    sites = fusion_sites(unet)
+    names = [n for n, _ in unet.named_modules()]
+    silu = {n for n in names if ".resnets." in n and n.rsplit(".", 1)[-1] in ("norm1", "norm2")} | {"conv_norm_out"}
+    residual = {n for n in names if ".resnets." in n and n.endswith(".conv2")
+                or ".attentions." in n and n.endswith(".proj_out")}
+    assert {n for n, s in sites.items() if s.kind == "silu"} == silu
+    assert {n for n, s in sites.items() if s.kind == "residual"} == residual
+    assert len(residual) == 22 + 16 and set(sites) == silu | residual
+
+
+def test_fused_workload_folds_the_site_into_the_epilogue():
+    from kernels.defs_conv import conv2d_workload
+    from kernels.fusions import GELU_EPILOGUE, RESIDUAL, Site
+    from scheduler.extract import fused_workload
+
+    lin = linear_workload(10, 24, 12, "float32", bias=True)
+    assert fused_workload(lin, GELU_EPILOGUE) == linear_workload(10, 24, 12, "float32", epilogue=("bias", "gelu"))
+    assert fused_workload(linear_workload(10, 24, 12, bias=False), RESIDUAL).epilogue == ("residual",)
+    assert fused_workload(lin, Site("silu", "act")) is None and fused_workload(lin, None) is None
+    conv = conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True)
+    assert fused_workload(conv, RESIDUAL) == conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True, True)
+    assert fused_workload(conv, GELU_EPILOGUE) is None

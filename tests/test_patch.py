@@ -13,7 +13,7 @@ from torch import nn
 
 import kernels
 from kernels.patch import AttnProcessor, patch, unpatch
-from scheduler.extract import extract_workloads, HANDLERS
+from scheduler.extract import extract_fused_workloads, extract_workloads, HANDLERS
 from scheduler.tuner import TuneOptions, tune
 from shapetune.target import detect
 
@@ -44,10 +44,21 @@ def _run(unet):
         return unet(**_inputs()).sample
 
 
+def _residual_convs():
+    """The tiny UNet's conv2d+residual workloads tuned in tuned_db: a ResnetBlock2D conv2 (3x3) and a
+    Transformer2DModel proj_out (1x1), as scheduler.extract lists them (kernels/fusions.py's sites)."""
+    ops = [o for o in extract_fused_workloads(_unet(), _inputs(), "float32", handlers=HANDLERS)
+           if o.workload.op == "conv2d" and "residual" in o.workload.epilogue]
+    resnet = next(o for o in ops if o.modules[0].endswith(".conv2"))
+    proj = next(o for o in ops if o.modules[0].endswith(".proj_out"))
+    return [resnet, proj]
+
+
 @pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory):
     """A few of the tiny UNet's workloads tuned on llvm (1-2 trials each): attention (self and
-    cross), GroupNorm with fused SiLU, a GEGLU; everything else stays untuned (torch fallback)."""
+    cross), GroupNorm with fused SiLU, a GEGLU, and RESIDUAL_CONVS (conv2d+residual; no plain conv);
+    everything else stays untuned (torch fallback)."""
     from kernels.defs_norm import eps_of, group_norm_workload
 
     ops = extract_workloads(_unet(), _inputs(), "float32", handlers=HANDLERS)
@@ -55,9 +66,10 @@ def tuned_db(tmp_path_factory):
     gn = [o.workload for o in ops if o.workload.op == "group_norm"][:2]
     ws += [group_norm_workload(w.dim["n"], w.dim["hw"], w.dim["c"], w.dim["g"], "float32", eps_of(w), True)
            for w in gn]
+    ws += [o.workload for o in _residual_convs()]
     path = tmp_path_factory.mktemp("patch") / "tuning.db"
     reps = tune(ws, detect("llvm"), path, TuneOptions(trials=2, batch=2,
-                                                     templates=("attn_llvm", "geglu_llvm", "norm_llvm")))
+                                                     templates=("attn_llvm", "geglu_llvm", "norm_llvm", "conv_llvm")))
     assert all(r.best is not None for r in reps), [(r.workload.name, r.by_status) for r in reps]
     return path
 
@@ -91,6 +103,8 @@ def test_patched_unet_runs_tuned_kernels_and_matches_eager(registry):
         assert sum(s[op].values()) > 0, op  # every family was called through its op
     assert s["attention"].get("tuned", 0) == 8 and s["geglu"].get("tuned", 0) == 4
     assert s["group_norm"].get("tuned", 0) >= 2  # the fused GroupNorm+SiLU workloads
+    # only conv2d+residual workloads are tuned: every tuned conv call is a fused residual one
+    assert s["conv2d"].get("tuned", 0) == sum(o.calls for o in _residual_convs()) > 0
 
 
 def test_silu_passthrough_only_for_the_fused_norm_output():
@@ -185,3 +199,108 @@ def test_torch_compile_of_a_patched_unet(registry):
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert kernels.fallback_summary()["attention"].get("tuned", 0) >= 8
+
+
+# -- extraction and patching agree (kernels/fusions.py is the one table both read) ------------------
+def _dispatched(model, inputs, tmp_path):
+    """The workloads a patched `model` dispatches in one forward (registry lookups, nothing tuned)."""
+    from kernels.registry import Registry
+
+    reg = Registry(db_path=tmp_path / "empty.db", target=detect("llvm"))
+    seen, lookup = [], reg.lookup
+
+    def record(sig, make_workload):
+        seen.append(make_workload())
+        return lookup(sig, make_workload)
+
+    reg.lookup = record
+    prev = kernels.set_registry(reg)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        kernels.set_registry(prev)
+    return set(seen)
+
+
+def _by_op(ws):
+    out = {}
+    for w in ws:
+        out.setdefault(w.op, set()).add(w)
+    return out
+
+
+def test_extraction_and_patching_agree_on_the_tiny_unet(tmp_path):
+    """Every workload the patched UNet dispatches is extracted, and for every op but linear the sets
+    are equal (extraction also lists the linear inside each GEGLU, whose patched forward skips it)."""
+    unet = _unet()
+    extracted = _by_op(o.workload for o in extract_fused_workloads(unet, _inputs(), "float32", handlers=HANDLERS))
+    patch(unet)
+    dispatched = _by_op(_dispatched(unet, _inputs(), tmp_path))
+    assert set(dispatched) == set(extracted)
+    for op in extracted:
+        if op == "linear":
+            assert dispatched[op] <= extracted[op]
+        else:
+            assert dispatched[op] == extracted[op], op
+    residual = {w for w in dispatched["conv2d"] if "residual" in w.epilogue}
+    assert len(residual) >= 2  # ResnetBlock2D conv2 and Transformer2DModel proj_out
+    assert {w for w in dispatched["group_norm"] if "silu" in w.epilogue}
+
+
+class _Block(nn.Module):
+    """diffusers' GELU feed-forward and a residual_connection Attention: linear+gelu and linear+residual."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention import FeedForward
+        from diffusers.models.attention_processor import Attention
+
+        self.ff = FeedForward(12, mult=2, activation_fn="gelu")
+        self.attn = Attention(12, heads=3, dim_head=4, residual_connection=True, rescale_output_factor=2.0)
+
+    def forward(self, x):
+        return self.attn(self.ff(x))
+
+
+def test_gelu_and_attention_residual_reach_the_fused_linears(tmp_path):
+    torch.manual_seed(0)
+    blk = _Block().eval()
+    x = torch.randn(2, 5, 12)
+    ref = blk(x)
+    extracted = {o.workload for o in extract_fused_workloads(blk, {"x": x}, "float32", handlers=HANDLERS)}
+    rep = patch(blk)
+    assert rep.patched["linear+gelu"] == 1 and rep.patched["linear+residual"] == 1
+    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("llvm")))
+    try:
+        with torch.no_grad():
+            out = blk(x)
+        s = kernels.fallback_summary()
+    finally:
+        kernels.set_registry(prev)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert sum(s["linear_gelu"].values()) == 1 and sum(s["linear_residual"].values()) == 1
+    dispatched = _dispatched(blk, {"x": x}, tmp_path)
+    assert dispatched <= extracted
+    assert {w.epilogue for w in dispatched if w.op == "linear"} >= {("bias", "gelu"), ("bias", "residual")}
+    unpatch(blk)
+    torch.testing.assert_close(blk(x), ref)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_resnet_block_fuses_its_residual_at_any_output_scale(scale, tmp_path):
+    """ResnetBlock2D with a conv_shortcut (16 -> 32 channels): conv2 gets the shortcut as residual,
+    the sum divided by output_scale_factor; the output is eager's."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    blk = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=20, groups=8,
+                        output_scale_factor=scale).eval()
+    x, temb = torch.randn(2, 16, 6, 6), torch.randn(2, 20)
+    with torch.no_grad():
+        ref = blk(x, temb)
+    assert patch(blk).patched["conv2d+residual"] == 1
+    ws = _dispatched(blk, {"input_tensor": x, "temb": temb}, tmp_path)
+    assert [w.epilogue for w in ws if w.op == "conv2d" and "residual" in w.epilogue] == [("bias", "residual")]
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, temb), ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,117 @@
+"""Where diffusers runs an elementwise op right after a module shapetune patches: the one table that
+kernels.patch (which fuses there) and scheduler.extract (which extracts the fused workloads) both read.
+
+    fusion_table() = {parent module type: rule};  rule(parent) -> {child path: Site}
+    fusion_sites(model) -> {qualified module name: Site} over the whole model
+
+A Site says what follows the child module's output inside the parent's forward:
+
+  "silu"      GroupNorm, then the SiLU module `act` (an attribute of the parent): group_norm(+silu)
+  "residual"  conv / linear, then `+ residual` (conv2d(+residual), linear epilogue residual)
+  "gelu"      linear, then exact gelu (linear epilogue bias, gelu)
+
+The rules (diffusers 0.3x-0.4x code paths):
+
+  ResnetBlock2D          norm1 -> nonlinearity (SiLU); norm2 -> nonlinearity when time_embedding_norm
+                         is "default"; output = (shortcut(input) + conv2(h)) / output_scale_factor, so
+                         conv2 carries the residual (the scale is applied after the fused add: same math)
+  UNet2DConditionModel   conv_norm_out -> conv_act (SiLU)
+  Transformer2DModel     continuous input, use_linear_projection False: output = proj_out(h) + input,
+                         proj_out a 1x1 conv carries the residual
+  Attention              residual_connection: to_out[0](o) (+ dropout, identity at inference) + input
+  GELU (approximate "none")  gelu(proj(x)): proj carries the gelu epilogue (FeedForward "gelu")
+
+Not here (diffusers' control flow would have to be copied): BasicTransformerBlock's
+`attn_output + hidden_states` and `ff_output + hidden_states` add the block's input to the output of
+a whole submodule (Attention / FeedForward) inside a ~100-line forward with six norm types, chunked
+feed-forward and ada-norm gates; the linear that produced the output cannot see the residual.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Site:
+    kind: str  # "silu" | "residual" | "gelu"
+    act: str | None = None  # "silu": the parent's attribute holding the SiLU module
+
+
+RESIDUAL = Site("residual")
+GELU_EPILOGUE = Site("gelu")
+
+
+def _resnet_block(m) -> dict[str, Site]:
+    sites = {"conv2": RESIDUAL}
+    if type(m.nonlinearity) is nn.SiLU:
+        sites["norm1"] = Site("silu", "nonlinearity")
+        if m.time_embedding_norm == "default":  # norm2 -> SiLU directly only in this mode
+            sites["norm2"] = Site("silu", "nonlinearity")
+    return sites
+
+
+def _unet(m) -> dict[str, Site]:
+    if getattr(m, "conv_norm_out", None) is not None and type(getattr(m, "conv_act", None)) is nn.SiLU:
+        return {"conv_norm_out": Site("silu", "conv_act")}
+    return {}
+
+
+def _transformer_2d(m) -> dict[str, Site]:
+    if getattr(m, "is_input_continuous", False) and not m.use_linear_projection:
+        return {"proj_out": RESIDUAL}
+    return {}
+
+
+def _attention(m) -> dict[str, Site]:
+    return {"to_out.0": RESIDUAL} if getattr(m, "residual_connection", False) else {}
+
+
+def _gelu(m) -> dict[str, Site]:
+    return {"proj": GELU_EPILOGUE} if m.approximate == "none" else {}
+
+
+@functools.cache
+def fusion_table() -> dict[type, Callable[[nn.Module], dict[str, Site]]]:
+    """Parent module type -> rule: exact types (a subclass may have its own forward), but for
+    UNet2DConditionModel's subclasses; built on first use (diffusers is imported then, not with
+    `import kernels`)."""
+    try:
+        from diffusers.models.activations import GELU
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    except ImportError:  # pragma: no cover
+        return {}
+    return {ResnetBlock2D: _resnet_block, UNet2DConditionModel: _unet, Transformer2DModel: _transformer_2d,
+            Attention: _attention, GELU: _gelu}
+
+
+def _inherited() -> tuple[type, ...]:
+    """Types whose rule also covers subclasses (it reads attributes only, not the forward's code)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    return (UNet2DConditionModel,)
+
+
+def sites_of(module: nn.Module) -> dict[str, Site]:
+    """The fusion sites inside one module, by child path ("conv2", "to_out.0"); {} if none."""
+    table = fusion_table()
+    rule = table.get(type(module))
+    if rule is None and table and isinstance(module, _inherited()):
+        rule = next(table[c] for c in type(module).__mro__ if c in table)
+    return rule(module) if rule is not None else {}
+
+
+def fusion_sites(model: nn.Module) -> dict[str, Site]:
+    """Every fusion site in `model`, by the child's qualified name (as named_modules spells it)."""
+    out = {}
+    for name, m in model.named_modules():
+        for path, site in sites_of(m).items():
+            out[f"{name}.{path}" if name else path] = site
+    return out
