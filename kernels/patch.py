@@ -21,7 +21,7 @@ fused into a weight, or a PEFT layer wrapped around a Linear, takes effect witho
                                outputs (no transposes); masks, spatial/group norms, normalized q/k
                                and 4-D inputs go to the processor that was set before
 
-Fusions (`fuse=True`), where kernels/fusions.py says diffusers runs an elementwise op right after
+Fusions (`fuse=True`), where shapetune/fusions.py says diffusers runs an elementwise op right after
 a patched module — the same table scheduler/extract.py reads, so the fused workloads the tuning
 scripts extract are the ones dispatched here:
 
@@ -42,7 +42,7 @@ scripts extract are the ones dispatched here:
   LoRA-wrapped, or shapes/dtypes would broadcast or promote)
 
 Not fused (would need diffusers' BasicTransformerBlock.forward copied): the transformer block's
-`attn_output + hidden_states` and `ff_output + hidden_states` (see kernels/fusions.py).
+`attn_output + hidden_states` and `ff_output + hidden_states` (see shapetune/fusions.py).
 
 Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
 issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the
@@ -71,7 +71,7 @@ from torch import nn
 from .attention import attention
 from .conv import conv2d
 from .fused import geglu, linear_gelu, linear_residual
-from .fusions import sites_of
+from shapetune.fusions import sites_of
 from .linear import linear
 from .norm import group_norm, layer_norm
 
@@ -277,7 +277,7 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     Parameters
     ----------
     model : nn.Module, e.g. a diffusers UNet2DConditionModel (or a pipeline's `.unet`)
-    fuse : bool, apply the fusions of kernels/fusions.py (GroupNorm+SiLU, conv/linear + residual,
+    fuse : bool, apply the fusions of shapetune/fusions.py (GroupNorm+SiLU, conv/linear + residual,
         linear + gelu; see the module docstring)
 
     Returns
@@ -343,14 +343,14 @@ def _install_gelu(m: nn.Module, report: PatchReport) -> None:
     _set_forward(m, _gelu_forward, "linear+gelu", report)
 
 
-#: (parent class name, child path) of a kernels/fusions.py residual / gelu site -> how patch fuses it
+#: (parent class name, child path) of a shapetune/fusions.py residual / gelu site -> how patch fuses it
 #: (the attention's to_out.0 residual is the AttnProcessor's, set in patch's main loop)
 _INSTALL = {("ResnetBlock2D", "conv2"): _install_resnet, ("Transformer2DModel", "proj_out"): _install_transformer_2d,
             ("GELU", "proj"): _install_gelu}
 
 
 def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
-    """Apply kernels/fusions.py's sites inside module m."""
+    """Apply shapetune/fusions.py's sites inside module m."""
     for path, site in sites_of(m).items():
         if site.kind == "silu":
             report.patched["group_norm+silu"] += _fuse_silu(m.get_submodule(path), getattr(m, site.act))

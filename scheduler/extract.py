@@ -4,7 +4,7 @@ Each supported module type has a handler in ``HANDLERS`` that turns one call of 
 into zero or more ``Workload``s: nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers' GEGLU
 and Attention; another family is one handler and one table entry. ``extract_fused_workloads`` then
 folds in the fusions kernels.patch applies (GroupNorm+SiLU, conv / linear + residual, linear + gelu),
-read from kernels/fusions.py, the one table both use.
+read from shapetune/fusions.py, the one table both use.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from shapetune.workload import Workload, linear_workload
 
 if TYPE_CHECKING:
-    from kernels.fusions import Site
+    from shapetune.fusions import Site
 
 # handler(module, args, kwargs, output, dtype) -> workloads produced by this one call
 Handler = Callable[[nn.Module, tuple, dict, object, str], list[Workload]]
@@ -276,7 +276,7 @@ def sd15_linear_workloads(
     batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
 ) -> list[ExtractedOp]:
     """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass (a linear diffusers follows
-    with a residual add or a gelu, kernels.fusions, becomes that epilogue's workload; SD 1.5 has none).
+    with a residual add or a gelu, shapetune.fusions, becomes that epilogue's workload; SD 1.5 has none).
 
     Parameters
     ----------
@@ -332,7 +332,7 @@ def sd15_attention_workloads(
 
 
 def fused_workload(w: Workload, site: Site | None) -> Workload | None:
-    """The workload of `w`'s op with the elementwise op diffusers runs after it (a kernels.fusions Site)
+    """The workload of `w`'s op with the elementwise op diffusers runs after it (a shapetune.fusions Site)
     in the epilogue: group_norm(+silu), conv2d(+residual), linear epilogue (bias,) residual / gelu.
     None where the site does not apply to this op (keep w)."""
     from kernels.defs_conv import conv2d_workload, stride_padding
@@ -353,7 +353,7 @@ def fused_workload(w: Workload, site: Site | None) -> Workload | None:
 
 
 def apply_fusions(ops: list[ExtractedOp], sites: dict[str, Site]) -> list[ExtractedOp]:
-    """Split each op's modules by their fusion site (`sites`: kernels.fusions.fusion_sites of the
+    """Split each op's modules by their fusion site (`sites`: shapetune.fusions.fusion_sites of the
     model) into the fused workload (fused_workload) where one applies; calls are shared pro rata."""
     out: dict = {}
     for op in ops:
@@ -371,9 +371,9 @@ def apply_fusions(ops: list[ExtractedOp], sites: dict[str, Site]) -> list[Extrac
 
 def extract_fused_workloads(model: nn.Module, example_inputs: dict, dtype: str = "float16",
                             handlers: dict[type, Handler] | None = None) -> list[ExtractedOp]:
-    """extract_workloads, then the fusions kernels.patch applies (kernels.fusions: GroupNorm+SiLU,
+    """extract_workloads, then the fusions kernels.patch applies (shapetune.fusions: GroupNorm+SiLU,
     conv/linear + residual, linear + gelu) folded into the workloads of the modules they follow."""
-    from kernels.fusions import fusion_sites
+    from shapetune.fusions import fusion_sites
 
     return apply_fusions(extract_workloads(model, example_inputs, dtype, handlers), fusion_sites(model))
 
@@ -392,7 +392,7 @@ def _sd15_fused(handlers: dict, batch: int, height: int, width: int, dtype: str,
 def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
                         fuse_silu: bool = True) -> list[ExtractedOp]:
     """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass; GroupNorms
-    that diffusers follows with SiLU (kernels.fusions) become group_norm(+silu) workloads with `fuse_silu`."""
+    that diffusers follows with SiLU (shapetune.fusions) become group_norm(+silu) workloads with `fuse_silu`."""
     return _sd15_fused({k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)}, batch, height, width, dtype,
                        fuse_silu)
 
@@ -400,7 +400,7 @@ def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dty
 def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dtype: str = "float16",
                         fuse_residual: bool = True) -> list[ExtractedOp]:
     """The distinct conv2d workloads of one SD 1.5 UNet forward pass; convs whose output diffusers
-    adds a residual to (kernels.fusions: ResnetBlock2D.conv2, Transformer2DModel's 1x1 proj_out)
+    adds a residual to (shapetune.fusions: ResnetBlock2D.conv2, Transformer2DModel's 1x1 proj_out)
     become conv2d(+residual) workloads with `fuse_residual`."""
     return _sd15_fused({nn.Conv2d: HANDLERS[nn.Conv2d]}, batch, height, width, dtype, fuse_residual)
 

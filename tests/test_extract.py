@@ -155,10 +155,10 @@ def test_sd15_attention_workloads():
 
 
 def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
-    """kernels/fusions.py on SD 1.5: SiLU follows every resnet's norm1/norm2 and conv_norm_out; a
+    """shapetune/fusions.py on SD 1.5: SiLU follows every resnet's norm1/norm2 and conv_norm_out; a
     residual is added to every resnet's conv2 and every Transformer2DModel's 1x1 proj_out (no linear
     carries one, no GELU: SD 1.5's attentions have no residual_connection, its FeedForwards are GEGLU)."""
-    from kernels.fusions import fusion_sites
+    from shapetune.fusions import fusion_sites
 
     sites = fusion_sites(unet)
     names = [n for n, _ in unet.named_modules()]
@@ -172,7 +172,7 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
 
 def test_fused_workload_folds_the_site_into_the_epilogue():
     from kernels.defs_conv import conv2d_workload
-    from kernels.fusions import GELU_EPILOGUE, RESIDUAL, Site
+    from shapetune.fusions import GELU_EPILOGUE, RESIDUAL, Site
     from scheduler.extract import fused_workload
 
     lin = linear_workload(10, 24, 12, "float32", bias=True)

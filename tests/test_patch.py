@@ -46,7 +46,7 @@ def _run(unet):
 
 def _residual_convs():
     """The tiny UNet's conv2d+residual workloads tuned in tuned_db: a ResnetBlock2D conv2 (3x3) and a
-    Transformer2DModel proj_out (1x1), as scheduler.extract lists them (kernels/fusions.py's sites)."""
+    Transformer2DModel proj_out (1x1), as scheduler.extract lists them (shapetune/fusions.py's sites)."""
     ops = [o for o in extract_fused_workloads(_unet(), _inputs(), "float32", handlers=HANDLERS)
            if o.workload.op == "conv2d" and "residual" in o.workload.epilogue]
     resnet = next(o for o in ops if o.modules[0].endswith(".conv2"))
@@ -201,7 +201,7 @@ def test_torch_compile_of_a_patched_unet(registry):
     assert kernels.fallback_summary()["attention"].get("tuned", 0) >= 8
 
 
-# -- extraction and patching agree (kernels/fusions.py is the one table both read) ------------------
+# -- extraction and patching agree (shapetune/fusions.py is the one table both read) ------------------
 def _dispatched(model, inputs, tmp_path):
     """The workloads a patched `model` dispatches in one forward (registry lookups, nothing tuned)."""
     from kernels.registry import Registry
