@@ -17,10 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .defs_attn import attention_workload
-from .registry import get_registry
+from .dispatch import SUPPORTED, count, tuned
 from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
-
-SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -47,20 +45,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     _check(q, k, v)
     b, sq, h, d = q.shape
     skv = k.shape[1]
-    reg = get_registry()
     is_gpu = q.is_cuda
-    cause = ("unsupported_dtype" if q.dtype not in SUPPORTED else "empty" if q.numel() == 0 or skv == 0
-             else "other_device" if is_gpu != reg.target.is_gpu else None)
-    if cause:
-        reg.calls[("attention", cause)] += 1
-        return _torch(q, k, v, scale)
     sig = ("attention", b, sq, skv, h, d, q.dtype, scale, q.device.type)
-    res = reg.lookup(sig, lambda: attention_workload(b, sq, skv, h, d, SUPPORTED[q.dtype], scale))
-    reg.count("attention", res)
-    if res.fn is None:
+    res = tuned("attention", sig, lambda: attention_workload(b, sq, skv, h, d, SUPPORTED[q.dtype], scale),
+                q.dtype, is_gpu, empty=q.numel() == 0 or skv == 0)
+    if res is None:
         return _torch(q, k, v, scale)
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        reg.calls[("attention", "relayout_copy")] += 1
+        count("attention", "relayout_copy")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     call_on_current_stream(res.fn, [q, k, v, out], is_gpu)

@@ -23,10 +23,9 @@ from typing import Optional
 import torch
 
 from .defs_conv import conv2d_workload
-from .registry import get_registry
+from .dispatch import SUPPORTED, count, tuned
 from .runtime import call_on_current_stream, call_op, shapetune_op
 
-SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 CL = torch.channels_last
 
 
@@ -66,13 +65,13 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return v if v.is_contiguous() else v.contiguous()
 
 
-def _ohwi(weight: torch.Tensor, reg) -> torch.Tensor:
+def _ohwi(weight: torch.Tensor) -> torch.Tensor:
     """weight [Co, Ci, KH, KW] as the kernel's contiguous [Co, KH, KW, Ci], from its current
     values: a view of a channels_last weight, else a copy (counted)."""
     v = weight.permute(0, 2, 3, 1)
     if v.is_contiguous():
         return v
-    reg.calls[("conv2d", "weight_relayout")] += 1
+    count("conv2d", "weight_relayout")
     return v.contiguous()
 
 
@@ -89,21 +88,15 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     ho, wo = _check(x, weight, bias, stride, padding, residual)
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
-    reg = get_registry()
     is_gpu = x.is_cuda
     has_b, has_r = bias is not None, residual is not None
-    if x.dtype not in SUPPORTED or x.numel() == 0 or is_gpu != reg.target.is_gpu:
-        cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if x.numel() == 0
-                 else "other_device")
-        reg.calls[("conv2d", cause)] += 1
-        return _torch_conv(x, weight, bias, stride, padding, residual)
     sig = ("conv2d", n, h, w, ci, co, kh, kw, stride, padding, x.dtype, has_b, has_r, x.device.type)
-    res = reg.lookup(sig, lambda: conv2d_workload(n, h, w, ci, co, kh, kw, stride, padding, SUPPORTED[x.dtype],
-                                                  has_b, has_r))
-    reg.count("conv2d", res)
-    if res.fn is None:
+    res = tuned("conv2d", sig, lambda: conv2d_workload(n, h, w, ci, co, kh, kw, stride, padding,
+                                                       SUPPORTED[x.dtype], has_b, has_r),
+                x.dtype, is_gpu, empty=x.numel() == 0)
+    if res is None:
         return _torch_conv(x, weight, bias, stride, padding, residual)
-    args = [_nhwc(x), _ohwi(weight, reg)]
+    args = [_nhwc(x), _ohwi(weight)]
     if has_b:
         args.append(bias.contiguous())
     if has_r:

@@ -14,27 +14,24 @@ import torch.nn.functional as F
 
 from shapetune.workload import geglu_workload, linear_workload
 
-from .linear import SUPPORTED, _check
-from .registry import get_registry
+from .dispatch import SUPPORTED, tuned
+from .linear import _check
 from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
 
 
 def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,
          kernel_args: Callable, fallback: Callable) -> torch.Tensor:
-    """The tuned kernel for this call's signature, else fallback() (the reason counted under op)."""
+    """The tuned kernel for this call's signature, else fallback() (the reason counted under op).
+    x [..., k] -> [..., n_out]; make_workload(m, dtype name), kernel_args(m) -> the tensors between
+    x [m, k] and out [m, n_out]."""
     m = x.numel() // k if k else 0
-    reg = get_registry()
-    if x.dtype not in SUPPORTED or m == 0 or x.is_cuda != reg.target.is_gpu:
-        cause = "unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0 else "other_device"
-        reg.calls[(op, cause)] += 1
-        return fallback()
+    is_gpu = x.is_cuda
     sig = (op, m, n_out, k, x.dtype, x.device.type) + sig_extra
-    res = reg.lookup(sig, lambda: make_workload(m, SUPPORTED[x.dtype]))
-    reg.count(op, res)
-    if res.fn is None:
+    res = tuned(op, sig, lambda: make_workload(m, SUPPORTED[x.dtype]), x.dtype, is_gpu, empty=m == 0)
+    if res is None:
         return fallback()
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    call_on_current_stream(res.fn, [x.reshape(m, k).contiguous()] + kernel_args(m) + [out], x.is_cuda)
+    call_on_current_stream(res.fn, [x.reshape(m, k).contiguous()] + kernel_args(m) + [out], is_gpu)
     return out.reshape(*x.shape[:-1], n_out)
 
 

@@ -8,12 +8,8 @@ import torch
 
 from shapetune.workload import linear_workload
 
-from .defs import TORCH_DTYPE
-from .registry import get_registry
+from .dispatch import SUPPORTED, tuned
 from .runtime import call_on_current_stream, call_op, shapetune_op
-
-SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
-_DTYPE_NAME = {v: k for k, v in TORCH_DTYPE.items()}
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -35,16 +31,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     _check(x, weight, bias)
     n, k = weight.shape
     m = x.numel() // k if k else 0
-    reg = get_registry()
     is_gpu = x.is_cuda
     sig = ("linear", m, n, k, x.dtype, bias is not None, x.device.type)
-    if x.dtype not in SUPPORTED or m == 0 or (is_gpu != reg.target.is_gpu):
-        cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0 else "other_device")
-        reg.calls[("linear", cause)] += 1
-        return torch.nn.functional.linear(x, weight, bias)
-    res = reg.lookup(sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None))
-    reg.count("linear", res)
-    if res.fn is None:
+    res = tuned("linear", sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None),
+                x.dtype, is_gpu, empty=m == 0)
+    if res is None:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(m, k).contiguous()
     args = [x2, weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])

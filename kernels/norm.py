@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .defs_norm import group_norm_workload, layer_norm_workload
-from .registry import get_registry
+from .dispatch import SUPPORTED, count, tuned
 from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
-
-SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}
 
 
 # -- group_norm -------------------------------------------------------------------------------------
@@ -54,32 +52,25 @@ def _gn_out_like(x: torch.Tensor) -> torch.Tensor:
 def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float, silu: bool) -> torch.Tensor:
     _check_gn(x, num_groups, weight, bias)
-    reg = get_registry()
     if x.dim() == 4:
         n, c, h, w = x.shape
         hw = h * w
     else:
         n, hw, c = x.shape
     is_gpu = x.is_cuda
-    cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if x.numel() == 0
-             else "no_affine" if weight is None or bias is None else "other_device" if is_gpu != reg.target.is_gpu
-             else None)
-    if cause:
-        reg.calls[("group_norm", cause)] += 1
-        return _gn_torch(x, num_groups, weight, bias, eps, silu)
     sig = ("group_norm", n, hw, c, num_groups, x.dtype, eps, silu, x.device.type)
-    res = reg.lookup(sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu))
-    reg.count("group_norm", res)
-    if res.fn is None:
+    res = tuned("group_norm", sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu),
+                x.dtype, is_gpu, empty=x.numel() == 0, no_affine=weight is None or bias is None)
+    if res is None:
         return _gn_torch(x, num_groups, weight, bias, eps, silu)
     if x.dim() == 4:
         if not x.is_contiguous(memory_format=torch.channels_last):
-            reg.calls[("group_norm", "relayout_copy")] += 1
+            count("group_norm", "relayout_copy")
             x = x.contiguous(memory_format=torch.channels_last)
         x3 = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view: channels-last memory is [N, H, W, C]
     else:
         if not x.is_contiguous():
-            reg.calls[("group_norm", "relayout_copy")] += 1
+            count("group_norm", "relayout_copy")
         x3 = x.contiguous()
     out = _gn_out_like(x)
     out3 = out.permute(0, 2, 3, 1).reshape(n, hw, c) if x.dim() == 4 else out
@@ -134,18 +125,11 @@ def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     _check_ln(x, weight, bias)
     c = x.shape[-1]
     m = x.numel() // c if c else 0
-    reg = get_registry()
     is_gpu = x.is_cuda
-    cause = ("unsupported_dtype" if x.dtype not in SUPPORTED else "empty" if m == 0
-             else "no_affine" if weight is None or bias is None else "other_device" if is_gpu != reg.target.is_gpu
-             else None)
-    if cause:
-        reg.calls[("layer_norm", cause)] += 1
-        return F.layer_norm(x, (c,), weight, bias, eps).contiguous()
     sig = ("layer_norm", m, c, x.dtype, eps, x.device.type)
-    res = reg.lookup(sig, lambda: layer_norm_workload(m, c, SUPPORTED[x.dtype], eps))
-    reg.count("layer_norm", res)
-    if res.fn is None:
+    res = tuned("layer_norm", sig, lambda: layer_norm_workload(m, c, SUPPORTED[x.dtype], eps),
+                x.dtype, is_gpu, empty=m == 0, no_affine=weight is None or bias is None)
+    if res is None:
         return F.layer_norm(x, (c,), weight, bias, eps).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     call_on_current_stream(res.fn, [x.reshape(m, c).contiguous(), weight.contiguous(), bias.contiguous(),
