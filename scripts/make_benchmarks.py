@@ -484,11 +484,10 @@ def summary(logs: Logs) -> str:
     cards = ", ".join(sorted({logs.runs(rel)[0]["target"]["device_name"] for rel in gpu}))
     rows = norm_rows(logs)
     tvm = logs.tvm(LINEAR)
-    multi_run_note = ""
     return "\n\n".join([
         f"## Summary: SD 1.5 UNet op families (batch 2, 512², fp16), {cards}, {logs.dates(*gpu)}",
         "Each figure is a geomean over the family's distinct workloads. Each workload's ratio is against the vendor "
-        f"path, measured in the same run{multi_run_note}. Details and commands are in the sections below. "
+        "path, measured in the same run. Details and commands are in the sections below. "
         f"\"dispatches to\" applies the registry's rule (the tuned kernel only where it measured at least {MARGIN:.0%} "
         "faster than the fastest vendor path of the same run) to these numbers.",
         table([("family", "l"), ("workloads", "r"), ("trials each", "r"), ("shapetune vs vendor", "l"),
