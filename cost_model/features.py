@@ -24,7 +24,7 @@ from shapetune.workload import Workload
 FeatureFn = Callable[[Workload, Target, Mapping], Mapping[str, float]]
 
 _FEATURE_FNS: dict[str, FeatureFn] = {}
-#: every epilogue step of the op families (kernels/defs*.py); each gets an `epi:<step>` 0/1 column
+#: every epilogue step of the op families (shapetune/ops/); each gets an `epi:<step>` 0/1 column
 EPILOGUE_STEPS = ("bias", "gelu", "residual", "affine", "silu", "gelu_gate")
 _DTYPE_BYTES = {"bool": 1, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 

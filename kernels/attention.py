@@ -16,9 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .defs_attn import attention_workload
+from shapetune.ops.attention import attention_workload
 from .dispatch import SUPPORTED, count, tuned
-from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
+from scheduler.loader import call_on_current_stream
+
+from .custom_op import call_op, register_recompute_autograd, shapetune_op
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -12,7 +12,7 @@ Nothing derived from a tensor's values is cached: every call reads the live weig
 through `.data` (which do not bump a tensor's version counter, e.g. a PEFT LoRA merge), `copy_`,
 `param.data = t` and `load_state_dict` all take effect on the next call. (Audit, issue 8: the
 other caches on the call path hold no tensor values either: the registry's resolutions are keyed
-by shape signature, runtime.load_function by artifact path; linear, the fused ops, the norms and
+by shape signature, scheduler.loader.load_function by artifact path; linear, the fused ops, the norms and
 attention read their tensors per call.)
 """
 
@@ -22,9 +22,11 @@ from typing import Optional
 
 import torch
 
-from .defs_conv import conv2d_workload
+from shapetune.ops.conv import conv2d_workload
 from .dispatch import SUPPORTED, count, tuned
-from .runtime import call_on_current_stream, call_op, shapetune_op
+from scheduler.loader import call_on_current_stream
+
+from .custom_op import call_op, shapetune_op
 
 CL = torch.channels_last
 

@@ -22,11 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
+from shapetune.ops import SUPPORTED  # torch dtype -> workload dtype served (re-exported to the ops)
 from shapetune.workload import Workload
 
 from .registry import Resolution, get_registry
-
-SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}  # torch dtype -> workload dtype
 
 
 def tuned(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: torch.dtype, is_gpu: bool,

@@ -1,6 +1,6 @@
 """Fused linear ops: shapetune::linear_gelu, shapetune::linear_residual, shapetune::geglu.
 
-Each runs the tuned kernel for its shape (kernels.defs linear epilogues, kernels.defs_geglu) or,
+Each runs the tuned kernel for its shape (shapetune.ops.linear epilogues, shapetune.ops.geglu) or,
 without one, torch's own unfused ops, counting the reason like shapetune::linear. Inference only:
 no autograd formula is registered (backward through them raises).
 """
@@ -12,11 +12,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from shapetune.workload import geglu_workload, linear_workload
+from shapetune.ops.linear import linear_workload
+
+from shapetune.ops.geglu import geglu_workload
 
 from .dispatch import SUPPORTED, tuned
 from .linear import _check
-from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
+from scheduler.loader import call_on_current_stream
+
+from .custom_op import call_op, register_recompute_autograd, shapetune_op
 
 
 def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,

@@ -6,10 +6,12 @@ from typing import Optional
 
 import torch
 
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 from .dispatch import SUPPORTED, tuned
-from .runtime import call_on_current_stream, call_op, shapetune_op
+from scheduler.loader import call_on_current_stream
+
+from .custom_op import call_op, shapetune_op
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):

@@ -14,9 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .defs_norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload
 from .dispatch import SUPPORTED, count, tuned
-from .runtime import call_on_current_stream, call_op, register_recompute_autograd, shapetune_op
+from scheduler.loader import call_on_current_stream
+
+from .custom_op import call_op, register_recompute_autograd, shapetune_op
 
 
 # -- group_norm -------------------------------------------------------------------------------------

@@ -63,15 +63,18 @@ from __future__ import annotations
 import types
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from shapetune.fusions import sites_of
+from shapetune.ops import ModuleRule, module_rules, rule_for
+
 from .attention import attention
 from .conv import conv2d
 from .fused import geglu, linear_gelu, linear_residual
-from shapetune.fusions import sites_of
 from .linear import linear
 from .norm import group_norm, layer_norm
 
@@ -248,14 +251,45 @@ class AttnProcessor:
         return o / attn.rescale_output_factor
 
 
-# -- patch / unpatch --------------------------------------------------------------------------------
-def _diffusers_types():
-    try:
-        from diffusers.models.activations import GEGLU
-        from diffusers.models.attention_processor import Attention
-    except ImportError:  # pragma: no cover
-        return None, None
-    return GEGLU, Attention
+# -- the patch table ---------------------------------------------------------------------------------
+def _replace_forward(fn, kind: str):
+    def install(m: nn.Module, fuse: bool, report: PatchReport) -> None:
+        _set_forward(m, fn, kind, report)
+
+    return install
+
+
+def _install_conv(m: nn.Conv2d, fuse: bool, report: PatchReport) -> None:
+    _conv_weight_channels_last(m)
+    _set_forward(m, _conv_forward, "conv2d", report)
+
+
+def _install_attention(m: nn.Module, fuse: bool, report: PatchReport) -> None:
+    prev = m.get_processor()
+    fuse_residual = fuse and sites_of(m).get("to_out.0") is not None
+    m.set_processor(AttnProcessor(prev, fuse_residual))
+    setattr(m, _MARK, "attention")
+    report.patched["attention"] += 1
+    if fuse_residual:
+        report.patched["linear+residual"] += 1
+
+
+#: module rule kind (shapetune.ops.ModuleRule.kind) -> install(module, fuse, report): the replacement
+REPLACEMENTS = {
+    "linear": _replace_forward(_linear_forward, "linear"),
+    "conv2d": _install_conv,
+    "group_norm": _replace_forward(_group_norm_forward, "group_norm"),
+    "layer_norm": _replace_forward(_layer_norm_forward, "layer_norm"),
+    "geglu": _replace_forward(_geglu_forward, "geglu"),
+    "attention": _install_attention,
+}
+
+
+def patch_table() -> dict[type, tuple[ModuleRule, Callable]]:
+    """{module type: (its rule, its replacement)}: the one table patch is driven by. The rules
+    (shapetune.ops: which instances are served, and the workloads of a call) are the ones
+    scheduler.extract extracts with; every rule kind has a replacement here."""
+    return {t: (r, REPLACEMENTS[r.kind]) for t, r in module_rules().items()}
 
 
 def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
@@ -286,42 +320,20 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"kernels.patch: expected an nn.Module (e.g. pipe.unet), got {type(model).__name__}")
-    GEGLU, Attention = _diffusers_types()
+    table = patch_table()
+    rules = {t: r for t, (r, _) in table.items()}
     report = PatchReport()
-    for name, m in model.named_modules():
+    for m in model.modules():
         if getattr(m, _MARK, None):
             continue
-        t = type(m)
-        if t is nn.Linear:
-            _set_forward(m, _linear_forward, "linear", report)
-        elif t is nn.Conv2d:
-            pad = m.padding
-            if (m.groups != 1 or tuple(m.dilation) != (1, 1) or m.stride[0] != m.stride[1] or isinstance(pad, str)
-                    or pad[0] != pad[1] or m.padding_mode != "zeros"):
-                report.skipped["conv2d: grouped/dilated/non-square/non-zero padding"] += 1
-            else:
-                _conv_weight_channels_last(m)
-                _set_forward(m, _conv_forward, "conv2d", report)
-        elif t is nn.GroupNorm:
-            if m.affine:
-                _set_forward(m, _group_norm_forward, "group_norm", report)
-            else:
-                report.skipped["group_norm: no affine"] += 1
-        elif t is nn.LayerNorm:
-            if len(m.normalized_shape) == 1 and m.elementwise_affine and m.bias is not None:
-                _set_forward(m, _layer_norm_forward, "layer_norm", report)
-            else:
-                report.skipped["layer_norm: not 1-D affine with bias"] += 1
-        elif GEGLU is not None and t is GEGLU:
-            _set_forward(m, _geglu_forward, "geglu", report)
-        elif Attention is not None and isinstance(m, Attention):
-            prev = m.get_processor()
-            fuse_residual = fuse and sites_of(m).get("to_out.0") is not None
-            m.set_processor(AttnProcessor(prev, fuse_residual))
-            setattr(m, _MARK, "attention")
-            report.patched["attention"] += 1
-            if fuse_residual:
-                report.patched["linear+residual"] += 1
+        rule = rule_for(m, rules)
+        if rule is None:
+            continue
+        why = rule.unsupported(m)
+        if why is not None:
+            report.skipped[why] += 1
+        else:
+            REPLACEMENTS[rule.kind](m, fuse, report)
     if fuse:
         for m in model.modules():
             _fuse_sites(m, report)

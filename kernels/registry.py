@@ -309,7 +309,7 @@ def load_kernel(w: Workload, target: Target, record: MeasureResult) -> Callable:
     """The compiled function of a record: from the kernel cache, or built (once) into it."""
     from scheduler.builder import artifact_name, build_one
 
-    from .runtime import load_function
+    from scheduler.loader import load_function
 
     cache = config.kernel_cache_dir(target.key)
     path = cache / artifact_name(w, record.candidate)

@@ -1,8 +1,9 @@
 """Extract tunable workloads from a PyTorch model by running it once with forward hooks.
 
 Each supported module type has a handler in ``HANDLERS`` that turns one call of the module
-into zero or more ``Workload``s: nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers' GEGLU
-and Attention; another family is one handler and one table entry. ``extract_fused_workloads`` then
+into zero or more ``Workload``s: the op families' module rules (shapetune.ops: nn.Linear,
+nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers' GEGLU and Attention), the same rules kernels.patch
+patches by; another family is one rule in its shapetune/ops file. ``extract_fused_workloads`` then
 folds in the fusions kernels.patch applies (GroupNorm+SiLU, conv / linear + residual, linear + gelu),
 read from shapetune/fusions.py, the one table both use.
 """
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shapetune.workload import Workload, linear_workload
+from shapetune.ops import ModuleRule, module_rules
+from shapetune.ops.linear import linear_workload
+from shapetune.workload import Workload
 
 if TYPE_CHECKING:
     from shapetune.fusions import Site
@@ -44,102 +47,40 @@ class ExtractedOp:
     calls: int
 
 
-def _linear_handler(module: nn.Linear, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """y = x @ W^T (+ b): m = product of x's leading dims, n = out_features, k = in_features."""
-    x = args[0] if args else kwargs["input"]
-    m = math.prod(x.shape[:-1])
-    return [linear_workload(m, module.out_features, module.in_features, dtype, module.bias is not None)]
+def rule_handler(rule: ModuleRule) -> Handler:
+    """A module rule (shapetune.ops) as a forward-hook handler: [] for an instance the rule does not
+    serve (kernels.patch keeps torch's forward there), else the rule's workloads of this call."""
+
+    def handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
+        if rule.unsupported(module) is not None:
+            return []
+        return rule.workloads(module, args, kwargs, dtype)
+
+    handler.rule = rule
+    return handler
 
 
-def _group_norm_handler(module: nn.GroupNorm, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """x [N, C, H, W] -> group_norm(n, hw=H*W, c, g), channels-last; SiLU fusion is decided by the
-    caller from the module names (the SiLU that follows is a separate module or call)."""
-    from kernels.defs_norm import group_norm_workload
-
-    x = args[0] if args else kwargs["input"]
-    if not module.affine or x.dim() < 3:
-        return []
-    return [group_norm_workload(x.shape[0], math.prod(x.shape[2:]), x.shape[1], module.num_groups, dtype,
-                                module.eps)]
+#: module type -> handler, from the op families' module rules (shapetune.ops, the rules kernels.patch
+#: patches by): nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Conv2d, diffusers GEGLU and Attention.
+HANDLERS: dict[type, Handler] = {t: rule_handler(r) for t, r in module_rules().items()}
 
 
-def _layer_norm_handler(module: nn.LayerNorm, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """x [..., C] -> layer_norm(m = product of leading dims, c); affine over the last dim only."""
-    from kernels.defs_norm import layer_norm_workload
-
-    x = args[0] if args else kwargs["input"]
-    if len(module.normalized_shape) != 1 or not module.elementwise_affine or module.bias is None:
-        return []
-    return [layer_norm_workload(math.prod(x.shape[:-1]), x.shape[-1], dtype, module.eps)]
-
-
-def _conv2d_handler(module: nn.Conv2d, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """x [N, Ci, H, W] -> conv2d(n, h, w, ci, co, kh, kw, stride, padding), channels-last; only
-    square stride/padding, dilation 1, groups 1, zero padding. A fused residual add is decided by
-    the caller from the module names (the add happens outside the module)."""
-    from kernels.defs_conv import conv2d_workload
-
-    x = args[0] if args else kwargs["input"]
-    (sh, sw), pad = module.stride, module.padding
-    if (module.groups != 1 or tuple(module.dilation) != (1, 1) or sh != sw or isinstance(pad, str)
-            or pad[0] != pad[1] or module.padding_mode != "zeros" or x.dim() != 4):
-        return []
-    n, ci, h, w = x.shape
-    co, _, kh, kw = module.weight.shape
-    return [conv2d_workload(n, h, w, ci, co, kh, kw, sh, pad[0], dtype, module.bias is not None)]
-
-
-def _geglu_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """diffusers GEGLU: proj = Linear(dim_in, 2 * dim_out); y = h * gelu(g), (h, g) = proj(x).chunk(2):
-    geglu(m = product of x's leading dims, f = dim_out, k = dim_in). Without a bias: nothing."""
-    from shapetune.workload import geglu_workload
-
-    x = args[0] if args else kwargs["hidden_states"]
-    proj = module.proj
-    if proj.bias is None or proj.out_features % 2:
-        return []
-    return [geglu_workload(math.prod(x.shape[:-1]), proj.out_features // 2, proj.in_features, dtype)]
-
-
-def _attention_handler(module: nn.Module, args: tuple, kwargs: dict, output, dtype: str) -> list[Workload]:
-    """diffusers Attention: softmax(q kᵀ · scale) v over `heads` heads: attention(b, sq, skv, h, d) with
-    sq the query tokens and skv those of encoder_hidden_states (cross) or of the queries (self).
-    Not extracted: masks, 4-D (spatial) inputs, normalized q/k, or a head dim that isn't inner_dim / heads."""
-    from kernels.defs_attn import attention_workload
-
-    x = args[0] if args else kwargs["hidden_states"]
-    ctx = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-    if x.dim() != 3 or mask is not None or getattr(module, "norm_q", None) is not None \
-            or getattr(module, "spatial_norm", None) is not None or module.inner_dim % module.heads:
-        return []
-    skv = ctx.shape[1] if ctx is not None else x.shape[1]
-    return [attention_workload(x.shape[0], x.shape[1], skv, module.heads, module.inner_dim // module.heads, dtype,
-                               module.scale)]
-
-
-#: module type -> handler; subclasses use their nearest registered base class.
-HANDLERS: dict[type, Handler] = {
-    nn.Linear: _linear_handler,
-    nn.GroupNorm: _group_norm_handler,
-    nn.LayerNorm: _layer_norm_handler,
-    nn.Conv2d: _conv2d_handler,
-}
-
-try:  # diffusers' feed-forward gate and attention (a dependency; guarded so extraction works without it)
-    from diffusers.models.activations import GEGLU as _DiffusersGEGLU
-    from diffusers.models.attention_processor import Attention as _DiffusersAttention
-
-    HANDLERS[_DiffusersGEGLU] = _geglu_handler
-    HANDLERS[_DiffusersAttention] = _attention_handler
-except ImportError:  # pragma: no cover
-    pass
+def handlers_for(*kinds: str) -> dict[type, Handler]:
+    """The HANDLERS of the named rule kinds ("linear", "conv2d", "group_norm", ...)."""
+    return {t: h for t, h in HANDLERS.items() if h.rule.kind in kinds}
 
 
 def _handler_for(module: nn.Module, handlers: dict[type, Handler]) -> Handler | None:
-    for cls in type(module).__mro__:
-        if cls in handlers:
-            return handlers[cls]
+    """The handler of module's exact type, else of its nearest base class whose rule covers
+    subclasses (shapetune.ops.rule_for); a handler without a rule (a caller's own) covers them all."""
+    h = handlers.get(type(module))
+    if h is not None:
+        return h
+    for cls in type(module).__mro__[1:]:
+        h = handlers.get(cls)
+        if h is not None:
+            rule = getattr(h, "rule", None)
+            return h if rule is None or rule.subclasses else None
     return None
 
 
@@ -294,7 +235,7 @@ def sd15_linear_workloads(
     list of ExtractedOp
         One per distinct workload, in order of first call.
     """
-    return _sd15_fused({nn.Linear: _linear_handler}, batch, height, width, dtype, True, seq)
+    return _sd15_fused(handlers_for("linear"), batch, height, width, dtype, True, seq)
 
 
 def sd15_geglu_workloads(
@@ -305,13 +246,11 @@ def sd15_geglu_workloads(
 
     Parameters and returns as ``sd15_linear_workloads``.
     """
-    from diffusers.models.activations import GEGLU
-
     from scheduler.sd_configs import build_sd15_unet
 
     unet = build_sd15_unet(device="meta")
     inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
-    return extract_workloads(unet, inputs, dtype=dtype, handlers={GEGLU: _geglu_handler})
+    return extract_workloads(unet, inputs, dtype=dtype, handlers=handlers_for("geglu"))
 
 
 def sd15_attention_workloads(
@@ -322,21 +261,19 @@ def sd15_attention_workloads(
 
     Parameters and returns as ``sd15_linear_workloads``.
     """
-    from diffusers.models.attention_processor import Attention
-
     from scheduler.sd_configs import build_sd15_unet
 
     unet = build_sd15_unet(device="meta")
     inputs = sd15_unet_inputs(batch, height, width, seq, device="meta")
-    return extract_workloads(unet, inputs, dtype=dtype, handlers={Attention: _attention_handler})
+    return extract_workloads(unet, inputs, dtype=dtype, handlers=handlers_for("attention"))
 
 
 def fused_workload(w: Workload, site: Site | None) -> Workload | None:
     """The workload of `w`'s op with the elementwise op diffusers runs after it (a shapetune.fusions Site)
     in the epilogue: group_norm(+silu), conv2d(+residual), linear epilogue (bias,) residual / gelu.
     None where the site does not apply to this op (keep w)."""
-    from kernels.defs_conv import conv2d_workload, stride_padding
-    from kernels.defs_norm import eps_of, group_norm_workload
+    from shapetune.ops.conv import conv2d_workload, stride_padding
+    from shapetune.ops.norm import eps_of, group_norm_workload
 
     if site is None:
         return None
@@ -393,7 +330,7 @@ def sd15_norm_workloads(batch: int = 2, height: int = 512, width: int = 512, dty
                         fuse_silu: bool = True) -> list[ExtractedOp]:
     """The distinct group_norm / layer_norm workloads of one SD 1.5 UNet forward pass; GroupNorms
     that diffusers follows with SiLU (shapetune.fusions) become group_norm(+silu) workloads with `fuse_silu`."""
-    return _sd15_fused({k: HANDLERS[k] for k in (nn.GroupNorm, nn.LayerNorm)}, batch, height, width, dtype,
+    return _sd15_fused(handlers_for("group_norm", "layer_norm"), batch, height, width, dtype,
                        fuse_silu)
 
 
@@ -402,7 +339,7 @@ def sd15_conv_workloads(batch: int = 2, height: int = 512, width: int = 512, dty
     """The distinct conv2d workloads of one SD 1.5 UNet forward pass; convs whose output diffusers
     adds a residual to (shapetune.fusions: ResnetBlock2D.conv2, Transformer2DModel's 1x1 proj_out)
     become conv2d(+residual) workloads with `fuse_residual`."""
-    return _sd15_fused({nn.Conv2d: HANDLERS[nn.Conv2d]}, batch, height, width, dtype, fuse_residual)
+    return _sd15_fused(handlers_for("conv2d"), batch, height, width, dtype, fuse_residual)
 
 
 #: family -> the function listing its SD 1.5 UNet workloads (batch, height, width, dtype keywords)

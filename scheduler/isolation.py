@@ -15,7 +15,7 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-PRELOAD = ["tvm", "torch", "shapetune", "kernels.defs", "scheduler.templates"]
+PRELOAD = ["tvm", "torch", "shapetune", "shapetune.ops", "scheduler.templates"]
 
 
 class WorkerCrashed(RuntimeError):

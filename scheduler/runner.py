@@ -101,7 +101,7 @@ def min_traffic_bytes(w: Workload) -> int:
     w's dims (a bucket at its nominal dims), in the dtypes the runner passes."""
     import torch
 
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     od = opdef(w.op)
     meta = torch.device("meta")
@@ -173,7 +173,7 @@ def _calling(artifact: str, od, w: Workload, is_gpu: bool):
     call(prepared + [out]) -> its output; restore(output) -> in the op's layout (untimed)."""
     variant = vendor_variant(artifact)
     if variant is None:
-        from kernels.runtime import call_on_current_stream, load_function
+        from scheduler.loader import call_on_current_stream, load_function
 
         fn = load_function(artifact, is_gpu)
 
@@ -195,7 +195,7 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     """Worker entry point. Returns a plain dict (pickled back to the tuner)."""
     import torch
 
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     from .verify import check_output
 
@@ -335,7 +335,7 @@ def _timing_sets(w: Workload, dev, rotate_bytes: int) -> list:
     fresh inputs)."""
     import torch
 
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     key = (w.key, str(dev), rotate_bytes)
     if key not in _sets_cache:
@@ -377,7 +377,7 @@ class Runner:
     def vendors(self, workload: Workload) -> dict[str, RunResult]:
         """{variant: result} for the op's default vendor path ("") and each of
         OpDef.vendor_variants, measured now, one after the other."""
-        from kernels.defs import opdef
+        from shapetune.ops import opdef
 
         return {v: self.run(workload, vendor_artifact(v)) for v in ("", *opdef(workload.op).vendor_variants)}
 
@@ -397,7 +397,7 @@ def vendor_baselines(runner: Runner, workload: Workload, run_id: str) -> dict[st
     """Every vendor path of the op timed in run `run_id` ({variant: baseline}, the default under
     ""), each named OpDef.baseline_name(variant): what dispatch compares a record of that run with.
     Raises RuntimeError if one fails (a vendor path that does not verify is a broken setup)."""
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     od, out = opdef(workload.op), {}
     for v, r in runner.vendors(workload).items():

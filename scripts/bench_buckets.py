@@ -26,7 +26,7 @@ from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.target import detect  # noqa: E402
-from shapetune.workload import linear_workload  # noqa: E402
+from shapetune.ops.linear import linear_workload  # noqa: E402
 
 # SD 1.5 GEMMs at other batch sizes and resolutions than the 512² batch-2 representatives.
 GPU_SHAPES = [(12800, 320, 320, False), (3200, 640, 640, False), (800, 1280, 1280, False),

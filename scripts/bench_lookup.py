@@ -23,7 +23,7 @@ from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.records import Candidate, LatencyStats, MeasureResult  # noqa: E402
 from shapetune.target import detect  # noqa: E402
-from shapetune.workload import linear_workload  # noqa: E402
+from shapetune.ops.linear import linear_workload  # noqa: E402
 
 
 def per_call_ns(fn, n: int) -> float:

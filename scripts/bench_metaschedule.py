@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 # -- shapes -----------------------------------------------------------------------------------
 def parse_shapes(spec: str, dtype: str = "float16") -> list:
     """'m8192_n320_k320,m8192_n2560_k320+bias' -> [Workload, ...] ('_bias' works too)."""
-    from shapetune.workload import linear_workload
+    from shapetune.ops.linear import linear_workload
 
     out = []
     for s in (x.strip() for x in spec.split(",")):
@@ -103,7 +103,7 @@ def ms_runner_init() -> None:
     root = _os.environ.get("SHAPETUNE_REPO")
     if root and root not in _sys.path:
         _sys.path.insert(0, root)
-    from kernels.runtime import ensure_cuda_runtime
+    from scheduler.loader import ensure_cuda_runtime
 
     ensure_cuda_runtime()
 
@@ -123,7 +123,7 @@ def ms_runner(target):
 def ms_module(w):
     import tvm
 
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     return tvm.IRModule({"main": opdef(w.op).prim_func(w)})
 

@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.defs import opdef  # noqa: E402
+from shapetune.ops import opdef  # noqa: E402
 from scheduler.builder import build_one, preload_for  # noqa: E402
 from scheduler.isolation import IsolatedPool  # noqa: E402
 from kernels.registry import servable, vendor_us  # noqa: E402
@@ -79,11 +79,11 @@ MEMORY_BOUND = {"group_norm", "layer_norm"}
 
 def flops(w) -> float | None:
     if w.op == "attention":
-        from kernels.defs_attn import attention_flops
+        from shapetune.ops.attention import attention_flops
 
         return attention_flops(w)
     if w.op == "conv2d":
-        from kernels.defs_conv import conv2d_flops
+        from shapetune.ops.conv import conv2d_flops
 
         return conv2d_flops(w)
     try:

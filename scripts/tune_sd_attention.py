@@ -3,7 +3,7 @@
     python scripts/tune_sd_attention.py --trials 32 --db sd_attn.db --export tuning_logs/sm90_attention.jsonl.xz
 
 Self-attention at 4096/1024/256/64 latent tokens and cross-attention to 77 text tokens, 8 heads,
-head dim 40/80/160/160, fp16, "bshd" tensors (kernels/defs_attn.py). Per workload: the best verified
+head dim 40/80/160/160, fp16, "bshd" tensors (shapetune/ops/attention.py). Per workload: the best verified
 flash-style TVM kernel and the vendor path as diffusers runs it (torch SDPA on the [b, h, s, d]
 views, output transposed back), both measured in this run, with TFLOP/s (4·b·h·sq·skv·d flops);
 the summary is printed as a table and written as JSON.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.defs_attn import attention_flops  # noqa: E402
+from shapetune.ops.attention import attention_flops  # noqa: E402
 from scheduler import jobs  # noqa: E402
 from scheduler.extract import sd15_attention_workloads  # noqa: E402
 

@@ -3,7 +3,7 @@
     python scripts/tune_sd_conv.py --trials 32 --db sd_conv.db --json sd_conv.json \
         --export tuning_logs/sm90_conv.jsonl.xz
 
-Convs are channels-last implicit GEMMs (kernels/defs_conv.py). ResnetBlock2D's conv2 and
+Convs are channels-last implicit GEMMs (shapetune/ops/conv.py). ResnetBlock2D's conv2 and
 Transformer2DModel's proj_out are tuned with the residual add fused (diffusers adds it right
 after). Prints, per workload, the best verified TVM kernel, TVM's dlight default and the vendor
 path (cuDNN through F.conv2d on channels_last tensors), all measured in this run, and writes the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.defs_conv import conv2d_flops  # noqa: E402
+from shapetune.ops.conv import conv2d_flops  # noqa: E402
 from scheduler import jobs  # noqa: E402
 from scheduler.extract import sd15_conv_workloads  # noqa: E402
 

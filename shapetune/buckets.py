@@ -22,7 +22,7 @@ Dynamic dims per op family: linear: m (batch x tokens; n and k come from the wei
 hw (spatial size; batch stays exact); layer_norm: m (rows).
 geglu: m (batch x tokens, as linear). attention: sq and skv (query and key/value tokens), each on
 the same pow2 edges; batch, heads and head dim stay exact.
-conv2d: none (n, h, w exact; `kernels/defs_conv.py`'s note says why).
+conv2d: none (n, h, w exact; `shapetune/ops/conv.py`'s note says why).
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
 """
 

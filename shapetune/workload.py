@@ -129,7 +129,7 @@ class Workload:
         if params and not self._default_layout(params):
             parts.append("".join(f"{k}{v}" for k, v in params))
         parts.append(_short(self.dtype))
-        if self.acc_dtype != _acc_dtype(self.dtype):
+        if self.acc_dtype != acc_dtype(self.dtype):
             parts.append(f"acc{_short(self.acc_dtype)}")
         return "_".join(parts) + "".join(f"+{e}" for e in self.epilogue)
 
@@ -148,52 +148,19 @@ class Workload:
 
     @property
     def flops(self) -> float:
-        d = self.dim
-        if self.op == "linear":
-            return 2.0 * d["m"] * d["n"] * d["k"]
-        if self.op == "geglu":  # one GEMM with 2f outputs per row
-            return 2.0 * d["m"] * 2 * d["f"] * d["k"]
-        raise NotImplementedError(self.op)
+        """Useful flops of the op at these dims (its definition's `flops`, shapetune.ops)."""
+        from shapetune.ops import opdef
+
+        fn = opdef(self.op).flops
+        if fn is None:
+            raise NotImplementedError(f"{self.op} is memory-bound: it has no flops count")
+        return fn(self)
 
 
 def _short(dtype: str) -> str:
     return DTYPE_SHORT.get(dtype, dtype)
 
 
-def _acc_dtype(dtype: str) -> str:
+def acc_dtype(dtype: str) -> str:
+    """The accumulator type of an op computing in dtype: fp32 for fp16/bf16/fp32, else dtype."""
     return "float32" if dtype in ("float16", "bfloat16", "float32") else dtype
-
-
-def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True,
-                    m_range: tuple[int, int] | None = None,
-                    epilogue: tuple[str, ...] | None = None) -> Workload:
-    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32. m_range makes m dynamic.
-
-    epilogue, when given, replaces the one `bias` implies, e.g. ("bias", "gelu") or
-    ("bias", "residual") (kernels.defs.LINEAR_EPILOGUE_STEPS).
-    """
-    return Workload(
-        op="linear",
-        dims=(("m", m), ("n", n), ("k", k)),
-        dtype=dtype,
-        acc_dtype=_acc_dtype(dtype),
-        layout="x[m,k] w[n,k] -> y[m,n]",
-        epilogue=tuple(epilogue) if epilogue is not None else (("bias",) if bias else ()),
-        dynamic=(("m", *m_range),) if m_range else (),
-    )
-
-
-def geglu_workload(m: int, f: int, k: int, dtype: str = "float16",
-                   m_range: tuple[int, int] | None = None) -> Workload:
-    """diffusers' GEGLU: h, g = (x[m, k] @ W[2f, k]^T + b[2f]).chunk(2, -1); y[m, f] = h * gelu(g).
-
-    The kernel takes W as its free view [2, f, k] and b as [2, f] (half 0: h, half 1: the gate)."""
-    return Workload(
-        op="geglu",
-        dims=(("m", m), ("f", f), ("k", k)),
-        dtype=dtype,
-        acc_dtype=_acc_dtype(dtype),
-        layout="x[m,k] w[2,f,k] b[2,f] -> y[m,f]",
-        epilogue=("bias", "gelu_gate"),
-        dynamic=(("m", *m_range),) if m_range else (),
-    )

@@ -12,7 +12,7 @@ from scheduler.templates.base import Template, register
 
 
 def wrong_linear_prim_func(w):
-    """linear with the same signature as kernels.defs.linear_prim_func, but the reduction skips the
+    """linear with the same signature as shapetune.ops.linear.linear_prim_func, but the reduction skips the
     last k and the bias is dropped: plausible-looking, wrong output."""
     from tvm import te
 

@@ -3,7 +3,7 @@
 Tolerances (scheduler.verify.TOLERANCES): float32 on the CPU, 1e-4 elementwise and 1e-5 relative L2.
 Scores, softmax and P·V all stay in fp32 here; the only differences from the float64 reference are
 the summation orders of the d-long dot products and the skv-long sums (~sqrt(n) * 6e-8 relative),
-three orders of magnitude below the bound. The fp16 GPU bounds are argued in kernels/defs_attn.py.
+three orders of magnitude below the bound. The fp16 GPU bounds are argued in shapetune/ops/attention.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import kernels
-from kernels.defs import opdef
-from kernels.defs_attn import attention_workload, scale_of
+from shapetune.ops import opdef
+from shapetune.ops.attention import attention_workload, scale_of
 from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output

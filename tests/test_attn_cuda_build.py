@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.defs_attn import attention_workload
+from shapetune.ops.attention import attention_workload
 from scheduler import templates
 from scheduler.templates.attn_cuda import SMEM_LIMIT, head_pad, smem_bytes
 from shapetune.records import Candidate

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.defs_attn import attention_workload, scale_of  # noqa: E402
-from kernels.runtime import call_on_current_stream, load_function  # noqa: E402
+from shapetune.ops.attention import attention_workload, scale_of  # noqa: E402
+from scheduler.loader import call_on_current_stream, load_function  # noqa: E402
 from scheduler.builder import build_one  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402

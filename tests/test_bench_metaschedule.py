@@ -71,7 +71,7 @@ def test_llvm_end_to_end(tmp_path):
     from shapetune.db import TuningDB
     from shapetune.records import Candidate, LatencyStats, MeasureResult
     from shapetune.target import detect
-    from shapetune.workload import linear_workload
+    from shapetune.ops.linear import linear_workload
 
     w = linear_workload(32, 48, 64, "float32", bias=True)
     db_path = tmp_path / "st.db"

@@ -19,7 +19,7 @@ def _bench():
 
 
 def test_bench_tuned_on_a_tiny_llvm_db(tmp_path):
-    from kernels.defs_norm import group_norm_workload
+    from shapetune.ops.norm import group_norm_workload
     from scheduler.runner import copy_bytes, min_traffic_bytes
     from shapetune.db import TuningDB
     from shapetune.records import Candidate, LatencyStats, MeasureResult

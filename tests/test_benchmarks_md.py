@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 REPO = Path(__file__).resolve().parents[1]
 

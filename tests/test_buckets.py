@@ -15,7 +15,7 @@ from shapetune.buckets import DEFAULT, POW2, concrete, verification_members
 from shapetune.cli import main as cli
 from shapetune.db import TuningDB
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 
 # -- policy --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from click.testing import CliRunner
 
-from shapetune.cli_db import db
+from shapetune.cli.db_cmd import db
 from shapetune.db import SCHEMA_VERSION, TuningDB
 from shapetune.records import Candidate
 from test_db import CPU, H100, W1, W2, history
@@ -191,11 +191,12 @@ def test_main_cli_has_db():
 
 def test_shape_workload_for_every_op():
     """`db best OP --shape` builds the workload a call of OP at that shape makes, for every family."""
-    from kernels.defs_attn import attention_workload
-    from kernels.defs_conv import conv2d_workload
-    from kernels.defs_norm import group_norm_workload
-    from shapetune.cli_db import shape_workload
-    from shapetune.workload import geglu_workload, linear_workload
+    from shapetune.ops.attention import attention_workload
+    from shapetune.ops.conv import conv2d_workload
+    from shapetune.ops.norm import group_norm_workload
+    from shapetune.cli.db_cmd import shape_workload
+    from shapetune.ops.linear import linear_workload
+    from shapetune.ops.geglu import geglu_workload
 
     f16 = "float16"
     assert shape_workload("linear", "m=154,n=320,k=768", f16, False) == linear_workload(154, 320, 768, f16, False)

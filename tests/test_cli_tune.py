@@ -77,7 +77,8 @@ def test_parallel_workers_merge_shards_and_survive_a_crashing_shard(tmp_path):
     (here on an unknown op) loses nothing it measured before, and the others' results all arrive."""
     from scheduler.parallel import tune_parallel
     from scheduler.tuner import TuneOptions
-    from shapetune.workload import Workload, linear_workload
+    from shapetune.workload import Workload
+    from shapetune.ops.linear import linear_workload
 
     a, b = linear_workload(16, 8, 16, "float32", False), linear_workload(24, 8, 16, "float32", True)
     bad = Workload(op="no_such_op", dims=(("m", 1),), dtype="float32", acc_dtype="float32", layout="", epilogue=())

@@ -15,12 +15,12 @@ import torch
 from torch.library import opcheck
 
 import kernels
-from kernels.defs import opdef
+from shapetune.ops import opdef
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output
 from shapetune.target import detect
 
-from kernels.defs_conv import conv2d_workload, gemm_dims  # noqa: I001
+from shapetune.ops.conv import conv2d_workload, gemm_dims  # noqa: I001
 
 # (n, h, w, ci, co, kh, kw, stride, padding, bias, residual): odd sizes, both strides and kernels
 SHAPES = [(2, 7, 9, 8, 12, 3, 3, 2, 1, True, False),

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 
 import kernels  # noqa: E402
-from kernels.defs_conv import conv2d_workload  # noqa: E402
+from shapetune.ops.conv import conv2d_workload  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402

@@ -16,7 +16,7 @@ from cost_model import (FeatureSpace, RandomCostModel, XGBCostModel, featurize, 
                         mean_spearman, register_feature_fn, spearman, topk_recall)
 from shapetune.records import Candidate, LatencyStats, MeasureResult
 from shapetune.target import Target
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "test_gemm_tiled"
@@ -201,7 +201,7 @@ PLAIN = Candidate("test_untiled", (("vec", 4),))  # a template without analytica
 
 
 def _twins():
-    from kernels.defs_conv import conv2d_workload
+    from shapetune.ops.conv import conv2d_workload
 
     lin = [linear_workload(256, 320, 320), linear_workload(256, 320, 320, bias=False),
            linear_workload(256, 320, 320, epilogue=("bias", "gelu")),

@@ -11,7 +11,7 @@ import pytest
 from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line, line_sha256, record_to_json
 from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from shapetune.target import Target
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 H100 = Target("cuda", "sm_90", "NVIDIA H100 80GB HBM3", 132, "0.27.0", "13.0", "2.11.0")
 CPU = Target("llvm", "znver3", "AMD EPYC 7B13", 16, "0.27.0", "", "2.11.0")

@@ -17,7 +17,7 @@ from scheduler.tuner import TuneOptions, Tuner, search_space
 from shapetune.db import TuningDB
 from shapetune.records import LatencyStats, MeasureResult, VendorBaseline
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 W = linear_workload(16, 8, 16, "float32", bias=False)
 VENDOR = "torch.nn.functional.linear"
@@ -206,8 +206,8 @@ def test_tuner_runs_pair_records_with_their_own_vendor(tmp_path, cpu):
 
 def test_tuner_measures_every_vendor_variant_in_the_same_run(tmp_path, cpu):
     """group_norm's vendor variants (issue 8 item 3) are each stored as a baseline of the run."""
-    from kernels.defs import opdef
-    from kernels.defs_norm import group_norm_workload
+    from shapetune.ops import opdef
+    from shapetune.ops.norm import group_norm_workload
 
     od = opdef("group_norm")
     variants = getattr(od, "vendor_variants", {})

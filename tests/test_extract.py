@@ -15,7 +15,7 @@ from scheduler.extract import (
     sd15_unet_inputs,
 )
 from scheduler.sd_configs import build_sd15_unet
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_meta_failure_falls_back_to_cpu():
 def test_sd15_attention_workloads():
     """Self-attention at 4096/1024/256/64 latent tokens and cross-attention to 77 text tokens, 8 heads,
     head dim 40/80/160/160, diffusers' scale (dim_head ** -0.5) naming the same kernel as 1/sqrt(d)."""
-    from kernels.defs_attn import attention_workload
+    from shapetune.ops.attention import attention_workload
     from scheduler.extract import sd15_attention_workloads
 
     ops = {op.workload: op.calls for op in sd15_attention_workloads()}
@@ -171,7 +171,7 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
 
 
 def test_fused_workload_folds_the_site_into_the_epilogue():
-    from kernels.defs_conv import conv2d_workload
+    from shapetune.ops.conv import conv2d_workload
     from shapetune.fusions import GELU_EPILOGUE, RESIDUAL, Site
     from scheduler.extract import fused_workload
 

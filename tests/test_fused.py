@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import kernels
-from kernels.defs import opdef
+from shapetune.ops import opdef
 from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output
 from shapetune.buckets import DEFAULT, verification_members
 from shapetune.target import cuda_target, detect
-from shapetune.workload import geglu_workload, linear_workload
+from shapetune.ops.linear import linear_workload
+from shapetune.ops.geglu import geglu_workload
 
 EPILOGUES = [("bias", "gelu"), ("bias", "residual"), ("gelu",), ("residual",), ("bias", "gelu", "residual")]
 ODD = [(1, 7, 13), (37, 24, 40)]  # m=1 and primes: ragged tiles everywhere

@@ -19,7 +19,8 @@ import kernels  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402
-from shapetune.workload import geglu_workload, linear_workload  # noqa: E402
+from shapetune.ops.linear import linear_workload  # noqa: E402
+from shapetune.ops.geglu import geglu_workload  # noqa: E402
 
 M, N, K = 300, 200, 96  # odd m and n: padding paths (linear epilogues)
 GM, GF = 256, 320  # geglu_cuda_wmma takes whole tiles only

@@ -13,7 +13,7 @@ import kernels  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402
-from shapetune.workload import linear_workload  # noqa: E402
+from shapetune.ops.linear import linear_workload  # noqa: E402
 
 SHAPES = [(154, 320, 768, False), (300, 200, 96, True)]  # odd m and n: padding paths
 

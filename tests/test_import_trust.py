@@ -20,7 +20,7 @@ from shapetune.cli import main
 from shapetune.db import DBError, TuningDB, from_json_line, record_to_json
 from shapetune.records import Candidate, LatencyStats, MeasureResult
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 W = linear_workload(16, 8, 16, "float32", bias=False)
 W_ONLY_WRONG = linear_workload(24, 8, 16, "float32", bias=False)

@@ -14,18 +14,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = {"shapetune": 0, "cost_model": 1, "scheduler": 2, "kernels": 3}
-CLI = {"shapetune.cli", "shapetune.cli_db"}  # the roof: it alone may import every floor
+CLI = {"shapetune.cli"}  # the roof (a package: shapetune/cli/): it alone may import every floor
 
-# scheduler -> kernels: op definitions (compute definition, inputs, reference, vendor path) still live in
-# kernels/defs*.py; issue 9 item 2 moves them to the bottom floor, which removes every one of these.
-_DEFS = "op definitions in kernels/defs*.py"
-KNOWN = {
-    ("scheduler.extract", "kernels"): _DEFS,
-    ("scheduler.runner", "kernels"): _DEFS + "; kernels.runtime loads and launches a built kernel",
-    **{(f"scheduler.templates.{t}", "kernels"): _DEFS for t in (
-        "attn_cuda", "attn_llvm", "conv_cuda", "conv_llvm", "dlight", "geglu_cuda", "geglu_llvm", "gemm_cuda",
-        "gemm_llvm", "norm_cuda", "norm_cuda_split", "norm_llvm")},
-}
+# (importing module, package it imports upward) -> why it is still there. Empty since the op
+# definitions moved to shapetune/ops (issue 9 item 2); keep it empty.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def cli_module(module: str) -> str | None:

@@ -15,7 +15,7 @@ from kernels.registry import Registry, servable, vendor_us
 from scheduler.tuner import TuneOptions, tune
 from shapetune.db import TuningDB
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 SHAPES = [(37, 24, 40, True), (16, 8, 16, False)]
 
@@ -112,7 +112,7 @@ def test_direct_path_only_where_the_dispatcher_adds_nothing(registry):
     give the same result."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels.runtime import direct_ok
+    from kernels.custom_op import direct_ok
 
     x, w, b = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8)
     assert direct_ok((x, w, b)) and direct_ok((x, w, None))

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import kernels
-from kernels.defs import opdef
-from kernels.defs_norm import eps_of, group_norm_workload, layer_norm_workload
+from shapetune.ops import opdef
+from shapetune.ops.norm import eps_of, group_norm_workload, layer_norm_workload
 from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import check_output

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.defs_norm import group_norm_workload, layer_norm_workload  # noqa: E402
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.target import detect  # noqa: E402

@@ -59,7 +59,7 @@ def tuned_db(tmp_path_factory):
     """A few of the tiny UNet's workloads tuned on llvm (1-2 trials each): attention (self and
     cross), GroupNorm with fused SiLU, a GEGLU, and RESIDUAL_CONVS (conv2d+residual; no plain conv);
     everything else stays untuned (torch fallback)."""
-    from kernels.defs_norm import eps_of, group_norm_workload
+    from shapetune.ops.norm import eps_of, group_norm_workload
 
     ops = extract_workloads(_unet(), _inputs(), "float32", handlers=HANDLERS)
     ws = [o.workload for o in ops if o.workload.op in ("attention", "geglu")]

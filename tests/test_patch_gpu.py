@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 
 import kernels  # noqa: E402
-from kernels.defs_norm import eps_of, group_norm_workload  # noqa: E402
+from shapetune.ops.norm import eps_of, group_norm_workload  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.extract import HANDLERS, extract_workloads  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.defs_norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_l2_size_is_read_from_the_device():
 
 # -- item 3: vendor variants -------------------------------------------------------------------
 def test_baseline_names():
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
 
     gn = opdef("group_norm")
     assert gn.baseline_name() == "torch.nn.functional.group_norm"
@@ -181,7 +181,7 @@ def test_group_norm_nchw_variant_is_verified_and_timed(cpu, silu):
     """The NCHW-contiguous baseline runs on its own layout and is checked in the op's layout."""
     import torch
 
-    from kernels.defs import opdef
+    from shapetune.ops import opdef
     from scheduler.runner import VENDOR, RunOptions, measure_one, vendor_artifact
     from scheduler.verify import check_output
 

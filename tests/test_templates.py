@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from kernels.defs import opdef
+from shapetune.ops import opdef
 from scheduler import templates
 from scheduler.verify import check_output
 from shapetune.records import Candidate
 from shapetune.target import cuda_target, detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 SHAPES = [(1, 7, 13), (37, 64, 96), (64, 64, 64)]  # m=1 / primes, ragged tiles, all-divisible
 PER_TEMPLATE = 4  # sampled candidates per (template, shape)

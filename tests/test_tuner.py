@@ -20,7 +20,7 @@ from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import TOLERANCES
 from shapetune.db import TuningDB
 from shapetune.target import detect
-from shapetune.workload import linear_workload
+from shapetune.ops.linear import linear_workload
 
 TOL = TOLERANCES["float32"][2]
 
@@ -166,7 +166,7 @@ def test_host_bound_detection_uses_the_median_gap():
 
 def test_copy_yardstick_moves_the_ops_minimal_bytes(cpu):
     """The runner's COPY pseudo-artifact (bandwidth yardstick of memory-bound ops) times a copy."""
-    from kernels.defs_norm import layer_norm_workload
+    from shapetune.ops.norm import layer_norm_workload
     from scheduler.runner import COPY, RunOptions, measure_one
 
     w = layer_norm_workload(256, 96, "float32")

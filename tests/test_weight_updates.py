@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 import kernels
-from kernels.defs_conv import conv2d_workload
-from kernels.defs_norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.conv import conv2d_workload
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload
 from scheduler.tuner import TuneOptions, tune
 from shapetune.target import detect
-from shapetune.workload import geglu_workload, linear_workload
+from shapetune.ops.linear import linear_workload
+from shapetune.ops.geglu import geglu_workload
 
 peft = pytest.importorskip("peft")
 GEGLU = pytest.importorskip("diffusers.models.activations").GEGLU

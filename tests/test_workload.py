@@ -6,11 +6,12 @@ from collections import defaultdict
 
 import pytest
 
-from kernels.defs_attn import attention_workload
-from kernels.defs_conv import conv2d_workload
-from kernels.defs_norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.attention import attention_workload
+from shapetune.ops.conv import conv2d_workload
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload
 from shapetune.buckets import DEFAULT
-from shapetune.workload import Workload, linear_workload
+from shapetune.workload import Workload
+from shapetune.ops.linear import linear_workload
 
 
 def _clashes(workloads) -> dict[str, set[str]]:

@@ -58,7 +58,7 @@ TVM 0.27 notes (found writing this; [built] = compiled here, [measured] = ran on
 - A key loop with one trip (skv <= kv_tile) is simplified away; StorageRewrite then shares one
   allocation between the fp32 S and an fp16 tile and the build fails ("tvm_access_ptr element type
   must match the source buffer"). An annotation on the loop keeps it [built].
-- Runtime-only TVM (the GPU bundle) rejected kernels.runtime.ensure_cuda_runtime's str lib paths
+- Runtime-only TVM (the GPU bundle) rejected scheduler.loader.ensure_cuda_runtime's str lib paths
   ("extra_lib_paths[0] must be a pathlib.Path") and scheduler.cuda_compile's callback called
   Target.current(), absent there ("_ffi_api has no attribute TargetCurrent") [measured; both fixed].
 """
@@ -96,7 +96,7 @@ def attention_kernel(workload, kn: dict):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from kernels.defs_attn import scale_of
+    from shapetune.ops.attention import scale_of
 
     dd = workload.dim
     B, H, D = dd["b"], dd["h"], dd["d"]

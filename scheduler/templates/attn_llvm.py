@@ -9,7 +9,7 @@ the output, which is vectorized `vec` wide when it divides d.
 
 from __future__ import annotations
 
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 

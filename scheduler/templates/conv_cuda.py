@@ -10,8 +10,8 @@ gemm_cuda's (the same knobs, tiles, pipeline and fused epilogue: bias, residual,
 
 from __future__ import annotations
 
-from kernels.defs import opdef
-from kernels.defs_conv import gemm_dims, out_hw
+from shapetune.ops import opdef
+from shapetune.ops.conv import gemm_dims, out_hw
 
 from .base import Template, register
 from .gemm_cuda import GemmCudaWMMA, schedule_wmma_gemm, wmma_features

@@ -9,8 +9,8 @@ right after each tile.
 
 from __future__ import annotations
 
-from kernels.defs import opdef
-from kernels.defs_conv import out_hw
+from shapetune.ops import opdef
+from shapetune.ops.conv import out_hw
 
 from .base import Template, register
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 

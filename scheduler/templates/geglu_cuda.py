@@ -22,7 +22,7 @@ this template does not apply to bucket workloads; geglu buckets get dlight alone
 
 from __future__ import annotations
 
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 from .gemm_cuda import (SMEM_LIMIT, STATIC_SMEM_LIMIT, _inline_producers, annotate_pipeline, tensorize_wmma,

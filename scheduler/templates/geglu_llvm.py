@@ -8,7 +8,7 @@ both; the epilogue runs right after the tile, so the [2, m, f] projection stays 
 from __future__ import annotations
 
 from cost_model import dtype_bytes, gemm_tile_features
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 from .gemm_llvm import _try

@@ -10,7 +10,7 @@ Shapes that are not tile multiples are padded (pad_einsum), so every shape is co
 from __future__ import annotations
 
 from cost_model import dtype_bytes, gemm_tile_features
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 

@@ -7,7 +7,7 @@ the epilogue (bias, gelu, residual, cast) is computed right after its tile so th
 from __future__ import annotations
 
 from cost_model import gemm_tile_features, dtype_bytes
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from cost_model import dtype_bytes
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 

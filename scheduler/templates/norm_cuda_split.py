@@ -15,7 +15,7 @@ x is read twice, but SD's activations (<= 21 MB at batch 2) stay in the 50/60 MB
 kernels, so DRAM sees about x once and y once. The two statistics come from one reduction block
 over a stacked axis t in {0: x, 1: x^2} (rfactor then splits it over S), so one kernel computes
 both. S must divide hw (rfactor of a non-perfect split is refused), so shape buckets (symbolic hw)
-stay with norm_cuda. The PrimFunc is this template's own variant of kernels/defs_norm's definition
+stay with norm_cuda. The PrimFunc is this template's own variant of shapetune/ops/norm.py's definition
 (same arguments, same math) — verified against the same float64 reference as every candidate.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from cost_model import dtype_bytes
-from kernels.defs_norm import _normalize, eps_of
+from shapetune.ops.norm import _normalize, eps_of
 
 from .base import Template, register
 from .norm_cuda import inline_elementwise

@@ -7,7 +7,7 @@ interleave the adds).
 
 from __future__ import annotations
 
-from kernels.defs import opdef
+from shapetune.ops import opdef
 
 from .base import Template, register
 from .norm_cuda import group_shape, inline_elementwise, norm_features, regroup_y

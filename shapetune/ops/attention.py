@@ -31,7 +31,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from .defs import TORCH_DTYPE, OpDef, register_op
+from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 LAYOUT = "q[b,sq,h,d] kv[b,skv,h,d] bshd"
 
@@ -139,4 +139,34 @@ def attention_vendor(wl: Workload):
 
 
 register_op("attention", OpDef(attention_prim_func, attention_inputs, attention_output, attention_reference,
-                               attention_vendor, "torch.nn.functional.scaled_dot_product_attention"))
+                               attention_vendor, "torch.nn.functional.scaled_dot_product_attention",
+                               flops=attention_flops))
+
+
+# -- module rule: diffusers Attention ---------------------------------------------------------------
+def _attention_type():
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover
+        return None
+    return Attention
+
+
+def attention_module_workloads(module, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """softmax(q kᵀ · scale) v over `heads` heads: attention(b, sq, skv, h, d) with sq the query tokens
+    and skv those of encoder_hidden_states (cross) or of the queries (self). None for masks, 4-D
+    (spatial) inputs, normalized q/k, or a head dim that isn't inner_dim / heads (the patched
+    processor sends those calls to the one set before)."""
+    x = call_arg(args, kwargs, 0, "hidden_states")
+    ctx = call_arg(args, kwargs, 1, "encoder_hidden_states")
+    mask = call_arg(args, kwargs, 2, "attention_mask")
+    if x.dim() != 3 or mask is not None or getattr(module, "norm_q", None) is not None \
+            or getattr(module, "spatial_norm", None) is not None or module.inner_dim % module.heads:
+        return []
+    skv = ctx.shape[1] if ctx is not None else x.shape[1]
+    return [attention_workload(x.shape[0], x.shape[1], skv, module.heads, module.inner_dim // module.heads, dtype,
+                               module.scale)]
+
+
+register_module_rule(ModuleRule("attention", _attention_type, lambda m: None, attention_module_workloads,
+                                subclasses=True))

@@ -1,14 +1,12 @@
-"""`shapetune`: tune workloads into the DB, and query it (`shapetune db ...`)."""
+"""`shapetune tune` (workloads into the DB) and `shapetune prebuild` (the kernel cache)."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-from . import config
-from .cli_db import db
+from shapetune import config
 
 # Small GEMM sets for the default job: SD 1.5 UNet shapes on a GPU, CPU-sized ones on llvm.
 PRESETS = {
@@ -23,16 +21,7 @@ OPS = ["linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention"]
 SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", "sd15-attention"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="shapetune", message="%(version)s")
-def main():
-    """Auto-scheduled, shape-bucketed kernels for PyTorch, tuned with Apache TVM."""
-
-
-main.add_command(db)
-
-
-@main.command()
+@click.command()
 @click.option("--op", default="linear", show_default=True, type=click.Choice(OPS), help="The op of --shape.")
 @click.option("--shape", "shapes", multiple=True,
               help="Repeatable. linear: m=..,n=..,k=..; other ops: their workload's parameters, e.g. "
@@ -72,15 +61,15 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     from scheduler.tuner import TuneOptions
     from scheduler.tuner import tune as run_tune
 
-    from .target import detect
-    from .workload import linear_workload
+    from shapetune.target import detect
+    from shapetune.ops.linear import linear_workload
 
     try:
         target = detect(None if target_kind == "auto" else target_kind)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     dtype = dtype or ("float16" if target.is_gpu else "float32")
-    from .cli_db import shape_workload
+    from .db_cmd import shape_workload
 
     workloads = [shape_workload(op, s, dtype, bias) for s in shapes]
     if workload_file:
@@ -95,7 +84,7 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     elif preset or not workloads:
         workloads += [linear_workload(m, n, k, dtype, b) for m, n, k, b in PRESETS[preset or "demo"][target.kind]]
     if buckets:
-        from .buckets import DEFAULT
+        from shapetune.buckets import DEFAULT
 
         mapped = [DEFAULT.bucket_of(w) for w in workloads]
         if None in mapped:
@@ -146,7 +135,7 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     _report(rows, target, db_path, fmt)
 
 
-@main.command()
+@click.command()
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
 @click.option("--all", "all_records", is_flag=True,
@@ -168,7 +157,7 @@ def _tune_parallel(workloads, target, db_path, opts, gpus, workers, err) -> list
     """One worker process per GPU (or CPU worker); rows from the merged DB."""
     from scheduler.parallel import tune_parallel
 
-    from .db import TuningDB
+    from shapetune.db import TuningDB
 
     if gpus and target.kind != "cuda":
         raise click.UsageError("--gpus needs the cuda target")
@@ -221,7 +210,3 @@ def _report(rows: list[dict], target, db_path: str, fmt: str) -> None:
     click.echo(f"DB: {db_path}  (query it: shapetune db best --db {db_path})")
     click.echo("vendor/best > 1: the tuned kernel is faster and the op (kernels.linear, ...) uses it; "
                "otherwise it falls back to torch's.")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,37 @@
-"""Compute definitions (TVM TE -> PrimFunc) and PyTorch references, one pair per op family.
-
-The PrimFunc's parameter order is the kernel's calling convention: inputs first, output last
-(destination-passing style), matching what the registry passes at run time.
-"""
+"""linear: y[m, n] = epilogue(x[m, k] · w[n, k]ᵀ), the GEMM of nn.Linear, and its fused epilogues
+(bias, exact gelu, + residual) that kernels.linear_gelu / linear_residual serve."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
 
 import torch
 
-from shapetune.workload import Workload
+from shapetune.workload import Workload, acc_dtype
 
-TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-               "float64": torch.float64}
+from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 
-# -- linear: y[m, n] = epilogue(sum_k x[m, k] * w[n, k])  ------------------------------------------
+def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True,
+                    m_range: tuple[int, int] | None = None,
+                    epilogue: tuple[str, ...] | None = None) -> Workload:
+    """y[m, n] = x[m, k] @ w[n, k]^T (+ b[n]); fp16 accumulates in fp32. m_range makes m dynamic.
+
+    epilogue, when given, replaces the one `bias` implies, e.g. ("bias", "gelu") or
+    ("bias", "residual") (LINEAR_EPILOGUE_STEPS).
+    """
+    return Workload(
+        op="linear",
+        dims=(("m", m), ("n", n), ("k", k)),
+        dtype=dtype,
+        acc_dtype=acc_dtype(dtype),
+        layout="x[m,k] w[n,k] -> y[m,n]",
+        epilogue=tuple(epilogue) if epilogue is not None else (("bias",) if bias else ()),
+        dynamic=(("m", *m_range),) if m_range else (),
+    )
+
+
+# -- compute definition: y[m, n] = epilogue(sum_k x[m, k] * w[n, k])  ------------------------------------------
 # Epilogue steps, applied in order to the fp32 accumulator (each at most once):
 #   "bias"      + b[n]
 #   "gelu"      exact GELU, 0.5 v (1 + erf(v / sqrt 2)) (torch's default approximate="none")
@@ -130,80 +144,23 @@ def linear_vendor(w: Workload):
     return run_epilogue
 
 
-# -- table -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VendorPath:
-    """A vendor call that takes its operands in another layout than the op's calling convention
-    (e.g. NCHW-contiguous where the op is channels-last): prepare(inputs) -> operands in that
-    layout, run(*operands) -> output in that layout, restore(output) -> the op's layout. The runner
-    times `run` only; calling the object does all three (inputs and output in the op's layout)."""
 
-    prepare: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    run: Callable[..., torch.Tensor]
-    restore: Callable[[torch.Tensor], torch.Tensor]
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.restore(self.run(*self.prepare(list(inputs))))
-
-
-class OpDef:
-    """What the tuner, runner and registry need to know about one op family.
-
-    prim_func(w) -> TIR PrimFunc (inputs..., output); inputs(w, device, generator) -> fresh random
-    operands; output(w, device) -> empty output; reference(w, inputs) -> float64 truth on the CPU;
-    vendor(w) -> callable(*inputs) -> output, torch's own implementation as models call it, on the
-    op's own layout (the default baseline, named vendor_name); vendor_variants[v](w) -> a VendorPath,
-    another way torch runs the op that a model may pay instead (e.g. group_norm's "nchw"), named
-    baseline_name(v). The runner measures the default as scheduler.runner.VENDOR and variant v as
-    vendor_artifact(v), both verified against the reference.
-    """
-
-    def __init__(self, prim_func, inputs, output, reference, vendor, vendor_name,
-                 vendor_variants: dict[str, Callable[[Workload], VendorPath]] | None = None):
-        self.prim_func = prim_func
-        self.inputs = inputs
-        self.output = output
-        self.reference = reference
-        self.vendor = vendor
-        self.vendor_name = vendor_name
-        self.vendor_variants = dict(vendor_variants or {})
-
-    def baseline_name(self, variant: str = "") -> str:
-        """vendor_name for the default vendor path, "vendor_name[variant]" for a variant."""
-        if variant and variant not in self.vendor_variants:
-            raise ValueError(f"{self.vendor_name} has no vendor variant {variant!r}; "
-                             f"known: {sorted(self.vendor_variants)}")
-        return f"{self.vendor_name}[{variant}]" if variant else self.vendor_name
-
-
-OPS: dict[str, OpDef] = {}
-
-
-def register_op(name: str, op: OpDef) -> OpDef:
-    OPS[name] = op
-    return op
+def linear_flops(w: Workload) -> float:
+    d = w.dim
+    return 2.0 * d["m"] * d["n"] * d["k"]
 
 
 register_op("linear", OpDef(linear_prim_func, linear_inputs, linear_output, linear_reference, linear_vendor,
-                            "torch.nn.functional.linear"))
+                            "torch.nn.functional.linear", flops=linear_flops))
 
 
-def _load_families():
-    """Import every kernels/defs_<family>.py: each registers its ops on import."""
-    import importlib
-    import pkgutil
 
-    import kernels
-
-    for m in pkgutil.iter_modules(kernels.__path__):
-        if m.name.startswith("defs_"):
-            importlib.import_module(f"kernels.{m.name}")
+# -- module rule: nn.Linear -------------------------------------------------------------------------
+def linear_module_workloads(module: torch.nn.Linear, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """y = x @ W^T (+ b): m = product of x's leading dims, n = out_features, k = in_features."""
+    x = call_arg(args, kwargs, 0, "input")
+    return [linear_workload(math.prod(x.shape[:-1]), module.out_features, module.in_features, dtype,
+                            module.bias is not None)]
 
 
-def opdef(op: str) -> OpDef:
-    if op not in OPS:
-        _load_families()
-    try:
-        return OPS[op]
-    except KeyError:
-        raise ValueError(f"unknown op {op!r}; known: {sorted(OPS)}") from None
+register_module_rule(ModuleRule("linear", lambda: torch.nn.Linear, lambda m: None, linear_module_workloads))

@@ -11,11 +11,36 @@ tile (s, i, j) together, so a thread block holds h and g of the same output colu
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from shapetune.workload import Workload
+from shapetune.workload import Workload, acc_dtype
 
-from .defs import TORCH_DTYPE, OpDef, register_op, te_gelu
+from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
+from .linear import te_gelu
+
+
+def geglu_workload(m: int, f: int, k: int, dtype: str = "float16",
+                   m_range: tuple[int, int] | None = None) -> Workload:
+    """diffusers' GEGLU: h, g = (x[m, k] @ W[2f, k]^T + b[2f]).chunk(2, -1); y[m, f] = h * gelu(g).
+
+    The kernel takes W as its free view [2, f, k] and b as [2, f] (half 0: h, half 1: the gate)."""
+    return Workload(
+        op="geglu",
+        dims=(("m", m), ("f", f), ("k", k)),
+        dtype=dtype,
+        acc_dtype=acc_dtype(dtype),
+        layout="x[m,k] w[2,f,k] b[2,f] -> y[m,f]",
+        epilogue=("bias", "gelu_gate"),
+        dynamic=(("m", *m_range),) if m_range else (),
+    )
+
+
+def geglu_flops(w: Workload) -> float:
+    """One GEMM with 2f outputs per row."""
+    d = w.dim
+    return 2.0 * d["m"] * 2 * d["f"] * d["k"]
 
 
 def geglu_prim_func(w: Workload):
@@ -79,4 +104,26 @@ def geglu_vendor(w: Workload):
 
 
 register_op("geglu", OpDef(geglu_prim_func, geglu_inputs, geglu_output, geglu_reference, geglu_vendor,
-                           "diffusers GEGLU: F.linear + chunk + h * F.gelu(g)"))
+                           "diffusers GEGLU: F.linear + chunk + h * F.gelu(g)", flops=geglu_flops))
+
+
+# -- module rule: diffusers GEGLU -------------------------------------------------------------------
+def _geglu_type():
+    try:
+        from diffusers.models.activations import GEGLU
+    except ImportError:  # pragma: no cover
+        return None
+    return GEGLU
+
+
+def geglu_module_workloads(module, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """proj = Linear(dim_in, 2 * dim_out); y = h * gelu(g), (h, g) = proj(x).chunk(2):
+    geglu(m = product of x's leading dims, f = dim_out, k = dim_in). Without a bias: nothing."""
+    x = call_arg(args, kwargs, 0, "hidden_states")
+    proj = module.proj
+    if proj.bias is None or proj.out_features % 2:
+        return []
+    return [geglu_workload(math.prod(x.shape[:-1]), proj.out_features // 2, proj.in_features, dtype)]
+
+
+register_module_rule(ModuleRule("geglu", _geglu_type, lambda m: None, geglu_module_workloads))

@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from . import config
-from .db import DBError, TuningDB
-from .records import STATUSES, MeasureResult
+from shapetune import config
+from shapetune.db import DBError, TuningDB
+from shapetune.records import STATUSES, MeasureResult
 
 FORMATS = ("table", "json", "csv")
 
@@ -211,11 +211,13 @@ def best(op_arg, op, target_key, shape, dtype, bias, db_path, fmt):
 
 def _shape_factories() -> dict:
     """op -> its workload constructor; --shape's keys are the constructor's parameters."""
-    from kernels.defs_attn import attention_workload
-    from kernels.defs_conv import conv2d_workload
-    from kernels.defs_norm import group_norm_workload, layer_norm_workload
+    from shapetune.ops.attention import attention_workload
+    from shapetune.ops.conv import conv2d_workload
+    from shapetune.ops.norm import group_norm_workload, layer_norm_workload
 
-    from .workload import geglu_workload, linear_workload
+    from shapetune.ops.linear import linear_workload
+
+    from shapetune.ops.geglu import geglu_workload
 
     return {"linear": linear_workload, "geglu": geglu_workload, "group_norm": group_norm_workload,
             "layer_norm": layer_norm_workload, "conv2d": conv2d_workload, "attention": attention_workload}
@@ -258,7 +260,7 @@ def shape_workload(op: str, shape: str, dtype: str, bias: bool):
 def _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt):
     from kernels.registry import Registry
 
-    from .target import detect
+    from shapetune.target import detect
 
     with _open(db_path) as d:
         target = d.target(target_key) if target_key else detect()
@@ -281,7 +283,7 @@ def _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt):
 @_errors
 def buckets(op, db_path, fmt):
     """The shape buckets: stored ones, and this version's policy, with what is tuned per bucket."""
-    from .buckets import DEFAULT
+    from shapetune.buckets import DEFAULT
 
     with _open(db_path) as d:
         stored = {(r["policy"], r["op"], r["dim"], r["lo"], r["hi"]) for r in d.buckets(op)}
@@ -361,7 +363,7 @@ def verify(op, jobs, db_path):
     served. One line per workload."""
     from scheduler.reverify import reverify
 
-    from .target import detect
+    from shapetune.target import detect
 
     target = detect()
     _open(db_path).close()  # a missing DB is an error here, not a new empty one

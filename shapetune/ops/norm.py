@@ -20,13 +20,14 @@ layer_norm (x[m,c], w[c], b[c], y[m,c]).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from shapetune.workload import Workload
 
-from .defs import TORCH_DTYPE, OpDef, VendorPath, register_op
+from . import TORCH_DTYPE, ModuleRule, OpDef, VendorPath, call_arg, register_module_rule, register_op
 
 
 def _acc(dtype: str) -> str:
@@ -226,3 +227,36 @@ register_op("group_norm", OpDef(group_norm_prim_func, group_norm_inputs, group_n
                                 vendor_variants={"nchw": group_norm_vendor_nchw}))
 register_op("layer_norm", OpDef(layer_norm_prim_func, layer_norm_inputs, layer_norm_output, layer_norm_reference,
                                 layer_norm_vendor, "torch.nn.functional.layer_norm"))
+
+
+# -- module rules: nn.GroupNorm, nn.LayerNorm --------------------------------------------------------
+def group_norm_unsupported(module: torch.nn.GroupNorm) -> str | None:
+    return None if module.affine else "group_norm: no affine"
+
+
+def group_norm_module_workloads(module: torch.nn.GroupNorm, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """x [N, C, H, W] -> group_norm(n, hw=H*W, c, g), channels-last; a SiLU that follows is a fusion
+    (shapetune.fusions), applied by the caller."""
+    x = call_arg(args, kwargs, 0, "input")
+    if x.dim() < 3:
+        return []
+    return [group_norm_workload(x.shape[0], math.prod(x.shape[2:]), x.shape[1], module.num_groups, dtype,
+                                module.eps)]
+
+
+def layer_norm_unsupported(module: torch.nn.LayerNorm) -> str | None:
+    if len(module.normalized_shape) == 1 and module.elementwise_affine and module.bias is not None:
+        return None
+    return "layer_norm: not 1-D affine with bias"
+
+
+def layer_norm_module_workloads(module: torch.nn.LayerNorm, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """x [..., C] -> layer_norm(m = product of leading dims, c); affine over the last dim only."""
+    x = call_arg(args, kwargs, 0, "input")
+    return [layer_norm_workload(math.prod(x.shape[:-1]), x.shape[-1], dtype, module.eps)]
+
+
+register_module_rule(ModuleRule("group_norm", lambda: torch.nn.GroupNorm, group_norm_unsupported,
+                                group_norm_module_workloads))
+register_module_rule(ModuleRule("layer_norm", lambda: torch.nn.LayerNorm, layer_norm_unsupported,
+                                layer_norm_module_workloads))

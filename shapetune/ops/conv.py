@@ -28,7 +28,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from .defs import TORCH_DTYPE, OpDef, register_op
+from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 CONV_EPILOGUE_STEPS = ("bias", "residual")
 
@@ -188,4 +188,29 @@ def conv2d_vendor(wl: Workload):
 
 
 register_op("conv2d", OpDef(conv2d_prim_func, conv2d_inputs, conv2d_output, conv2d_reference, conv2d_vendor,
-                            "torch.nn.functional.conv2d (channels_last)"))
+                            "torch.nn.functional.conv2d (channels_last)", flops=conv2d_flops))
+
+
+# -- module rule: nn.Conv2d -------------------------------------------------------------------------
+def conv2d_unsupported(module: torch.nn.Conv2d) -> str | None:
+    """Square stride and padding, dilation 1, groups 1, zero padding only."""
+    pad = module.padding
+    if (module.groups != 1 or tuple(module.dilation) != (1, 1) or module.stride[0] != module.stride[1]
+            or isinstance(pad, str) or pad[0] != pad[1] or module.padding_mode != "zeros"):
+        return "conv2d: grouped/dilated/non-square/non-zero padding"
+    return None
+
+
+def conv2d_module_workloads(module: torch.nn.Conv2d, args: tuple, kwargs: dict, dtype: str) -> list[Workload]:
+    """x [N, Ci, H, W] -> conv2d(n, h, w, ci, co, kh, kw, stride, padding), channels-last; a residual
+    added after it is a fusion (shapetune.fusions), applied by the caller."""
+    x = call_arg(args, kwargs, 0, "input")
+    if x.dim() != 4:
+        return []
+    n, ci, h, w = x.shape
+    co, _, kh, kw = module.weight.shape
+    return [conv2d_workload(n, h, w, ci, co, kh, kw, module.stride[0], module.padding[0], dtype,
+                            module.bias is not None)]
+
+
+register_module_rule(ModuleRule("conv2d", lambda: torch.nn.Conv2d, conv2d_unsupported, conv2d_module_workloads))

@@ -1,0 +1,5 @@
+"""python -m shapetune.cli"""
+
+from . import main
+
+main()
