@@ -43,7 +43,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from shapetune.buckets import timing_members, verification_members
+from shapetune.buckets import timing_members
 from shapetune.records import LatencyStats, VendorBaseline
 from shapetune.target import Target
 from shapetune.workload import Workload
@@ -141,29 +141,6 @@ def _rotate_bytes(opts: RunOptions, dev) -> int:
     return 2 * l2_bytes(dev) if dev.type == "cuda" else 0
 
 
-# -- verification ----------------------------------------------------------------------------------
-_SAME_WIDTH_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def first_modified(after: list, before: list) -> tuple[int, int] | None:
-    """(index, number of changed elements) of the first tensor of `after` that differs from its
-    clone in `before` bit for bit, None if none does."""
-    import torch
-
-    for i, (a, b) in enumerate(zip(after, before)):
-        as_int = getattr(torch, _SAME_WIDTH_INT[a.element_size()])
-        changed = int((a.view(as_int) != b.view(as_int)).sum())
-        if changed:
-            return i, changed
-    return None
-
-
-def _input_names(od, w: Workload) -> list[str]:
-    """The kernel's parameter names (its PrimFunc's buffers), inputs first."""
-    f = od.prim_func(w)
-    return [p.name for p in f.params]
-
-
 def _same(x):
     return x
 
@@ -197,7 +174,7 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
 
     from shapetune.ops import opdef
 
-    from .verify import check_output
+    from .verify import verify
 
     w, tgt = Workload.from_json(workload_json), Target.from_json(target_json)
     od = opdef(w.op)
@@ -207,29 +184,9 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
     prepare, call, restore = _calling(artifact, od, w, tgt.is_gpu)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
-    worst = 0.0
-    # A bucket kernel must be right for every member: check the bounds and an odd size too.
-    members = verification_members(w, random.Random(seed)) if w.dynamic else [w]
-    for trial in range(max(opts.verify_trials, len(members))):
-        mw = members[trial % len(members)]
-        ins = od.inputs(mw, dev, gen)
-        ref = od.reference(mw, ins)  # before the call: a kernel writing into ins cannot move it
-        args = prepare(ins) + [od.output(mw, dev).fill_(float("nan"))]
-        before = [t.clone() for t in args[:-1]]
-        out = call(args)
-        if tgt.is_gpu:
-            torch.cuda.synchronize()
-        where = f" at {mw.name}" if w.dynamic else ""
-        clobbered = first_modified(args[:-1], before)
-        if clobbered is not None:
-            i, changed = clobbered
-            return {"status": "wrong_result", "rel_err": None,
-                    "error": f"input {i} ({_input_names(od, mw)[i]}) modified by the kernel: {changed} of "
-                             f"{args[i].numel()} elements changed{where}"}
-        chk = check_output(restore(out), ref, w.dtype)
-        if not chk.ok:
-            return {"status": "wrong_result", "rel_err": chk.rel_err, "error": chk.reason + where}
-        worst = max(worst, chk.rel_err)
+    verdict = verify(od, w, prepare, call, restore, dev, gen, opts.verify_trials, random.Random(seed), tgt.is_gpu)
+    if not verdict.ok:
+        return {"status": "wrong_result", "rel_err": verdict.rel_err, "error": verdict.reason}
 
     # A bucket kernel is timed across its bucket (upper bound, middle, lower bound) and scored by
     # the geometric mean, so the tuner picks what is good for the whole bucket, not for one size.
@@ -240,7 +197,7 @@ def measure_one(workload_json: dict, target_json: dict, artifact: str, opts: Run
         sets = [prepare(s[:-1]) + [s[-1]] for s in _timing_sets(tw, dev, rotate)]
         per_shape.append(_time(call, sets, opts, tgt.is_gpu))
     samples = [math.exp(sum(math.log(max(x, 1e-3)) for x in col) / len(col)) for col in zip(*per_shape)]
-    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": worst}
+    return {"status": "ok", "latency": LatencyStats.of(samples).to_json(), "rel_err": verdict.rel_err}
 
 
 # -- copies ------------------------------------------------------------------------------------------

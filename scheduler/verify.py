@@ -8,15 +8,23 @@ Tolerances per output dtype (written down, and why):
   bfloat16 8 significant bits (3.9e-3 roundoff): 4e-2 elementwise, 2e-2 in norm.
   float32  accumulation order differs from the reference: ~sqrt(k)*6e-8; 1e-4 / 1e-5.
 Any NaN or Inf fails (outputs are poisoned with NaN before the run, so an unwritten element fails).
-This checks the output only; scheduler.runner also computes the reference before the call and
-requires every input to come back bit-identical (a kernel writing into its inputs is wrong_result).
+The procedure (`verify`, what scheduler.runner runs before timing any candidate, vendor paths
+included): on fresh random inputs per trial (never zeros), the float64 reference is computed before
+the call (a kernel writing into its inputs cannot move it); the output is poisoned with NaN; every
+input must come back bit-identical (`first_modified`: a kernel writing into its inputs is
+wrong_result); then `check_output`. A bucket kernel is checked at its bounds and an odd size
+(shapetune.buckets.verification_members), at least one trial each.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
+
+from shapetune.buckets import verification_members
+from shapetune.workload import Workload
 
 TOLERANCES = {  # dtype: (atol, rtol, max relative L2 error)
     "float16": (1e-2, 1e-2, 5e-3),
@@ -29,7 +37,7 @@ TOLERANCES = {  # dtype: (atol, rtol, max relative L2 error)
 @dataclass(frozen=True)
 class Check:
     ok: bool
-    rel_err: float
+    rel_err: float | None
     reason: str = ""
 
 
@@ -53,3 +61,54 @@ def check_output(out: torch.Tensor, ref: torch.Tensor, dtype: str) -> Check:
     if rel > max_rel:
         return Check(False, rel, f"relative L2 error {rel:.3g} > {max_rel:g}")
     return Check(True, rel)
+
+
+# -- the procedure ------------------------------------------------------------------------------------
+_SAME_WIDTH_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def first_modified(after: list, before: list) -> tuple[int, int] | None:
+    """(index, number of changed elements) of the first tensor of `after` that differs from its
+    clone in `before` bit for bit (integer views: NaN equals NaN, -0.0 differs from +0.0), None if
+    none does."""
+    for i, (a, b) in enumerate(zip(after, before)):
+        as_int = getattr(torch, _SAME_WIDTH_INT[a.element_size()])
+        changed = int((a.view(as_int) != b.view(as_int)).sum())
+        if changed:
+            return i, changed
+    return None
+
+
+def _input_names(od, w: Workload) -> list[str]:
+    """The kernel's parameter names (its PrimFunc's buffers), inputs first."""
+    return [p.name for p in od.prim_func(w).params]
+
+
+def verify(od, w: Workload, prepare, call, restore, dev, gen: torch.Generator, trials: int,
+           rng: random.Random, is_gpu: bool) -> Check:
+    """Run one path (a kernel or a vendor path: prepare(inputs) -> its operands, call(operands +
+    [out]) -> its output, restore(output) -> the op's layout) against od.reference on `trials` fresh
+    inputs (at least one per bucket member checked). ok with the worst relative L2 error, or the
+    first failure with its reason (and the member it failed at, for a bucket)."""
+    members = verification_members(w, rng) if w.dynamic else [w]
+    worst = 0.0
+    for trial in range(max(trials, len(members))):
+        mw = members[trial % len(members)]
+        ins = od.inputs(mw, dev, gen)
+        ref = od.reference(mw, ins)  # before the call: a kernel writing into ins cannot move it
+        args = prepare(ins) + [od.output(mw, dev).fill_(float("nan"))]
+        before = [t.clone() for t in args[:-1]]
+        out = call(args)
+        if is_gpu:
+            torch.cuda.synchronize()
+        where = f" at {mw.name}" if w.dynamic else ""
+        clobbered = first_modified(args[:-1], before)
+        if clobbered is not None:
+            i, changed = clobbered
+            return Check(False, None, f"input {i} ({_input_names(od, mw)[i]}) modified by the kernel: "
+                                      f"{changed} of {args[i].numel()} elements changed{where}")
+        chk = check_output(restore(out), ref, w.dtype)
+        if not chk.ok:
+            return Check(False, chk.rel_err, chk.reason + where)
+        worst = max(worst, chk.rel_err)
+    return Check(True, worst)

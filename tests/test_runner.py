@@ -42,7 +42,7 @@ def test_inputs_are_compared_bit_for_bit():
     """One changed element, -0.0 written over +0.0, NaN over a number: each counts; NaN == NaN."""
     import torch
 
-    from scheduler.runner import first_modified
+    from scheduler.verify import first_modified
 
     x = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
     x[0, 0], x[0, 1], x[0, 2] = 0.0, float("nan"), 1.0
