@@ -216,39 +216,119 @@ def _transformer_2d_output(self, hidden_states, residual, batch_size, height, wi
     return _conv_residual(self.proj_out, h, residual)
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and getattr(m, _MARK, None) == "linear"
+
+
+def _identity_dropout(m: nn.Module) -> bool:
+    return type(m) is nn.Dropout and (not m.training or m.p == 0)
+
+
+def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+    """proj(x) + residual as one linear_residual where proj is a patched plain Linear and residual has
+    the output's exact shape and x's dtype (no broadcast, no promotion); None where it does not apply."""
+    if (_plain_linear(proj) and residual.dtype == x.dtype and x.shape[-1] == proj.in_features
+            and tuple(residual.shape) == (*x.shape[:-1], proj.out_features)):
+        return linear_residual(x, proj.weight, proj.bias, residual)
+    return None
+
+
 class AttnProcessor:
     """diffusers attention processor: q/k/v projections, then shapetune::attention on their
     [B, S, H*D] outputs, then to_out (with `fuse_residual` and the module's residual_connection,
     to_out[0] and the residual add as one linear_residual). Anything it does not cover goes to
     `fallback`, the processor the module had (so LoRA-aware or masked paths keep diffusers' own
-    behaviour)."""
+    behaviour). `plus_residual` serves a caller that adds a residual to the module's output
+    (BasicTransformerBlock)."""
 
     def __init__(self, fallback, fuse_residual: bool = False):
         self.fallback = fallback
         self.fuse_residual = fuse_residual
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        if (attention_mask is not None or hidden_states.ndim != 3 or args or kwargs
-                or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
-                or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
-                or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None))):
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+    @staticmethod
+    def covers(attn, hidden_states, encoder_hidden_states=None, attention_mask=None) -> bool:
+        return not (attention_mask is not None or hidden_states.ndim != 3
+                    or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
+                    or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
+                    or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None)))
+
+    @staticmethod
+    def _attend(attn, hidden_states, encoder_hidden_states):
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         head_dim = k.shape[-1] // attn.heads
         # diffusers' SDPA processor uses SDPA's default scale, 1/sqrt(head_dim): so do we
-        o = attention(q, k, v, heads=attn.heads, scale=head_dim ** -0.5)
+        return attention(q, k, v, heads=attn.heads, scale=head_dim ** -0.5)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if args or kwargs or not self.covers(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        o = self._attend(attn, hidden_states, encoder_hidden_states)
         proj, drop = attn.to_out[0], attn.to_out[1]
-        if (self.fuse_residual and attn.residual_connection and type(proj) is nn.Linear
-                and type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
-                and hidden_states.dtype == o.dtype and hidden_states.shape == (*o.shape[:-1], proj.out_features)):
-            o = linear_residual(o, proj.weight, proj.bias, hidden_states)  # dropout is the identity here
+        fused = (_linear_residual(proj, o, hidden_states)  # dropout is the identity here
+                 if self.fuse_residual and attn.residual_connection and _identity_dropout(drop) else None)
+        if fused is not None:
+            o = fused
         else:
             o = drop(proj(o))
             if attn.residual_connection:
                 o = o + hidden_states
         return o / attn.rescale_output_factor
+
+    def plus_residual(self, attn, hidden_states, encoder_hidden_states, residual):
+        """attn(hidden_states, encoder_hidden_states) + residual with the add fused into to_out[0]
+        (one linear_residual), or None where that is not the same expression (masks and other
+        uncovered calls, residual_connection, a rescale factor, dropout in training, shapes that would
+        broadcast): the caller then runs the unfused one."""
+        if (not self.covers(attn, hidden_states, encoder_hidden_states) or attn.residual_connection
+                or attn.rescale_output_factor != 1 or not _identity_dropout(attn.to_out[1])):
+            return None
+        return _linear_residual(attn.to_out[0], self._attend(attn, hidden_states, encoder_hidden_states), residual)
+
+
+def _attn_plus(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual):
+    """attn(x, ctx, mask, **cross_kwargs) + residual, fused where our processor serves the call."""
+    proc = attn.processor
+    if mask is None and not cross_kwargs and isinstance(proc, AttnProcessor):
+        out = proc.plus_residual(attn, x, ctx, residual)
+        if out is not None:
+            return out
+    return attn(x, encoder_hidden_states=ctx, attention_mask=mask, **cross_kwargs) + residual
+
+
+def _ff_plus(ff: nn.Module, x, residual):
+    """ff(x) + residual with the add fused into the FeedForward's output Linear (net: act, Dropout,
+    Linear[, Dropout]) where it is a patched plain Linear and the dropouts are the identity."""
+    net = ff.net
+    if (len(net) in (3, 4) and _identity_dropout(net[1]) and (len(net) == 3 or _identity_dropout(net[3]))
+            and _plain_linear(net[2])):
+        out = _linear_residual(net[2], net[1](net[0](x)), residual)
+        if out is not None:
+            return out
+    return ff(x) + residual
+
+
+def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                               encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                               class_labels=None, added_cond_kwargs=None):
+    """diffusers BasicTransformerBlock.forward for norm_type "layer_norm" (what shapetune/fusions.py
+    lists: no positional embedding, no chunked feed-forward), restated so that each residual add is
+    fused into the linear that produces the added output: attn1's and attn2's to_out[0] and the
+    FeedForward's output Linear become linear_residual calls. The same expressions in the same order:
+    h = attn1(norm1(h)) + h; h = attn2(norm2(h), ctx) + h; h = ff(norm3(h)) + h. GLIGEN, a deprecated
+    `scale`, 4-D inputs and any other norm type run diffusers' own forward."""
+    ck = cross_attention_kwargs
+    if (ck and ("gligen" in ck or ck.get("scale") is not None)) or hidden_states.ndim != 3:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, ck, class_labels, added_cond_kwargs)
+    ck = dict(ck) if ck else {}
+    h = hidden_states
+    h = _attn_plus(self.attn1, self.norm1(h), encoder_hidden_states if self.only_cross_attention else None,
+                   attention_mask, ck, h)
+    if self.attn2 is not None:
+        h = _attn_plus(self.attn2, self.norm2(h), encoder_hidden_states, encoder_attention_mask, ck, h)
+    return _ff_plus(self.ff, self.norm3(h), h)
 
 
 # -- the patch table ---------------------------------------------------------------------------------
@@ -355,19 +435,25 @@ def _install_gelu(m: nn.Module, report: PatchReport) -> None:
     _set_forward(m, _gelu_forward, "linear+gelu", report)
 
 
-#: (parent class name, child path) of a shapetune/fusions.py residual / gelu site -> how patch fuses it
-#: (the attention's to_out.0 residual is the AttnProcessor's, set in patch's main loop)
-_INSTALL = {("ResnetBlock2D", "conv2"): _install_resnet, ("Transformer2DModel", "proj_out"): _install_transformer_2d,
-            ("GELU", "proj"): _install_gelu}
+def _install_transformer_block(m: nn.Module, report: PatchReport) -> None:
+    _set_forward(m, _transformer_block_forward, "linear+residual", report)
+
+
+#: parent class name -> how patch fuses its shapetune/fusions.py residual / gelu sites (the
+#: Attention's own to_out.0 residual is the AttnProcessor's, set when the Attention is patched)
+_INSTALL = {"ResnetBlock2D": _install_resnet, "Transformer2DModel": _install_transformer_2d, "GELU": _install_gelu,
+            "BasicTransformerBlock": _install_transformer_block}
 
 
 def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
     """Apply shapetune/fusions.py's sites inside module m."""
-    for path, site in sites_of(m).items():
+    sites = sites_of(m)
+    for path, site in sites.items():
         if site.kind == "silu":
             report.patched["group_norm+silu"] += _fuse_silu(m.get_submodule(path), getattr(m, site.act))
-        elif _MARK not in m.__dict__ and (type(m).__name__, path) in _INSTALL:
-            _INSTALL[type(m).__name__, path](m, report)
+    install = _INSTALL.get(type(m).__name__)
+    if install is not None and _MARK not in m.__dict__ and any(s.kind != "silu" for s in sites.values()):
+        install(m, report)
 
 
 def unpatch(model: nn.Module) -> int:

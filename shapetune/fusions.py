@@ -20,11 +20,12 @@ The rules (diffusers 0.3x-0.4x code paths):
                          proj_out a 1x1 conv carries the residual
   Attention              residual_connection: to_out[0](o) (+ dropout, identity at inference) + input
   GELU (approximate "none")  gelu(proj(x)): proj carries the gelu epilogue (FeedForward "gelu")
-
-Not here (diffusers' control flow would have to be copied): BasicTransformerBlock's
-`attn_output + hidden_states` and `ff_output + hidden_states` add the block's input to the output of
-a whole submodule (Attention / FeedForward) inside a ~100-line forward with six norm types, chunked
-feed-forward and ada-norm gates; the linear that produced the output cannot see the residual.
+  BasicTransformerBlock  norm_type "layer_norm", no positional embedding, no chunked feed-forward:
+                         h = attn1(norm1(h)) + h, h = attn2(norm2(h), ctx) + h, h = ff(norm3(h)) + h,
+                         so attn1.to_out.0, attn2.to_out.0 and the FeedForward's output Linear (ff.net.2)
+                         carry the residual (attentions without residual_connection or a rescale factor;
+                         kernels.patch restates the forward for exactly this case, the other norm types
+                         with their ada-norm gates keep diffusers' forward)
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def _attention(m) -> dict[str, Site]:
     return {"to_out.0": RESIDUAL} if getattr(m, "residual_connection", False) else {}
 
 
+def _attn_plain(a) -> bool:
+    return not getattr(a, "residual_connection", False) and getattr(a, "rescale_output_factor", 1.0) == 1.0
+
+
+def _transformer_block(m) -> dict[str, Site]:
+    if m.norm_type != "layer_norm" or m.pos_embed is not None or m._chunk_size is not None:
+        return {}
+    sites = {}
+    for name in ("attn1", "attn2"):
+        a = getattr(m, name, None)
+        if a is not None and _attn_plain(a):
+            sites[f"{name}.to_out.0"] = RESIDUAL
+    net = getattr(m.ff, "net", None)
+    if net is not None and len(net) in (3, 4) and isinstance(net[2], nn.Linear):
+        sites["ff.net.2"] = RESIDUAL
+    return sites
+
+
 def _gelu(m) -> dict[str, Site]:
     return {"proj": GELU_EPILOGUE} if m.approximate == "none" else {}
 
@@ -82,6 +101,7 @@ def fusion_table() -> dict[type, Callable[[nn.Module], dict[str, Site]]]:
     `import kernels`)."""
     try:
         from diffusers.models.activations import GELU
+        from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.attention_processor import Attention
         from diffusers.models.resnet import ResnetBlock2D
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -89,7 +109,7 @@ def fusion_table() -> dict[type, Callable[[nn.Module], dict[str, Site]]]:
     except ImportError:  # pragma: no cover
         return {}
     return {ResnetBlock2D: _resnet_block, UNet2DConditionModel: _unet, Transformer2DModel: _transformer_2d,
-            Attention: _attention, GELU: _gelu}
+            Attention: _attention, GELU: _gelu, BasicTransformerBlock: _transformer_block}
 
 
 def _inherited() -> tuple[type, ...]:
