@@ -6,9 +6,12 @@
     kernels.fallback_summary()               # per op: tuned calls and fallbacks by cause
     kernels.unpatch(pipe.unet)               # back to the module's own forward
 
-What is patched (per module instance: its `forward`, or for diffusers Attention its processor; the
-module's class, Parameter objects and values are untouched, so weights are read at call time — a LoRA
-fused into a weight, or a PEFT layer wrapped around a Linear, takes effect without re-patching):
+What is patched is one table, `patch_table()` = {module type: (rule, replacement)}: the rules are the
+op families' (shapetune/ops: which instances are served, and the workloads of a call; the same rules
+scheduler.extract extracts with), the replacements are REPLACEMENTS below. Per module instance its
+`forward` is replaced, or for diffusers Attention its processor; the module's class, Parameter objects
+and values are untouched, so weights are read at call time — a LoRA fused into a weight, or a PEFT
+layer wrapped around a Linear, takes effect without re-patching:
 
   nn.Linear                 -> shapetune::linear
   nn.Conv2d                 -> shapetune::conv2d (groups 1, dilation 1, zero padding, square
@@ -36,13 +39,13 @@ scripts extract are the ones dispatched here:
                        `_get_output_for_continuous_inputs` calls conv2d(h, proj_out, residual=input)
                        on the channels_last view of the blocks' output (no copy)
   linear + residual    diffusers Attention with residual_connection: our processor calls
-                       linear_residual(o, to_out[0], residual=input), then / rescale_output_factor
+                       linear_residual(o, to_out[0], residual=input), then / rescale_output_factor;
+                       BasicTransformerBlock (norm_type "layer_norm"): its forward (diffusers' own,
+                       restated) adds each residual inside attn1's and attn2's to_out[0] and the
+                       FeedForward's output Linear (three linear_residual calls per block)
   linear + gelu        diffusers GELU (approximate "none", FeedForward "gelu"): linear_gelu(x, proj)
   (each keeps diffusers' unfused path where its conv / proj is not a plain patched module, e.g.
   LoRA-wrapped, or shapes/dtypes would broadcast or promote)
-
-Not fused (would need diffusers' BasicTransformerBlock.forward copied): the transformer block's
-`attn_output + hidden_states` and `ff_output + hidden_states` (see shapetune/fusions.py).
 
 Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
 issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the

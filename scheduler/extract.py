@@ -216,8 +216,9 @@ def sd15_unet_inputs(
 def sd15_linear_workloads(
     batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
 ) -> list[ExtractedOp]:
-    """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass (a linear diffusers follows
-    with a residual add or a gelu, shapetune.fusions, becomes that epilogue's workload; SD 1.5 has none).
+    """The distinct linear (GEMM) workloads of one SD 1.5 UNet forward pass; a linear diffusers follows
+    with a residual add or a gelu (shapetune.fusions) becomes that epilogue's workload: in SD 1.5, the
+    transformer blocks' attn1/attn2 to_out.0 and ff.net.2 (bias, residual).
 
     Parameters
     ----------
