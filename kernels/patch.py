@@ -120,8 +120,19 @@ def _conv_weight_channels_last(conv: nn.Conv2d) -> None:
 
 
 def _group_norm_forward(self, x):
+    """nn.GroupNorm's semantics, [N, C, *] with C second: 4-D NCHW goes to group_norm as is, 3-D [N, C, L]
+    (diffusers' spatial Attention passes [N, L, C].transpose(1, 2)) as its [N, L, C] view, zero-copy
+    for that case; any other rank runs torch's F.group_norm."""
     silu = self.__dict__.get("_shapetune_silu")
-    y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu is not None)
+    if x.dim() == 3:
+        y = group_norm(x.transpose(1, 2), self.num_groups, self.weight, self.bias, self.eps,
+                       silu=silu is not None).transpose(1, 2)
+    elif x.dim() == 4:
+        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu is not None)
+    else:
+        y = torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if silu is not None:
+            y = torch.nn.functional.silu(y)
     if silu is not None:
         silu.last = weakref.ref(y)  # the SiLU module that follows passes exactly this tensor through
     return y

@@ -1,0 +1,270 @@
+"""CUDA graphs per shape class: a module's forward (or any of its methods, e.g. a VAE's `decode`) is
+captured once per distinct input signature and replayed after that.
+
+    g = GraphedCall(unet, "forward")          # installs itself as unet.forward
+    out = unet(sample, t, encoder_hidden_states=ctx)   # first call of this signature: capture; then replay
+    g.stats                                   # Counter: captured, replayed, and every eager fallback by cause
+    g.uninstall()
+
+Signature (the graph's key): the call's pytree structure, each tensor's shape, dtype and device, and
+every non-tensor argument's value (a Python scalar baked into the graph: a new value is a new graph).
+So batch, latent H x W, context length, dtype and the CFG batch each make their own graph; an LRU keeps
+at most `max_graphs` of them (SHAPETUNE_MAX_GRAPHS, default 16). Every graph on a device allocates from
+one shared memory pool, and its inputs are static buffers the call's tensors are copied into (4-D ones in
+channels_last memory, the layout the patched convs and norms take, so no transpose runs inside the graph).
+
+Outputs are cloned out of the graph's memory on every replay: graphs share one pool, so a later replay of
+another graph may write where this one's outputs live; a clone (the UNet's output is 2 x 4 x 64 x 64 at
+batch 2, 512²) keeps every returned tensor the caller's own.
+
+What a graph baked in is checked on every call, and any change drops this module's graphs (re-captured on
+the next call, counted `invalidated`):
+  - parameter and buffer storage (`param.data = t`, `.to(dtype)`, a replaced Parameter): their data
+    pointers. In-place writes (`.data.add_`, `copy_`, `load_state_dict`, a PEFT merge) need nothing:
+    the graph reads the weights' memory on every replay, so it sees new values.
+  - the module tree (an adapter added or removed, a submodule replaced): torch's global module /
+    parameter / buffer registration hooks flag a possible change, then the tree is compared; a changed
+    tree is re-patched (`repatch`, e.g. kernels.patch, so new Linear layers of a LoRA are served too).
+  - PEFT adapter state (active adapters, scales, merged, disabled): Python values the forward reads.
+  - the kernel registry in use (kernels.set_registry).
+Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
+autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
+`capturing`), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
+pytree of tensors and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a
+call whose capture failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then
+never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
+seen: the graph replays the branch taken at capture, as with any CUDA graph.
+
+SHAPETUNE_GRAPHS=0 turns capture off (every call runs eagerly, counted `disabled`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+# -- module-tree change detection -------------------------------------------------------------------
+_tree_epoch = [0]  # bumped whenever any module, parameter or buffer is registered anywhere
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _bump(*_args):
+    _tree_epoch[0] += 1
+    return None
+
+
+def _install_registration_hooks() -> None:
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        from torch.nn.modules import module as m
+
+        m.register_module_module_registration_hook(_bump)
+        m.register_module_parameter_registration_hook(_bump)
+        m.register_module_buffer_registration_hook(_bump)
+        _hooks_installed = True
+
+
+_pools: dict[int, Any] = {}
+
+
+def graph_pool(device: torch.device):
+    """The one CUDA graph memory pool of a device, shared by every captured graph on it."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _pools:
+        _pools[idx] = torch.cuda.graph_pool_handle()
+    return _pools[idx]
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("SHAPETUNE_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _peft_state(m: nn.Module) -> tuple:
+    scaling = getattr(m, "scaling", None)
+    return (tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "merged", False)),
+            bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "merged_adapters", ()) or ()),
+            tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None)
+
+
+def _is_peft_layer(m: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(m, BaseTunerLayer)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list  # static input tensors, in the order of the call's tensor leaves
+    out_leaves: list  # the graph's outputs (tensors in the pool) and plain values
+    out_spec: Any
+
+
+class GraphedCall:
+    """`module.<method>` replaced by CUDA graphs per call signature (see the module docstring).
+
+    module : the nn.Module whose parameters, buffers and tree the graphs depend on
+    method : the method to wrap ("forward", or e.g. "decode"); installed as an instance attribute
+    max_graphs : LRU bound on the graphs kept (SHAPETUNE_MAX_GRAPHS, default 16)
+    warmup : eager runs before a capture (resolve the registry, load kernels, init cuBLAS workspaces)
+    repatch : called with the module when its tree changed, before re-capturing (e.g. kernels.patch)
+    """
+
+    def __init__(self, module: nn.Module, method: str = "forward", max_graphs: int | None = None, warmup: int = 2,
+                 repatch: Callable[[nn.Module], Any] | None = None):
+        _install_registration_hooks()
+        self.module, self.method = module, method
+        self.max_graphs = max_graphs or int(os.environ.get("SHAPETUNE_MAX_GRAPHS", "16"))
+        self.warmup = warmup
+        self.repatch = repatch
+        self.inner = getattr(module, method)  # the bound (patched) method the graphs capture
+        self.graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()  # a str: why it was not captured
+        self.stats: Counter = Counter()
+        self.capture_s: list[float] = []  # wall seconds of each capture (warm-up runs included)
+        self._epoch = -1
+        self._tree: tuple = ()
+        self._tensors: list[torch.Tensor] = []
+        self._peft: list[nn.Module] = []
+        self._baked: tuple | None = None  # what the current graphs were captured against
+        self._had_instance_attr = method in module.__dict__
+        self._previous = module.__dict__.get(method)
+        setattr(module, method, self)
+
+    def uninstall(self) -> None:
+        """Put the method back (the one that was there before) and free the graphs."""
+        if self.module.__dict__.get(self.method) is self:
+            if self._had_instance_attr:
+                setattr(self.module, self.method, self._previous)
+            else:
+                delattr(self.module, self.method)
+        self.graphs.clear()
+
+    # -- what a graph depends on -------------------------------------------------------------------
+    def _refresh_tree(self) -> None:
+        if self._epoch == _tree_epoch[0]:
+            return
+        mods = list(self.module.modules())
+        tree = tuple(map(id, mods))
+        if tree != self._tree and self._tree and self.repatch is not None:
+            self.repatch(self.module)
+            mods = list(self.module.modules())
+            tree = tuple(map(id, mods))
+        self._epoch = _tree_epoch[0]
+        if tree != self._tree:
+            self._tree = tree
+            self._tensors = list(self.module.parameters()) + list(self.module.buffers())
+            self._peft = [m for m in mods if _is_peft_layer(m)]
+
+    def _state(self) -> tuple:
+        from .registry import get_registry
+
+        self._refresh_tree()
+        return (self._tree, [t.data_ptr() for t in self._tensors], tuple(_peft_state(m) for m in self._peft),
+                id(get_registry()))
+
+    # -- the call ---------------------------------------------------------------------------------------
+    def _eager(self, cause: str, args, kwargs):
+        self.stats[cause] += 1
+        return self.inner(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not graphs_enabled():
+            return self._eager("disabled", args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._eager("compiling", args, kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return self._eager("capturing", args, kwargs)
+        if torch.is_grad_enabled():
+            return self._eager("grad_enabled", args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if not tensors:
+            return self._eager("no_tensor", args, kwargs)
+        if any(not t.is_cuda for t in tensors):
+            return self._eager("cpu", args, kwargs)
+        try:
+            key = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
+                               for x in leaves))
+            hash(key)
+        except TypeError:
+            return self._eager("unhashable_arg", args, kwargs)
+        state = self._state()
+        if state != self._baked:
+            if self.graphs:
+                self.stats["invalidated"] += 1
+                self.graphs.clear()
+            self._baked = state
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(leaves, spec, args, kwargs)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+                self.stats["evicted"] += 1
+        g = self.graphs[key]
+        if isinstance(g, str):
+            return self._eager(g, args, kwargs)
+        self.graphs.move_to_end(key)
+        for dst, src in zip(g.inputs, tensors):
+            dst.copy_(src)
+        g.graph.replay()
+        self.stats["replayed"] += 1
+        out = [x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
+        return pytree.tree_unflatten(out, g.out_spec)
+
+    def _capture(self, leaves: list, spec, args, kwargs) -> _Graph | str:
+        """Warm up, then capture one graph of this signature; or the cause it cannot be."""
+        import time
+
+        t0 = time.perf_counter()
+        static = []
+        s_leaves = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                fmt = torch.channels_last if x.dim() == 4 and x.is_floating_point() else torch.contiguous_format
+                with torch.inference_mode(False):
+                    s = torch.empty_like(x, memory_format=fmt).copy_(x)
+                static.append(s)
+                s_leaves.append(s)
+            else:
+                s_leaves.append(x)
+        s_args, s_kwargs = pytree.tree_unflatten(s_leaves, spec)
+        dev = static[0].device
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self.inner(*s_args, **s_kwargs)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=graph_pool(dev)):
+                    out = self.inner(*s_args, **s_kwargs)
+            out_leaves, out_spec = pytree.tree_flatten(out)
+        except Exception as e:  # a sync or an uncapturable op inside the forward: eager from now on
+            torch.cuda.synchronize(dev)
+            log.warning("shapetune: %s.%s not captured (%s: %s); it runs eagerly for this signature",
+                        type(self.module).__name__, self.method, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+            return "capture_failed"
+        if any(not isinstance(x, (torch.Tensor, *_PLAIN)) for x in out_leaves):
+            return "opaque_output"
+        self.stats["captured"] += 1
+        self.capture_s.append(time.perf_counter() - t0)
+        return _Graph(graph, static, out_leaves, out_spec)
