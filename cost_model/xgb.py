@@ -17,7 +17,7 @@ Why this and not the alternatives:
   GEMMs, milliseconds for 8k-token ones) that ranking never needs, and cannot place failures;
 * ``rank:ndcg`` weighs the top of each group more, which sounds right for a measurement budget, but
   on held-out shapes it generalized worse: leave-one-workload-out over 7 synthetic GEMM shapes
-  (tests/test_cost_model.py's latency model), pairwise reached best-3-in-top-8 recall 0.98 and
+  (tests/cost_model/_synthetic.py's latency model), pairwise reached best-3-in-top-8 recall 0.98 and
   Spearman 0.97 against 0.93 / 0.67 for ndcg (0.89 / 0.66 with top-k pairs; with the default
   min_child_weight its tiny hessians grew no trees at all). Pairwise also learns the bottom of the
   order as well as the top, which is where failures belong.

@@ -2,8 +2,9 @@
 
 Builder workers are separate processes (forked from a fork server that was started, with its own
 preload list, before any test ran), so a template registered only in the test process does not exist
-there. Importing this module registers the templates; tests make every builder worker import it via
-the pool's `initializer` (see test_tuner.py), which runs in each worker whatever its start method.
+there. Importing this module registers the templates; tests make every builder worker import it (as
+`tests._bad_templates`) via the pool's `initializer` (see tests/scheduler/test_tuner.py), which runs in
+each worker whatever its start method.
 """
 
 from __future__ import annotations

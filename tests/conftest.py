@@ -57,7 +57,8 @@ def registry(tuned_db):
 @pytest.fixture
 def bad_templates(monkeypatch):
     """tests/_bad_templates.py's deliberately broken templates, registered here and in every builder
-    worker (its pool's workers import the module, which registers them); unregistered afterwards."""
+    worker (its pool's workers import the module, tests._bad_templates, by name, which registers them);
+    unregistered afterwards."""
     import functools
     import importlib
 
@@ -66,7 +67,7 @@ def bad_templates(monkeypatch):
     from scheduler.isolation import IsolatedPool
     from scheduler.templates import base
 
-    mod = importlib.import_module("_bad_templates")
+    mod = importlib.import_module("tests._bad_templates")
     mod.register_all()  # again, if an earlier test unregistered them
     monkeypatch.setattr(scheduler.builder, "IsolatedPool", functools.partial(
         IsolatedPool, initializer=importlib.import_module, initargs=(mod.__name__,)))

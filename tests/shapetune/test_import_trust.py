@@ -2,7 +2,7 @@
 template's space, and nothing imported is served before `shapetune db verify` (or `prebuild`)
 rebuilt and re-verified it on this target (llvm, tiny GEMMs).
 
-Builder workers import tests/_bad_templates.py through the pool's initializer (see test_tuner.py)
+Builder workers import tests/_bad_templates.py through the pool's initializer (see tests/scheduler/test_tuner.py)
 so a deliberately wrong template can be imported, re-verified and caught.
 """
 
@@ -24,7 +24,7 @@ from shapetune.ops.linear import linear_workload
 
 W = linear_workload(16, 8, 16, "float32", bias=False)
 W_ONLY_WRONG = linear_workload(24, 8, 16, "float32", bias=False)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

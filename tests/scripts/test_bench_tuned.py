@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pytest import approx
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_tuned.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_tuned.py"
 
 
 def _bench():

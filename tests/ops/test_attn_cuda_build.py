@@ -1,6 +1,6 @@
 """attn_cuda_wmma builds for CUDA sm_90 without a GPU (CUDA codegen needs no driver), for exact SD
 shapes, ragged key counts (77) and sq/skv buckets; its space respects the 48 KB shared-memory launch
-limit. Correctness runs on a GPU (tests/test_attn_gpu.py). About 10 s here."""
+limit. Correctness runs on a GPU (tests/ops/test_attn_gpu.py). About 10 s here."""
 
 from __future__ import annotations
 

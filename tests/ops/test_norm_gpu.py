@@ -1,7 +1,7 @@
 """On an NVIDIA GPU: tune -> DB -> registry -> shapetune::group_norm / layer_norm in fp16.
 
 Tolerance fp16: 1e-2 elementwise against torch on the same fp16 inputs in float64 (see
-tests/test_norm.py: one fp16 output rounding, fp32 statistics).
+tests/ops/test_norm.py: one fp16 output rounding, fp32 statistics).
 """
 
 from __future__ import annotations

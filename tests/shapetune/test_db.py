@@ -1,65 +1,21 @@
+"""shapetune.db's SQLite store: schema and WAL, dedup, queries (results, best, baselines, find),
+errors on corrupt/foreign/newer DBs, in-place migration, concurrent appends, reverification verdicts.
+Export/import/merge (the JSONL codec) are tested in tests/shapetune/test_codec.py."""
+
 import dataclasses
 import io
 import json
-import lzma
 import math
 import multiprocessing as mp
 import sqlite3
 
 import pytest
 
-from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, from_json_line, line_sha256, record_to_json
-from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
-from shapetune.target import Target
+from shapetune.db import SCHEMA_VERSION, DBError, TuningDB, record_to_json
+from shapetune.records import Candidate, MeasureResult
 from shapetune.ops.linear import linear_workload
 
-H100 = Target("cuda", "sm_90", "NVIDIA H100 80GB HBM3", 132, "0.27.0", "13.0", "2.11.0")
-CPU = Target("llvm", "znver3", "AMD EPYC 7B13", 16, "0.27.0", "", "2.11.0")
-W1 = linear_workload(8192, 320, 320)
-W2 = linear_workload(1024, 1280, 320, bias=False)
-
-
-def cand(tile=64, name="mma"):
-    return Candidate(name, (("tile_m", tile), ("vec", "f16x8"), ("swizzle", True), ("stages", 3)))
-
-
-def ok(w=W1, t=H100, us=10.0, tile=64, created=1.7e9, run="run-a"):
-    lat = LatencyStats.of([us * 0.9, us, us * 1.3])
-    return MeasureResult(w, t, cand(tile), "ok", lat, max_rel_err=1.25e-4, build_s=0.731,
-                         run_id=run, created=created)
-
-
-def failed(status="build_error", w=W1, t=H100, created=1.7e9 + 0.5):
-    return MeasureResult(w, t, cand(999), status, None, error=f"{status}: boom\nline 2",
-                         max_rel_err=0.5 if status == "wrong_result" else None, created=created)
-
-
-def base(w=W1, t=H100, us=12.0, created=1.7e9 + 0.25):
-    return VendorBaseline(w, t, "torch.nn.functional.linear", LatencyStats.of([us, us + 1]),
-                          run_id="run-a", created=created)
-
-
-def history():
-    rs = [ok(us=10.0, tile=64), ok(us=7.5, tile=128, created=1.7e9 + 1.123456789),
-          ok(us=9.0, tile=32, created=1.7e9 + 2), failed(), failed("wrong_result", created=1.7e9 + 0.6),
-          failed("timeout", created=1.7e9 + 0.7), ok(W2, us=3.0, created=1.7e9 + 3), ok(t=CPU, us=400.0)]
-    bs = [base(), base(us=11.0, created=1.7e9 + 5), base(W2, us=4.0)]
-    return rs, bs
-
-
-@pytest.fixture
-def db(tmp_path):
-    with TuningDB(tmp_path / "sub" / "t.db") as d:
-        yield d
-
-
-@pytest.fixture
-def full(db):
-    rs, bs = history()
-    db.add_results(rs)
-    for b in bs:
-        db.add_baseline(b)
-    return db
+from ._db_history import CPU, H100, W1, W2, base, db, failed, full, history, ok  # noqa: F401 (fixtures)
 
 
 def test_creates_dirs_wal_and_schema(tmp_path, db):
@@ -181,92 +137,6 @@ def test_find(full):
         full.find(dup)
 
 
-def _same(a, b):
-    return sorted(a.results(), key=lambda r: r.uid) == sorted(b.results(), key=lambda r: r.uid) \
-        and sorted(a.baselines(), key=lambda x: x.uid) == sorted(b.baselines(), key=lambda x: x.uid)
-
-
-@pytest.mark.parametrize("name", ["h.jsonl", "h.jsonl.xz"])
-def test_export_import_roundtrip(full, tmp_path, name):
-    p = tmp_path / name
-    assert full.export_jsonl(p) == 11
-    if name.endswith(".xz"):
-        assert lzma.open(p, "rt").readline().startswith('{"type": "record"')
-    lines = [json.loads(x) for x in (lzma.open(p, "rt") if name.endswith("xz") else open(p))]
-    assert {x["type"] for x in lines} == {"record", "baseline"}
-    rec = lines[0]
-    assert set(rec) == {"type", "uid", "workload", "target", "candidate", "status", "latency",
-                        "error", "max_rel_err", "build_s", "run_id", "created", "sha256"}
-    assert all(x["sha256"] == line_sha256(x) for x in lines)
-    with TuningDB(tmp_path / "fresh.db") as fresh:
-        assert fresh.import_jsonl(p) == (11, 0)
-        assert _same(full, fresh)
-        # imported: a claim, served only once re-verified here
-        assert fresh.best(W1.key, H100.key) is None and fresh.best_all() == []
-        assert fresh.best(W1.key, H100.key, include_pending=True) == full.best(W1.key, H100.key)
-        assert {s for s, _ in fresh.trust(i for i, _ in fresh.iter_results()).values()} == {"imported"}
-        assert fresh.stats()["by_trust"] == {"imported": 8} and full.stats()["by_trust"] == {"measured": 8}
-        assert fresh.import_jsonl(p) == (0, 11)
-        assert full.import_jsonl(p) == (0, 11)
-        assert full.best(W1.key, H100.key).latency.median_us == 7.5  # still measured there
-
-
-def test_export_filters_and_streams(full, tmp_path):
-    buf = io.StringIO()
-    assert full.export_jsonl(buf, target_key=CPU.key) == 1
-    assert full.export_jsonl(io.StringIO(), op="conv2d") == 0
-    assert full.export_jsonl(io.StringIO(), target_key=H100.key) == 7 + 3
-    buf.seek(0)
-    with TuningDB(tmp_path / "f.db") as fresh:
-        assert fresh.import_jsonl(buf) == (1, 0)
-        assert fresh.results() == full.results(target_key=CPU.key)
-
-
-@pytest.mark.parametrize("bad, why", [
-    ("{not json", "line 3"),
-    ('{"type": "record"}', "KeyError"),
-    ('{"type": "nope", "workload": W, "target": T, "created": 1.0}', "unknown line type"),
-    ('["a list"]', "JSON object"),
-    ("EDIT_STATUS", "unknown status"),
-    ("EDIT_UID", "does not match"),
-    ("EDIT_CREATED", "created must be a number"),
-])
-def test_malformed_import_rolls_back(full, tmp_path, bad, why):
-    p = tmp_path / "h.jsonl"
-    full.export_jsonl(p)
-    lines = p.read_text().splitlines()
-    rec = json.loads(lines[0])
-    if bad == "EDIT_STATUS":
-        rec["status"] = "fast"
-        bad = json.dumps(rec)
-    elif bad == "EDIT_UID":
-        rec["created"] += 1
-        bad = json.dumps(rec)
-    elif bad == "EDIT_CREATED":
-        rec["created"] = "yesterday"
-        bad = json.dumps(rec)
-    bad = bad.replace("W", json.dumps(W1.to_json())).replace("T", json.dumps(H100.to_json())) \
-        if bad.startswith('{"type": "nope"') else bad
-    p.write_text("\n".join(lines[:2] + [bad] + lines[2:]) + "\n")
-    with TuningDB(tmp_path / "fresh.db") as fresh:
-        with pytest.raises(DBError, match="line 3") as e:
-            fresh.import_jsonl(p)
-        assert why in str(e.value)
-        assert fresh.stats()["records"] == 0 and fresh.workloads() == [] and fresh.targets() == []
-        assert fresh.add_result(ok()) and fresh.best(W1.key, H100.key) == ok()  # still usable
-
-
-def test_corrupt_xz_rolls_back(full, tmp_path):
-    p = tmp_path / "h.jsonl.xz"
-    full.export_jsonl(p)
-    data = p.read_bytes()
-    p.write_bytes(data[: len(data) // 2])
-    with TuningDB(tmp_path / "fresh.db") as fresh:
-        with pytest.raises(DBError, match="nothing imported"):
-            fresh.import_jsonl(p)
-        assert fresh.stats()["records"] == 0
-
-
 def test_corrupt_file_raises(tmp_path):
     p = tmp_path / "t.db"
     p.write_bytes(b"this is not a sqlite file at all" * 200)
@@ -365,14 +235,6 @@ def test_missing_db_without_create(tmp_path):
     assert not (tmp_path / "nope.db").exists()
 
 
-def test_from_json_line_accepts_int_created():
-    d = json.loads(json.dumps({"type": "baseline", "workload": W1.to_json(),
-                               "target": H100.to_json(), "name": "x",
-                               "latency": LatencyStats.of([1.0]).to_json(), "created": 5}))
-    b = from_json_line(d)
-    assert b.created == 5.0 and isinstance(b.created, float)
-
-
 N_PER_PROC = 150
 
 
@@ -399,35 +261,6 @@ def test_concurrent_appends_lose_nothing(tmp_path):
         assert d.stats()["records"] == 2 * N_PER_PROC
         assert len(d.baselines()) == 2 * (N_PER_PROC // 10)
         assert len(d.workloads()) == 5 + 1 and len(d.targets()) == 1
-
-
-def test_merge_from_a_db_or_an_export(full, tmp_path):
-    """merge_from takes another DB (records, baselines, bucket rows) or a JSONL(.xz) export."""
-    full.add_buckets([{"policy": "p", "op": "linear", "dim": "m", "lo": 1, "hi": 16, "representative": 16}])
-    n = len(full.results()) + len(full.baselines())
-    full.export_jsonl(tmp_path / "e.jsonl.xz")
-    for i, src in enumerate((full.path, tmp_path / "e.jsonl.xz")):
-        with TuningDB(tmp_path / f"merged{i}.db") as m:
-            assert m.merge_from(src) == (n, 0)
-            assert m.merge_from(src) == (0, n)  # already there: skipped
-            assert len(m.results()) == len(full.results())
-            assert bool(m.buckets()) == (src == full.path)  # exports carry no bucket rows
-
-
-def test_a_row_edited_in_the_db_is_refused_by_export_and_merge(full, tmp_path):
-    """Its stored sha256 no longer matches its fields: an edit cannot be laundered into a fresh,
-    valid-hash export or a merge."""
-    full.close()
-    c = sqlite3.connect(full.path)
-    c.execute("UPDATE records SET status = 'ok', median_us = 0.5, mean_us = 0.5, min_us = 0.5, "
-              "max_us = 0.5, std_us = 0, repeats = 1, verified = 1, error = '' WHERE status = 'build_error'")
-    c.commit()
-    c.close()
-    with TuningDB(full.path) as db:
-        with pytest.raises(DBError, match="records row .* does not match its stored sha256"):
-            db.export_jsonl(tmp_path / "e.jsonl")
-        with TuningDB(tmp_path / "m.db") as m, pytest.raises(DBError, match="stored sha256"):
-            m.merge_from(full.path)
 
 
 def test_verdicts(full):

@@ -150,25 +150,3 @@ def test_bad_templates_are_gone_after_the_fixture(cpu):
     w = linear_workload(64, 48, 40, "float32")
     names = {t.name for t in templates.for_workload(w, cpu)}
     assert not names & {"wrong_gemm", "raising_gemm"}
-
-
-def test_host_bound_detection_uses_the_median_gap():
-    """GPU timing is repeated with a longer busy period when the GPU waited for the host between
-    most timed calls; a few stalls (the median ignores them) or back-to-back events are fine."""
-    from scheduler.runner import HOST_BOUND_GAP_US, host_bound
-
-    assert not host_bound([])
-    assert not host_bound([0.5] * 49)
-    assert not host_bound([0.5] * 40 + [80.0] * 9)  # a few host stalls: the median sample is clean
-    assert host_bound([0.5] * 20 + [40.0] * 29)  # the queue ran dry for most calls
-    assert host_bound([HOST_BOUND_GAP_US + 0.1] * 3) and not host_bound([HOST_BOUND_GAP_US] * 3)
-
-
-def test_copy_yardstick_moves_the_ops_minimal_bytes(cpu):
-    """The runner's COPY pseudo-artifact (bandwidth yardstick of memory-bound ops) times a copy."""
-    from shapetune.ops.norm import layer_norm_workload
-    from scheduler.runner import COPY, RunOptions, measure_one
-
-    w = layer_norm_workload(256, 96, "float32")
-    r = measure_one(w.to_json(), cpu.to_json(), COPY, RunOptions.for_target(cpu), 0)
-    assert r["status"] == "ok" and r["latency"]["median_us"] > 0 and r["latency"]["repeats"] == 10

@@ -1,6 +1,6 @@
 """scheduler.isolation.IsolatedPool: results, ordinary exceptions, crashes and hangs, slot by slot.
 
-The worker functions live in tests/_pool_helpers.py: workers unpickle them by module name.
+The worker functions live in tests/scheduler/_pool_helpers.py: workers unpickle them by module name.
 Most tests use method="fork" (no fork server, instant). The fork server of multiprocessing is
 process-global and keeps the preload list it was started with, so the single forkserver test here
 uses the default PRELOAD: it warms the same server the builder/runner tests use later anyway.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import _pool_helpers as h
+from tests.scheduler import _pool_helpers as h
 from scheduler.isolation import PRELOAD, IsolatedPool, WorkerCrashed, WorkerTimeout
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from shapetune.cli.db_cmd import db
 from shapetune.db import SCHEMA_VERSION, TuningDB
 from shapetune.records import Candidate
-from test_db import CPU, H100, W1, W2, history
+from tests.shapetune._db_history import CPU, H100, W1, W2, history
 
 FORMATS = ["table", "json", "csv"]
 
@@ -142,7 +142,7 @@ def test_export_import(path, dlight_path, tmp_path, name):
     assert json.loads(run("best", "--db", fresh, "--format", "json")) == []  # nothing re-verified yet
     # this machine (llvm) is neither target: nothing of the file could be served here
     assert "nothing to re-verify" in run("verify", "--db", fresh)
-    run("export", tmp_path / "mma.jsonl", "--db", path)  # test_db's made-up template "mma"
+    run("export", tmp_path / "mma.jsonl", "--db", path)  # tests/shapetune/_db_history.py's made-up template "mma"
     assert "line 1 rejected: unknown template 'mma'" in run("import", tmp_path / "mma.jsonl", "--db", fresh,
                                                             ok=False)
     assert "exported 1 lines" in run("export", tmp_path / "cpu.jsonl", "--target", CPU.key,

@@ -13,7 +13,7 @@ import pytest
 
 from shapetune.ops.linear import linear_workload
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load():

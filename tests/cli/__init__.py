@@ -1,0 +1,1 @@
+"""Tests of shapetune/cli/: the tune and db commands."""

@@ -1,0 +1,1 @@
+"""Tests of cost_model/: features, the XGBoost ranker and its evaluation."""

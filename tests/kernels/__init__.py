@@ -1,0 +1,1 @@
+"""Tests of kernels/: the registry's dispatch, UNet patching, weight updates."""

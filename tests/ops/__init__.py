@@ -1,0 +1,1 @@
+"""Op-family tests (shapetune/ops/<family>.py through tuning to kernels/<family>.py), CPU and GPU."""

@@ -1,0 +1,1 @@
+"""Tests of scheduler/: templates, builder pool isolation, runner, verification, tuner, extraction."""

@@ -1,0 +1,1 @@
+"""Tests of scripts/: benchmark scripts and BENCHMARKS.md rendering."""
