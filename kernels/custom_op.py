@@ -7,6 +7,7 @@ from __future__ import annotations
 # -- custom ops: registration and a direct path for plain inference calls ---------------------------
 _RAW: dict = {}  # op name -> the undecorated implementation
 _OPS: dict = {}  # op name -> torch.ops.shapetune.<name>
+_Parameter = None  # torch.nn.Parameter, bound on first use (this module imports torch lazily)
 
 
 def shapetune_op(name: str):
@@ -27,14 +28,18 @@ def direct_ok(args) -> bool:
     grad), no dispatch or function modes (FakeTensor, device contexts)."""
     import torch
 
+    global _Parameter
+    if _Parameter is None:
+        _Parameter = torch.nn.Parameter
     if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, the rest it cannot trace
         return False
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or (grad and a.requires_grad)):
+    for a in args:  # nn.Parameter is a plain tensor too (every patched module passes its weights)
+        if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not _Parameter)
+                                            or (grad and a.requires_grad)):
             return False
     return True
 
