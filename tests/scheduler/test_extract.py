@@ -51,10 +51,13 @@ def test_known_sd15_gemms(ops):
     mods = _by_module(ops)
     attn = "down_blocks.0.attentions.0.transformer_blocks.0"
     assert mods[f"{attn}.attn1.to_q"].workload == linear_workload(8192, 320, 320, "float16", bias=False)
-    assert mods[f"{attn}.attn1.to_out.0"].workload == linear_workload(8192, 320, 320, "float16", bias=True)
+    # the transformer block adds its input to to_out.0's and ff.net.2's outputs: fused (shapetune.fusions)
+    assert mods[f"{attn}.attn1.to_out.0"].workload == linear_workload(8192, 320, 320, "float16",
+                                                                      epilogue=("bias", "residual"))
     assert mods[f"{attn}.attn2.to_k"].workload == linear_workload(154, 320, 768, "float16", bias=False)
     assert mods[f"{attn}.ff.net.0.proj"].workload == linear_workload(8192, 2560, 320, "float16", bias=True)
-    assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16", bias=True)
+    assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16",
+                                                                epilogue=("bias", "residual"))
     assert mods["time_embedding.linear_1"].workload == linear_workload(2, 1280, 320, "float16", bias=True)
     # the 1280x1280 time MLP layer and the 1280-channel resnets' time_emb_proj share one GEMM
     shared = mods["time_embedding.linear_2"]
@@ -156,18 +159,20 @@ def test_sd15_attention_workloads():
 
 def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
     """shapetune/fusions.py on SD 1.5: SiLU follows every resnet's norm1/norm2 and conv_norm_out; a
-    residual is added to every resnet's conv2 and every Transformer2DModel's 1x1 proj_out (no linear
-    carries one, no GELU: SD 1.5's attentions have no residual_connection, its FeedForwards are GEGLU)."""
+    residual is added to every resnet's conv2, every Transformer2DModel's 1x1 proj_out and, in each of
+    the 16 BasicTransformerBlocks, to attn1's and attn2's to_out.0 and the FeedForward's ff.net.2 (no
+    GELU: SD 1.5's FeedForwards are GEGLU)."""
     from shapetune.fusions import fusion_sites
 
     sites = fusion_sites(unet)
     names = [n for n, _ in unet.named_modules()]
     silu = {n for n in names if ".resnets." in n and n.rsplit(".", 1)[-1] in ("norm1", "norm2")} | {"conv_norm_out"}
     residual = {n for n in names if ".resnets." in n and n.endswith(".conv2")
-                or ".attentions." in n and n.endswith(".proj_out")}
+                or ".attentions." in n and n.endswith(".proj_out")
+                or ".transformer_blocks." in n and n.endswith((".attn1.to_out.0", ".attn2.to_out.0", ".ff.net.2"))}
     assert {n for n, s in sites.items() if s.kind == "silu"} == silu
     assert {n for n, s in sites.items() if s.kind == "residual"} == residual
-    assert len(residual) == 22 + 16 and set(sites) == silu | residual
+    assert len(residual) == 22 + 16 + 3 * 16 and set(sites) == silu | residual
 
 
 def test_fused_workload_folds_the_site_into_the_epilogue():
