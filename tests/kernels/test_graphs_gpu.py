@@ -1,0 +1,156 @@
+"""On an NVIDIA GPU: CUDA graphs per call signature (kernels.graphs through kernels.optimize) on a tiny
+fp16 diffusers UNet: replay equals the patched eager run, one capture per shape, LRU eviction, weights
+changed in place seen without re-capture, replaced storage and PEFT adapters re-captured (and matching
+eager with the same adapter), no layout transposes inside the captured forward.
+
+Tolerances: replay vs the same patched module run eagerly — the same kernels on the same inputs —
+1e-3 absolute (fp16 outputs of O(1); equal in practice); vs eager diffusers in fp16, relative L2
+<= 1e-2 (the patched path rounds at other points: channels_last convs, fused SiLU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
+
+import kernels  # noqa: E402
+from kernels.registry import Registry, set_registry  # noqa: E402
+from shapetune.target import detect  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+
+
+@pytest.fixture(autouse=True)
+def registry(tmp_path):
+    prev = set_registry(Registry(db_path=tmp_path / "empty.db", target=detect("cuda")))
+    yield
+    set_registry(prev)
+
+
+def _unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(**TINY).to("cuda", torch.float16).eval()
+
+
+def _inputs(batch=2, lat=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, 4, lat, lat, generator=g).to("cuda", torch.float16),
+                timestep=torch.tensor(500, device="cuda"),
+                encoder_hidden_states=torch.randn(batch, 77, 64, generator=g).to("cuda", torch.float16))
+
+
+def _run(m, x):
+    with torch.no_grad():
+        return m(**x).sample
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_replay_equals_the_patched_eager_run_one_capture_per_shape():
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    for seed in (1, 2, 3):
+        x = _inputs(seed=seed)
+        out = _run(unet, x)
+        with torch.no_grad():
+            again = g.inner(**x).sample  # the same patched forward, eagerly
+        torch.testing.assert_close(out, again, atol=1e-3, rtol=0)
+        assert _rel(out, _run(eager, x)) < 1e-2
+    assert g.stats["captured"] == 1 and g.stats["replayed"] == 3, g.stats
+    assert max(g.capture_s) < 2.0, g.capture_s
+    out1 = _run(unet, _inputs(batch=1))  # a new shape: one more capture
+    assert g.stats["captured"] == 2 and out1.shape[0] == 1
+    a, b = _run(unet, _inputs(seed=5)), _run(unet, _inputs(batch=1, seed=5))  # outputs are the caller's own
+    _run(unet, _inputs(seed=6))
+    torch.testing.assert_close(a, _run(unet, _inputs(seed=5)), atol=0, rtol=0)
+    torch.testing.assert_close(b, _run(unet, _inputs(batch=1, seed=5)), atol=0, rtol=0)
+
+
+def test_lru_bound_evicts_the_least_recent_graph():
+    unet = _unet()
+    rep = kernels.optimize(unet, max_graphs=2)
+    g = rep.components["model"].graphs["forward"]
+    for b in (1, 2, 3):
+        _run(unet, _inputs(batch=b))
+    assert len(g.graphs) == 2 and g.stats["evicted"] == 1
+    _run(unet, _inputs(batch=1))  # evicted: captured again
+    assert g.stats["captured"] == 4
+
+
+def test_weights_changed_in_place_are_seen_replaced_storage_is_recaptured():
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = _inputs()
+    _run(unet, x)
+    for m in (eager, unet):  # in place, through .data (as a PEFT merge writes): the graph reads the memory
+        with torch.no_grad():
+            m.conv_in.weight.data.mul_(1.5)
+            m.up_blocks[1].attentions[0].proj_out.bias.data.add_(0.25)
+    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2
+    assert g.stats["invalidated"] == 0 and g.stats["captured"] == 1
+    for m in (eager, unet):  # new storage: the graph would read the old tensor
+        w = m.conv_out.weight
+        w.data = (w.data * 0.5).contiguous(memory_format=torch.channels_last)
+    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2
+    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2
+
+
+def test_a_peft_adapter_is_patched_and_recaptured_and_matches_eager():
+    from peft import LoraConfig
+
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = _inputs()
+    base = _run(unet, x)
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    for m in (eager, unet):
+        m.add_adapter(cfg)
+    torch.manual_seed(7)
+    lora = {k: torch.randn_like(v) * 0.1 for k, v in eager.state_dict().items() if "lora_B" in k}
+    for m in (eager, unet):
+        m.load_state_dict(lora, strict=False)
+    out = _run(unet, x)
+    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2
+    assert _rel(out, _run(eager, x)) < 1e-2 and _rel(out, base) > 1e-2  # the adapter changes the output
+    lora_a = next(m for n, m in unet.named_modules() if n.endswith("to_q.lora_A.default"))
+    assert getattr(lora_a, "_shapetune_patched", None) == "linear"  # the adapter's Linear layers are served
+    for m in (eager, unet):
+        m.set_adapters(["default"], weights=[0.5])  # a Python scale the forward reads: re-captured
+    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2 and g.stats["invalidated"] == 2
+
+
+def test_no_layout_transposes_inside_the_captured_forward():
+    """channels_last end to end: profiling the graph's eager twin (the patched forward on the static,
+    channels_last inputs) shows no copy kernels that transpose NCHW <-> NHWC."""
+    from torch.profiler import ProfilerActivity, profile
+
+    unet = _unet()
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = {**_inputs(), "sample": _inputs()["sample"].contiguous(memory_format=torch.channels_last)}
+    _run(unet, x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        g.inner(**x)
+    names = [e.key for e in prof.key_averages()]
+    relayout = [n for n in names if "nchwToNhwc" in n or "nhwcToNchw" in n or "transpose" in n.lower()]
+    assert not relayout, relayout
+    s = kernels.fallback_summary()
+    assert not any("relayout" in k or "weight_relayout" in k for d in s.values() for k in d), s
