@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,15 +81,23 @@ def _install_registration_hooks() -> None:
         _hooks_installed = True
 
 
-_pools: dict[int, Any] = {}
+_live: dict[int, "weakref.WeakSet[torch.cuda.CUDAGraph]"] = {}  # device index -> captured graphs alive
 
 
 def graph_pool(device: torch.device):
-    """The one CUDA graph memory pool of a device, shared by every captured graph on it."""
+    """The memory pool every captured graph on a device shares: that of a graph still alive, else a
+    new one. (A pool handle must not be reused once every graph of its pool is gone: the allocator
+    has released the pool, and capturing into it again trips its use-count assertion.)"""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _pools:
-        _pools[idx] = torch.cuda.graph_pool_handle()
-    return _pools[idx]
+    alive = _live.setdefault(idx, weakref.WeakSet())
+    for g in alive:
+        return g.pool()
+    return torch.cuda.graph_pool_handle()
+
+
+def _track(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    _live.setdefault(idx, weakref.WeakSet()).add(graph)
 
 
 def graphs_enabled() -> bool:
@@ -265,6 +274,7 @@ class GraphedCall:
             return "capture_failed"
         if any(not isinstance(x, (torch.Tensor, *_PLAIN)) for x in out_leaves):
             return "opaque_output"
+        _track(dev, graph)
         self.stats["captured"] += 1
         self.capture_s.append(time.perf_counter() - t0)
         return _Graph(graph, static, out_leaves, out_spec)

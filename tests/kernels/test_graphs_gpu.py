@@ -123,8 +123,9 @@ def test_a_peft_adapter_is_patched_and_recaptured_and_matches_eager():
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     for m in (eager, unet):
         m.add_adapter(cfg)
-    torch.manual_seed(7)
-    lora = {k: torch.randn_like(v) * 0.1 for k, v in eager.state_dict().items() if "lora_B" in k}
+    torch.manual_seed(7)  # lora_B starts at zero: give it values; lora_A (random init) copied over too
+    lora = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v.clone())
+            for k, v in eager.state_dict().items() if "lora_" in k}
     for m in (eager, unet):
         m.load_state_dict(lora, strict=False)
     out = _run(unet, x)
