@@ -46,15 +46,28 @@ def load_function(path: str, is_gpu: bool):
     return tvm.runtime.load_module(path)["main"]
 
 
+_KDL_CUDA = 2  # DLPack's device type of CUDA memory
+_set_stream = None  # tvm_ffi.core._env_set_current_stream, bound on the first GPU launch
+
+
 def call_on_current_stream(fn, args, is_gpu: bool):
-    """Launch fn(*args) on torch's current CUDA stream (the CPU path just calls)."""
+    """Launch fn(*args) on torch's current CUDA stream (the CPU path just calls). The stream is handed
+    to TVM's environment for the launch and the previous one put back: two C calls around the launch
+    (a tvm_ffi.StreamContext, a device object and torch.cuda.current_stream() cost several µs of
+    Python per op call, and a patched UNet step makes ~1000)."""
     if not is_gpu:
         fn(*args)
         return
-    import torch
-    import tvm_ffi
+    global _set_stream
+    if _set_stream is None:
+        from tvm_ffi import core
 
-    stream = torch.cuda.current_stream()
-    dev = args[-1].device
-    with tvm_ffi.StreamContext(tvm_ffi.device(f"cuda:{dev.index or 0}"), stream.cuda_stream):
+        _set_stream = core._env_set_current_stream
+    import torch
+
+    idx = args[-1].get_device()
+    prev = _set_stream(_KDL_CUDA, idx, torch.cuda.current_stream(idx).cuda_stream)
+    try:
         fn(*args)
+    finally:
+        _set_stream(_KDL_CUDA, idx, prev)
