@@ -195,6 +195,7 @@ class GraphedCall:
         return self.inner(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
         if not graphs_enabled():
             return self._eager("disabled", args, kwargs)
         if torch.compiler.is_compiling():
