@@ -71,9 +71,11 @@ def test_replay_equals_the_patched_eager_run_one_capture_per_shape():
         torch.testing.assert_close(out, again, atol=1e-3, rtol=0)
         assert _rel(out, _run(eager, x)) < 1e-2
     assert g.stats["captured"] == 1 and g.stats["replayed"] == 3, g.stats
-    assert max(g.capture_s) < 2.0, g.capture_s
     out1 = _run(unet, _inputs(batch=1))  # a new shape: one more capture
     assert g.stats["captured"] == 2 and out1.shape[0] == 1
+    # a shape change costs one capture (the process's first one also pays CUDA's lazy module loading
+    # and cuBLAS/cuDNN set-up: over 2 s on a cold machine, so it is not the figure)
+    assert g.capture_s[-1] < 2.0, g.capture_s
     a, b = _run(unet, _inputs(seed=5)), _run(unet, _inputs(batch=1, seed=5))  # outputs are the caller's own
     _run(unet, _inputs(seed=6))
     torch.testing.assert_close(a, _run(unet, _inputs(seed=5)), atol=0, rtol=0)
