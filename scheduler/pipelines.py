@@ -98,5 +98,108 @@ def build_sd_pipeline(tiny: bool = True, dtype: torch.dtype = torch.float32, dev
     pipe = cls(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    _eval(pipe)
     pipe = pipe.to(device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+# -- SDXL -------------------------------------------------------------------------------------------
+TINY_SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                      cross_attention_dim=64, norm_num_groups=8)
+TINY_SDXL_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                      max_position_embeddings=16, projection_dim=32, hidden_act="gelu")
+
+#: stabilityai/stable-diffusion-xl-base-1.0: unet/, text_encoder/ (CLIP ViT-L), text_encoder_2/ (OpenCLIP bigG)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
+                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                 projection_class_embeddings_input_dim=2816, cross_attention_dim=2048, norm_num_groups=32)
+SDXL_CLIP = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+SDXL_CLIP_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+
+def _eval(pipe) -> None:
+    """Inference mode for every module (as from_pretrained leaves them): dropout off."""
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+
+
+def _scale_weights(*modules) -> None:
+    with torch.no_grad():  # random weights big enough that every layer matters
+        for m in modules:
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+
+
+def build_sdxl_pipeline(tiny: bool = True, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """StableDiffusionXLPipeline with random weights: two CLIP text encoders (the second with a
+    projection), a text_time-conditioned UNet; tiny (CPU tests) or SDXL base's shapes."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET))
+    vae = diffusers.AutoencoderKL(**(TINY_VAE if tiny else {**SD15_VAE, "sample_size": 1024}),
+                                  scaling_factor=0.13025)
+    encoders, toks = [], []
+    for cfg, cls in ((TINY_SDXL_CLIP if tiny else SDXL_CLIP, CLIPTextModel),
+                     (TINY_SDXL_CLIP if tiny else SDXL_CLIP_2, CLIPTextModelWithProjection)):
+        tok = build_tokenizer(1000, cfg["max_position_embeddings"])
+        encoders.append(cls(CLIPTextConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                           bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, **cfg)))
+        toks.append(tok)
+    if tiny:
+        _scale_weights(unet, vae, *encoders)
+    sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             steps_offset=1, timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                               tokenizer=toks[0], tokenizer_2=toks[1], unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    _eval(pipe)
+    pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+# -- AltDiffusion -------------------------------------------------------------------------------------
+def build_alt_diffusion_pipeline(tiny: bool = True, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """AltDiffusionPipeline with random weights: SD's UNet and VAE, diffusers' RobertaSeriesModelWithTransformation
+    (an XLM-R text encoder projected to the UNet's context width). No tokenizer (XLM-R's is a trained
+    sentencepiece model, not writable here): call it with prompt_embeds from `text_embeddings(pipe, ids)`."""
+    import diffusers
+    from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+        RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_config(dict(TINY_UNET) if tiny else copy.deepcopy(SD15_UNET_CONFIG))
+    vae = diffusers.AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+    width = unet.config.cross_attention_dim
+    text = RobertaSeriesModelWithTransformation(RobertaSeriesConfig(
+        hidden_size=32 if tiny else 1024, project_dim=width, intermediate_size=64 if tiny else 4096,
+        num_attention_heads=4 if tiny else 16, num_hidden_layers=2 if tiny else 24, vocab_size=1000 if tiny else 250002,
+        max_position_embeddings=80 if tiny else 514, pad_token_id=1, type_vocab_size=1))
+    if tiny:
+        _scale_weights(unet, vae, text)
+    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.AltDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=sched,
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    _eval(pipe)
+    pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def text_embeddings(pipe, input_ids: torch.Tensor) -> torch.Tensor:
+    """AltDiffusion's prompt embeddings of token ids, through the pipeline's own text encoder (what its
+    encode_prompt does after tokenizing)."""
+    with torch.no_grad():
+        return pipe.text_encoder(input_ids.to(pipe.device))[0]
