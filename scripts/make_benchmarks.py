@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.registry import MARGIN, servable  # noqa: E402
+from kernels.registry import MARGIN, UNSTABLE, servable  # noqa: E402
+from scheduler.verify import TOLERANCES  # noqa: E402
 from shapetune.workload import Workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,12 +195,17 @@ class Logs:
         return d["runs"] if "runs" in d else [d]
 
     @cached_property
-    def records(self) -> list[dict]:
-        out = []
+    def records_by_file(self) -> dict[str, list[dict]]:
+        """{file name: its lines (records and baselines)} of every tuning_logs/*.jsonl.xz, by name."""
+        out = {}
         for p in sorted(self.dir.glob("*.jsonl.xz")):
             with lzma.open(p, "rt") as f:
-                out.extend(json.loads(line) for line in f if line.strip())
+                out[p.name] = [json.loads(line) for line in f if line.strip()]
         return out
+
+    @cached_property
+    def records(self) -> list[dict]:
+        return [r for rs in self.records_by_file.values() for r in rs]
 
     @cached_property
     def workloads_by_key(self) -> dict[str, Workload]:
@@ -769,6 +775,128 @@ def attention(logs: Logs) -> str:
     ])
 
 
+REBENCH = "_rebench.jsonl.xz"  # bench_tuned's exports (one run each), not tuning runs
+
+
+def utc_dates(recs: list[dict]) -> str:
+    """The UTC dates of these lines' `created` times, e.g. "2026-11-27"."""
+    from datetime import datetime, timezone
+
+    return ", ".join(sorted({datetime.fromtimestamp(r["created"], timezone.utc).strftime("%Y-%m-%d")
+                             for r in recs if r.get("created")}))
+
+
+def verification_error(logs: Logs) -> str:
+    """Relative L2 error (max_rel_err) of every verified record, per op and template, against the bound."""
+    groups = defaultdict(list)
+    for r in logs.records:
+        if r.get("type") == "record" and r.get("status") == "ok" and r.get("max_rel_err") is not None:
+            groups[(r["workload"]["op"], r["workload"]["dtype"], r["candidate"]["template"])].append(r)
+    dtypes = sorted({d for _, d, _ in groups})
+    rows = []
+    for (op, dt, tpl), rs in sorted(groups.items()):
+        errs = [r["max_rel_err"] for r in rs]
+        bound = TOLERANCES[dt][2]
+        rows.append([op, tpl, dt, str(len(rs)), f"{min(errs):.2e}", f"{max(errs):.2e}", f"{bound:.0e}",
+                     f"{bound / max(errs):.0f}x"])
+    every = [r["max_rel_err"] for rs in groups.values() for r in rs]
+    return "\n\n".join([
+        "## Verification error of the committed kernels",
+        bullets([f"Source: every verified record (status ok) in `tuning_logs/*.jsonl.xz`: "
+                 f"{', '.join(f'`{n}`' for n in logs.records_by_file)}. Dates: {utc_dates(logs.records)}.",
+                 "Metric: `max_rel_err` = ‖out − ref‖ / ‖ref‖ against the float64 reference, the worst of the "
+                 "record's verification trials (fresh inputs each; every checked member of a bucket). Bound: "
+                 "the relative L2 limit of `scheduler/verify.py` for the dtype; headroom = bound / largest error.",
+                 ]),
+        table([("op", "l"), ("template", "l"), ("dtype", "l"), ("verified records", "r"), ("min error", "r"),
+               ("max error", "r"), ("bound", "r"), ("headroom", "r")], rows),
+        f"Over all {len(every)} verified records ({'/'.join(dtypes)}): relative L2 error {min(every):.2e}-"
+        f"{max(every):.2e}, of one size for every op and template.",
+    ])
+
+
+def vendor_noise(logs: Logs) -> str:
+    """Run-to-run spread and disturbed timings of the vendor baselines of the tuning runs: the data
+    behind kernels.registry's MARGIN and UNSTABLE."""
+    files = [n for n in logs.records_by_file if not n.endswith(REBENCH)]
+    base = [dict(r, file=n) for n in files for r in logs.records_by_file[n] if r.get("type") == "baseline"]
+    runs = defaultdict(dict)  # (file, workload, vendor path) -> {run_id: baseline}
+    for b in base:
+        runs[(b["file"], json.dumps(b["workload"], sort_keys=True), b["name"])][b["run_id"]] = b
+
+    def med(b):
+        return b["latency"]["median_us"]
+
+    def dist(b):
+        return b["latency"]["median_us"] / b["latency"]["min_us"]
+
+    pairs = [list(v.values()) for v in runs.values() if len(v) > 1]
+    spread = {id(p): max(map(med, p)) / min(map(med, p)) - 1 for p in pairs}
+    by_op = defaultdict(lambda: ([], []))
+    for b in base:
+        by_op[b["workload"]["op"]][0].append(b)
+    for p in pairs:
+        by_op[p[0]["workload"]["op"]][1].append(p)
+    rows = []
+    for op, (bs, ps) in sorted(by_op.items()):
+        sp = [spread[id(p)] for p in ps]
+        rows.append([op, str(len(bs)), str(len(ps)), f"{statistics_median(sp):.1%}" if sp else "",
+                     f"{sum(x <= 0.03 for x in sp)}" if sp else "", f"{max(sp):.0%}" if sp else "",
+                     str(sum(dist(b) <= UNSTABLE for b in bs)), str(sum(dist(b) > UNSTABLE for b in bs))])
+    sp = sorted(spread.values())
+    wide = [p for p in pairs if spread[id(p)] > MARGIN]
+    wide_disturbed = sum(any(dist(b) > UNSTABLE for b in p) for p in wide)
+    calm = [dist(b) for b in base if dist(b) <= UNSTABLE]
+    rough = [dist(b) for b in base if dist(b) > UNSTABLE]
+    ex_pair = max((p for p in pairs if any(dist(b) > UNSTABLE for b in p)),
+                  key=lambda p: max(map(dist, p)), default=None)
+    example = ""
+    if ex_pair:
+        bad = max(ex_pair, key=dist)
+        other = min((b for b in ex_pair if b is not bad), key=med)
+        example = (f" The most disturbed one timed twice: {Workload.from_json(bad['workload']).name}, median "
+                   f"{med(bad):.2f} µs, fastest sample {bad['latency']['min_us']:.2f} µs, where its other run's "
+                   f"median is {med(other):.2f} µs.")
+    counts = ", ".join(f"{len(ps)} {op}" for op, (_, ps) in sorted(by_op.items()) if ps)
+    return "\n\n".join([
+        "## Vendor timing noise: where the registry's margins come from",
+        bullets([f"Card: {base[0]['target']['device_name']}. Dates: {utc_dates(base)}.",
+                 f"Source: the vendor baselines of the tuning runs, {len(base)} timings in "
+                 f"{', '.join(f'`tuning_logs/{n}`' for n in files)} (the `*{REBENCH}` files, one re-benchmark "
+                 "run each, left out). A resumed job re-measures the vendor path, so some workloads have it "
+                 "timed in two runs.",
+                 "Spread: slower / faster median of one vendor path on one workload, timed in two runs, minus 1. "
+                 "Disturbed: a timing whose median is over UNSTABLE x its fastest sample."]),
+        table([("op", "l"), ("vendor timings", "r"), ("timed in 2 runs", "r"), ("median spread", "r"),
+               ("spread ≤ 3%", "r"), ("max spread", "r"), (f"median/fastest ≤ {UNSTABLE}", "r"),
+               (f"> {UNSTABLE}", "r")], rows),
+        f"Run to run: over the {len(sp)} workloads whose vendor path was timed in two runs ({counts}), the two "
+        f"medians differ by a median of {statistics_median(sp):.1%}, and by at most 3% for "
+        f"{sum(x <= 0.03 for x in sp)} of {len(sp)}. The registry's MARGIN ({MARGIN:.0%}: a tuned kernel is served "
+        "only where tuned × (1 + MARGIN) ≤ the vendor time of its run) sits above that noise. "
+        f"{len(wide)} differ by more than {MARGIN:.0%} ({span([spread[id(p)] * 100 for p in wide], 0)}%)"
+        + (f"; {wide_disturbed} of them have a disturbed timing in the pair." if wide else "."),
+        disturbed_sentence(calm, rough, len(base)) + example,
+    ])
+
+
+def disturbed_sentence(calm: list[float], rough: list[float], n: int) -> str:
+    """How the timings' median / fastest-sample ratios fall on either side of UNSTABLE."""
+    if not rough:
+        return f"Disturbed timings: none of {n} (median / fastest sample ≤ {max(calm):.2f})."
+    return (f"Disturbed timings: {len(calm)} of {n} have median / fastest sample ≤ {max(calm):.2f}, the other "
+            f"{len(rough)} ≥ {min(rough):.2f}. The registry's UNSTABLE ({UNSTABLE}x) lies in that gap: a disturbed "
+            "vendor timing stands for its fastest sample, a lower bound on the vendor time, not its median.")
+
+
+def statistics_median(xs) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    if not n:
+        raise ValueError("median of no values")
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 COST_COLS = [("in_family@1", "in-family @1"), ("in_family@4", "@4"), ("in_family@8", "@8"),
              ("transfer@1", "transfer @1"), ("transfer@4", "@4"), ("random@1", "random @1"), ("random@4", "@4")]
 
@@ -844,7 +972,8 @@ def lookup(logs: Logs) -> str:
     ])
 
 
-SECTIONS = (summary, linear, metaschedule, buckets, norms, geglu, conv, attention, cost_model, lookup)
+SECTIONS = (summary, linear, metaschedule, buckets, norms, geglu, conv, attention, verification_error, vendor_noise,
+            cost_model, lookup)
 
 
 def render(root: Path = ROOT) -> str:
