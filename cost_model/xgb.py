@@ -56,7 +56,7 @@ DEFAULT_PARAMS = {
     "min_child_weight": 1.0,
     "subsample": 1.0,
     "tree_method": "hist",
-    # One thread: on a small shared machine OpenMP spin-waiting made nthread=2 10-25x slower.
+    # One thread: on a small shared machine OpenMP spin-waiting made nthread=2 many times slower.
     "nthread": 1,
 }
 

@@ -45,9 +45,9 @@ def direct_ok(args) -> bool:
 
 
 def call_op(name: str, *args):
-    """torch.ops.shapetune.<name>(*args), skipping the custom-op dispatch (~30-45 µs of Python per
-    call on the CPU dev box, against ~0.3 µs for the registry lookup) when `direct_ok`: a patched
-    diffusers UNet makes ~1000 op calls per step."""
+    """torch.ops.shapetune.<name>(*args), skipping the custom-op dispatch (Python work per call far
+    above the registry lookup's; the lookup: see BENCHMARKS.md, "Registry lookup") when `direct_ok`:
+    a patched diffusers UNet makes ~1000 op calls per step."""
     if direct_ok(args):
         return _RAW[name](*args)
     op = _OPS.get(name)

@@ -33,14 +33,13 @@ from shapetune.workload import Workload
 log = logging.getLogger("shapetune")
 
 # A tuned kernel is served only if tuned_us * (1 + MARGIN) <= vendor_us, both timed in one run.
-# Why 5%: the same vendor op timed in two tuning runs on the H200 (tuning_logs/, 39 conv and 22
-# norm workloads measured twice) differs by a median of 1%, and by <= 3% for about 80% of them; a
-# tuned kernel is kept only where it wins by more than that noise. (The few that differ by 70-450%
-# are disturbed timings, see UNSTABLE.)
+# Why 5%: above the run-to-run spread of one vendor op timed in two tuning runs (the H200 records
+# under tuning_logs/: see BENCHMARKS.md, "Vendor timing noise"); a tuned kernel is kept only where
+# it wins by more than that noise. (The few pairs far apart hold disturbed timings, see UNSTABLE.)
 MARGIN = 0.05
 # A vendor timing whose median is over UNSTABLE x its fastest sample was disturbed while it ran
-# (H200 logs: 184 of 194 vendor timings have median/min <= 1.17, the other 10 >= 1.76, e.g. 52.85
-# us median, 11.52 us min, where the next run timed 12.03 us). Its median is no yardstick; its
+# (1.5 lies in the gap between the undisturbed and the disturbed timings of the H200 tuning runs:
+# see BENCHMARKS.md, "Vendor timing noise"). Its median is no yardstick; its
 # fastest sample is (a lower bound on the vendor time, so a tuned kernel must beat even that).
 UNSTABLE = 1.5
 

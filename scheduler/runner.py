@@ -20,13 +20,16 @@ So between two uses of one set, the N - 1 other sets, >= 2x L2 of distinct data,
 written: no input is served from L2 however small the workload. We rotate rather than flush L2 between calls:
 a flush kernel would sit inside the host-bound gap check, and a write flush would leave L2 full of
 dirty lines the timed kernel must write back. Rotation keeps N x set_bytes ~= R + set_bytes
-resident (~120 MB on an H200) and costs N allocations per tensor once per workload and worker.
+resident (~120 MB on an H200: 2 x its 60 MB L2) and costs N allocations per tensor once per
+workload and worker.
 
 Copy yardstick (COPY, memory-bound ops). `dst.copy_(src)` of fp16 buffers, each allocated on its
 own (so it starts aligned) and sized up to a multiple of COPY_ALIGN bytes, the two together moving
 copy_bytes(w) >= min_traffic_bytes(w) (every input read once + the output written once; exact
-but for <= 2 x COPY_ALIGN of round-up); timed and rotated like a kernel. An unaligned odd-sized copy
-runs ~1.29x slower on an H200 and would inflate every "fraction of copy" figure. `Runner.large_copy`
+but for <= 2 x COPY_ALIGN of round-up); timed and rotated like a kernel. Aligned whole buffers keep
+an odd-sized copy from running slower and inflating every "fraction of copy" figure (the old
+odd-sized yardstick and this one timed side by side: see BENCHMARKS.md, "GroupNorm (+SiLU) and
+LayerNorm"). `Runner.large_copy`
 times a >= 1 GiB copy the same way: the device's copy bandwidth in the same run.
 
 Vendor paths: artifact VENDOR is the op's default vendor path (`OpDef.vendor`), and
@@ -250,9 +253,9 @@ def _time(call, sets: list, opts: RunOptions, is_gpu: bool) -> list[float]:
 #: above which the host did not keep the queue ahead of the GPU (a contended CPU, e.g. a tuning job
 #: building in parallel, or an op whose launches cost more host time than its kernels take). Then
 #: the calls' own intervals hold host gaps too (an op of several kernels waits for its next launch)
-#: and the measurement is repeated with a longer busy period. Queued back to back, the gap is ~1 µs.
-#: (H200, 2026-11-27: a 4-process tuning job measured F.conv2d 1x1 at 52-66 µs that took 12-19 µs
-#: on a quieter host.)
+#: and the measurement is repeated with a longer busy period. Queued back to back, the gap stays
+#: well below this. (What host-bound timing did to cuDNN's times in the H200 tuning runs of 2026-11-27: see
+#: BENCHMARKS.md, "conv2d" and "Vendor timing noise".)
 HOST_BOUND_GAP_US = 3.0
 
 

@@ -21,16 +21,11 @@ Grid: (ceil(sq / BQ), b*h); a block of `warps` warps owns BQ = 16*warps query ro
      (rows >= sq and columns >= d are not written).
 Symbolic sq / skv (buckets) only change the grid size, the key-tile count and the masks.
 
-Measured (H200, 2026-11-27, torch 2.11 SDPA in the same run, median of 20 with inputs rotated over
-256 MB; every candidate of the space verified: rel L2 err 2.2e-4..2.3e-4, as SDPA's own 2.2e-4),
-batch 2, 8 heads, fp16, best knobs (warps, kv_tile), us ours / SDPA:
-  self  sq=skv=4096 d40: (4,64) 662 / 154 (0.23x)   1024 d80: (2,64) 74 / 22.5 (0.30x)
-        256 d160: (2,32) 26 / 14.3 (0.55x)          64 d160: (2,32) 9.6 / 11.6 (1.20x)
-  cross skv=77, sq=4096 d40: (4,32) 28 / 17.6 (0.63x)  1024 d80: (2,32) 14.6 / 12.2 (0.83x)
-        256 d160: (1,32) 15.9 / 12.1 (0.76x)        64 d160: (1,32) 14.5 / 11.7 (0.81x)
-  buckets sq,skv in [2049,4096] d40: (4,64) 559 / 134 (geomean over the bucket, 0.24x);
-        sq in [2049,4096], skv in [65,128] d40: (4,32) 29 / 16.8 (0.58x); sq 1024, skv in [65,128]
-        d80: (2,64) 15.8 / 12.1 (0.76x).
+Measured: times against torch SDPA in the same run, per SD 1.5 shape, with the best knobs: see
+BENCHMARKS.md, "Attention (flash-style on WMMA)"; its verification error: "Verification error of
+the committed kernels" (the same size as for every other op). Short self-attention (64 tokens) is
+where it wins; long self-attention is where it loses most; the bucket kernels (symbolic sq / skv)
+ran at about the ratio of the exact shapes they cover.
 Where it loses (long self-attention): 3 block barriers per key tile with synchronous K/V loads (no
 cp.async / double buffering: load latency is exposed), scores, P and each O chunk round-trip through
 shared memory (WMMA fragments have no element access), 146-255 registers per thread, and the

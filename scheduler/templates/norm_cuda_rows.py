@@ -2,8 +2,8 @@
 
 Why: a group of SD's NHWC GroupNorm is C/G = 10..80 channels of each position, i.e. runs of
 20..160 bytes every C*2 bytes. Reading group by group (norm_cuda, norm_cuda_split) leaves DRAM
-sectors partly used, and at 4096 positions those kernels reached 0.43-0.51 of a device copy's
-bandwidth on the H200 (2026-11-27). Here:
+sectors partly used, and at 4096 positions those kernels stay near half of a device copy's
+bandwidth (see BENCHMARKS.md, "GroupNorm (+SiLU) and LayerNorm", the hw4096 rows). Here:
 
   kernel 1 (row partials)  grid n x (hw / P): block (n, chunk) walks its P positions; thread j owns
                            channels [vec*j, vec*j + vec) and sums x and x^2 of them over the chunk

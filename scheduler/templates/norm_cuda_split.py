@@ -2,7 +2,8 @@
 
 Why: SD's GroupNorm has n x 32 = 64 groups at batch 2. One block per group (norm_cuda) fills at most
 64 of an H100/H200's 132 SMs, and at 4096 positions each of those blocks streams 2.6 MB alone: the
-kernel reached only 26-40% of a device copy's bandwidth on the H200 (2026-11-27). Here:
+kernel stays far below a device copy's bandwidth there (see BENCHMARKS.md, "GroupNorm (+SiLU) and
+LayerNorm", the hw4096 rows). Here:
 
   kernel 1 (statistics)  grid n*g*S: block (n, g, s) reduces S1 = sum x and S2 = sum x^2 over its
                          1/S of the group's positions (threads strided over `vec_s`-wide vector
