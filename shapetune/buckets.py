@@ -8,7 +8,8 @@ at the bounds and at an odd value in between, and scored by the geometric mean o
 the bucket's upper bound, middle and lower bound (`timing_members`); the workload's own dims hold
 the upper bound as its representative. Tuned at the upper bound alone, kernels lost speed in the
 lower half of a bucket. Why powers of two: the work per call at most doubles across a bucket, so one
-tile/wave choice can stay close to best across it; scripts/bench_buckets.py measures how close (bucket efficiency).
+tile/wave choice can stay close to best across it; scripts/bench_buckets.py measures how close
+(bucket efficiency).
 
 Symbolic dims vs padding. The alternative, padding inputs on the host up to the bucket's upper
 bound and running a fixed-shape kernel, costs up to 2x the arithmetic in a pow2 bucket plus a copy
