@@ -168,7 +168,10 @@ def test_bench_e2e_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"eager", "eager_cl", "shapetune"}
     assert all(r["rel_l2_vs_eager"] < 1e-5 and r["us"] > 0 for r in rows.values())
-    assert sum(rows["shapetune"]["calls"]["attention"].values()) == 8 * 4  # 8 attentions x (1 warm-up + 2 timed + parity)
+    assert all(r["first_call_s"] > 0 and r["shape2_first_call_s"] > 0 for r in rows.values())
+    # 8 attentions x (first call + 1 warm-up + 2 timed + parity + the shape-change call)
+    assert sum(rows["shapetune"]["calls"]["attention"].values()) == 8 * 6
+    assert rows["shapetune"]["graphs"]["model"]["cpu"] == 6
 
 
 def test_registry_prebuild_fills_the_kernel_cache(tuned_db, tmp_path, monkeypatch):
