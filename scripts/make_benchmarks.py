@@ -46,6 +46,8 @@ METASCHEDULE = "bench/bench_metaschedule_h200.json"
 BUCKETS = "bench/bench_buckets_h200.json"
 COST_MODEL = "bench/cost_model_eval.json"
 LOOKUP = "bench/bench_lookup_cpu.json"
+E2E = "bench/bench_e2e_h200.json"
+HOST = "bench/bench_host_h200.json"
 
 # Goals (issue 4, for an H100) and floors: targets, not measurements.
 GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
@@ -972,8 +974,44 @@ def lookup(logs: Logs) -> str:
     ])
 
 
+def end_to_end(logs: Logs) -> str:
+    """SD 1.5 UNet step per mode, one run (scripts/bench_e2e.py), and the host path (scripts/bench_host.py)."""
+    d, h = logs.load(E2E), logs.load(HOST)["row"]
+    a = d["args"]
+    names = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
+             "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
+             "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs"}
+    rows = []
+    for mode, r in d["rows"].items():
+        ro = r.get("speedup_vs_compile_ro")
+        rows.append([names.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
+                     num(ro, 2) if ro else "-", num(r["first_call_s"], 2), num(r.get("shape2_first_call_s"), 2),
+                     num(r.get("peak_mem_gib"), 2), f"{r['rel_l2_vs_eager']:.1e}"])
+    tuned = {op: c.get("tuned", 0) for op, c in d["rows"]["shapetune"]["calls"].items() if c.get("tuned")}
+    return "\n\n".join([
+        "## End to end: the SD 1.5 UNet step",
+        f"- Card: {logs.card(E2E)}. Date: {logs.dates(E2E)}. Command: `{logs.command(E2E)}`",
+        f"- SD 1.5 UNet (random weights) fp16, batch {a['batch']}, {a['res']}², CUDA events around each call "
+        f"(median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights and "
+        "activations are far over L2, so inputs are not rotated. \"1st call\": wall time of the first call (compile "
+        f"or capture); \"shape change\": the first call at batch/size {a['shape2']}; peak: memory allocated during "
+        "the mode's calls, weights included. Ratios against eager and against torch.compile reduce-overhead from "
+        "this run.",
+        table([("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"), ("1st call, s", "r"),
+               ("shape change, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
+        "- Ops that ran tuned kernels in the shapetune rows: " + ", ".join(sorted(tuned)) +
+        " (the records of the given DBs that beat torch in their own run; every other call runs torch's op, "
+        "counted by cause in the JSON).",
+        f"- Host path, another run ({logs.dates(HOST)}, `{logs.command(HOST)}`): a patched UNet step run eagerly, "
+        f"synchronized wall time {num(h['patched_eager_ms'], 1)} ms against {num(h['eager_cl_ms'], 1)} ms for eager "
+        f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step. That run has the "
+        "tuned-kernel launch handing torch's stream to TVM with two C calls; the graphs=False row above predates "
+        "it (a tvm_ffi.StreamContext per launch).",
+    ])
+
+
 SECTIONS = (summary, linear, metaschedule, buckets, norms, geglu, conv, attention, verification_error, vendor_noise,
-            cost_model, lookup)
+            cost_model, lookup, end_to_end)
 
 
 def render(root: Path = ROOT) -> str:
