@@ -7,7 +7,9 @@ captured once per distinct input signature and replayed after that.
     g.uninstall()
 
 Signature (the graph's key): the call's pytree structure, each tensor's shape, dtype and device, and
-every non-tensor argument's value (a Python scalar baked into the graph: a new value is a new graph).
+every non-tensor argument's value (a Python scalar baked into the graph: a new value is a new graph;
+a torch.Generator is keyed by identity, so a method that takes a new one per call and reads it runs a
+new capture each time: declare it in `unused_kwargs` where the method never reads it).
 So batch, latent H x W, context length, dtype and the CFG batch each make their own graph; an LRU keeps
 at most `max_graphs` of them (SHAPETUNE_MAX_GRAPHS, default 16). Every graph on a device allocates from
 one shared memory pool, and its inputs are static buffers the call's tensors are copied into (4-D ones in
@@ -135,10 +137,14 @@ class GraphedCall:
     max_graphs : LRU bound on the graphs kept (SHAPETUNE_MAX_GRAPHS, default 16)
     warmup : eager runs before a capture (resolve the registry, load kernels, init cuBLAS workspaces)
     repatch : called with the module when its tree changed, before re-capturing (e.g. kernels.patch)
+    unused_kwargs : keyword arguments the method accepts but never reads (e.g. AutoencoderKL.decode's
+        `generator`, which diffusers' pipelines pass a new torch.Generator each call): dropped before the
+        signature is taken and the method called, so they neither make a new graph per call nor reach it
     """
 
     def __init__(self, module: nn.Module, method: str = "forward", max_graphs: int | None = None, warmup: int = 2,
-                 repatch: Callable[[nn.Module], Any] | None = None):
+                 repatch: Callable[[nn.Module], Any] | None = None, unused_kwargs: tuple[str, ...] = ()):
+        self.unused_kwargs = tuple(unused_kwargs)
         _install_registration_hooks()
         self.module, self.method = module, method
         self.max_graphs = max_graphs or int(os.environ.get("SHAPETUNE_MAX_GRAPHS", "16"))
@@ -195,6 +201,8 @@ class GraphedCall:
         return self.inner(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        for k in self.unused_kwargs:
+            kwargs.pop(k, None)
         self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
         if not graphs_enabled():
             return self._eager("disabled", args, kwargs)

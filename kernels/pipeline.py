@@ -85,10 +85,13 @@ def _components(pipe) -> dict[str, nn.Module]:
     return {n: m for n, m in comps.items() if isinstance(m, nn.Module)}
 
 
-def _graph_methods(m: nn.Module) -> tuple[str, ...]:
+def _graph_methods(m: nn.Module) -> dict[str, tuple[str, ...]]:
+    """{method to graph: its keyword arguments that it never reads}."""
     if callable(getattr(m, "decode", None)) and callable(getattr(m, "encode", None)):  # an autoencoder
-        return ("decode",)
-    return ("forward",)
+        # AutoencoderKL.decode(z, return_dict, generator): the generator is not used (diffusers 0.3x-0.4x);
+        # pipelines pass a new one per call, which would otherwise be a new graph per image
+        return {"decode": ("generator",)}
+    return {"forward": ()}
 
 
 def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | None = None) -> OptimizeReport:
@@ -117,8 +120,9 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
         rep = patch(m, fuse=fuse)
         c = ComponentReport(name, type(m).__name__, rep, cl)
         if graphs:
-            for meth in _graph_methods(m):
-                c.graphs[meth] = GraphedCall(m, meth, max_graphs=max_graphs, repatch=lambda mod: patch(mod, fuse=fuse))
+            for meth, unused in _graph_methods(m).items():
+                c.graphs[meth] = GraphedCall(m, meth, max_graphs=max_graphs, repatch=lambda mod: patch(mod, fuse=fuse),
+                                             unused_kwargs=unused)
         comps[name] = c
     report = OptimizeReport(comps)
     setattr(pipe, _ATTR, report)

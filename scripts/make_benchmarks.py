@@ -48,6 +48,7 @@ COST_MODEL = "bench/cost_model_eval.json"
 LOOKUP = "bench/bench_lookup_cpu.json"
 E2E = "bench/bench_e2e_h200.json"
 HOST = "bench/bench_host_h200.json"
+PIPELINE = "bench/bench_pipeline_h200.json"
 
 # Goals (issue 4, for an H100) and floors: targets, not measurements.
 GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
@@ -1007,6 +1008,32 @@ def end_to_end(logs: Logs) -> str:
         f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step. That run has the "
         "tuned-kernel launch handing torch's stream to TVM with two C calls; the graphs=False row above predates "
         "it (a tvm_ffi.StreamContext per launch).",
+        pipeline_table(logs),
+    ])
+
+
+def pipeline_table(logs: Logs) -> str:
+    d = logs.load(PIPELINE)
+    a = d["args"]
+    names = {"eager": "eager", "compile_ro": "torch.compile(mode=\"reduce-overhead\") on the UNet and VAE decode",
+             "shapetune": "kernels.optimize(pipe)"}
+    rows = [[names.get(m, m), num(r["s"], 3), num(r["speedup_vs_eager"], 2),
+             num(r["speedup_vs_compile_ro"], 2) if r.get("speedup_vs_compile_ro") else "-",
+             num(r["first_call_s"], 2), num(r.get("peak_mem_gib"), 2),
+             "(reference)" if m == "eager" else num(r["psnr_vs_eager_db"], 1)] for m, r in d["rows"].items()]
+    vae = d["rows"].get("shapetune", {}).get("graphs", {}).get("vae", {})
+    return "\n\n".join([
+        "### The full pipeline",
+        f"- Card: {logs.card(PIPELINE)}. Date: {logs.dates(PIPELINE)}. Command: `{logs.command(PIPELINE)}`",
+        f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['res']}², {a['steps']} DDIM steps with "
+        f"classifier-free guidance (the UNet at batch 2), text encoder and VAE decode included; wall time per image "
+        f"(median of {a['iters']} after the first call), PSNR of the image against eager's (same seed and weights).",
+        table([("mode", "l"), ("s per image", "r"), ("vs eager", "r"), ("vs compile_ro", "r"), ("1st call, s", "r"),
+               ("peak, GiB", "r"), ("PSNR vs eager, dB", "r")], rows),
+        f"- In this run the VAE decode was captured on every pipeline call ({vae.get('captured', 0)} captures, "
+        f"{vae.get('replayed', 0)} replays): the pipeline passes a new torch.Generator to `vae.decode` each call, "
+        "and the graph signature keyed it by identity. Fixed after this run (the unused argument is dropped, "
+        "kernels/pipeline.py), not re-measured yet.",
     ])
 
 

@@ -107,3 +107,20 @@ def test_patched_group_norm_keeps_torch_semantics_at_every_rank(registry, shape)
         y = torch.randn(2, 16, 16)
         torch.testing.assert_close(gn(y), torch.nn.functional.group_norm(y, 4, gn.weight, gn.bias, gn.eps),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_an_autoencoder_decode_drops_the_generator_it_never_reads(registry):
+    """diffusers' pipelines call vae.decode(z, return_dict=False, generator=g) with a new Generator per
+    image: keyed by identity it made a new CUDA graph per image (H200: 3 captures in 3 pipeline calls).
+    The graphed decode drops it (AutoencoderKL.decode does not read it)."""
+    pipe = build_sd_pipeline(tiny=True)
+    rep = kernels.optimize(pipe)
+    g = rep.components["vae"].graphs["decode"]
+    assert g.unused_kwargs == ("generator",)
+    seen = []
+    inner = g.inner
+    g.inner = lambda *a, **kw: seen.append(sorted(kw)) or inner(*a, **kw)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        pipe.vae.decode(z, return_dict=False, generator=torch.Generator().manual_seed(1))
+    assert seen == [["return_dict"]]
