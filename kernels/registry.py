@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import sqlite3
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 from shapetune import config
 from shapetune.buckets import DEFAULT, BucketPolicy
+from shapetune.db.errors import DBError
 from shapetune.records import MeasureResult, VendorBaseline
 from shapetune.target import Target, detect
 from shapetune.workload import Workload
@@ -78,6 +80,7 @@ class Resolution:
     bucket: Workload | None = None
     cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
     #                       | unverified | outside_buckets | vendor_faster | no_baseline | load_failed
+    #                       | db_unreadable
 
 
 class Registry:
@@ -93,6 +96,7 @@ class Registry:
         self._index: _Index | None = None
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
+        self._db_error: str | None = None  # why the DB could not be read, once it could not
 
     @property
     def target(self) -> Target:
@@ -216,16 +220,30 @@ class Registry:
         return "not_tuned", f"not tuned (neither the exact shape nor bucket {bucket.name})"
 
     def lookup(self, sig: tuple, make_workload: Callable[[], Workload]) -> Resolution:
-        """Cached per call signature; builds/loads the kernel on first use."""
+        """Cached per call signature; builds/loads the kernel on first use. Serving never fails
+        because of the DB: an unreadable one (corrupt, truncated, not SQLite, another schema
+        version, a directory) resolves every call to torch's op, cause "db_unreadable", with one
+        warning per registry."""
         res = self._cache.get(sig)
         if res is not None:
             return res
         with self._lock:
             res = self._cache.get(sig)
             if res is None:
-                res = self._load(self.resolve(make_workload()))
+                w = make_workload()
+                res = self._load(self._resolve_serving(w))
                 self._cache[sig] = res
         return res
+
+    def _resolve_serving(self, w: Workload) -> Resolution:
+        if self._db_error is None:
+            try:
+                return self.resolve(w)
+            except (DBError, sqlite3.Error, OSError) as e:
+                self._db_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.warning("shapetune: tuning DB %s unreadable (%s); every op runs torch's path",
+                            self.db_path or config.default_db_path(), self._db_error)
+        return Resolution(w, "fallback", f"tuning DB unreadable: {self._db_error}", cause="db_unreadable")
 
     def _load(self, res: Resolution) -> Resolution:
         if res.record is None or res.kind == "fallback":
