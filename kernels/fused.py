@@ -16,7 +16,7 @@ from shapetune.ops.linear import linear_workload
 
 from shapetune.ops.geglu import geglu_workload
 
-from .dispatch import SUPPORTED, tuned
+from .dispatch import SUPPORTED, count, tuned
 from .linear import _check
 from scheduler.loader import call_on_current_stream
 
@@ -31,7 +31,7 @@ def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_wo
     m = x.numel() // k if k else 0
     is_gpu = x.is_cuda
     sig = (op, m, n_out, k, x.dtype, x.device.type) + sig_extra
-    res = tuned(op, sig, lambda: make_workload(m, SUPPORTED[x.dtype]), x.dtype, is_gpu, empty=m == 0)
+    res = tuned(op, sig, lambda: make_workload(m, SUPPORTED[x.dtype]), x.dtype, is_gpu, empty=m == 0 or n_out == 0)
     if res is None:
         return fallback()
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
@@ -100,10 +100,13 @@ def _geglu_unfused(x, weight, bias):
 
 
 @shapetune_op("geglu")
-def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check_geglu(x, weight, bias)
     f2, k = weight.shape
     f = f2 // 2
+    if bias is None:  # the tuned kernel's epilogue adds a bias: torch's ops, counted
+        count("geglu", "no_bias")
+        return _geglu_unfused(x, weight, bias)
     return _run("geglu", x, f, k, (),
                 lambda m, dt: geglu_workload(m, f, k, dt),
                 lambda m: [weight.contiguous().view(2, f, k), bias.contiguous().view(2, f)],
@@ -142,11 +145,12 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return call_op("linear_residual", x, weight, bias, residual)
 
 
-def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """diffusers' GEGLU in one kernel: h, g = (x·Wᵀ + b).chunk(2, -1); y = h * gelu(g).
 
     x [..., in]; weight [2f, in] (GEGLU.proj.weight: rows [0, f) give h, [f, 2f) the gate);
-    bias [2f]; one dtype (float16 GPU / float32 CPU) and device. Returns [..., f]; the [.., 2f]
+    bias [2f] or None (torch's unfused ops then, counted ("geglu", "no_bias")); one dtype (float16 GPU /
+    float32 CPU) and device. Returns [..., f]; the [.., 2f]
     projection is never materialized.
     """
     return call_op("geglu", x, weight, bias)

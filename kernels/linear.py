@@ -36,7 +36,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     is_gpu = x.is_cuda
     sig = ("linear", m, n, k, x.dtype, bias is not None, x.device.type)
     res = tuned("linear", sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None),
-                x.dtype, is_gpu, empty=m == 0)
+                x.dtype, is_gpu, empty=m == 0 or n == 0)
     if res is None:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(m, k).contiguous()

@@ -281,3 +281,28 @@ def test_cuda_templates_build_fused_epilogues_and_sd_geglu():
         for c in random.Random(1).sample(t.space(w, tgt), 3):
             src = cuda_source(w, c)
             assert n_kernels(src) == 1 and "wmma" in src and "erff" in src, c
+
+
+def test_geglu_without_bias_on_a_tuned_shape_runs_torch_counted(registry):
+    """The tuned geglu kernel's epilogue adds a bias: a bias-less call on a tuned shape raised
+    AttributeError ('NoneType' has no 'contiguous'); it runs torch's unfused ops, counted no_bias."""
+    m, n, k = OP_SHAPES[0]
+    g = torch.Generator().manual_seed(3)
+    x, w2 = torch.randn(m, k, generator=g), torch.randn(2 * n, k, generator=g)
+    h, gate = F.linear(x, w2).chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.geglu(x, w2, None), h * F.gelu(gate))
+    torch.testing.assert_close(kernels.geglu(x, w2), h * F.gelu(gate))
+    assert registry.calls[("geglu", "no_bias")] == 2
+
+
+@pytest.mark.parametrize("op", ["linear", "linear_gelu", "linear_residual", "geglu"])
+def test_zero_output_features_return_torchs_empty_result(registry, op):
+    """A zero-row weight: torch returns an empty [..., 0] tensor; the op raised ValueError from the
+    workload constructor ('dim n=0 must be positive'). Now counted as empty."""
+    x = torch.randn(4, 8)
+    w, b = torch.randn(0, 8), torch.randn(0)
+    args = {"linear": (x, w, b), "linear_gelu": (x, w, b), "linear_residual": (x, w, b, torch.randn(4, 0)),
+            "geglu": (x, w, b)}[op]
+    y = getattr(kernels, op)(*args)
+    assert y.shape == (4, 0)
+    assert registry.calls[(op, "empty")] == 1
