@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import lzma
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -85,7 +86,45 @@ def _lat_from(d, nullable: bool) -> LatencyStats | None:
     rep = d["repeats"]
     if isinstance(rep, bool) or not isinstance(rep, int):
         raise ValueError(f"latency.repeats must be an integer, got {rep!r}")
-    return LatencyStats(*(_num(d[c], f"latency.{c}") for c in LAT[:-1]), repeats=rep)
+    lat = LatencyStats(*(_num(d[c], f"latency.{c}") for c in LAT[:-1]), repeats=rep)
+    if rep < 1:
+        raise ValueError(f"latency.repeats must be >= 1, got {rep}")
+    for c in ("median_us", "mean_us", "min_us", "max_us"):
+        v = getattr(lat, c)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"latency.{c} must be a positive finite number of µs, got {v!r}")
+    if not math.isfinite(lat.std_us) or lat.std_us < 0:
+        raise ValueError(f"latency.std_us must be finite and >= 0, got {lat.std_us!r}")
+    if not lat.min_us <= lat.median_us <= lat.max_us:
+        raise ValueError(f"latency must have min_us <= median_us <= max_us, got {lat.min_us}, {lat.median_us}, "
+                         f"{lat.max_us}")
+    return lat
+
+
+def _int(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{what} must be an integer, got {x!r}")
+    return x
+
+
+def _check_workload_json(d) -> None:
+    """Exact integers for every dim and dynamic range (Workload() would truncate 1.7 to 1), and an op
+    this shapetune defines."""
+    if not isinstance(d, dict) or not isinstance(d.get("dims"), list):
+        raise ValueError("workload must be an object with a 'dims' list")
+    for item in d["dims"]:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError(f"workload dims must be [name, size] pairs, got {item!r}")
+        _int(item[1], f"workload dim {item[0]!r}")
+    for item in d.get("dynamic", ()):
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError(f"workload dynamic dims must be [name, lo, hi], got {item!r}")
+        _int(item[1], f"dynamic {item[0]!r} lower bound")
+        _int(item[2], f"dynamic {item[0]!r} upper bound")
+    from shapetune.ops import known_ops
+
+    if d.get("op") not in known_ops():
+        raise ValueError(f"unknown op {d.get('op')!r}; this shapetune defines {sorted(known_ops())}")
 
 
 def _str(x, what: str) -> str:
@@ -107,9 +146,17 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
     if not isinstance(d, dict):
         raise ValueError("a line must be a JSON object")
     kind = d.get("type")
+    from .schema import SCHEMA_VERSION  # schema.py imports this module's column names
+
+    if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"written by schema version {d['schema_version']!r}; this shapetune reads version "
+                         f"{SCHEMA_VERSION}")
+    _check_workload_json(d["workload"])
     w, t = Workload.from_json(d["workload"]), Target.from_json(d["target"])
-    common = dict(workload=w, target=t, run_id=_str(d.get("run_id", ""), "run_id"),
-                  created=_num(d["created"], "created"))
+    created = _num(d["created"], "created")
+    if not math.isfinite(created):
+        raise ValueError(f"created must be a finite timestamp, got {created!r}")
+    common = dict(workload=w, target=t, run_id=_str(d.get("run_id", ""), "run_id"), created=created)
     if kind == "record":
         cand = d["candidate"]
         if not isinstance(cand, dict) or not isinstance(cand.get("knobs", {}), dict):
@@ -119,6 +166,8 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
             latency=_lat_from(d.get("latency"), nullable=True), error=_str(d.get("error", ""), "error"),
             max_rel_err=_num(d.get("max_rel_err"), "max_rel_err", nullable=True),
             build_s=_num(d.get("build_s", 0.0), "build_s"), **common)
+        if obj.max_rel_err is not None and not (math.isfinite(obj.max_rel_err) and obj.max_rel_err >= 0):
+            raise ValueError(f"max_rel_err must be finite and >= 0, got {obj.max_rel_err!r}")
     elif kind == "baseline":
         obj = VendorBaseline(name=_str(d["name"], "name"),
                              latency=_lat_from(d["latency"], nullable=False), **common)

@@ -159,6 +159,12 @@ def rule_for(module: torch.nn.Module, rules: dict[type, ModuleRule] | None = Non
     return None
 
 
+def known_ops() -> frozenset[str]:
+    """The name of every op this shapetune defines."""
+    _load_families()
+    return frozenset(OPS)
+
+
 def opdef(op: str) -> OpDef:
     if op not in OPS:
         _load_families()

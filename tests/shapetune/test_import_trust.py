@@ -107,7 +107,8 @@ def test_edited_line_is_rejected_with_its_line_number(tuned, tmp_path, cpu, edit
     lines = _lines(export)
     if edit == "baseline_latency":
         i = next(i for i, x in enumerate(lines) if x["type"] == "baseline")
-        lines[i]["latency"]["median_us"] = 0.01
+        lat = lines[i]["latency"]  # a faster vendor, still a consistent latency: only the hash can tell
+        lat["median_us"] = lat["min_us"]
         why = "sha256"
     else:
         i = next(i for i, x in enumerate(lines) if x.get("status") == "build_error")
