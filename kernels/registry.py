@@ -213,7 +213,7 @@ class Registry:
                        or db.best(bucket.key, t.key, include_pending=True)) is not None]
         if others:
             t = others[0]
-            return "stale", (f"stale: only tuned for {t.describe()}; running {self.target.describe()} "
+            return "stale", (f"stale: only tuned for another target: {'; '.join(self.target.differences(t))} "
                              f"(records from another GPU or TVM/CUDA/torch version are never used)")
         if any(db.results(workload_key=x.key, target_key=self.target.key, limit=1) for x in (w, bucket)):
             return "all_failed", "no verified kernel (every measured candidate failed)"

@@ -79,6 +79,11 @@ class Target:
             )
         return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": self.num_cores})
 
+    def differences(self, other: Target) -> list[str]:
+        """What differs between two targets, field by field: ["torch_version 2.11.0 (here) vs 2.10.0"]."""
+        return [f"{f} {getattr(self, f)!r} (here) vs {getattr(other, f)!r}" for f in self.__dataclass_fields__
+                if getattr(self, f) != getattr(other, f)]
+
     def describe(self) -> str:
         extra = f", CUDA {self.cuda_version}" if self.cuda_version else ""
         return f"{self.device_name} ({self.kind} {self.arch}, TVM {self.tvm_version}{extra}, torch {self.torch_version})"

@@ -221,3 +221,21 @@ def test_tuner_measures_every_vendor_variant_in_the_same_run(tmp_path, cpu):
     assert set(rep.vendor_variants) == set(variants)
     assert set(stored) == {od.baseline_name(v) for v in ("", *variants)}
     assert {b.run_id for b in stored.values()} == {t.run_id}
+
+
+def test_a_stale_record_names_the_fields_that_differ(tmp_path):
+    """Records for another target are never used; the reason says which fields differ (issue 11
+    item 7: it printed two descriptions that can read the same, e.g. when only the core count differs)."""
+    import dataclasses
+
+    from scheduler.tuner import tune
+
+    here = detect("llvm")
+    there = dataclasses.replace(here, torch_version=here.torch_version + ".other", num_cores=here.num_cores + 7)
+    w = linear_workload(16, 8, 16, "float32", bias=False)
+    db = tmp_path / "t.db"
+    reps = tune([w], there, db, TuneOptions(trials=1, batch=1, templates=("gemm_llvm",)))
+    assert reps[0].best is not None
+    res = Registry(db_path=db, target=here).resolve(w)
+    assert res.cause == "stale", res
+    assert "torch_version" in res.reason and "num_cores" in res.reason and "device_name" not in res.reason, res.reason
