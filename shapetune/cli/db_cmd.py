@@ -338,13 +338,17 @@ def export(path, op, target_key, db_path):
 @_db_option
 @_errors
 def import_(path, db_path):
-    """Append the records and baselines of a JSONL export (all or nothing): every line's sha256
+    """Append the records and baselines of a JSONL export, or of another tuning DB file (all or
+    nothing; a DB's bucket rows too): every line's sha256
     and every record's knobs (against its template's space) are checked first. Imported records
     are served only after `shapetune db verify` re-verified them on this machine."""
     from scheduler.reverify import knob_error
 
+    with open(path, "rb") as f:
+        is_db = f.read(16) == b"SQLite format 3\x00"
     with _open(db_path, create=True) as d:
-        added, skipped = d.import_jsonl(path, validate=knob_error)
+        imp = d.import_db if is_db else d.import_jsonl
+        added, skipped = imp(path, validate=knob_error)
     click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}")
     if added:
         click.echo("imported records are served once re-verified on this machine: "

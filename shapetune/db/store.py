@@ -646,6 +646,26 @@ class TuningDB:
             new = [self._insert(obj, "imported") for obj in objs]
         return sum(new), len(new) - sum(new)
 
+    def import_db(self, path: str | Path, validate: Callable[[MeasureResult], str | None] | None = None,
+                  ) -> tuple[int, int]:
+        """Another tuning DB file's records, baselines and bucket rows, as imported: claims made on
+        another machine, pending re-verification here like a JSONL export's (`merge_from` is for
+        shards of one's own job, whose measurements stay measured). Every entry is checked first
+        (same uid, same contents; `validate`); one that fails rejects the file, nothing stored.
+
+        Returns (added, skipped); raises DBError naming the entry and the reason."""
+        with TuningDB(path, create=False) as src:
+            entries = [obj for obj, _, _ in src._stored()]
+            rows = src.buckets()
+        for obj in entries:
+            why = self._conflict(obj) or (validate(obj) if validate and isinstance(obj, MeasureResult) else None)
+            if why:
+                raise DBError(f"{path}: {type(obj).__name__} {obj.uid} rejected: {why}; nothing imported")
+        with self._guard(), self._tx():
+            new = [self._insert(obj, "imported") for obj in entries]
+        self.add_buckets(rows)
+        return sum(new), len(new) - sum(new)
+
     def _conflict(self, obj: MeasureResult | VendorBaseline) -> str | None:
         """Why `obj` cannot be imported next to what is stored here under its uid, or None."""
         rec = isinstance(obj, MeasureResult)
