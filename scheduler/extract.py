@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shapetune.ops import ModuleRule, module_rules
+from shapetune.ops import ModuleRule, by_type, module_rules
 from shapetune.ops.linear import linear_workload
 from shapetune.workload import Workload
 
@@ -73,15 +72,7 @@ def handlers_for(*kinds: str) -> dict[type, Handler]:
 def _handler_for(module: nn.Module, handlers: dict[type, Handler]) -> Handler | None:
     """The handler of module's exact type, else of its nearest base class whose rule covers
     subclasses (shapetune.ops.rule_for); a handler without a rule (a caller's own) covers them all."""
-    h = handlers.get(type(module))
-    if h is not None:
-        return h
-    for cls in type(module).__mro__[1:]:
-        h = handlers.get(cls)
-        if h is not None:
-            rule = getattr(h, "rule", None)
-            return h if rule is None or rule.subclasses else None
-    return None
+    return by_type(handlers, module, lambda h: getattr(h, "rule", None) is None or h.rule.subclasses)
 
 
 def _to_device(obj, device: torch.device, materialize: bool):

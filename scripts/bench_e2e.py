@@ -83,6 +83,24 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
+def install_registry(dbs: list[str], target):
+    """One temporary DB over every given export / DB, a registry over it for `target` installed for
+    the process, and every kernel it dispatches compiled up front, in parallel (not on first call)."""
+    from kernels.registry import Registry, set_registry
+    from shapetune.db import TuningDB
+
+    db_path = Path(tempfile.mkdtemp(prefix="shapetune-bench-")) / "bench.db"
+    with TuningDB(db_path) as db:
+        for p in dbs:
+            db.merge_from(p)
+    reg = Registry(db_path=db_path, target=target)
+    set_registry(reg)
+    t0 = time.time()
+    built = reg.prebuild()
+    print(f"kernels: {built} in {time.time() - t0:.0f} s")
+    return reg
+
+
 def first_call_s(fn, is_gpu: bool) -> float:
     if is_gpu:
         torch.cuda.synchronize()
@@ -125,24 +143,13 @@ def main():
     a = ap.parse_args()
 
     import kernels
-    from kernels.registry import Registry, set_registry
-    from shapetune.db import TuningDB
     from shapetune.target import detect
 
     dev = torch.device(a.device)
     is_gpu = dev.type == "cuda"
     dtype = torch.float16 if is_gpu else torch.float32
     target = detect("cuda" if is_gpu else "llvm")
-    tmp = Path(tempfile.mkdtemp(prefix="shapetune-e2e-"))
-    db_path = tmp / "e2e.db"
-    with TuningDB(db_path) as db:  # one DB over every given export / DB
-        for p in a.db:
-            db.merge_from(p)
-    reg = Registry(db_path=db_path, target=target)
-    set_registry(reg)
-    t0 = time.time()
-    built = reg.prebuild()  # every dispatched kernel compiled up front, in parallel (not on first call)
-    print(f"kernels: {built} in {time.time() - t0:.0f} s")
+    install_registry(a.db, target)
 
     x = inputs(a.tiny, a.batch, a.res, dev, dtype)
     x_cl = {**x, "sample": x["sample"].contiguous(memory_format=torch.channels_last)}

@@ -17,7 +17,6 @@ import io
 import json
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,21 +35,13 @@ def main():
     a = ap.parse_args()
 
     import kernels
-    from kernels.registry import Registry, set_registry
-    from scripts.bench_e2e import build, inputs
-    from shapetune.db import TuningDB
+    from scripts.bench_e2e import build, inputs, install_registry
     from shapetune.target import detect
 
     is_gpu = torch.cuda.is_available() and not a.tiny
     dev = torch.device("cuda" if is_gpu else "cpu")
     dtype = torch.float16 if is_gpu else torch.float32
-    db_path = Path(tempfile.mkdtemp(prefix="shapetune-host-")) / "h.db"
-    with TuningDB(db_path) as db:
-        for p in a.db:
-            db.merge_from(p)
-    reg = Registry(db_path=db_path, target=detect("cuda" if is_gpu else "llvm"))
-    set_registry(reg)
-    print("kernels:", reg.prebuild())
+    reg = install_registry(a.db, detect("cuda" if is_gpu else "llvm"))
     x = inputs(a.tiny, 2, 512, dev, dtype)
     x = {**x, "sample": x["sample"].contiguous(memory_format=torch.channels_last)}
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +44,8 @@ def main():
     a = ap.parse_args()
 
     import kernels
-    from kernels.registry import Registry, set_registry
     from scheduler.pipelines import build_sd_pipeline
-    from shapetune.db import TuningDB
+    from scripts.bench_e2e import install_registry
     from shapetune.target import detect
 
     dev = torch.device(a.device)
@@ -55,13 +53,7 @@ def main():
     dtype = torch.float16 if is_gpu else torch.float32
     res = 64 if a.tiny else a.res
     target = detect("cuda" if is_gpu else "llvm")
-    db_path = Path(tempfile.mkdtemp(prefix="shapetune-pipe-")) / "p.db"
-    with TuningDB(db_path) as db:
-        for p in a.db:
-            db.merge_from(p)
-    reg = Registry(db_path=db_path, target=target)
-    set_registry(reg)
-    print("kernels:", reg.prebuild())
+    install_registry(a.db, target)
 
     def run(pipe):
         g = torch.Generator().manual_seed(0)

@@ -145,18 +145,23 @@ def module_rules() -> dict[type, ModuleRule]:
     return out
 
 
+def by_type(table: dict, module: torch.nn.Module, covers_subclasses: Callable[[object], bool]):
+    """table's entry for module's exact type, else for its nearest base class in the table if that
+    entry covers subclasses (covers_subclasses(entry)); None otherwise."""
+    v = table.get(type(module))
+    if v is not None:
+        return v
+    for cls in type(module).__mro__[1:]:
+        v = table.get(cls)
+        if v is not None:
+            return v if covers_subclasses(v) else None
+    return None
+
+
 def rule_for(module: torch.nn.Module, rules: dict[type, ModuleRule] | None = None) -> ModuleRule | None:
     """The rule that covers this module: its exact type's, else the nearest base class's that covers
     subclasses; None if none does."""
-    rules = module_rules() if rules is None else rules
-    r = rules.get(type(module))
-    if r is not None:
-        return r
-    for cls in type(module).__mro__[1:]:
-        r = rules.get(cls)
-        if r is not None:
-            return r if r.subclasses else None
-    return None
+    return by_type(module_rules() if rules is None else rules, module, lambda r: r.subclasses)
 
 
 def known_ops() -> frozenset[str]:
