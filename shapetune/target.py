@@ -1,7 +1,10 @@
 """Targets: the hardware and software a record was measured on.
 
-Everything that can invalidate a record is in the key: kind, arch, device name, and the TVM, CUDA
-and torch versions. A record whose target key differs from the running one is never used.
+Everything that can change a kernel's speed class is in the key: kind, arch, device name, the SM
+count of a GPU, and the TVM, CUDA and torch versions. A record whose target key differs from the
+running one is never used. A CPU's thread count is not in the key: it is a per-process setting
+(OMP_NUM_THREADS, taskset) that made every record stale, and a run's tuned kernel and its vendor path
+are timed with the same count; the stored target keeps the count it was made with, as provenance.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Target:
     kind: str  # "cuda" | "llvm"
     arch: str  # "sm_90" | llvm mcpu, e.g. "znver3"
     device_name: str  # "NVIDIA H100 80GB HBM3" | CPU model
-    num_cores: int  # SMs on a GPU, cores on a CPU
+    num_cores: int  # SMs on a GPU (in the key), torch's threads on a CPU (provenance only)
     tvm_version: str
     cuda_version: str  # "" on llvm
     torch_version: str
@@ -55,8 +58,13 @@ class Target:
         return cls(**d)
 
     @property
+    def key_fields(self) -> tuple[str, ...]:
+        """The fields the key is made of: every one on a GPU, all but the thread count on a CPU."""
+        return tuple(f for f in self.__dataclass_fields__ if not (f == "num_cores" and self.kind == "llvm"))
+
+    @property
     def key(self) -> str:
-        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        canon = json.dumps({f: getattr(self, f) for f in self.key_fields}, sort_keys=True, separators=(",", ":"))
         return f"{self.kind}-{self.arch}-" + hashlib.sha256(canon.encode()).hexdigest()[:12]
 
     @property
@@ -80,8 +88,8 @@ class Target:
         return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": self.num_cores})
 
     def differences(self, other: Target) -> list[str]:
-        """What differs between two targets, field by field: ["torch_version 2.11.0 (here) vs 2.10.0"]."""
-        return [f"{f} {getattr(self, f)!r} (here) vs {getattr(other, f)!r}" for f in self.__dataclass_fields__
+        """What differs between two targets' keys, field by field: ["torch_version 2.11.0 (here) vs 2.10.0"]."""
+        return [f"{f} {getattr(self, f)!r} (here) vs {getattr(other, f)!r}" for f in self.key_fields
                 if getattr(self, f) != getattr(other, f)]
 
     def describe(self) -> str:
