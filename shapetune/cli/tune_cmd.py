@@ -7,6 +7,7 @@ import json
 import click
 
 from shapetune import config
+from shapetune.db import DBError
 
 # Small GEMM sets for the default job: SD 1.5 UNet shapes on a GPU, CPU-sized ones on llvm.
 PRESETS = {
@@ -17,14 +18,17 @@ PRESETS = {
 }
 
 
-OPS = ["linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention"]
+OPS = ["linear", "linear_gelu", "linear_residual", "geglu", "group_norm", "layer_norm", "conv2d", "attention"]
+# The fused linears: linear's parameters, and this step after the bias (kernels.linear_gelu / linear_residual).
+EPILOGUE_OPS = {"linear_gelu": "gelu", "linear_residual": "residual"}
 SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", "sd15-attention"]
 
 
 @click.command()
 @click.option("--op", default="linear", show_default=True, type=click.Choice(OPS), help="The op of --shape.")
 @click.option("--shape", "shapes", multiple=True,
-              help="Repeatable. linear: m=..,n=..,k=..; other ops: their workload's parameters, e.g. "
+              help="Repeatable. linear, linear_gelu, linear_residual: m=..,n=..,k=.. (linear also takes "
+                   "epilogue=gelu or epilogue=residual); other ops: their workload's parameters, e.g. "
                    "--op attention --shape b=2,sq=1024,skv=77,h=8,d=80 (see `shapetune db best --help`).")
 @click.option("--workloads", "workload_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON workload file (scripts/extract_workloads.py --out).")
@@ -55,8 +59,21 @@ SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", 
 def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
          seed, gpus, workers, db_path, fmt):
     """Tune workloads: rank candidates with the cost model, build, verify, time, store."""
+    try:
+        _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
+              seed, gpus, workers, db_path, fmt)
+    except DBError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+
+
+def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
+          seed, gpus, workers, db_path, fmt):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from scheduler.tuner import TuneOptions
     from scheduler.tuner import tune as run_tune
@@ -69,13 +86,19 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     dtype = dtype or ("float16" if target.is_gpu else "float32")
-    from .db_cmd import shape_workload
-
-    workloads = [shape_workload(op, s, dtype, bias) for s in shapes]
+    # A bad shape or workload file is the user's input: one line, not the constructor's traceback.
+    try:
+        workloads = [_shape_workload(op, s, dtype, bias) for s in shapes]
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     if workload_file:
         from scheduler.extract import load_workload_file
 
-        workloads += load_workload_file(workload_file)
+        try:
+            workloads += load_workload_file(workload_file)
+        except ValueError as e:  # JSON errors do not name the file
+            msg = str(e)
+            raise click.ClickException(msg if msg.startswith(workload_file) else f"{workload_file}: {msg}") from None
     if preset in SD15_PRESETS:
         from scheduler.extract import SD15_FAMILIES, sd15_workloads
 
@@ -99,20 +122,21 @@ def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, ba
         rows = _tune_parallel(workloads, target, db_path, opts, gpus, workers, err)
         return _report(rows, target, db_path, fmt)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                        transient=False, disable=not err.is_terminal)
     with progress:
         task = progress.add_task("tuning", total=trials * len(workloads))
         done_names = []
 
         def on_result(r):
-            progress.update(task, advance=1, description=f"{r.workload.name} [{r.status}]")
+            progress.update(task, advance=1, description=escape(f"{r.workload.name} [{r.status}]"))
 
         def on_workload(rep):
             done_names.append(rep.workload.name)
             progress.update(task, completed=trials * len(done_names))
             if not err.is_terminal:
                 best = f"{rep.best.latency.median_us:.2f} us" if rep.best else "none"
-                err.print(f"  {rep.workload.name}: {rep.by_status} best {best}")
+                err.print(escape(f"  {rep.workload.name}: {rep.by_status} best {best}"))
 
         try:
             reports = run_tune(workloads, target, db_path, opts, on_result=on_result, on_workload=on_workload)
@@ -191,11 +215,45 @@ def _tune_parallel(workloads, target, db_path, opts, gpus, workers, err) -> list
     return rows
 
 
+def _shape_workload(op: str, shape: str, dtype: str, bias: bool):
+    """--shape's workload for --op; linear_gelu / linear_residual (or linear with epilogue=gelu|residual)
+    are linear's GEMM with that step after the bias, the workloads kernels.linear_gelu / linear_residual call."""
+    from shapetune.ops.linear import linear_workload
+
+    from .db_cmd import shape_workload
+
+    parts = [p for p in shape.replace(" ", "").split(",") if p]
+    steps = [p.split("=", 1)[1] for p in parts if p.startswith("epilogue=")]
+    if steps and op != "linear":
+        raise click.BadParameter(f"epilogue= is for --op linear, not {op}")
+    if steps:
+        if len(steps) > 1 or steps[0] not in EPILOGUE_OPS.values():
+            raise click.BadParameter(f"epilogue must be one of {', '.join(EPILOGUE_OPS.values())}, "
+                                     f"got {', '.join(steps)}")
+        op = next(o for o, step in EPILOGUE_OPS.items() if step == steps[0])
+        shape = ",".join(p for p in parts if not p.startswith("epilogue="))
+    if op not in EPILOGUE_OPS:
+        return shape_workload(op, shape, dtype, bias)
+    w = shape_workload("linear", shape, dtype, bias)
+    return linear_workload(*(v for _, v in w.dims), dtype, epilogue=w.epilogue + (EPILOGUE_OPS[op],))
+
+
+def _print_table(table) -> None:
+    """On a terminal, at its width; piped or redirected, at the table's natural width, so no name is cut."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console()
+    if not console.is_terminal:
+        wide = Console(width=100_000)
+        console = Console(width=Measurement.get(wide, wide.options, table).maximum)
+    console.print(table)
+
+
 def _report(rows: list[dict], target, db_path: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps({"target": target.to_json(), "db": db_path, "workloads": rows}, indent=1))
         return
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -206,7 +264,7 @@ def _report(rows: list[dict], target, db_path: str, fmt: str) -> None:
     for r in rows:
         t.add_row(r["workload"], f"{r['ok']}/{r['measured']}", f(r["best_us"]), f(r["dlight_us"]),
                   f(r["vendor_us"]), f(r["speedup_vs_vendor"], 3), escape(r["best"] or "-"))
-    Console(width=max(160, Console().width)).print(t)
+    _print_table(t)
     click.echo(f"DB: {db_path}  (query it: shapetune db best --db {db_path})")
     click.echo("vendor/best > 1: the tuned kernel is faster and the op (kernels.linear, ...) uses it; "
                "otherwise it falls back to torch's.")

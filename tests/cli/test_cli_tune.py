@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from click.testing import CliRunner
 
 from shapetune.cli import main
@@ -105,3 +107,66 @@ def test_prebuild_compiles_the_dispatched_kernels(tmp_path, monkeypatch):
     out = _run("prebuild", "--db", db, "--all")
     assert "1 built, 0 already cached, 0 failed" in out.output, out.output
     assert "0 built, 1 already cached" in _run("prebuild", "--db", db, "--all").output
+
+
+# -- issue 11 item 8: bad arguments, fused linears, progress, piped tables -----------------------------
+def test_tune_bad_arguments_are_one_line(tmp_path):
+    """What the db commands do: one `Error:` line, no traceback (they printed 30-40 lines)."""
+    (tmp_path / "garbage.json").write_text("garbage")
+    (tmp_path / "list.json").write_text('[{"op": "linear"}]')
+    (tmp_path / "garbage.db").write_bytes(b"\x93not sqlite" * 50)
+    shape = ["--shape", "m=4,n=8,k=8"]
+    for args, says in [(["--shape", "m=0,n=8,k=8"], "m=0 must be positive"),
+                       (["--workloads", str(tmp_path / "garbage.json")], "garbage.json: Expecting value"),
+                       (["--workloads", str(tmp_path / "list.json")], "'workloads' list"),
+                       ([*shape, "--db", str(tmp_path / "garbage.db")], "not a readable SQLite DB")]:
+        out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--trials", "1", "--db", str(tmp_path / "x.db"),
+                                        *args], catch_exceptions=False)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and says in errors[0], out.output
+
+
+@pytest.mark.parametrize("args, name", [(["--op", "linear_gelu", "--shape", "m=16,n=8,k=16"],
+                                         "linear_m16_n8_k16_f32+bias+gelu"),
+                                        (["--shape", "m=16,n=8,k=16,epilogue=residual", "--no-bias"],
+                                         "linear_m16_n8_k16_f32+residual")])
+def test_tune_fused_linears_from_the_cli(tmp_path, args, name):
+    """linear_gelu and linear_residual (what kernels.linear_gelu / linear_residual call) can be tuned:
+    --op linear_gelu, or linear's --shape with epilogue=gelu|residual (it was rejected as not a number)."""
+    db = tmp_path / "t.db"
+    out = _run("tune", "--target", "llvm", "--trials", "1", "--batch", "1", "--db", str(db), "--format", "json",
+               *args)
+    assert out.exit_code == 0, out.output
+    (row,) = json.loads(out.stdout)["workloads"]
+    assert row["workload"] == name and row["ok"] == 1
+
+
+def test_tune_rejects_an_unknown_epilogue(tmp_path):
+    out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--shape", "m=4,n=8,k=8,epilogue=tanh",
+                                    "--db", str(tmp_path / "x.db")])
+    assert out.exit_code == 2 and "epilogue must be one of gelu, residual" in out.output, out.output
+
+
+def test_tune_progress_shows_statuses_and_an_eta(tmp_path, monkeypatch):
+    """On a terminal the bar reads "<workload> [ok]" (rich ate "[ok]" as markup) and has an ETA."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats stderr as a terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    out = _run("tune", "--target", "llvm", "--shape", "m=16,n=8,k=16", "--no-bias", "--trials", "1", "--batch", "1",
+               "--template", "gemm_llvm", "--db", str(tmp_path / "t.db"), "--format", "json")
+    assert out.exit_code == 0, out.output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.stderr)
+    assert "linear_m16_n8_k16_f32 [ok]" in plain and "eta" in plain, plain
+
+
+def test_piped_table_keeps_long_names(capsys):
+    """Piped (not a terminal), a table is as wide as its longest cell: names are not cut to '…'."""
+    from shapetune.cli.tune_cmd import _report
+    from shapetune.target import cuda_target
+
+    name = "linear_m" + "1" * 150 + "_n8_k16_f32+bias+gelu"
+    best = "gemm_cuda[" + ",".join(f"knob{i}=64" for i in range(20)) + "]"
+    _report([{"workload": name, "measured": 2, "ok": 2, "best_us": 1.0, "best": best, "dlight_us": 2.0,
+              "vendor_us": 3.0, "speedup_vs_vendor": 3.0}], cuda_target(), "x.db", "table")
+    out = capsys.readouterr().out
+    assert name in out and best in out and "…" not in out, out
