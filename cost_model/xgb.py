@@ -25,12 +25,15 @@ Why this and not the alternatives:
 Below `min_ok` verified results, or without a group holding two of them, there is nothing to rank
 from; the model stays untrained and `predict` returns seeded uniform noise so the tuner explores.
 `fit` always retrains from scratch on all the results it is given (a few thousand rows: well under
-a second).
+a second). An "ok" result without a finite, positive median latency (a row an older version wrote,
+or one written with SQL: import rejects them, a DB may still hold them) cannot be graded; `fit`
+leaves it out and counts it in `n_skipped` instead of handing xgboost a NaN or infinite label.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,6 +80,14 @@ def relevance(results: list[MeasureResult]) -> np.ndarray:
     return g
 
 
+def gradable(r: MeasureResult) -> bool:
+    """Whether `relevance` can grade `r`: a failure, or "ok" with a finite, positive median latency."""
+    if r.status != "ok":
+        return True
+    med = r.latency.median_us if r.latency is not None else None
+    return isinstance(med, (int, float)) and math.isfinite(med) and med > 0
+
+
 class XGBCostModel(CostModel):
     """Learned ranking cost model on gradient-boosted trees.
 
@@ -102,6 +113,7 @@ class XGBCostModel(CostModel):
         self.space = FeatureSpace()
         self.booster: xgb.Booster | None = None
         self.n_train = 0
+        self.n_skipped = 0
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -128,9 +140,11 @@ class XGBCostModel(CostModel):
         -------
         XGBCostModel
             self; untrained if there were fewer than `min_ok` verified results or no group with
-            two of them.
+            two of them. `n_skipped` counts the "ok" results without a usable latency, left out.
         """
-        groups = self._groups(results)
+        usable = [r for r in results if gradable(r)]
+        self.n_skipped = len(results) - len(usable)
+        groups = self._groups(usable)
         n_ok = sum(r.status == "ok" for g in groups for r in g)
         if n_ok < self.min_ok or not any(sum(r.status == "ok" for r in g) >= 2 for g in groups):
             self.booster, self.space, self.n_train = None, FeatureSpace(), 0
