@@ -4,6 +4,11 @@ A candidate may segfault the compiler, crash the GPU context or never finish. Wo
 processes started from a forkserver that has already imported the heavy modules (TVM's CUDA
 intrinsics alone take ~35 s to import), so a dead or hung worker costs a fork, not a re-import. Processes that touch the GPU are spawned
 instead: CUDA cannot be initialized in a forked child of a process where it already was.
+
+Workers die with their owner: each gets the kernel's parent-death signal (SIGKILL when the process
+that started it exits, Linux) and a watchdog thread that exits once the pool's owner is gone, so a
+kill -9 of a tuning job leaves no builder or runner behind. The forkserver arms the same signal as
+its first preload (`forkserver_init`); the resource tracker exits once the last of them is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
@@ -26,10 +34,41 @@ class WorkerTimeout(RuntimeError):
     pass
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux prctl PR_SET_PDEATHSIG);
+    also usable as a Popen preexec_fn. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
+def _watch_owner(owner: int, poll_s: float = 0.5) -> None:
+    """Exit at once when process `owner` is gone (its parent may be a forkserver that outlives it)."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid was reused by another user's process: the owner is gone
+            os._exit(1)
+
+
+def _worker_init(owner: int, initializer, initargs) -> None:
+    die_with_parent()
+    if os.getppid() == 1:  # the parent already died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_owner, args=(owner,), daemon=True, name="owner-watchdog").start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def _context(method: str, preload: list[str]):
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(preload)
+        ctx.set_forkserver_preload(["scheduler.forkserver_init", *preload])
     return ctx
 
 
@@ -47,8 +86,8 @@ class IsolatedPool:
     def _ensure(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=_context(self.method, self.preload), initializer=self.initializer,
-                initargs=self.initargs)
+                self.workers, mp_context=_context(self.method, self.preload), initializer=_worker_init,
+                initargs=(os.getpid(), self.initializer, self.initargs))
         return self._pool
 
     def kill(self):

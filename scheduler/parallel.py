@@ -21,6 +21,7 @@ from pathlib import Path
 from shapetune.db import TuningDB
 from shapetune.workload import Workload
 
+from .isolation import die_with_parent
 from .tuner import TuneOptions
 
 
@@ -60,7 +61,8 @@ def tune_parallel(workloads: list[Workload], db_path: str | Path, options: TuneO
         log = work / f"shard{i}.log"
         with open(log, "w") as fp:
             p = subprocess.Popen([sys.executable, "-m", "scheduler.parallel", str(spec_path)], env=env,
-                                 stdout=fp, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]))
+                                 stdout=fp, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]),
+                                 preexec_fn=die_with_parent)
         procs.append((p, ShardResult(i, dev, len(mine), 0, str(shard_db), str(log))))
     out = []
     for p, res in procs:
