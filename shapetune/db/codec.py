@@ -24,6 +24,12 @@ from .errors import DBError
 # The fields of LatencyStats in order (also the DB's latency columns).
 LAT = ("median_us", "mean_us", "min_us", "max_us", "std_us", "repeats")
 
+# Import size limits (characters of decoded text; read_jsonl's defaults). The longest shipped line
+# is under 3 KB and the largest shipped export under 1 MB decompressed: a line over 1 MiB is not an
+# export line, and a file over 1 GiB would not fit the all-or-nothing import in memory.
+MAX_LINE_CHARS = 1 << 20
+MAX_FILE_CHARS = 1 << 30
+
 
 def canonical(r):
     """`created` as a float, as it will read back (its repr is part of the uid)."""
@@ -75,7 +81,10 @@ def _num(x, what: str, nullable: bool = False):
         return None
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(f"{what} must be a number, got {x!r}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{what} is too large for a float ({len(str(x))} digits)") from None
 
 
 def _lat_from(d, nullable: bool) -> LatencyStats | None:
@@ -200,10 +209,13 @@ def write_jsonl(fp_or_path: str | Path | IO[str], lines: Iterable[dict]) -> int:
 
 def read_jsonl(fp_or_path: str | Path | IO[str],
                check: Callable[[MeasureResult | VendorBaseline], str | None],
+               max_line_chars: int = MAX_LINE_CHARS, max_file_chars: int = MAX_FILE_CHARS,
                ) -> list[MeasureResult | VendorBaseline]:
     """Every entry of a JSONL(.xz) export, each line parsed by `from_json_line` and passed to
     ``check(entry) -> reason or None``; blank lines are skipped. A file whose lines carry no
-    sha256 is legacy; one that mixes lines with and without is rejected.
+    sha256 is legacy; one that mixes lines with and without is rejected. A line longer than
+    `max_line_chars` or a file longer than `max_file_chars` (decoded text) is rejected before it
+    is read whole.
 
     Raises
     ------
@@ -213,15 +225,26 @@ def read_jsonl(fp_or_path: str | Path | IO[str],
     """
     fp, own = open_text(fp_or_path, "r")
     name = str(fp_or_path) if own else getattr(fp, "name", "<stream>")
-    objs, hashed, n = [], None, 0
+    objs, hashed, n, total = [], None, 0, 0
     try:
-        for n, line in enumerate(fp, 1):
+        while line := fp.readline(max_line_chars + 1):
+            n += 1
+            total += len(line)
+            if len(line) > max_line_chars and line[-1] != "\n":
+                raise DBError(f"{name}: line {n} is longer than {max_line_chars} characters (the "
+                              f"limit per line); nothing imported")
+            if total > max_file_chars:
+                raise DBError(f"{name}: more than {max_file_chars} characters (the limit per "
+                              f"file) by line {n}; nothing imported")
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
                 obj = from_json_line(d)
                 why = check(obj)
+            except RecursionError as e:
+                raise DBError(f"{name}: line {n} is malformed (JSON nested too deeply); "
+                              f"nothing imported") from e
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DBError(f"{name}: line {n} is malformed ({type(e).__name__}: {e}); "
                               f"nothing imported") from e

@@ -22,8 +22,8 @@ from .. import config
 from ..records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from ..target import Target
 from ..workload import Workload
-from .codec import (LAT, baseline_to_json, canonical, line_sha256, read_jsonl, record_to_json,
-                    write_jsonl)
+from .codec import (LAT, MAX_FILE_CHARS, MAX_LINE_CHARS, baseline_to_json, canonical, line_sha256,
+                    read_jsonl, record_to_json, write_jsonl)
 from .errors import DBError
 from .schema import BASE_COLS, MIGRATIONS, REC_COLS, SCHEMA, SCHEMA_VERSION, TRUST
 
@@ -610,6 +610,7 @@ class TuningDB:
 
     def import_jsonl(self, fp_or_path: str | Path | IO[str],
                      validate: Callable[[MeasureResult], str | None] | None = None,
+                     max_line_chars: int = MAX_LINE_CHARS, max_file_chars: int = MAX_FILE_CHARS,
                      ) -> tuple[int, int]:
         """Append the records and baselines of a JSONL export, all or nothing, as imported:
         pending re-verification on this target, not served before (see `shapetune.db`).
@@ -628,6 +629,9 @@ class TuningDB:
         validate : callable, optional
             ``validate(record) -> reason or None``, called on every record: a reason rejects the
             file (e.g. scheduler.reverify.knob_error: the knobs against the template's space).
+        max_line_chars, max_file_chars : int
+            Size limits of a line and of the file, in characters (``codec.MAX_LINE_CHARS``: 1 MiB,
+            ``codec.MAX_FILE_CHARS``: 1 GiB); beyond them the file is rejected.
 
         Returns
         -------
@@ -641,7 +645,8 @@ class TuningDB:
             file is then stored.
         """
         objs = read_jsonl(fp_or_path, lambda obj: self._conflict(obj) or (
-            validate(obj) if validate and isinstance(obj, MeasureResult) else None))
+            validate(obj) if validate and isinstance(obj, MeasureResult) else None),
+            max_line_chars, max_file_chars)
         with self._guard(), self._tx():
             new = [self._insert(obj, "imported") for obj in objs]
         return sum(new), len(new) - sum(new)
