@@ -3,7 +3,8 @@
 
     shapetune tune ...        tune_cmd.py: workloads -> measured, verified records in the DB
     shapetune prebuild        tune_cmd.py: compile what the registry would dispatch, into the kernel cache
-    shapetune db ...          db_cmd.py: query, import/export, re-verify the tuning DB
+    shapetune db ...          db_cmd.py: query, explain, import/export, prune, diff, verify the tuning DB
+    shapetune doctor          doctor_cmd.py: versions, GPU, target, DB and caches of this machine
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from .db_cmd import db
+from .doctor_cmd import doctor
 from .tune_cmd import OPS, PRESETS, SD15_PRESETS, prebuild, tune
 
 __all__ = ["OPS", "PRESETS", "SD15_PRESETS", "main"]
@@ -25,3 +27,4 @@ def main():
 main.add_command(tune)
 main.add_command(prebuild)
 main.add_command(db)
+main.add_command(doctor)

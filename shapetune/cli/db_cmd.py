@@ -7,15 +7,18 @@ import datetime
 import functools
 import json
 import math
+import sqlite3
 import sys
 
 import click
 
 from shapetune import config
-from shapetune.db import DBError, TuningDB
+from shapetune.db import BUSY_TIMEOUT_S, DBError, TuningDB
+from shapetune.db.schema import TRUST
 from shapetune.records import STATUSES, MeasureResult
 
 FORMATS = ("table", "json", "csv")
+TRUST_STATES = ("measured", "imported", "reverified", "reverify_failed")
 
 
 def _db_option(f):
@@ -116,18 +119,50 @@ def db():
 @click.option("--op", help="Only this op (e.g. linear).")
 @click.option("--target", "target_key", help="Only this target key.")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--template", help="Only this schedule template.")
+@click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Only this trust state.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="At most this many records.")
+@click.option("--all", "all_", is_flag=True, help="Every matching record (no --limit).")
 @_db_option
 @_format_option
 @_errors
-def list_(op, target_key, status, limit, db_path, fmt):
-    """Stored measurements, newest first."""
+def list_(op, target_key, status, template, trust_state, limit, all_, db_path, fmt):
+    """Stored measurements, newest first (`db records`: all of them)."""
+    _list(op, target_key, status, template, trust_state, None if all_ else limit, db_path, fmt)
+
+
+@db.command("records")
+@click.option("--op", help="Only this op (e.g. linear).")
+@click.option("--target", "target_key", help="Only this target key.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--template", help="Only this schedule template.")
+@click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Only this trust state.")
+@_db_option
+@_format_option
+@_errors
+def records(op, target_key, status, template, trust_state, db_path, fmt):
+    """Every stored measurement matching the filters, newest first (`db list --all`)."""
+    _list(op, target_key, status, template, trust_state, None, db_path, fmt)
+
+
+def _list(op, target_key, status, template, trust_state, limit, db_path, fmt):
     with _open(db_path) as d:
-        hits = d.iter_results(target_key=target_key, op=op, status=status, limit=limit)
-        trust = d.trust(i for i, _ in hits)
-        rows = [_result_row(i, r, trust[i][0]) for i, r in hits]
+        # the trust filter applies after the query, so --limit counts matching records only
+        hits = d.iter_results(target_key=target_key, op=op, status=status, template=template,
+                              limit=None if trust_state else limit)
+        trust = _trust(d, hits)
+    rows = [_result_row(i, r, trust[i][0]) for i, r in hits
+            if trust_state is None or trust[i][0] == trust_state][:limit]
     _emit(rows, fmt, "records", {"created": _when})
+
+
+def _trust(d: TuningDB, hits: list) -> dict:
+    """`TuningDB.trust` of any number of records (in chunks under SQLite's bound-parameter limit)."""
+    out = {}
+    for i in range(0, len(hits), 10_000):
+        out.update(d.trust([j for j, _ in hits[i:i + 10_000]]))
+    return out
 
 
 @db.command("show")
@@ -276,6 +311,65 @@ def _resolve_shape(op, shape, dtype, bias, target_key, db_path, fmt):
     _emit([row], fmt, f"{op} at {shape}")
 
 
+@db.command("explain")
+@click.argument("op")
+@click.option("--shape", required=True, help="The call's shape, as for `db best OP --shape` "
+                                             "(linear: m=..,n=..,k=..; other ops their workload's parameters).")
+@click.option("--target", "target_key", help="Explain for this target key (default: this machine's).")
+@click.option("--dtype", default=None, help="Default: float16 on cuda, float32 on llvm.")
+@click.option("--bias/--no-bias", default=True, help="linear, conv2d.")
+@_db_option
+@_format_option
+@_errors
+def explain(op, shape, target_key, dtype, bias, db_path, fmt):
+    """Why a call of OP at this shape runs what it runs: the registry's own resolution (exact or
+    bucket hit, or the fallback's cause), the served record's time against the vendor path timed
+    in the same run, and the record's provenance (device, versions, run, date, trust)."""
+    from kernels.registry import Registry, vendor_us
+
+    from shapetune.target import detect
+
+    with _open(db_path) as d:
+        target = d.target(target_key) if target_key else detect()
+        if target is None:
+            raise click.ClickException(f"no target {target_key!r} in {d.path}")
+        w = shape_workload(op, shape, dtype or ("float16" if target.is_gpu else "float32"), bias)
+        res = Registry(db_path=db_path, target=target).resolve(w)
+        r, v = res.record, res.vendor
+        hit = d.find(r.uid) if r else None
+        trust = d.trust([hit[0]])[hit[0]][0] if hit else None
+    row = {"workload": w.name, "target": target.key, "device": target.describe(), "answer": res.kind,
+           "cause": res.cause, "why": res.reason, "tuned_workload": res.bucket.name if res.bucket else None}
+    if r:
+        row |= {"record": r.uid, "record_id": hit[0] if hit else None, "template": r.candidate.template,
+                "candidate": str(r.candidate), "tuned_us": r.latency.median_us,
+                "max_rel_err": r.max_rel_err, "trust": trust, "run_id": r.run_id,
+                "measured_on": r.target.describe(), "created": r.created}
+    if v:
+        row |= {"vendor": v.name, "vendor_us": vendor_us(v), "vendor_median_us": v.latency.median_us,
+                "vendor_run_id": v.run_id, "vendor_created": v.created}
+        if r:
+            row["speedup"] = vendor_us(v) / r.latency.median_us
+    if fmt != "table":
+        return _emit([row], fmt) if fmt == "csv" else click.echo(_json(row))
+    _fields(row, f"{op} at {shape}", {"created": _when, "vendor_created": _when,
+                                      "speedup": lambda x: f"{x:.2f}x"})
+
+
+def _fields(row: dict, title: str, fmts: dict | None = None) -> None:
+    """One row as a two-column field/value table (long values fold, "[...]" is not markup)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in row.items():
+        t.add_row(k, Text("-" if v is None or v == "" else (fmts or {}).get(k, _cell)(v)))
+    Console(width=None if sys.stdout.isatty() else 220).print(t)
+
+
 @db.command("buckets")
 @click.option("--op", help="Only this op.")
 @_db_option
@@ -355,22 +449,173 @@ def import_(path, db_path):
                    f"shapetune db verify --db {d.path}  (shapetune prebuild does it too)")
 
 
+@db.command("prune")
+@click.option("--target", "target_key", help="Records of this target key.")
+@click.option("--stale", is_flag=True, help="Records of every target but this machine's "
+                                            "(another GPU, or another TVM/CUDA/torch version).")
+@click.option("--older-than", "days", type=click.FloatRange(min=0), help="Records created over this many days ago.")
+@click.option("--status", type=click.Choice(STATUSES), help="Records with this status.")
+@click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Records in this trust state.")
+@click.option("--op", help="Records of this op.")
+@click.option("--yes", is_flag=True, help="Delete them (without it: only say what would go).")
+@_db_option
+@_errors
+def prune(target_key, stale, days, status, trust_state, op, yes, db_path):
+    """Delete the records matching EVERY filter given (and their re-verification verdicts); a dry
+    run unless --yes. The one command that deletes from the append-only DB: vendor baselines,
+    bucket rows and every record not selected stay byte for byte. At least one filter."""
+    import time
+
+    if not any((target_key, stale, days is not None, status, trust_state, op)):
+        raise click.UsageError("give at least one filter (--target, --stale, --older-than, --status, --trust, --op)")
+    here = None
+    if stale:
+        from shapetune.target import detect
+
+        here = detect().key
+    _open(db_path).close()  # schema checked (and migrated); a missing DB is an error
+    conds, args = [], []
+    for cond, arg, given in (("t.key = ?", target_key, target_key),
+                             ("t.key != ?", here, stale),
+                             ("x.created < ?", time.time() - (days or 0) * 86400, days is not None),
+                             ("x.status = ?", status, status),
+                             (f"{TRUST} = ?", trust_state, trust_state),
+                             ("w.op = ?", op, op)):
+        if given:
+            conds.append(cond)
+            args.append(arg)
+    con = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute("CREATE TEMP TABLE pruned AS SELECT x.id FROM records x "
+                        "JOIN workloads w ON w.id = x.workload_id JOIN targets t ON t.id = x.target_id "
+                        "LEFT JOIN reverifications v ON v.record_id = x.id WHERE " + " AND ".join(conds), args)
+            n = con.execute("SELECT COUNT(*) FROM pruned").fetchone()[0]
+            total = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            if yes:
+                con.execute("DELETE FROM reverifications WHERE record_id IN (SELECT id FROM pruned)")
+                con.execute("DELETE FROM records WHERE id IN (SELECT id FROM pruned)")
+            con.execute("COMMIT" if yes else "ROLLBACK")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as e:
+        raise DBError(f"tuning DB {db_path}: {e}") from e
+    finally:
+        con.close()
+    if yes:
+        click.echo(f"deleted {n} of {total} records from {db_path}")
+    else:
+        click.echo(f"would delete {n} of {total} records from {db_path} (dry run: add --yes to delete)")
+
+
+@db.command("diff")
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--op", help="Only this op.")
+@click.option("--target", "target_key", help="Only this target key.")
+@_format_option
+@_errors
+def diff(a, b, op, target_key, fmt):
+    """Two tuning DBs side by side: records only in A, only in B, or stored in both with other
+    contents (same uid), and per (workload, target) each DB's best served record."""
+    sides = []
+    for p in (a, b):
+        with _open(p) as d:
+            recs = {r.uid: r for _, r in d.iter_results(target_key=target_key, op=op)}
+            best = {(r.workload.name, r.target.key): r for r in d.best_all(target_key=target_key, op=op)}
+        sides.append((recs, best))
+    (ra, ba), (rb, bb) = sides
+    summary = {"records_a": len(ra), "records_b": len(rb), "only_a": len(ra.keys() - rb.keys()),
+               "only_b": len(rb.keys() - ra.keys()),
+               "changed": sum(ra[u] != rb[u] for u in ra.keys() & rb.keys())}
+    rows = []
+    for k in sorted(ba.keys() | bb.keys()):
+        x, y = ba.get(k), bb.get(k)
+        xu, yu = (x.latency.median_us if x else None), (y.latency.median_us if y else None)
+        change = ("only_a" if y is None else "only_b" if x is None else "same" if x.uid == y.uid
+                  else "faster_in_b" if yu < xu else "slower_in_b" if yu > xu else "other_record")
+        rows.append({"workload": k[0], "target": k[1], "a_us": xu, "b_us": yu,
+                     "a_uid": x.uid if x else None, "b_uid": y.uid if y else None, "change": change})
+    if fmt == "json":
+        click.echo(_json({"records": summary, "best": rows}))
+        return
+    _emit(rows, fmt, "best per workload and target")
+    if fmt == "table":
+        click.echo("records: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+def _integrity(db_path: str) -> tuple[list[str], list[str]]:
+    """(problems, facts) of a DB: SQLite's integrity check, every row against its stored sha256 and
+    the codec's field checks (through a full export), records of other targets (stale here) and
+    imports pending re-verification."""
+    import io
+
+    from shapetune.db import from_json_line
+    from shapetune.target import detect
+
+    problems, facts = [], []
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        bad = [r[0] for r in con.execute("PRAGMA integrity_check")]
+    finally:
+        con.close()
+    if bad != ["ok"]:
+        problems += [f"sqlite integrity: {m}" for m in bad[:10]]
+    here = detect()
+    with _open(db_path) as d:
+        facts.append(f"schema version {d.stats()['schema_version']}: ok")
+        buf = io.StringIO()
+        try:
+            n = d.export_jsonl(buf)
+        except DBError as e:
+            problems.append(str(e))
+        else:
+            rejected = 0
+            for no, line in enumerate(buf.getvalue().splitlines(), 1):
+                try:
+                    from_json_line(line)
+                except (DBError, ValueError) as e:
+                    rejected += 1
+                    if rejected <= 10:
+                        problems.append(f"entry {no}: {e}")
+            facts.append(f"{n} records and baselines: sha256 and fields "
+                         + ("ok" if not rejected else f"{rejected} rejected"))
+        for t in d.targets():
+            if t.key != here.key:
+                k = len(d.iter_results(target_key=t.key))
+                facts.append(f"stale here: {k} records of {t.key} ({'; '.join(here.differences(t))})")
+        facts.append(f"pending re-verification here: {len(d.pending(here.key))} imported records")
+    return problems, facts
+
+
 @db.command("verify")
 @click.option("--op", help="Only this op.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel builds (default: cores).")
+@click.option("--check-only", is_flag=True, help="Only the integrity checks; rebuild nothing.")
 @_db_option
 @_errors
-def verify(op, jobs, db_path):
-    """Rebuild and re-verify the imported records of this machine's target that could be served
-    (per workload the fastest claim, then the next while they fail), as the tuner verifies; one
-    that passes is served with the latency measured here, one that fails is marked and never
-    served. One line per workload."""
+def verify(op, jobs, check_only, db_path):
+    """Check the DB's integrity (SQLite's own check, schema version, every row against its sha256
+    and the import checks; stale and pending records counted), then rebuild and re-verify the
+    imported records of this machine's target that could be served (per workload the fastest
+    claim, then the next while they fail), as the tuner verifies; one that passes is served with
+    the latency measured here, one that fails is marked and never served. One line per workload.
+    Exits non-zero, rebuilding nothing, if a check fails."""
     from scheduler.reverify import reverify
 
     from shapetune.target import detect
 
     target = detect()
     _open(db_path).close()  # a missing DB is an error here, not a new empty one
+    problems, facts = _integrity(db_path)
+    for line in facts + problems:
+        click.echo(line)
+    if problems:
+        raise click.ClickException(f"{db_path}: {len(problems)} integrity problem(s); nothing re-verified")
+    if check_only:
+        return
     verdicts = reverify(db_path, target, op=op, jobs=jobs)
     if not verdicts:
         click.echo(f"nothing to re-verify for {target.describe()} in {db_path}")

@@ -19,8 +19,9 @@ reverified | reverify_failed (with the reason).
 
 from .codec import baseline_to_json, from_json_line, line_sha256, record_to_json
 from .errors import DBError
+from .frame import to_dataframe
 from .schema import SCHEMA_VERSION
 from .store import BUSY_TIMEOUT_S, TuningDB  # noqa: F401 (importable as before)
 
 __all__ = ["SCHEMA_VERSION", "DBError", "TuningDB", "record_to_json",
-           "baseline_to_json", "from_json_line", "line_sha256"]
+           "baseline_to_json", "from_json_line", "line_sha256", "to_dataframe"]
