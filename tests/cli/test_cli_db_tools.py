@@ -124,3 +124,35 @@ def test_to_dataframe(path):
     assert str(df["created"].dt.tz) == "UTC" and df["knobs"].iloc[0]["vec"] == "f16x8"
     with TuningDB(path) as d:
         assert len(to_dataframe(d)) == 8 and len(d.results()) == 8  # an open DB is left open
+
+
+def test_prune_takes_the_verdicts_of_what_it_deletes(path, tmp_path):
+    """An imported record that failed re-verification pruned by trust state: its verdict goes with
+    it (no dangling reverifications row), the other imports keep theirs."""
+    import dataclasses
+
+    from shapetune.records import Candidate
+
+    src, fresh = tmp_path / "src.jsonl", tmp_path / "fresh.db"
+    with TuningDB(path) as d:
+        rs = [dataclasses.replace(r, candidate=Candidate("dlight")) for r in d.results(status="ok")]
+    with TuningDB(tmp_path / "dl.db") as d:
+        d.add_results(rs)
+        d.export_jsonl(src)
+    with TuningDB(fresh) as d:
+        d.import_jsonl(src)
+        (i, _), (j, _) = d.iter_results(limit=2)
+        d.add_reverification(i, error="wrong result here")
+        d.add_reverification(j, error="build failed here")
+    assert "deleted 2 of 5" in run("prune", "--trust", "reverify_failed", "--yes", "--db", fresh)
+    c = sqlite3.connect(fresh)
+    assert c.execute("SELECT COUNT(*) FROM reverifications").fetchone()[0] == 0
+    assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+    c.close()
+    assert {r["trust"] for r in json.loads(run("records", "--db", fresh, "--format", "json"))} == {"imported"}
+
+
+def test_to_dataframe_without_pandas(path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pandas", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'shapetune\[pandas\]'"):
+        to_dataframe(path)
