@@ -1,4 +1,4 @@
-"""`shapetune db ...`: inspect, export, import and re-verify the tuning DB."""
+"""`shapetune db ...`: inspect, explain, export, import, prune, diff and verify the tuning DB."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import sqlite3
 import sys
+from pathlib import Path
 
 import click
 
@@ -112,7 +113,7 @@ def _result_row(id_: int, r: MeasureResult, trust: str) -> dict:
 # -- commands ----------------------------------------------------------------------------------
 @click.group()
 def db():
-    """Inspect, export and import the tuning DB."""
+    """Inspect, explain, export, import, prune, diff and verify the tuning DB."""
 
 
 @db.command("list")
@@ -556,7 +557,7 @@ def _integrity(db_path: str) -> tuple[list[str], list[str]]:
     from shapetune.target import detect
 
     problems, facts = [], []
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)  # escaped
     try:
         bad = [r[0] for r in con.execute("PRAGMA integrity_check")]
     finally:
