@@ -1,7 +1,8 @@
 """Records and baselines <-> JSON export lines: fields, uid and sha256 checks, JSONL(.xz) files.
 
-Usable without a DB. An export line is one JSON object (``"type": "record"`` or ``"baseline"``)
-carrying the ``sha256`` of its canonical JSON without that key (`line_sha256`).
+Usable without a DB. An export line is one JSON object (``"type": "record"``, ``"baseline"`` or
+``"bucket"``: a row of the DB's buckets table) carrying the ``sha256`` of its canonical JSON without
+that key (`line_sha256`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ def baseline_to_json(b: VendorBaseline) -> dict:
             "run_id": b.run_id, "created": b.created}
 
 
+BUCKET_COLS = ("policy", "op", "dim", "lo", "hi", "representative")
+
+
+def bucket_to_json(row: dict) -> dict:
+    """The export line of a bucket row (``"type": "bucket"``; `TuningDB.buckets` rows)."""
+    return {"type": "bucket", **{c: row[c] for c in BUCKET_COLS}}
+
+
+def bucket_from_json(d: dict) -> dict:
+    """The bucket row of an export line, its fields checked: strings, an op this shapetune
+    defines, integers ``lo <= representative <= hi``."""
+    from shapetune.ops import known_ops
+
+    row = {c: _str(d[c], c) for c in BUCKET_COLS[:3]} | {c: _int(d[c], c) for c in BUCKET_COLS[3:]}
+    if row["op"] not in known_ops():
+        raise ValueError(f"unknown op {row['op']!r}; this shapetune defines {sorted(known_ops())}")
+    if not row["lo"] <= row["representative"] <= row["hi"]:
+        raise ValueError(f"bucket must have lo <= representative <= hi, got {row['lo']}, "
+                         f"{row['representative']}, {row['hi']}")
+    return row
+
+
 def _num(x, what: str, nullable: bool = False):
     if x is None and nullable:
         return None
@@ -142,9 +165,9 @@ def _str(x, what: str) -> str:
     return x
 
 
-def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
+def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline | dict:
     """Parse one export line, checking types and (if present) that its uid and its sha256
-    (`line_sha256`) match its fields.
+    (`line_sha256`) match its fields. A bucket line gives its row (a dict).
 
     Raises
     ------
@@ -160,6 +183,12 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
     if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"written by schema version {d['schema_version']!r}; this shapetune reads version "
                          f"{SCHEMA_VERSION}")
+    if kind == "bucket":
+        row = bucket_from_json(d)
+        if "sha256" in d and d["sha256"] != line_sha256(bucket_to_json(row)):
+            raise ValueError(f"sha256 {d['sha256']!r} does not match the line's fields: edited "
+                             f"after export, or written by an incompatible shapetune")
+        return row
     _check_workload_json(d["workload"])
     w, t = Workload.from_json(d["workload"]), Target.from_json(d["target"])
     created = _num(d["created"], "created")
@@ -181,7 +210,7 @@ def from_json_line(line: str | dict) -> MeasureResult | VendorBaseline:
         obj = VendorBaseline(name=_str(d["name"], "name"),
                              latency=_lat_from(d["latency"], nullable=False), **common)
     else:
-        raise ValueError(f"unknown line type {kind!r} (expected 'record' or 'baseline')")
+        raise ValueError(f"unknown line type {kind!r} (expected 'record', 'baseline' or 'bucket')")
     if "uid" in d and d["uid"] != obj.uid:
         raise ValueError(f"uid {d['uid']!r} does not match the line's fields ({obj.uid!r}): "
                          f"edited by hand, or written by an incompatible shapetune")
@@ -210,9 +239,9 @@ def write_jsonl(fp_or_path: str | Path | IO[str], lines: Iterable[dict]) -> int:
 def read_jsonl(fp_or_path: str | Path | IO[str],
                check: Callable[[MeasureResult | VendorBaseline], str | None],
                max_line_chars: int = MAX_LINE_CHARS, max_file_chars: int = MAX_FILE_CHARS,
-               ) -> list[MeasureResult | VendorBaseline]:
-    """Every entry of a JSONL(.xz) export, each line parsed by `from_json_line` and passed to
-    ``check(entry) -> reason or None``; blank lines are skipped. A file whose lines carry no
+               ) -> list[MeasureResult | VendorBaseline | dict]:
+    """Every entry of a JSONL(.xz) export, each line parsed by `from_json_line` and (records and
+    baselines) passed to ``check(entry) -> reason or None``; blank lines are skipped. A file whose lines carry no
     sha256 is legacy; one that mixes lines with and without is rejected. A line longer than
     `max_line_chars` or a file longer than `max_file_chars` (decoded text) is rejected before it
     is read whole.
@@ -241,7 +270,7 @@ def read_jsonl(fp_or_path: str | Path | IO[str],
             try:
                 d = json.loads(line)
                 obj = from_json_line(d)
-                why = check(obj)
+                why = None if isinstance(obj, dict) else check(obj)
             except RecursionError as e:
                 raise DBError(f"{name}: line {n} is malformed (JSON nested too deeply); "
                               f"nothing imported") from e

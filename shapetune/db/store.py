@@ -1,7 +1,8 @@
 """The tuning DB's store: `TuningDB`, one SQLite connection, its transactions, appends and queries.
 
 Several processes may append at once (WAL, a 30 s busy timeout, and every write in one
-``BEGIN IMMEDIATE`` transaction). Nothing is ever updated or deleted; "the best schedule" is a
+``BEGIN IMMEDIATE`` transaction). Nothing is ever updated or deleted (but the ``claims`` of
+candidates being measured now, which tuners drop when done); "the best schedule" is a
 query over the history (the ``best`` view). Trust state and re-verification verdicts: see the
 `shapetune.db` docstring. Export lines are made and read by `codec`; the SQL lives in `schema`.
 """
@@ -12,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,12 +24,13 @@ from .. import config
 from ..records import Candidate, LatencyStats, MeasureResult, VendorBaseline
 from ..target import Target
 from ..workload import Workload
-from .codec import (LAT, MAX_FILE_CHARS, MAX_LINE_CHARS, baseline_to_json, canonical, line_sha256,
-                    read_jsonl, record_to_json, write_jsonl)
+from .codec import (BUCKET_COLS, LAT, MAX_FILE_CHARS, MAX_LINE_CHARS, baseline_to_json,
+                    bucket_to_json, canonical, line_sha256, read_jsonl, record_to_json, write_jsonl)
 from .errors import DBError
-from .schema import BASE_COLS, MIGRATIONS, REC_COLS, SCHEMA, SCHEMA_VERSION, TRUST
+from .schema import BASE_COLS, CLAIMS, MIGRATIONS, REC_COLS, SCHEMA, SCHEMA_VERSION, TRUST
 
 BUSY_TIMEOUT_S = 30.0
+CLAIM_TTL_S = 3600.0  # a claim older than this is dropped (its tuner, on another host, is gone)
 
 
 # SQLite stores a NaN REAL as NULL; keep NaN distinct from "no value" by storing it as text.
@@ -59,7 +62,8 @@ class TuningDB:
     path : str or Path, optional
         The DB file; ``config.default_db_path()`` if None. Parent directories are created.
     create : bool
-        If False, a missing file raises `DBError` instead of creating an empty DB.
+        If False (read-only commands), a missing or 0-byte file raises `DBError` instead of
+        becoming an empty DB.
 
     Raises
     ------
@@ -72,6 +76,12 @@ class TuningDB:
         self.path = Path(path) if path is not None else config.default_db_path()
         if not create and not self.path.exists():
             raise DBError(f"no tuning DB at {self.path} (nothing tuned yet, or a wrong --db path)")
+        if not create and self.path.is_file() and self.path.stat().st_size == 0:
+            raise DBError(f"{self.path} is an empty file, not a tuning DB (a wrong --db path, or "
+                          f"delete it to start a fresh DB)")
+        self._create = create
+        self._fresh = not self.path.exists()  # created by this open: a failed import removes it
+        self._failed_import = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wl: dict[int, Workload] = {}
         self._tg: dict[int, Target] = {}
@@ -102,6 +112,8 @@ class TuningDB:
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables and "meta" not in tables:
                 raise self._fail("is a SQLite DB but not a shapetune tuning DB (no meta table)")
+            if not tables and not self._create:
+                raise self._fail("holds no tables (an empty SQLite DB, not a tuning DB)")
             if not tables:
                 with self._tx():  # another process may be creating it too: IF NOT EXISTS
                     for stmt in SCHEMA.split(";\n"):
@@ -185,8 +197,16 @@ class TuningDB:
             raise DBError(f"tuning DB {self.path}: {e}") from e
 
     def close(self) -> None:
-        """Close the connection; the DB object is unusable afterwards."""
+        """Close the connection; the DB object is unusable afterwards. A DB file this object
+        created is removed (with its WAL files) if an import into it failed and it is empty."""
+        discard = self._fresh and self._failed_import and not any(
+            self._con.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
+            for t in ("records", "baselines", "buckets"))
         self._con.close()
+        self._fresh = False  # closing again removes nothing
+        if discard:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def __enter__(self) -> TuningDB:
         return self
@@ -281,6 +301,58 @@ class TuningDB:
         """Append one vendor baseline; returns False if its uid was already stored."""
         with self._guard(), self._tx():
             return self._insert_baseline(b)
+
+    # -- claims: candidates being measured now ---------------------------------------------
+    def _held(self, c: sqlite3.Connection, wid: int, tid: int, templates: tuple[str, ...]
+              ) -> tuple[set[str], int]:
+        """Drop dead tuners' claims; then (candidate keys, count) held for (workload, target): its
+        records (rows counted) and live claims not yet recorded, of `templates` only if given."""
+        c.execute(CLAIMS)
+        host = socket.gethostname()
+        c.execute("DELETE FROM claims WHERE created < ?", (time.time() - CLAIM_TTL_S,))
+        for (pid,) in c.execute("SELECT DISTINCT pid FROM claims WHERE host = ?", (host,)).fetchall():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                c.execute("DELETE FROM claims WHERE host = ? AND pid = ?", (host, pid))
+            except PermissionError:
+                pass  # alive, another user's
+        tsql = f" AND template IN ({','.join('?' * len(templates))})" if templates else ""
+        rec = [k for (k,) in c.execute(f"SELECT candidate_key FROM records WHERE workload_id = ? AND "
+                                       f"target_id = ?{tsql}", (wid, tid, *templates))]
+        claimed = {k for (k,) in c.execute(f"SELECT candidate_key FROM claims WHERE workload_id = ? AND "
+                                           f"target_id = ?{tsql}", (wid, tid, *templates))}
+        return set(rec) | claimed, len(rec) + len(claimed - set(rec))
+
+    def held(self, workload: Workload, target: Target, templates: tuple[str, ...] = ()
+             ) -> tuple[set[str], int]:
+        """(candidate keys, count) that (workload, target) holds: records (every row counts, any
+        status) and the live claims of tuners measuring it now; only `templates` if given."""
+        with self._guard(), self._tx() as c:
+            return self._held(c, self._workload_id(workload), self._target_id(target), templates)
+
+    def claim(self, workload: Workload, target: Target, candidates: list[Candidate], run_id: str,
+              total: int | None = None, templates: tuple[str, ...] = ()) -> list[Candidate]:
+        """Claim `candidates` (in order) for measuring under `run_id`: those no record or live claim
+        holds, and with `total`, no more than bring what (workload, target) holds (`held`) to it.
+        Returns the claimed ones; `release` them once their results are stored."""
+        with self._guard(), self._tx() as c:
+            wid, tid = self._workload_id(workload), self._target_id(target)
+            keys, count = self._held(c, wid, tid, templates)
+            free = [x for x in {x.key: x for x in candidates}.values() if x.key not in keys]
+            out = free if total is None else free[:max(0, total - count)]
+            now, host, pid = time.time(), socket.gethostname(), os.getpid()
+            c.executemany("INSERT INTO claims VALUES (?,?,?,?,?,?,?,?)",
+                          [(wid, tid, x.key, x.template, run_id, host, pid, now) for x in out])
+        return out
+
+    def release(self, workload: Workload, target: Target, candidates: Iterable[Candidate], run_id: str) -> None:
+        """Drop this run's claims on `candidates`."""
+        with self._guard(), self._tx() as c:
+            c.execute(CLAIMS)
+            c.executemany("DELETE FROM claims WHERE workload_id = ? AND target_id = ? AND candidate_key = ? "
+                          "AND run_id = ?", [(self._workload_id(workload), self._target_id(target), x.key, run_id)
+                                             for x in candidates])
 
     # -- reads -------------------------------------------------------------------------------
     @staticmethod
@@ -498,12 +570,15 @@ class TuningDB:
     def add_buckets(self, rows: Iterable[dict]) -> int:
         """Record bucket definitions (policy, op, dim, lo, hi, representative); returns how many
         were new. Records of bucket workloads name their ranges; this table names the policy."""
-        with self._guard(), self._tx() as c:
-            before = c.total_changes
-            c.executemany("INSERT OR IGNORE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
-                          [(r["policy"], r["op"], r["dim"], r["lo"], r["hi"], r["representative"])
-                           for r in rows])
-            return c.total_changes - before
+        with self._guard(), self._tx():
+            return self._insert_buckets(rows)
+
+    def _insert_buckets(self, rows: Iterable[dict]) -> int:
+        c = self._con
+        before = c.total_changes
+        c.executemany("INSERT OR IGNORE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
+                      [tuple(r[k] for k in BUCKET_COLS) for r in rows])
+        return c.total_changes - before
 
     def buckets(self, op: str | None = None) -> list[dict]:
         sql = "SELECT policy, op, dim, lo, hi, representative FROM buckets"
@@ -588,8 +663,8 @@ class TuningDB:
     # -- JSONL -------------------------------------------------------------------------------
     def export_jsonl(self, fp_or_path: str | Path | IO[str], target_key: str | None = None,
                      op: str | None = None) -> int:
-        """Write records, then baselines, oldest first, one JSON object per line, each with the
-        ``sha256`` of the line without it (`line_sha256`). Origins and re-verification verdicts
+        """Write records, then baselines, oldest first, then bucket rows, one JSON object per line,
+        each with the ``sha256`` of the line without it (`line_sha256`). Origins and re-verification verdicts
         are not exported: whoever imports the file re-verifies it.
 
         Parameters
@@ -606,6 +681,7 @@ class TuningDB:
         """
         where, args = self._where(None, target_key, op)
         lines = [line for _, _, line in self._stored(where, args)]
+        lines += [{**b, "sha256": line_sha256(b)} for b in map(bucket_to_json, self.buckets(op))]
         return write_jsonl(fp_or_path, lines)
 
     def import_jsonl(self, fp_or_path: str | Path | IO[str],
@@ -644,11 +720,14 @@ class TuningDB:
             On a line that fails a check (named by number, with the reason); nothing from the
             file is then stored.
         """
-        objs = read_jsonl(fp_or_path, lambda obj: self._conflict(obj) or (
-            validate(obj) if validate and isinstance(obj, MeasureResult) else None),
-            max_line_chars, max_file_chars)
-        with self._guard(), self._tx():
-            new = [self._insert(obj, "imported") for obj in objs]
+        with self._discard_if_failed():
+            objs = read_jsonl(fp_or_path, lambda obj: self._conflict(obj) or (
+                validate(obj) if validate and isinstance(obj, MeasureResult) else None),
+                max_line_chars, max_file_chars)
+            entries = [obj for obj in objs if not isinstance(obj, dict)]
+            with self._guard(), self._tx():
+                new = [self._insert(obj, "imported") for obj in entries]
+                self._insert_buckets([obj for obj in objs if isinstance(obj, dict)])
         return sum(new), len(new) - sum(new)
 
     def import_db(self, path: str | Path, validate: Callable[[MeasureResult], str | None] | None = None,
@@ -659,17 +738,28 @@ class TuningDB:
         (same uid, same contents; `validate`); one that fails rejects the file, nothing stored.
 
         Returns (added, skipped); raises DBError naming the entry and the reason."""
-        with TuningDB(path, create=False) as src:
-            entries = [obj for obj, _, _ in src._stored()]
-            rows = src.buckets()
-        for obj in entries:
-            why = self._conflict(obj) or (validate(obj) if validate and isinstance(obj, MeasureResult) else None)
-            if why:
-                raise DBError(f"{path}: {type(obj).__name__} {obj.uid} rejected: {why}; nothing imported")
-        with self._guard(), self._tx():
-            new = [self._insert(obj, "imported") for obj in entries]
-        self.add_buckets(rows)
+        with self._discard_if_failed():
+            with TuningDB(path, create=False) as src:
+                entries = [obj for obj, _, _ in src._stored()]
+                rows = src.buckets()
+            for obj in entries:
+                why = self._conflict(obj) or (validate(obj) if validate and isinstance(obj, MeasureResult) else None)
+                if why:
+                    raise DBError(f"{path}: {type(obj).__name__} {obj.uid} rejected: {why}; nothing imported")
+            with self._guard(), self._tx():
+                new = [self._insert(obj, "imported") for obj in entries]
+                self._insert_buckets(rows)
         return sum(new), len(new) - sum(new)
+
+    @contextlib.contextmanager
+    def _discard_if_failed(self) -> Iterator[None]:
+        """Mark a failed import: `close` then removes a DB file this object created if nothing
+        was stored in it (a mistyped --db leaves nothing behind)."""
+        try:
+            yield
+        except BaseException:
+            self._failed_import = True
+            raise
 
     def _conflict(self, obj: MeasureResult | VendorBaseline) -> str | None:
         """Why `obj` cannot be imported next to what is stored here under its uid, or None."""
