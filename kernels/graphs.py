@@ -97,6 +97,19 @@ def graph_pool(device: torch.device):
     return torch.cuda.graph_pool_handle()
 
 
+_streams: dict[int, torch.cuda.Stream] = {}  # device index -> the one stream every warm-up and capture runs on
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every graph on a device is warmed up and captured on. One stream, not one per
+    capture: cuBLAS and cuDNN keep a workspace per stream (32 MiB for cuBLAS on Hopper), so a new stream
+    per capture (torch.cuda.graph's default) would add workspaces and raise peak memory above eager's."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _streams:
+        _streams[idx] = torch.cuda.Stream(torch.device("cuda", idx))
+    return _streams[idx]
+
+
 def _track(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     _live.setdefault(idx, weakref.WeakSet()).add(graph)
@@ -140,11 +153,22 @@ class GraphedCall:
     unused_kwargs : keyword arguments the method accepts but never reads (e.g. AutoencoderKL.decode's
         `generator`, which diffusers' pipelines pass a new torch.Generator each call): dropped before the
         signature is taken and the method called, so they neither make a new graph per call nor reach it
+    pad_batch : a call whose batch has no graph replays the smallest captured graph of a larger batch
+        that matches it in everything else (counted `padded`), instead of capturing a new one: the rows
+        past the call's batch are filled with copies of its last row and the outputs sliced back. Only for
+        modules that compute each sample on its own (SD's UNet, VAE and CLIP text encoders: convs,
+        per-sample GroupNorm, attention within a sample; not BatchNorm in training). The real rows' values
+        are the same function of the same inputs, but not bit-identical to an unpadded run: vendor GEMMs
+        and convs pick their algorithm by problem size (differences at fp16 rounding level). Off by
+        default. The batch is dim 0 of the call's first tensor; every tensor whose dim 0 equals it is
+        padded and every output whose dim 0 equals the graph's batch is sliced.
     """
 
     def __init__(self, module: nn.Module, method: str = "forward", max_graphs: int | None = None, warmup: int = 2,
-                 repatch: Callable[[nn.Module], Any] | None = None, unused_kwargs: tuple[str, ...] = ()):
+                 repatch: Callable[[nn.Module], Any] | None = None, unused_kwargs: tuple[str, ...] = (),
+                 pad_batch: bool = False):
         self.unused_kwargs = tuple(unused_kwargs)
+        self.pad_batch = pad_batch
         _install_registration_hooks()
         self.module, self.method = module, method
         self.max_graphs = max_graphs or int(os.environ.get("SHAPETUNE_MAX_GRAPHS", "16"))
@@ -230,6 +254,10 @@ class GraphedCall:
                 self.stats["invalidated"] += 1
                 self.graphs.clear()
             self._baked = state
+        if key not in self.graphs and self.pad_batch:
+            padded = self._padded(key, tensors)
+            if padded is not None:
+                return self._replay_padded(padded, tensors)
         if key not in self.graphs:
             self.graphs[key] = self._capture(leaves, spec, args, kwargs)
             while len(self.graphs) > self.max_graphs:
@@ -244,6 +272,50 @@ class GraphedCall:
         g.graph.replay()
         self.stats["replayed"] += 1
         out = [x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
+        return pytree.tree_unflatten(out, g.out_spec)
+
+    # -- batch padding ------------------------------------------------------------------------------
+    def _padded(self, key: tuple, tensors: list) -> tuple | None:
+        """The key of the smallest captured graph this call fits into by padding its batch, or None."""
+        spec, leaves = key
+        b = tensors[0].shape[0] if tensors[0].dim() else None
+        if b is None:
+            return None
+        best, best_b = None, None
+        for k, g in self.graphs.items():
+            if isinstance(g, str) or k[0] != spec or len(k[1]) != len(leaves):
+                continue
+            gb = None
+            for mine, theirs in zip(leaves, k[1]):
+                if mine == theirs:
+                    continue
+                if not (isinstance(mine[0], tuple) and isinstance(theirs[0], tuple)) or mine[1:] != theirs[1:]:
+                    break
+                (s, t) = mine[0], theirs[0]
+                if len(s) != len(t) or not s or s[0] != b or s[1:] != t[1:] or t[0] <= b or gb not in (None, t[0]):
+                    break
+                gb = t[0]
+            else:
+                if gb is not None and (best_b is None or gb < best_b):
+                    best, best_b = k, gb
+        return best
+
+    def _replay_padded(self, key: tuple, tensors: list):
+        g = self.graphs[key]
+        self.graphs.move_to_end(key)
+        b = tensors[0].shape[0]
+        gb = None
+        for dst, src in zip(g.inputs, tensors):
+            if src.dim() and src.shape[0] == b and dst.shape[0] != b:
+                gb = dst.shape[0]
+                dst[:b].copy_(src)
+                dst[b:].copy_(src[-1:].expand(dst.shape[0] - b, *src.shape[1:]))
+            else:
+                dst.copy_(src)
+        g.graph.replay()
+        self.stats["padded"] += 1
+        out = [x[:b].clone() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == gb else
+               x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
         return pytree.tree_unflatten(out, g.out_spec)
 
     def _capture(self, leaves: list, spec, args, kwargs) -> _Graph | str:
@@ -266,15 +338,15 @@ class GraphedCall:
         dev = static[0].device
         try:
             with torch.inference_mode(False), torch.no_grad():
-                side = torch.cuda.Stream(dev)
+                side = capture_stream(dev)
                 side.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup):
                         self.inner(*s_args, **s_kwargs)
-                torch.cuda.current_stream(dev).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=graph_pool(dev)):
+                with torch.cuda.graph(graph, pool=graph_pool(dev), stream=side):
                     out = self.inner(*s_args, **s_kwargs)
+                torch.cuda.current_stream(dev).wait_stream(side)
             out_leaves, out_spec = pytree.tree_flatten(out)
         except Exception as e:  # a sync or an uncapturable op inside the forward: eager from now on
             torch.cuda.synchronize(dev)

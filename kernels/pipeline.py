@@ -94,7 +94,8 @@ def _graph_methods(m: nn.Module) -> dict[str, tuple[str, ...]]:
     return {"forward": ()}
 
 
-def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | None = None) -> OptimizeReport:
+def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | None = None,
+             pad_batch: bool = False) -> OptimizeReport:
     """Optimize a diffusers pipeline (or one nn.Module) in place; idempotent. See the module docstring.
 
     Parameters
@@ -103,6 +104,8 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
     graphs : capture CUDA graphs per call signature (kernels.graphs); False: the patched eager path
     fuse : kernels.patch's fusions (shapetune/fusions.py)
     max_graphs : LRU bound on graphs per wrapped method (default SHAPETUNE_MAX_GRAPHS or 16)
+    pad_batch : a batch with no graph of its own replays a captured larger batch, padded
+        (kernels.graphs.GraphedCall; SD's UNet, VAE and text encoders compute each sample on its own)
 
     Returns
     -------
@@ -122,7 +125,7 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
         if graphs:
             for meth, unused in _graph_methods(m).items():
                 c.graphs[meth] = GraphedCall(m, meth, max_graphs=max_graphs, repatch=lambda mod: patch(mod, fuse=fuse),
-                                             unused_kwargs=unused)
+                                             unused_kwargs=unused, pad_batch=pad_batch)
         comps[name] = c
     report = OptimizeReport(comps)
     setattr(pipe, _ATTR, report)

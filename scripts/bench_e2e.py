@@ -1,22 +1,23 @@
-"""End-to-end: one SD 1.5 UNet step, eager vs torch.compile vs shapetune, in one run.
+"""End-to-end: one SD 1.5 UNet step over a matrix of shapes, eager vs torch.compile vs shapetune, in one run.
 
     python scripts/bench_e2e.py --db tuning_logs/sm90_h200_sd15_norms.jsonl.xz --db tuning_logs/... \
-        --json e2e.json                       # GPU: fp16, batch 2, 512x512 (64x64 latents)
+        --shapes 2x512,1x512,4x512,2x768,2x512x768 --json e2e.json     # GPU: fp16; BATCHxRES or BATCHxHxW
     python scripts/bench_e2e.py --tiny --device cpu     # a smoke run of the same code on a tiny UNet
 
 Modes, all on the same random weights and inputs (no model hub: the UNet is built from its config):
   eager            diffusers as users run it (NCHW)
   eager_cl         the same with the model and input in channels_last memory
-  compile          torch.compile(unet) (default mode), channels_last
-  compile_ro       torch.compile(unet, mode="reduce-overhead"): inductor plus CUDA graphs
+  compile          torch.compile(unet, dynamic=False) (default mode), channels_last
+  compile_ro       torch.compile(unet, mode="reduce-overhead", dynamic=False): inductor plus CUDA graphs
   shapetune_eager  kernels.optimize(unet, graphs=False): patched, channels_last, no graphs (the host path)
   shapetune        kernels.optimize(unet): the same, with a CUDA graph per call signature
-Per mode: the first call's wall time (torch.compile's compile, shapetune's warm-up and capture), the
-median time per UNet call over `--iters` calls after warm-up (CUDA events around each call: what a
-pipeline step costs, host launch overhead included), a first call at a second shape (`--shape2`,
-e.g. 1x512: batch 1, 512²: the cost of a shape change), peak memory allocated during the mode's calls
-(weights included; the model is built per mode and freed after it), and the output's relative L2 error
-against eager NCHW. The UNet's weights (1.7 GB in fp16) and activations are far over the H200's L2,
+One model per mode, run over the shapes in order. Per mode and shape: the wall time of the shape's
+first call (at the first shape: torch.compile's compile, shapetune's warm-up and capture; at the others:
+the cost of a shape change, a recompile or a capture), the median time per UNet call over `--iters`
+calls after warm-up (CUDA events around each call: what a pipeline step costs, host launch overhead
+included), peak memory allocated and reserved during that shape's calls (weights included), and the
+output's relative L2 error against eager NCHW at the same shape. `--profile`: GPU time of one shapetune
+forward by kernel category (torch.profiler). The UNet's weights (1.7 GB in fp16) and activations are far over the H200's L2,
 so inputs are not rotated. shapetune rows also print the op calls by outcome. Ratios are against eager
 and against compile_ro from this same run. Writes JSON with --json.
 """
@@ -49,10 +50,11 @@ def build(tiny: bool, device, dtype):
     return unet.to(device=device, dtype=dtype).eval()
 
 
-def inputs(tiny: bool, batch: int, res: int, device, dtype) -> dict:
+def inputs(tiny: bool, batch: int, height: int, width: int | None = None, device="cpu", dtype=torch.float32) -> dict:
     g = torch.Generator().manual_seed(1)
-    lat, ctx = (8, (7, 24)) if tiny else (res // 8, (77, 768))
-    return dict(sample=torch.randn(batch, 4, lat, lat, generator=g).to(device, dtype),
+    width = width or height
+    (lh, lw), ctx = ((8, 8), (7, 24)) if tiny else ((height // 8, width // 8), (77, 768))
+    return dict(sample=torch.randn(batch, 4, lh, lw, generator=g).to(device, dtype),
                 timestep=torch.tensor(500, device=device),
                 encoder_hidden_states=torch.randn(batch, *ctx, generator=g).to(device, dtype))
 
@@ -121,11 +123,55 @@ def make(mode: str, tiny: bool, dev, dtype):
     if mode.startswith("shapetune"):
         report = kernels.optimize(m, graphs=mode != "shapetune_eager")
         return m, report
+    # dynamic=False: one specialized graph per shape, the fastest torch.compile serves a shape with (its
+    # default, automatic dynamic shapes, recompiles a symbolic graph on the first shape change instead)
     if mode == "compile":
-        return torch.compile(m), None
+        return torch.compile(m, dynamic=False), None
     if mode == "compile_ro":  # inductor + CUDA graphs (cudagraph trees)
-        return torch.compile(m, mode="reduce-overhead"), None
+        return torch.compile(m, mode="reduce-overhead", dynamic=False), None
     return m, None
+
+
+def parse_shape(s: str) -> tuple[int, int, int]:
+    """BATCHxRES or BATCHxHxW -> (batch, height, width) in pixels."""
+    v = [int(p) for p in s.split("x")]
+    if len(v) == 2:
+        return v[0], v[1], v[1]
+    if len(v) == 3:
+        return v[0], v[1], v[2]
+    raise SystemExit(f"bench_e2e: shape {s!r} is not BATCHxRES or BATCHxHxW")
+
+
+def kernel_profile(fn, top: int = 25) -> dict:
+    """GPU time of one call by kernel category and the top kernels (torch.profiler, CUDA activities)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    kern = []
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0:
+            continue
+        n = e.key.lower()
+        c = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
+             "conv" if any(k in n for k in ("conv", "fprop", "implicit", "dgrad", "cudnn")) else
+             "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul")) else
+             "tvm" if n.startswith("shapetune") or "_kernel" in n and "at::" not in n and "void" not in n else
+             "copy" if any(k in n for k in ("copy", "cat", "memcpy", "memset")) else
+             "elementwise" if "elementwise" in n or "vectorized" in n or "unrolled" in n else
+             "reduce" if "reduce" in n or "norm" in n else "other")
+        cats[c] = cats.get(c, 0.0) + us
+        kern.append((us, c, e.count, e.key[:120]))
+    kern.sort(reverse=True)
+    return {"by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "total_us": sum(cats.values()),
+            "top": [{"us": u, "category": c, "count": k, "name": n} for u, c, k, n in kern[:top]]}
 
 
 def main():
@@ -133,12 +179,12 @@ def main():
     ap.add_argument("--db", action="append", default=[], help="tuning DB or JSONL(.xz) export (repeatable)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet config (smoke test)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--res", type=int, default=512)
-    ap.add_argument("--shape2", default="1x512", help="BATCHxRES of the shape-change call ('' to skip)")
+    ap.add_argument("--shapes", default="2x512,1x512",
+                    help="BATCHxRES or BATCHxHxW per shape, comma-separated; the first is the first call")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="eager,eager_cl,compile_ro,shapetune_eager,shapetune")
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel category of the shapetune modes")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -150,65 +196,79 @@ def main():
     dtype = torch.float16 if is_gpu else torch.float32
     target = detect("cuda" if is_gpu else "llvm")
     install_registry(a.db, target)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
-    x = inputs(a.tiny, a.batch, a.res, dev, dtype)
-    x_cl = {**x, "sample": x["sample"].contiguous(memory_format=torch.channels_last)}
-    x2 = None
-    if a.shape2:
-        b2, r2 = (int(v) for v in a.shape2.split("x"))
-        x2 = inputs(a.tiny, b2, r2, dev, dtype)
-    ref_model = build(a.tiny, dev, dtype)
-    with torch.no_grad():
-        ref = ref_model(**x).sample.float()
-    del ref_model
+    shapes = [s for s in a.shapes.split(",") if s]
+    xs = {s: inputs(a.tiny, *parse_shape(s), dev, dtype) for s in shapes}
     print(f"device: {torch.cuda.get_device_name() if is_gpu else 'cpu'}  torch {torch.__version__}  "
-          f"{'tiny' if a.tiny else 'SD 1.5'} UNet, batch {a.batch}, {a.res}², {dtype}")
-    rows = {}
+          f"{'tiny' if a.tiny else 'SD 1.5'} UNet, {dtype}, shapes {shapes}")
+    refs: dict[str, torch.Tensor] = {}
+    rows: dict[str, dict] = {}
     for mode in a.modes.split(","):
         m, report = make(mode, a.tiny, dev, dtype)
-        inp = x if mode == "eager" else x_cl
-        if is_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        first = first_call_s(lambda: m(**inp), is_gpu)
-        t = time_calls(lambda: m(**inp), a.iters, a.warmup, is_gpu)
-        with torch.no_grad():
-            err = rel_l2(m(**inp).sample.float(), ref)
-        row = {"us": t, "first_call_s": first, "rel_l2_vs_eager": err}
-        if x2 is not None:
-            row["shape2"] = a.shape2
-            row["shape2_first_call_s"] = first_call_s(lambda: m(**x2), is_gpu)
-        if is_gpu:
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        per_shape = {}
+        for i, s in enumerate(shapes):
+            x = xs[s]
+            inp = x if mode == "eager" else {**x, "sample": x["sample"].contiguous(memory_format=torch.channels_last)}
+            if is_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            first = first_call_s(lambda: m(**inp), is_gpu)
+            t = time_calls(lambda: m(**inp), a.iters, a.warmup, is_gpu)
+            with torch.no_grad():
+                out = m(**inp).sample.float()
+            if s not in refs:
+                if mode != "eager":
+                    raise SystemExit("bench_e2e: the first mode must be eager (the reference)")
+                refs[s] = out.cpu()
+            r = {"us": t, ("first_call_s" if i == 0 else "shape_change_s"): first,
+                 "rel_l2_vs_eager": rel_l2(out.cpu(), refs[s])}
+            if is_gpu:
+                r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+            if report is not None:
+                r["calls"] = kernels.fallback_summary()
+                kernels.get_registry().calls.clear()
+                if a.profile and is_gpu:
+                    g = report.components["model"].graphs.get("forward")
+                    r["profile"] = kernel_profile(lambda: (g.inner if g else m)(**inp))
+            per_shape[s] = r
+            del out
         if report is not None:
-            row["calls"] = kernels.fallback_summary()
-            row["graphs"] = {k: dict(v) for k, v in report.graph_stats().items()}
-            caps = [s for c in report.components.values() for g in c.graphs.values() for s in g.capture_s]
+            rows.setdefault("_graphs", {})[mode] = {k: dict(v) for k, v in report.graph_stats().items()}
+            caps = [c for comp in report.components.values() for g in comp.graphs.values() for c in g.capture_s]
             if caps:
-                row["capture_s"] = caps
-            kernels.get_registry().calls.clear()
+                rows["_graphs"][mode]["capture_s"] = caps
             kernels.restore(m)
-        rows[mode] = row
-        del m
+        rows[mode] = per_shape
+        m = report = None
         if mode.startswith("compile"):
             torch._dynamo.reset()
         if is_gpu:
             torch.cuda.empty_cache()
-    base = rows.get("eager", {}).get("us")
-    ro = rows.get("compile_ro", {}).get("us")
-    print(f"\n{'mode':16s} {'ms/call':>9s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st call s':>10s} "
-          f"{'shape2 s':>9s} {'peak GiB':>9s} {'rel L2':>9s}")
-    for mode, r in rows.items():
-        r["speedup_vs_eager"] = base / r["us"] if base else None
-        r["speedup_vs_compile_ro"] = ro / r["us"] if ro else None
-        f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
-        print(f"{mode:16s} {r['us'] / 1e3:9.3f} {f(r['speedup_vs_eager'], 10, 2)} {f(r['speedup_vs_compile_ro'], 8, 2)} "
-              f"{r['first_call_s']:10.2f} {f(r.get('shape2_first_call_s'), 9, 2)} {f(r.get('peak_mem_gib'), 9, 2)} "
-              f"{r['rel_l2_vs_eager']:9.2e}")
-    for mode, r in rows.items():
-        if "calls" in r:
-            print(f"\n{mode} op calls:", json.dumps(r["calls"]))
-            print(f"{mode} graphs:", json.dumps(r.get("graphs")), "capture s:", r.get("capture_s"))
+    modes = [md for md in rows if not md.startswith("_")]
+    for s in shapes:
+        base = rows.get("eager", {}).get(s, {}).get("us")
+        ro = rows.get("compile_ro", {}).get(s, {}).get("us")
+        print(f"\n[{s}] {'mode':16s} {'ms/call':>9s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st/change s':>12s} "
+              f"{'peak GiB':>9s} {'rel L2':>9s}")
+        for mode in modes:
+            r = rows[mode][s]
+            r["speedup_vs_eager"] = base / r["us"] if base else None
+            r["speedup_vs_compile_ro"] = ro / r["us"] if ro else None
+            f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
+            fc = r.get("first_call_s", r.get("shape_change_s"))
+            print(f"[{s}] {mode:16s} {r['us'] / 1e3:9.3f} {f(r['speedup_vs_eager'], 10, 2)} "
+                  f"{f(r['speedup_vs_compile_ro'], 8, 2)} {fc:12.2f} {f(r.get('peak_mem_gib'), 9, 2)} "
+                  f"{r['rel_l2_vs_eager']:9.2e}")
+    for mode in modes:
+        for s in shapes:
+            r = rows[mode][s]
+            if "calls" in r:
+                print(f"{mode} [{s}] op calls:", json.dumps(r["calls"]))
+            if "profile" in r:
+                print(f"{mode} [{s}] GPU us by category:", json.dumps({k: round(v) for k, v in r["profile"]["by_category_us"].items()}))
+    print("graphs:", json.dumps(rows.get("_graphs")))
     if a.json:
         Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
                                             "device": torch.cuda.get_device_name() if is_gpu else "cpu",

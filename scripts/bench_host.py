@@ -42,7 +42,7 @@ def main():
     dev = torch.device("cuda" if is_gpu else "cpu")
     dtype = torch.float16 if is_gpu else torch.float32
     reg = install_registry(a.db, detect("cuda" if is_gpu else "llvm"))
-    x = inputs(a.tiny, 2, 512, dev, dtype)
+    x = inputs(a.tiny, 2, 512, 512, dev, dtype)
     x = {**x, "sample": x["sample"].contiguous(memory_format=torch.channels_last)}
 
     def wall(m) -> float:
