@@ -88,7 +88,7 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
             with TuningDB(a.db) as db:
                 db.export_jsonl(a.export, target_key=target.key)
 
-    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch, top_up=True,
+    tune(workloads, target, a.db, TuneOptions(trials=a.trials, batch=a.batch,
                                                   templates=tuple(a.template)), on_workload=on_workload)
     f = lambda v: f"{v:9.2f}" if v else "      n/a"  # noqa: E731
     print(f"\n{'workload':52s} {'tvm_us':>9s} {'dlight_us':>9s} {'vendor_us':>9s} {'vendor/tvm':>10s}  best")

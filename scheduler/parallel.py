@@ -2,7 +2,8 @@
 
 Each worker is a separate Python process (`python -m scheduler.parallel WORKFILE`) with
 CUDA_VISIBLE_DEVICES set to its GPU, its own SQLite DB (`<db>.shard<i>`) and its share of the
-workloads (round robin). A worker that crashes or hangs loses nothing already measured: its DB
+workloads (round robin); a shard DB starts as a copy of the job DB's records, so `trials` counts what
+the job already holds, and is deleted once merged (also after a failure). A worker that crashes or hangs loses nothing already measured: its DB
 holds every result up to that point, every shard DB is merged into the job's DB at the end (and a
 rerun resumes: `trials` is a per-workload total there too), and the crash is reported per shard.
 Builds split the host's cores between the workers.
@@ -46,37 +47,56 @@ def tune_parallel(workloads: list[Workload], db_path: str | Path, options: TuneO
         raise ValueError("tune_parallel: no devices")
     db_path = Path(db_path)
     work = Path(tempfile.mkdtemp(prefix="shapetune-job-"))
-    jobs = max(1, (os.cpu_count() or 1) // len(devices))
-    procs = []
-    for i, dev in enumerate(devices):
-        mine = workloads[i::len(devices)]
-        shard_db = db_path.with_name(f"{db_path.name}.shard{i}")
-        spec = {"workloads": [w.to_json() for w in mine], "db": str(shard_db), "target": target_kind,
-                "options": asdict(options)}
-        spec_path = work / f"shard{i}.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, SHAPETUNE_BUILD_JOBS=str(jobs))
-        if dev:
-            env["CUDA_VISIBLE_DEVICES"] = dev
-        log = work / f"shard{i}.log"
-        with open(log, "w") as fp:
-            p = subprocess.Popen([sys.executable, "-m", "scheduler.parallel", str(spec_path)], env=env,
-                                 stdout=fp, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]),
-                                 preexec_fn=die_with_parent)
-        procs.append((p, ShardResult(i, dev, len(mine), 0, str(shard_db), str(log))))
-    out = []
-    for p, res in procs:
-        try:
-            res.returncode = p.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            res.returncode = p.wait()
-        out.append(res)
+    out = _run_shards(workloads, db_path, options, devices, target_kind, timeout_s, work)
     with TuningDB(db_path) as db:
         for res in out:
             if Path(res.db).exists():
                 res.merged = db.merge_from(res.db)[0]
+    for res in out:  # all merged (a merge that raised keeps every shard DB for a rerun to merge)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(res.db + suffix).unlink(missing_ok=True)
     return out
+
+
+def _run_shards(workloads, db_path: Path, options: TuneOptions, devices: list[str], target_kind,
+                timeout_s, work: Path) -> list[ShardResult]:
+    """Start one worker per device on its shard DB, seeded with the job DB's records (so `trials`
+    counts what the job already holds), and wait for them all; a worker still running when this
+    returns or raises is killed."""
+    jobs = max(1, (os.cpu_count() or 1) // len(devices))
+    procs = []
+    try:
+        for i, dev in enumerate(devices):
+            mine = workloads[i::len(devices)]
+            shard_db = db_path.with_name(f"{db_path.name}.shard{i}")
+            with TuningDB(shard_db) as db:
+                if db_path.exists():
+                    db.merge_from(db_path)
+            spec = {"workloads": [w.to_json() for w in mine], "db": str(shard_db), "target": target_kind,
+                    "options": asdict(options)}
+            spec_path = work / f"shard{i}.json"
+            spec_path.write_text(json.dumps(spec))
+            env = dict(os.environ, SHAPETUNE_BUILD_JOBS=str(jobs))
+            if dev:
+                env["CUDA_VISIBLE_DEVICES"] = dev
+            log = work / f"shard{i}.log"
+            with open(log, "w") as fp:
+                p = subprocess.Popen([sys.executable, "-m", "scheduler.parallel", str(spec_path)], env=env,
+                                     stdout=fp, stderr=subprocess.STDOUT,
+                                     cwd=str(Path(__file__).resolve().parents[1]), preexec_fn=die_with_parent)
+            procs.append((p, ShardResult(i, dev, len(mine), 0, str(shard_db), str(log))))
+        for p, res in procs:
+            try:
+                res.returncode = p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                res.returncode = p.wait()
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [res for _, res in procs]
 
 
 def _worker(spec_path: str) -> None:

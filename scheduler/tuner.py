@@ -7,8 +7,9 @@ TVM's dlight default schedule (the baseline). Each round the cost model is retra
 result for this target in the DB (other workloads included: what was learned on one shape transfers
 to the next), ranks the untried candidates, and the top (1 - explore) of the batch plus a random
 `explore` share are built and measured. Every result is committed the moment it exists, so an
-interrupted run loses nothing and a rerun resumes: candidates already measured for (workload,
-target) are never measured again.
+interrupted run loses nothing and a rerun resumes: `trials` is a per-workload total (`top_up`),
+candidates already measured for (workload, target) are never measured again, and each round's
+candidates are claimed in the DB first, so two tuners on the same workloads never measure one twice.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class TuneOptions:
     templates: tuple[str, ...] = ()  # restrict to these (default: every template that applies)
     build_timeout_s: float = 180
     run_timeout_s: float = 60
-    # False: `trials` new candidates on every call (a rerun searches further). True: `trials` is the
-    # per-workload total in the DB, so rerunning a job cut off by a time limit finishes it.
-    top_up: bool = False
+    # True: `trials` is the per-workload total in the DB (records of these templates, any status), so
+    # a rerun of a job cut off or killed measures only what is missing. False: `trials` new ones.
+    top_up: bool = True
 
 
 @dataclass
@@ -110,23 +111,25 @@ class Tuner:
             self.db.add_buckets(DEFAULT.rows(workload.op))
         rep.vendor, rep.vendor_variants = self._measure_vendor(workload)
         space = search_space(workload, self.target, self.opt.templates)
-        stored = self.db.results(workload.key, self.target.key)
-        done = {r.candidate.key for r in stored}
-        untried = [c for c in space if c.key not in done]
-        mine = [r for r in stored if not self.opt.templates or r.candidate.template in self.opt.templates]
-        budget = self.opt.trials - (len(mine) if self.opt.top_up else 0)
-        first = True
-        while budget > 0 and untried:
+        tpl, first = self.opt.templates, True
+        while True:
+            # What the DB holds now (records, and candidates other tuners are measuring) is skipped
+            # and, with top_up, counts toward `trials`.
+            held, count = self.db.held(workload, self.target, tpl)
+            budget = self.opt.trials - (count if self.opt.top_up else rep.measured)
+            untried = [c for c in space if c.key not in held]
+            if budget <= 0 or not untried:
+                break
             picked = self._pick(workload, untried, min(self.opt.batch, budget), first)
+            picked = self.db.claim(workload, self.target, picked, self.run_id,
+                                   self.opt.trials if self.opt.top_up else None, tpl)
             first = False
-            chosen = {c.key for c in picked}
-            untried = [c for c in untried if c.key not in chosen]
             for res in self._measure(workload, picked):
                 self.db.add_result(res)
                 rep.measured += 1
                 rep.by_status[res.status] = rep.by_status.get(res.status, 0) + 1
                 self.on_result(res)
-            budget -= len(picked)
+            self.db.release(workload, self.target, picked, self.run_id)
         rep.best = self.db.best(workload.key, self.target.key)
         dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok")]
         rep.dlight = min(dl, key=lambda r: r.latency.median_us) if dl else None

@@ -65,6 +65,13 @@ CREATE INDEX IF NOT EXISTS records_created ON records(created, id);
 CREATE INDEX IF NOT EXISTS baselines_wt ON baselines(workload_id, target_id, created, id);
 """ + ";\n".join(_V3)
 
+# Candidates a tuner is measuring right now, so that a second tuner on the same workloads skips
+# them. Coordination, not data: never exported or merged, no schema version; made on first use.
+CLAIMS = """CREATE TABLE IF NOT EXISTS claims (
+    workload_id INTEGER NOT NULL, target_id INTEGER NOT NULL, candidate_key TEXT NOT NULL,
+    template TEXT NOT NULL, run_id TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (workload_id, target_id, candidate_key))"""
+
 # Upgrades in place: version -> the statements that take a DB from it to the next version.
 MIGRATIONS = {
     1: ["CREATE TABLE IF NOT EXISTS buckets (policy TEXT NOT NULL, op TEXT NOT NULL, "

@@ -13,6 +13,8 @@ enumerates the search space there) and unregisters them afterwards.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from scheduler import templates
@@ -85,15 +87,17 @@ def test_tune_llvm_end_to_end_and_resume(tmp_path, cpu, bias):
         assert best.latency.median_us == min(r.latency.median_us for r in rs if r.status == "ok")
         first_keys = {r.candidate.key for r in rs}
 
-    # the same tune again resumes: 6 new candidates, none measured before, dlight not repeated
-    (rep2,) = tune([w], cpu, db_path, opts)
+    # the same tune again: done (trials is a per-workload total); with top_up=False it searches
+    # further: 6 new candidates, none measured before, dlight not repeated
+    assert tune([w], cpu, db_path, opts)[0].measured == 0
+    (rep2,) = tune([w], cpu, db_path, replace(opts, top_up=False))
     assert rep2.measured == 6
     with TuningDB(db_path) as db:
         rs = _check_db(db, w, cpu, 12)
         assert len({r.candidate.key for r in rs} - first_keys) == 6
         assert len({r.run_id for r in rs}) == 2
         assert [r.candidate.template for r in rs].count("dlight") == 1
-        assert len(db.baselines(w.key, cpu.key)) == 2  # the vendor path is measured every run
+        assert len(db.baselines(w.key, cpu.key)) == 3  # the vendor path is measured every run
         assert db.best(w.key, cpu.key).latency.median_us <= best.latency.median_us
 
 
