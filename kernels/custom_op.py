@@ -24,8 +24,9 @@ def shapetune_op(name: str):
 
 def direct_ok(args) -> bool:
     """Whether calling an op's implementation directly is what the dispatcher would do anyway:
-    plain tensors, no autograd to record, no tracing (torch.compile), no functorch transform (vmap,
-    grad), no dispatch or function modes (FakeTensor, device contexts)."""
+    plain tensors with data (a meta tensor goes to the op's fake implementation: the kernel would
+    be handed no memory), no autograd to record, no tracing (torch.compile), no functorch transform
+    (vmap, grad), no dispatch or function modes (FakeTensor, device contexts)."""
     import torch
 
     global _Parameter
@@ -39,7 +40,7 @@ def direct_ok(args) -> bool:
     grad = torch.is_grad_enabled()
     for a in args:  # nn.Parameter is a plain tensor too (every patched module passes its weights)
         if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not _Parameter)
-                                            or (grad and a.requires_grad)):
+                                            or (grad and a.requires_grad) or a.is_meta):
             return False
     return True
 

@@ -4,7 +4,8 @@ group_norm takes activations channels-last: a 4-D NCHW tensor in torch.channels_
 (what diffusers passes once the model is channels_last: x.permute(0, 2, 3, 1) is then a contiguous
 [N, H, W, C]) or a contiguous [N, HW, C]. Any other layout is first copied to channels-last; those
 copies are counted as ("group_norm", "relayout_copy") in `fallback_summary()` (an extra count next
-to the call's own outcome, not a fallback).
+to the call's own outcome, not a fallback). A 3-D x reads two ways (torch's [N, C, L], the kernel's
+[N, HW, C]), so the public function takes it only with its layout named.
 """
 
 from __future__ import annotations
@@ -90,23 +91,40 @@ def _(x, num_groups, weight, bias, eps, silu):
 register_recompute_autograd("group_norm", _gn_torch)
 
 
+GN_LAYOUTS_3D = ("NLC", "NCL")
+
+
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
-               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False,
+               layout: Optional[str] = None) -> torch.Tensor:
     """GroupNorm (optionally followed by SiLU, fused) with the tuned kernel for this shape and GPU.
 
     Parameters
     ----------
-    x : Tensor [N, C, H, W] (best in torch.channels_last memory format) or [N, HW, C] contiguous,
+    x : Tensor [N, C, H, W] (best in torch.channels_last memory format), or 3-D as `layout` says,
         float16 (GPU) or float32 (CPU); other dtypes fall back to torch
     num_groups : int, dividing C
     weight, bias : Tensor [C], x's dtype and device (None: torch's path, counted "no_affine")
     eps : float
     silu : bool, apply y * sigmoid(y) after the affine transform
+    layout : required for a 3-D x, which reads two ways: "NLC" ([N, HW, C], channels-last, best
+        contiguous) or "NCL" (torch's [N, C, L], as F.group_norm reads it; copied to [N, L, C] unless
+        it is a transposed view of one). None for a 4-D x (NCHW, as torch).
 
     Returns
     -------
-    Tensor of x's shape and dtype: channels_last for a 4-D x, contiguous for a 3-D x.
+    Tensor of x's shape and dtype: channels_last for a 4-D x; for a 3-D x, contiguous [N, HW, C]
+    ("NLC") or the [N, C, L] transpose of one ("NCL").
     """
+    if x.dim() == 3:
+        if layout not in GN_LAYOUTS_3D:
+            raise ValueError(f"shapetune.group_norm: a 3-D x {tuple(x.shape)} is [N, C, L] to torch and [N, HW, C] "
+                             f"to this kernel: say which, layout='NCL' or layout='NLC' (got {layout!r})")
+        if layout == "NCL":
+            return call_op("group_norm", x.transpose(1, 2), num_groups, weight, bias, float(eps),
+                           bool(silu)).transpose(1, 2)
+    elif layout is not None:
+        raise ValueError(f"shapetune.group_norm: layout is for a 3-D x; a {x.dim()}-D x is NCHW (got {layout!r})")
     return call_op("group_norm", x, num_groups, weight, bias, float(eps), bool(silu))
 
 

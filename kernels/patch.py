@@ -126,7 +126,7 @@ def _group_norm_forward(self, x):
     silu = self.__dict__.get("_shapetune_silu")
     if x.dim() == 3:
         y = group_norm(x.transpose(1, 2), self.num_groups, self.weight, self.bias, self.eps,
-                       silu=silu is not None).transpose(1, 2)
+                       silu=silu is not None, layout="NLC").transpose(1, 2)
     elif x.dim() == 4:
         y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu is not None)
     else:

@@ -131,7 +131,7 @@ def test_group_norm_channels_last_matches_torch(registry, n, h, w, c, g, silu):
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, _gn_ref(x, g, wt, b, silu), atol=1e-4, rtol=1e-4)
     # [N, HW, C] input: the same kernel
-    y3 = kernels.group_norm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), g, wt, b, silu=silu)
+    y3 = kernels.group_norm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), g, wt, b, silu=silu, layout="NLC")
     torch.testing.assert_close(y3, y.permute(0, 2, 3, 1).reshape(n, h * w, c))
     assert registry.calls[("group_norm", "tuned")] == 2
     assert ("group_norm", "relayout_copy") not in registry.calls
