@@ -49,6 +49,7 @@ LOOKUP = "bench/bench_lookup_cpu.json"
 E2E = "bench/bench_e2e_h200.json"
 HOST = "bench/bench_host_h200.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
+LORA = "bench/bench_lora_h200.json"
 
 # Goals (issue 4, for an H100) and floors: targets, not measurements.
 GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
@@ -976,38 +977,56 @@ def lookup(logs: Logs) -> str:
 
 
 def end_to_end(logs: Logs) -> str:
-    """SD 1.5 UNet step per mode, one run (scripts/bench_e2e.py), and the host path (scripts/bench_host.py)."""
-    d, h = logs.load(E2E), logs.load(HOST)["row"]
+    """SD 1.5 UNet step per mode over a shape matrix, one run (scripts/bench_e2e.py), the host path
+    (scripts/bench_host.py) and the LoRA switch cost (scripts/bench_lora.py)."""
+    d, h, lo = logs.load(E2E), logs.load(HOST)["row"], logs.load(LORA)
     a = d["args"]
     names = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
              "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
              "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs"}
+    shapes = a["shapes"].split(",")
     rows = []
-    for mode, r in d["rows"].items():
-        ro = r.get("speedup_vs_compile_ro")
-        rows.append([names.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
-                     num(ro, 2) if ro else "-", num(r["first_call_s"], 2), num(r.get("shape2_first_call_s"), 2),
-                     num(r.get("peak_mem_gib"), 2), f"{r['rel_l2_vs_eager']:.1e}"])
-    tuned = {op: c.get("tuned", 0) for op, c in d["rows"]["shapetune"]["calls"].items() if c.get("tuned")}
+    for s in shapes:
+        for mode, per in d["rows"].items():
+            if mode.startswith("_"):
+                continue
+            r = per[s]
+            ro = r.get("speedup_vs_compile_ro")
+            rows.append([s, names.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
+                         num(ro, 2) if ro else "-", num(r.get("first_call_s", r.get("shape_change_s")), 2),
+                         num(r.get("peak_mem_gib"), 2), f"{r['rel_l2_vs_eager']:.1e}"])
+    first = d["rows"]["shapetune"][shapes[0]]
+    tuned = {op: c.get("tuned", 0) for op, c in first["calls"].items() if c.get("tuned")}
+    prof = first.get("profile", {}).get("by_category_us", {})
+    lrow = lo["rows"]
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
         f"- Card: {logs.card(E2E)}. Date: {logs.dates(E2E)}. Command: `{logs.command(E2E)}`",
-        f"- SD 1.5 UNet (random weights) fp16, batch {a['batch']}, {a['res']}², CUDA events around each call "
-        f"(median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights and "
-        "activations are far over L2, so inputs are not rotated. \"1st call\": wall time of the first call (compile "
-        f"or capture); \"shape change\": the first call at batch/size {a['shape2']}; peak: memory allocated during "
-        "the mode's calls, weights included. Ratios against eager and against torch.compile reduce-overhead from "
-        "this run.",
-        table([("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"), ("1st call, s", "r"),
-               ("shape change, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
-        "- Ops that ran tuned kernels in the shapetune rows: " + ", ".join(sorted(tuned)) +
+        "- SD 1.5 UNet (random weights) fp16; shape = batch x height [x width] in pixels; CUDA events around each "
+        f"call (median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights "
+        "and activations are far over L2, so inputs are not rotated. One model per mode, run over the shapes in "
+        "the order listed: \"1st call\" is the wall time of the first call at that shape (at the first shape the "
+        "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
+        "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
+        "included. Ratios against eager and against torch.compile reduce-overhead from this run.",
+        table([("shape", "l"), ("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
+               ("1st call, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
+        f"- Ops that ran tuned kernels at {shapes[0]}: " + ", ".join(sorted(tuned)) +
         " (the records of the given DBs that beat torch in their own run; every other call runs torch's op, "
-        "counted by cause in the JSON).",
+        "counted by cause in the JSON). At the other shapes almost nothing is tuned (the workload keys fix the "
+        "batch and conv2d has no buckets: issue 12), which is why shapetune trails torch.compile there.",
+        f"- GPU time of one shapetune forward at {shapes[0]} by kernel category (torch.profiler, µs): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()) + " (\"other\": cuBLAS nvjet GEMMs; \"tvm\": the tuned "
+        "kernels).",
         f"- Host path, another run ({logs.dates(HOST)}, `{logs.command(HOST)}`): a patched UNet step run eagerly, "
         f"synchronized wall time {num(h['patched_eager_ms'], 1)} ms against {num(h['eager_cl_ms'], 1)} ms for eager "
-        f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step. That run has the "
-        "tuned-kernel launch handing torch's stream to TVM with two C calls; the graphs=False row above predates "
-        "it (a tvm_ffi.StreamContext per launch).",
+        f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step.",
+        f"- LoRA switch ({logs.card(LORA)}, {logs.dates(LORA)}, `{logs.command(LORA)}`): two rank-{lo['args']['rank']} "
+        "PEFT adapters on every attention projection, batch 2, 512²; `set_adapters` plus the first UNet call after "
+        f"it: shapetune {num(lrow['shapetune']['switch_median_s'] * 1e3, 0)} ms median (a re-capture: the adapter "
+        f"scales are Python values the forward reads) against eager {num(lrow['eager']['switch_median_s'] * 1e3, 0)} "
+        f"ms; steady calls with a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against "
+        f"{num(lrow['eager']['us'] / 1e3, 1)} ms eager channels_last. The goal (< 100 ms) is not met.",
         pipeline_table(logs),
     ])
 
