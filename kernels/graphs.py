@@ -27,8 +27,9 @@ the next call, counted `invalidated`):
   - the module tree (an adapter added or removed, a submodule replaced): torch's global module /
     parameter / buffer registration hooks flag a possible change, then the tree is compared; a changed
     tree is re-patched (`repatch`, e.g. kernels.patch, so new Linear layers of a LoRA are served too).
-  - PEFT adapter state (active adapters, scales, merged, disabled): Python values the forward reads.
   - the kernel registry in use (kernels.set_registry).
+PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
+of each graph's key instead: switching between two LoRAs captures each once and replays it after that.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
 autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
 `capturing`), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
@@ -212,12 +213,17 @@ class GraphedCall:
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
             self._peft = [m for m in mods if _is_peft_layer(m)]
 
+    def _adapter_state(self) -> tuple:
+        """PEFT adapter state (active adapters, scales, merged, disabled): Python values the forward reads,
+        so part of each graph's key: switching between LoRAs replays the graph already captured for each."""
+        self._refresh_tree()
+        return tuple(_peft_state(m) for m in self._peft)
+
     def _state(self) -> tuple:
         from .registry import get_registry
 
         self._refresh_tree()
-        return (self._tree, [t.data_ptr() for t in self._tensors], tuple(_peft_state(m) for m in self._peft),
-                id(get_registry()))
+        return (self._tree, [t.data_ptr() for t in self._tensors], id(get_registry()))
 
     # -- the call ---------------------------------------------------------------------------------------
     def _eager(self, cause: str, args, kwargs):
@@ -244,7 +250,7 @@ class GraphedCall:
             return self._eager("cpu", args, kwargs)
         try:
             key = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
-                               for x in leaves))
+                               for x in leaves), self._adapter_state())
             hash(key)
         except TypeError:
             return self._eager("unhashable_arg", args, kwargs)
@@ -277,13 +283,13 @@ class GraphedCall:
     # -- batch padding ------------------------------------------------------------------------------
     def _padded(self, key: tuple, tensors: list) -> tuple | None:
         """The key of the smallest captured graph this call fits into by padding its batch, or None."""
-        spec, leaves = key
+        spec, leaves, adapters = key
         b = tensors[0].shape[0] if tensors[0].dim() else None
         if b is None:
             return None
         best, best_b = None, None
         for k, g in self.graphs.items():
-            if isinstance(g, str) or k[0] != spec or len(k[1]) != len(leaves):
+            if isinstance(g, str) or k[0] != spec or k[2] != adapters or len(k[1]) != len(leaves):
                 continue
             gb = None
             for mine, theirs in zip(leaves, k[1]):

@@ -204,6 +204,7 @@ def main():
           f"{'tiny' if a.tiny else 'SD 1.5'} UNet, {dtype}, shapes {shapes}")
     refs: dict[str, torch.Tensor] = {}
     rows: dict[str, dict] = {}
+    graphs: dict[str, dict] = {}
     for mode in a.modes.split(","):
         m, report = make(mode, a.tiny, dev, dtype)
         per_shape = {}
@@ -235,10 +236,10 @@ def main():
             per_shape[s] = r
             del out
         if report is not None:
-            rows.setdefault("_graphs", {})[mode] = {k: dict(v) for k, v in report.graph_stats().items()}
+            graphs[mode] = {k: dict(v) for k, v in report.graph_stats().items()}
             caps = [c for comp in report.components.values() for g in comp.graphs.values() for c in g.capture_s]
             if caps:
-                rows["_graphs"][mode]["capture_s"] = caps
+                graphs[mode]["capture_s"] = caps
             kernels.restore(m)
         rows[mode] = per_shape
         m = report = None
@@ -246,7 +247,7 @@ def main():
             torch._dynamo.reset()
         if is_gpu:
             torch.cuda.empty_cache()
-    modes = [md for md in rows if not md.startswith("_")]
+    modes = list(rows)
     for s in shapes:
         base = rows.get("eager", {}).get(s, {}).get("us")
         ro = rows.get("compile_ro", {}).get(s, {}).get("us")
@@ -268,11 +269,12 @@ def main():
                 print(f"{mode} [{s}] op calls:", json.dumps(r["calls"]))
             if "profile" in r:
                 print(f"{mode} [{s}] GPU us by category:", json.dumps({k: round(v) for k, v in r["profile"]["by_category_us"].items()}))
-    print("graphs:", json.dumps(rows.get("_graphs")))
+    print("graphs:", json.dumps(graphs))
     if a.json:
         Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
                                             "device": torch.cuda.get_device_name() if is_gpu else "cpu",
-                                            "torch": torch.__version__, "args": vars(a), "rows": rows}, indent=1))
+                                            "torch": torch.__version__, "args": vars(a), "rows": rows, "graphs": graphs},
+                                           indent=1))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 Two PEFT LoRAs (rank --rank on to_q, to_k, to_v, to_out.0 of every attention: diffusers' default
 targets; random A and B, no model hub) are added to the UNet of each mode, fp16, batch 2, 512². Per mode:
 the median wall time of a UNet call, then for `--switches` switches alternating between the adapters
-(`set_adapters`) the wall time of the switch plus the first call after it (for shapetune: the graph's
-re-capture on the new adapter state; PEFT's scale change is a Python value the forward reads), and the
+(`set_adapters`) the wall time of the switch plus the first call after it (for shapetune: the first
+switch to an adapter captures its graph, the adapter state being part of the graph key; later switches
+replay it), and the
 output's relative L2 against eager with the same adapter active. `fuse_lora`-style merges are in-place
 weight writes, which the graphs see without re-capture (tests/kernels/test_graphs_gpu.py).
 Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs), compile_ro

@@ -988,8 +988,6 @@ def end_to_end(logs: Logs) -> str:
     rows = []
     for s in shapes:
         for mode, per in d["rows"].items():
-            if mode.startswith("_"):
-                continue
             r = per[s]
             ro = r.get("speedup_vs_compile_ro")
             rows.append([s, names.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
@@ -1023,10 +1021,12 @@ def end_to_end(logs: Logs) -> str:
         f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step.",
         f"- LoRA switch ({logs.card(LORA)}, {logs.dates(LORA)}, `{logs.command(LORA)}`): two rank-{lo['args']['rank']} "
         "PEFT adapters on every attention projection, batch 2, 512²; `set_adapters` plus the first UNet call after "
-        f"it: shapetune {num(lrow['shapetune']['switch_median_s'] * 1e3, 0)} ms median (a re-capture: the adapter "
-        f"scales are Python values the forward reads) against eager {num(lrow['eager']['switch_median_s'] * 1e3, 0)} "
-        f"ms; steady calls with a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against "
-        f"{num(lrow['eager']['us'] / 1e3, 1)} ms eager channels_last. The goal (< 100 ms) is not met.",
+        f"it, over {len(lrow['shapetune']['switch_s'])} alternating switches: shapetune "
+        f"{num(lrow['shapetune']['switch_median_s'] * 1e3, 0)} ms median, {num(max(lrow['shapetune']['switch_s']) * 1e3, 0)} "
+        "ms max (the first switch to an adapter captures its graph; the adapter state is part of the graph key, so "
+        f"later switches replay), eager {num(lrow['eager']['switch_median_s'] * 1e3, 0)} ms median; steady calls with "
+        f"a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against {num(lrow['eager']['us'] / 1e3, 1)} ms "
+        "eager channels_last.",
         pipeline_table(logs),
     ])
 

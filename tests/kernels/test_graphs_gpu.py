@@ -136,8 +136,13 @@ def test_a_peft_adapter_is_patched_and_recaptured_and_matches_eager():
     lora_a = next(m for n, m in unet.named_modules() if n.endswith("to_q.lora_A.default"))
     assert getattr(lora_a, "_shapetune_patched", None) == "linear"  # the adapter's Linear layers are served
     for m in (eager, unet):
-        m.set_adapters(["default"], weights=[0.5])  # a Python scale the forward reads: re-captured
-    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2 and g.stats["invalidated"] == 2
+        m.set_adapters(["default"], weights=[0.5])  # a Python scale the forward reads: a graph of its own
+    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2
+    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 3
+    for m in (eager, unet):
+        m.set_adapters(["default"], weights=[1.0])  # back: the graph captured for that state replays
+    assert _rel(_run(unet, x), _run(eager, x)) < 1e-2 and _rel(_run(unet, x), out) < 2e-3
+    assert g.stats["captured"] == 3
 
 
 def test_no_layout_transposes_inside_the_captured_forward():

@@ -165,13 +165,15 @@ def test_bench_e2e_smoke(tmp_path, monkeypatch):
         runpy.run_path("scripts/bench_e2e.py", run_name="__main__")
     finally:
         kernels.set_registry(prev)
-    rows = json.loads(out.read_text())["rows"]
+    d = json.loads(out.read_text())
+    rows = d["rows"]
     assert set(rows) == {"eager", "eager_cl", "shapetune"}
-    assert all(r["rel_l2_vs_eager"] < 1e-5 and r["us"] > 0 for r in rows.values())
-    assert all(r["first_call_s"] > 0 and r["shape2_first_call_s"] > 0 for r in rows.values())
-    # 8 attentions x (first call + 1 warm-up + 2 timed + parity + the shape-change call)
-    assert sum(rows["shapetune"]["calls"]["attention"].values()) == 8 * 6
-    assert rows["shapetune"]["graphs"]["model"]["cpu"] == 6
+    assert all(set(per) == {"2x512", "1x512"} for per in rows.values())  # the default shape matrix
+    assert all(r["rel_l2_vs_eager"] < 1e-5 and r["us"] > 0 for per in rows.values() for r in per.values())
+    assert all(per["2x512"]["first_call_s"] > 0 and per["1x512"]["shape_change_s"] > 0 for per in rows.values())
+    # per shape, 8 attentions x (first call + 1 warm-up + 2 timed + parity)
+    assert all(sum(r["calls"]["attention"].values()) == 8 * 5 for r in rows["shapetune"].values())
+    assert d["graphs"]["shapetune"]["model"]["cpu"] == 10
 
 
 def test_registry_prebuild_fills_the_kernel_cache(tuned_db, tmp_path, monkeypatch):

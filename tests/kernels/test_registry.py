@@ -185,7 +185,8 @@ def test_tuner_runs_pair_records_with_their_own_vendor(tmp_path, cpu):
     runs = []
     with TuningDB(path) as db:
         for seed in (0, 1):
-            with Tuner(db, cpu, TuneOptions(trials=1, batch=1, seed=seed, templates=("gemm_llvm",))) as t:
+            with Tuner(db, cpu, TuneOptions(trials=1, batch=1, seed=seed, templates=("gemm_llvm",),
+                                            top_up=False)) as t:  # both runs measure (no top-up)
                 rep = t.tune(W)
                 runs.append(t.run_id)
                 assert rep.vendor.run_id == t.run_id and rep.vendor.name == VENDOR
