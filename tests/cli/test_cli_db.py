@@ -15,15 +15,6 @@ from tests.shapetune._db_history import CPU, H100, W1, W2, history
 FORMATS = ["table", "json", "csv"]
 
 
-@pytest.fixture
-def path(tmp_path):
-    p = tmp_path / "t.db"
-    with TuningDB(p) as d:
-        rs, bs = history()
-        d.add_results(rs)
-        for b in bs:
-            d.add_baseline(b)
-    return str(p)
 
 
 @pytest.fixture

@@ -10,19 +10,9 @@ from click.testing import CliRunner
 from shapetune.cli import main
 from shapetune.db import TuningDB, to_dataframe
 from tests.cli.test_cli_db import run
-from tests.shapetune._db_history import CPU, H100, W1, W2, history, ok
+from tests.shapetune._db_history import CPU, H100, W1, W2, ok
 
 
-@pytest.fixture
-def path(tmp_path):
-    """The shared history (two targets, two workloads, 8 records, 3 baselines) in a DB file."""
-    p = tmp_path / "t.db"
-    with TuningDB(p) as d:
-        rs, bs = history()
-        d.add_results(rs)
-        for b in bs:
-            d.add_baseline(b)
-    return str(p)
 
 
 def lines(p):
