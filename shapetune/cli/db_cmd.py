@@ -116,12 +116,20 @@ def db():
     """Inspect, explain, export, import, prune, diff and verify the tuning DB."""
 
 
+def _record_filters(f):
+    """The record filters `db list` and `db records` share: --op, --target, --status, --template, --trust."""
+    for opt in reversed((
+            click.option("--op", help="Only this op (e.g. linear)."),
+            click.option("--target", "target_key", help="Only this target key."),
+            click.option("--status", type=click.Choice(STATUSES), help="Only this status."),
+            click.option("--template", help="Only this schedule template."),
+            click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Only this trust state."))):
+        f = opt(f)
+    return f
+
+
 @db.command("list")
-@click.option("--op", help="Only this op (e.g. linear).")
-@click.option("--target", "target_key", help="Only this target key.")
-@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
-@click.option("--template", help="Only this schedule template.")
-@click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Only this trust state.")
+@_record_filters
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="At most this many records.")
 @click.option("--all", "all_", is_flag=True, help="Every matching record (no --limit).")
@@ -134,11 +142,7 @@ def list_(op, target_key, status, template, trust_state, limit, all_, db_path, f
 
 
 @db.command("records")
-@click.option("--op", help="Only this op (e.g. linear).")
-@click.option("--target", "target_key", help="Only this target key.")
-@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
-@click.option("--template", help="Only this schedule template.")
-@click.option("--trust", "trust_state", type=click.Choice(TRUST_STATES), help="Only this trust state.")
+@_record_filters
 @_db_option
 @_format_option
 @_errors
