@@ -87,7 +87,6 @@ def _emit(rows: list[dict], fmt: str, title: str | None = None,
             w.writeheader()
             w.writerows(rows)
     else:
-        from rich.console import Console
         from rich.table import Table
         from rich.text import Text  # plain text: "[...]" in knobs or errors is not markup
 
@@ -101,7 +100,20 @@ def _emit(rows: list[dict], fmt: str, title: str | None = None,
         for r in rows:
             t.add_row(*(Text(table_fmt.get(k, _cell)(v) if v is not None else "-")
                         for k, v in r.items()))
-        Console(width=None if sys.stdout.isatty() else 220).print(t)
+        _print_table(t)
+
+
+def _print_table(table) -> None:
+    """On a terminal, at its width; piped or redirected (grep, a file), at the table's natural width,
+    so every cell is whole and each row one line (a fixed width cut or folded long names)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console()
+    if not console.is_terminal:
+        wide = Console(width=1_000_000)
+        console = Console(width=Measurement.get(wide, wide.options, table).maximum)
+    console.print(table)
 
 
 def _result_row(id_: int, r: MeasureResult, trust: str) -> dict:
@@ -197,7 +209,6 @@ def show(ref, db_path, fmt):
     if fmt == "csv":
         _emit([flat], fmt)
         return
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -212,7 +223,7 @@ def show(ref, db_path, fmt):
         elif k == "created":
             v = f"{_when(v)} ({v!r})"
         t.add_row(k, Text("-" if v is None or v == "" else str(v)))
-    Console(width=None if sys.stdout.isatty() else 220).print(t)
+    _print_table(t)
 
 
 @db.command("best")
@@ -362,8 +373,7 @@ def explain(op, shape, target_key, dtype, bias, db_path, fmt):
 
 
 def _fields(row: dict, title: str, fmts: dict | None = None) -> None:
-    """One row as a two-column field/value table (long values fold, "[...]" is not markup)."""
-    from rich.console import Console
+    """One row as a two-column field/value table (on a terminal long values fold; "[...]" is not markup)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -372,7 +382,7 @@ def _fields(row: dict, title: str, fmts: dict | None = None) -> None:
     t.add_column("value", overflow="fold")
     for k, v in row.items():
         t.add_row(k, Text("-" if v is None or v == "" else (fmts or {}).get(k, _cell)(v)))
-    Console(width=None if sys.stdout.isatty() else 220).print(t)
+    _print_table(t)
 
 
 @db.command("buckets")
