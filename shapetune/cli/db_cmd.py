@@ -15,6 +15,7 @@ import click
 
 from shapetune import config
 from shapetune.db import BUSY_TIMEOUT_S, DBError, TuningDB
+from shapetune.db.codec import MAX_FILE_CHARS, MAX_LINE_CHARS
 from shapetune.db.schema import TRUST
 from shapetune.records import STATUSES, MeasureResult
 
@@ -444,20 +445,30 @@ def export(path, op, target_key, db_path):
 
 @db.command("import")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--max-line-chars", type=click.IntRange(min=1), default=MAX_LINE_CHARS, show_default=True,
+              help="A JSONL line longer than this many characters (decoded, newline not counted) "
+                   "rejects the file.")
+@click.option("--max-file-chars", type=click.IntRange(min=1), default=MAX_FILE_CHARS, show_default=True,
+              help="A JSONL file longer than this many characters (decoded: an .xz export's text) "
+                   "is rejected.")
 @_db_option
 @_errors
-def import_(path, db_path):
+def import_(path, max_line_chars, max_file_chars, db_path):
     """Append the records and baselines of a JSONL export, or of another tuning DB file (all or
     nothing; a DB's bucket rows too): every line's sha256
     and every record's knobs (against its template's space) are checked first. Imported records
-    are served only after `shapetune db verify` re-verified them on this machine."""
+    are served only after `shapetune db verify` re-verified them on this machine. The size limits
+    guard the reading of a JSONL file (a DB file is read by SQLite)."""
     from scheduler.reverify import knob_error
 
     with open(path, "rb") as f:
         is_db = f.read(16) == b"SQLite format 3\x00"
     with _open(db_path, create=True) as d:
-        imp = d.import_db if is_db else d.import_jsonl
-        added, skipped = imp(path, validate=knob_error)
+        if is_db:
+            added, skipped = d.import_db(path, validate=knob_error)
+        else:
+            added, skipped = d.import_jsonl(path, validate=knob_error, max_line_chars=max_line_chars,
+                                            max_file_chars=max_file_chars)
     click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}")
     if added:
         click.echo("imported records are served once re-verified on this machine: "
