@@ -56,6 +56,15 @@ def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
     return workloads
 
 
+def _measured(rep: WorkloadReport, trials: int) -> str:
+    """What this run measured: counts per status, or why it measured nothing (a rerun of a finished job)."""
+    if rep.measured:
+        return str(rep.by_status)
+    vendor = f"vendor from run {rep.vendor.run_id}" if rep.vendor_reused else "vendor timed"
+    why = "already in the DB" if rep.held >= trials else "in the DB, no untried candidate left"
+    return f"nothing measured: {rep.held}/{trials} trials {why} ({vendor})"
+
+
 def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: dict | None = None,
         flops: Callable[[Workload], float] | None = None,
         extra: Callable[[WorkloadReport], dict] | None = None) -> list[dict]:
@@ -73,12 +82,12 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
                "dlight_us": rep.dlight.latency.median_us if rep.dlight else None,
                "vendor_us": rep.vendor.latency.median_us,
                "ratio_vs_vendor": rep.vendor.latency.median_us / best_us if best_us else None,
-               "by_status": rep.by_status}
+               "measured": rep.measured, "by_status": rep.by_status}
         if flops and best_us:
             row["best_tflops"] = flops(w) / best_us / 1e6
         row.update(extra(rep) if extra else {})
         rows.append(row)
-        print(f"  {w.name:52s} {rep.by_status} best {best_us or float('nan'):9.2f} us "
+        print(f"  {w.name:52s} {_measured(rep, a.trials)} best {best_us or float('nan'):9.2f} us "
               f"vendor {row['vendor_us']:9.2f} us  [{time.time() - t0:5.0f} s]", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(

@@ -1,8 +1,9 @@
 """The tuning loop: candidates -> cost-model ranking -> parallel build -> verify + time -> DB.
 
-Per workload: measure the vendor path once (its default and every variant, e.g. group_norm's NCHW
-path, all under this Tuner's run id: dispatch compares a record only with the vendor timed in its
-own run); then rounds of `batch` candidates until `trials` are spent. The first round always holds
+Per workload: measure the vendor path once before the first candidate (its default and every
+variant, e.g. group_norm's NCHW path, all under this Tuner's run id: dispatch compares a record only
+with the vendor timed in its own run; a rerun left with nothing to measure times nothing and reports
+the stored baseline); then rounds of `batch` candidates until `trials` are spent. The first round always holds
 TVM's dlight default schedule (the baseline). Each round the cost model is retrained on every
 result for this target in the DB (other workloads included: what was learned on one shape transfers
 to the next), ranks the untried candidates, and the top (1 - explore) of the batch plus a random
@@ -14,6 +15,7 @@ candidates are claimed in the DB first, so two tuners on the same workloads neve
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import time
@@ -57,6 +59,8 @@ class WorkloadReport:
     dlight: MeasureResult | None = None
     vendor: VendorBaseline | None = None  # the op's default vendor path
     vendor_variants: dict[str, VendorBaseline] = field(default_factory=dict)  # variant -> its baseline
+    held: int = 0  # records (of the chosen templates) and live claims in the DB when this run stopped
+    vendor_reused: bool = False  # nothing measured: vendor is the stored baseline of an earlier run
 
     @property
     def speedup(self) -> float | None:
@@ -64,6 +68,13 @@ class WorkloadReport:
         if self.best is None or self.vendor is None:
             return None
         return self.vendor.latency.median_us / self.best.latency.median_us
+
+
+def _timed(r: MeasureResult) -> bool:
+    """Whether an ok record's median is a finite, positive time (an older version's rows or raw SQL
+    can leave NULL, NaN or 0 in the DB)."""
+    med = r.latency.median_us if r.latency is not None else None
+    return isinstance(med, (int, float)) and math.isfinite(med) and med > 0
 
 
 def search_space(workload: Workload, target: Target, names: tuple[str, ...] = ()) -> list[Candidate]:
@@ -109,14 +120,13 @@ class Tuner:
         rep = WorkloadReport(workload)
         if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
             self.db.add_buckets(DEFAULT.rows(workload.op))
-        rep.vendor, rep.vendor_variants = self._measure_vendor(workload)
         space = search_space(workload, self.target, self.opt.templates)
         tpl, first = self.opt.templates, True
         while True:
             # What the DB holds now (records, and candidates other tuners are measuring) is skipped
             # and, with top_up, counts toward `trials`.
-            held, count = self.db.held(workload, self.target, tpl)
-            budget = self.opt.trials - (count if self.opt.top_up else rep.measured)
+            held, rep.held = self.db.held(workload, self.target, tpl)
+            budget = self.opt.trials - (rep.held if self.opt.top_up else rep.measured)
             untried = [c for c in space if c.key not in held]
             if budget <= 0 or not untried:
                 break
@@ -124,6 +134,8 @@ class Tuner:
             picked = self.db.claim(workload, self.target, picked, self.run_id,
                                    self.opt.trials if self.opt.top_up else None, tpl)
             first = False
+            if picked and rep.vendor is None:  # this run measures: the vendor is timed in it, once
+                rep.vendor, rep.vendor_variants = self._measure_vendor(workload)
             for res in self._measure(workload, picked):
                 self.db.add_result(res)
                 rep.measured += 1
@@ -131,8 +143,12 @@ class Tuner:
                 self.on_result(res)
             self.db.release(workload, self.target, picked, self.run_id)
         rep.best = self.db.best(workload.key, self.target.key)
-        dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok")]
+        dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok") if _timed(r)]
         rep.dlight = min(dl, key=lambda r: r.latency.median_us) if dl else None
+        if rep.vendor is None:  # nothing measured in this run (a finished job rerun): report the stored vendor
+            stored = self._stored_vendor(workload, rep.best)
+            rep.vendor_reused = stored is not None
+            rep.vendor, rep.vendor_variants = stored or self._measure_vendor(workload)
         return rep
 
     def _pick(self, workload: Workload, untried: list[Candidate], n: int, first: bool) -> list[Candidate]:
@@ -166,6 +182,27 @@ class Tuner:
                                      max_rel_err=r.rel_err, created=time.time(), **common))
             Path(b.path).unlink(missing_ok=True)
         return out
+
+    def _stored_vendor(self, workload: Workload, best: MeasureResult | None
+                       ) -> tuple[VendorBaseline, dict[str, VendorBaseline]] | None:
+        """The vendor paths stored for (workload, this target) by one run, as `_measure_vendor`
+        returns them: best's run if it timed every path (its speedup is then the one dispatch
+        judges), else the newest run that did; None if no run did."""
+        from shapetune.ops import opdef
+
+        od = opdef(workload.op)
+        names = {od.baseline_name(v): v for v in ("", *od.vendor_variants)}
+        runs: dict[str, dict[str, VendorBaseline]] = {}
+        for b in self.db.baselines(workload.key, self.target.key):  # newest first
+            if b.name in names:
+                runs.setdefault(b.run_id, {}).setdefault(names[b.name], b)
+        pick = runs.get(best.run_id) if best is not None else None
+        if pick is None or len(pick) < len(names):
+            pick = next((r for r in runs.values() if len(r) == len(names)), None)
+        if pick is None:
+            return None
+        pick = dict(pick)
+        return pick.pop(""), pick
 
     def _measure_vendor(self, workload: Workload) -> tuple[VendorBaseline, dict[str, VendorBaseline]]:
         """Time the op's default vendor path and each of its variants in this run and store each
