@@ -24,6 +24,7 @@ import torch
 
 from shapetune.ops.conv import conv2d_workload
 from .dispatch import SUPPORTED, count, tuned
+from .elementwise import bias_add_kernel, run_bias_add
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, shapetune_op
@@ -35,7 +36,7 @@ def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tupl
     return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
 
 
-def _check(x, weight, bias, stride, padding, residual):
+def _check(x, weight, bias, stride, padding, residual, shift=None):
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"shapetune.conv2d: x and weight must be 4-D (NCHW, OIHW), got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -48,7 +49,7 @@ def _check(x, weight, bias, stride, padding, residual):
     if ho < 1 or wo < 1:
         raise ValueError(f"shapetune.conv2d: empty output for input {tuple(x.shape)} and kernel "
                          f"{tuple(weight.shape[2:])}")
-    tensors = [t for t in (weight, bias, residual) if t is not None]
+    tensors = [t for t in (weight, bias, residual, shift) if t is not None]
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError(f"shapetune.conv2d: dtypes differ ({[str(t.dtype) for t in (x, *tensors)]})")
     if any(t.device != x.device for t in tensors):
@@ -58,6 +59,9 @@ def _check(x, weight, bias, stride, padding, residual):
     want = (x.shape[0], weight.shape[0], ho, wo)
     if residual is not None and tuple(residual.shape) != want:
         raise ValueError(f"shapetune.conv2d: residual must be {list(want)}, got {tuple(residual.shape)}")
+    if shift is not None and (residual is not None or tuple(shift.shape) != want[:2]):
+        raise ValueError(f"shapetune.conv2d: shift must be {list(want[:2])} and comes without a residual, got "
+                         f"{tuple(shift.shape)}{' and a residual' if residual is not None else ''}")
     return ho, wo
 
 
@@ -77,17 +81,32 @@ def _ohwi(weight: torch.Tensor) -> torch.Tensor:
     return v.contiguous()
 
 
-def _torch_conv(x, weight, bias, stride, padding, residual):
+def _torch_conv(x, weight, bias, stride, padding, residual, shift):
+    """cuDNN's conv. torch adds a conv's bias in a kernel of its own after cuDNN's (a broadcast add),
+    then the model adds the residual or shift in another: where a tuned bias_add serves this output,
+    the conv runs without its bias and that one kernel adds bias (+ residual | + shift) in place."""
+    n, co = x.shape[0], weight.shape[0]
+    if bias is not None:
+        ho, wo = _out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding)
+        epi = ("residual",) if residual is not None else ("shift",) if shift is not None else ()
+        res = bias_add_kernel(n, ho * wo, co, x, epi)
+        if res is not None:
+            y = torch.nn.functional.conv2d(x, weight, None, stride, padding).contiguous(memory_format=CL)
+            extra = (_nhwc(residual).view(n, ho * wo, co) if residual is not None else shift)
+            run_bias_add(res, y.permute(0, 2, 3, 1).view(n, ho * wo, co), bias, extra)
+            return y
     y = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
     if residual is not None:
         y = y + residual
+    if shift is not None:
+        y = y + shift[:, :, None, None]
     return y.contiguous(memory_format=CL)
 
 
 @shapetune_op("conv2d")
 def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    ho, wo = _check(x, weight, bias, stride, padding, residual)
+            residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    ho, wo = _check(x, weight, bias, stride, padding, residual, shift)
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
     is_gpu = x.is_cuda
@@ -97,7 +116,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                                        SUPPORTED[x.dtype], has_b, has_r),
                 x.dtype, is_gpu, empty=x.numel() == 0)
     if res is None:
-        return _torch_conv(x, weight, bias, stride, padding, residual)
+        return _torch_conv(x, weight, bias, stride, padding, residual, shift)
     args = [_nhwc(x), _ohwi(weight)]
     if has_b:
         args.append(bias.contiguous())
@@ -105,35 +124,38 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         args.append(_nhwc(residual))
     out = torch.empty(n, ho, wo, co, dtype=x.dtype, device=x.device)
     call_on_current_stream(res.fn, args + [out], is_gpu)
+    if shift is not None:  # the tuned conv's epilogue has no shift: torch's add, as eager
+        out += shift[:, None, None, :]
     return out.permute(0, 3, 1, 2)
 
 
 @_conv2d.register_fake
-def _(x, weight, bias, stride, padding, residual=None):
-    ho, wo = _check(x, weight, bias, stride, padding, residual)
+def _(x, weight, bias, stride, padding, residual=None, shift=None):
+    ho, wo = _check(x, weight, bias, stride, padding, residual, shift)
     return x.new_empty(x.shape[0], ho, wo, weight.shape[0]).permute(0, 3, 1, 2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, residual = inputs
+    x, weight, bias, stride, padding, residual, shift = inputs
     ctx.save_for_backward(x, weight)
-    ctx.conv = (stride, padding, bias is not None, residual is not None)
+    ctx.conv = (stride, padding, bias is not None, residual is not None, shift is not None)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    stride, padding, has_b, has_r = ctx.conv
+    stride, padding, has_b, has_r, has_s = ctx.conv
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, x, weight, [weight.shape[0]] if has_b else None, [stride] * 2, [padding] * 2, [1, 1], False,
         [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_b])
-    return gx, gw, gb, None, None, grad if has_r else None
+    return gx, gw, gb, None, None, grad if has_r else None, grad.sum((2, 3)) if has_s else None
 
 
 torch.library.register_autograd("shapetune::conv2d", _backward, setup_context=_setup_context)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,
-           padding: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+           padding: int = 0, residual: Optional[torch.Tensor] = None,
+           shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = conv2d(x, weight, bias, stride, padding) (+ residual), with the tuned kernel for this
     shape and GPU (torch's op where none is tuned or faster).
 
@@ -146,9 +168,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     bias : Tensor [Co] or None
     stride, padding : int, the same for h and w (dilation 1, groups 1)
     residual : Tensor [N, Co, Ho, Wo] or None, added after the bias (fused)
+    shift : Tensor [N, Co] or None (not with a residual), added per image and channel after the bias:
+        ResnetBlock2D's time embedding, `conv1(h) + temb[:, :, None, None]`
 
     Returns
     -------
     Tensor [N, Co, Ho, Wo] in channels_last memory, x's dtype.
     """
-    return call_op("conv2d", x, weight, bias, int(stride), int(padding), residual)
+    return call_op("conv2d", x, weight, bias, int(stride), int(padding), residual, shift)

@@ -17,6 +17,7 @@ from shapetune.ops.linear import linear_workload
 from shapetune.ops.geglu import geglu_workload
 
 from .dispatch import SUPPORTED, count, tuned
+from .elementwise import gelu_gate
 from .linear import _check
 from scheduler.loader import call_on_current_stream
 
@@ -99,6 +100,12 @@ def _geglu_unfused(x, weight, bias):
     return h * F.gelu(g)
 
 
+def _geglu_split(x, weight, bias):
+    """Without a tuned geglu kernel: torch's GEMM, then h * gelu(g) as one tuned pass where one serves
+    this shape (kernels.elementwise.gelu_gate), else torch's two kernels."""
+    return gelu_gate(F.linear(x, weight, bias))
+
+
 @shapetune_op("geglu")
 def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check_geglu(x, weight, bias)
@@ -106,11 +113,11 @@ def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     f = f2 // 2
     if bias is None:  # the tuned kernel's epilogue adds a bias: torch's ops, counted
         count("geglu", "no_bias")
-        return _geglu_unfused(x, weight, bias)
+        return _geglu_split(x, weight, bias)
     return _run("geglu", x, f, k, (),
                 lambda m, dt: geglu_workload(m, f, k, dt),
                 lambda m: [weight.contiguous().view(2, f, k), bias.contiguous().view(2, f)],
-                lambda: _geglu_unfused(x, weight, bias))
+                lambda: _geglu_split(x, weight, bias))
 
 
 @_geglu.register_fake

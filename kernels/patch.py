@@ -38,6 +38,11 @@ scripts extract are the ones dispatched here:
                        the add fused); Transformer2DModel (continuous input, conv proj_out): its
                        `_get_output_for_continuous_inputs` calls conv2d(h, proj_out, residual=input)
                        on the channels_last view of the blocks' output (no copy)
+  conv2d + shift       ResnetBlock2D (time_embedding_norm "default"): conv1(h) + temb as one
+                       conv2d(shift=temb) call
+  bias passes          where cuDNN runs a conv (nothing tuned faster), its bias and residual / shift
+                       are one tuned bias_add pass after it; where cuBLAS runs GEGLU's projection,
+                       h * gelu(g) is one tuned gelu_gate pass (kernels/elementwise.py)
   linear + residual    diffusers Attention with residual_connection: our processor calls
                        linear_residual(o, to_out[0], residual=input), then / rescale_output_factor;
                        BasicTransformerBlock (norm_type "layer_norm"): its forward (diffusers' own,
@@ -183,10 +188,22 @@ def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> 
     return residual + conv(x)
 
 
+def _conv_shift(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """conv(x) + temb (temb [N, Co, 1, 1], ResnetBlock2D's time embedding): one conv2d(shift=) where
+    conv is a patched plain Conv2d and temb has x's dtype and the output's N, Co; else the eager
+    expression."""
+    if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
+            and temb.dtype == x.dtype and tuple(temb.shape) == _conv_out_shape(conv, x)[:2] + (1, 1)):
+        return conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], shift=temb[:, :, 0, 0])
+    return conv(x) + temb
+
+
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers ResnetBlock2D.forward (0.2x-0.4x), restated so conv2 and the residual add are one
     conv2d(residual=) call: output = (shortcut(input) + conv2(h)) / output_scale_factor, the factor
-    dividing the fused sum (the same expression; skipped where it is 1)."""
+    dividing the fused sum (the same expression; skipped where it is 1); and conv1 with the time
+    embedding's add one conv2d(shift=) call (time_embedding_norm "default": h = conv1(h) + temb). The
+    time embedding is projected before conv1 runs instead of after (independent values)."""
     if args or kwargs:  # the deprecated `scale` argument: diffusers' own forward warns about it
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     h = self.nonlinearity(self.norm1(input_tensor))
@@ -196,23 +213,22 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor, h = self.upsample(input_tensor), self.upsample(h)
     elif self.downsample is not None:
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)
-    h = self.conv1(h)
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if self.time_embedding_norm == "default":
-        if temb is not None:
-            h = h + temb
+        h = self.conv1(h) if temb is None else _conv_shift(self.conv1, h, temb)
         h = self.norm2(h)
     elif self.time_embedding_norm == "scale_shift":
+        h = self.conv1(h)
         if temb is None:
             raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
         h = self.norm2(h)
         h = h * (1 + time_scale) + time_shift
     else:
-        h = self.norm2(h)
+        h = self.norm2(self.conv1(h))
     h = self.dropout(self.nonlinearity(h))
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)

@@ -307,6 +307,44 @@ def extract_fused_workloads(model: nn.Module, example_inputs: dict, dtype: str =
     return apply_fusions(extract_workloads(model, example_inputs, dtype, handlers), fusion_sites(model))
 
 
+def elementwise_workloads(ops: list[ExtractedOp], sites: dict[str, Site]) -> list[ExtractedOp]:
+    """The elementwise passes (shapetune/ops/elementwise.py) that unfused `ops` (extract_workloads)
+    run where they take torch's GEMM / cuDNN path: gelu_gate(m, f) per geglu; bias_add(n, ho*wo, co)
+    per conv2d with a bias, its epilogue from the conv's fusion site (residual, shift, or none)."""
+    from shapetune.ops.conv import out_hw
+    from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload
+
+    calls: list[tuple[Workload, str]] = []
+    for op in ops:
+        w, d = op.workload, op.workload.dim
+        per_module = max(1, round(op.calls / len(op.modules)))
+        for m in op.modules:
+            if w.op == "geglu":
+                ew = gelu_gate_workload(d["m"], d["f"], w.dtype)
+            elif w.op == "conv2d" and "bias" in w.epilogue:
+                site = sites.get(m)
+                epi = (site.kind,) if site is not None and site.kind in ("residual", "shift") else ()
+                ho, wo = out_hw(w)
+                ew = bias_add_workload(d["n"], ho * wo, d["co"], w.dtype, epi)
+            else:
+                continue
+            calls += [(ew, m)] * per_module
+    return _aggregate(calls)
+
+
+def sd15_elementwise_workloads(batch: int = 2, height: int = 512, width: int = 512,
+                               dtype: str = "float16") -> list[ExtractedOp]:
+    """The distinct elementwise passes of one SD 1.5 UNet forward pass (elementwise_workloads): the
+    GEGLU gates and every biased conv's bias (+ residual | + time embedding) pass."""
+    from scheduler.sd_configs import build_sd15_unet
+    from shapetune.fusions import fusion_sites
+
+    unet = build_sd15_unet(device="meta")
+    inputs = sd15_unet_inputs(batch, height, width, device="meta")
+    ops = extract_workloads(unet, inputs, dtype, handlers=handlers_for("conv2d", "geglu"))
+    return elementwise_workloads(ops, fusion_sites(unet))
+
+
 def _sd15_fused(handlers: dict, batch: int, height: int, width: int, dtype: str, fuse: bool,
                 seq: int = 77) -> list[ExtractedOp]:
     from scheduler.sd_configs import build_sd15_unet
@@ -341,6 +379,7 @@ SD15_FAMILIES = {
     "norms": lambda **kw: sd15_norm_workloads(**kw),
     "conv": lambda **kw: sd15_conv_workloads(**kw),
     "attention": lambda **kw: sd15_attention_workloads(**kw),
+    "elementwise": lambda **kw: sd15_elementwise_workloads(**kw),
 }
 
 

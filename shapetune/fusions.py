@@ -8,13 +8,16 @@ A Site says what follows the child module's output inside the parent's forward:
 
   "silu"      GroupNorm, then the SiLU module `act` (an attribute of the parent): group_norm(+silu)
   "residual"  conv / linear, then `+ residual` (conv2d(+residual), linear epilogue residual)
+  "shift"     conv, then `+ t[:, :, None, None]` per image and channel (conv2d(shift=): the bias_add pass
+              after cuDNN adds it with the conv's bias)
   "gelu"      linear, then exact gelu (linear epilogue bias, gelu)
 
 The rules (diffusers 0.3x-0.4x code paths):
 
   ResnetBlock2D          norm1 -> nonlinearity (SiLU); norm2 -> nonlinearity when time_embedding_norm
                          is "default"; output = (shortcut(input) + conv2(h)) / output_scale_factor, so
-                         conv2 carries the residual (the scale is applied after the fused add: same math)
+                         conv2 carries the residual (the scale is applied after the fused add: same math);
+                         with a time_emb_proj and "default", h = conv1(h) + temb: conv1 carries the shift
   UNet2DConditionModel   conv_norm_out -> conv_act (SiLU)
   Transformer2DModel     continuous input, use_linear_projection False: output = proj_out(h) + input,
                          proj_out a 1x1 conv carries the residual
@@ -39,16 +42,19 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Site:
-    kind: str  # "silu" | "residual" | "gelu"
+    kind: str  # "silu" | "residual" | "shift" | "gelu"
     act: str | None = None  # "silu": the parent's attribute holding the SiLU module
 
 
 RESIDUAL = Site("residual")
+SHIFT = Site("shift")
 GELU_EPILOGUE = Site("gelu")
 
 
 def _resnet_block(m) -> dict[str, Site]:
     sites = {"conv2": RESIDUAL}
+    if m.time_emb_proj is not None and m.time_embedding_norm == "default":
+        sites["conv1"] = SHIFT
     if type(m.nonlinearity) is nn.SiLU:
         sites["norm1"] = Site("silu", "nonlinearity")
         if m.time_embedding_norm == "default":  # norm2 -> SiLU directly only in this mode

@@ -1,7 +1,8 @@
 """Op definitions: what every floor above needs to know about one op family, one file per family.
 
     shapetune/ops/<family>.py   linear (+ the fused linear epilogues), geglu, norm (group_norm,
-                                layer_norm), conv (conv2d), attention
+                                layer_norm), conv (conv2d), attention, elementwise
+                                (gelu_gate, bias_add: the passes between the big ops)
 
 Each family file holds, for its ops:
   - the workload constructor from the op's call arguments (`conv2d_workload(n, h, w, ...)`),
@@ -123,7 +124,7 @@ def register_module_rule(rule: ModuleRule) -> ModuleRule:
     return rule
 
 
-_FAMILIES = ("linear", "geglu", "norm", "conv", "attention")
+_FAMILIES = ("linear", "geglu", "norm", "conv", "attention", "elementwise")
 
 
 def _load_families():

@@ -236,10 +236,16 @@ def _by_op(ws):
 
 
 def test_extraction_and_patching_agree_on_the_tiny_unet(tmp_path):
-    """Every workload the patched UNet dispatches is extracted, and for every op but linear the sets
+    """Every workload the patched UNet dispatches is extracted (the fused ops', and the elementwise
+    passes around the convs and GEGLUs that nothing tuned serves), and for every op but linear the sets
     are equal (extraction also lists the linear inside each GEGLU, whose patched forward skips it)."""
+    from scheduler.extract import elementwise_workloads, extract_workloads
+    from shapetune.fusions import fusion_sites
+
     unet = _unet()
-    extracted = _by_op(o.workload for o in extract_fused_workloads(unet, _inputs(), "float32", handlers=HANDLERS))
+    passes = elementwise_workloads(extract_workloads(unet, _inputs(), "float32", HANDLERS), fusion_sites(unet))
+    extracted = _by_op([o.workload for o in extract_fused_workloads(unet, _inputs(), "float32", handlers=HANDLERS)]
+                       + [o.workload for o in passes])
     patch(unet)
     dispatched = _by_op(_dispatched(unet, _inputs(), tmp_path))
     assert set(dispatched) == set(extracted)
@@ -251,6 +257,7 @@ def test_extraction_and_patching_agree_on_the_tiny_unet(tmp_path):
     residual = {w for w in dispatched["conv2d"] if "residual" in w.epilogue}
     assert len(residual) >= 2  # ResnetBlock2D conv2 and Transformer2DModel proj_out
     assert {w for w in dispatched["group_norm"] if "silu" in w.epilogue}
+    assert {w.epilogue for w in dispatched["bias_add"]} == {(), ("residual",), ("shift",)}  # conv1 + temb too
 
 
 class _Block(nn.Module):

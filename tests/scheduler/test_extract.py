@@ -161,7 +161,7 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
     """shapetune/fusions.py on SD 1.5: SiLU follows every resnet's norm1/norm2 and conv_norm_out; a
     residual is added to every resnet's conv2, every Transformer2DModel's 1x1 proj_out and, in each of
     the 16 BasicTransformerBlocks, to attn1's and attn2's to_out.0 and the FeedForward's ff.net.2 (no
-    GELU: SD 1.5's FeedForwards are GEGLU)."""
+    GELU: SD 1.5's FeedForwards are GEGLU); the time embedding to every resnet's conv1."""
     from shapetune.fusions import fusion_sites
 
     sites = fusion_sites(unet)
@@ -172,7 +172,9 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
                 or ".transformer_blocks." in n and n.endswith((".attn1.to_out.0", ".attn2.to_out.0", ".ff.net.2"))}
     assert {n for n, s in sites.items() if s.kind == "silu"} == silu
     assert {n for n, s in sites.items() if s.kind == "residual"} == residual
-    assert len(residual) == 22 + 16 + 3 * 16 and set(sites) == silu | residual
+    shift = {n for n in names if ".resnets." in n and n.endswith(".conv1")}  # + the time embedding
+    assert {n for n, s in sites.items() if s.kind == "shift"} == shift and len(shift) == 22
+    assert len(residual) == 22 + 16 + 3 * 16 and set(sites) == silu | residual | shift
 
 
 def test_fused_workload_folds_the_site_into_the_epilogue():

@@ -1,0 +1,68 @@
+"""The elementwise passes the ops run around a vendor GEMM / convolution (shapetune/ops/elementwise.py):
+not custom ops of their own but steps inside shapetune::geglu and shapetune::conv2d where those take
+torch's GEMM / cuDNN path:
+
+  gelu_gate(p)                 GEGLU's h * gelu(g) on F.linear's [.., 2f] output: the tuned kernel,
+                               or torch's chunk + F.gelu + product (counted under "gelu_gate")
+  bias_add_kernel(...)         the tuned bias (+ residual | + time embedding) pass for a conv's output,
+                               or None (counted under "bias_add"): the conv then keeps cuDNN's own
+                               bias and torch's adds, exactly eager's path
+
+Shapes whose element count reaches 2**31 take torch's path (counted "too_large"): the kernels index
+with 32-bit integers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from scheduler.loader import call_on_current_stream
+from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload
+
+from .dispatch import SUPPORTED, count, tuned
+from .registry import Resolution
+
+INT32_ELEMENTS = 2**31
+
+
+def _torch_gelu_gate(p: torch.Tensor) -> torch.Tensor:
+    h, g = p.chunk(2, dim=-1)
+    return h * F.gelu(g)
+
+
+def gelu_gate(p: torch.Tensor) -> torch.Tensor:
+    """y[.., f] = p[.., :f] * gelu(p[.., f:]) (exact GELU in fp32) for a GEGLU projection p[.., 2f]."""
+    f2 = p.shape[-1]
+    f = f2 // 2
+    m = p.numel() // f2 if f2 else 0
+    if p.numel() >= INT32_ELEMENTS:
+        count("gelu_gate", "too_large")
+        return _torch_gelu_gate(p)
+    sig = ("gelu_gate", m, f, p.dtype, p.device.type)
+    res = tuned("gelu_gate", sig, lambda: gelu_gate_workload(m, f, SUPPORTED[p.dtype]), p.dtype, p.is_cuda,
+                empty=m == 0 or f == 0)
+    if res is None:
+        return _torch_gelu_gate(p)
+    out = torch.empty(m, f, dtype=p.dtype, device=p.device)
+    call_on_current_stream(res.fn, [p.reshape(m, 2, f).contiguous(), out], p.is_cuda)
+    return out.reshape(*p.shape[:-1], f)
+
+
+def bias_add_kernel(n: int, hw: int, c: int, x: torch.Tensor, epilogue: tuple[str, ...]) -> Optional[Resolution]:
+    """The tuned bias_add for a conv output [n, c, hw] in x's dtype and device, or None (counted)."""
+    if n * hw * c >= INT32_ELEMENTS:
+        count("bias_add", "too_large")
+        return None
+    sig = ("bias_add", n, hw, c, x.dtype, epilogue, x.device.type)
+    return tuned("bias_add", sig, lambda: bias_add_workload(n, hw, c, SUPPORTED[x.dtype], epilogue), x.dtype,
+                 x.is_cuda, empty=n * hw * c == 0)
+
+
+def run_bias_add(res: Resolution, y: torch.Tensor, bias: torch.Tensor, extra: Optional[torch.Tensor]) -> None:
+    """y += bias (+ extra) in place, all in the kernel's layout: y [n, hw, c] contiguous, bias [c],
+    extra the residual [n, hw, c] or the shift [n, c] (contiguous), or None."""
+    args = [y, bias.contiguous()] + ([extra.contiguous()] if extra is not None else [])
+    call_on_current_stream(res.fn, args + [y], y.is_cuda)
