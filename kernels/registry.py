@@ -11,6 +11,9 @@ Anything that stops a tuned kernel from running (no record, vendor faster, no ve
 record's run, stale target, build or load failure, SHAPETUNE_DISABLE=1) is a *fallback*: the op runs
 PyTorch's own implementation and the reason is counted. `fallback_summary()` reports the counts; one
 line is logged at exit.
+
+Serving from a pack (kernels.pack: `load_pack(path)` or SHAPETUNE_PACK=path): the pack's DB, and its
+artifacts only, checked against its manifest; nothing is built.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -80,14 +84,18 @@ class Resolution:
     bucket: Workload | None = None
     cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
     #                       | unverified | outside_buckets | vendor_faster | no_baseline | load_failed
-    #                       | db_unreadable
+    #                       | db_unreadable | pack_target | pack_missing | pack_mismatch | pack_unreadable
 
 
 class Registry:
     def __init__(self, db_path: str | Path | None = None, target: Target | None = None,
-                 policy: BucketPolicy | None = None, require_faster: bool = True):
+                 policy: BucketPolicy | None = None, require_faster: bool = True, pack=None):
         """require_faster=False uses a tuned kernel even where the vendor path measured faster
-        (tests, and benchmarks of the tuned kernel itself)."""
+        (tests, and benchmarks of the tuned kernel itself). pack: a kernels.pack.Pack to serve
+        from (its DB replaces db_path)."""
+        self.pack = pack
+        if pack is not None:
+            db_path = pack.db_path
         self.db_path = Path(db_path) if db_path else None
         self.require_faster = require_faster
         self._target = target
@@ -97,6 +105,7 @@ class Registry:
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
         self._db_error: str | None = None  # why the DB could not be read, once it could not
+        self.refusal: tuple[str, str] | None = None  # (cause, reason) that every call falls back with
 
     @property
     def target(self) -> Target:
@@ -236,6 +245,12 @@ class Registry:
         return res
 
     def _resolve_serving(self, w: Workload) -> Resolution:
+        if self.refusal is None and self.pack is not None and self.pack.target_key != self.target.key:
+            self.refusal = ("pack_target", f"pack {self.pack.path} is for {self.pack.target_description} "
+                            f"(key {self.pack.target_key}), not this machine's target key {self.target.key}")
+            log.warning("shapetune: %s; every op runs torch's path", self.refusal[1])
+        if self.refusal is not None:
+            return Resolution(w, "fallback", self.refusal[1], cause=self.refusal[0])
         if self._db_error is None:
             try:
                 return self.resolve(w)
@@ -249,12 +264,15 @@ class Registry:
         if res.record is None or res.kind == "fallback":
             return res
         try:
-            fn = load_kernel(res.bucket or res.workload, self.target, res.record)
+            if self.pack is not None:
+                fn = self.pack.load(res.record, self.target.is_gpu)
+            else:
+                fn = load_kernel(res.bucket or res.workload, self.target, res.record)
         except Exception as e:  # a record we cannot build or load here: fall back, loudly counted
             msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             log.warning("shapetune: cannot load tuned kernel for %s: %s", res.workload.name, msg)
             return Resolution(res.workload, "fallback", f"load failed: {msg}", record=res.record,
-                              vendor=res.vendor, bucket=res.bucket, cause="load_failed")
+                              vendor=res.vendor, bucket=res.bucket, cause=getattr(e, "cause", "load_failed"))
         return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
 
     def prebuild(self, jobs: int | None = None, timeout_s: float = 600) -> dict[str, int]:
@@ -278,16 +296,10 @@ class Registry:
         with self._lock:
             self._index = None  # what passed is served now
             self._cache.clear()
-        index = self._load_index()
-        if index is None:
-            return out
         cache = config.kernel_cache_dir(self.target.key)
         todo = []
-        for w in index.runs:
-            res = self.dispatch(w)
-            if res.kind == "fallback":
-                continue
-            rec = res.record
+        for res in self.served():
+            w, rec = res.workload, res.record
             if (cache / artifact_name(w, rec.candidate)).exists():
                 out["cached"] += 1
             else:
@@ -301,6 +313,14 @@ class Registry:
             finally:
                 pool.close()
         return out
+
+    def served(self) -> list[Resolution]:
+        """What `dispatch` serves per tuned workload (exact shape or bucket) of this target's DB:
+        what prebuild builds and a pack holds."""
+        index = self._load_index()
+        if index is None:
+            return []
+        return [res for res in map(self.dispatch, index.runs) if res.kind != "fallback"]
 
     def count(self, op: str, res: Resolution):
         self.calls[(op, "tuned" if res.fn is not None else res.cause)] += 1
@@ -340,11 +360,31 @@ def load_kernel(w: Workload, target: Target, record: MeasureResult) -> Callable:
 _registry: Registry | None = None
 
 
+PACK_ENV = "SHAPETUNE_PACK"  # path of a pack (kernels.pack) the process-wide registry serves from
+
+
 def get_registry() -> Registry:
     global _registry
     if _registry is None:
-        _registry = Registry()
+        _registry = _from_env()
     return _registry
+
+
+def _from_env() -> Registry:
+    """Registry() on the tuning DB, or on the pack SHAPETUNE_PACK names; a pack that cannot be read
+    makes every call fall back ("pack_unreadable"), with one warning, never the DB's kernels."""
+    path = os.environ.get(PACK_ENV)
+    if not path:
+        return Registry()
+    from .pack import Pack, PackError
+
+    try:
+        return Registry(pack=Pack(path))
+    except PackError as e:
+        log.warning("shapetune: %s=%s unusable: %s; every op runs torch's path", PACK_ENV, path, e)
+        reg = Registry()
+        reg.refusal = ("pack_unreadable", f"pack unusable: {e}")
+        return reg
 
 
 def set_registry(reg: Registry | None) -> Registry | None:

@@ -11,38 +11,46 @@ _lock = threading.Lock()
 _cuda_ready = False
 
 
-def ensure_cuda_runtime():
-    """Make TVM able to load CUDA modules, also where only TVM's runtime library is present."""
-    global _cuda_ready
-    if _cuda_ready:
-        return
-    with _lock:
-        if _cuda_ready:
-            return
-        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-        import tvm
-        import tvm_ffi
+def ensure_cuda_runtime(compile_source: bool = True):
+    """Make TVM able to load CUDA modules, also where only TVM's runtime library is present.
 
-        if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
-            # Runtime-only TVM skips backend autoload: load the CUDA runtime library ourselves.
-            libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi()) if hasattr(tvm_ffi.libinfo, "find_libtvm_ffi") else None
-            tvm_dir = os.path.join(os.path.dirname(tvm.__file__), "lib")
-            tvm_ffi.libinfo.load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                            extra_lib_paths=[Path(p) for p in (tvm_dir, libdir) if p],
-                                            mode="RTLD_LOCAL")
+    compile_source: also install the nvcc callback for modules that still carry CUDA source. A
+    pack (kernels.pack) ships machine code only and loads with False: a module holding source then
+    fails to load (counted fallback) instead of compiling."""
+    global _cuda_ready
+    if not _cuda_ready:
+        with _lock:
+            if not _cuda_ready:
+                _load_cuda_runtime()
+                _cuda_ready = True
+    if compile_source:
         from scheduler.cuda_compile import install_compile_callback
 
-        install_compile_callback()  # modules that still carry CUDA source compile through nvcc
-        _cuda_ready = True
+        install_compile_callback()
+
+
+def _load_cuda_runtime():
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    import tvm
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        # Runtime-only TVM skips backend autoload: load the CUDA runtime library ourselves.
+        libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi()) if hasattr(tvm_ffi.libinfo, "find_libtvm_ffi") else None
+        tvm_dir = os.path.join(os.path.dirname(tvm.__file__), "lib")
+        tvm_ffi.libinfo.load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                        extra_lib_paths=[Path(p) for p in (tvm_dir, libdir) if p],
+                                        mode="RTLD_LOCAL")
 
 
 @lru_cache(maxsize=1024)
-def load_function(path: str, is_gpu: bool):
-    """The "main" function of an exported module, loaded once per process."""
+def load_function(path: str, is_gpu: bool, compile_source: bool = True):
+    """The "main" function of an exported module, loaded once per process (compile_source: see
+    `ensure_cuda_runtime`)."""
     import tvm
 
     if is_gpu:
-        ensure_cuda_runtime()
+        ensure_cuda_runtime(compile_source)
     return tvm.runtime.load_module(path)["main"]
 
 

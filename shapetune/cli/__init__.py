@@ -3,6 +3,7 @@
 
     shapetune tune ...        tune_cmd.py: workloads -> measured, verified records in the DB
     shapetune prebuild        tune_cmd.py: compile what the registry would dispatch, into the kernel cache
+    shapetune pack OUT        pack_cmd.py: the served kernels and their DB subset, for runtime-only TVM
     shapetune db ...          db_cmd.py: query, explain, import/export, prune, diff, verify the tuning DB
     shapetune doctor          doctor_cmd.py: versions, GPU, target, DB and caches of this machine
 """
@@ -13,6 +14,7 @@ import click
 
 from .db_cmd import db
 from .doctor_cmd import doctor
+from .pack_cmd import pack
 from .tune_cmd import OPS, PRESETS, SD15_PRESETS, prebuild, tune
 
 __all__ = ["OPS", "PRESETS", "SD15_PRESETS", "main"]
@@ -26,5 +28,6 @@ def main():
 
 main.add_command(tune)
 main.add_command(prebuild)
+main.add_command(pack)
 main.add_command(db)
 main.add_command(doctor)

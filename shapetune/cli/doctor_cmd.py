@@ -33,8 +33,25 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _pack_state(here) -> str:
+    """Whether the registry serves from a pack (SHAPETUNE_PACK), and whether it can here."""
+    from kernels.pack import Pack, PackError
+    from kernels.registry import PACK_ENV
+
+    path = os.environ.get(PACK_ENV)
+    if not path:
+        return f"none active (the tuning DB and kernel cache serve; {PACK_ENV}=DIR serves a pack)"
+    try:
+        p = Pack(path)
+    except PackError as e:
+        return f"{path} unusable, every op runs torch's path: {e}"
+    if here is not None and p.target_key != here.key:
+        return f"{p.describe()}: for another target key ({p.target_key}), every op runs torch's path"
+    return f"{p.describe()}: active (the DB above is not served)"
+
+
 def report(db_path: str) -> list[tuple[str, str]]:
-    """(field, value) pairs: versions, GPU, this machine's target, the DB and the caches."""
+    """(field, value) pairs: versions, GPU, this machine's target, the DB, the caches and the pack."""
     import torch
 
     from shapetune.db import DBError, TuningDB
@@ -76,8 +93,9 @@ def report(db_path: str) -> list[tuple[str, str]]:
     for sub in sorted(kernels.iterdir()) if kernels.is_dir() else []:
         mark = " (this target)" if here is not None and sub.name == here.key else " (stale)"
         out.append((f"kernel cache {sub.name}", f"{_mib(_size(sub))}, {len(list(sub.iterdir()))} files{mark}"))
+    out.append(("pack", _pack_state(here)))
     for var in ("SHAPETUNE_DB", "SHAPETUNE_CACHE_DIR", "SHAPETUNE_TARGET", "SHAPETUNE_DISABLE",
-                "SHAPETUNE_BUILD_JOBS", "SHAPETUNE_NVCC"):
+                "SHAPETUNE_BUILD_JOBS", "SHAPETUNE_NVCC", "SHAPETUNE_PACK"):
         if var in os.environ:
             out.append((var, os.environ[var]))
     return out
@@ -89,7 +107,8 @@ def report(db_path: str) -> list[tuple[str, str]]:
               "or <user cache>/shapetune/tuning.db", help="Tuning DB file.")
 def doctor(db_path):
     """Versions (torch, TVM, tvm-ffi, xgboost), the GPUs torch sees and their arch, this machine's
-    target, the tuning DB (records, stale, pending) and the caches with their sizes."""
+    target, the tuning DB (records, stale, pending), the caches with their sizes, and the pack served
+    (SHAPETUNE_PACK) if any."""
     rows = report(db_path)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
