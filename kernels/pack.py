@@ -189,12 +189,13 @@ class Pack:
         if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
             raise PackError(f"{mf} is not a {FORMAT} manifest of version {VERSION}")
         try:
+            self.target = Target.from_json(m["target"])
             self.target_key = str(m["target_key"])
             self.target_description = str(m["target_description"])
             self.db_path = self.path / str(m["db"])
             self.artifacts = {str(a["record_uid"]): a for a in m["artifacts"]}
-        except (KeyError, TypeError) as e:
-            raise PackError(f"{mf} lacks a field ({e})") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise PackError(f"{mf} lacks a field or has a malformed one ({e})") from None
 
     def describe(self) -> str:
         return f"{self.path} ({len(self.artifacts)} kernels for {self.target_description})"

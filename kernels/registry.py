@@ -110,8 +110,23 @@ class Registry:
     @property
     def target(self) -> Target:
         if self._target is None:
-            self._target = detect()
+            self._target = self._detect()
         return self._target
+
+    def _detect(self) -> Target:
+        """This machine's target. Serving a pack, one that cannot be detected (runtime-only TVM cannot
+        name an llvm CPU) is the pack's, with every call falling back ("pack_target"): never a crash,
+        never a kernel for another machine."""
+        if self.pack is None:
+            return detect()
+        try:
+            return detect()
+        except (AttributeError, RuntimeError, ValueError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            self.refusal = ("pack_target", f"cannot detect this machine's target to check pack "
+                            f"{self.pack.path} against ({why})")
+            log.warning("shapetune: %s; every op runs torch's path", self.refusal[1])
+            return self.pack.target
 
     def _db(self):
         from shapetune.db import TuningDB

@@ -90,11 +90,11 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def serve(pack: Path, tmp_path: Path, how: str = "env") -> tuple[dict, str]:
+def serve(pack: Path, tmp_path: Path, how: str = "env", **extra_env: str) -> tuple[dict, str]:
     """Run SERVE in a fresh process: (its JSON line, its stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHAPETUNE_")}
     env.update(SHAPETUNE_CACHE_DIR=str(tmp_path / "empty-cache"), SHAPETUNE_DB=str(tmp_path / "no.db"),
-               SHAPETUNE_TARGET="llvm")
+               SHAPETUNE_TARGET="llvm", **extra_env)
     if how == "env":
         env["SHAPETUNE_PACK"] = str(pack)
     p = subprocess.run([sys.executable, "-c", SERVE, str(pack), how], env=env, capture_output=True, text=True,
@@ -161,6 +161,15 @@ def test_pack_for_another_target_falls_back_counted(packed, tmp_path):
     got, err = serve(out, tmp_path)
     assert got["summary"] == {"linear": {"pack_target": 1}} and got["match"], got
     assert "llvm-otherchip-000000000000" in err and "not this machine's target key" in err, err
+
+
+def test_undetectable_target_falls_back_counted(packed, tmp_path):
+    """TVM's runtime library alone cannot name the llvm CPU (LLVM is in the compiler library): the
+    pack cannot be checked against this machine, so every call falls back, counted, no crash (the
+    GPU target is detected without the compiler: tests/kernels/test_pack_gpu.py)."""
+    got, err = serve(packed[1], tmp_path, TVM_USE_RUNTIME_LIB="1")
+    assert got["summary"] == {"linear": {"pack_target": 1}} and got["match"], got
+    assert "cannot detect this machine's target" in err, err
 
 
 def test_unreadable_pack_falls_back_counted(tmp_path):
