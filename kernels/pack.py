@@ -87,18 +87,20 @@ class PackSummary:
 def write_pack(out: str | Path, db_path: str | Path | None = None, target: Target | None = None,
                jobs: int | None = None, timeout_s: float = 600) -> PackSummary:
     """Write the pack of what the registry serves from `db_path` on `target` into directory `out`
-    (new, or empty). Written beside `out` first and renamed: a failure leaves nothing."""
+    (new, or empty). Written beside `out` first and renamed: a failure leaves nothing. Imports not
+    yet re-verified here are not served, so not packed (`shapetune db verify` first)."""
     from .registry import Registry
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PackError(f"{out} exists and is not an empty directory (a pack is written into a new one)")
+    db_path = Path(db_path or config.default_db_path())
+    if not db_path.is_file():
+        raise PackError(f"no tuning DB at {db_path} (nothing tuned yet, or a wrong --db path)")
     reg = Registry(db_path=db_path, target=target)
-    if not Path(db_path or config.default_db_path()).is_file():
-        raise PackError(f"no tuning DB at {db_path or config.default_db_path()} (nothing tuned yet, or a wrong --db path)")
     served = reg.served()
     if not served:
-        raise PackError(f"nothing to pack: no kernel of {reg.db_path or config.default_db_path()} is "
+        raise PackError(f"nothing to pack: no kernel of {db_path} is "
                         f"served on {reg.target.describe()} (`shapetune db best` says why per shape)")
     built = _build_missing(reg.target, [r.record for r in served], jobs, timeout_s)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
