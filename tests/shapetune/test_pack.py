@@ -131,6 +131,24 @@ def test_pack_holds_the_served_records_their_runs_and_a_manifest(packed, cpu):
         assert [b["op"] for b in db.buckets()] == ["linear"]
 
 
+def test_a_tuned_db_packs_and_serves(tmp_path, cpu):
+    """Through the real Tuner (one trial: a verified, measured record) instead of stated latencies;
+    a vendor baseline far slower than any kernel, added to the record's run, makes it served
+    whatever torch measured on this CPU."""
+    from kernels.pack import write_pack
+    from scheduler.tuner import TuneOptions, tune
+
+    db = tmp_path / "t.db"
+    (rep,) = tune([W], cpu, db, TuneOptions(trials=1, batch=1, templates=("gemm_llvm",)))
+    assert rep.best is not None, rep.by_status
+    with TuningDB(db) as d:
+        d.add_baseline(VendorBaseline(W, cpu, "test.slow_vendor", LatencyStats.of([1e6] * 3), run_id=rep.best.run_id))
+    s = write_pack(tmp_path / "pack", db, cpu, jobs=1)
+    assert (s.kernels, s.built) == (1, 1)  # the tuner's builds are its own, not the kernel cache's
+    got, _ = serve(tmp_path / "pack", tmp_path)
+    assert got["summary"] == {"linear": {"tuned": 1, "not_tuned": 1}} and got["match"], got  # m=13: no bucket
+
+
 def test_pack_db_opens_with_the_db_commands(packed):
     _, out = packed
     r = CliRunner().invoke(main, ["db", "list", "--db", str(out / "tuning.db")])
