@@ -6,7 +6,7 @@ embedding) over a grid of shapes, as shape buckets, on this machine's GPU.
 
 Each shape is BATCHxSIZE or BATCHxHEIGHTxWIDTH (pixels); the workloads of every shape are bucketed
 (shapetune/buckets.py: gelu_gate by rows, bias_add by batch and positions) and each bucket is tuned
-once. Prints, per bucket, the best verified TVM kernel against torch's kernels for the same pass
+once, the most called first. Prints, per bucket, the best verified TVM kernel against torch's kernels for the same pass
 (chunk + F.gelu + product; the conv's broadcast bias add + the residual / time-embedding add), both
 measured in this run. `--list` prints the buckets and exits (no GPU needed).
 """
@@ -47,7 +47,9 @@ def main():
             bw = DEFAULT.bucket_of(op.workload)
             if bw is not None:
                 calls[bw] = calls.get(bw, 0) + op.calls
-    workloads = jobs.select(list(calls), argparse.Namespace(**{**vars(a), "buckets": False}))
+    # most called first: a job cut off by its time limit has tuned what pays most
+    ranked = sorted(calls, key=lambda w: -calls[w])
+    workloads = jobs.select(ranked, argparse.Namespace(**{**vars(a), "buckets": False}))
     if a.list:
         for w in workloads:
             print(f"{w.name:60s} calls {calls[w]:3d}")
