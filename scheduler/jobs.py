@@ -40,6 +40,33 @@ def add_job_args(ap: argparse.ArgumentParser, default_db: str) -> argparse.Argum
     return ap
 
 
+def parse_shapes(spec: str) -> list[tuple[int, int, int]]:
+    """A --shapes value, BATCHxSIZE or BATCHxHEIGHTxWIDTH in pixels, comma-separated:
+    "2x512,1x512x768" -> [(2, 512, 512), (1, 512, 768)]."""
+    out = []
+    for s in spec.split(","):
+        try:
+            v = [int(p) for p in s.split("x")]
+        except ValueError:
+            v = []
+        if len(v) not in (2, 3) or min(v) < 1:
+            raise SystemExit(f"--shapes: {s!r} is not BATCHxSIZE or BATCHxHEIGHTxWIDTH")
+        out.append((v[0], v[1], v[-1]))
+    return out
+
+
+def bucketed_calls(extract: Callable, shapes: list[tuple[int, int, int]]) -> dict[Workload, int]:
+    """{bucket workload: calls} over every shape, most called first (a job cut off by its time limit
+    has tuned what pays most): extract(batch=, height=, width=) -> ExtractedOps of one forward pass."""
+    calls: dict[Workload, int] = {}
+    for b, h, w in shapes:
+        for op in extract(batch=b, height=h, width=w):
+            bw = DEFAULT.bucket_of(op.workload)
+            if bw is not None:
+                calls[bw] = calls.get(bw, 0) + op.calls
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
+
+
 def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
     if a.only:
         keys = a.only.split(",")
@@ -56,7 +83,7 @@ def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
     return workloads
 
 
-def _measured(rep: WorkloadReport, trials: int) -> str:
+def measured_summary(rep: WorkloadReport, trials: int) -> str:
     """What this run measured: counts per status, or why it measured nothing (a rerun of a finished job)."""
     if rep.measured:
         return str(rep.by_status)
@@ -87,7 +114,7 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
             row["best_tflops"] = flops(w) / best_us / 1e6
         row.update(extra(rep) if extra else {})
         rows.append(row)
-        print(f"  {w.name:52s} {_measured(rep, a.trials)} best {best_us or float('nan'):9.2f} us "
+        print(f"  {w.name:52s} {measured_summary(rep, a.trials)} best {best_us or float('nan'):9.2f} us "
               f"vendor {row['vendor_us']:9.2f} us  [{time.time() - t0:5.0f} s]", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(

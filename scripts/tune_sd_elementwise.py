@@ -21,18 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler import jobs  # noqa: E402
 from scheduler.extract import sd15_elementwise_workloads  # noqa: E402
-from shapetune.buckets import DEFAULT  # noqa: E402
-
-
-def parse_shapes(spec: str) -> list[tuple[int, int, int]]:
-    """"2x512,1x512x768" -> [(2, 512, 512), (1, 512, 768)]."""
-    out = []
-    for s in spec.split(","):
-        v = [int(p) for p in s.split("x")]
-        if len(v) not in (2, 3):
-            raise SystemExit(f"--shapes: {s!r} is not BATCHxSIZE or BATCHxHEIGHTxWIDTH")
-        out.append((v[0], v[1], v[-1]))
-    return out
 
 
 def main():
@@ -40,16 +28,8 @@ def main():
     ap.add_argument("--shapes", default="2x512", help="comma-separated BATCHxSIZE[xWIDTH] in pixels")
     ap.add_argument("--list", action="store_true", help="print the buckets and exit")
     a = ap.parse_args()
-    a.buckets = True
-    calls: dict = {}
-    for b, h, w in parse_shapes(a.shapes):
-        for op in sd15_elementwise_workloads(batch=b, height=h, width=w):
-            bw = DEFAULT.bucket_of(op.workload)
-            if bw is not None:
-                calls[bw] = calls.get(bw, 0) + op.calls
-    # most called first: a job cut off by its time limit has tuned what pays most
-    ranked = sorted(calls, key=lambda w: -calls[w])
-    workloads = jobs.select(ranked, argparse.Namespace(**{**vars(a), "buckets": False}))
+    calls = jobs.bucketed_calls(sd15_elementwise_workloads, jobs.parse_shapes(a.shapes))
+    workloads = jobs.select(list(calls), a)
     if a.list:
         for w in workloads:
             print(f"{w.name:60s} calls {calls[w]:3d}")

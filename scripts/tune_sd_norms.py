@@ -3,6 +3,8 @@
     python scripts/tune_sd_norms.py --trials 32 --db sd_norms.db --json sd_norms.json \
         --export tuning_logs/sm90_norms.jsonl.xz
 
+`--shapes 1x512,2x512,...` tunes the shape buckets (shapetune/buckets.py: group_norm by batch and
+positions, layer_norm by rows) of every listed shape's workloads instead, the most called first.
 GroupNorms followed by SiLU in the model (ResnetBlock2D norm1/norm2, conv_norm_out) are tuned with
 the SiLU fused. Prints, per workload, the best verified TVM kernel, TVM's dlight default and torch
 (F.group_norm (+ F.silu) on a channels_last NCHW tensor / F.layer_norm), all measured in this run,
@@ -42,11 +44,20 @@ def bandwidth(rep) -> dict:
 def main():
     ap = jobs.add_job_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "sd_norms.db")
     ap.add_argument("--no-silu", action="store_true", help="do not fuse the SiLU that follows GroupNorms")
+    ap.add_argument("--shapes", default="",
+                    help="BATCHxSIZE[xWIDTH] in pixels, comma-separated: tune the shape buckets of every "
+                         "shape's workloads (most called first) instead of batch 2, 512x512's exact ones")
     a = ap.parse_args()
-    ops = sd15_norm_workloads(fuse_silu=not a.no_silu)
-    rows = jobs.run(jobs.select([op.workload for op in ops], a), a,
-                    vendor="F.group_norm (+F.silu) on channels_last / F.layer_norm",
-                    calls={op.workload: op.calls for op in ops}, extra=bandwidth)
+    if a.shapes:
+        calls = jobs.bucketed_calls(lambda **kw: sd15_norm_workloads(fuse_silu=not a.no_silu, **kw),
+                                    jobs.parse_shapes(a.shapes))
+        workloads = jobs.select(list(calls), a)
+    else:
+        ops = sd15_norm_workloads(fuse_silu=not a.no_silu)
+        calls = {op.workload: op.calls for op in ops}
+        workloads = jobs.select([op.workload for op in ops], a)
+    rows = jobs.run(workloads, a, vendor="F.group_norm (+F.silu) on channels_last / F.layer_norm", calls=calls,
+                    extra=bandwidth)
     f = lambda v: f"{v:6.2f}" if v else "   n/a"  # noqa: E731
     print(f"\n{'workload':52s} {'tvm/copy':>8s} {'torch/copy':>10s}  (fraction of copy bandwidth)")
     for r in rows:

@@ -19,7 +19,8 @@ CPU schedules predicate the tail. The price is a kernel that cannot constant-fol
 ops per tile) and, on the CPU, tails that stay scalar.
 
 Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights); group_norm:
-hw (spatial size; batch stays exact); layer_norm: m (rows).
+n (batch, on the BATCH edges 1, 2, 4, 8, ...: each batch size a pipeline runs at) and hw (spatial
+size); layer_norm: m (rows).
 geglu: m (batch x tokens, as linear). attention: sq and skv (query and key/value tokens), each on
 the same pow2 edges; batch, heads and head dim stay exact.
 conv2d: none (n, h, w exact; `shapetune/ops/conv.py`'s note says why).
@@ -121,7 +122,7 @@ def timing_members(bucket: Workload) -> list[Workload]:
 
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
 BATCH = DimBuckets("n", (1, 2, 4, 8, 16, 32, 64))  # [1], [2], [3,4], [5,8], ...: each batch size alike
-DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (DimBuckets("hw", POW2.edges),)),
+DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (BATCH, DimBuckets("hw", POW2.edges))),
                                    ("layer_norm", (POW2,)), ("geglu", (POW2,)), ("conv2d", ()),
                                    ("attention", (DimBuckets("sq", POW2.edges), DimBuckets("skv", POW2.edges))),
                                    ("gelu_gate", (POW2,)), ("bias_add", (BATCH, DimBuckets("hw", POW2.edges)))))

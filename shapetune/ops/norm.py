@@ -42,8 +42,10 @@ def eps_of(w: Workload) -> float:
 
 
 def group_norm_workload(n: int, hw: int, c: int, g: int = 32, dtype: str = "float16", eps: float = 1e-5,
-                        silu: bool = False, hw_range: tuple[int, int] | None = None) -> Workload:
-    """GroupNorm(g, c, eps) (+ SiLU) of x[n, hw, c] (channels-last); hw_range makes hw dynamic."""
+                        silu: bool = False, hw_range: tuple[int, int] | None = None,
+                        n_range: tuple[int, int] | None = None) -> Workload:
+    """GroupNorm(g, c, eps) (+ SiLU) of x[n, hw, c] (channels-last); n_range / hw_range make n / hw
+    dynamic."""
     if c % g:
         raise ValueError(f"group_norm: channels {c} not divisible by groups {g}")
     return Workload(
@@ -53,7 +55,7 @@ def group_norm_workload(n: int, hw: int, c: int, g: int = 32, dtype: str = "floa
         acc_dtype=_acc(dtype),
         layout=f"x[n,hw,c] nhwc eps={eps!r}",
         epilogue=("affine", "silu") if silu else ("affine",),
-        dynamic=(("hw", *hw_range),) if hw_range else (),
+        dynamic=((("n", *n_range),) if n_range else ()) + ((("hw", *hw_range),) if hw_range else ()),
     )
 
 
@@ -98,6 +100,8 @@ def group_norm_prim_func(wl: Workload):
     cg = c // g
     if "hw" in wl.ranges:
         hw = te.var("hw")
+    if "n" in wl.ranges:
+        n = te.var("n")
     acc = wl.acc_dtype
     x = te.placeholder((n, hw, c), wl.dtype, name="x")
     w = te.placeholder((c,), wl.dtype, name="w")

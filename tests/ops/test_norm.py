@@ -56,9 +56,11 @@ def test_workload_key_carries_eps_and_epilogue():
         group_norm_workload(2, 16, 30, 32)
 
 
-def test_buckets_make_hw_and_m_dynamic():
+def test_buckets_make_n_hw_and_m_dynamic():
     b = DEFAULT.bucket_of(group_norm_workload(2, 77, 64, 32))
-    assert b.ranges == {"hw": (65, 128)} and b.dim["hw"] == 128 and b.dim["n"] == 2
+    assert b.ranges == {"n": (2, 2), "hw": (65, 128)} and b.dim["hw"] == 128 and b.dim["n"] == 2
+    b = DEFAULT.bucket_of(group_norm_workload(3, 4096, 320, 32, silu=True))
+    assert b.ranges == {"n": (3, 4), "hw": (2049, 4096)} and b.dim["n"] == 4 and b.epilogue == ("affine", "silu")
     assert DEFAULT.bucket_of(layer_norm_workload(37, 48)).ranges == {"m": (33, 64)}
 
 
@@ -66,6 +68,7 @@ def test_buckets_make_hw_and_m_dynamic():
     group_norm_workload(2, 77, 48, 4, "float32", silu=True),
     group_norm_workload(1, 77, 64, 32, "float32"),
     group_norm_workload(2, 77, 64, 32, "float32", hw_range=(65, 128)),
+    group_norm_workload(4, 77, 64, 32, "float32", silu=True, n_range=(3, 4), hw_range=(65, 128)),
     layer_norm_workload(37, 48, "float32"),
     layer_norm_workload(30, 24, "float32", m_range=(17, 32)),
 ], ids=lambda w: w.name)
@@ -95,6 +98,7 @@ def test_llvm_templates_match_reference(w):
     group_norm_workload(2, 1024, 640, 32),
     group_norm_workload(2, 64, 2560, 32, silu=True),
     group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)),
+    group_norm_workload(4, 4096, 320, 32, silu=True, n_range=(3, 4), hw_range=(2049, 4096)),
     layer_norm_workload(8192, 320),
     layer_norm_workload(512, 1280, m_range=(257, 512)),
 ], ids=lambda w: w.name)
