@@ -75,6 +75,7 @@ def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, b
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
+    from scheduler.jobs import measured_summary
     from scheduler.tuner import TuneOptions
     from scheduler.tuner import tune as run_tune
 
@@ -136,7 +137,9 @@ def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, b
             progress.update(task, completed=trials * len(done_names))
             if not err.is_terminal:
                 best = f"{rep.best.latency.median_us:.2f} us" if rep.best else "none"
-                err.print(escape(f"  {rep.workload.name}: {rep.by_status} best {best}"))
+                # one line per workload when piped (a log, grep), not folded at 80 columns
+                err.print(escape(f"  {rep.workload.name}: {measured_summary(rep, trials)} best {best}"),
+                          soft_wrap=True)
 
         try:
             reports = run_tune(workloads, target, db_path, opts, on_result=on_result, on_workload=on_workload)
@@ -238,24 +241,14 @@ def _shape_workload(op: str, shape: str, dtype: str, bias: bool):
     return linear_workload(*(v for _, v in w.dims), dtype, epilogue=w.epilogue + (EPILOGUE_OPS[op],))
 
 
-def _print_table(table) -> None:
-    """On a terminal, at its width; piped or redirected, at the table's natural width, so no name is cut."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
-    console = Console()
-    if not console.is_terminal:
-        wide = Console(width=100_000)
-        console = Console(width=Measurement.get(wide, wide.options, table).maximum)
-    console.print(table)
-
-
 def _report(rows: list[dict], target, db_path: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps({"target": target.to_json(), "db": db_path, "workloads": rows}, indent=1))
         return
     from rich.markup import escape
     from rich.table import Table
+
+    from .db_cmd import _print_table  # piped: the table's natural width, as the db tables
 
     t = Table(title=f"tuned on {target.device_name} ({target.kind} {target.arch})")
     for col in ("workload", "ok/measured", "best us", "dlight us", "vendor us", "vendor/best", "best candidate"):
