@@ -39,6 +39,8 @@ GEGLU = "sm90_h200_sd15_geglu_summary.json"
 CONV = "sm90_h200_sd15_conv_summary.json"
 ATTENTION = "sm90_h200_sd15_attention_summary.json"
 NORMS = "sm90_h200_sd15_norms_summary.json"
+ELEMENTWISE = "sm90_h200_sd15_elementwise_summary.json"
+NORM_BUCKETS = "sm90_h200_sd15_norms_buckets_summary.json"
 NORMS_BENCH = "bench/bench_norms_h200.json"
 CONV_BENCH = "bench/bench_conv_h200.json"
 COPY_YARDSTICK = "bench/bench_copy_yardstick_h200.json"
@@ -588,6 +590,42 @@ def buckets(logs: Logs) -> str:
     ])
 
 
+def _bucket_group(name: str) -> str:
+    """A bucket's kind for the grid tables: the op and its epilogue, e.g. "bias_add+residual"."""
+    op = next(o for o in ("bias_add", "gelu_gate", "group_norm", "layer_norm") if name.startswith(o + "_"))
+    epi = name.rsplit("_f16", 1)[-1].lstrip("+").replace("affine+", "").replace("affine", "")
+    return op + (f" + {epi}" if epi else "")
+
+
+def grid_buckets(logs: Logs) -> str:
+    """The shape-grid bucket jobs: the elementwise passes and the norm buckets, tuned kernel vs torch's
+    kernels for the same work, both timed in the job's run."""
+    parts = ["## Shape-grid buckets: the elementwise passes and the norms (fp16)"]
+    for rel, what in ((ELEMENTWISE, "the elementwise passes (gelu_gate; bias_add: a conv's bias (+ residual | + "
+                                     "time embedding)) against torch's kernels for the same pass"),
+                      (NORM_BUCKETS, "GroupNorm (+SiLU) / LayerNorm buckets over batch and positions against "
+                                     "F.group_norm (+ F.silu) on channels_last / F.layer_norm")):
+        d = logs.load(rel)
+        groups: dict[str, list[dict]] = {}
+        for r in d["rows"]:
+            if r.get("best_us") and r.get("vendor_us"):
+                groups.setdefault(_bucket_group(r["workload"]), []).append(r)
+        note = logs.load(PROVENANCE)["files"].get(rel, {}).get("note")
+        parts.append(bullets([f"Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`" +
+                              (f" ({note})" if note else "") + ".",
+                              f"What: {what}; each row one bucket kind, over its tuned buckets (policy pow2-v1; a "
+                              "bucket kernel timed at its upper bound, middle and lower bound). Speedup: torch µs / "
+                              "tuned µs, both from the same run."]))
+        rows = []
+        for g, rs in sorted(groups.items()):
+            sp = [r["vendor_us"] / r["best_us"] for r in rs]
+            rows.append([g, str(len(rs)), str(sum(r.get("calls") or 0 for r in rs)), num(geomean(sp)), num(min(sp)),
+                         num(max(sp))])
+        parts.append(table([("bucket kind", "l"), ("buckets", "r"), ("calls in the grid", "r"),
+                            ("speedup geomean", "r"), ("min", "r"), ("max", "r")], rows))
+    return "\n\n".join(parts)
+
+
 def norm_copy_caption(rows: list[NormRow]) -> str:
     if all("bytes" in r.m.row for r in rows):
         return ("Yardstick: an aligned device-to-device copy whose read + write traffic is the op's minimal bytes "
@@ -976,6 +1014,18 @@ def lookup(logs: Logs) -> str:
     ])
 
 
+def others_tuned(d: dict, shapes: list[str]) -> str:
+    """Per shape after the first, the share of op calls that ran tuned kernels and the ops left untuned."""
+    out = []
+    for s in shapes[1:]:
+        calls = d["rows"]["shapetune"][s]["calls"]
+        total = sum(sum(c.values()) for c in calls.values())
+        tuned = sum(c.get("tuned", 0) for c in calls.values())
+        untuned = sorted(op for op, c in calls.items() if not c.get("tuned"))
+        out.append(f"{s} {tuned / total:.0%} of calls tuned (none of {', '.join(untuned)})")
+    return "; ".join(out)
+
+
 def end_to_end(logs: Logs) -> str:
     """SD 1.5 UNet step per mode over a shape matrix, one run (scripts/bench_e2e.py), the host path
     (scripts/bench_host.py) and the LoRA switch cost (scripts/bench_lora.py)."""
@@ -1011,8 +1061,7 @@ def end_to_end(logs: Logs) -> str:
                ("1st call, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
         f"- Ops that ran tuned kernels at {shapes[0]}: " + ", ".join(sorted(tuned)) +
         " (the records of the given DBs that beat torch in their own run; every other call runs torch's op, "
-        "counted by cause in the JSON). At the other shapes almost nothing is tuned (the workload keys fix the "
-        "batch and conv2d has no buckets: issue 12), which is why shapetune trails torch.compile there.",
+        "counted by cause in the JSON). At the other shapes: " + others_tuned(d, shapes) + ".",
         f"- GPU time of one shapetune forward at {shapes[0]} by kernel category (torch.profiler, µs): "
         + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()) + " (\"other\": cuBLAS nvjet GEMMs; \"tvm\": the tuned "
         "kernels).",
@@ -1056,7 +1105,8 @@ def pipeline_table(logs: Logs) -> str:
     ])
 
 
-SECTIONS = (summary, linear, metaschedule, buckets, norms, geglu, conv, attention, verification_error, vendor_noise,
+SECTIONS = (summary, linear, metaschedule, buckets, norms, grid_buckets, geglu, conv, attention, verification_error,
+            vendor_noise,
             cost_model, lookup, end_to_end)
 
 
