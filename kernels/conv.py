@@ -8,6 +8,12 @@ the weight as OHWI [Co, KH, KW, Ci]: a channels_last weight already is one (a fr
 kernels.patch keeps patched nn.Conv2d weights channels_last); any other weight is converted on
 every call, counted as ("conv2d", "weight_relayout") in `fallback_summary()`.
 
+Where no tuned conv is served (nothing tuned, or cuDNN measured faster), the op runs cuDNN's conv
+without its bias and then one tuned bias_add pass (kernels/elementwise.py) adding the bias and the
+residual or shift in place, where such a pass is tuned for the output's shape; otherwise cuDNN with
+its bias and torch's adds, eager's own path. (A tuned conv is compared against cuDNN + torch's adds,
+the path a model pays unpatched; against cuDNN + the bias_add pass it is not re-measured.)
+
 Nothing derived from a tensor's values is cached: every call reads the live weight, so writes
 through `.data` (which do not bump a tensor's version counter, e.g. a PEFT LoRA merge), `copy_`,
 `param.data = t` and `load_state_dict` all take effect on the next call. (Audit, issue 8: the

@@ -171,9 +171,10 @@ def conv2d_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def conv2d_vendor(wl: Workload):
-    """torch as a channels_last model runs it: F.conv2d (cuDNN, bias fused) on the NCHW views of
-    the NHWC/OHWI operands (channels_last memory, so cuDNN needs no layout transposes), then
-    `+ r` as a separate op. Returns the NHWC view of its channels_last output."""
+    """torch as a channels_last model runs it: F.conv2d on the NCHW views of the NHWC/OHWI operands
+    (channels_last memory, so cuDNN needs no layout transposes; torch adds the bias in a broadcast
+    kernel of its own after cuDNN's), then `+ r` as a separate op. Returns the NHWC view of its
+    channels_last output."""
     s, p = stride_padding(wl)
     epi = wl.epilogue
 
