@@ -291,3 +291,20 @@ def test_backward_matches_torch(registry):
     F.layer_norm(r[0], (c,), r[1], r[2]).backward(gy)
     for p, q in zip(a, r):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dlight_is_no_candidate_for_a_batch_bucket_group_norm_on_cuda():
+    """dlight cannot schedule a group_norm with a symbolic batch on CUDA (every tuning run wasted a
+    build on it): it is not offered there, norm_cuda is; with only hw symbolic it still is."""
+    import tvm
+
+    tgt = cuda_target()
+    w = DEFAULT.bucket_of(group_norm_workload(1, 4096, 320, 32, silu=True))
+    assert "n" in w.ranges
+    with pytest.raises(Exception, match="reduction block vars"):
+        tvm.compile(templates.get("dlight").apply(w, tgt, templates.get("dlight").space(w, tgt)[0]),
+                    target=tgt.tvm_target())
+    names = [t.name for t in templates.for_workload(w, tgt)]
+    assert "dlight" not in names and "norm_cuda" in names
+    assert templates.get("dlight").applies(group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)), tgt)
+    assert templates.get("dlight").applies(w, detect("llvm"))
