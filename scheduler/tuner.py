@@ -102,6 +102,7 @@ class Tuner:
         self.builder = Builder(target, work_dir, timeout_s=options.build_timeout_s)
         self.runner = Runner(target, run_options, timeout_s=options.run_timeout_s, seed=options.seed)
         self.on_result = on_result or (lambda result: None)
+        self._vendors: dict[Workload, tuple[VendorBaseline, dict[str, VendorBaseline]]] = {}
 
     def close(self):
         self.builder.close()
@@ -116,8 +117,12 @@ class Tuner:
         self.close()
 
     # -- one workload ----------------------------------------------------------------------------
-    def tune(self, workload: Workload) -> WorkloadReport:
+    def tune(self, workload: Workload, rounds: int | None = None, batch: int | None = None) -> WorkloadReport:
+        """Tune `workload` to `trials`; with `rounds`, stop after that many rounds that measured
+        (the task scheduler's unit of time, scheduler.task_scheduler), of `batch` candidates each
+        instead of options.batch. A workload tuned round by round keeps one vendor timing per run."""
         rep = WorkloadReport(workload)
+        batch = batch or self.opt.batch
         if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
             self.db.add_buckets(DEFAULT.rows(workload.op))
         space = search_space(workload, self.target, self.opt.templates)
@@ -128,20 +133,22 @@ class Tuner:
             held, rep.held = self.db.held(workload, self.target, tpl)
             budget = self.opt.trials - (rep.held if self.opt.top_up else rep.measured)
             untried = [c for c in space if c.key not in held]
-            if budget <= 0 or not untried:
+            if budget <= 0 or not untried or rounds == 0:
                 break
-            picked = self._pick(workload, untried, min(self.opt.batch, budget), first)
+            picked = self._pick(workload, untried, min(batch, budget), first)
             picked = self.db.claim(workload, self.target, picked, self.run_id,
                                    self.opt.trials if self.opt.top_up else None, tpl)
             first = False
             if picked and rep.vendor is None:  # this run measures: the vendor is timed in it, once
-                rep.vendor, rep.vendor_variants = self._measure_vendor(workload)
+                rep.vendor, rep.vendor_variants = self._run_vendor(workload)
             for res in self._measure(workload, picked):
                 self.db.add_result(res)
                 rep.measured += 1
                 rep.by_status[res.status] = rep.by_status.get(res.status, 0) + 1
                 self.on_result(res)
             self.db.release(workload, self.target, picked, self.run_id)
+            if picked and rounds is not None:
+                rounds -= 1
         rep.best = self.db.best(workload.key, self.target.key)
         dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok") if _timed(r)]
         rep.dlight = min(dl, key=lambda r: r.latency.median_us) if dl else None
@@ -203,6 +210,13 @@ class Tuner:
             return None
         pick = dict(pick)
         return pick.pop(""), pick
+
+    def _run_vendor(self, workload: Workload) -> tuple[VendorBaseline, dict[str, VendorBaseline]]:
+        """This run's vendor timing of `workload`: measured on the first call, then the same."""
+        if workload not in self._vendors:
+            self._vendors[workload] = self._measure_vendor(workload)
+        default, variants = self._vendors[workload]
+        return default, dict(variants)
 
     def _measure_vendor(self, workload: Workload) -> tuple[VendorBaseline, dict[str, VendorBaseline]]:
         """Time the op's default vendor path and each of its variants in this run and store each

@@ -40,8 +40,12 @@ SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", 
 @click.option("--bias/--no-bias", default=True, show_default=True, help="For --shape workloads.")
 @click.option("--target", "target_kind", type=click.Choice(["auto", "cuda", "llvm"]), default="auto",
               show_default=True, help="auto: the GPU if present, else the CPU (llvm).")
-@click.option("--trials", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Measured candidates per workload (the dlight baseline included).")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Measured candidates per workload (the dlight baseline included)  [default: 16; with "
+                   "--budget: a cap per workload, none by default].")
+@click.option("--budget", "budget_s", callback=lambda ctx, param, v: _budget(v), metavar="TIME",
+              help="Tune for this long (90s, 20m, 1h), round by round where the next round is expected "
+                   "to save the most model time (calls x time x headroom); prints the allocation.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Candidates built in parallel and measured per round.")
 @click.option("--buckets/--exact", default=False, show_default=True,
@@ -56,20 +60,30 @@ SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", 
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Tuning DB (default: $SHAPETUNE_DB or the user cache dir).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
-         seed, gpus, workers, db_path, fmt):
+def tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, budget_s, batch, buckets,
+         templates, seed, gpus, workers, db_path, fmt):
     """Tune workloads: rank candidates with the cost model, build, verify, time, store."""
     try:
-        _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
-              seed, gpus, workers, db_path, fmt)
+        _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, budget_s, batch, buckets,
+              templates, seed, gpus, workers, db_path, fmt)
     except DBError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
 
 
-def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, batch, buckets, templates,
-          seed, gpus, workers, db_path, fmt):
+def _budget(text: str | None) -> float | None:
+    """--budget in seconds; a bad value is one line of error."""
+    from scheduler.task_scheduler import parse_budget
+
+    try:
+        return None if text is None else parse_budget(text)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, budget_s, batch, buckets,
+          templates, seed, gpus, workers, db_path, fmt):
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -100,11 +114,14 @@ def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, b
         except ValueError as e:  # JSON errors do not name the file
             msg = str(e)
             raise click.ClickException(msg if msg.startswith(workload_file) else f"{workload_file}: {msg}") from None
+    calls: dict = {}  # workload -> calls per forward, where the preset's extraction says
     if preset in SD15_PRESETS:
         from scheduler.extract import SD15_FAMILIES, sd15_workloads
 
         fams = tuple(SD15_FAMILIES) if preset == "sd15" else (preset.split("-", 1)[1],)
-        workloads += [o.workload for o in sd15_workloads(fams, dtype=dtype)]
+        ops = sd15_workloads(fams, dtype=dtype)
+        workloads += [o.workload for o in ops]
+        calls = {o.workload: o.calls for o in ops}
     elif preset or not workloads:
         workloads += [linear_workload(m, n, k, dtype, b) for m, n, k, b in PRESETS[preset or "demo"][target.kind]]
     if buckets:
@@ -113,9 +130,17 @@ def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, b
         mapped = [DEFAULT.bucket_of(w) for w in workloads]
         if None in mapped:
             raise click.ClickException(f"{workloads[mapped.index(None)].name} is outside every bucket")
-        workloads = list(dict.fromkeys(mapped))
+        bucket_calls: dict = {}
+        for w, b in dict(zip(workloads, mapped)).items():  # a bucket is called wherever its shapes are
+            bucket_calls[b] = bucket_calls.get(b, 0) + calls.get(w, 1)
+        workloads, calls = list(dict.fromkeys(mapped)), bucket_calls
     db_path = db_path or str(config.default_db_path())
     err = Console(stderr=True)
+    if budget_s is not None:
+        if gpus or workers:
+            raise click.ClickException("--budget tunes in one process: drop --gpus / --workers")
+        return _tune_budget(workloads, calls, target, db_path, budget_s, trials, batch, seed, templates, fmt, err)
+    trials = trials or 16
     err.print(f"target  {target.describe()}\ndb      {db_path}\n"
               f"tuning  {len(workloads)} workload(s) x {trials} trials")
     opts = TuneOptions(trials=trials, batch=batch, seed=seed, templates=tuple(templates))
@@ -178,6 +203,62 @@ def prebuild(db_path, all_records, jobs):
                f"{out['failed']} failed  (cache {config.kernel_cache_dir(reg.target.key)})")
     if out["failed"]:
         raise SystemExit(1)
+
+
+def _tune_budget(workloads, calls, target, db_path, budget_s, cap, batch, seed, templates, fmt, err) -> None:
+    """--budget: the task scheduler over the workloads, weighted by their calls per forward (1 where
+    nothing says), then its allocation table and end-to-end estimate."""
+    from rich.markup import escape
+
+    from scheduler.task_scheduler import schedule
+    from scheduler.tuner import TuneOptions
+
+    weights = {w: calls.get(w, 1) for w in dict.fromkeys(workloads)}
+    err.print(f"target  {target.describe()}\ndb      {db_path}\ntuning  {len(weights)} workload(s) for "
+              f"{budget_s:g} s" + (f", at most {cap} trials each" if cap else ""))
+
+    def on_round(t, sched):
+        best = f"{t.tuned_us:.2f} us" if t.tuned_us is not None else "none"
+        err.print(escape(f"  [{sched.wall_s:5.0f} s] {t.workload.name} x{t.weight:g}: round {t.rounds}, "
+                         f"{t.trials} trials, best {best}{f' ({t.done})' if t.done else ''}"), soft_wrap=True)
+
+    opts = TuneOptions(batch=batch, seed=seed, templates=tuple(templates))
+    try:
+        sched = schedule(weights, target, budget_s, db_path, opts, cap=cap, on_round=on_round)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    rows = [{"workload": t.workload.name, "weight": t.weight, "rounds": t.rounds, "measured": t.measured,
+             "trials": t.trials, "vendor_us": t.vendor_us, "best_us": t.tuned_us, "served_us": t.served_us,
+             "served": t.served_us is not None, "done": t.done} for t in sched.tasks]
+    if fmt == "json":
+        click.echo(json.dumps({"target": target.to_json(), "db": db_path, "budget_s": budget_s,
+                               "tasks": rows, "estimate": sched.totals()}, indent=1))
+        return
+    _allocation_table(rows, sched.totals(), target, db_path)
+
+
+def _allocation_table(rows: list[dict], est: dict, target, db_path: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .db_cmd import _print_table
+
+    t = Table(title=f"tuning time spent on {target.device_name} ({target.kind} {target.arch}), heaviest first")
+    for col in ("workload", "calls", "rounds", "measured", "trials", "vendor us", "best us", "served",
+                "saved us/forward", "stopped"):
+        t.add_column(col, justify="left" if col in ("workload", "stopped") else "right")
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in sorted(rows, key=lambda r: -r["weight"] * (r["vendor_us"] or 0)):
+        saved = r["weight"] * (r["vendor_us"] - r["served_us"]) if r["served"] else 0.0
+        t.add_row(escape(r["workload"]), f"{r['weight']:g}", str(r["rounds"]), str(r["measured"]),
+                  str(r["trials"]), f(r["vendor_us"]), f(r["best_us"]), "yes" if r["served"] else "no",
+                  f(saved if r["vendor_us"] is not None else None), escape(r["done"] or "-"))
+    _print_table(t)
+    click.echo(f"end to end (sum of calls x time over {est['tasks_timed']} timed workload(s)): "
+               f"{est['before_us'] / 1e3:.3f} ms per forward on the vendor path, {est['after_us'] / 1e3:.3f} ms "
+               f"as served now; this run: {(est['start_us'] - est['after_us']) / 1e3:.3f} ms saved in "
+               f"{est['wall_s'] / 60:.1f} min, {est['gain_ms_per_min']:.4f} ms per forward per tuning minute")
+    click.echo(f"DB: {db_path}  (a rerun continues: the state is the DB's)")
 
 
 def _tune_parallel(workloads, target, db_path, opts, gpus, workers, err) -> list[dict]:

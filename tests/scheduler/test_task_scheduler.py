@@ -1,0 +1,211 @@
+"""The task scheduler (scheduler.task_scheduler): its allocation rule on synthetic task states, a real
+llvm run of three tiny GEMMs weighted 100 : 1 : 1 under a small budget, its resumption from the DB,
+and `shapetune tune --budget`."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from scheduler import templates
+from scheduler.task_scheduler import Task, gain_rate, parse_budget, priority, schedule
+from scheduler.tuner import TuneOptions
+from shapetune.cli import main
+from shapetune.ops.linear import linear_workload
+from shapetune.serving import vendor_us
+from shapetune.target import detect
+
+HEAVY = linear_workload(32, 16, 16, "float32", False)  # the largest space of the three (49 candidates)
+LIGHT = (linear_workload(16, 8, 16, "float32", False), linear_workload(16, 16, 8, "float32", False))
+WEIGHTS = {HEAVY: 100, LIGHT[0]: 1, LIGHT[1]: 1}
+BUDGET_S = 8.0
+OPTS = TuneOptions(batch=4, seed=0, templates=("dlight", "gemm_llvm"))
+
+
+# -- the rule, on synthetic states -------------------------------------------------------------------
+def _simulate(tasks: list[Task], rounds: int, batch: int = 4, gains=(0.3, 0.1, 0.05, 0.0)) -> dict[str, int]:
+    """Give `rounds` rounds by `priority`; each task's k-th round takes gains[k] off its time (the same
+    for every task, so only weight x time tells them apart) in 1 s. Returns rounds per task."""
+    for t in tasks:
+        t.round_s = [(1.0, batch)]
+    for _ in range(rounds):
+        t = max(tasks, key=lambda t: priority(t, tasks, batch))
+        g = gains[min(t.rounds, len(gains) - 1)]
+        t.served_us *= 1 - g
+        t.last_gain, t.rounds, t.trials = g, t.rounds + 1, t.trials + batch
+        t.round_s.append((1.0, batch))
+    return {t.workload.name: t.rounds for t in tasks}
+
+
+def _task(w, weight, us):
+    return Task(w, weight, space=1000, trials=4, vendor_us=us, tuned_us=us, served_us=us, last_gain=0.3)
+
+
+def test_more_rounds_go_where_weight_x_time_is_larger_all_else_equal():
+    heavy, a, b = _task(HEAVY, 100, 10.0), _task(LIGHT[0], 1, 10.0), _task(LIGHT[1], 1, 10.0)
+    got = _simulate([heavy, a, b], 12)
+    assert got[HEAVY.name] == 12 and got[LIGHT[0].name] == got[LIGHT[1].name] == 0, got
+    # the product counts, not the weight alone: 100 calls of 0.01 us weigh less than 1 call of 10 us
+    tiny, a = _task(HEAVY, 100, 0.01), _task(LIGHT[0], 1, 10.0)
+    got = _simulate([tiny, a], 6)
+    assert got[LIGHT[0].name] > got[HEAVY.name], got
+
+
+def test_equal_tasks_share_rounds_and_a_stalled_search_yields():
+    ts = [_task(w, 1, 10.0) for w in (HEAVY, *LIGHT)]
+    got = _simulate(ts, 9)
+    assert sorted(got.values()) == [3, 3, 3], got  # the forward term spreads rounds before piling on
+    # equal cost; one search stalled (no gain over its last round), the other still improving
+    stalled, going = _task(HEAVY, 1, 10.0), _task(LIGHT[0], 1, 10.0)
+    stalled.last_gain, stalled.trials, going.trials = 0.0, 40, 40
+    assert priority(going, [stalled, going], 4) > priority(stalled, [stalled, going], 4)
+    # the floor: a search stalled for many rounds still has a positive rate
+    assert gain_rate(1, 10.0, 0.0, 1e6, 1.0) == pytest.approx(10.0 * 0.02)
+
+
+def test_a_slow_round_lowers_the_rate():
+    assert gain_rate(1, 10.0, 0.1, 2, 1.0) == pytest.approx(4 * gain_rate(1, 10.0, 0.1, 2, 4.0))
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("1h", 3600), ("1.5h", 5400), (" 2m ", 120)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["20", "20x", "0m", "-5s", "m", "", "1h30m"])
+def test_parse_budget_refuses(text):
+    with pytest.raises(ValueError, match="expected a positive time with its unit"):
+        parse_budget(text)
+
+
+# -- a real run on llvm ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cheap():
+    """gemm_llvm candidates whose LLVM compile takes ~1 s (as tests/scheduler/test_tuner.py)."""
+    t = templates.get("gemm_llvm")
+    valid = t.valid
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(t, "valid", lambda w, tg, kn: valid(w, tg, kn) and (not kn["unroll_k"] or kn["tm"] * kn["tk"] <= 32))
+        yield
+
+
+def _timed_schedule(db_path, budget_s=BUDGET_S):
+    seen, cpu = [], detect("llvm")
+    t0 = time.monotonic()
+    sched = schedule(WEIGHTS, cpu, budget_s, db_path, OPTS, on_round=lambda t, s: seen.append(t.workload))
+    assert [w.name for w in seen] == sched.order
+    return sched, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def first_run(cheap, tmp_path_factory):
+    db = tmp_path_factory.mktemp("sched") / "t.db"
+    return (db, *_timed_schedule(db))
+
+
+def _records(db) -> list[tuple[str, str]]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT w.name, r.candidate_key FROM records r JOIN workloads w ON w.id = r.workload_id").fetchall()
+    finally:
+        con.close()
+
+
+def test_the_heavy_task_gets_most_trials_within_the_budget(first_run):
+    db, sched, wall = first_run
+    by = {t.workload: t for t in sched.tasks}
+    assert all(t.rounds >= 1 and t.vendor_us for t in sched.tasks), "every task is warmed up"
+    assert by[HEAVY].measured > 2 * max(by[w].measured for w in LIGHT), [(t.workload.name, t.measured) for t in sched.tasks]
+    assert sched.order[0] == HEAVY.name  # warm-up, heaviest first
+    slowest = max(s for t in sched.tasks for s, _ in t.round_s)
+    assert BUDGET_S <= sched.wall_s <= BUDGET_S + slowest + 1.0, (sched.wall_s, slowest)  # one round's slack
+    assert wall <= sched.wall_s + 1.0
+    records = _records(db)
+    assert sum(t.measured for t in sched.tasks) == len(records)
+
+
+def test_times_follow_the_registry(first_run):
+    """A task's served time is the kernel kernels.registry serves (the same rule: one copy drifts)."""
+    from kernels.registry import Registry
+
+    db, sched, *_ = first_run
+    reg = Registry(db_path=db, target=detect("llvm"))
+    for t in sched.tasks:
+        res = reg.resolve(t.workload)
+        assert (res.kind != "fallback") == (t.served_us is not None), (t.workload.name, res.reason)
+        if t.served_us is not None:
+            assert res.record.latency.median_us == t.served_us and vendor_us(res.vendor) == t.vendor_us
+    est = sched.totals()
+    assert est["before_us"] == pytest.approx(sum(t.weight * t.vendor_us for t in sched.tasks))
+    assert est["after_us"] == pytest.approx(sum(t.weight * (t.served_us or t.vendor_us) for t in sched.tasks))
+    assert est["start_us"] == pytest.approx(est["before_us"])  # a fresh DB: everything started on the vendor
+    assert est["gain_ms_per_min"] == pytest.approx((est["before_us"] - est["after_us"]) / 1e3 / (sched.wall_s / 60))
+
+
+def test_a_rerun_continues_from_the_db(first_run, tmp_path):
+    db = tmp_path / "t.db"
+    shutil.copy(first_run[0], db)
+    before = _records(db)
+    sched, *_ = _timed_schedule(db, budget_s=3.0)
+    after = _records(db)
+    assert len(after) == len(set(after)), "a candidate was measured twice"
+    assert set(before) < set(after)
+    # no warm-up: each task's state came from the DB (trials held, vendor, best) before any round, so
+    # the heavy task has every round until its space is exhausted
+    by = {t.workload: t for t in sched.tasks}
+    k = next((i for i, name in enumerate(sched.order) if name != HEAVY.name), len(sched.order))
+    assert k >= 1 and (k == len(sched.order) or by[HEAVY].done == "exhausted"), sched.order
+    assert HEAVY.name not in sched.order[k:]
+    held = {w: sum(n == w.name for n, _ in after) for w in WEIGHTS}
+    assert {t.workload: t.trials for t in sched.tasks} == held
+    assert sched.totals()["start_us"] < sched.totals()["before_us"]  # it started from what was served
+
+
+def test_a_trial_cap_and_an_exhausted_space_end_the_run(cheap, tmp_path):
+    w = LIGHT[0]
+    sched = schedule({w: 1}, detect("llvm"), 300.0, tmp_path / "t.db", OPTS, cap=6)
+    (t,) = sched.tasks
+    assert t.done == "cap" and t.trials == t.measured == 6 and sched.wall_s < 60
+    sched = schedule({w: 1}, detect("llvm"), 300.0, tmp_path / "t.db", TuneOptions(batch=4, templates=("dlight",)))
+    (t,) = sched.tasks
+    assert t.done == "exhausted" and t.trials == 1 and t.measured == 0
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="positive"):
+        schedule({HEAVY: 0}, detect("llvm"), 10.0)
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["20", "20x", "0s", "1h30m"])
+def test_cli_bad_budget_is_one_line(value, tmp_path):
+    out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--budget", value, "--db", str(tmp_path / "x.db")])
+    assert out.exit_code != 0
+    assert out.output.strip().splitlines() == [f"Error: --budget {value!r}: expected a positive time with its "
+                                               "unit, e.g. 90s, 20m or 1h"], out.output
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_cli_budget_refuses_parallel_workers(tmp_path):
+    out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--budget", "30s", "--workers", "2",
+                                    "--db", str(tmp_path / "x.db")])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [
+        "Error: --budget tunes in one process: drop --gpus / --workers"], out.output
+
+
+def test_cli_budget_tunes_and_prints_the_allocation(cheap, tmp_path):
+    db = tmp_path / "t.db"
+    out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--shape", "m=16,n=8,k=16", "--no-bias",
+                                    "--budget", "30s", "--trials", "6", "--batch", "3", "--db", str(db)],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "tuning  1 workload(s) for 30 s, at most 6 trials each" in out.output
+    row = next(line for line in out.stdout.splitlines() if "linear_m16_n8_k16_f32" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[1:5] == ["1", "2", "6", "6"] and cells[-1] == "cap", cells  # warm-up 3, then 3
+    assert "ms per forward on the vendor path" in out.stdout and "per tuning minute" in out.stdout
+    assert len(_records(db)) == 6
