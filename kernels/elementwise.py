@@ -63,6 +63,11 @@ def bias_add_kernel(n: int, hw: int, c: int, x: torch.Tensor, epilogue: tuple[st
 
 def run_bias_add(res: Resolution, y: torch.Tensor, bias: torch.Tensor, extra: Optional[torch.Tensor]) -> None:
     """y += bias (+ extra) in place, all in the kernel's layout: y [n, hw, c] contiguous, bias [c],
-    extra the residual [n, hw, c] or the shift [n, c] (contiguous), or None."""
+    extra the residual [n, hw, c] or the shift [n, c] (contiguous), or None.
+
+    The kernel gets y as both its input x and its output (the signature marks them __restrict__ /
+    noalias): each element is read and then written by the same thread / loop iteration and by no
+    other, so no reordering the compiler may do across distinct addresses changes what is read. The
+    verified kernel ran with separate buffers; tests/ops/test_elementwise.py checks the in-place call."""
     args = [y, bias.contiguous()] + ([extra.contiguous()] if extra is not None else [])
     call_on_current_stream(res.fn, args + [y], y.is_cuda)
