@@ -1,6 +1,10 @@
 """Bucket efficiency: how close one bucket kernel comes to a kernel tuned for the exact shape.
 
     python scripts/bench_buckets.py --trials 32 --db buckets.db --json out.json
+    python scripts/bench_buckets.py --family group_norm --trials 16 --db buckets.db --json gn.json
+
+--family: linear (default), group_norm, layer_norm, bias_add, gelu_gate; each has SD 1.5 shapes off its
+buckets' representatives (other batches and resolutions).
 
 For each off-representative shape s: tune s's bucket and s itself with the same trial budget (or
 reuse what the DB has), then time both best kernels *on s* in this run, plus the vendor path.
@@ -26,13 +30,36 @@ from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.target import detect  # noqa: E402
+from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload  # noqa: E402
 from shapetune.ops.linear import linear_workload  # noqa: E402
+from shapetune.ops.norm import group_norm_workload, layer_norm_workload  # noqa: E402
 
-# SD 1.5 GEMMs at other batch sizes and resolutions than the 512² batch-2 representatives.
-GPU_SHAPES = [(12800, 320, 320, False), (3200, 640, 640, False), (800, 1280, 1280, False),
-              (200, 1280, 1280, True), (6000, 320, 1280, True), (77, 320, 768, False),
-              (1000, 5120, 640, True), (2, 1280, 320, True)]
-CPU_SHAPES = [(37, 48, 40, True), (100, 64, 64, False), (13, 24, 40, True)]
+# family -> (SD 1.5 shapes at other batch sizes and resolutions than the buckets' representatives on
+# the GPU, small odd ones on the CPU): each a function of the dtype giving the workloads
+FAMILIES = {
+    "linear": (lambda dt: [linear_workload(m, n, k, dt, b) for m, n, k, b in [
+                   (12800, 320, 320, False), (3200, 640, 640, False), (800, 1280, 1280, False),
+                   (200, 1280, 1280, True), (6000, 320, 1280, True), (77, 320, 768, False),
+                   (1000, 5120, 640, True), (2, 1280, 320, True)]],
+               lambda dt: [linear_workload(m, n, k, dt, b) for m, n, k, b in [
+                   (37, 48, 40, True), (100, 64, 64, False), (13, 24, 40, True)]]),
+    "group_norm": (lambda dt: [group_norm_workload(n, hw, c, 32, dt, silu=silu) for n, hw, c, silu in [
+                       (3, 3072, 320, True), (1, 6144, 320, True), (3, 768, 640, False), (5, 1536, 640, True),
+                       (3, 192, 1280, True), (1, 96, 1280, False)]],
+                   lambda dt: [group_norm_workload(n, hw, c, 4, dt, silu=silu) for n, hw, c, silu in [
+                       (3, 45, 16, True), (1, 100, 32, False)]]),
+    "layer_norm": (lambda dt: [layer_norm_workload(m, c, dt) for m, c in [
+                       (6144, 320), (12288, 320), (1536, 640), (384, 1280), (3072, 640)]],
+                   lambda dt: [layer_norm_workload(m, c, dt) for m, c in [(37, 48), (100, 64)]]),
+    "bias_add": (lambda dt: [bias_add_workload(n, hw, c, dt, e) for n, hw, c, e in [
+                     (3, 3072, 320, ("residual",)), (1, 6144, 320, ("shift",)), (3, 768, 640, ()),
+                     (5, 1536, 640, ("residual",)), (3, 192, 1280, ("shift",))]],
+                 lambda dt: [bias_add_workload(n, hw, c, dt, e) for n, hw, c, e in [
+                     (3, 45, 16, ("residual",)), (1, 100, 32, ("shift",))]]),
+    "gelu_gate": (lambda dt: [gelu_gate_workload(m, f, dt) for m, f in [
+                      (6144, 1280), (12288, 1280), (1536, 2560), (384, 5120)]],
+                  lambda dt: [gelu_gate_workload(m, f, dt) for m, f in [(37, 24), (100, 64)]]),
+}
 
 
 def main():
@@ -41,10 +68,11 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--db", default="buckets.db")
     ap.add_argument("--json", default="")
+    ap.add_argument("--family", default="linear", choices=sorted(FAMILIES))
     a = ap.parse_args()
     target = detect()
     dtype = "float16" if target.is_gpu else "float32"
-    shapes = [linear_workload(m, n, k, dtype, b) for m, n, k, b in (GPU_SHAPES if target.is_gpu else CPU_SHAPES)]
+    shapes = FAMILIES[a.family][0 if target.is_gpu else 1](dtype)
     buckets = [DEFAULT.bucket_of(s) for s in shapes]
     print(f"target: {target.describe()}\n{len(shapes)} shapes, {a.trials} trials per exact shape and per bucket",
           flush=True)
@@ -69,14 +97,14 @@ def main():
     effs = [r["efficiency"] for r in rows]
     geo = math.exp(sum(math.log(e) for e in effs) / len(effs))
     summary = {"target": target.to_json(), "date": time.strftime("%Y-%m-%d"), "trials": a.trials,
-               "op": "linear", "rows": rows, "geomean_efficiency": geo, "min_efficiency": min(effs)}
+               "op": a.family, "rows": rows, "geomean_efficiency": geo, "min_efficiency": min(effs)}
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     print(f"\n{'shape':32s} {'bucket':34s} {'exact_us':>9s} {'bucket_us':>9s} {'vendor_us':>9s} {'eff':>6s}")
     for r in rows:
         print(f"{r['shape']:32s} {r['bucket']:34s} {r['exact_us']:9.2f} {r['bucket_us']:9.2f} "
               f"{r['vendor_us']:9.2f} {r['efficiency']:6.3f}")
-    print(f"linear bucket efficiency on {target.device_name}: geomean {geo:.3f}, min {min(effs):.3f}")
+    print(f"{a.family} bucket efficiency on {target.device_name}: geomean {geo:.3f}, min {min(effs):.3f}")
 
 
 if __name__ == "__main__":
