@@ -214,8 +214,12 @@ class Registry:
                        or db.best(bucket.key, t.key, include_pending=True)) is not None]
         if others:
             t = others[0]
+            if self.target.shares_kernels_with(t):
+                return "stale", (f"stale: only tuned for another target: {'; '.join(self.target.differences(t))}; "
+                                 f"its kernels are the same here: `shapetune db verify` (or `shapetune prebuild`) "
+                                 f"re-verifies and re-times them on this target")
             return "stale", (f"stale: only tuned for another target: {'; '.join(self.target.differences(t))} "
-                             f"(records from another GPU or TVM/CUDA/torch version are never used)")
+                             f"(records from another GPU architecture or TVM/CUDA version are never used)")
         if any(db.results(workload_key=x.key, target_key=self.target.key, limit=1) for x in (w, bucket)):
             return "all_failed", "no verified kernel (every measured candidate failed)"
         return "not_tuned", f"not tuned (neither the exact shape nor bucket {bucket.name})"

@@ -8,10 +8,18 @@ against the template's space (`knob_error`), builds it with `builder.build_one` 
 times it with `runner.Runner`, exactly as the tuner does. One that passes is appended as a record
 measured here (this run's id, the latency measured here, the vendor path timed in the same run);
 the import is marked reverified, or reverify_failed with the reason, and never retried.
+
+Portable records (shapetune/target.py KERNEL_FIELDS): where this target has no verified record of a
+workload, the best records of the other targets that share its kernels (another torch version,
+another GPU of the same architecture) are candidates too, re-verified and re-timed here the same way,
+after this target's imports. One that passes is stored as measured here; one that fails is stored as
+the failed result it gave here (so it is not tried again). Nothing of the other target is served as
+measured here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 import uuid
@@ -20,7 +28,7 @@ from pathlib import Path
 
 from shapetune import config
 from shapetune.db import TuningDB
-from shapetune.records import MeasureResult
+from shapetune.records import STATUSES, MeasureResult
 from shapetune.target import Target
 from shapetune.workload import Workload
 
@@ -83,6 +91,8 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
         todo: dict[Workload, list[tuple[int, MeasureResult]]] = {}
         for i, r in db.pending(target.key, op=op):
             todo.setdefault(r.workload, []).append((i, r))
+        for r in portable(db, target, op):
+            todo.setdefault(r.workload, []).append((None, r))
         if not todo:
             return []
         verdicts = {w: Verdict(w) for w in todo}
@@ -97,7 +107,10 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                     batch = {w: todo[w].pop(0) for w in todo}
                     for w, (i, r), why in _build_and_run(pool, runner, batch, target, run_id, tmp,
                                                          build_timeout_s):
-                        _decide(db, verdicts[w], i, r, why)
+                        if i is None:
+                            _adopt(db, verdicts[w], r, why, run_id)
+                        else:
+                            _decide(db, verdicts[w], i, r, why)
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
         finally:
@@ -131,6 +144,37 @@ def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: st
         yield w, (i, r), MeasureResult(w, target, r.candidate, "ok", res.latency,
                                        max_rel_err=res.rel_err, build_s=build_s, run_id=run_id,
                                        created=time.time())
+
+
+def portable(db: TuningDB, target: Target, op: str | None = None) -> list[MeasureResult]:
+    """The other targets' records that are candidates here: for each workload without a verified
+    record on `target`, each other target's best record (imports included) where that target shares
+    this one's kernels (Target.shares_kernels_with) and `target` has not tried its candidate yet;
+    re-targeted to `target`, by workload name, fastest first."""
+    others = [t for t in db.targets() if t.key != target.key and target.shares_kernels_with(t)]
+    out: dict[tuple[str, str], MeasureResult] = {}
+    for t in others:
+        for r in db.best_all(target_key=t.key, op=op, include_pending=True):
+            k = (r.workload.key, r.candidate.key)
+            if k in out or db.best(r.workload.key, target.key) is not None:
+                continue
+            if r.candidate.key in db.held(r.workload, target)[0]:
+                continue
+            out[k] = dataclasses.replace(r, target=target)
+    return sorted(out.values(), key=lambda r: (r.workload.name, r.workload.key, r.latency.median_us))
+
+
+def _adopt(db: TuningDB, v: Verdict, foreign: MeasureResult, outcome: MeasureResult | str, run_id: str) -> None:
+    """Store what re-verifying another target's record here gave: the record measured here, or the
+    failed result (its status from the outcome's prefix, else build_error), so it is not retried."""
+    if isinstance(outcome, str):
+        status = outcome.split(":", 1)[0]
+        db.add_result(MeasureResult(foreign.workload, foreign.target, foreign.candidate,
+                                    status if status in STATUSES and status != "ok" else "build_error",
+                                    error=outcome[:2000], run_id=run_id))
+        v.failed.append((foreign, outcome))
+    elif db.add_result(outcome):
+        v.passed, v.claimed_us = outcome, foreign.latency.median_us
 
 
 def _decide(db: TuningDB, v: Verdict, record_id: int, imported: MeasureResult,

@@ -2,7 +2,12 @@
 
 Everything that can change a kernel's speed class is in the key: kind, arch, device name, the SM
 count of a GPU, and the TVM, CUDA and torch versions. A record whose target key differs from the
-running one is never used. A CPU's thread count is not in the key: it is a per-process setting
+running one is never served as measured. But a kernel itself depends only on `KERNEL_FIELDS` (kind,
+arch, TVM and CUDA versions; template versions are in the candidate): on a target that shares them
+(another torch, which only changes the vendor baseline; another GPU of the same architecture, an
+H100 for an H200) another target's records are candidates that `shapetune db verify` / prebuild
+rebuild, re-verify and re-time here, the vendor path timed in the same run (scheduler/reverify.py).
+A CPU's thread count is not in the key: it is a per-process setting
 (OMP_NUM_THREADS, taskset) that made every record stale, and a run's tuned kernel and its vendor path
 are timed with the same count; the stored target keeps the count it was made with, as provenance.
 """
@@ -38,6 +43,10 @@ def max_shared_memory_per_block(arch: str) -> int:
     return 232448 if 9 <= cuda_arch_version(arch)[0] <= 10 else 49152
 
 
+#: what a compiled kernel depends on: its machine code is the same wherever these are
+KERNEL_FIELDS = ("kind", "arch", "tvm_version", "cuda_version")
+
+
 @dataclass(frozen=True)
 class Target:
     kind: str  # "cuda" | "llvm"
@@ -56,6 +65,11 @@ class Target:
         if isinstance(d, str):
             d = json.loads(d)
         return cls(**d)
+
+    def shares_kernels_with(self, other: Target) -> bool:
+        """Whether a kernel built for `other` is the same kernel here (KERNEL_FIELDS equal), so its
+        records may be re-verified and re-timed here instead of refused."""
+        return all(getattr(self, f) == getattr(other, f) for f in KERNEL_FIELDS)
 
     @property
     def key_fields(self) -> tuple[str, ...]:
