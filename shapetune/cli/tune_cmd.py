@@ -248,7 +248,7 @@ def _allocation_table(rows: list[dict], est: dict, target, db_path: str) -> None
                 "saved us/forward", "stopped"):
         t.add_column(col, justify="left" if col in ("workload", "stopped") else "right")
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    for r in sorted(rows, key=lambda r: -r["weight"] * (r["vendor_us"] or 0)):
+    for r in sorted(rows, key=lambda r: (-r["weight"] * (r["vendor_us"] or 0), -r["weight"])):
         saved = r["weight"] * (r["vendor_us"] - r["served_us"]) if r["served"] else 0.0
         t.add_row(escape(r["workload"]), f"{r['weight']:g}", str(r["rounds"]), str(r["measured"]),
                   str(r["trials"]), f(r["vendor_us"]), f(r["best_us"]), "yes" if r["served"] else "no",

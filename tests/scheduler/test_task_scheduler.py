@@ -4,22 +4,24 @@ and `shapetune tune --budget`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import time
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 from scheduler import templates
-from scheduler.task_scheduler import Task, gain_rate, parse_budget, priority, schedule
-from scheduler.tuner import TuneOptions
+from scheduler.task_scheduler import NO_CAP, Task, gain_rate, parse_budget, priority, schedule
+from scheduler.tuner import TuneOptions, Tuner
 from shapetune.cli import main
 from shapetune.ops.linear import linear_workload
 from shapetune.serving import vendor_us
 from shapetune.target import detect
 
-HEAVY = linear_workload(32, 16, 16, "float32", False)  # the largest space of the three (49 candidates)
+HEAVY = linear_workload(64, 64, 16, "float32", False)  # the largest space of the three (69 cheap candidates)
 LIGHT = (linear_workload(16, 8, 16, "float32", False), linear_workload(16, 16, 8, "float32", False))
 WEIGHTS = {HEAVY: 100, LIGHT[0]: 1, LIGHT[1]: 1}
 BUDGET_S = 8.0
@@ -162,7 +164,7 @@ def test_a_rerun_continues_from_the_db(first_run, tmp_path):
     assert HEAVY.name not in sched.order[k:]
     held = {w: sum(n == w.name for n, _ in after) for w in WEIGHTS}
     assert {t.workload: t.trials for t in sched.tasks} == held
-    assert sched.totals()["start_us"] < sched.totals()["before_us"]  # it started from what was served
+    assert sched.totals()["start_us"] == pytest.approx(first_run[1].totals()["after_us"])  # as the first left it
 
 
 def test_a_trial_cap_and_an_exhausted_space_end_the_run(cheap, tmp_path):
@@ -173,6 +175,18 @@ def test_a_trial_cap_and_an_exhausted_space_end_the_run(cheap, tmp_path):
     sched = schedule({w: 1}, detect("llvm"), 300.0, tmp_path / "t.db", TuneOptions(batch=4, templates=("dlight",)))
     (t,) = sched.tasks
     assert t.done == "exhausted" and t.trials == 1 and t.measured == 0
+
+
+def test_a_workload_tuned_round_by_round_keeps_one_vendor_timing_per_run(cheap, tmp_path):
+    from shapetune.db import TuningDB
+
+    w = LIGHT[1]
+    with TuningDB(tmp_path / "t.db") as db, Tuner(db, detect("llvm"), replace(OPTS, trials=NO_CAP)) as tuner:
+        reps = [tuner.tune(w, rounds=1, batch=n) for n in (2, 3, 3)]
+        assert [r.measured for r in reps] == [2, 3, 3] and len(db.results(w.key)) == 8
+        assert len({r.candidate.key for r in db.results(w.key)}) == 8
+        assert len(db.baselines(w.key)) == 1 and len({r.vendor for r in reps}) == 1
+        assert reps[0].dlight is not None  # the first round holds the dlight default
 
 
 def test_bad_weights_are_refused():
@@ -209,3 +223,25 @@ def test_cli_budget_tunes_and_prints_the_allocation(cheap, tmp_path):
     assert cells[1:5] == ["1", "2", "6", "6"] and cells[-1] == "cap", cells  # warm-up 3, then 3
     assert "ms per forward on the vendor path" in out.stdout and "per tuning minute" in out.stdout
     assert len(_records(db)) == 6
+
+
+def test_cli_budget_weighs_a_presets_buckets_by_their_calls(tmp_path):
+    """sd15-norms' buckets weigh the calls of every shape in them (ExtractedOp.calls); a 1 s budget
+    warms up the most called first and stops in the warm-up."""
+    from scheduler.extract import sd15_workloads
+    from shapetune.buckets import DEFAULT
+
+    calls = {}
+    for o in sd15_workloads(("norms",), dtype="float32"):
+        b = DEFAULT.bucket_of(o.workload)
+        calls[b.name] = calls.get(b.name, 0) + o.calls
+    out = CliRunner().invoke(main, ["tune", "--target", "llvm", "--preset", "sd15-norms", "--buckets", "--budget",
+                                    "1s", "--template", "dlight", "--db", str(tmp_path / "t.db"), "--format", "json"],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    tasks = json.loads(out.stdout)["tasks"]
+    assert {t["workload"]: t["weight"] for t in tasks} == calls
+    warmed = [t for t in tasks if t["rounds"]]
+    cold = [t["weight"] for t in tasks if not t["rounds"]]
+    assert warmed and cold, out.output  # the budget ended in the warm-up
+    assert min(t["weight"] for t in warmed) >= max(cold) and all(t["vendor_us"] > 0 for t in warmed), out.output
