@@ -96,6 +96,8 @@ def attention_kernel(workload, kn: dict):
     dd = workload.dim
     B, H, D = dd["b"], dd["h"], dd["d"]
     rng = workload.ranges
+    if "b" in rng:
+        B = tirx.Var("b", "int32")
     SQ = tirx.Var("sq", "int32") if "sq" in rng else dd["sq"]
     SKV = tirx.Var("skv", "int32") if "skv" in rng else dd["skv"]
     W, BK = kn["warps"], kn["kv_tile"]

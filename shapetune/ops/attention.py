@@ -46,12 +46,12 @@ def scale_of(w: Workload) -> float:
 
 def attention_workload(b: int, sq: int, skv: int, h: int, d: int, dtype: str = "float16",
                        scale: float | None = None, sq_range: tuple[int, int] | None = None,
-                       skv_range: tuple[int, int] | None = None) -> Workload:
-    """softmax(q kᵀ * scale) v for q[b, sq, h, d], k, v[b, skv, h, d]; ranges make sq / skv dynamic."""
+                       skv_range: tuple[int, int] | None = None, b_range: tuple[int, int] | None = None) -> Workload:
+    """softmax(q kᵀ * scale) v for q[b, sq, h, d], k, v[b, skv, h, d]; ranges make b / sq / skv dynamic."""
     # 12 significant digits: d ** -0.5 (diffusers) and 1 / sqrt(d) differ in the last bit and must
     # name the same kernel; the kernel then uses this value (a 1e-12 relative change)
     scale = float(f"{(d ** -0.5 if scale is None else float(scale)):.12g}")
-    dyn = tuple((name, *r) for name, r in (("sq", sq_range), ("skv", skv_range)) if r)
+    dyn = tuple((name, *r) for name, r in (("b", b_range), ("sq", sq_range), ("skv", skv_range)) if r)
     return Workload(
         op="attention",
         dims=(("b", b), ("sq", sq), ("skv", skv), ("h", h), ("d", d)),
@@ -73,6 +73,8 @@ def attention_prim_func(wl: Workload):
 
     dd = wl.dim
     b, h, d = dd["b"], dd["h"], dd["d"]
+    if "b" in wl.ranges:
+        b = te.var("b")
     sq = te.var("sq") if "sq" in wl.ranges else dd["sq"]
     skv = te.var("skv") if "skv" in wl.ranges else dd["skv"]
     acc = wl.acc_dtype

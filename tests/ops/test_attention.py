@@ -28,6 +28,7 @@ from shapetune.target import detect
 SELF = (2, 37, 37, 3, 16)
 CROSS = (1, 20, 77, 2, 40)
 BUCKET = DEFAULT.bucket_of(attention_workload(1, 24, 24, 2, 8, "float32"))  # sq, skv in [17, 32]
+BATCH_BUCKET = DEFAULT.bucket_of(attention_workload(3, 24, 24, 2, 8, "float32"))  # b in [3, 4] too
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +60,22 @@ def test_workload_key_and_buckets():
     assert math.isclose(scale_of(w), 40 ** -0.5)
     assert w.key != attention_workload(2, 4096, 77, 8, 40, scale=0.1).key
     b = DEFAULT.bucket_of(w)
-    assert b.ranges == {"sq": (2049, 4096), "skv": (65, 128)} and (b.dim["h"], b.dim["d"]) == (8, 40)
+    assert b.ranges == {"b": (2, 2), "sq": (2049, 4096), "skv": (65, 128)} and (b.dim["h"], b.dim["d"]) == (8, 40)
     assert b.covers(attention_workload(2, 3000, 100, 8, 40)) and not b.covers(attention_workload(2, 3000, 100, 8, 80))
+    b3 = DEFAULT.bucket_of(attention_workload(3, 4096, 77, 8, 40))
+    assert b3.ranges["b"] == (3, 4) and b3.dim["b"] == 4 and b3.covers(attention_workload(3, 3000, 100, 8, 40))
 
 
-@pytest.mark.parametrize("w", [attention_workload(*SELF, "float32"), attention_workload(*CROSS, "float32"), BUCKET],
+@pytest.mark.parametrize("w", [attention_workload(*SELF, "float32"), attention_workload(*CROSS, "float32"), BUCKET,
+                               BATCH_BUCKET],
                          ids=lambda w: w.name)
 def test_llvm_template_matches_reference(w):
     import tvm
 
     tgt, od, t = detect("llvm"), opdef("attention"), templates.get("attn_llvm")
     members = [concrete(w, sq=17, skv=31), concrete(w, sq=32, skv=17)] if w.dynamic else [w]
+    if "b" in w.ranges:  # the batch bucket's lower bound too
+        members.append(concrete(w, b=w.ranges["b"][0], sq=23, skv=19))
     space = t.space(w, tgt)
     assert len(space) >= 6
     for cand in space[:: max(1, len(space) // 4)]:

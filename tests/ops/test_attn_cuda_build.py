@@ -65,7 +65,9 @@ def test_space_nonempty_within_smem(tmpl, tgt, sq, skv, d):
     (attention_workload(2, 4096, 4096, 8, 40, sq_range=(2049, 4096), skv_range=(2049, 4096)),
      {"warps": 4, "kv_tile": 32}),
     (attention_workload(2, 1024, 128, 8, 80, skv_range=(65, 128)), {"warps": 2, "kv_tile": 32}),
-], ids=["self-d40", "cross-d160", "one-kv-tile", "bucket-sq-skv", "bucket-skv"])
+    (attention_workload(4, 1024, 77, 8, 80, b_range=(3, 4), sq_range=(513, 1024), skv_range=(65, 128)),
+     {"warps": 2, "kv_tile": 32}),
+], ids=["self-d40", "cross-d160", "one-kv-tile", "bucket-sq-skv", "bucket-skv", "bucket-b-sq-skv"])
 def test_builds_for_sm90(tmpl, tgt, w, knobs):
     assert tmpl.valid(w, tgt, knobs)
     src = _cuda_source(tmpl, w, tgt, knobs)
