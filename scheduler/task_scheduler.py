@@ -58,6 +58,8 @@ def gain_rate(weight: float, time_us: float, last_gain: float, rounds: float, ro
 
 @dataclass
 class Task:
+    """One workload's state: read from the DB (`refresh`) but for this session's own counts."""
+
     workload: Workload
     weight: float = 1.0
     space: int = 0  # candidates in its search space
@@ -129,7 +131,7 @@ def refresh(task: Task, db: TuningDB, target: Target, options: TuneOptions) -> N
     task.served_us = wins[0][0] if wins else None
     task.vendor_us = vendors[wins[0][1]] if wins else vendors.get(newest)
     task.tuned_us = min(runs.values()) if runs else None
-    older = [r.latency.median_us for r in recs[options.batch:]]
+    older = [r.latency.median_us for r in recs[options.batch:]]  # all but the newest round's worth
     before = min(older) if older else task.vendor_us
     task.last_gain = max(0.0, 1 - task.tuned_us / before) if task.tuned_us and before else 0.0
     if task.start_us is None and task.vendor_us is not None:
@@ -156,6 +158,7 @@ def round_seconds(task: Task, tasks: list[Task], batch: int) -> float:
 
 
 def priority(task: Task, tasks: list[Task], batch: int) -> float:
+    """`gain_rate` of a task's state."""
     rounds = max(1.0, task.trials / batch)  # rounds' worth of trials held: a resumed task has history
     return gain_rate(task.weight, task.time_us, task.last_gain, rounds, round_seconds(task, tasks, batch))
 
