@@ -23,7 +23,7 @@ n (batch, on the BATCH edges 1, 2, 4, 8, ...: each batch size a pipeline runs at
 size); layer_norm: m (rows).
 geglu: m (batch x tokens, as linear). attention: b (batch, the BATCH edges), sq and skv (query and
 key/value tokens), each on the pow2 edges; heads and head dim stay exact.
-conv2d: none (n, h, w exact; `shapetune/ops/conv.py`'s note says why).
+conv2d: n (batch, the BATCH edges; h and w exact: `shapetune/ops/conv.py`'s note says why).
 gelu_gate: m (rows, as geglu). bias_add: n (batch, its own edges 1, 2, 4, 8, ...: the batch sizes a
 pipeline runs at) and hw (positions, the pow2 edges); channels stay exact.
 Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
@@ -123,7 +123,8 @@ def timing_members(bucket: Workload) -> list[Workload]:
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
 BATCH = DimBuckets("n", (1, 2, 4, 8, 16, 32, 64))  # [1], [2], [3,4], [5,8], ...: each batch size alike
 DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (BATCH, DimBuckets("hw", POW2.edges))),
-                                   ("layer_norm", (POW2,)), ("geglu", (POW2,)), ("conv2d", ()),
+                                   ("layer_norm", (POW2,)), ("geglu", (POW2,)),
+                                   ("conv2d", (DimBuckets("n", BATCH.edges),)),
                                    ("attention", (DimBuckets("b", BATCH.edges), DimBuckets("sq", POW2.edges),
                                                   DimBuckets("skv", POW2.edges))),
                                    ("gelu_gate", (POW2,)), ("bias_add", (BATCH, DimBuckets("hw", POW2.edges)))))

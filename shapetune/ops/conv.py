@@ -11,13 +11,13 @@ Epilogue steps, in order, on the fp32 accumulator: "bias" + b[co]; "residual" + 
 (extra inputs after x and w in that order). The result is cast to the output dtype once.
 Calling convention (destination-passing): (x, w[, b][, r], y).
 
-No dynamic dims (shapetune/buckets.py: conv2d maps to itself). Batch n stays exact: a UNet runs
-at a handful of batches (1, or 2 per image with classifier-free guidance, times images per
-prompt), each worth its own tuned record, and the GEMM rows M = n*Ho*Wo are already >= 64 per
-image at SD's smallest level, so there is no small-M regime to share. Bucketing n would need a
-symbolic M in the im2col index arithmetic (a div/mod by Ho*Wo per load that cannot fold) for
-little gain. Spatial h and w are exact for now too (one record per resolution); bucketing them
-is the follow-up when serving many resolutions.
+Dynamic dims (shapetune/buckets.py): the batch n, on the BATCH edges (1, 2, 3-4, 5-8, ...): the
+implicit GEMM's rows M = n*Ho*Wo stay symbolic (the row -> (n, ho, wo) index arithmetic divides by
+the constant Ho*Wo), so one kernel serves batch 3 and 4, and since every image is >= 64 rows at
+SD's smallest level, the tile and wave choice barely moves inside a bucket. Spatial h and w stay
+exact: they are compile-time constants of the im2col index arithmetic and the padding predicate
+(bucketing them needs predicated edges on both spatial dims), and a pipeline runs a handful of
+resolutions, each worth its own record.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ CONV_EPILOGUE_STEPS = ("bias", "residual")
 
 def conv2d_workload(n: int, h: int, w: int, ci: int, co: int, kh: int = 3, kw: int = 3, stride: int = 1,
                     padding: int = 1, dtype: str = "float16", bias: bool = True,
-                    residual: bool = False) -> Workload:
-    """conv2d of x[n, h, w, ci] by w[co, kh, kw, ci] (stride, padding), + b[co], + r[n, ho, wo, co].
-
-    Every dim is exact (see shapetune/buckets.py for why n is not bucketed)."""
+                    residual: bool = False, n_range: tuple[int, int] | None = None) -> Workload:
+    """conv2d of x[n, h, w, ci] by w[co, kh, kw, ci] (stride, padding), + b[co], + r[n, ho, wo, co];
+    n_range makes the batch dynamic (h and w stay exact: the module docstring says why)."""
     epi = (("bias",) if bias else ()) + (("residual",) if residual else ())
     wl = Workload(
         op="conv2d",
@@ -47,6 +46,7 @@ def conv2d_workload(n: int, h: int, w: int, ci: int, co: int, kh: int = 3, kw: i
         acc_dtype="float32" if dtype in ("float16", "bfloat16", "float32") else dtype,
         layout=f"nhwc ohwi s{int(stride)} p{int(padding)}",
         epilogue=epi,
+        dynamic=(("n", *n_range),) if n_range else (),
     )
     out_hw(wl)  # validates
     return wl
@@ -92,6 +92,8 @@ def conv2d_prim_func(wl: Workload):
     _check_epilogue(wl.epilogue)
     d = wl.dim
     n, h, w_, ci, co, kh, kw = (d[k] for k in ("n", "h", "w", "ci", "co", "kh", "kw"))
+    if "n" in wl.ranges:
+        n = te.var("n")
     s, p = stride_padding(wl)
     ho, wo = out_hw(wl)
     acc = wl.acc_dtype

@@ -162,3 +162,61 @@ def test_cuda_candidates_build_for_sd_convs():
                 lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
             src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
             assert "wmma::mma_sync" in src, f"{w.name} {c}: not tensorized"
+
+
+# -- batch buckets --------------------------------------------------------------------------------
+BATCH_SHAPE = (3, 7, 9, 8, 12, 3, 3, 1, 1, True, True)  # batch 3: bucket n in [3, 4]
+
+
+def test_batch_bucket_is_correct_at_its_members_on_llvm():
+    import tvm
+
+    from shapetune.buckets import DEFAULT, verification_members
+    from scheduler.templates import get
+
+    w = DEFAULT.bucket_of(_workload(BATCH_SHAPE))
+    assert w.ranges == {"n": (3, 4)} and w.dim["n"] == 4 and w.dim["h"] == 7
+    cpu, t, od = detect("llvm"), get("conv_llvm"), opdef("conv2d")
+    for c in t.space(w, cpu)[::9][:3]:
+        fn = tvm.compile(t.apply(w, cpu, c), target=cpu.tvm_target())["main"]
+        for mw in verification_members(w, random.Random(0)):
+            ins = od.inputs(mw, "cpu", torch.Generator().manual_seed(mw.dim["n"]))
+            out = od.output(mw, "cpu").fill_(float("nan"))
+            fn(*ins, out)
+            assert check_output(out, od.reference(mw, ins), "float32").ok, (c, mw.name)
+
+
+def test_batch_bucket_cuda_candidates_build_for_sm90():
+    import tvm
+    import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the WMMA intrinsics)
+
+    from shapetune.buckets import DEFAULT
+    from scheduler.templates import get
+    from shapetune.target import cuda_target
+
+    target, t = cuda_target(), get("conv_cuda_wmma")
+    w = DEFAULT.bucket_of(conv2d_workload(3, 64, 64, 320, 320, 3, 3, 1, 1, "float16", True, True))
+    assert w.ranges == {"n": (3, 4)}
+    space = t.space(w, target)
+    for c in (space[0], space[len(space) // 2]):
+        lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
+        src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+        assert "wmma::mma_sync" in src and "int n" in src, c  # tensorized, the batch a kernel argument
+
+
+def test_op_serves_a_batch_bucket(tmp_path):
+    from kernels.registry import Registry, set_registry
+    from shapetune.buckets import DEFAULT
+
+    path = tmp_path / "t.db"
+    tune([DEFAULT.bucket_of(_workload(BATCH_SHAPE))], detect("llvm"), path,
+         TuneOptions(trials=2, batch=2, templates=("conv_llvm",)))
+    prev = set_registry(Registry(db_path=path, target=detect("llvm"), require_faster=False))
+    try:
+        for n in (3, 4):
+            x, wt, b, r = _operands((n,) + BATCH_SHAPE[1:], torch.Generator().manual_seed(n))
+            y = kernels.conv2d(x, wt, b, 1, 1, residual=r)
+            torch.testing.assert_close(y, _torch(x, wt, b, 1, 1, r), atol=1e-4, rtol=1e-4)
+        assert kernels.fallback_summary()["conv2d"]["tuned"] == 2  # (an OIHW weight: also weight_relayout)
+    finally:
+        set_registry(prev)
