@@ -204,7 +204,7 @@ def test_best_shape_other_ops_and_errors(path):
     out = json.loads(run("best", "attention", "--db", path, "--target", CPU.key, "--shape",
                          "b=1,sq=20,skv=77,h=2,d=16", "--format", "json"))
     assert out[0]["answer"] == "fallback" and out[0]["cause"] == "not_tuned"
-    assert out[0]["bucket"] == "attention_b1_sq17-32_skv65-128_h2_d16_f32"
+    assert out[0]["bucket"] == "attention_b1-1_sq17-32_skv65-128_h2_d16_f32"  # batch bucketed too
     assert "needs skv, h, d" in run("best", "attention", "--db", path, "--target", CPU.key,
                                     "--shape", "b=1,sq=20", ok=False)
     assert "unknown: q" in run("best", "layer_norm", "--db", path, "--target", CPU.key,
