@@ -87,13 +87,12 @@ def _ohwi(weight: torch.Tensor) -> torch.Tensor:
     return v.contiguous()
 
 
-def _torch_conv(x, weight, bias, stride, padding, residual, shift):
+def _torch_conv(x, weight, bias, stride, padding, residual, shift, ho, wo):
     """cuDNN's conv. torch adds a conv's bias in a kernel of its own after cuDNN's (a broadcast add),
     then the model adds the residual or shift in another: where a tuned bias_add serves this output,
     the conv runs without its bias and that one kernel adds bias (+ residual | + shift) in place."""
     n, co = x.shape[0], weight.shape[0]
     if bias is not None:
-        ho, wo = _out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding)
         epi = ("residual",) if residual is not None else ("shift",) if shift is not None else ()
         res = bias_add_kernel(n, ho * wo, co, x, epi)
         if res is not None:
@@ -122,7 +121,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                                        SUPPORTED[x.dtype], has_b, has_r),
                 x.dtype, is_gpu, empty=x.numel() == 0)
     if res is None:
-        return _torch_conv(x, weight, bias, stride, padding, residual, shift)
+        return _torch_conv(x, weight, bias, stride, padding, residual, shift, ho, wo)
     args = [_nhwc(x), _ohwi(weight)]
     if has_b:
         args.append(bias.contiguous())
