@@ -86,15 +86,21 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def install_registry(dbs: list[str], target):
-    """One temporary DB over every given export / DB, a registry over it for `target` installed for
-    the process, and every kernel it dispatches compiled up front, in parallel (not on first call)."""
+    """A registry for `target` installed for the process, and every kernel it dispatches compiled up
+    front, in parallel (not on first call). Over one temporary DB merged from every given export / DB
+    (their imports re-verified here), or over the one `.db` given, in place: its re-verification
+    verdicts stay in it, so the next script over it re-verifies nothing (scripts/bench_*.py in a row
+    on one GPU machine: `shapetune db import` the exports into one DB first)."""
     from kernels.registry import Registry, set_registry
     from shapetune.db import TuningDB
 
-    db_path = Path(tempfile.mkdtemp(prefix="shapetune-bench-")) / "bench.db"
-    with TuningDB(db_path) as db:
-        for p in dbs:
-            db.merge_from(p)
+    if len(dbs) == 1 and str(dbs[0]).endswith(".db"):
+        db_path = Path(dbs[0])
+    else:
+        db_path = Path(tempfile.mkdtemp(prefix="shapetune-bench-")) / "bench.db"
+        with TuningDB(db_path) as db:
+            for p in dbs:
+                db.merge_from(p)
     reg = Registry(db_path=db_path, target=target)
     set_registry(reg)
     t0 = time.time()
