@@ -11,6 +11,7 @@ read from shapetune/fusions.py, the one table both use.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 from collections.abc import Callable, Iterable
@@ -93,7 +94,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _record_calls(model, inputs, dtype, handlers) -> list[tuple[Workload, str]]:
+def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> list[tuple[Workload, str]]:
     calls: list[tuple[Workload, str]] = []
     hooks = []
     for name, module in model.named_modules():
@@ -108,7 +109,7 @@ def _record_calls(model, inputs, dtype, handlers) -> list[tuple[Workload, str]]:
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.inference_mode():
-            model(**inputs)
+            getattr(model, method)(**inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -131,8 +132,10 @@ def extract_workloads(
     example_inputs: dict,
     dtype: str = "float16",
     handlers: dict[type, Handler] | None = None,
+    method: str = "forward",
 ) -> list[ExtractedOp]:
-    """Run one forward pass and collect the distinct workloads of every handled module call.
+    """Run one forward pass (or `method`, e.g. an autoencoder's ``decode``) and collect the distinct
+    workloads of every handled module call.
 
     The pass runs where the model's parameters live. Build the model on the meta device
     (``with torch.device("meta"):``) to get shapes with no compute and no memory. If the meta
@@ -150,6 +153,8 @@ def extract_workloads(
         of the dtype the extraction pass runs in.
     handlers : dict, optional
         Module type -> handler table; defaults to ``HANDLERS``.
+    method : str
+        The model's method to call with ``example_inputs`` ("forward": ``model(**example_inputs)``).
 
     Returns
     -------
@@ -159,7 +164,7 @@ def extract_workloads(
     handlers = HANDLERS if handlers is None else handlers
     device = _model_device(model)
     try:
-        calls = _record_calls(model, _to_device(example_inputs, device, False), dtype, handlers)
+        calls = _record_calls(model, _to_device(example_inputs, device, False), dtype, handlers, method)
     except (NotImplementedError, RuntimeError) as e:
         if device.type != "meta":
             raise
@@ -170,12 +175,12 @@ def extract_workloads(
             k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in inputs.items()
         }
-        calls = _record_calls(cpu_model, inputs, dtype, handlers)
+        calls = _record_calls(cpu_model, inputs, dtype, handlers, method)
     return _aggregate(calls)
 
 
 def sd15_unet_inputs(
-    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, device="meta"
+    batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, device="meta", ctx_dim: int = 768
 ) -> dict:
     """Keyword inputs for the SD 1.5 UNet at one denoising step.
 
@@ -189,6 +194,8 @@ def sd15_unet_inputs(
         Text tokens in ``encoder_hidden_states`` (CLIP: 77).
     device : str or torch.device
         Where to allocate the tensors.
+    ctx_dim : int
+        Channels of ``encoder_hidden_states`` (the UNet's cross_attention_dim; SD 1.5: 768).
 
     Returns
     -------
@@ -200,7 +207,7 @@ def sd15_unet_inputs(
     return {
         "sample": torch.zeros(batch, 4, height // 8, width // 8, device=device),
         "timestep": torch.tensor(999, device=device),
-        "encoder_hidden_states": torch.zeros(batch, seq, 768, device=device),
+        "encoder_hidden_states": torch.zeros(batch, seq, ctx_dim, device=device),
     }
 
 
@@ -382,14 +389,170 @@ SD15_FAMILIES = {
     "elementwise": lambda **kw: sd15_elementwise_workloads(**kw),
 }
 
+# -- every family in one pass ------------------------------------------------------------------------
+#: family -> (the module rule kinds it records, whether shapetune.fusions' epilogues are folded in), as
+#: the sd15_<family>_workloads functions extract them; "elementwise" is derived from unfused conv2d and
+#: geglu calls (elementwise_workloads)
+FAMILY_RULES = {"linear": (("linear",), True), "geglu": (("geglu",), False),
+                "norms": (("group_norm", "layer_norm"), True), "conv": (("conv2d",), True),
+                "attention": (("attention",), False), "elementwise": (("conv2d", "geglu"), False)}
+
+
+def family_workloads(model: nn.Module, inputs: dict, families=tuple(FAMILY_RULES), dtype: str = "float16",
+                     method: str = "forward") -> list[ExtractedOp]:
+    """The distinct workloads of the named families (FAMILY_RULES) in one call of `model`'s `method`:
+    one pass with every family's handlers, then each family's ops as its own extraction gives them
+    (the same list as one pass per family: a hook records its module's calls whatever else is hooked).
+
+    Parameters and returns as ``extract_workloads``; families in order, each in first-call order.
+    """
+    from shapetune.fusions import fusion_sites
+
+    unknown = [f for f in families if f not in FAMILY_RULES]
+    if unknown:
+        raise ValueError(f"unknown op families {unknown}; known: {', '.join(FAMILY_RULES)}")
+    kinds = {k for f in families for k in FAMILY_RULES[f][0]}
+    handlers = handlers_for(*kinds)
+    kind_of = {}  # module name -> its rule's kind
+    for name, m in model.named_modules():
+        h = _handler_for(m, handlers)
+        if h is not None:
+            kind_of[name] = h.rule.kind
+    raw = extract_workloads(model, inputs, dtype, handlers, method)
+    sites = fusion_sites(model)
+    out: list[ExtractedOp] = []
+    for f in families:
+        fk, fuse = FAMILY_RULES[f]
+        ops = [op for op in raw if kind_of[op.modules[0]] in fk]
+        out += elementwise_workloads(ops, sites) if f == "elementwise" else apply_fusions(ops, sites) if fuse else ops
+    return out
+
 
 def sd15_workloads(families=tuple(SD15_FAMILIES), batch: int = 2, height: int = 512, width: int = 512,
                    dtype: str = "float16") -> list[ExtractedOp]:
-    """Every distinct workload of the named op families in one SD 1.5 UNet forward pass."""
-    out = []
-    for f in families:
-        out += SD15_FAMILIES[f](batch=batch, height=height, width=width, dtype=dtype)
+    """Every distinct workload of the named op families in one SD 1.5 UNet forward pass (one pass for
+    all of them: family_workloads)."""
+    return model_workloads("unet", families, batch, height, width, dtype)
+
+
+# -- the VAE decoder ---------------------------------------------------------------------------------
+def sd15_vae_inputs(batch: int = 1, height: int = 512, width: int = 512, device="meta",
+                    latent_channels: int = 4) -> dict:
+    """Keyword inputs for AutoencoderKL.decode: latents ``z`` [batch, 4, height / 8, width / 8] for
+    an image of height x width pixels."""
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    return {"z": torch.zeros(batch, latent_channels, height // 8, width // 8, device=device)}
+
+
+def sd15_vae_workloads(families=tuple(FAMILY_RULES), batch: int = 1, height: int = 512, width: int = 512,
+                       dtype: str = "float16") -> list[ExtractedOp]:
+    """The distinct workloads of the named families in one SD 1.5 VAE decode (AutoencoderKL.decode:
+    post_quant_conv, then the decoder) of `batch` latents for height x width pixel images, through the
+    handlers kernels.patch patches by: its convs, GroupNorms (+SiLU), the mid-block attention's
+    linears (its 4-D attention call keeps SDPA: no attention workload) and the convs' bias passes."""
+    return model_workloads("vae", families, batch, height, width, dtype)
+
+
+# -- models on the meta device, by name --------------------------------------------------------------
+@functools.cache
+def _meta_model(name: str, tiny: bool) -> nn.Module:
+    from scheduler.pipelines import TINY_UNET
+    from scheduler.sd_configs import build_sd15_unet, build_sd15_vae
+
+    if name == "vae":
+        return build_sd15_vae(device="meta", tiny=tiny)
+    if not tiny:
+        return build_sd15_unet(device="meta")
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**TINY_UNET).eval()
+
+
+#: the models the grid extracts: name -> what one call is (the UNet's forward, the VAE's decode)
+MODELS = ("unet", "vae")
+SEQ, TINY_SEQ = 77, 7  # text tokens: CLIP's; the tiny UNet's (scripts/bench_e2e.py --tiny)
+
+
+def model_workloads(model: str, families=tuple(FAMILY_RULES), batch: int = 2, height: int = 512,
+                    width: int = 512, dtype: str = "float16", tiny: bool = False) -> list[ExtractedOp]:
+    """family_workloads of one call of `model` ("unet": a denoising step, text SEQ tokens; "vae": a
+    decode) at batch x height x width pixels, built on the meta device (once per process);
+    `tiny`: scheduler.pipelines' tiny configs (CPU tests)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    m = _meta_model(model, tiny)
+    if model == "vae":
+        return family_workloads(m, sd15_vae_inputs(batch, height, width), families, dtype, "decode")
+    inputs = sd15_unet_inputs(batch, height, width, TINY_SEQ if tiny else SEQ, ctx_dim=m.config.cross_attention_dim)
+    return family_workloads(m, inputs, families, dtype)
+
+
+# -- shape grids -------------------------------------------------------------------------------------
+def clog2(v: int) -> int:
+    """ceil(log2(v)) for v >= 1: the index of the pow2 bucket (2^(i-1), 2^i] that holds v."""
+    return (v - 1).bit_length()
+
+
+def shape_class(batch: int, height: int, width: int, exact_hw: bool, seq: int = SEQ) -> tuple:
+    """A key such that two shapes (batch, height, width in pixels, multiples of 64) of one key give
+    the SD 1.5 UNet and VAE decoder the same bucket workloads with the same calls (grid_bucket_calls).
+
+    Why it holds. With the latent h x w = height / 8 x width / 8 (multiples of 8), every level of the
+    UNet (3 stride-2 downsamplings) and of the VAE decoder (3 2x upsamplings) has an exact h x w / 4^k
+    or h x w x 4^k positions, P x 2^j (P = h x w, j an integer). So, conv2d aside, every dim of every
+    workload is one of: the batch b (group_norm / bias_add n, attention b, the time embedding's GEMM
+    m), positions P x 2^j (group_norm / bias_add hw, attention sq / skv), rows b x P x 2^j (linear,
+    geglu, layer_norm, gelu_gate m), the text rows b x seq (cross-attention's k / v GEMMs) or seq
+    (skv), or a constant (channels, heads); the same modules run at every shape, each the same number
+    of times. Every bucket edge is a power of two (BATCH edges 1, 2, 4, ...; pow2 edges 16, 32, ...,
+    65536, beyond them none), so the bucket of x x 2^j is fixed by clog2(x) + j: the key (clog2 b,
+    clog2 b x seq, clog2 P, clog2 b x P) fixes every bucket of every call. conv2d keeps h and w exact
+    and buckets n (its only batch dim) on the BATCH edges: its key (`exact_hw`) is (clog2 b, height,
+    width).
+    """
+    if height % 64 or width % 64 or min(batch, height, width) < 1:
+        raise ValueError(f"shape {batch}x{height}x{width}: need batch >= 1 and pixel sizes multiples of 64")
+    if exact_hw:
+        return clog2(batch), height, width
+    p = (height // 8) * (width // 8)
+    return clog2(batch), clog2(batch * seq), clog2(p), clog2(batch * p)
+
+
+def grid_classes(shapes, exact_hw: bool, seq: int = SEQ) -> dict[tuple, list[tuple[int, int, int]]]:
+    """{shape_class: its shapes, in order}."""
+    out: dict[tuple, list] = {}
+    for b, h, w in shapes:
+        out.setdefault(shape_class(b, h, w, exact_hw, seq), []).append((b, h, w))
     return out
+
+
+def parse_grid(spec: str) -> list[tuple[int, int, int]]:
+    """A --grid value, BATCHESxSIZES or BATCHESxHEIGHTSxWIDTHS, each axis a range A-B or values A,B,...:
+    batches step 1, pixel sizes step 64 (multiples of 64); SIZES alone gives every height x width
+    pair, square and not: "1-8x256-1024" -> the 8 x 13 x 13 = 1352 shapes (batch, height, width)."""
+    parts = spec.replace(" ", "").split("x")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"--grid {spec!r}: expected BATCHESxSIZES or BATCHESxHEIGHTSxWIDTHS")
+
+    def axis(text: str, step: int) -> list[int]:
+        vals: list[int] = []
+        for item in text.split(","):
+            lo, _, hi = item.partition("-")
+            try:
+                a, b = int(lo), int(hi or lo)
+            except ValueError:
+                raise ValueError(f"--grid {spec!r}: {item!r} is not N or A-B") from None
+            if a < 1 or b < a or a % step or (b - a) % step:
+                raise ValueError(f"--grid {spec!r}: {item!r} needs 1 <= A <= B" +
+                                 (f", multiples of {step}" if step > 1 else ""))
+            vals += range(a, b + 1, step)
+        return list(dict.fromkeys(vals))
+
+    batches, heights = axis(parts[0], 1), axis(parts[1], 64)
+    widths = axis(parts[2], 64) if len(parts) == 3 else heights
+    return [(b, h, w) for b in batches for h in heights for w in widths]
 
 
 def save_workload_file(path: str | Path, workloads: Iterable[Workload | ExtractedOp], meta: dict | None = None) -> None:

@@ -64,3 +64,22 @@ def build_sd15_unet(dtype: torch.dtype = torch.float32, device: str | torch.devi
     if dtype != torch.float32:
         unet = unet.to(dtype=dtype)
     return unet.eval()
+
+
+def build_sd15_vae(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tiny: bool = False):
+    """Build the SD 1.5 VAE (AutoencoderKL) from its config with random weights.
+
+    The config is scheduler.pipelines.SD15_VAE (vae/config.json's fields that matter: four blocks of
+    128, 256, 512, 512 channels, 2 layers each, 32 groups), the one the pipelines build; `tiny` builds
+    its TINY_VAE instead (CPU tests). Parameters and returns as ``build_sd15_unet``: ``"meta"`` builds
+    shapes only; the decoder takes latents [batch, 4, height / 8, width / 8].
+    """
+    from diffusers import AutoencoderKL
+
+    from .pipelines import SD15_VAE, TINY_VAE  # pipelines imports this module: imported here, not on top
+
+    with torch.device(device):
+        vae = AutoencoderKL(**copy.deepcopy(TINY_VAE if tiny else SD15_VAE))
+    if dtype != torch.float32:
+        vae = vae.to(dtype=dtype)
+    return vae.eval()

@@ -189,3 +189,56 @@ def test_fused_workload_folds_the_site_into_the_epilogue():
     conv = conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True)
     assert fused_workload(conv, RESIDUAL) == conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True, True)
     assert fused_workload(conv, GELU_EPILOGUE) is None
+
+
+# -- every family in one pass; the VAE decoder -------------------------------------------------------
+def test_one_pass_equals_one_extraction_per_family():
+    """sd15_workloads runs one forward with every family's handlers (scheduler.extract.family_workloads);
+    it must list what the per-family extractions list, in their order (fused and elementwise included)."""
+    from scheduler.extract import SD15_FAMILIES, sd15_workloads
+
+    kw = dict(batch=3, height=320, width=448, dtype="float16")
+    per_family = [op for f in SD15_FAMILIES for op in SD15_FAMILIES[f](**kw)]
+    assert sd15_workloads(**kw) == per_family and len(per_family) > 100
+    assert sd15_workloads(("attention", "norms"), **kw) == (SD15_FAMILIES["attention"](**kw)
+                                                             + SD15_FAMILIES["norms"](**kw))
+
+
+def test_tiny_vae_decode_workloads_are_what_the_patched_decoder_calls(tmp_path):
+    """The VAE decoder's workloads (decode: post_quant_conv, then the decoder; never the encoder) on the
+    tiny config, latents 2 x 4 x 16 x 24: their calls per op equal the op calls a kernels.patch-ed VAE
+    makes in one decode on the CPU (every one counted by the registry, no DB: all fall back), so
+    extraction sees what patching serves; the convs run at the latent size, then 2x it (one upsampler)."""
+    import kernels
+    from kernels.registry import Registry, set_registry
+    from scheduler.extract import family_workloads, sd15_vae_inputs, sd15_vae_workloads
+    from scheduler.sd_configs import build_sd15_vae
+    from shapetune.target import detect
+
+    torch.manual_seed(0)
+    vae = build_sd15_vae(tiny=True)
+    ops = family_workloads(vae, sd15_vae_inputs(2, 128, 192, device="cpu"), dtype="float32", method="decode")
+    modules = {m for op in ops for m in op.modules}
+    assert "post_quant_conv" in modules and not any(m.startswith("encoder.") for m in modules)
+    convs = [op.workload for op in ops if op.workload.op == "conv2d"]
+    assert {(w.dim["h"], w.dim["w"]) for w in convs} == {(16, 24), (32, 48)} and {w.dim["n"] for w in convs} == {2}
+    assert any("silu" in op.workload.epilogue for op in ops if op.workload.op == "group_norm")
+    extracted: dict[str, int] = {}
+    for op in ops:
+        extracted[op.workload.op] = extracted.get(op.workload.op, 0) + op.calls
+    assert {"conv2d", "group_norm", "linear", "bias_add"} <= set(extracted)
+
+    prev = set_registry(Registry(db_path=tmp_path / "none.db", target=detect("llvm")))
+    try:
+        kernels.patch(vae)
+        with torch.no_grad():
+            vae.decode(torch.randn(2, 4, 16, 24))
+        served = {op: sum(d.values()) for op, d in kernels.fallback_summary().items()}
+    finally:
+        kernels.unpatch(vae)
+        set_registry(prev)
+    assert served == extracted
+    # the SD 1.5 VAE on the meta device: its decoder's 4 levels at 64 x 96 latents, 512 channels at the top
+    big = {op.workload for op in sd15_vae_workloads(batch=1, height=512, width=768)}
+    assert {(w.dim["h"], w.dim["w"]) for w in big if w.op == "conv2d"} == {(64, 96), (128, 192), (256, 384), (512, 768)}
+    assert max(w.dim["hw"] for w in big if w.op == "group_norm") == 512 * 768
