@@ -25,6 +25,153 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+# -- per-op host cost (--per-op) -----------------------------------------------------------------------
+def _cases(dtype):
+    """name -> (module, args, kwargs): one small instance per patched module kind (tiny tensors, so the
+    host's work per call dominates) and the tiny UNet."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch import nn
+
+    from scripts.bench_e2e import TINY
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, cl=False):
+        t = torch.randn(*shape, generator=g, dtype=dtype)
+        return t.contiguous(memory_format=torch.channels_last) if cl else t
+
+    torch.manual_seed(0)
+    tokens, img = rnd(2, 16, 32), rnd(1, 16, 8, 8, cl=True)
+    return {
+        "Linear": (nn.Linear(32, 32), (tokens,), {}),
+        "Conv2d": (nn.Conv2d(16, 16, 3, padding=1), (img,), {}),
+        "GroupNorm": (nn.GroupNorm(4, 16), (img,), {}),
+        "LayerNorm": (nn.LayerNorm(32), (tokens,), {}),
+        "GEGLU": (GEGLU(32, 32), (tokens,), {}),
+        "Attention": (Attention(32, heads=2, dim_head=16), (tokens,), {}),
+        "ResnetBlock2D": (ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=32, groups=4),
+                          (img, rnd(1, 32)), {}),
+        "BasicTransformerBlock": (BasicTransformerBlock(32, 2, 16, cross_attention_dim=24), (tokens,),
+                                  {"encoder_hidden_states": rnd(2, 7, 24)}),
+        "UNet (tiny)": (UNet2DConditionModel(**TINY), (rnd(2, 4, 8, 8, cl=True), torch.tensor(500)),
+                        {"encoder_hidden_states": rnd(2, 7, 24)}),
+    }
+
+
+def _us_per_call(fn, calls: int, repeats: int) -> float:
+    """The fastest over `repeats` of the mean wall time of `calls` back-to-back calls, in µs (the
+    fastest: on a shared CPU the others measure the neighbours)."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls)
+    return min(out) * 1e6
+
+
+def _python_calls(fn) -> int:
+    """Python-level function calls one fn() makes (sys.setprofile's "call" events)."""
+    n = [0]
+
+    def hook(frame, event, arg):
+        if event == "call":
+            n[0] += 1
+
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n[0]
+
+
+def per_op(a) -> dict:
+    """us per call of each module kind, unpatched vs patched, on an empty DB (every op on its counted
+    torch fallback) and with llvm kernels tuned (1 candidate each) for every workload the modules
+    dispatch, served whatever their speed (require_faster=False: this measures the host path)."""
+    import copy
+    import tempfile
+
+    import kernels
+    from scheduler.tuner import TuneOptions, tune
+    from shapetune.target import detect
+
+    cpu = detect("llvm")
+    dtype = torch.float32
+    torch.set_num_threads(1)  # host cost: torch's intra-op threads on a shared CPU measure contention
+    cases = {k: (m.to(dtype).eval(), args, kw) for k, (m, args, kw) in _cases(dtype).items()}
+    tmp = Path(tempfile.mkdtemp(prefix="shapetune-host-"))
+    db = Path(a.per_op_db) if a.per_op_db else tmp / "tuned.db"
+    rows = {k: {} for k in cases}
+
+    def measure(label, reg):
+        prev = kernels.set_registry(reg)
+        try:
+            for name, (m, args, kw) in cases.items():
+                pm = copy.deepcopy(m)
+                if reg is not None:
+                    kernels.patch(pm)
+                    if type(pm).__name__ == "UNet2DConditionModel":
+                        pm.to(memory_format=torch.channels_last)
+                fn = lambda: pm(*args, **kw)  # noqa: E731
+                with torch.no_grad():
+                    for _ in range(5):
+                        fn()
+                    before = sum(reg.calls.values()) if reg is not None else 0
+                    fn()
+                    ops = sum(reg.calls.values()) - before if reg is not None else 0
+                    tuned = reg.calls if reg is not None else {}
+                    rows[name][label] = {"us": _us_per_call(fn, a.calls, a.repeats), "py_calls": _python_calls(fn),
+                                         "op_calls": ops}
+                if reg is not None:
+                    rows[name][label]["outcomes"] = sorted({why for (_, why), n in tuned.items() if n})
+                    reg.calls.clear()
+        finally:
+            kernels.set_registry(prev)
+
+    measure("eager", None)
+    measure("patched_fallback", kernels.Registry(db_path=tmp / "empty.db", target=cpu))
+    if not a.no_tuned:
+        seen = {}
+        rec = kernels.Registry(db_path=tmp / "empty.db", target=cpu)
+        lookup = rec.lookup
+
+        def record(sig, make_workload):
+            seen.setdefault(sig, make_workload())
+            return lookup(sig, make_workload)
+
+        rec.lookup = record
+        prev = kernels.set_registry(rec)
+        try:
+            for name, (m, args, kw) in cases.items():
+                pm = copy.deepcopy(m)
+                kernels.patch(pm)
+                with torch.no_grad():
+                    pm(*args, **kw)
+        finally:
+            kernels.set_registry(prev)
+        t0 = time.time()
+        tune(list(dict.fromkeys(seen.values())), cpu, db, TuneOptions(trials=1, batch=4))
+        reg = kernels.Registry(db_path=db, target=cpu, require_faster=False)
+        built = reg.prebuild()
+        print(f"tuned {len(set(seen.values()))} workloads (1 candidate each), kernels {built}, "
+              f"{time.time() - t0:.0f} s")
+        measure("patched_tuned", reg)
+    print(f"{'module':22s} {'eager us':>9s} {'fallback us':>12s} {'tuned us':>9s} {'op calls':>8s} "
+          f"{'fallback-eager us/op':>21s} {'py calls eager/fallback/tuned':>30s}")
+    for name, r in rows.items():
+        e, f, t = r["eager"], r["patched_fallback"], r.get("patched_tuned", {})
+        print(f"{name:22s} {e['us']:9.1f} {f['us']:12.1f} {t.get('us', float('nan')):9.1f} {f['op_calls']:8d} "
+              f"{(f['us'] - e['us']) / max(f['op_calls'], 1):21.1f} "
+              f"{e['py_calls']:>14d}/{f['py_calls']}/{t.get('py_calls', '-')}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", action="append", default=[])
@@ -32,7 +179,19 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", type=int, default=3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--per-op", action="store_true", help="us per call of each patched module kind, eager vs "
+                    "patched (fallback and llvm-tuned), on the CPU")
+    ap.add_argument("--per-op-db", default="", help="--per-op: the tuned DB to use (or fill, once)")
+    ap.add_argument("--no-tuned", action="store_true", help="--per-op: skip the llvm-tuned column")
+    ap.add_argument("--calls", type=int, default=200, help="--per-op: calls per timed repeat")
+    ap.add_argument("--repeats", type=int, default=9, help="--per-op: repeats (median taken)")
     a = ap.parse_args()
+    if a.per_op:
+        rows = per_op(a)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                                "device": "cpu", "args": vars(a), "per_op": rows}, indent=1))
+        return
 
     import kernels
     from scripts.bench_e2e import build, inputs, install_registry
