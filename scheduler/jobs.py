@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -132,3 +133,123 @@ def run(workloads: list[Workload], a: argparse.Namespace, vendor: str, calls: di
         print(f"{r['workload']:52s} {f(r['best_us'])} {f(r['dlight_us'])} {f(r['vendor_us'])} "
               f"{f(r['ratio_vs_vendor']):>10s}  {r['best']}")
     return rows
+
+
+# -- a shape grid ------------------------------------------------------------------------------------
+@dataclass
+class GridCalls:
+    """Calls over every shape of a grid, each shape's model calls weighted (`models`): per bucket
+    workload (most called first), and per op those no bucket serves (a dim beyond the last edge:
+    they run torch's op, counted `outside_buckets`)."""
+
+    calls: dict[Workload, float]
+    outside: dict[str, float]
+    shapes: int
+    passes: int  # model calls extracted (one per shape class and model, or per shape and model)
+
+
+def grid_bucket_calls(shapes: list[tuple[int, int, int]], families, models: dict[str, float] | None = None,
+                      dtype: str = "float16", tiny: bool = False, shortcut: bool = True) -> GridCalls:
+    """{bucket workload: calls} that serve every (batch, height, width) of `shapes` for the SD 1.5
+    `models` ({"unet": calls per shape, "vae": ...}; default one UNet step and one VAE decode each) and
+    op `families` (scheduler.extract.FAMILY_RULES). One extraction per extract.shape_class (whose
+    docstring says why every shape of a class has the same bucket calls), conv2d's classes apart
+    (its h and w exact), each counted for the class's members; shortcut=False extracts every shape."""
+    from .extract import SEQ, TINY_SEQ, grid_classes, model_workloads
+
+    models = {"unet": 1.0, "vae": 1.0} if models is None else models
+    families = tuple(families)
+    rest, conv = tuple(f for f in families if f != "conv"), tuple(f for f in families if f == "conv")
+    groups = [(g, g == ("conv",)) for g in (rest, conv) if g] if shortcut else [(families, False)]
+    calls: dict[Workload, float] = {}
+    outside: dict[str, float] = {}
+    passes = 0
+    for model, weight in models.items():
+        for fams, exact_hw in groups:
+            classes = (grid_classes(shapes, exact_hw, TINY_SEQ if tiny else SEQ) if shortcut
+                       else {s: [s] for s in shapes})
+            for members in classes.values():
+                passes += 1
+                for op in model_workloads(model, fams, *members[0], dtype=dtype, tiny=tiny):
+                    n = op.calls * len(members) * weight
+                    bw = DEFAULT.bucket_of(op.workload)
+                    if bw is None:
+                        outside[op.workload.op] = outside.get(op.workload.op, 0) + n
+                    else:
+                        calls[bw] = calls.get(bw, 0) + n
+    return GridCalls(dict(sorted(calls.items(), key=lambda kv: -kv[1])), outside, len(shapes), passes)
+
+
+def tuned_keys(paths: list[str], target) -> set[str]:
+    """Workload keys that the DBs / JSONL exports at `paths` hold verified-ok records for, for a target
+    whose kernels are this one's (Target.shares_kernels_with: `shapetune db import` + `db verify`
+    serve them here)."""
+    import tempfile
+
+    if not paths:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="shapetune-tuned-") as d, TuningDB(Path(d) / "have.db") as db:
+        for p in paths:
+            db.merge_from(p)
+        targets = [t.key for t in db.targets() if target.shares_kernels_with(t)]
+        return {r.workload.key for t in targets for _, r in db.iter_results(target_key=t, status="ok")}
+
+
+def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float = 1.0,
+               per_name: str = "forward", meta: dict | None = None):
+    """Tune `weights` ({workload: calls}) with the task scheduler for a.budget_s seconds (a.db, a.batch,
+    a.seed, a.template, a.trials as a cap per workload); after every round the JSON summary (a.json)
+    and this target's records (a.export) are rewritten, so a job cut off keeps what it measured.
+    Prints a line per round, then the allocation and the scheduler's end-to-end estimate, per `per`
+    units of `per_name` (e.g. the grid's shapes: calls are summed over them). Returns the Schedule."""
+    from .task_scheduler import schedule
+
+    target = detect()
+    print(f"target: {target.describe()}  [{target.key}]")
+    print(f"{len(weights)} workloads for {a.budget_s:g} s" + (f", at most {a.trials} trials each" if a.trials else "")
+          + f", db {a.db}", flush=True)
+
+    def rows(sched) -> list[dict]:
+        return [{"workload": t.workload.name, "key": t.workload.key, "calls": t.weight, "rounds": t.rounds,
+                 "measured": t.measured, "trials": t.trials, "vendor_us": t.vendor_us, "best_us": t.tuned_us,
+                 "served_us": t.served_us, "done": t.done} for t in sched.tasks]
+
+    def estimate(sched) -> dict:
+        est = sched.totals()
+        minutes = sched.wall_s / 60
+        saved = (est["start_us"] - est["after_us"]) / per / 1e3
+        return {**est, "per": per, "per_name": per_name, "vendor_ms_per": est["before_us"] / per / 1e3,
+                "served_ms_per": est["after_us"] / per / 1e3, "saved_ms_per": saved,
+                "gain_ms_per_gpu_min": saved / minutes if minutes else 0.0}
+
+    def write(sched):
+        if a.json:
+            Path(a.json).write_text(json.dumps(
+                {"target": target.to_json(), "target_key": target.key, "date": time.strftime("%Y-%m-%d"),
+                 "budget_s": a.budget_s, "meta": meta or {}, "estimate": estimate(sched), "rows": rows(sched),
+                 "order": sched.order}, indent=1))
+        if a.export:
+            with TuningDB(a.db) as db:
+                db.export_jsonl(a.export, target_key=target.key)
+
+    def on_round(t, sched):
+        best = f"{t.tuned_us:.2f} us" if t.tuned_us is not None else "none"
+        print(f"  [{sched.wall_s:5.0f} s] {t.workload.name} x{t.weight:g}: round {t.rounds}, {t.trials} trials, "
+              f"best {best}{f' ({t.done})' if t.done else ''}", flush=True)
+        write(sched)
+
+    opts = TuneOptions(batch=a.batch, seed=a.seed, templates=tuple(a.template))
+    sched = schedule(weights, target, a.budget_s, a.db, opts, cap=a.trials or None, on_round=on_round)
+    write(sched)
+    f = lambda v: f"{v:9.2f}" if v is not None else "      n/a"  # noqa: E731
+    print(f"\n{'workload':52s} {'calls':>8s} {'rounds':>6s} {'trials':>6s} {'vendor_us':>9s} {'best_us':>9s} "
+          f"{'served':>6s}  done")
+    for r in sorted(rows(sched), key=lambda r: -r["calls"] * (r["vendor_us"] or 0)):
+        print(f"{r['workload']:52s} {r['calls']:8g} {r['rounds']:6d} {r['trials']:6d} {f(r['vendor_us'])} "
+              f"{f(r['best_us'])} {'yes' if r['served_us'] is not None else 'no':>6s}  {r['done'] or '-'}")
+    e = estimate(sched)
+    print(f"end to end (sum of calls x time over {e['tasks_timed']} timed workload(s), per {per_name}, "
+          f"{per:g} of them): {e['vendor_ms_per']:.3f} ms on the vendor path, {e['served_ms_per']:.3f} ms as served; "
+          f"this run saved {e['saved_ms_per']:.4f} ms in {sched.wall_s / 60:.1f} min: "
+          f"{e['gain_ms_per_gpu_min']:.4f} ms per {per_name} per GPU-minute")
+    return sched
