@@ -52,6 +52,7 @@ E2E = "bench/bench_e2e_h200.json"
 HOST = "bench/bench_host_h200.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
 LORA = "bench/bench_lora_h200.json"
+COVERAGE = "bench/bench_coverage_h200.json"
 
 # Goals (issue 4, for an H100) and floors: targets, not measurements.
 GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
@@ -1105,15 +1106,54 @@ def pipeline_table(logs: Logs) -> str:
     ])
 
 
+def coverage(logs: Logs) -> str:
+    """scripts/bench_coverage.py's run: at random grid shapes, the share of op calls and of GPU time in tuned
+    kernels and the speed against the vendor-only patched model; "" (no section) until its JSON is committed."""
+    if not (logs.dir / COVERAGE).exists():
+        return ""
+    d = logs.load(COVERAGE)
+    a = d["args"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731  (no GPU profile: a CPU run)
+    names = {"unet": "UNet step", "vae": "VAE decode"}
+    rows = []
+    for model, per in d["rows"].items():
+        for s, r in per.items():
+            t, v = r["tuned"], r["vendor"]
+            rows.append([names.get(model, model), s.replace("x", " x ", 1), num(t["us"] / 1e3, 2), num(v["us"] / 1e3, 2),
+                         num(r["speedup_vs_vendor"], 3), f"{t['tuned_calls']}/{t['op_calls']}",
+                         pct(t.get("tvm_time_share")), f"{r['rel_l2_vs_vendor']:.1e}"])
+    totals = []
+    for model, t in d["totals"].items():
+        outcomes = ", ".join(f"{k} {n}" for k, n in t["outcomes"].items())
+        totals.append(f"{names.get(model, model)}: speedup against vendor-only {num(t['speedup_vs_vendor_geomean'], 3)}x "
+                      f"geomean ({num(t['speedup_min'], 3)}-{num(t['speedup_max'], 3)}) over {t['shapes']} shapes; "
+                      f"op calls tuned {pct(t['tuned_call_share_mean'])}, GPU time in TVM kernels "
+                      f"{pct(t.get('tvm_time_share_mean'))} (means over the shapes); op calls by outcome: {outcomes}.")
+    return "\n\n".join([
+        "## Coverage over the shape grid",
+        bullets([f"Card: {logs.card(COVERAGE)}. Date: {logs.dates(COVERAGE)}. Command: `{logs.command(COVERAGE)}`",
+                 f"{len(d['shapes'])} random shapes (seed {a['seed']}) of the grid {a['grid'] or '1-8x256-1024'} "
+                 "(batch x height x width in pixels); per model two copies with the same random weights, both "
+                 "`kernels.optimize`d: one served from the given records, one from an empty DB (vendor-only: every "
+                 "op on torch's path). ms: median per call with CUDA graphs (CUDA events, "
+                 f"{a['iters']} calls after {a['warmup']} warm-up); op calls tuned: of one eager forward, by the "
+                 "registry's counts; GPU time in TVM kernels: torch.profiler over one eager forward; rel L2: tuned "
+                 "output against vendor-only."]),
+        table([("model", "l"), ("shape", "l"), ("ms tuned", "r"), ("ms vendor-only", "r"), ("speedup", "r"),
+               ("op calls tuned", "r"), ("GPU time in TVM", "r"), ("rel L2", "r")], rows),
+        bullets(totals),
+    ])
+
+
 SECTIONS = (summary, linear, metaschedule, buckets, norms, grid_buckets, geglu, conv, attention, verification_error,
             vendor_noise,
-            cost_model, lookup, end_to_end)
+            cost_model, lookup, end_to_end, coverage)
 
 
 def render(root: Path = ROOT) -> str:
     """BENCHMARKS.md's full text, from the committed JSON under root/tuning_logs."""
     logs = Logs(root)
-    return "# Benchmarks\n\n" + intro(logs) + "\n\n" + "\n\n".join(f(logs) for f in SECTIONS) + "\n"
+    return "# Benchmarks\n\n" + intro(logs) + "\n\n" + "\n\n".join(t for t in (f(logs) for f in SECTIONS) if t) + "\n"
 
 
 def main():

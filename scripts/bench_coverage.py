@@ -1,0 +1,218 @@
+"""Coverage: at random shapes of the grid, the share of op calls and of GPU time served by tuned kernels, and
+the end-to-end speed of the SD 1.5 UNet step and VAE decode against the same model patched with no tuned
+records (vendor-only), measured in one run.
+
+    python scripts/bench_coverage.py --db tuning_logs/sm90_h200_sd15_grid.jsonl.xz --db ... \
+        --grid 1-8x256-1024 --samples 8 --seed 0 --json tuning_logs/bench/bench_coverage_h200.json   # GPU, fp16
+    python scripts/bench_coverage.py --tiny --device cpu --samples 2 --json /tmp/coverage.json       # smoke run
+
+`--samples` (batch, height, width) are drawn from `--grid` (scheduler.extract.parse_grid) with `--seed`.
+Per model (`--models`: the UNet's forward at that batch with 77 text tokens, the VAE's decode of that many
+latents) two copies with the same random weights are `kernels.optimize`d (channels_last, patched, a CUDA
+graph per call signature): one with a registry over the `--db` files (DBs or JSONL(.xz) exports, merged;
+every kernel it serves built up front, imported records re-verified first, as scripts/bench_e2e.py does),
+one with a registry over an empty DB (every op on its vendor path: the same patched module tree, cuDNN's
+convs with the bias pass, cuBLAS, SDPA, torch's norms). Per shape and model:
+  - op calls of one eager forward by outcome (the registry's counts: tuned, vendor_faster, not_tuned,
+    outside_buckets, ...), the share tuned;
+  - GPU time of one eager forward by kernel category (torch.profiler, scripts/bench_e2e.py's categories):
+    the share in TVM kernels (GPU only);
+  - median time per call with graphs on (CUDA events around each call after warm-up; host launch
+    included) of both copies, their ratio, and the relative L2 of the tuned output against the vendor one.
+Totals per model: geometric mean of the speedups, means of the shares, the outcome counts summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_e2e  # noqa: E402  (install_registry, time_calls, kernel_profile, rel_l2: one copy of each)
+
+TINY_GRID = "1-2x64-128"
+
+
+def build(model: str, tiny: bool, dev, dtype) -> torch.nn.Module:
+    from scheduler.sd_configs import build_sd15_vae
+
+    if model == "unet":
+        return bench_e2e.build(tiny, dev, dtype)  # seeded
+    torch.manual_seed(0)
+    return build_sd15_vae(tiny=tiny).to(device=dev, dtype=dtype).eval()
+
+
+def make_inputs(model: str, m, b: int, h: int, w: int, dev, dtype) -> dict:
+    """Random inputs (seeded): the UNet's latents, timestep and text states, or the VAE's latents."""
+    from scheduler.extract import SEQ, TINY_SEQ
+
+    g = torch.Generator().manual_seed(b * 1_000_003 + h * 1009 + w)
+    lat = torch.randn(b, 4, h // 8, w // 8, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+    if model == "vae":
+        return {"z": lat}
+    seq = TINY_SEQ if m.config.cross_attention_dim < 768 else SEQ
+    ctx = torch.randn(b, seq, m.config.cross_attention_dim, generator=g).to(dev, dtype)
+    return {"sample": lat, "timestep": torch.tensor(500, device=dev), "encoder_hidden_states": ctx}
+
+
+def output(model: str, out) -> torch.Tensor:
+    return (out.sample if hasattr(out, "sample") else out[0]).float()
+
+
+def geomean(xs) -> float | None:
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def measure(model: str, pair: dict, x: dict, a, is_gpu: bool) -> dict:
+    """One shape: outcome counts, GPU time shares, latency of both copies (see the module docstring)."""
+    import kernels
+    from kernels.registry import set_registry
+
+    method = "decode" if model == "vae" else "forward"
+    row: dict = {}
+    outs = {}
+    for variant, (m, report, reg) in pair.items():
+        set_registry(reg)
+        fn = lambda: getattr(m, method)(**x)  # noqa: E731  (the graphed call)
+        g = report.components["model"].graphs.get(method)
+        eager = lambda: (g.inner if g else getattr(m, method))(**x)  # noqa: E731
+        r = {"first_call_s": bench_e2e.first_call_s(fn, is_gpu),
+             "us": bench_e2e.time_calls(fn, a.iters, a.warmup, is_gpu)}
+        with torch.no_grad():
+            outs[variant] = output(model, fn()).cpu()
+            reg.calls.clear()
+            eager()
+        calls = kernels.fallback_summary()
+        total = sum(n for d in calls.values() for n in d.values())
+        tuned = sum(d.get("tuned", 0) for d in calls.values())
+        r.update(calls=calls, op_calls=total, tuned_calls=tuned, tuned_call_share=tuned / total if total else None)
+        if is_gpu:
+            prof = bench_e2e.kernel_profile(eager)
+            cats = prof["by_category_us"]
+            r.update(gpu_us=prof["total_us"], by_category_us=cats,
+                     tvm_time_share=cats.get("tvm", 0.0) / prof["total_us"] if prof["total_us"] else None)
+        row[variant] = r
+    row["speedup_vs_vendor"] = row["vendor"]["us"] / row["tuned"]["us"]
+    row["rel_l2_vs_vendor"] = bench_e2e.rel_l2(outs["tuned"], outs["vendor"])
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", action="append", default=[], help="tuning DB or JSONL(.xz) export (repeatable)")
+    ap.add_argument("--grid", default="", help=f"shapes to sample (default 1-8x256-1024; --tiny: {TINY_GRID})")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="unet,vae")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="the tiny UNet / VAE configs (smoke run)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+
+    import kernels
+    from kernels.registry import Registry, set_registry
+    from scheduler.extract import parse_grid
+    from shapetune.db import TuningDB
+    from shapetune.target import detect
+
+    models = [m for m in a.models.split(",") if m]
+    if not models or any(m not in ("unet", "vae") for m in models):
+        raise SystemExit(f"bench_coverage: --models {a.models!r}: unet, vae or both")
+    try:
+        grid = parse_grid(a.grid or (TINY_GRID if a.tiny else "1-8x256-1024"))
+    except ValueError as e:
+        raise SystemExit(f"bench_coverage: {e}") from None
+    if not 1 <= a.samples <= len(grid):
+        raise SystemExit(f"bench_coverage: --samples {a.samples}: between 1 and the grid's {len(grid)} shapes")
+    shapes = sorted(random.Random(a.seed).sample(grid, a.samples), key=lambda s: (s[0] * s[1] * s[2], s))
+    dev = torch.device(a.device)
+    is_gpu = dev.type == "cuda"
+    dtype = torch.float16 if is_gpu else torch.float32
+    target = detect("cuda" if is_gpu else "llvm")
+    tuned_reg = bench_e2e.install_registry(a.db, target)
+    empty = Path(tempfile.mkdtemp(prefix="shapetune-vendor-")) / "empty.db"
+    TuningDB(empty).close()
+    vendor_reg = Registry(db_path=empty, target=target)
+    print(f"device: {torch.cuda.get_device_name() if is_gpu else 'cpu'}  torch {torch.__version__}  "
+          f"{'tiny' if a.tiny else 'SD 1.5'} {'+'.join(models)}, {dtype}, shapes {shapes}", flush=True)
+
+    rows: dict[str, dict] = {}
+    for model in models:
+        base = build(model, a.tiny, dev, dtype)
+        pair = {}
+        for variant, reg in (("tuned", tuned_reg), ("vendor", vendor_reg)):
+            m = base if variant == "vendor" else copy.deepcopy(base)
+            set_registry(reg)
+            pair[variant] = (m, kernels.optimize(m, max_graphs=2), reg)
+        per = {}
+        for b, h, w in shapes:
+            s = f"{b}x{h}x{w}"
+            per[s] = r = measure(model, pair, make_inputs(model, base, b, h, w, dev, dtype), a, is_gpu)
+            t = r["tuned"]
+            share = f"{t['tvm_time_share']:.1%}" if t.get("tvm_time_share") is not None else "n/a"
+            print(f"[{model} {s}] {t['us'] / 1e3:9.3f} ms vs vendor-only {r['vendor']['us'] / 1e3:9.3f} ms "
+                  f"({r['speedup_vs_vendor']:.3f}x); op calls tuned {t['tuned_calls']}/{t['op_calls']}; "
+                  f"GPU time in TVM kernels {share}; rel L2 {r['rel_l2_vs_vendor']:.1e}; "
+                  f"calls {json.dumps(t['calls'])}", flush=True)
+            if is_gpu:
+                torch.cuda.empty_cache()
+        for m, report, _ in pair.values():
+            kernels.restore(m)
+        rows[model] = per
+        del base, pair
+        if is_gpu:
+            torch.cuda.empty_cache()
+    set_registry(tuned_reg)
+
+    totals = {}
+    for model, per in rows.items():
+        outcomes: dict[str, int] = {}
+        for r in per.values():
+            for d in r["tuned"]["calls"].values():
+                for k, n in d.items():
+                    outcomes[k] = outcomes.get(k, 0) + n
+        totals[model] = {
+            "shapes": len(per),
+            "speedup_vs_vendor_geomean": geomean(r["speedup_vs_vendor"] for r in per.values()),
+            "speedup_min": min(r["speedup_vs_vendor"] for r in per.values()),
+            "speedup_max": max(r["speedup_vs_vendor"] for r in per.values()),
+            "tuned_call_share_mean": mean(r["tuned"]["tuned_call_share"] for r in per.values()),
+            "tvm_time_share_mean": mean(r["tuned"].get("tvm_time_share") for r in per.values()),
+            "outcomes": dict(sorted(outcomes.items(), key=lambda kv: -kv[1])),
+        }
+        t = totals[model]
+        f = lambda v, fmt: format(v, fmt) if v is not None else "n/a"  # noqa: E731
+        print(f"{model}: {t['shapes']} shapes, speedup vs vendor-only geomean {f(t['speedup_vs_vendor_geomean'], '.3f')}x "
+              f"({t['speedup_min']:.3f}-{t['speedup_max']:.3f}), op calls tuned {f(t['tuned_call_share_mean'], '.1%')} "
+              f"(mean), GPU time in TVM kernels {f(t['tvm_time_share_mean'], '.1%')} (mean); "
+              f"outcomes {json.dumps(t['outcomes'])}")
+    doc = {"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
+           "device": torch.cuda.get_device_name() if is_gpu else "cpu", "torch": torch.__version__,
+           "command": "python scripts/bench_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "args": vars(a), "shapes": [f"{b}x{h}x{w}" for b, h, w in shapes], "rows": rows, "totals": totals}
+    if a.json:
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
