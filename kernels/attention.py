@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from shapetune.ops.attention import attention_workload
-from .dispatch import SUPPORTED, count, tuned
+from .dispatch import SUPPORTED, count, plan, resolve
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
@@ -42,22 +42,26 @@ def _torch(q, k, v, scale):
     return o.transpose(1, 2).contiguous()
 
 
-@shapetune_op("attention")
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _plan(q, k, v, scale) -> tuple:
     _check(q, k, v)
     b, sq, h, d = q.shape
     skv = k.shape[1]
-    is_gpu = q.is_cuda
     sig = ("attention", b, sq, skv, h, d, q.dtype, scale, q.device.type)
-    res = tuned("attention", sig, lambda: attention_workload(b, sq, skv, h, d, SUPPORTED[q.dtype], scale),
-                q.dtype, is_gpu, empty=q.numel() == 0 or skv == 0)
+    return resolve("attention", sig, lambda: attention_workload(b, sq, skv, h, d, SUPPORTED[q.dtype], scale),
+                   q.dtype, q.is_cuda, empty=q.numel() == 0 or skv == 0)
+
+
+@shapetune_op("attention")
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    _, res = plan(("attention", q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+                   scale), _plan, q, k, v, scale)
     if res is None:
         return _torch(q, k, v, scale)
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         count("attention", "relayout_copy")
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    call_on_current_stream(res.fn, [q, k, v, out], is_gpu)
+    call_on_current_stream(res.fn, [q, k, v, out], q.is_cuda)
     return out
 
 

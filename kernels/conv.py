@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 
 from shapetune.ops.conv import conv2d_workload
-from .dispatch import SUPPORTED, count, tuned
-from .elementwise import bias_add_kernel, run_bias_add
+from .dispatch import SUPPORTED, count, meta, plan, resolve
+from .elementwise import bias_add_resolve, run_bias_add
+from .registry import get_registry
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, shapetune_op
@@ -87,19 +88,18 @@ def _ohwi(weight: torch.Tensor) -> torch.Tensor:
     return v.contiguous()
 
 
-def _torch_conv(x, weight, bias, stride, padding, residual, shift, ho, wo):
+def _torch_conv(x, weight, bias, stride, padding, residual, shift, bias_add):
     """cuDNN's conv. torch adds a conv's bias in a kernel of its own after cuDNN's (a broadcast add),
-    then the model adds the residual or shift in another: where a tuned bias_add serves this output,
-    the conv runs without its bias and that one kernel adds bias (+ residual | + shift) in place."""
-    n, co = x.shape[0], weight.shape[0]
-    if bias is not None:
-        epi = ("residual",) if residual is not None else ("shift",) if shift is not None else ()
-        res = bias_add_kernel(n, ho * wo, co, x, epi)
-        if res is not None:
-            y = torch.nn.functional.conv2d(x, weight, None, stride, padding).contiguous(memory_format=CL)
-            extra = (_nhwc(residual).view(n, ho * wo, co) if residual is not None else shift)
-            run_bias_add(res, y.permute(0, 2, 3, 1).view(n, ho * wo, co), bias, extra)
-            return y
+    then the model adds the residual or shift in another: where a tuned bias_add serves this output
+    (`bias_add`, its Resolution, else None), the conv runs without its bias and that one kernel adds
+    bias (+ residual | + shift) in place."""
+    if bias_add is not None:
+        n, co = x.shape[0], weight.shape[0]
+        y = torch.nn.functional.conv2d(x, weight, None, stride, padding).contiguous(memory_format=CL)
+        hw = y.shape[2] * y.shape[3]
+        extra = (_nhwc(residual).view(n, hw, co) if residual is not None else shift)
+        run_bias_add(bias_add, y.permute(0, 2, 3, 1).view(n, hw, co), bias, extra)
+        return y
     y = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
     if residual is not None:
         y = y + residual
@@ -108,24 +108,39 @@ def _torch_conv(x, weight, bias, stride, padding, residual, shift, ho, wo):
     return y.contiguous(memory_format=CL)
 
 
-@shapetune_op("conv2d")
-def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
-            residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _plan(x, weight, bias, stride, padding, residual, shift) -> tuple:
+    """The checks and resolution of a conv2d call (dispatch.plan): ((op, outcome), the Resolution or
+    None, (ho, wo, and where torch's conv runs with a bias, its bias_add pass's (outcome, Resolution)))."""
     ho, wo = _check(x, weight, bias, stride, padding, residual, shift)
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
-    is_gpu = x.is_cuda
     has_b, has_r = bias is not None, residual is not None
     sig = ("conv2d", n, h, w, ci, co, kh, kw, stride, padding, x.dtype, has_b, has_r, x.device.type)
-    res = tuned("conv2d", sig, lambda: conv2d_workload(n, h, w, ci, co, kh, kw, stride, padding,
-                                                       SUPPORTED[x.dtype], has_b, has_r),
-                x.dtype, is_gpu, empty=x.numel() == 0)
+    what, res = resolve("conv2d", sig, lambda: conv2d_workload(n, h, w, ci, co, kh, kw, stride, padding,
+                                                               SUPPORTED[x.dtype], has_b, has_r),
+                        x.dtype, x.is_cuda, empty=x.numel() == 0)
+    bias_add = (None, None)
+    if res is None and has_b:
+        epi = ("residual",) if has_r else ("shift",) if shift is not None else ()
+        bias_add = bias_add_resolve(n, ho * wo, co, x, epi)
+    return what, res, (ho, wo) + bias_add
+
+
+@shapetune_op("conv2d")
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+            residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _, res, (ho, wo, bias_what, bias_add) = plan(
+        ("conv2d", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, meta(bias), stride, padding,
+         meta(residual), meta(shift)), _plan, x, weight, bias, stride, padding, residual, shift)
     if res is None:
-        return _torch_conv(x, weight, bias, stride, padding, residual, shift, ho, wo)
+        if bias_what is not None:
+            get_registry().calls[bias_what] += 1
+        return _torch_conv(x, weight, bias, stride, padding, residual, shift, bias_add)
+    n, co, is_gpu = x.shape[0], weight.shape[0], x.is_cuda
     args = [_nhwc(x), _ohwi(weight)]
-    if has_b:
+    if bias is not None:
         args.append(bias.contiguous())
-    if has_r:
+    if residual is not None:
         args.append(_nhwc(residual))
     out = torch.empty(n, ho, wo, co, dtype=x.dtype, device=x.device)
     call_on_current_stream(res.fn, args + [out], is_gpu)

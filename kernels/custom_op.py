@@ -3,18 +3,21 @@ recompute autograd."""
 
 from __future__ import annotations
 
+import torch
+
 
 # -- custom ops: registration and a direct path for plain inference calls ---------------------------
 _RAW: dict = {}  # op name -> the undecorated implementation
 _OPS: dict = {}  # op name -> torch.ops.shapetune.<name>
-_Parameter = None  # torch.nn.Parameter, bound on first use (this module imports torch lazily)
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
+_fn_mode, _dispatch_stack = torch._C._is_torch_function_mode_enabled, torch._C._len_torch_dispatch_stack
+_functorch = torch._C._are_functorch_transforms_active
 
 
 def shapetune_op(name: str):
     """`torch.library.custom_op("shapetune::<name>", mutates_args=())` that also keeps the plain
     function, so `call_op` can run it without the dispatcher where the dispatcher adds nothing."""
-    import torch
-
     def deco(fn):
         _RAW[name] = fn
         return torch.library.custom_op(f"shapetune::{name}", mutates_args=())(fn)
@@ -27,20 +30,17 @@ def direct_ok(args) -> bool:
     plain tensors with data (a meta tensor goes to the op's fake implementation: the kernel would
     be handed no memory), no autograd to record, no tracing (torch.compile), no functorch transform
     (vmap, grad), no dispatch or function modes (FakeTensor, device contexts)."""
-    import torch
-
-    global _Parameter
-    if _Parameter is None:
-        _Parameter = torch.nn.Parameter
-    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, the rest it cannot trace
+    if _is_compiling():  # first: dynamo folds it to a constant, the rest it cannot trace
         return False
-    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if _fn_mode() or _dispatch_stack() or _functorch():
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for a in args:  # nn.Parameter is a plain tensor too (every patched module passes its weights)
-        if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not _Parameter)
-                                            or (grad and a.requires_grad) or a.is_meta):
+        t = type(a)
+        if t is _Tensor or t is _Parameter:
+            if a.is_meta or (grad and a.requires_grad):
+                return False
+        elif isinstance(a, _Tensor):  # a subclass: its __torch_function__ / __torch_dispatch__ decide
             return False
     return True
 
@@ -53,8 +53,6 @@ def call_op(name: str, *args):
         return _RAW[name](*args)
     op = _OPS.get(name)
     if op is None:
-        import torch
-
         op = _OPS[name] = getattr(torch.ops.shapetune, name)
     return op(*args)
 
@@ -63,8 +61,6 @@ def register_recompute_autograd(name: str, torch_fn) -> None:
     """Autograd for shapetune::<name>: the backward recomputes `torch_fn(*inputs)` (torch's own ops,
     same signature as the op) with autograd on and differentiates that (the forward kernels keep no
     intermediates). Non-tensor inputs get no gradient."""
-    import torch
-
     def setup(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
         ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]

@@ -13,7 +13,10 @@ fallback:
 Counted causes, checked in this order before any lookup: "unsupported_dtype" (x.dtype not in
 SUPPORTED), "empty", "no_affine" (norms without weight or bias), "other_device" (x on the CPU
 under a GPU registry or the reverse). After the lookup the registry counts "tuned" or its
-Resolution's cause (not_tuned, vendor_faster, ...). The cached path costs one dict lookup.
+Resolution's cause (not_tuned, vendor_faster, ...).
+
+The ops' hot path is `plan`: one dict lookup keyed on the call's metadata (shapes, dtypes, devices,
+scalar arguments) replaces the checks, the signature and `tuned` after a key's first call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ from shapetune.workload import Workload
 from .registry import Resolution, get_registry
 
 
+def resolve(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: torch.dtype, is_gpu: bool,
+            empty: bool = False, no_affine: bool = False) -> tuple[tuple[str, str], Optional[Resolution]]:
+    """`tuned` without counting: ((op, outcome) to count the call under, the Resolution with a
+    kernel or None)."""
+    reg = get_registry()
+    cause = ("unsupported_dtype" if dtype not in SUPPORTED else "empty" if empty else "no_affine" if no_affine
+             else "other_device" if is_gpu != reg.target.is_gpu else None)
+    if cause is not None:
+        return (op, cause), None
+    res = reg.lookup(sig, make_workload)
+    return ((op, "tuned"), res) if res.fn is not None else ((op, res.cause), None)
+
+
 def tuned(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: torch.dtype, is_gpu: bool,
           empty: bool = False, no_affine: bool = False) -> Optional[Resolution]:
     """The Resolution with a kernel (`.fn`) for this call, or None: take torch's path.
@@ -38,17 +54,36 @@ def tuned(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: tor
     dtype, is_gpu : the op's leading tensor's dtype and `is_cuda` ("unsupported_dtype", "other_device")
     empty, no_affine : the op's own early causes
     """
+    what, res = resolve(op, sig, make_workload, dtype, is_gpu, empty, no_affine)
+    get_registry().calls[what] += 1
+    return res
+
+
+def plan(key: tuple, make: Callable[..., tuple], *args) -> tuple:
+    """The plan of an op call: `make(*args)` on the registry's first call with this `key`, then one
+    dict lookup; its first element, the (op, outcome) pair, is counted on every call.
+
+    key : everything the op's checks and signature read: the op's name, its tensors' shapes, dtypes
+        and devices (None for an absent one), its other arguments. Never a tensor's values.
+    make : runs the op's checks (raising on bad input: nothing is stored) and `resolve`; returns
+        ((op, outcome), Resolution or None, what else the call needs that the key determines)
+
+    Plans live in the registry (`Registry.plans`), so a registry swapped in (set_registry), cleared
+    or prebuilt starts without any. A plan holds no tensor: weights are read on every call.
+    """
     reg = get_registry()
-    cause = ("unsupported_dtype" if dtype not in SUPPORTED else "empty" if empty else "no_affine" if no_affine
-             else "other_device" if is_gpu != reg.target.is_gpu else None)
-    if cause is not None:
-        reg.calls[(op, cause)] += 1
-        return None
-    res = reg.lookup(sig, make_workload)
-    reg.count(op, res)
-    return res if res.fn is not None else None
+    p = reg.plans.get(key)
+    if p is None:
+        p = reg.plans[key] = make(*args)
+    reg.calls[p[0]] += 1
+    return p
 
 
 def count(op: str, what: str) -> None:
     """Count an event next to the call's outcome (a relayout copy), under (op, what)."""
     get_registry().calls[(op, what)] += 1
+
+
+def meta(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What a plan key holds of an optional tensor argument: shape, dtype, device (None: absent)."""
+    return None if t is None else (t.shape, t.dtype, t.device)

@@ -7,7 +7,7 @@ no autograd formula is registered (backward through them raises).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from shapetune.ops.linear import linear_workload
 
 from shapetune.ops.geglu import geglu_workload
 
-from .dispatch import SUPPORTED, count, tuned
+from .dispatch import SUPPORTED, meta, plan, resolve
 from .elementwise import gelu_gate
 from .linear import _check
 from scheduler.loader import call_on_current_stream
@@ -24,32 +24,49 @@ from scheduler.loader import call_on_current_stream
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
 
 
-def _run(op: str, x: torch.Tensor, n_out: int, k: int, sig_extra: tuple, make_workload: Callable,
-         kernel_args: Callable, fallback: Callable) -> torch.Tensor:
-    """The tuned kernel for this call's signature, else fallback() (the reason counted under op).
-    x [..., k] -> [..., n_out]; make_workload(m, dtype name), kernel_args(m) -> the tensors between
-    x [m, k] and out [m, n_out]."""
+def _plan(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+          residual: Optional[torch.Tensor] = None) -> tuple:
+    """The checks and the resolution of a fused GEMM call (dispatch.plan): ((op, outcome), the
+    Resolution or None, (m, n_out, k)); x [..., k] -> [..., n_out]."""
+    (_check_geglu if op == "geglu" else _check)(x, weight, bias)
+    if op == "linear_residual":
+        _check_residual(x, weight, residual)
+    n, k = weight.shape
+    n_out = n // 2 if op == "geglu" else n
     m = x.numel() // k if k else 0
-    is_gpu = x.is_cuda
-    sig = (op, m, n_out, k, x.dtype, x.device.type) + sig_extra
-    res = tuned(op, sig, lambda: make_workload(m, SUPPORTED[x.dtype]), x.dtype, is_gpu, empty=m == 0 or n_out == 0)
-    if res is None:
-        return fallback()
+    if op == "geglu":
+        if bias is None:  # the tuned kernel's epilogue adds a bias: torch's ops, counted
+            return ("geglu", "no_bias"), None, (m, n_out, k)
+        extra, make = (), lambda: geglu_workload(m, n_out, k, SUPPORTED[x.dtype])
+    else:
+        epi = (("bias",) if bias is not None else ()) + (("gelu",) if op == "linear_gelu" else ("residual",))
+        extra, make = (bias is not None,), lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], epilogue=epi)
+    sig = (op, m, n_out, k, x.dtype, x.device.type) + extra
+    return resolve(op, sig, make, x.dtype, x.is_cuda, empty=m == 0 or n_out == 0) + ((m, n_out, k),)
+
+
+def _key(op: str, x, weight, bias, residual=None) -> tuple:
+    return (op, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, meta(bias), meta(residual))
+
+
+def _launch(res, x: torch.Tensor, m: int, n_out: int, k: int, middle: list) -> torch.Tensor:
+    """The tuned kernel on x [m, k], `middle` (the tensors between x and out), out [m, n_out]."""
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    call_on_current_stream(res.fn, [x.reshape(m, k).contiguous()] + kernel_args(m) + [out], is_gpu)
+    call_on_current_stream(res.fn, [x.reshape(m, k).contiguous()] + middle + [out], x.is_cuda)
     return out.reshape(*x.shape[:-1], n_out)
+
+
+def _weights(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> list:
+    return [weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])
 
 
 # -- linear_gelu: gelu(x·Wᵀ + b) ---------------------------------------------------------------------
 @shapetune_op("linear_gelu")
 def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    _check(x, weight, bias)
-    n, k = weight.shape
-    epi = ("bias", "gelu") if bias is not None else ("gelu",)
-    return _run("linear_gelu", x, n, k, (bias is not None,),
-                lambda m, dt: linear_workload(m, n, k, dt, epilogue=epi),
-                lambda m: [weight.contiguous()] + ([bias.contiguous()] if bias is not None else []),
-                lambda: F.gelu(F.linear(x, weight, bias)))
+    _, res, (m, n, k) = plan(_key("linear_gelu", x, weight, bias), _plan, "linear_gelu", x, weight, bias)
+    if res is None:
+        return F.gelu(F.linear(x, weight, bias))
+    return _launch(res, x, m, n, k, _weights(weight, bias))
 
 
 @_linear_gelu.register_fake
@@ -70,15 +87,11 @@ def _check_residual(x, weight, residual):
 @shapetune_op("linear_residual")
 def _linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      residual: torch.Tensor) -> torch.Tensor:
-    _check(x, weight, bias)
-    _check_residual(x, weight, residual)
-    n, k = weight.shape
-    epi = ("bias", "residual") if bias is not None else ("residual",)
-    return _run("linear_residual", x, n, k, (bias is not None,),
-                lambda m, dt: linear_workload(m, n, k, dt, epilogue=epi),
-                lambda m: [weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])
-                + [residual.reshape(m, n).contiguous()],
-                lambda: F.linear(x, weight, bias) + residual)
+    _, res, (m, n, k) = plan(_key("linear_residual", x, weight, bias, residual), _plan, "linear_residual", x, weight,
+                             bias, residual)
+    if res is None:
+        return F.linear(x, weight, bias) + residual
+    return _launch(res, x, m, n, k, _weights(weight, bias) + [residual.reshape(m, n).contiguous()])
 
 
 @_linear_residual.register_fake
@@ -108,16 +121,10 @@ def _geglu_split(x, weight, bias):
 
 @shapetune_op("geglu")
 def _geglu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_geglu(x, weight, bias)
-    f2, k = weight.shape
-    f = f2 // 2
-    if bias is None:  # the tuned kernel's epilogue adds a bias: torch's ops, counted
-        count("geglu", "no_bias")
+    _, res, (m, f, k) = plan(_key("geglu", x, weight, bias), _plan, "geglu", x, weight, bias)
+    if res is None:
         return _geglu_split(x, weight, bias)
-    return _run("geglu", x, f, k, (),
-                lambda m, dt: geglu_workload(m, f, k, dt),
-                lambda m: [weight.contiguous().view(2, f, k), bias.contiguous().view(2, f)],
-                lambda: _geglu_split(x, weight, bias))
+    return _launch(res, x, m, f, k, [weight.contiguous().view(2, f, k), bias.contiguous().view(2, f)])
 
 
 @_geglu.register_fake

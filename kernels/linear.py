@@ -8,7 +8,7 @@ import torch
 
 from shapetune.ops.linear import linear_workload
 
-from .dispatch import SUPPORTED, tuned
+from .dispatch import SUPPORTED, meta, plan, resolve
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, shapetune_op
@@ -28,21 +28,25 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         raise ValueError(f"shapetune.linear: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-@shapetune_op("linear")
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _plan(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
     _check(x, weight, bias)
     n, k = weight.shape
     m = x.numel() // k if k else 0
-    is_gpu = x.is_cuda
     sig = ("linear", m, n, k, x.dtype, bias is not None, x.device.type)
-    res = tuned("linear", sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None),
-                x.dtype, is_gpu, empty=m == 0 or n == 0)
+    return resolve("linear", sig, lambda: linear_workload(m, n, k, SUPPORTED[x.dtype], bias is not None),
+                   x.dtype, x.is_cuda, empty=m == 0 or n == 0) + ((m, n, k),)
+
+
+@shapetune_op("linear")
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _, res, (m, n, k) = plan(("linear", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                              meta(bias)), _plan, x, weight, bias)
     if res is None:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(m, k).contiguous()
     args = [x2, weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    call_on_current_stream(res.fn, args + [out], is_gpu)
+    call_on_current_stream(res.fn, args + [out], x.is_cuda)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shapetune.ops.norm import group_norm_workload, layer_norm_workload
-from .dispatch import SUPPORTED, count, tuned
+from .dispatch import SUPPORTED, count, meta, plan, resolve
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
@@ -51,21 +51,26 @@ def _gn_out_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-@shapetune_op("group_norm")
-def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                eps: float, silu: bool) -> torch.Tensor:
+def _gn_plan(x, num_groups, weight, bias, eps, silu) -> tuple:
     _check_gn(x, num_groups, weight, bias)
     if x.dim() == 4:
         n, c, h, w = x.shape
         hw = h * w
     else:
         n, hw, c = x.shape
-    is_gpu = x.is_cuda
     sig = ("group_norm", n, hw, c, num_groups, x.dtype, eps, silu, x.device.type)
-    res = tuned("group_norm", sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu),
-                x.dtype, is_gpu, empty=x.numel() == 0, no_affine=weight is None or bias is None)
+    return resolve("group_norm", sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu),
+                   x.dtype, x.is_cuda, empty=x.numel() == 0, no_affine=weight is None or bias is None) + ((n, hw, c),)
+
+
+@shapetune_op("group_norm")
+def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float, silu: bool) -> torch.Tensor:
+    _, res, (n, hw, c) = plan(("group_norm", x.shape, x.dtype, x.device, num_groups, meta(weight), meta(bias), eps,
+                               silu), _gn_plan, x, num_groups, weight, bias, eps, silu)
     if res is None:
         return _gn_torch(x, num_groups, weight, bias, eps, silu)
+    is_gpu = x.is_cuda
     if x.dim() == 4:
         if not x.is_contiguous(memory_format=torch.channels_last):
             count("group_norm", "relayout_copy")
@@ -139,21 +144,25 @@ def _check_ln(x: torch.Tensor, weight, bias):
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-@shapetune_op("layer_norm")
-def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                eps: float) -> torch.Tensor:
+def _ln_plan(x, weight, bias, eps) -> tuple:
     _check_ln(x, weight, bias)
     c = x.shape[-1]
     m = x.numel() // c if c else 0
-    is_gpu = x.is_cuda
     sig = ("layer_norm", m, c, x.dtype, eps, x.device.type)
-    res = tuned("layer_norm", sig, lambda: layer_norm_workload(m, c, SUPPORTED[x.dtype], eps),
-                x.dtype, is_gpu, empty=m == 0, no_affine=weight is None or bias is None)
+    return resolve("layer_norm", sig, lambda: layer_norm_workload(m, c, SUPPORTED[x.dtype], eps), x.dtype, x.is_cuda,
+                   empty=m == 0, no_affine=weight is None or bias is None) + ((m, c),)
+
+
+@shapetune_op("layer_norm")
+def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
+    _, res, (m, c) = plan(("layer_norm", x.shape, x.dtype, x.device, meta(weight), meta(bias), eps), _ln_plan, x,
+                          weight, bias, eps)
     if res is None:
         return F.layer_norm(x, (c,), weight, bias, eps).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     call_on_current_stream(res.fn, [x.reshape(m, c).contiguous(), weight.contiguous(), bias.contiguous(),
-                                    out.view(m, c)], is_gpu)
+                                    out.view(m, c)], x.is_cuda)
     return out
 
 

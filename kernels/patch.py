@@ -81,10 +81,7 @@ from shapetune.fusions import sites_of
 from shapetune.ops import ModuleRule, module_rules, rule_for
 
 from .attention import attention
-from .conv import conv2d
-from .fused import geglu, linear_gelu, linear_residual
-from .linear import linear
-from .norm import group_norm, layer_norm
+from .custom_op import call_op
 
 _MARK = "_shapetune_patched"  # instance attribute: the kind of patch applied
 
@@ -107,12 +104,14 @@ def _set_forward(module: nn.Module, fn, kind: str, report: PatchReport) -> None:
 
 
 # -- per-module forwards ----------------------------------------------------------------------------
+# They call the ops through call_op with the arguments in the ops' own types, not through the public
+# functions (kernels.linear, ...), which normalize what a module already holds.
 def _linear_forward(self, x):
-    return linear(x, self.weight, self.bias)
+    return call_op("linear", x, self.weight, self.bias)
 
 
 def _conv_forward(self, x):
-    return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+    return call_op("conv2d", x, self.weight, self.bias, self.stride[0], self.padding[0], None, None)
 
 
 def _conv_weight_channels_last(conv: nn.Conv2d) -> None:
@@ -129,11 +128,12 @@ def _group_norm_forward(self, x):
     (diffusers' spatial Attention passes [N, L, C].transpose(1, 2)) as its [N, L, C] view, zero-copy
     for that case; any other rank runs torch's F.group_norm."""
     silu = self.__dict__.get("_shapetune_silu")
-    if x.dim() == 3:
-        y = group_norm(x.transpose(1, 2), self.num_groups, self.weight, self.bias, self.eps,
-                       silu=silu is not None, layout="NLC").transpose(1, 2)
-    elif x.dim() == 4:
-        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu is not None)
+    dim = x.dim()
+    if dim == 3:
+        y = call_op("group_norm", x.transpose(1, 2), self.num_groups, self.weight, self.bias, float(self.eps),
+                    silu is not None).transpose(1, 2)
+    elif dim == 4:
+        y = call_op("group_norm", x, self.num_groups, self.weight, self.bias, float(self.eps), silu is not None)
     else:
         y = torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         if silu is not None:
@@ -144,7 +144,7 @@ def _group_norm_forward(self, x):
 
 
 def _layer_norm_forward(self, x):
-    return layer_norm(x, self.weight, self.bias, self.eps)
+    return call_op("layer_norm", x, self.weight, self.bias, float(self.eps))
 
 
 class _FusedSiLU:
@@ -162,16 +162,19 @@ def _silu_forward(self, x):
 
 
 def _geglu_forward(self, hidden_states, *args, **kwargs):
-    if type(self.proj) is not nn.Linear or self.proj.bias is None:  # e.g. a LoRA layer around proj
+    proj = self.proj
+    bias = proj.bias if type(proj) is nn.Linear else None
+    if bias is None:  # e.g. a LoRA layer around proj
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return geglu(hidden_states, self.proj.weight, self.proj.bias)
+    return call_op("geglu", hidden_states, proj.weight, bias)
 
 
 def _gelu_forward(self, hidden_states):
     """diffusers GELU: gelu(proj(x)) as one linear_gelu (exact erf GELU)."""
-    if type(self.proj) is not nn.Linear or self.approximate != "none":  # e.g. a LoRA layer around proj
+    proj = self.proj
+    if type(proj) is not nn.Linear or self.approximate != "none":  # e.g. a LoRA layer around proj
         return type(self).forward(self, hidden_states)
-    return linear_gelu(hidden_states, self.proj.weight, self.proj.bias)
+    return call_op("linear_gelu", hidden_states, proj.weight, proj.bias)
 
 
 def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
@@ -184,7 +187,7 @@ def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> 
     the output's exact shape and x's dtype (no broadcast, no promotion); else the eager expression."""
     if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
             and residual.dtype == x.dtype and tuple(residual.shape) == _conv_out_shape(conv, x)):
-        return conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], residual=residual)
+        return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], residual, None)
     return residual + conv(x)
 
 
@@ -194,7 +197,7 @@ def _conv_shift(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.T
     expression."""
     if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
             and temb.dtype == x.dtype and tuple(temb.shape) == _conv_out_shape(conv, x)[:2] + (1, 1)):
-        return conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], shift=temb[:, :, 0, 0])
+        return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], None, temb[:, :, 0, 0])
     return conv(x) + temb
 
 
@@ -259,7 +262,7 @@ def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -
     the output's exact shape and x's dtype (no broadcast, no promotion); None where it does not apply."""
     if (_plain_linear(proj) and residual.dtype == x.dtype and x.shape[-1] == proj.in_features
             and tuple(residual.shape) == (*x.shape[:-1], proj.out_features)):
-        return linear_residual(x, proj.weight, proj.bias, residual)
+        return call_op("linear_residual", x, proj.weight, proj.bias, residual)
     return None
 
 

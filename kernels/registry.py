@@ -78,6 +78,9 @@ class Registry:
         self._target = target
         self.policy = policy or DEFAULT
         self._cache: dict[Any, Resolution] = {}
+        # The ops' per-call plans (kernels.dispatch.plan): a call's metadata key -> what it resolved
+        # to. Cleared with _cache; a new registry starts without any.
+        self.plans: dict[Any, tuple] = {}
         self._index: _Index | None = None
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # (op, "tuned" | fallback reason)
@@ -292,6 +295,7 @@ class Registry:
         with self._lock:
             self._index = None  # what passed is served now
             self._cache.clear()
+            self.plans.clear()
         cache = config.kernel_cache_dir(self.target.key)
         todo = []
         for res in self.served():
@@ -325,6 +329,7 @@ class Registry:
         """Forget resolutions, counts and the DB index (e.g. after tuning more in this process)."""
         with self._lock:
             self._cache.clear()
+            self.plans.clear()
             self._index = None
             self.calls.clear()
 

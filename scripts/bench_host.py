@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import time
@@ -104,38 +105,59 @@ def per_op(a) -> dict:
     cpu = detect("llvm")
     dtype = torch.float32
     torch.set_num_threads(1)  # host cost: torch's intra-op threads on a shared CPU measure contention
+    os.environ.setdefault("TVM_NUM_THREADS", "1")  # the same for TVM's thread pool (read on its first launch)
     cases = {k: (m.to(dtype).eval(), args, kw) for k, (m, args, kw) in _cases(dtype).items()}
     tmp = Path(tempfile.mkdtemp(prefix="shapetune-host-"))
     db = Path(a.per_op_db) if a.per_op_db else tmp / "tuned.db"
     rows = {k: {} for k in cases}
 
-    def measure(label, reg):
-        prev = kernels.set_registry(reg)
-        try:
-            for name, (m, args, kw) in cases.items():
-                pm = copy.deepcopy(m)
+    def variants(reg_fallback, reg_tuned) -> dict:
+        """label -> (registry, module) per case: eager (channels_last, as the patched model runs),
+        patched over the empty DB, patched over the tuned one."""
+        out = {}
+        for name, (m, args, kw) in cases.items():
+            row = {"eager": (None, copy.deepcopy(m))}
+            for label, reg in (("patched_fallback", reg_fallback), ("patched_tuned", reg_tuned)):
                 if reg is not None:
+                    pm = copy.deepcopy(m)
                     kernels.patch(pm)
-                    if type(pm).__name__ == "UNet2DConditionModel":
-                        pm.to(memory_format=torch.channels_last)
-                fn = lambda: pm(*args, **kw)  # noqa: E731
-                with torch.no_grad():
-                    for _ in range(5):
-                        fn()
-                    before = sum(reg.calls.values()) if reg is not None else 0
-                    fn()
-                    ops = sum(reg.calls.values()) - before if reg is not None else 0
-                    tuned = reg.calls if reg is not None else {}
-                    rows[name][label] = {"us": _us_per_call(fn, a.calls, a.repeats), "py_calls": _python_calls(fn),
-                                         "op_calls": ops}
-                if reg is not None:
-                    rows[name][label]["outcomes"] = sorted({why for (_, why), n in tuned.items() if n})
-                    reg.calls.clear()
+                    row[label] = (reg, pm)
+            for _, mod in row.values():
+                mod.to(memory_format=torch.channels_last)
+            out[name] = row
+        return out
+
+    def measure(rows_in: dict):
+        """Each case's variants timed in turns (repeat r of every variant, then r + 1), so a busy
+        neighbour slows them alike; op calls and Python calls per module call after warm-up."""
+        prev = kernels.get_registry()
+        try:
+            with torch.no_grad():
+                for name, row in rows_in.items():
+                    m, args, kw = cases[name]
+                    times = {label: [] for label in row}
+                    for label, (reg, mod) in row.items():
+                        kernels.set_registry(reg or prev)
+                        for _ in range(5):
+                            mod(*args, **kw)
+                        if reg is not None:
+                            reg.calls.clear()
+                        mod(*args, **kw)
+                        ops = sum(reg.calls.values()) if reg is not None else 0
+                        outcomes = sorted({why for (_, why), n in reg.calls.items() if n}) if reg is not None else []
+                        rows[name][label] = {"op_calls": ops, "outcomes": outcomes,
+                                             "py_calls": _python_calls(lambda: mod(*args, **kw))}
+                    for _ in range(a.repeats):
+                        for label, (reg, mod) in row.items():
+                            kernels.set_registry(reg or prev)
+                            times[label].append(_us_per_call(lambda: mod(*args, **kw), a.calls, 1))
+                    for label in row:
+                        rows[name][label]["us"] = min(times[label])
         finally:
             kernels.set_registry(prev)
 
-    measure("eager", None)
-    measure("patched_fallback", kernels.Registry(db_path=tmp / "empty.db", target=cpu))
+    fallback = kernels.Registry(db_path=tmp / "empty.db", target=cpu)
+    reg = None
     if not a.no_tuned:
         seen = {}
         rec = kernels.Registry(db_path=tmp / "empty.db", target=cpu)
@@ -161,7 +183,7 @@ def per_op(a) -> dict:
         built = reg.prebuild()
         print(f"tuned {len(set(seen.values()))} workloads (1 candidate each), kernels {built}, "
               f"{time.time() - t0:.0f} s")
-        measure("patched_tuned", reg)
+    measure(variants(fallback, reg))
     print(f"{'module':22s} {'eager us':>9s} {'fallback us':>12s} {'tuned us':>9s} {'op calls':>8s} "
           f"{'fallback-eager us/op':>21s} {'py calls eager/fallback/tuned':>30s}")
     for name, r in rows.items():
@@ -183,8 +205,8 @@ def main():
                     "patched (fallback and llvm-tuned), on the CPU")
     ap.add_argument("--per-op-db", default="", help="--per-op: the tuned DB to use (or fill, once)")
     ap.add_argument("--no-tuned", action="store_true", help="--per-op: skip the llvm-tuned column")
-    ap.add_argument("--calls", type=int, default=200, help="--per-op: calls per timed repeat")
-    ap.add_argument("--repeats", type=int, default=9, help="--per-op: repeats (median taken)")
+    ap.add_argument("--calls", type=int, default=20, help="--per-op: calls per timed repeat")
+    ap.add_argument("--repeats", type=int, default=60, help="--per-op: repeats (the fastest taken)")
     a = ap.parse_args()
     if a.per_op:
         rows = per_op(a)
