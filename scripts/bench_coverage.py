@@ -156,6 +156,16 @@ def main(argv=None):
           f"{'tiny' if a.tiny else 'SD 1.5'} {'+'.join(models)}, {dtype}, shapes {shapes}", flush=True)
 
     rows: dict[str, dict] = {}
+    doc = {"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
+           "device": torch.cuda.get_device_name() if is_gpu else "cpu", "torch": torch.__version__,
+           "command": "python scripts/bench_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "args": vars(a), "shapes": [f"{b}x{h}x{w}" for b, h, w in shapes], "rows": rows, "totals": {}}
+
+    def dump():  # after every shape: a run cut off by a time limit keeps what it measured
+        doc["totals"] = {model: totals(per) for model, per in rows.items() if per}
+        if a.json:
+            Path(a.json).write_text(json.dumps(doc, indent=1))
+
     for model in models:
         base = build(model, a.tiny, dev, dtype)
         pair = {}
@@ -163,7 +173,7 @@ def main(argv=None):
             m = base if variant == "vendor" else copy.deepcopy(base)
             set_registry(reg)
             pair[variant] = (m, kernels.optimize(m, max_graphs=2), reg)
-        per = {}
+        rows[model] = per = {}
         for b, h, w in shapes:
             s = f"{b}x{h}x{w}"
             per[s] = r = measure(model, pair, make_inputs(model, base, b, h, w, dev, dtype), a, is_gpu)
@@ -173,45 +183,37 @@ def main(argv=None):
                   f"({r['speedup_vs_vendor']:.3f}x); op calls tuned {t['tuned_calls']}/{t['op_calls']}; "
                   f"GPU time in TVM kernels {share}; rel L2 {r['rel_l2_vs_vendor']:.1e}; "
                   f"calls {json.dumps(t['calls'])}", flush=True)
+            dump()
             if is_gpu:
                 torch.cuda.empty_cache()
         for m, report, _ in pair.values():
             kernels.restore(m)
-        rows[model] = per
         del base, pair
         if is_gpu:
             torch.cuda.empty_cache()
     set_registry(tuned_reg)
-
-    totals = {}
-    for model, per in rows.items():
-        outcomes: dict[str, int] = {}
-        for r in per.values():
-            for d in r["tuned"]["calls"].values():
-                for k, n in d.items():
-                    outcomes[k] = outcomes.get(k, 0) + n
-        totals[model] = {
-            "shapes": len(per),
-            "speedup_vs_vendor_geomean": geomean(r["speedup_vs_vendor"] for r in per.values()),
-            "speedup_min": min(r["speedup_vs_vendor"] for r in per.values()),
-            "speedup_max": max(r["speedup_vs_vendor"] for r in per.values()),
-            "tuned_call_share_mean": mean(r["tuned"]["tuned_call_share"] for r in per.values()),
-            "tvm_time_share_mean": mean(r["tuned"].get("tvm_time_share") for r in per.values()),
-            "outcomes": dict(sorted(outcomes.items(), key=lambda kv: -kv[1])),
-        }
-        t = totals[model]
-        f = lambda v, fmt: format(v, fmt) if v is not None else "n/a"  # noqa: E731
+    dump()
+    f = lambda v, fmt: format(v, fmt) if v is not None else "n/a"  # noqa: E731
+    for model, t in doc["totals"].items():
         print(f"{model}: {t['shapes']} shapes, speedup vs vendor-only geomean {f(t['speedup_vs_vendor_geomean'], '.3f')}x "
               f"({t['speedup_min']:.3f}-{t['speedup_max']:.3f}), op calls tuned {f(t['tuned_call_share_mean'], '.1%')} "
               f"(mean), GPU time in TVM kernels {f(t['tvm_time_share_mean'], '.1%')} (mean); "
               f"outcomes {json.dumps(t['outcomes'])}")
-    doc = {"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
-           "device": torch.cuda.get_device_name() if is_gpu else "cpu", "torch": torch.__version__,
-           "command": "python scripts/bench_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "args": vars(a), "shapes": [f"{b}x{h}x{w}" for b, h, w in shapes], "rows": rows, "totals": totals}
-    if a.json:
-        Path(a.json).write_text(json.dumps(doc, indent=1))
     return doc
+
+
+def totals(per: dict) -> dict:
+    """One model's totals over its shapes: speedups' geomean and range, the shares' means, outcomes summed."""
+    outcomes: dict[str, int] = {}
+    for r in per.values():
+        for d in r["tuned"]["calls"].values():
+            for k, n in d.items():
+                outcomes[k] = outcomes.get(k, 0) + n
+    sp = [r["speedup_vs_vendor"] for r in per.values()]
+    return {"shapes": len(per), "speedup_vs_vendor_geomean": geomean(sp), "speedup_min": min(sp), "speedup_max": max(sp),
+            "tuned_call_share_mean": mean(r["tuned"]["tuned_call_share"] for r in per.values()),
+            "tvm_time_share_mean": mean(r["tuned"].get("tvm_time_share") for r in per.values()),
+            "outcomes": dict(sorted(outcomes.items(), key=lambda kv: -kv[1]))}
 
 
 if __name__ == "__main__":
