@@ -70,6 +70,54 @@ def output(model: str, out) -> torch.Tensor:
     return (out.sample if hasattr(out, "sample") else out[0]).float()
 
 
+def called_keys(models, shapes, dtype: str, tiny: bool) -> set[str]:
+    """Keys of every workload the models call at `shapes` (scheduler.extract, meta device) and of its bucket:
+    the records a call there can resolve to (exact record, then bucket record)."""
+    from scheduler.extract import model_workloads
+    from shapetune.buckets import DEFAULT
+
+    keys = set()
+    for model in models:
+        for b, h, w in shapes:
+            for op in model_workloads(model, batch=b, height=h, width=w, dtype=dtype, tiny=tiny):
+                bw = DEFAULT.bucket_of(op.workload)
+                keys |= {op.workload.key} | ({bw.key} if bw is not None else set())
+    return keys
+
+
+def install_registry(dbs: list[str], target, keys: set[str] | None):
+    """scripts/bench_e2e.py's install_registry over the `dbs`, the lines of JSONL exports cut to records
+    and baselines of workloads in `keys` (None: all): an import is re-verified here before it is served
+    (one build and run per workload), so re-verify only what the sampled shapes can call. Lines are
+    copied verbatim (their sha256 stays valid)."""
+    import lzma
+
+    from shapetune.workload import Workload
+
+    if keys is None:
+        return bench_e2e.install_registry(dbs, target)
+    tmp = Path(tempfile.mkdtemp(prefix="shapetune-coverage-"))
+    cut = []
+    for i, p in enumerate(dbs):
+        if not str(p).endswith((".jsonl", ".jsonl.xz")):
+            cut.append(p)
+            continue
+        kept, n, k = [], 0, 0
+        with (lzma.open(p, "rt") if str(p).endswith(".xz") else open(p)) as f:
+            for line in f:
+                d = json.loads(line) if line.strip() else {}
+                entry = d.get("type") in ("record", "baseline")
+                hit = entry and Workload.from_json(d["workload"]).key in keys
+                n, k = n + entry, k + hit
+                if hit or not entry:
+                    kept.append(line)
+        out = tmp / f"{i}_{Path(p).name.split('.')[0]}.jsonl"
+        out.write_text("".join(kept))
+        print(f"{p}: {k} of {n} records and baselines are of workloads the sampled shapes call")
+        cut.append(str(out))
+    return bench_e2e.install_registry(cut, target)
+
+
 def geomean(xs) -> float | None:
     xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
@@ -125,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="the tiny UNet / VAE configs (smoke run)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--all-records", action="store_true",
+                    help="import every record of the exports (default: those of workloads the sampled shapes call)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
 
@@ -148,7 +198,8 @@ def main(argv=None):
     is_gpu = dev.type == "cuda"
     dtype = torch.float16 if is_gpu else torch.float32
     target = detect("cuda" if is_gpu else "llvm")
-    tuned_reg = bench_e2e.install_registry(a.db, target)
+    tuned_reg = install_registry(a.db, target, None if a.all_records else
+                                 called_keys(models, shapes, "float16" if is_gpu else "float32", a.tiny))
     empty = Path(tempfile.mkdtemp(prefix="shapetune-vendor-")) / "empty.db"
     TuningDB(empty).close()
     vendor_reg = Registry(db_path=empty, target=target)

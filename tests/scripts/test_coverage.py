@@ -16,11 +16,13 @@ SHAPE = (1, 64, 64)
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Tune every GroupNorm bucket the tiny VAE decode calls at 1 x 64 x 64 (llvm, 2 trials each), then
-    run the coverage script on that one shape with that DB."""
+    """Tune every GroupNorm bucket the tiny VAE decode calls at 1 x 64 x 64 (llvm, 2 trials each) and one
+    GEMM it never calls, export them, then run the coverage script on that one shape with the export."""
     from scheduler.extract import model_workloads
     from scheduler.tuner import TuneOptions, tune
     from shapetune.buckets import DEFAULT
+    from shapetune.db import TuningDB
+    from shapetune.ops.linear import linear_workload
     from shapetune.target import detect
 
     d = tmp_path_factory.mktemp("coverage")
@@ -28,6 +30,10 @@ def smoke(tmp_path_factory):
     buckets = list(dict.fromkeys(DEFAULT.bucket_of(op.workload) for op in ops))
     reps = tune(buckets, detect("llvm"), d / "tuned.db", TuneOptions(trials=2, batch=2, templates=("norm_llvm",)))
     assert all(r.best is not None for r in reps)
+    tune([linear_workload(16, 8, 16, "float32", False)], detect("llvm"), d / "tuned.db",
+         TuneOptions(trials=1, batch=1, templates=("dlight",)))
+    with TuningDB(d / "tuned.db") as db:
+        db.export_jsonl(d / "tuned.jsonl.xz")
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import bench_coverage
@@ -35,12 +41,17 @@ def smoke(tmp_path_factory):
         sys.path.pop(0)
     out = d / "coverage.json"
     doc = bench_coverage.main(["--tiny", "--device", "cpu", "--grid", "1x64", "--samples", "1", "--models", "vae",
-                               "--iters", "2", "--warmup", "1", "--db", str(d / "tuned.db"), "--json", str(out)])
-    return doc, out, sum(op.calls for op in ops)
+                               "--iters", "2", "--warmup", "1", "--db", str(d / "tuned.jsonl.xz"), "--json", str(out)])
+    import kernels
+
+    with TuningDB(kernels.get_registry().db_path) as db:
+        served_from = {w.op for w in db.workloads()}
+    return doc, out, sum(op.calls for op in ops), served_from
 
 
 def test_smoke_run_counts_what_the_tuned_records_serve(smoke):
-    doc, out, norm_calls = smoke
+    doc, out, norm_calls, served_from = smoke
+    assert served_from == {"group_norm"}  # the GEMM the decode never calls was not imported (nor re-verified)
     assert json.loads(out.read_text()) == doc
     r = doc["rows"]["vae"]["1x64x64"]
     tuned, vendor = r["tuned"]["calls"], r["vendor"]["calls"]
@@ -68,7 +79,7 @@ def _make_benchmarks():
 
 def test_benchmarks_section_from_the_json_and_none_without_it(smoke, tmp_path):
     mb = _make_benchmarks()
-    doc, out, _ = smoke
+    doc, out, *_ = smoke
     shutil.copytree(REPO / "tuning_logs", tmp_path / "tuning_logs")
     without = mb.render(tmp_path)
     assert "## Coverage over the shape grid" not in without
