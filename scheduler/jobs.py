@@ -244,9 +244,14 @@ def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float
     f = lambda v: f"{v:9.2f}" if v is not None else "      n/a"  # noqa: E731
     print(f"\n{'workload':52s} {'calls':>8s} {'rounds':>6s} {'trials':>6s} {'vendor_us':>9s} {'best_us':>9s} "
           f"{'served':>6s}  done")
-    for r in sorted(rows(sched), key=lambda r: -r["calls"] * (r["vendor_us"] or 0)):
+    reached = [r for r in rows(sched) if r["rounds"] or r["trials"]]
+    for r in sorted(reached, key=lambda r: -r["calls"] * (r["vendor_us"] or 0)):
         print(f"{r['workload']:52s} {r['calls']:8g} {r['rounds']:6d} {r['trials']:6d} {f(r['vendor_us'])} "
               f"{f(r['best_us'])} {'yes' if r['served_us'] is not None else 'no':>6s}  {r['done'] or '-'}")
+    if len(reached) < len(sched.tasks):
+        rest = [t for t in sched.tasks if not (t.rounds or t.trials)]
+        print(f"... and {len(rest)} workloads the budget did not reach ({sum(t.weight for t in rest):g} calls; "
+              f"the JSON summary lists them)")
     e = estimate(sched)
     print(f"end to end (sum of calls x time over {e['tasks_timed']} timed workload(s), per {per_name}, "
           f"{per:g} of them): {e['vendor_ms_per']:.3f} ms on the vendor path, {e['served_ms_per']:.3f} ms as served; "

@@ -191,6 +191,9 @@ def main(argv=None):
         grid = parse_grid(a.grid or (TINY_GRID if a.tiny else "1-8x256-1024"))
     except ValueError as e:
         raise SystemExit(f"bench_coverage: {e}") from None
+    missing = [p for p in a.db if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"bench_coverage: --db {missing[0]}: no such file")
     if not 1 <= a.samples <= len(grid):
         raise SystemExit(f"bench_coverage: --samples {a.samples}: between 1 and the grid's {len(grid)} shapes")
     shapes = sorted(random.Random(a.seed).sample(grid, a.samples), key=lambda s: (s[0] * s[1] * s[2], s))
