@@ -95,7 +95,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Optional
     if flat:
         if not heads or q.shape[-1] % heads:
             raise ValueError(f"shapetune.attention: 3-D inputs need heads dividing {q.shape[-1]}, got {heads}")
-        q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)) for t in (q, k, v))
+        q = q.unflatten(-1, (heads, q.shape[-1] // heads))
+        k = k.unflatten(-1, (heads, k.shape[-1] // heads))
+        v = v.unflatten(-1, (heads, v.shape[-1] // heads))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out = call_op("attention", q, k, v, scale)
     return out.flatten(-2) if flat else out

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from shapetune.ops.conv import conv2d_workload
-from .dispatch import SUPPORTED, count, meta, plan, resolve
+from .dispatch import SUPPORTED, count, plan, resolve
 from .elementwise import bias_add_resolve, run_bias_add
 from .registry import get_registry
 from scheduler.loader import call_on_current_stream
@@ -130,8 +130,11 @@ def _plan(x, weight, bias, stride, padding, residual, shift) -> tuple:
 def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
             residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     _, res, (ho, wo, bias_what, bias_add) = plan(
-        ("conv2d", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, meta(bias), stride, padding,
-         meta(residual), meta(shift)), _plan, x, weight, bias, stride, padding, residual, shift)
+        ("conv2d", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+         None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding,
+         None if residual is None else (residual.shape, residual.dtype, residual.device),
+         None if shift is None else (shift.shape, shift.dtype, shift.device)),
+        _plan, x, weight, bias, stride, padding, residual, shift)
     if res is None:
         if bias_what is not None:
             get_registry().calls[bias_what] += 1

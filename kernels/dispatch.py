@@ -28,6 +28,7 @@ import torch
 from shapetune.ops import SUPPORTED  # torch dtype -> workload dtype served (re-exported to the ops)
 from shapetune.workload import Workload
 
+from . import registry as _registry
 from .registry import Resolution, get_registry
 
 
@@ -71,7 +72,7 @@ def plan(key: tuple, make: Callable[..., tuple], *args) -> tuple:
     Plans live in the registry (`Registry.plans`), so a registry swapped in (set_registry), cleared
     or prebuilt starts without any. A plan holds no tensor: weights are read on every call.
     """
-    reg = get_registry()
+    reg = _registry._registry or get_registry()
     p = reg.plans.get(key)
     if p is None:
         p = reg.plans[key] = make(*args)
@@ -85,5 +86,6 @@ def count(op: str, what: str) -> None:
 
 
 def meta(t: Optional[torch.Tensor]) -> Optional[tuple]:
-    """What a plan key holds of an optional tensor argument: shape, dtype, device (None: absent)."""
+    """What a plan key holds of an optional tensor argument: shape, dtype, device (None: absent).
+    (The ops' hot paths write the expression out: a Python call per argument is measurable.)"""
     return None if t is None else (t.shape, t.dtype, t.device)

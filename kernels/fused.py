@@ -16,7 +16,7 @@ from shapetune.ops.linear import linear_workload
 
 from shapetune.ops.geglu import geglu_workload
 
-from .dispatch import SUPPORTED, meta, plan, resolve
+from .dispatch import SUPPORTED, plan, resolve
 from .elementwise import gelu_gate
 from .linear import _check
 from scheduler.loader import call_on_current_stream
@@ -46,7 +46,9 @@ def _plan(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def _key(op: str, x, weight, bias, residual=None) -> tuple:
-    return (op, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, meta(bias), meta(residual))
+    return (op, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            None if residual is None else (residual.shape, residual.dtype, residual.device))
 
 
 def _launch(res, x: torch.Tensor, m: int, n_out: int, k: int, middle: list) -> torch.Tensor:

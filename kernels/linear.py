@@ -8,7 +8,7 @@ import torch
 
 from shapetune.ops.linear import linear_workload
 
-from .dispatch import SUPPORTED, meta, plan, resolve
+from .dispatch import SUPPORTED, plan, resolve
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, shapetune_op
@@ -40,7 +40,7 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -
 @shapetune_op("linear")
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _, res, (m, n, k) = plan(("linear", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-                              meta(bias)), _plan, x, weight, bias)
+                              None if bias is None else (bias.shape, bias.dtype, bias.device)), _plan, x, weight, bias)
     if res is None:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(m, k).contiguous()

@@ -22,6 +22,13 @@ from scheduler.loader import call_on_current_stream
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
 
 
+def _affine(weight, bias) -> tuple:
+    """What a norm's plan key holds of its affine parameters (kernels.dispatch.meta of each)."""
+    if weight is None or bias is None:
+        return meta(weight), meta(bias)
+    return weight.shape, weight.dtype, weight.device, bias.shape, bias.dtype, bias.device
+
+
 # -- group_norm -------------------------------------------------------------------------------------
 def _check_gn(x: torch.Tensor, num_groups: int, weight, bias):
     if x.dim() not in (3, 4):
@@ -66,8 +73,8 @@ def _gn_plan(x, num_groups, weight, bias, eps, silu) -> tuple:
 @shapetune_op("group_norm")
 def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float, silu: bool) -> torch.Tensor:
-    _, res, (n, hw, c) = plan(("group_norm", x.shape, x.dtype, x.device, num_groups, meta(weight), meta(bias), eps,
-                               silu), _gn_plan, x, num_groups, weight, bias, eps, silu)
+    _, res, (n, hw, c) = plan(("group_norm", x.shape, x.dtype, x.device, num_groups, _affine(weight, bias), eps, silu),
+                              _gn_plan, x, num_groups, weight, bias, eps, silu)
     if res is None:
         return _gn_torch(x, num_groups, weight, bias, eps, silu)
     is_gpu = x.is_cuda
@@ -156,7 +163,7 @@ def _ln_plan(x, weight, bias, eps) -> tuple:
 @shapetune_op("layer_norm")
 def _layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float) -> torch.Tensor:
-    _, res, (m, c) = plan(("layer_norm", x.shape, x.dtype, x.device, meta(weight), meta(bias), eps), _ln_plan, x,
+    _, res, (m, c) = plan(("layer_norm", x.shape, x.dtype, x.device, _affine(weight, bias), eps), _ln_plan, x,
                           weight, bias, eps)
     if res is None:
         return F.layer_norm(x, (c,), weight, bias, eps).contiguous()

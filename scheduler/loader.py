@@ -56,25 +56,34 @@ def load_function(path: str, is_gpu: bool, compile_source: bool = True):
 
 _KDL_CUDA = 2  # DLPack's device type of CUDA memory
 _set_stream = None  # tvm_ffi.core._env_set_current_stream, bound on the first GPU launch
+_raw_stream = None  # device index -> torch's current cudaStream_t as an int, bound with it
+
+
+def _bind_streams():
+    global _set_stream, _raw_stream
+    import torch
+    from tvm_ffi import core
+
+    # torch._C._cuda_getCurrentRawStream is what torch's own compiled code launches on (dynamo's
+    # get_raw_stream): one C call, where torch.cuda.current_stream(i).cuda_stream builds a Stream
+    # object in Python first.
+    _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+        lambda idx: torch.cuda.current_stream(idx).cuda_stream)
+    _set_stream = core._env_set_current_stream
 
 
 def call_on_current_stream(fn, args, is_gpu: bool):
     """Launch fn(*args) on torch's current CUDA stream (the CPU path just calls). The stream is handed
-    to TVM's environment for the launch and the previous one put back: two C calls around the launch
+    to TVM's environment for the launch and the previous one put back: three C calls around the launch
     (a tvm_ffi.StreamContext, a device object and torch.cuda.current_stream() cost several µs of
     Python per op call, and a patched UNet step makes ~1000)."""
     if not is_gpu:
         fn(*args)
         return
-    global _set_stream
     if _set_stream is None:
-        from tvm_ffi import core
-
-        _set_stream = core._env_set_current_stream
-    import torch
-
+        _bind_streams()
     idx = args[-1].get_device()
-    prev = _set_stream(_KDL_CUDA, idx, torch.cuda.current_stream(idx).cuda_stream)
+    prev = _set_stream(_KDL_CUDA, idx, _raw_stream(idx))
     try:
         fn(*args)
     finally:
