@@ -89,3 +89,16 @@ def test_benchmarks_section_from_the_json_and_none_without_it(smoke, tmp_path):
     assert text.startswith(without.rstrip("\n")) and "| VAE decode | 1 x 64x64 |" in sec
     assert f"over 1 shapes; op calls tuned {100 * doc['totals']['vae']['tuned_call_share_mean']:.1f}%" in sec
     assert "python scripts/bench_coverage.py --tiny" in sec
+
+
+def test_a_missing_db_is_one_line_of_error(tmp_path):
+    """A --db path that does not exist: before the check, the run went on with nothing served (every op
+    call counted no_db), silently."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_coverage
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_coverage.main(["--tiny", "--device", "cpu", "--db", str(tmp_path / "nope.db")])
+    assert not (tmp_path / "nope.db").exists()
