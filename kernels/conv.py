@@ -104,7 +104,7 @@ def _torch_conv(x, weight, bias, stride, padding, residual, shift, bias_add):
     if residual is not None:
         y = y + residual
     if shift is not None:
-        y = y + shift[:, :, None, None]
+        y = y + shift.view(*shift.shape, 1, 1)
     return y.contiguous(memory_format=CL)
 
 
@@ -148,7 +148,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     out = torch.empty(n, ho, wo, co, dtype=x.dtype, device=x.device)
     call_on_current_stream(res.fn, args + [out], is_gpu)
     if shift is not None:  # the tuned conv's epilogue has no shift: torch's add, as eager
-        out += shift[:, None, None, :]
+        out += shift.view(shift.shape[0], 1, 1, shift.shape[1])
     return out.permute(0, 3, 1, 2)
 
 

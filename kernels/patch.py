@@ -185,20 +185,20 @@ def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
 def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """conv(x) + residual: one conv2d(residual=) where conv is a patched plain Conv2d and residual has
     the output's exact shape and x's dtype (no broadcast, no promotion); else the eager expression."""
-    if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
+    if (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4
             and residual.dtype == x.dtype and tuple(residual.shape) == _conv_out_shape(conv, x)):
         return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], residual, None)
     return residual + conv(x)
 
 
-def _conv_shift(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-    """conv(x) + temb (temb [N, Co, 1, 1], ResnetBlock2D's time embedding): one conv2d(shift=) where
-    conv is a patched plain Conv2d and temb has x's dtype and the output's N, Co; else the eager
-    expression."""
-    if (type(conv) is nn.Conv2d and getattr(conv, _MARK, None) == "conv2d" and x.dim() == 4
-            and temb.dtype == x.dtype and tuple(temb.shape) == _conv_out_shape(conv, x)[:2] + (1, 1)):
-        return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], None, temb[:, :, 0, 0])
-    return conv(x) + temb
+def _conv_shift(conv: nn.Module, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """conv(x) + shift[:, :, None, None] (shift [N, Co], ResnetBlock2D's projected time embedding):
+    one conv2d(shift=) where conv is a patched plain Conv2d and shift has x's dtype and the output's
+    N, Co; else the eager expression."""
+    if (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4 and shift.dim() == 2
+            and shift.dtype == x.dtype and shift.shape[0] == x.shape[0] and shift.shape[1] == conv.out_channels):
+        return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], None, shift)
+    return conv(x) + shift[:, :, None, None]
 
 
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
@@ -206,7 +206,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     conv2d(residual=) call: output = (shortcut(input) + conv2(h)) / output_scale_factor, the factor
     dividing the fused sum (the same expression; skipped where it is 1); and conv1 with the time
     embedding's add one conv2d(shift=) call (time_embedding_norm "default": h = conv1(h) + temb). The
-    time embedding is projected before conv1 runs instead of after (independent values)."""
+    time embedding is projected before conv1 runs instead of after (independent values), and kept
+    [N, C] where diffusers takes its [N, C, 1, 1] view (the view only where an expression needs it)."""
     if args or kwargs:  # the deprecated `scale` argument: diffusers' own forward warns about it
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     h = self.nonlinearity(self.norm1(input_tensor))
@@ -216,15 +217,21 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor, h = self.upsample(input_tensor), self.upsample(h)
     elif self.downsample is not None:
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)
+    shift = None  # the projected time embedding, [N, C]: diffusers' temb is shift[:, :, None, None]
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
+        shift = self.time_emb_proj(temb)
     if self.time_embedding_norm == "default":
-        h = self.conv1(h) if temb is None else _conv_shift(self.conv1, h, temb)
+        if shift is not None:
+            h = _conv_shift(self.conv1, h, shift)
+        else:
+            h = self.conv1(h) if temb is None else self.conv1(h) + temb
         h = self.norm2(h)
     elif self.time_embedding_norm == "scale_shift":
         h = self.conv1(h)
+        if shift is not None:
+            temb = shift[:, :, None, None]
         if temb is None:
             raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
@@ -250,7 +257,7 @@ def _transformer_2d_output(self, hidden_states, residual, batch_size, height, wi
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and getattr(m, _MARK, None) == "linear"
+    return type(m) is nn.Linear and m.__dict__.get(_MARK) == "linear"
 
 
 def _identity_dropout(m: nn.Module) -> bool:
