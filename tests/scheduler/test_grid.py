@@ -23,15 +23,21 @@ FAMILIES = tuple(extract.FAMILY_RULES)  # conv included: its classes keep h and 
 
 @pytest.fixture(scope="module")
 def brute():
-    return jobs.grid_bucket_calls(SUB, FAMILIES, shortcut=False)
+    """One extraction per shape, per model."""
+    return {m: jobs.grid_bucket_calls(SUB, FAMILIES, {m: 1.0}, shortcut=False) for m in ("unet", "vae")}
 
 
 def test_shape_classes_give_the_brute_force_buckets_and_calls(brute):
     got = jobs.grid_bucket_calls(SUB, FAMILIES)
-    assert brute.passes == 2 * len(SUB)  # one UNet and one VAE pass per shape
-    assert got.calls == brute.calls and got.outside == brute.outside
-    assert len(brute.calls) > 500 and brute.outside  # the VAE's last-level norms are beyond every bucket
-    ops = {w.op for w in brute.calls}
+    assert all(b.passes == len(SUB) for b in brute.values())
+    want, outside = dict(brute["unet"].calls), dict(brute["unet"].outside)
+    for w, n in brute["vae"].calls.items():
+        want[w] = want.get(w, 0) + n
+    for op, n in brute["vae"].outside.items():
+        outside[op] = outside.get(op, 0) + n
+    assert got.calls == want and got.outside == outside
+    assert len(want) > 500 and brute["vae"].outside  # the VAE's last-level norms are beyond every bucket
+    ops = {w.op for w in want}
     assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention", "gelu_gate", "bias_add"}
 
 
@@ -41,13 +47,9 @@ def test_a_coarser_class_key_is_caught(brute, monkeypatch):
     def coarse(batch, height, width, exact_hw, seq=77):
         return shape_class(batch, height, width, exact_hw, seq)[:1] + shape_class(batch, height, width, exact_hw, seq)[2:]
 
-    want = {w: n for w, n in brute.calls.items() if w.op == "linear"}  # the UNet's: brute's less the VAE's
-    for w, n in jobs.grid_bucket_calls(SUB, ("linear",), {"vae": 1.0}, shortcut=False).calls.items():
-        want[w] -= n
-    want = {w: n for w, n in want.items() if n}
-    assert jobs.grid_bucket_calls(SUB, ("linear",), {"unet": 1.0}).calls == want
     monkeypatch.setattr(extract, "shape_class", coarse)
     got = jobs.grid_bucket_calls(SUB, ("linear",), {"unet": 1.0})
+    want = {w: n for w, n in brute["unet"].calls.items() if w.op == "linear"}
     assert got.calls != want and sum(got.calls.values()) == sum(want.values())
 
 
