@@ -98,6 +98,8 @@ def test_tiny_grid_job_on_llvm(tmp_path, capsys, monkeypatch):
     est = doc["estimate"]
     assert est["per"] == 2 and est["vendor_ms_per"] > 0 and "gain_ms_per_gpu_min" in est
     assert "ms per grid shape per GPU-minute" in out
+    served = sum(r["calls"] for r in doc["rows"] if r["served_us"] is not None)
+    assert f"grid op calls in buckets this DB serves a tuned kernel for: {served:g} of " in out
     with TuningDB(tmp_path / "read.db") as back:
         back.merge_from(export)
         ok = {r.workload.key for _, r in back.iter_results(status="ok")}
