@@ -18,8 +18,9 @@ Nothing derived from a tensor's values is cached: every call reads the live weig
 through `.data` (which do not bump a tensor's version counter, e.g. a PEFT LoRA merge), `copy_`,
 `param.data = t` and `load_state_dict` all take effect on the next call. (Audit, issue 8: the
 other caches on the call path hold no tensor values either: the registry's resolutions are keyed
-by shape signature, scheduler.loader.load_function by artifact path; linear, the fused ops, the norms and
-attention read their tensors per call.)
+by shape signature, the ops' plans (kernels.dispatch.plan) by the call's shapes, dtypes, devices
+and scalar arguments, scheduler.loader.load_function by artifact path; linear, the fused ops, the
+norms and attention read their tensors per call; tests/kernels/test_host_plans.py.)
 """
 
 from __future__ import annotations

@@ -2,21 +2,25 @@
 or None with the reason counted in `fallback_summary()`.
 
 An op keeps only its checks, its signature and workload, its argument preparation and its torch
-fallback:
+fallback; the checks and the resolution run once per call-metadata key (`plan`):
 
-    is_gpu = x.is_cuda
-    res = tuned("linear", sig, lambda: linear_workload(...), x.dtype, is_gpu, empty=m == 0)
+    def _plan(x, weight, bias):                      # on a key's first call only
+        _check(x, weight, bias)
+        sig = ("linear", m, n, k, x.dtype, bias is not None, x.device.type)
+        return resolve("linear", sig, lambda: linear_workload(...), x.dtype, x.is_cuda, empty=m == 0) + ((m, n, k),)
+
+    _, res, (m, n, k) = plan(("linear", x.shape, x.dtype, x.device, weight.shape, ...), _plan, x, weight, bias)
     if res is None:
         return torch.nn.functional.linear(x, weight, bias)
-    call_on_current_stream(res.fn, args, is_gpu)
+    call_on_current_stream(res.fn, args, x.is_cuda)
 
 Counted causes, checked in this order before any lookup: "unsupported_dtype" (x.dtype not in
 SUPPORTED), "empty", "no_affine" (norms without weight or bias), "other_device" (x on the CPU
 under a GPU registry or the reverse). After the lookup the registry counts "tuned" or its
 Resolution's cause (not_tuned, vendor_faster, ...).
 
-The ops' hot path is `plan`: one dict lookup keyed on the call's metadata (shapes, dtypes, devices,
-scalar arguments) replaces the checks, the signature and `tuned` after a key's first call.
+After a key's first call, `plan` is one dict lookup and one count: no checks, no signature, no
+registry lookup (tests/kernels/test_host_plans.py counts the Python calls).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ scripts extract are the ones dispatched here:
 
 Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
 issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the
-runtime per artifact path; the SiLU pass-through holds a weak reference to one output, not a weight),
+ops' plans per call metadata (shapes, dtypes, devices: a replaced parameter of another shape or
+dtype is checked and resolved again), the runtime per artifact path; the SiLU pass-through holds a weak reference to one output, not a weight),
 so any change — `.data` writes (how PEFT merges a LoRA), `copy_`, `param.data = t`,
 `load_state_dict` — shows on the next call. The one thing patch changes on a parameter is a
 Conv2d weight's memory layout: it is put in channels_last memory (same Parameter, same values),

@@ -1,6 +1,7 @@
 """Registry: (op, shape, dtype, device) -> the best verified kernel for this target, or a fallback.
 
-Resolution, once per distinct call signature (then cached, so the hot path is one dict lookup):
+Resolution, once per distinct call signature (then cached; the ops' per-call plans, kernels.dispatch.plan,
+live here too, so clearing or swapping the registry drops them):
   signature -> workload -> its exact records, else its shape bucket's (shapetune.buckets) ->
   `Registry.dispatch`: each tuning run's fastest verified record, compared with the fastest vendor
   path measured in THE SAME run (an in-memory index of the DB); the fastest record that beats its

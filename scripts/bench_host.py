@@ -7,6 +7,15 @@ channels_last and of kernels.optimize(unet, graphs=False), each call synchronize
 --iters; the op calls per step by outcome; then a cProfile of --profile calls of the patched UNet,
 the top functions by own time printed and written to the JSON (per op call: the profile's total over
 the number of op calls). Ratios are against eager channels_last from the same run.
+
+    python scripts/bench_host.py --per-op --json per_op.json     # the CPU: each patched module kind
+
+--per-op: us per call of one small module of each patched kind (Linear, Conv2d, GroupNorm, LayerNorm,
+GEGLU, Attention, ResnetBlock2D, BasicTransformerBlock) and of the tiny UNet, eager (channels_last)
+against patched on the counted torch fallback (empty DB) and on llvm kernels tuned with one candidate
+for every workload they dispatch (served whatever their speed: that column adds TVM's kernel time),
+the variants timed in turns, the fastest of --repeats; op calls and Python calls per module call.
+One torch (and TVM) thread: host cost, not contention on a shared CPU.
 """
 
 from __future__ import annotations
