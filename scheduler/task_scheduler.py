@@ -4,9 +4,10 @@ expected to save the most model time (Ansor's task scheduler, without its simila
 A task is a workload (exact or bucket) with a weight: its calls per model forward. It costs the model
 weight x its time as served: the fastest tuned kernel the registry would serve (one that beats the
 vendor path of its own run by MARGIN, shapetune.serving), else the vendor path. Every task first gets
-one small warm-up round (the dlight default and a few candidates: a vendor time and a first best),
-the heaviest first; then each round (TuneOptions.batch candidates, one Tuner round) goes to the task
-with the largest `gain_rate`. It stops at the wall-clock budget (a round started before it runs to
+one small warm-up round (the dlight default and a few candidates: a vendor time and a first best), in
+the order of `cold_priority` (weight x a roofline time x what tuning gained on its op so far: a grid
+of hundreds of buckets may spend its whole budget warming up); then each round
+(TuneOptions.batch candidates, one Tuner round) goes to the task with the largest `gain_rate`. It stops at the wall-clock budget (a round started before it runs to
 its end), or when every task's space is exhausted or its trial cap reached. Everything a task knows
 is read back from the DB after each round (records held, vendor, best), so a rerun continues where
 the last one stopped and never measures a candidate twice (the Tuner's claims).
@@ -146,6 +147,45 @@ def _finite(us) -> bool:
     return isinstance(us, (int, float)) and math.isfinite(us) and us > 0
 
 
+# -- the warm-up order -------------------------------------------------------------------------------
+# A roofline per target kind: (flop/s, bytes/s, s per call). Only their ratios order the cold tasks;
+# the H200's dense fp16 tensor-core rate and HBM3e bandwidth at what a tuned kernel reaches, and a
+# launch; on the CPU, a few cores' vector rate and DRAM bandwidth.
+ROOFLINE = {"cuda": (600e12, 4.0e12, 3e-6), "llvm": (2e11, 2e10, 1e-6)}
+PRIOR = 1 - ALPHA  # headroom of an op nothing is known of: gain_rate's at one round with no gain
+
+
+def roofline_us(w: Workload, kind: str) -> float:
+    """A time estimate before anything was measured: the slower of its flops at the target's rate
+    and its minimal bytes (inputs read once, output written once) at its bandwidth, plus a launch."""
+    from .runner import min_traffic_bytes
+
+    flop_s, byte_s, call_s = ROOFLINE.get(kind, ROOFLINE["cuda"])
+    try:
+        flops = w.flops
+    except NotImplementedError:  # memory-bound ops count no flops
+        flops = 0.0
+    return 1e6 * (max(flops / flop_s, min_traffic_bytes(w) / byte_s) + call_s)
+
+
+def op_headroom(tasks: list[Task]) -> dict[str, float]:
+    """Per op, the mean share of its time tuning took off the vendor path over the tasks timed so far
+    (0 where the vendor stayed faster): the expected gain of warming up another task of that op
+    (Ansor's similar-task term, similarity = same op). Ops with no timed task get none here."""
+    gains: dict[str, list[float]] = {}
+    for t in tasks:
+        if t.vendor_us and t.tuned_us:
+            gains.setdefault(t.workload.op, []).append(max(0.0, 1 - t.tuned_us / t.vendor_us))
+    return {op: sum(g) / len(g) for op, g in gains.items()}
+
+
+def cold_priority(task: Task, kind: str, headroom: dict[str, float], floor: float = FLOOR) -> float:
+    """A cold task's expected gain from its warm-up: weight x roofline time x its op's headroom
+    (PRIOR where none of its op was timed yet), floored like `gain_rate`'s."""
+    est = task.time_us if task.time_us is not None else roofline_us(task.workload, kind)
+    return task.weight * est * max(floor, headroom.get(task.workload.op, PRIOR))
+
+
 # -- the scheduler ----------------------------------------------------------------------------------
 def round_seconds(task: Task, tasks: list[Task], batch: int) -> float:
     """A round's expected wall time for `task`: batch x the median seconds per candidate of its own
@@ -204,10 +244,11 @@ def schedule(weights: dict[Workload, float], target: Target, budget_s: float,
                 on_round(t, sched)
 
         live = lambda: [t for t in tasks if not t.done]  # noqa: E731
-        cold = sorted((t for t in live() if t.trials == 0 or t.vendor_us is None), key=lambda t: -t.weight)
-        for t in cold:  # warm-up, the heaviest first: a budget that ends here has warmed what pays most
-            if clock() - t0 >= budget_s:
-                break
+        cold = [t for t in live() if t.trials == 0 or t.vendor_us is None]
+        while cold and clock() - t0 < budget_s:  # a budget that ends here has warmed what pays most
+            head = op_headroom(tasks)  # what the warm-ups so far (and the DB) say of each op
+            t = max(cold, key=lambda t: cold_priority(t, target.kind, head))
+            cold.remove(t)
             run_round(t, min(warmup, opts.batch))
         while clock() - t0 < budget_s:
             ready = [t for t in live() if t.time_us is not None]

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from scheduler import templates
-from scheduler.task_scheduler import NO_CAP, Task, gain_rate, parse_budget, priority, refresh, schedule
+from scheduler.task_scheduler import (FLOOR, NO_CAP, ROOFLINE, Task, cold_priority, gain_rate, op_headroom, parse_budget,
+                                      priority, refresh, roofline_us, schedule)
 from scheduler.tuner import TuneOptions, Tuner, search_space
 from shapetune.cli import main
 from shapetune.db import TuningDB
@@ -272,3 +273,37 @@ def test_cli_budget_weighs_a_presets_buckets_by_their_calls(tmp_path):
     cold = [t["weight"] for t in tasks if not t["rounds"]]
     assert warmed and cold, out.output  # the budget ended in the warm-up
     assert min(t["weight"] for t in warmed) >= max(cold) and all(t["vendor_us"] > 0 for t in warmed), out.output
+
+
+# -- the warm-up order -------------------------------------------------------------------------------
+def test_roofline_is_the_slower_of_flops_and_bytes_plus_a_launch():
+    from scheduler.runner import min_traffic_bytes
+    from shapetune.ops.norm import group_norm_workload
+
+    flop_s, byte_s, call_s = ROOFLINE["cuda"]
+    big = linear_workload(4096, 4096, 4096, "float16", False)  # compute-bound
+    assert roofline_us(big, "cuda") == pytest.approx(1e6 * (2 * 4096**3 / flop_s + call_s))
+    gn = group_norm_workload(2, 4096, 320, 32, "float16", 1e-5, False)  # memory-bound: no flops
+    assert roofline_us(gn, "cuda") == pytest.approx(1e6 * (min_traffic_bytes(gn) / byte_s + call_s))
+    tiny = linear_workload(16, 8, 16, "float16", False)  # launch-bound
+    assert roofline_us(tiny, "cuda") == pytest.approx(1e6 * call_s, rel=0.01)
+
+
+def test_cold_tasks_warm_up_by_weight_x_time_x_their_ops_headroom():
+    from shapetune.ops.norm import group_norm_workload
+
+    gemm = Task(linear_workload(1024, 1280, 1280, "float16", True), weight=2)
+    gn = Task(group_norm_workload(2, 4096, 320, 32, "float16", 1e-5, False), weight=2)
+    est = {t.workload.op: roofline_us(t.workload, "cuda") for t in (gemm, gn)}
+    assert est["linear"] > est["group_norm"]
+    order = lambda head: max((gemm, gn), key=lambda t: cold_priority(t, "cuda", head)).workload.op  # noqa: E731
+    assert order({}) == "linear"  # nothing known: the larger weight x time first
+    # the linears timed so far all stayed slower than cuBLAS, the norms won a lot: norms first now
+    timed = [Task(linear_workload(64, 64, 64, "float16", False), vendor_us=10.0, tuned_us=14.0),
+             Task(group_norm_workload(1, 1024, 320, 32, "float16", 1e-5, False), vendor_us=10.0, tuned_us=4.0)]
+    head = op_headroom(timed)
+    assert head == pytest.approx({"linear": 0.0, "group_norm": 0.6})
+    assert est["linear"] * FLOOR < est["group_norm"] * 0.6 and order(head) == "group_norm"
+    # a task whose time is known (a vendor time from an earlier run, no trials) is ranked by it
+    gn.vendor_us = 1e-3
+    assert cold_priority(gn, "cuda", head) == pytest.approx(2 * 1e-3 * 0.6)
