@@ -36,6 +36,7 @@ diffusers = pytest.importorskip("diffusers")
 M, N, K = 6, 8, 16  # the tuned linear: x [M, K] -> [M, N], with bias
 TOL = dict(atol=1e-4, rtol=1e-4)
 KERNELS = str(Path(kernels.__file__).parent)
+LOADER = str(Path(kernels.__file__).parents[1] / "scheduler" / "loader.py")
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,27 @@ def test_a_warm_op_call_makes_no_lookup_and_few_python_calls(kind, tmp_path):
     assert sum(reg.calls.values()) == ops and lookups.sigs == []
     assert sum(ours.values()) <= most, dict(ours)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_warm_tuned_call_makes_no_lookup_and_few_python_calls(registry):
+    lin, x = _linear(), _x()
+    _run(lin, x)
+    lookups = _Lookups(registry)
+    registry.calls.clear()
+    ours = Counter()
+
+    def hook(frame, event, arg):
+        f = frame.f_code.co_filename
+        if event == "call" and (f.startswith(KERNELS) or f == LOADER):
+            ours[frame.f_code.co_name] += 1
+
+    sys.setprofile(hook)
+    try:
+        y = _run(lin, x)
+    finally:
+        sys.setprofile(None)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), **TOL)
+    assert registry.calls == Counter({("linear", "tuned"): 1}) and lookups.sigs == []
+    # _linear_forward, call_op, direct_ok, _linear, plan, call_on_current_stream (before: 12, with the
+    # public wrapper, the checks, tuned, Registry.target, .lookup and .count)
+    assert sum(ours.values()) <= 6, dict(ours)
