@@ -19,21 +19,16 @@ from pathlib import Path
 
 import torch
 
-from .sd_configs import SD15_UNET_CONFIG
+from .sd_configs import SD15_UNET_CONFIG, SD15_VAE, TINY_VAE
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24, attention_head_dim=2,
                  norm_num_groups=8)
-TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
 TINY_CLIP = dict(hidden_size=24, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2,
                  max_position_embeddings=16, projection_dim=24)
 
-#: runwayml/stable-diffusion-v1-5 vae/config.json and text_encoder/config.json (the fields that matter)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                sample_size=512)
+#: runwayml/stable-diffusion-v1-5 text_encoder/config.json (the fields that matter; the VAE's: sd_configs)
 SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 

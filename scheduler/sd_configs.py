@@ -66,17 +66,23 @@ def build_sd15_unet(dtype: torch.dtype = torch.float32, device: str | torch.devi
     return unet.eval()
 
 
+#: runwayml/stable-diffusion-v1-5 vae/config.json (the fields that matter), and a tiny one for CPU tests
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                sample_size=512)
+TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+
+
 def build_sd15_vae(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tiny: bool = False):
     """Build the SD 1.5 VAE (AutoencoderKL) from its config with random weights.
 
-    The config is scheduler.pipelines.SD15_VAE (vae/config.json's fields that matter: four blocks of
+    The config is SD15_VAE (vae/config.json's fields that matter: four blocks of
     128, 256, 512, 512 channels, 2 layers each, 32 groups), the one the pipelines build; `tiny` builds
     its TINY_VAE instead (CPU tests). Parameters and returns as ``build_sd15_unet``: ``"meta"`` builds
     shapes only; the decoder takes latents [batch, 4, height / 8, width / 8].
     """
     from diffusers import AutoencoderKL
-
-    from .pipelines import SD15_VAE, TINY_VAE  # pipelines imports this module: imported here, not on top
 
     with torch.device(device):
         vae = AutoencoderKL(**copy.deepcopy(TINY_VAE if tiny else SD15_VAE))
