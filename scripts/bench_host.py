@@ -8,7 +8,7 @@ channels_last and of kernels.optimize(unet, graphs=False), each call synchronize
 the top functions by own time printed and written to the JSON (per op call: the profile's total over
 the number of op calls). Ratios are against eager channels_last from the same run.
 
-    python scripts/bench_host.py --per-op --json per_op.json     # the CPU: each patched module kind
+    python scripts/bench_host.py --per-op --json per_op.json     # each patched module kind (--tiny: the CPU)
 
 --per-op: us per call of one small module of each patched kind (Linear, Conv2d, GroupNorm, LayerNorm,
 GEGLU, Attention, ResnetBlock2D, BasicTransformerBlock) and of the tiny UNet, eager (channels_last)
@@ -36,9 +36,9 @@ import torch  # noqa: E402
 
 
 # -- per-op host cost (--per-op) -----------------------------------------------------------------------
-def _cases(dtype):
+def _cases(dtype, device="cpu"):
     """name -> (module, args, kwargs): one small instance per patched module kind (tiny tensors, so the
-    host's work per call dominates) and the tiny UNet."""
+    host's work per call dominates) and the tiny UNet, on `device`."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import BasicTransformerBlock
@@ -51,12 +51,12 @@ def _cases(dtype):
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, cl=False):
-        t = torch.randn(*shape, generator=g, dtype=dtype)
+        t = torch.randn(*shape, generator=g).to(device, dtype)
         return t.contiguous(memory_format=torch.channels_last) if cl else t
 
     torch.manual_seed(0)
     tokens, img = rnd(2, 16, 32), rnd(1, 16, 8, 8, cl=True)
-    return {
+    cases = {
         "Linear": (nn.Linear(32, 32), (tokens,), {}),
         "Conv2d": (nn.Conv2d(16, 16, 3, padding=1), (img,), {}),
         "GroupNorm": (nn.GroupNorm(4, 16), (img,), {}),
@@ -67,19 +67,25 @@ def _cases(dtype):
                           (img, rnd(1, 32)), {}),
         "BasicTransformerBlock": (BasicTransformerBlock(32, 2, 16, cross_attention_dim=24), (tokens,),
                                   {"encoder_hidden_states": rnd(2, 7, 24)}),
-        "UNet (tiny)": (UNet2DConditionModel(**TINY), (rnd(2, 4, 8, 8, cl=True), torch.tensor(500)),
+        "UNet (tiny)": (UNet2DConditionModel(**TINY), (rnd(2, 4, 8, 8, cl=True), torch.tensor(500, device=device)),
                         {"encoder_hidden_states": rnd(2, 7, 24)}),
     }
+    return {k: (m.to(device, dtype).eval(), args, kw) for k, (m, args, kw) in cases.items()}
 
 
-def _us_per_call(fn, calls: int, repeats: int) -> float:
+def _us_per_call(fn, calls: int, repeats: int, sync=None) -> float:
     """The fastest over `repeats` of the mean wall time of `calls` back-to-back calls, in µs (the
-    fastest: on a shared CPU the others measure the neighbours)."""
+    fastest: on a shared CPU the others measure the neighbours); `sync` (the GPU's) after each
+    repeat's calls, whose tiny kernels queue faster than the host issues them."""
     out = []
     for _ in range(repeats):
+        if sync:
+            sync()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
+        if sync:
+            sync()
         out.append((time.perf_counter() - t0) / calls)
     return min(out) * 1e6
 
@@ -103,7 +109,8 @@ def _python_calls(fn) -> int:
 def per_op(a) -> dict:
     """us per call of each module kind, unpatched vs patched, on an empty DB (every op on its counted
     torch fallback) and with llvm kernels tuned (1 candidate each) for every workload the modules
-    dispatch, served whatever their speed (require_faster=False: this measures the host path)."""
+    dispatch, served whatever their speed (require_faster=False: this measures the host path). On a
+    GPU (float16, CUDA target): eager against patched over the empty DB only."""
     import copy
     import tempfile
 
@@ -111,11 +118,13 @@ def per_op(a) -> dict:
     from scheduler.tuner import TuneOptions, tune
     from shapetune.target import detect
 
-    cpu = detect("llvm")
-    dtype = torch.float32
+    is_gpu = torch.cuda.is_available() and not a.tiny
+    cpu = detect("cuda" if is_gpu else "llvm")
+    dtype = torch.float16 if is_gpu else torch.float32
+    sync = torch.cuda.synchronize if is_gpu else None
     torch.set_num_threads(1)  # host cost: torch's intra-op threads on a shared CPU measure contention
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # the same for TVM's thread pool (read on its first launch)
-    cases = {k: (m.to(dtype).eval(), args, kw) for k, (m, args, kw) in _cases(dtype).items()}
+    cases = _cases(dtype, "cuda" if is_gpu else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="shapetune-host-"))
     db = Path(a.per_op_db) if a.per_op_db else tmp / "tuned.db"
     rows = {k: {} for k in cases}
@@ -159,7 +168,7 @@ def per_op(a) -> dict:
                     for _ in range(a.repeats):
                         for label, (reg, mod) in row.items():
                             kernels.set_registry(reg or prev)
-                            times[label].append(_us_per_call(lambda: mod(*args, **kw), a.calls, 1))
+                            times[label].append(_us_per_call(lambda: mod(*args, **kw), a.calls, 1, sync))
                     for label in row:
                         rows[name][label]["us"] = min(times[label])
         finally:
@@ -167,7 +176,7 @@ def per_op(a) -> dict:
 
     fallback = kernels.Registry(db_path=tmp / "empty.db", target=cpu)
     reg = None
-    if not a.no_tuned:
+    if not a.no_tuned and not is_gpu:
         seen = {}
         rec = kernels.Registry(db_path=tmp / "empty.db", target=cpu)
         lookup = rec.lookup
@@ -211,7 +220,8 @@ def main():
     ap.add_argument("--profile", type=int, default=3)
     ap.add_argument("--json", default="")
     ap.add_argument("--per-op", action="store_true", help="us per call of each patched module kind, eager vs "
-                    "patched (fallback and llvm-tuned), on the CPU")
+                    "patched (fallback, and llvm-tuned on the CPU); on the GPU if there is one (fp16), "
+                    "with --tiny on the CPU")
     ap.add_argument("--per-op-db", default="", help="--per-op: the tuned DB to use (or fill, once)")
     ap.add_argument("--no-tuned", action="store_true", help="--per-op: skip the llvm-tuned column")
     ap.add_argument("--calls", type=int, default=20, help="--per-op: calls per timed repeat")

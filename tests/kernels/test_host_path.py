@@ -5,7 +5,6 @@ that path because an nn.Parameter is not `type(x) is torch.Tensor`)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
