@@ -315,7 +315,8 @@ class AttnProcessor:
             o = drop(proj(o))
             if attn.residual_connection:
                 o = o + hidden_states
-        return o / attn.rescale_output_factor
+        # o is a fresh tensor (a projection's output, or a sum): dividing by 1 would copy it unchanged
+        return o if attn.rescale_output_factor == 1 else o / attn.rescale_output_factor
 
     def plus_residual(self, attn, hidden_states, encoder_hidden_states, residual):
         """attn(hidden_states, encoder_hidden_states) + residual with the add fused into to_out[0]

@@ -264,3 +264,24 @@ def test_a_warm_tuned_call_makes_no_lookup_and_few_python_calls(registry):
     # _linear_forward, call_op, direct_ok, _linear, plan, call_on_current_stream (before: 12, with the
     # public wrapper, the checks, tuned, Registry.target, .lookup and .count)
     assert sum(ours.values()) <= 6, dict(ours)
+
+
+@pytest.mark.parametrize("factor, residual", [(1.0, False), (2.0, False), (2.0, True)])
+def test_attention_skips_only_a_division_by_one(factor, residual, tmp_path):
+    """The processor returns to_out's output itself where rescale_output_factor is 1 (eager divides
+    by 1: a copy); any other factor still divides, with and without the residual connection."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, heads=2, dim_head=16, rescale_output_factor=factor, residual_connection=residual).eval()
+    ref, x = copy.deepcopy(attn), torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    prev = kernels.set_registry(Registry(db_path=tmp_path / "none.db", target=detect("llvm")))
+    try:
+        kernels.patch(attn)
+        y = _run(attn, x)
+    finally:
+        kernels.set_registry(prev)
+    torch.testing.assert_close(y, _run(ref, x), atol=1e-5, rtol=1e-5)
+    assert y.data_ptr() != x.data_ptr()
