@@ -50,6 +50,7 @@ COST_MODEL = "bench/cost_model_eval.json"
 LOOKUP = "bench/bench_lookup_cpu.json"
 E2E = "bench/bench_e2e_h200.json"
 HOST = "bench/bench_host_h200.json"
+HOST_PER_OP = "bench/bench_host_per_op_cpu.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
 LORA = "bench/bench_lora_h200.json"
 COVERAGE = "bench/bench_coverage_h200.json"
@@ -1081,6 +1082,31 @@ def end_to_end(logs: Logs) -> str:
     ])
 
 
+def host_per_op(logs: Logs) -> str:
+    """Host cost per patched module call, eager vs patched, before and after a change, each run with its
+    own eager baseline (scripts/bench_host.py --per-op)."""
+    d = logs.load(HOST_PER_OP)
+    b, a = d["before"]["per_op"], d["after"]["per_op"]
+    extra = lambda r: (r["patched_fallback"]["us"] - r["eager"]["us"]) / max(r["patched_fallback"]["op_calls"], 1)  # noqa: E731
+    rows = [[kind, str(a[kind]["patched_fallback"]["op_calls"]), num(b[kind]["eager"]["us"], 1), num(b[kind]["patched_fallback"]["us"], 1),
+             num(extra(b[kind]), 1), num(a[kind]["eager"]["us"], 1), num(a[kind]["patched_fallback"]["us"], 1), num(extra(a[kind]), 1),
+             num(a[kind]["patched_tuned"]["us"], 1)] for kind in a if kind in b]
+    return "\n\n".join([
+        "## Host path per patched module (CPU)",
+        f"- Machine: {d['machine']}. Date: {d['date']}. Command: `{d['command']}`, on the code before "
+        f"(main at {d['before']['code']}) and after ({d['after']['code']}) the per-call plans of kernels/dispatch.py.",
+        "- " + d["note"] + " \"fallback\": the patched module over an empty DB (every op call runs torch's op, "
+        "counted), so the difference to eager is the patched path's own host work; \"extra\": that difference per "
+        "op call. \"llvm-tuned\": the same over a DB with llvm-tuned kernels for every call it can serve; it "
+        "includes the TVM kernels' own run time (untuned single-candidate CPU kernels), so it is not host cost alone.",
+        table([("module", "l"), ("op calls", "r"), ("eager, before", "r"), ("fallback, before", "r"),
+               ("extra per op call, before", "r"), ("eager, after", "r"), ("fallback, after", "r"),
+               ("extra per op call, after", "r"), ("llvm-tuned, after", "r")], rows),
+        "- µs per module call. Not yet measured on the H200 (`python scripts/bench_host.py --per-op --json ...` "
+        "runs there in fp16 with the CUDA target).",
+    ])
+
+
 def pipeline_table(logs: Logs) -> str:
     d = logs.load(PIPELINE)
     a = d["args"]
@@ -1147,7 +1173,7 @@ def coverage(logs: Logs) -> str:
 
 SECTIONS = (summary, linear, metaschedule, buckets, norms, grid_buckets, geglu, conv, attention, verification_error,
             vendor_noise,
-            cost_model, lookup, end_to_end, coverage)
+            cost_model, lookup, end_to_end, host_per_op, coverage)
 
 
 def render(root: Path = ROOT) -> str:
