@@ -75,3 +75,16 @@ def bad_templates(monkeypatch):
     for name in mod.NAMES:
         base._TEMPLATES.pop(name, None)
         unregister_feature_fn(name)
+
+
+@pytest.fixture(scope="module")
+def _module_kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture
+def module_kernel_cache(_module_kernel_cache, monkeypatch):
+    """One kernel cache for a test module (still a temporary dir), for modules whose tests would
+    otherwise each build the same kernels again; a module's autouse fixture asks for it."""
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(_module_kernel_cache))
+    return _module_kernel_cache

@@ -48,14 +48,9 @@ def tuned_db(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def _kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels")
-
-
 @pytest.fixture(autouse=True)
-def _shared_kernel_cache(_kernel_cache, monkeypatch):
-    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(_kernel_cache))  # the one kernel, built once
+def _shared_kernel_cache(module_kernel_cache):
+    """The module's kernels, built once (tests/conftest.py)."""
 
 
 class _Lookups:

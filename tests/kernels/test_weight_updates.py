@@ -68,16 +68,9 @@ def tuned_db(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def _kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels")
-
-
 @pytest.fixture(autouse=True)
-def _shared_kernel_cache(_kernel_cache, monkeypatch):
-    """One kernel cache for the module (still a temporary dir): each test would otherwise build the
-    same five kernels again."""
-    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(_kernel_cache))
+def _shared_kernel_cache(module_kernel_cache):
+    """The module's kernels, built once (tests/conftest.py)."""
 
 
 def _model(seed=0):
