@@ -211,6 +211,40 @@ def sd15_unet_inputs(
     }
 
 
+def sdxl_unet_inputs(batch: int = 2, height: int = 1024, width: int = 1024, seq: int = 77, device="meta",
+                     ctx_dim: int = 2048, text_embeds_dim: int = 1280) -> dict:
+    """Keyword inputs for the SDXL UNet at one denoising step, as StableDiffusionXLPipeline passes them.
+
+    Parameters
+    ----------
+    batch, height, width, seq, device
+        As ``sd15_unet_inputs``.
+    ctx_dim : int
+        Channels of ``encoder_hidden_states``: both text encoders' states side by side (SDXL: 768 + 1280).
+    text_embeds_dim : int
+        Channels of the pooled text embedding (the second encoder's projection; SDXL: 1280):
+        ``sdxl_text_embeds_dim(unet.config)``.
+
+    Returns
+    -------
+    dict
+        sd15_unet_inputs' ``sample``, ``timestep``, ``encoder_hidden_states``, and ``added_cond_kwargs``:
+        ``text_embeds`` [batch, text_embeds_dim] and ``time_ids`` [batch, 6] (original size, crop
+        top-left, target size: height, width, 0, 0, height, width).
+    """
+    inputs = sd15_unet_inputs(batch, height, width, seq, device, ctx_dim)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * batch, dtype=torch.float32, device=device)
+    inputs["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, text_embeds_dim, device=device),
+                                   "time_ids": time_ids}
+    return inputs
+
+
+def sdxl_text_embeds_dim(config) -> int:
+    """The pooled text embedding's width a text_time UNet config takes: its add_embedding reads
+    text_embeds and 6 time ids embedded at addition_time_embed_dim each, concatenated."""
+    return config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+
 def sd15_linear_workloads(
     batch: int = 2, height: int = 512, width: int = 512, seq: int = 77, dtype: str = "float16"
 ) -> list[ExtractedOp]:
@@ -458,10 +492,12 @@ def sd15_vae_workloads(families=tuple(FAMILY_RULES), batch: int = 1, height: int
 @functools.cache
 def _meta_model(name: str, tiny: bool) -> nn.Module:
     from scheduler.pipelines import TINY_UNET
-    from scheduler.sd_configs import build_sd15_unet, build_sd15_vae
+    from scheduler.sd_configs import build_sd15_unet, build_sd15_vae, build_sdxl_unet
 
-    if name == "vae":
+    if name in VAES:  # SDXL's VAE is SD 1.5's architecture (at sample size 1024: the decode is the same)
         return build_sd15_vae(device="meta", tiny=tiny)
+    if name == "sdxl_unet":
+        return build_sdxl_unet(device="meta", tiny=tiny)
     if not tiny:
         return build_sd15_unet(device="meta")
     from diffusers import UNet2DConditionModel
@@ -470,23 +506,48 @@ def _meta_model(name: str, tiny: bool) -> nn.Module:
         return UNet2DConditionModel(**TINY_UNET).eval()
 
 
-#: the models the grid extracts: name -> what one call is (the UNet's forward, the VAE's decode)
-MODELS = ("unet", "vae")
-SEQ, TINY_SEQ = 77, 7  # text tokens: CLIP's; the tiny UNet's (scripts/bench_e2e.py --tiny)
+#: the models the grid extracts: name -> what one call is (a UNet's forward: one denoising step; a VAE's
+#: decode): SD 1.5's UNet and VAE, SDXL base's UNet and VAE
+MODELS = ("unet", "vae", "sdxl_unet", "sdxl_vae")
+UNETS, VAES = ("unet", "sdxl_unet"), ("vae", "sdxl_vae")
+#: --models shorthands: a pipeline's models
+MODEL_SETS = {"sd15": ("unet", "vae"), "sdxl": ("sdxl_unet", "sdxl_vae")}
+SEQ, TINY_SEQ = 77, 7  # text tokens: CLIP's; the tiny UNets' (scripts/bench_e2e.py --tiny)
+
+
+def parse_models(spec: str) -> list[str]:
+    """A --models value: comma-separated MODELS or MODEL_SETS ("sdxl" = sdxl_unet,sdxl_vae), in order, once each."""
+    out: list[str] = []
+    for m in (m for m in spec.replace(" ", "").split(",") if m):
+        if m not in MODELS and m not in MODEL_SETS:
+            raise ValueError(f"--models {spec!r}: unknown model {m!r}; known: {', '.join(MODELS + tuple(MODEL_SETS))}")
+        out += MODEL_SETS.get(m, (m,))
+    if not out:
+        raise ValueError(f"--models {spec!r}: no model")
+    return list(dict.fromkeys(out))
+
+
+def model_inputs(model: str, batch: int, height: int, width: int, tiny: bool = False, device="meta") -> dict:
+    """Keyword inputs of one call of `model` (MODELS) at batch x height x width pixels: a UNet's
+    (sd15_unet_inputs / sdxl_unet_inputs, text SEQ tokens, TINY_SEQ with `tiny`), a VAE's decode latents."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    if model in VAES:
+        return sd15_vae_inputs(batch, height, width, device)
+    cfg, seq = _meta_model(model, tiny).config, TINY_SEQ if tiny else SEQ
+    if model == "sdxl_unet":
+        return sdxl_unet_inputs(batch, height, width, seq, device, cfg.cross_attention_dim, sdxl_text_embeds_dim(cfg))
+    return sd15_unet_inputs(batch, height, width, seq, device, cfg.cross_attention_dim)
 
 
 def model_workloads(model: str, families=tuple(FAMILY_RULES), batch: int = 2, height: int = 512,
                     width: int = 512, dtype: str = "float16", tiny: bool = False) -> list[ExtractedOp]:
-    """family_workloads of one call of `model` ("unet": a denoising step, text SEQ tokens; "vae": a
-    decode) at batch x height x width pixels, built on the meta device (once per process);
-    `tiny`: scheduler.pipelines' tiny configs (CPU tests)."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    m = _meta_model(model, tiny)
-    if model == "vae":
-        return family_workloads(m, sd15_vae_inputs(batch, height, width), families, dtype, "decode")
-    inputs = sd15_unet_inputs(batch, height, width, TINY_SEQ if tiny else SEQ, ctx_dim=m.config.cross_attention_dim)
-    return family_workloads(m, inputs, families, dtype)
+    """family_workloads of one call of `model` (MODELS: "unet" / "sdxl_unet": a denoising step, text SEQ
+    tokens; "vae" / "sdxl_vae": a decode) at batch x height x width pixels, built on the meta device
+    (once per process); `tiny`: scheduler.pipelines' tiny configs (CPU tests)."""
+    inputs = model_inputs(model, batch, height, width, tiny)
+    return family_workloads(_meta_model(model, tiny), inputs, families, dtype,
+                            "decode" if model in VAES else "forward")
 
 
 # -- shape grids -------------------------------------------------------------------------------------
@@ -497,20 +558,21 @@ def clog2(v: int) -> int:
 
 def shape_class(batch: int, height: int, width: int, exact_hw: bool, seq: int = SEQ) -> tuple:
     """A key such that two shapes (batch, height, width in pixels, multiples of 64) of one key give
-    the SD 1.5 UNet and VAE decoder the same bucket workloads with the same calls (grid_bucket_calls).
+    each model of extract.MODELS (the SD 1.5 and SDXL UNets and VAE decoders) the same bucket workloads
+    with the same calls (grid_bucket_calls; tests/scheduler/test_grid*.py check it per model).
 
     Why it holds. With the latent h x w = height / 8 x width / 8 (multiples of 8), every level of the
-    UNet (3 stride-2 downsamplings) and of the VAE decoder (3 2x upsamplings) has an exact h x w / 4^k
-    or h x w x 4^k positions, P x 2^j (P = h x w, j an integer). So, conv2d aside, every dim of every
-    workload is one of: the batch b (group_norm / bias_add n, attention b, the time embedding's GEMM
-    m), positions P x 2^j (group_norm / bias_add hw, attention sq / skv), rows b x P x 2^j (linear,
-    geglu, layer_norm, gelu_gate m), the text rows b x seq (cross-attention's k / v GEMMs) or seq
-    (skv), or a constant (channels, heads); the same modules run at every shape, each the same number
-    of times. Every bucket edge is a power of two (BATCH edges 1, 2, 4, ...; pow2 edges 16, 32, ...,
-    65536, beyond them none), so the bucket of x x 2^j is fixed by clog2(x) + j: the key (clog2 b,
-    clog2 b x seq, clog2 P, clog2 b x P) fixes every bucket of every call. conv2d keeps h and w exact
-    and buckets n (its only batch dim) on the BATCH edges: its key (`exact_hw`) is (clog2 b, height,
-    width).
+    UNet (SD 1.5: 3 stride-2 downsamplings, SDXL: 2) and of the VAE decoder (3 2x upsamplings) has an
+    exact h x w / 4^k or h x w x 4^k positions, P x 2^j (P = h x w, j an integer). So, conv2d aside,
+    every dim of every workload is one of: the batch b (group_norm / bias_add n, attention b, the time
+    embedding's GEMMs m, SDXL's added-condition GEMMs too), positions P x 2^j (group_norm / bias_add hw,
+    attention sq / skv), rows b x P x 2^j (linear, geglu, layer_norm, gelu_gate m), the text rows
+    b x seq (cross-attention's k / v GEMMs; SDXL's text is SD 1.5's 77 tokens, 2048 wide) or seq (skv),
+    or a constant (channels, heads); the same modules run at every shape, each the same number of times.
+    Every bucket edge is a power of two (BATCH edges 1, 2, 4, ...; pow2 edges 16, 32, ..., 65536, beyond
+    them none), so the bucket of x x 2^j is fixed by clog2(x) + j: the key (clog2 b, clog2 b x seq,
+    clog2 P, clog2 b x P) fixes every bucket of every call. conv2d keeps h and w exact and buckets n
+    (its only batch dim) on the BATCH edges: its key (`exact_hw`) is (clog2 b, height, width).
     """
     if height % 64 or width % 64 or min(batch, height, width) < 1:
         raise ValueError(f"shape {batch}x{height}x{width}: need batch >= 1 and pixel sizes multiples of 64")

@@ -89,3 +89,19 @@ def build_sd15_vae(dtype: torch.dtype = torch.float32, device: str | torch.devic
     if dtype != torch.float32:
         vae = vae.to(dtype=dtype)
     return vae.eval()
+
+
+def build_sdxl_unet(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tiny: bool = False):
+    """Build SDXL base's UNet (scheduler.pipelines.SDXL_UNET: 3 levels of 320, 640, 1280 channels, 1, 2 and
+    10 transformer layers per block, a 2048-wide context, text_time added conditions) with random weights;
+    `tiny` builds TINY_SDXL_UNET (CPU tests). Parameters and returns as ``build_sd15_unet`` (``"meta"``:
+    shapes only); its forward takes scheduler.extract.sdxl_unet_inputs."""
+    from diffusers import UNet2DConditionModel
+
+    from .pipelines import SDXL_UNET, TINY_SDXL_UNET
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**copy.deepcopy(TINY_SDXL_UNET if tiny else SDXL_UNET))
+    if dtype != torch.float32:
+        unet = unet.to(dtype=dtype)
+    return unet.eval()

@@ -242,3 +242,80 @@ def test_tiny_vae_decode_workloads_are_what_the_patched_decoder_calls(tmp_path):
     big = {op.workload for op in sd15_vae_workloads(batch=1, height=512, width=768)}
     assert {(w.dim["h"], w.dim["w"]) for w in big if w.op == "conv2d"} == {(64, 96), (128, 192), (256, 384), (512, 768)}
     assert max(w.dim["hw"] for w in big if w.op == "group_norm") == 512 * 768
+
+
+# -- SDXL's UNet -------------------------------------------------------------------------------------
+def _randomized(inputs: dict, g: torch.Generator) -> dict:
+    """`inputs` with every floating tensor but the time ids drawn from N(0, 1) (nested dicts too)."""
+    def r(k, v):
+        if isinstance(v, dict):
+            return {kk: r(kk, vv) for kk, vv in v.items()}
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "time_ids":
+            return torch.randn(v.shape, generator=g)
+        return v
+    return {k: r(k, v) for k, v in inputs.items()}
+
+
+def test_tiny_sdxl_unet_workloads_are_what_the_patched_unet_calls(tmp_path):
+    """The SDXL UNet's workloads on the tiny config (scheduler.pipelines.TINY_SDXL_UNET: text_time added
+    conditions, 2 transformer layers at its second level), batch 2 at 64 x 128 px, extracted on the meta
+    device: their calls per op equal the op calls a kernels.patch-ed copy with random weights makes in one
+    forward on the CPU with random inputs (every one counted by the registry, no DB: all fall back)."""
+    import kernels
+    from kernels.registry import Registry, set_registry
+    from scheduler.extract import model_inputs, model_workloads
+    from scheduler.sd_configs import build_sdxl_unet
+    from shapetune.target import detect
+
+    ops = model_workloads("sdxl_unet", batch=2, height=64, width=128, dtype="float32", tiny=True)
+    modules = {m for op in ops for m in op.modules}
+    assert {"add_embedding.linear_1", "add_embedding.linear_2"} <= modules  # the added conditions' GEMMs
+    assert _by_module(ops)["add_embedding.linear_1"].workload == linear_workload(2, 128, 80, "float32", bias=True)  # time_embed_dim 4 x 32
+    # per custom op the patched modules call: a linear's residual / gelu epilogue is its own op; the served
+    # GEGLU runs its proj GEMM inside its op (tuned or torch's F.linear), so the linear family's record of
+    # ff.net.0.proj (every nn.Linear's call, as for SD 1.5) is no patched linear call
+    extracted: dict[str, int] = {}
+    proj = 0
+    for op in ops:
+        w = op.workload
+        name = w.op + next((f"_{e}" for e in ("residual", "gelu") if w.op == "linear" and e in w.epilogue), "")
+        extracted[name] = extracted.get(name, 0) + op.calls
+        proj += sum(m.endswith(".ff.net.0.proj") for m in op.modules) * (w.op == "linear") * op.calls // len(op.modules)
+    assert proj == extracted["geglu"] == 8
+    extracted["linear"] -= proj
+    assert {"conv2d", "group_norm", "layer_norm", "linear", "linear_residual", "geglu", "attention", "bias_add",
+            "gelu_gate"} == set(extracted)
+
+    torch.manual_seed(0)
+    unet = build_sdxl_unet(tiny=True)
+    x = _randomized(model_inputs("sdxl_unet", 2, 64, 128, tiny=True, device="cpu"), torch.Generator().manual_seed(1))
+    assert x["added_cond_kwargs"]["time_ids"][0].tolist() == [64, 128, 0, 0, 64, 128]
+    prev = set_registry(Registry(db_path=tmp_path / "none.db", target=detect("llvm")))
+    try:
+        kernels.patch(unet)
+        with torch.no_grad():
+            out = unet(**x).sample
+        served = {op: sum(d.values()) for op, d in kernels.fallback_summary().items()}
+    finally:
+        kernels.unpatch(unet)
+        set_registry(prev)
+    assert out.shape == (2, 4, 8, 16) and out.abs().sum() > 0
+    assert served == extracted
+
+
+def test_sdxl_unet_workloads_at_1024():
+    """SDXL base's UNet on the meta device at batch 2, 1024²: the added conditions' GEMM reads 1280 pooled
+    text channels + 6 x 256 time-id channels; cross-attention's k / v GEMMs read the 2048-wide context
+    (m = 2 x 77); the 10-layer level runs self-attention over 32 x 32 latent tokens, 20 heads of 64."""
+    from scheduler.extract import model_workloads
+    from shapetune.ops.attention import attention_workload
+
+    ops = model_workloads("sdxl_unet", batch=2, height=1024, width=1024)
+    mods = _by_module(ops)
+    assert mods["add_embedding.linear_1"].workload == linear_workload(2, 1280, 2816, "float16", bias=True)
+    blk = "down_blocks.2.attentions.0.transformer_blocks.9"
+    assert mods[f"{blk}.attn2.to_k"].workload == linear_workload(154, 1280, 2048, "float16", bias=False)
+    assert mods[f"{blk}.attn1.to_q"].workload == linear_workload(2048, 1280, 1280, "float16", bias=False)
+    att = {op.workload: op.calls for op in ops if op.workload.op == "attention"}
+    assert att[attention_workload(2, 1024, 1024, 20, 64)] == 10 * (2 + 3 + 1)  # down 2, up 3, mid 1 blocks
+    assert sum(att.values()) == 2 * 70  # 70 transformer blocks x (attn1 + attn2)
