@@ -101,15 +101,39 @@ def _device(target: Target):
 # -- bytes and rotation ----------------------------------------------------------------------------
 def min_traffic_bytes(w: Workload) -> int:
     """Bytes the op must move at the least: every input read once + the output written once, at
-    w's dims (a bucket at its nominal dims), in the dtypes the runner passes."""
+    w's dims (a bucket at its nominal dims), in the dtypes the runner passes. The op's own input
+    and output constructors run with every tensor factory on the meta device (`_on_meta`): shapes
+    and dtypes without drawing values (tens of ms for a large conv's operands on the CPU)."""
     import torch
 
     from shapetune.ops import opdef
 
     od = opdef(w.op)
     meta = torch.device("meta")
-    ts = od.inputs(w, meta, torch.Generator().manual_seed(0)) + [od.output(w, meta)]
+    with _on_meta():
+        ts = od.inputs(w, meta, torch.Generator().manual_seed(0)) + [od.output(w, meta)]
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _on_meta():
+    """A torch function mode that puts the tensor factories' results on the meta device (their
+    generator dropped: a meta tensor draws nothing). The ops' constructors take the CPU generator's
+    device for their random draws, which torch.device("meta") as a context would not override."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    factories = {torch.randn, torch.rand, torch.randint, torch.empty, torch.zeros, torch.ones, torch.full,
+                 torch.arange, torch.linspace, torch.eye, torch.randperm}
+
+    class OnMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories:
+                kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    return OnMeta()
 
 
 def aligned_copy_bytes(nbytes: int) -> int:

@@ -15,6 +15,7 @@ the last one stopped and never measures a candidate twice (the Tuner's claims).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -155,9 +156,11 @@ ROOFLINE = {"cuda": (600e12, 4.0e12, 3e-6), "llvm": (2e11, 2e10, 1e-6)}
 PRIOR = 1 - ALPHA  # headroom of an op nothing is known of: gain_rate's at one round with no gain
 
 
+@functools.lru_cache(maxsize=None)
 def roofline_us(w: Workload, kind: str) -> float:
     """A time estimate before anything was measured: the slower of its flops at the target's rate
-    and its minimal bytes (inputs read once, output written once) at its bandwidth, plus a launch."""
+    and its minimal bytes (inputs read once, output written once) at its bandwidth, plus a launch.
+    Cached: the warm-up order asks for every cold task's before each warm-up round."""
     from .runner import min_traffic_bytes
 
     flop_s, byte_s, call_s = ROOFLINE.get(kind, ROOFLINE["cuda"])

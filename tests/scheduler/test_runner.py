@@ -261,3 +261,25 @@ def test_copy_yardstick_moves_the_ops_minimal_bytes(cpu):
     w = layer_norm_workload(256, 96, "float32")
     r = measure_one(w.to_json(), cpu.to_json(), COPY, RunOptions.for_target(cpu), 0)
     assert r["status"] == "ok" and r["latency"]["median_us"] > 0 and r["latency"]["repeats"] == 10
+
+
+def test_min_traffic_bytes_is_the_ops_real_operands_bytes_for_every_family():
+    """min_traffic_bytes builds the operands on the meta device (no values drawn): the same bytes as
+    the op's own constructors give on the CPU, for one workload (and its bucket) of every family."""
+    import torch
+
+    from scheduler.runner import min_traffic_bytes
+    from shapetune.buckets import DEFAULT
+    from shapetune.ops import opdef
+    from shapetune.ops.attention import attention_workload
+    from shapetune.ops.conv import conv2d_workload
+    from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload
+    from shapetune.ops.geglu import geglu_workload
+
+    ws = [linear_workload(77, 320, 768), group_norm_workload(2, 1024, 320, silu=True), layer_norm_workload(2048, 320),
+          geglu_workload(2048, 1280, 320), conv2d_workload(2, 32, 32, 4, 320), attention_workload(2, 1024, 77, 8, 40),
+          gelu_gate_workload(2048, 1280), bias_add_workload(2, 1024, 320, epilogue=("residual",))]
+    for w in [*ws, *(DEFAULT.bucket_of(w) for w in ws)]:
+        od, cpu = opdef(w.op), torch.device("cpu")
+        real = od.inputs(w, cpu, torch.Generator().manual_seed(0)) + [od.output(w, cpu)]
+        assert min_traffic_bytes(w) == sum(t.numel() * t.element_size() for t in real), w.name
