@@ -150,8 +150,9 @@ class GridCalls:
 
 def grid_bucket_calls(shapes: list[tuple[int, int, int]], families, models: dict[str, float] | None = None,
                       dtype: str = "float16", tiny: bool = False, shortcut: bool = True) -> GridCalls:
-    """{bucket workload: calls} that serve every (batch, height, width) of `shapes` for the SD 1.5
-    `models` ({"unet": calls per shape, "vae": ...}; default one UNet step and one VAE decode each) and
+    """{bucket workload: calls} that serve every (batch, height, width) of `shapes` for the `models`
+    (scheduler.extract.MODELS: {"unet": calls per shape, "vae": ..., "sdxl_unet": ...}; default one SD 1.5
+    UNet step and one VAE decode each) and
     op `families` (scheduler.extract.FAMILY_RULES). One extraction per extract.shape_class (whose
     docstring says why every shape of a class has the same bucket calls), conv2d's classes apart
     (its h and w exact), each counted for the class's members; shortcut=False extracts every shape."""

@@ -1,8 +1,15 @@
-"""Tune the shape buckets that serve a whole grid of SD 1.5 shapes (UNet and VAE decoder) for a time budget.
+"""Tune the shape buckets that serve a whole grid of SD 1.5 or SDXL shapes (UNet and VAE decoder) for a time budget.
 
     python scripts/tune_sd_grid.py --grid 1-8x256-1024 --budget 4m --db grid.db \
         --export tuning_logs/sm90_h200_sd15_grid.jsonl.xz --json tuning_logs/sm90_h200_sd15_grid_summary.json
+    python scripts/tune_sd_grid.py --models sdxl --budget 4m --db sdxl.db \
+        --export tuning_logs/sm90_h200_sdxl_grid.jsonl.xz --json tuning_logs/sm90_h200_sdxl_grid_summary.json
     python scripts/tune_sd_grid.py --tiny --grid 1-2x64 --families norms --budget 20s   # llvm smoke run
+
+`--models sdxl` (= sdxl_unet,sdxl_vae: SDXL base's UNet, with its added conditions and 2048-wide context,
+and its VAE, SD 1.5's architecture) tunes SDXL's grid, by default batch 1-2 at 1024² (`--grid` for more:
+its shapes share SD 1.5's shape classes, tests/scheduler/test_grid_sdxl.py checks them); the SDXL VAE's
+buckets at 1024² are also SD 1.5's grid's.
 
 The grid is every (batch, height, width) of `--grid` (batches 1-8, pixel sizes 256-1024 step 64, square
 and not: 1352 shapes). Per shape, each model's calls (`--models`: the UNet's forward, weighted by
@@ -31,20 +38,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler import jobs  # noqa: E402
-from scheduler.extract import FAMILY_RULES, parse_grid  # noqa: E402
+from scheduler.extract import FAMILY_RULES, MODEL_SETS, UNETS, parse_grid, parse_models  # noqa: E402
 from scheduler.task_scheduler import parse_budget  # noqa: E402
 
 DEFAULT_FAMILIES = "linear,geglu,norms,attention,elementwise"
+#: the default --grid per model set: SD 1.5's 1352 shapes; SDXL's issue 12 item 3 asks for (1024², batch 1-2)
+DEFAULT_GRIDS = {"sd15": "1-8x256-1024", "sdxl": "1-2x1024"}
+
+
+def default_grid(models: list[str]) -> str:
+    """The DEFAULT_GRIDS entry of the one model set (MODEL_SETS) that holds every model; ValueError if they mix."""
+    sets = [k for k, ms in MODEL_SETS.items() if set(models) <= set(ms)]
+    if not sets:
+        raise ValueError(f"--models {','.join(models)} mixes SD 1.5 and SDXL models: give --grid")
+    return DEFAULT_GRIDS[sets[0]]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", default="1-8x256-1024",
+    ap.add_argument("--grid", default="",
                     help="BATCHESxSIZES or BATCHESxHEIGHTSxWIDTHS, each axis A-B or A,B,... (pixel sizes: multiples "
-                         "of 64, step 64)")
-    ap.add_argument("--models", default="unet,vae", help="unet, vae or both")
+                         f"of 64, step 64); default per model set: {DEFAULT_GRIDS}")
+    ap.add_argument("--models", default="sd15",
+                    help="comma-separated unet, vae, sdxl_unet, sdxl_vae; sd15 = unet,vae; sdxl = sdxl_unet,sdxl_vae")
     ap.add_argument("--unet-steps", type=float, default=20,
-                    help="UNet calls per VAE decode (a pipeline's denoising steps): the UNet's weight per shape")
+                    help="UNet calls per VAE decode (a pipeline's denoising steps): the UNets' weight per shape")
     ap.add_argument("--families", default=DEFAULT_FAMILIES, help=f"of {', '.join(FAMILY_RULES)}")
     ap.add_argument("--budget", default="4m", help="wall-clock tuning time: 90s, 4m, 1h")
     ap.add_argument("--trials", type=int, default=0, help="at most this many trials per bucket (0: no cap)")
@@ -61,21 +79,22 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         a.budget_s = parse_budget(a.budget)
+        models = parse_models(a.models)
+        a.grid = a.grid or default_grid(models)
         shapes = parse_grid(a.grid)
     except ValueError as e:
         raise SystemExit(f"tune_sd_grid: {e}") from None
     families = [f for f in a.families.split(",") if f]
-    models = [m for m in a.models.split(",") if m]
-    bad = [f for f in families if f not in FAMILY_RULES] + [m for m in models if m not in ("unet", "vae")]
-    if bad or not families or not models:
-        raise SystemExit(f"tune_sd_grid: unknown or no --families / --models: {', '.join(bad) or '(none)'}")
+    bad = [f for f in families if f not in FAMILY_RULES]
+    if bad or not families:
+        raise SystemExit(f"tune_sd_grid: unknown or no --families: {', '.join(bad) or '(none)'}")
 
     from shapetune.target import detect
 
     target = detect()
     dtype = "float16" if target.is_gpu else "float32"
     t0 = time.time()
-    weights = {m: (a.unet_steps if m == "unet" else 1.0) for m in models}
+    weights = {m: (a.unet_steps if m in UNETS else 1.0) for m in models}
     grid = jobs.grid_bucket_calls(shapes, families, weights, dtype, tiny=a.tiny)
     total = sum(grid.calls.values()) + sum(grid.outside.values())
     outside = ", ".join(f"{op} {n:g}" for op, n in sorted(grid.outside.items())) or "none"
