@@ -527,6 +527,18 @@ def parse_models(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+#: the default grid per model set (parse_grid): SD 1.5's 1352 shapes; SDXL's, as issue 12 item 3 asks (1024², batch 1-2)
+DEFAULT_GRIDS = {"sd15": "1-8x256-1024", "sdxl": "1-2x1024"}
+
+
+def default_grid(models: list[str]) -> str:
+    """The DEFAULT_GRIDS entry of the one model set (MODEL_SETS) that holds every model; ValueError if they mix."""
+    sets = [k for k, ms in MODEL_SETS.items() if set(models) <= set(ms)]
+    if not sets:
+        raise ValueError(f"--models {','.join(models)} mixes SD 1.5 and SDXL models: give --grid")
+    return DEFAULT_GRIDS[sets[0]]
+
+
 def model_inputs(model: str, batch: int, height: int, width: int, tiny: bool = False, device="meta") -> dict:
     """Keyword inputs of one call of `model` (MODELS) at batch x height x width pixels: a UNet's
     (sd15_unet_inputs / sdxl_unet_inputs, text SEQ tokens, TINY_SEQ with `tiny`), a VAE's decode latents."""

@@ -1,14 +1,19 @@
 """Coverage: at random shapes of the grid, the share of op calls and of GPU time served by tuned kernels, and
-the end-to-end speed of the SD 1.5 UNet step and VAE decode against the same model patched with no tuned
-records (vendor-only), measured in one run.
+the end-to-end speed of the SD 1.5 or SDXL UNet step and VAE decode against the same model patched with no
+tuned records (vendor-only), measured in one run.
 
     python scripts/bench_coverage.py --db tuning_logs/sm90_h200_sd15_grid.jsonl.xz --db ... \
         --grid 1-8x256-1024 --samples 8 --seed 0 --json tuning_logs/bench/bench_coverage_h200.json   # GPU, fp16
+    python scripts/bench_coverage.py --models sdxl --db tuning_logs/sm90_h200_sdxl_grid.jsonl.xz \
+        --json tuning_logs/bench/bench_coverage_sdxl_h200.json                                       # SDXL, 1-2 x 1024²
     python scripts/bench_coverage.py --tiny --device cpu --samples 2 --json /tmp/coverage.json       # smoke run
 
-`--samples` (batch, height, width) are drawn from `--grid` (scheduler.extract.parse_grid) with `--seed`.
-Per model (`--models`: the UNet's forward at that batch with 77 text tokens, the VAE's decode of that many
-latents) two copies with the same random weights are `kernels.optimize`d (channels_last, patched, a CUDA
+`--samples` (batch, height, width; default 8, at most the grid's shapes) are drawn from `--grid`
+(scheduler.extract.parse_grid; default per model set, scheduler.extract.DEFAULT_GRIDS) with `--seed`.
+Per model (`--models`, scheduler.extract.parse_models: "sd15" = unet,vae; "sdxl" = sdxl_unet,sdxl_vae: a
+UNet's forward at that batch with 77 text tokens, SDXL's with its added conditions; a VAE's decode of that
+many latents; SDXL's VAE is SD 1.5's architecture, decoded here in the run's dtype as with an fp16-safe VAE:
+StableDiffusionXLPipeline upcasts a VAE whose config has force_upcast to float32) two copies with the same random weights are `kernels.optimize`d (channels_last, patched, a CUDA
 graph per call signature): one with a registry over the `--db` files (DBs or JSONL(.xz) exports, merged;
 every kernel it serves built up front, imported records re-verified first, as scripts/bench_e2e.py does),
 one with a registry over an empty DB (every op on its vendor path: the same patched module tree, cuDNN's
@@ -45,25 +50,32 @@ TINY_GRID = "1-2x64-128"
 
 
 def build(model: str, tiny: bool, dev, dtype) -> torch.nn.Module:
-    from scheduler.sd_configs import build_sd15_vae
+    from scheduler.extract import VAES
+    from scheduler.sd_configs import build_sd15_vae, build_sdxl_unet
 
     if model == "unet":
         return bench_e2e.build(tiny, dev, dtype)  # seeded
     torch.manual_seed(0)
-    return build_sd15_vae(tiny=tiny).to(device=dev, dtype=dtype).eval()
+    m = build_sd15_vae(tiny=tiny) if model in VAES else build_sdxl_unet(tiny=tiny)
+    return m.to(device=dev, dtype=dtype).eval()
 
 
-def make_inputs(model: str, m, b: int, h: int, w: int, dev, dtype) -> dict:
-    """Random inputs (seeded): the UNet's latents, timestep and text states, or the VAE's latents."""
-    from scheduler.extract import SEQ, TINY_SEQ
+def make_inputs(model: str, m, b: int, h: int, w: int, dev, dtype, tiny: bool) -> dict:
+    """Random inputs (seeded): a UNet's latents, timestep and text states (SDXL's: its added conditions too,
+    time ids as the pipeline passes them), or a VAE's latents."""
+    from scheduler.extract import SEQ, TINY_SEQ, VAES, sdxl_text_embeds_dim
 
     g = torch.Generator().manual_seed(b * 1_000_003 + h * 1009 + w)
     lat = torch.randn(b, 4, h // 8, w // 8, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
-    if model == "vae":
+    if model in VAES:
         return {"z": lat}
-    seq = TINY_SEQ if m.config.cross_attention_dim < 768 else SEQ
-    ctx = torch.randn(b, seq, m.config.cross_attention_dim, generator=g).to(dev, dtype)
-    return {"sample": lat, "timestep": torch.tensor(500, device=dev), "encoder_hidden_states": ctx}
+    ctx = torch.randn(b, TINY_SEQ if tiny else SEQ, m.config.cross_attention_dim, generator=g).to(dev, dtype)
+    x = {"sample": lat, "timestep": torch.tensor(500, device=dev), "encoder_hidden_states": ctx}
+    if model == "sdxl_unet":
+        x["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(b, sdxl_text_embeds_dim(m.config), generator=g).to(dev, dtype),
+            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * b, device=dev, dtype=dtype)}
+    return x
 
 
 def output(model: str, out) -> torch.Tensor:
@@ -133,7 +145,9 @@ def measure(model: str, pair: dict, x: dict, a, is_gpu: bool) -> dict:
     import kernels
     from kernels.registry import set_registry
 
-    method = "decode" if model == "vae" else "forward"
+    from scheduler.extract import VAES
+
+    method = "decode" if model in VAES else "forward"
     row: dict = {}
     outs = {}
     for variant, (m, report, reg) in pair.items():
@@ -165,10 +179,12 @@ def measure(model: str, pair: dict, x: dict, a, is_gpu: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", action="append", default=[], help="tuning DB or JSONL(.xz) export (repeatable)")
-    ap.add_argument("--grid", default="", help=f"shapes to sample (default 1-8x256-1024; --tiny: {TINY_GRID})")
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--grid", default="", help="shapes to sample (default per model set: "
+                                               f"scheduler.extract.DEFAULT_GRIDS; --tiny: {TINY_GRID})")
+    ap.add_argument("--samples", type=int, default=0, help="shapes to draw (default: 8, or the grid's if fewer)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", default="unet,vae")
+    ap.add_argument("--models", default="sd15",
+                    help="comma-separated unet, vae, sdxl_unet, sdxl_vae; sd15 = unet,vae; sdxl = sdxl_unet,sdxl_vae")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the tiny UNet / VAE configs (smoke run)")
     ap.add_argument("--iters", type=int, default=10)
@@ -180,20 +196,19 @@ def main(argv=None):
 
     import kernels
     from kernels.registry import Registry, set_registry
-    from scheduler.extract import parse_grid
+    from scheduler.extract import default_grid, parse_grid, parse_models
     from shapetune.db import TuningDB
     from shapetune.target import detect
 
-    models = [m for m in a.models.split(",") if m]
-    if not models or any(m not in ("unet", "vae") for m in models):
-        raise SystemExit(f"bench_coverage: --models {a.models!r}: unet, vae or both")
     try:
-        grid = parse_grid(a.grid or (TINY_GRID if a.tiny else "1-8x256-1024"))
+        models = parse_models(a.models)
+        grid = parse_grid(a.grid or (TINY_GRID if a.tiny else default_grid(models)))
     except ValueError as e:
         raise SystemExit(f"bench_coverage: {e}") from None
     missing = [p for p in a.db if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"bench_coverage: --db {missing[0]}: no such file")
+    a.samples = a.samples or min(8, len(grid))
     if not 1 <= a.samples <= len(grid):
         raise SystemExit(f"bench_coverage: --samples {a.samples}: between 1 and the grid's {len(grid)} shapes")
     shapes = sorted(random.Random(a.seed).sample(grid, a.samples), key=lambda s: (s[0] * s[1] * s[2], s))
@@ -207,7 +222,7 @@ def main(argv=None):
     TuningDB(empty).close()
     vendor_reg = Registry(db_path=empty, target=target)
     print(f"device: {torch.cuda.get_device_name() if is_gpu else 'cpu'}  torch {torch.__version__}  "
-          f"{'tiny' if a.tiny else 'SD 1.5'} {'+'.join(models)}, {dtype}, shapes {shapes}", flush=True)
+          f"{'tiny ' if a.tiny else ''}{'+'.join(models)}, {dtype}, shapes {shapes}", flush=True)
 
     rows: dict[str, dict] = {}
     doc = {"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
@@ -230,7 +245,7 @@ def main(argv=None):
         rows[model] = per = {}
         for b, h, w in shapes:
             s = f"{b}x{h}x{w}"
-            per[s] = r = measure(model, pair, make_inputs(model, base, b, h, w, dev, dtype), a, is_gpu)
+            per[s] = r = measure(model, pair, make_inputs(model, base, b, h, w, dev, dtype, a.tiny), a, is_gpu)
             t = r["tuned"]
             share = f"{t['tvm_time_share']:.1%}" if t.get("tvm_time_share") is not None else "n/a"
             print(f"[{model} {s}] {t['us'] / 1e3:9.3f} ms vs vendor-only {r['vendor']['us'] / 1e3:9.3f} ms "

@@ -38,20 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler import jobs  # noqa: E402
-from scheduler.extract import FAMILY_RULES, MODEL_SETS, UNETS, parse_grid, parse_models  # noqa: E402
+from scheduler.extract import DEFAULT_GRIDS, FAMILY_RULES, UNETS, default_grid, parse_grid, parse_models  # noqa: E402
 from scheduler.task_scheduler import parse_budget  # noqa: E402
 
 DEFAULT_FAMILIES = "linear,geglu,norms,attention,elementwise"
-#: the default --grid per model set: SD 1.5's 1352 shapes; SDXL's issue 12 item 3 asks for (1024², batch 1-2)
-DEFAULT_GRIDS = {"sd15": "1-8x256-1024", "sdxl": "1-2x1024"}
-
-
-def default_grid(models: list[str]) -> str:
-    """The DEFAULT_GRIDS entry of the one model set (MODEL_SETS) that holds every model; ValueError if they mix."""
-    sets = [k for k, ms in MODEL_SETS.items() if set(models) <= set(ms)]
-    if not sets:
-        raise ValueError(f"--models {','.join(models)} mixes SD 1.5 and SDXL models: give --grid")
-    return DEFAULT_GRIDS[sets[0]]
 
 
 def main(argv=None):

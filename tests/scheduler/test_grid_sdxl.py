@@ -74,8 +74,8 @@ def test_default_grids_and_bad_models():
         import tune_sd_grid
     finally:
         sys.path.pop(0)
-    assert tune_sd_grid.default_grid(["sdxl_unet"]) == tune_sd_grid.default_grid(["sdxl_unet", "sdxl_vae"]) == "1-2x1024"
-    assert tune_sd_grid.default_grid(["unet", "vae"]) == "1-8x256-1024"
+    assert extract.default_grid(["sdxl_unet"]) == extract.default_grid(["sdxl_unet", "sdxl_vae"]) == "1-2x1024"
+    assert extract.default_grid(["unet", "vae"]) == "1-8x256-1024"
     assert extract.parse_models("sdxl,sdxl_vae") == ["sdxl_unet", "sdxl_vae"]
     for bad, msg in ((["--models", "sdxl,unet"], "mixes SD 1.5 and SDXL"), (["--models", "sdxl_vea"], "unknown model")):
         with pytest.raises(SystemExit, match=msg):
@@ -84,12 +84,12 @@ def test_default_grids_and_bad_models():
 
 def test_tiny_sdxl_grid_job_on_llvm(tmp_path, capsys, monkeypatch):
     """`--models sdxl` on the tiny SDXL UNet and VAE (batch 1, 64 px, norms; llvm, 2 trials per bucket) under
-    a 6 s budget: the scheduler holds every grid bucket with its grid calls as weight (the UNet's x
+    a 3 s budget: the scheduler holds every grid bucket with its grid calls as weight (the UNet's x
     --unet-steps), stops near the budget with some tuned, and the export and JSON summary hold what it measured."""
     monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
     db, export, summary = tmp_path / "grid.db", tmp_path / "grid.jsonl.xz", tmp_path / "grid.json"
     _, out = _run(["--tiny", "--models", "sdxl", "--grid", "1x64", "--families", "norms", "--unet-steps", "3",
-                   "--trials", "2", "--batch", "2", "--budget", "6s", "--template", "norm_llvm",
+                   "--trials", "2", "--batch", "2", "--budget", "3s", "--template", "norm_llvm",
                    "--db", str(db), "--export", str(export), "--json", str(summary)], capsys)
     grid = jobs.grid_bucket_calls(parse_grid("1x64"), ("norms",), {"sdxl_unet": 3.0, "sdxl_vae": 1.0}, "float32",
                                   tiny=True)
@@ -99,7 +99,7 @@ def test_tiny_sdxl_grid_job_on_llvm(tmp_path, capsys, monkeypatch):
     assert {w.op for w in grid.calls} == {"group_norm", "layer_norm"}
     reached = [r for r in doc["rows"] if r["rounds"]]
     assert reached and all(r["trials"] >= 1 for r in reached)
-    assert doc["estimate"]["wall_s"] < 6 + 10  # the budget, and at most the round that was running
+    assert doc["estimate"]["wall_s"] < 3 + 10  # the budget, and at most the round that was running
     assert doc["estimate"]["per"] == 1 and doc["estimate"]["vendor_ms_per"] > 0
     assert "grid 1x64: 1 shapes x sdxl_unet x3+sdxl_vae x1" in out and "ms per grid shape per GPU-minute" in out
     with TuningDB(tmp_path / "read.db") as back:

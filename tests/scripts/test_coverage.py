@@ -102,3 +102,44 @@ def test_a_missing_db_is_one_line_of_error(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         bench_coverage.main(["--tiny", "--device", "cpu", "--db", str(tmp_path / "nope.db")])
     assert not (tmp_path / "nope.db").exists()
+
+
+# -- SDXL ---------------------------------------------------------------------------------------------
+def test_sdxl_smoke_run_counts_what_the_tuned_records_serve(tmp_path):
+    """`--models sdxl` on the tiny SDXL UNet (added conditions included) and VAE at 1 x 64 x 64 on the CPU,
+    with llvm records for the one LayerNorm bucket the tiny SDXL UNet calls there: each of its LayerNorm
+    calls finds that bucket's records in the tuned copy and none in the vendor-only one; every other op
+    call has nothing tuned in either; the tuned and vendor-only outputs agree."""
+    from scheduler.extract import model_workloads
+    from scheduler.tuner import TuneOptions, tune
+    from shapetune.buckets import DEFAULT
+    from shapetune.db import TuningDB
+    from shapetune.target import detect
+
+    ops = [op for op in model_workloads("sdxl_unet", ("norms",), *SHAPE, dtype="float32", tiny=True)
+           if op.workload.op == "layer_norm"]
+    buckets = list(dict.fromkeys(DEFAULT.bucket_of(op.workload) for op in ops))
+    assert len(buckets) == 1
+    reps = tune(buckets, detect("llvm"), tmp_path / "tuned.db", TuneOptions(trials=2, batch=2, templates=("norm_llvm",)))
+    assert all(r.best is not None for r in reps)
+    with TuningDB(tmp_path / "tuned.db") as db:
+        db.export_jsonl(tmp_path / "tuned.jsonl.xz")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_coverage
+    finally:
+        sys.path.pop(0)
+    doc = bench_coverage.main(["--tiny", "--device", "cpu", "--models", "sdxl", "--grid", "1x64", "--iters", "2",
+                               "--warmup", "1", "--db", str(tmp_path / "tuned.jsonl.xz")])
+    assert doc["shapes"] == ["1x64x64"] and set(doc["rows"]) == {"sdxl_unet", "sdxl_vae"}
+    r = doc["rows"]["sdxl_unet"]["1x64x64"]
+    tuned, vendor = r["tuned"]["calls"], r["vendor"]["calls"]
+    assert sum(tuned["layer_norm"].values()) == sum(vendor["layer_norm"].values()) == sum(op.calls for op in ops) == 24
+    assert "not_tuned" not in tuned["layer_norm"] and set(vendor["layer_norm"]) == {"not_tuned"}
+    assert {k for op, c in tuned.items() if op != "layer_norm" for k in c} == {"not_tuned"}
+    assert {"attention", "geglu", "linear", "linear_residual", "conv2d"} <= set(tuned)
+    assert r["tuned"]["op_calls"] == r["vendor"]["op_calls"] and r["rel_l2_vs_vendor"] < 1e-5
+    v = doc["rows"]["sdxl_vae"]["1x64x64"]["tuned"]["calls"]
+    assert "group_norm" in v and {k for c in v.values() for k in c} == {"not_tuned"}
+    with pytest.raises(SystemExit, match="mixes SD 1.5 and SDXL"):
+        bench_coverage.main(["--device", "cpu", "--models", "sdxl,unet"])
