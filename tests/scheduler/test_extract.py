@@ -310,6 +310,9 @@ def test_sdxl_unet_workloads_at_1024():
     from scheduler.extract import model_workloads
     from shapetune.ops.attention import attention_workload
 
+    from scheduler.sd_configs import build_sdxl_unet
+
+    assert 2.56e9 < sum(p.numel() for p in build_sdxl_unet(device="meta").parameters()) < 2.57e9  # SDXL base: 2.567B
     ops = model_workloads("sdxl_unet", batch=2, height=1024, width=1024)
     mods = _by_module(ops)
     assert mods["add_embedding.linear_1"].workload == linear_workload(2, 1280, 2816, "float16", bias=True)
