@@ -432,11 +432,38 @@ FAMILY_RULES = {"linear": (("linear",), True), "geglu": (("geglu",), False),
                 "attention": (("attention",), False), "elementwise": (("conv2d", "geglu"), False)}
 
 
+#: rule kinds whose served module computes its child modules' ops inside its own op instead of calling
+#: them: diffusers' GEGLU runs proj's GEMM in the geglu op (tuned, or torch's F.linear on its vendor path),
+#: so a patched model never calls its patched proj, though every nn.Linear's extraction lists it
+OWNS_CHILDREN = ("geglu",)
+
+
+def inside_owners(model: nn.Module) -> set[str]:
+    """Names of the modules inside a module that kernels.patch serves by an OWNS_CHILDREN rule."""
+    owners = handlers_for(*OWNS_CHILDREN)
+    tops = [n + "." for n, m in model.named_modules()
+            if (h := _handler_for(m, owners)) is not None and h.rule.unsupported(m) is None]
+    return {n for n, _ in model.named_modules() if n.startswith(tuple(tops))} if tops else set()
+
+
+def _without(ops: list[ExtractedOp], names: set[str]) -> list[ExtractedOp]:
+    """ops less the calls of the modules `names` (each module's share of its op's calls)."""
+    out = []
+    for op in ops:
+        keep = tuple(m for m in op.modules if m not in names)
+        if keep:
+            out.append(op if len(keep) == len(op.modules) else
+                       ExtractedOp(op.workload, keep, round(op.calls * len(keep) / len(op.modules))))
+    return out
+
+
 def family_workloads(model: nn.Module, inputs: dict, families=tuple(FAMILY_RULES), dtype: str = "float16",
-                     method: str = "forward") -> list[ExtractedOp]:
+                     method: str = "forward", dispatched: bool = False) -> list[ExtractedOp]:
     """The distinct workloads of the named families (FAMILY_RULES) in one call of `model`'s `method`:
     one pass with every family's handlers, then each family's ops as its own extraction gives them
     (the same list as one pass per family: a hook records its module's calls whatever else is hooked).
+    `dispatched`: only the calls a kernels.patch-ed model dispatches (not those of modules inside an
+    OWNS_CHILDREN module: GEGLU's proj), what a grid's buckets are weighted by.
 
     Parameters and returns as ``extract_workloads``; families in order, each in first-call order.
     """
@@ -453,6 +480,8 @@ def family_workloads(model: nn.Module, inputs: dict, families=tuple(FAMILY_RULES
         if h is not None:
             kind_of[name] = h.rule.kind
     raw = extract_workloads(model, inputs, dtype, handlers, method)
+    if dispatched:
+        raw = _without(raw, inside_owners(model))
     sites = fusion_sites(model)
     out: list[ExtractedOp] = []
     for f in families:
@@ -465,8 +494,8 @@ def family_workloads(model: nn.Module, inputs: dict, families=tuple(FAMILY_RULES
 def sd15_workloads(families=tuple(SD15_FAMILIES), batch: int = 2, height: int = 512, width: int = 512,
                    dtype: str = "float16") -> list[ExtractedOp]:
     """Every distinct workload of the named op families in one SD 1.5 UNet forward pass (one pass for
-    all of them: family_workloads)."""
-    return model_workloads("unet", families, batch, height, width, dtype)
+    all of them: family_workloads; every nn.Linear's GEMM, GEGLU's proj included)."""
+    return model_workloads("unet", families, batch, height, width, dtype, dispatched=False)
 
 
 # -- the VAE decoder ---------------------------------------------------------------------------------
@@ -553,13 +582,15 @@ def model_inputs(model: str, batch: int, height: int, width: int, tiny: bool = F
 
 
 def model_workloads(model: str, families=tuple(FAMILY_RULES), batch: int = 2, height: int = 512,
-                    width: int = 512, dtype: str = "float16", tiny: bool = False) -> list[ExtractedOp]:
+                    width: int = 512, dtype: str = "float16", tiny: bool = False,
+                    dispatched: bool = True) -> list[ExtractedOp]:
     """family_workloads of one call of `model` (MODELS: "unet" / "sdxl_unet": a denoising step, text SEQ
     tokens; "vae" / "sdxl_vae": a decode) at batch x height x width pixels, built on the meta device
-    (once per process); `tiny`: scheduler.pipelines' tiny configs (CPU tests)."""
+    (once per process); `tiny`: scheduler.pipelines' tiny configs (CPU tests); `dispatched` (default):
+    the calls a patched model dispatches (family_workloads)."""
     inputs = model_inputs(model, batch, height, width, tiny)
     return family_workloads(_meta_model(model, tiny), inputs, families, dtype,
-                            "decode" if model in VAES else "forward")
+                            "decode" if model in VAES else "forward", dispatched)
 
 
 # -- shape grids -------------------------------------------------------------------------------------
