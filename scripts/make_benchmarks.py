@@ -54,6 +54,7 @@ HOST_PER_OP = "bench/bench_host_per_op_cpu.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
 LORA = "bench/bench_lora_h200.json"
 COVERAGE = "bench/bench_coverage_h200.json"
+COVERAGE_SDXL = "bench/bench_coverage_sdxl_h200.json"
 
 # Goals (issue 4, for an H100) and floors: targets, not measurements.
 GOAL_VS_VENDOR = 1.0  # conv2d, attention: geomean ratio vs the vendor path
@@ -1133,14 +1134,20 @@ def pipeline_table(logs: Logs) -> str:
 
 
 def coverage(logs: Logs) -> str:
-    """scripts/bench_coverage.py's run: at random grid shapes, the share of op calls and of GPU time in tuned
-    kernels and the speed against the vendor-only patched model; "" (no section) until its JSON is committed."""
-    if not (logs.dir / COVERAGE).exists():
+    """scripts/bench_coverage.py's runs, SD 1.5 and SDXL: at random grid shapes, the share of op calls and of
+    GPU time in tuned kernels and the speed against the vendor-only patched model; a section per committed
+    JSON ("" while neither is)."""
+    return "\n\n".join(t for t in (coverage_of(logs, COVERAGE, "SD 1.5", "1-8x256-1024"),
+                                     coverage_of(logs, COVERAGE_SDXL, "SDXL", "1-2x1024")) if t)
+
+
+def coverage_of(logs: Logs, rel: str, models: str, default_grid: str) -> str:
+    if not (logs.dir / rel).exists():
         return ""
-    d = logs.load(COVERAGE)
+    d = logs.load(rel)
     a = d["args"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731  (no GPU profile: a CPU run)
-    names = {"unet": "UNet step", "vae": "VAE decode"}
+    names = {"unet": "UNet step", "vae": "VAE decode", "sdxl_unet": "SDXL UNet step", "sdxl_vae": "SDXL VAE decode"}
     rows = []
     for model, per in d["rows"].items():
         for s, r in per.items():
@@ -1156,9 +1163,9 @@ def coverage(logs: Logs) -> str:
                       f"op calls tuned {pct(t['tuned_call_share_mean'])}, GPU time in TVM kernels "
                       f"{pct(t.get('tvm_time_share_mean'))} (means over the shapes); op calls by outcome: {outcomes}.")
     return "\n\n".join([
-        "## Coverage over the shape grid",
-        bullets([f"Card: {logs.card(COVERAGE)}. Date: {logs.dates(COVERAGE)}. Command: `{logs.command(COVERAGE)}`",
-                 f"{len(d['shapes'])} random shapes (seed {a['seed']}) of the grid {a['grid'] or '1-8x256-1024'} "
+        f"## Coverage over the shape grid: {models}",
+        bullets([f"Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`",
+                 f"{len(d['shapes'])} random shapes (seed {a['seed']}) of the grid {a['grid'] or default_grid} "
                  "(batch x height x width in pixels); per model two copies with the same random weights, both "
                  "`kernels.optimize`d: one served from the given records, one from an empty DB (vendor-only: every "
                  "op on torch's path). ms: median per call with CUDA graphs (CUDA events, "

@@ -89,6 +89,10 @@ def test_benchmarks_section_from_the_json_and_none_without_it(smoke, tmp_path):
     assert text.startswith(without.rstrip("\n")) and "| VAE decode | 1 x 64x64 |" in sec
     assert f"over 1 shapes; op calls tuned {100 * doc['totals']['vae']['tuned_call_share_mean']:.1f}%" in sec
     assert "python scripts/bench_coverage.py --tiny" in sec
+    assert sec.startswith("## Coverage over the shape grid: SD 1.5") and "grid: SDXL" not in text
+    shutil.copy(out, tmp_path / "tuning_logs" / mb.COVERAGE_SDXL)  # an SDXL run's JSON has the same form
+    both = mb.render(tmp_path)
+    assert "## Coverage over the shape grid: SD 1.5" in both and "## Coverage over the shape grid: SDXL" in both
 
 
 def test_a_missing_db_is_one_line_of_error(tmp_path):
