@@ -5,16 +5,14 @@ tunes a tiny grid's buckets on llvm under a budget, exporting as it goes."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from scheduler import extract, jobs
 from scheduler.extract import clog2, parse_grid, shape_class
 from shapetune.db import TuningDB
+from tests._scripts import script
 
-ROOT = Path(__file__).resolve().parents[2]
 # batches 3 and 4 share their BATCH bucket but not the text rows' (231 vs 308: [129, 256] vs [257, 512]);
 # 256x1024 and 1024x256 share their positions with each other and with 512x512's class members
 SUB = [(b, h, w) for b in (3, 4) for h in (256, 512, 1024) for w in (256, 1024)]
@@ -72,11 +70,7 @@ def test_parse_grid():
 
 
 def _run(argv, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import tune_sd_grid
-    finally:
-        sys.path.pop(0)
+    tune_sd_grid = script("tune_sd_grid")
     tune_sd_grid.main(argv)
     return capsys.readouterr().out
 

@@ -5,16 +5,14 @@ SDXL grid's buckets on llvm under a budget."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from scheduler import extract, jobs
 from scheduler.extract import parse_grid, shape_class
 from shapetune.db import TuningDB
+from tests._scripts import script
 
-ROOT = Path(__file__).resolve().parents[2]
 # batches 3 and 4 share their BATCH bucket, P and b x P buckets, not the text rows' (231 vs 308); 4 x 512x1024
 # and 4 x 1024x512 share every bucket but conv's (h and w exact); conv's class of 3 and 4 x 512x1024 is one
 SUB = [(3, 512, 1024), (4, 512, 1024), (4, 1024, 512)]
@@ -59,21 +57,13 @@ def test_a_coarser_class_key_is_caught_on_sdxl(brute, monkeypatch):
 
 
 def _run(argv, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import tune_sd_grid
-    finally:
-        sys.path.pop(0)
+    tune_sd_grid = script("tune_sd_grid")
     tune_sd_grid.main(argv)
     return tune_sd_grid, capsys.readouterr().out
 
 
 def test_default_grids_and_bad_models():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import tune_sd_grid
-    finally:
-        sys.path.pop(0)
+    tune_sd_grid = script("tune_sd_grid")
     assert extract.default_grid(["sdxl_unet"]) == extract.default_grid(["sdxl_unet", "sdxl_vae"]) == "1-2x1024"
     assert extract.default_grid(["unet", "vae"]) == "1-8x256-1024"
     assert extract.parse_models("sdxl,sdxl_vae") == ["sdxl_unet", "sdxl_vae"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._scripts import script
+
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (1, 64, 64)
 
@@ -34,11 +36,7 @@ def smoke(tmp_path_factory):
          TuneOptions(trials=1, batch=1, templates=("dlight",)))
     with TuningDB(d / "tuned.db") as db:
         db.export_jsonl(d / "tuned.jsonl.xz")
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_coverage
-    finally:
-        sys.path.pop(0)
+    bench_coverage = script("bench_coverage")
     out = d / "coverage.json"
     doc = bench_coverage.main(["--tiny", "--device", "cpu", "--grid", "1x64", "--samples", "1", "--models", "vae",
                                "--iters", "2", "--warmup", "1", "--db", str(d / "tuned.jsonl.xz"), "--json", str(out)])
@@ -98,11 +96,7 @@ def test_benchmarks_section_from_the_json_and_none_without_it(smoke, tmp_path):
 def test_a_missing_db_is_one_line_of_error(tmp_path):
     """A --db path that does not exist: before the check, the run went on with nothing served (every op
     call counted no_db), silently."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_coverage
-    finally:
-        sys.path.pop(0)
+    bench_coverage = script("bench_coverage")
     with pytest.raises(SystemExit, match="no such file"):
         bench_coverage.main(["--tiny", "--device", "cpu", "--db", str(tmp_path / "nope.db")])
     assert not (tmp_path / "nope.db").exists()
@@ -128,11 +122,7 @@ def test_sdxl_smoke_run_counts_what_the_tuned_records_serve(tmp_path):
     assert all(r.best is not None for r in reps)
     with TuningDB(tmp_path / "tuned.db") as db:
         db.export_jsonl(tmp_path / "tuned.jsonl.xz")
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_coverage
-    finally:
-        sys.path.pop(0)
+    bench_coverage = script("bench_coverage")
     doc = bench_coverage.main(["--tiny", "--device", "cpu", "--models", "sdxl", "--grid", "1x64", "--iters", "2",
                                "--warmup", "1", "--db", str(tmp_path / "tuned.jsonl.xz")])
     assert doc["shapes"] == ["1x64x64"] and set(doc["rows"]) == {"sdxl_unet", "sdxl_vae"}
