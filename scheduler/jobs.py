@@ -203,7 +203,7 @@ def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float
     and this target's records (a.export) are rewritten, so a job cut off keeps what it measured.
     Prints a line per round, then the allocation and the scheduler's end-to-end estimate, per `per`
     units of `per_name` (e.g. the grid's shapes: calls are summed over them). Returns the Schedule."""
-    from .task_scheduler import schedule
+    from .task_scheduler import round_line, schedule
 
     target = detect()
     print(f"target: {target.describe()}  [{target.key}]")
@@ -217,11 +217,10 @@ def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float
 
     def estimate(sched) -> dict:
         est = sched.totals()
-        minutes = sched.wall_s / 60
-        saved = (est["start_us"] - est["after_us"]) / per / 1e3
         return {**est, "per": per, "per_name": per_name, "vendor_ms_per": est["before_us"] / per / 1e3,
-                "served_ms_per": est["after_us"] / per / 1e3, "saved_ms_per": saved,
-                "gain_ms_per_gpu_min": saved / minutes if minutes else 0.0}
+                "served_ms_per": est["after_us"] / per / 1e3,
+                "saved_ms_per": (est["start_us"] - est["after_us"]) / per / 1e3,
+                "gain_ms_per_gpu_min": est["gain_ms_per_min"] / per}
 
     def write(sched):
         if a.json:
@@ -234,9 +233,7 @@ def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float
                 db.export_jsonl(a.export, target_key=target.key)
 
     def on_round(t, sched):
-        best = f"{t.tuned_us:.2f} us" if t.tuned_us is not None else "none"
-        print(f"  [{sched.wall_s:5.0f} s] {t.workload.name} x{t.weight:g}: round {t.rounds}, {t.trials} trials, "
-              f"best {best}{f' ({t.done})' if t.done else ''}", flush=True)
+        print(round_line(t, sched), flush=True)
         write(sched)
 
     opts = TuneOptions(batch=a.batch, seed=a.seed, templates=tuple(a.template))

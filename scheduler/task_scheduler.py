@@ -102,6 +102,13 @@ class Schedule:
                 "wall_s": self.wall_s, "gain_ms_per_min": (start - after) / 1e3 / minutes if minutes else 0.0}
 
 
+def round_line(task: Task, sched: Schedule) -> str:
+    """One line of progress after a task's round (what `shapetune tune --budget` and the grid job print)."""
+    best = f"{task.tuned_us:.2f} us" if task.tuned_us is not None else "none"
+    return (f"  [{sched.wall_s:5.0f} s] {task.workload.name} x{task.weight:g}: round {task.rounds}, "
+            f"{task.trials} trials, best {best}{f' ({task.done})' if task.done else ''}")
+
+
 def parse_budget(text: str) -> float:
     """A --budget value in seconds: a positive number with its unit, "90s", "20m", "1.5h"."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*", text or "")

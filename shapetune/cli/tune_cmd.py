@@ -210,7 +210,7 @@ def _tune_budget(workloads, calls, target, db_path, budget_s, cap, batch, seed, 
     nothing says), then its allocation table and end-to-end estimate."""
     from rich.markup import escape
 
-    from scheduler.task_scheduler import schedule
+    from scheduler.task_scheduler import round_line, schedule
     from scheduler.tuner import TuneOptions
 
     weights = {w: calls.get(w, 1) for w in dict.fromkeys(workloads)}
@@ -218,9 +218,7 @@ def _tune_budget(workloads, calls, target, db_path, budget_s, cap, batch, seed, 
               f"{budget_s:g} s" + (f", at most {cap} trials each" if cap else ""))
 
     def on_round(t, sched):
-        best = f"{t.tuned_us:.2f} us" if t.tuned_us is not None else "none"
-        err.print(escape(f"  [{sched.wall_s:5.0f} s] {t.workload.name} x{t.weight:g}: round {t.rounds}, "
-                         f"{t.trials} trials, best {best}{f' ({t.done})' if t.done else ''}"), soft_wrap=True)
+        err.print(escape(round_line(t, sched)), soft_wrap=True)
 
     opts = TuneOptions(batch=batch, seed=seed, templates=tuple(templates))
     try:
