@@ -12,6 +12,7 @@ from scheduler import extract, jobs
 from scheduler.extract import clog2, parse_grid, shape_class
 from shapetune.db import TuningDB
 from tests._scripts import script
+from tests.scheduler._grid_helpers import summed
 
 # batches 3 and 4 share their BATCH bucket but not the text rows' (231 vs 308: [129, 256] vs [257, 512]);
 # 256x1024 and 1024x256 share their positions with each other and with 512x512's class members
@@ -28,11 +29,7 @@ def brute():
 def test_shape_classes_give_the_brute_force_buckets_and_calls(brute):
     got = jobs.grid_bucket_calls(SUB, FAMILIES)
     assert all(b.passes == len(SUB) for b in brute.values())
-    want, outside = dict(brute["unet"].calls), dict(brute["unet"].outside)
-    for w, n in brute["vae"].calls.items():
-        want[w] = want.get(w, 0) + n
-    for op, n in brute["vae"].outside.items():
-        outside[op] = outside.get(op, 0) + n
+    want, outside = summed(brute["unet"], brute["vae"])
     assert got.calls == want and got.outside == outside
     assert len(want) > 500 and brute["vae"].outside  # the VAE's last-level norms are beyond every bucket
     ops = {w.op for w in want}

@@ -12,6 +12,7 @@ from scheduler import extract, jobs
 from scheduler.extract import parse_grid, shape_class
 from shapetune.db import TuningDB
 from tests._scripts import script
+from tests.scheduler._grid_helpers import summed
 
 # batches 3 and 4 share their BATCH bucket, P and b x P buckets, not the text rows' (231 vs 308); 4 x 512x1024
 # and 4 x 1024x512 share every bucket but conv's (h and w exact); conv's class of 3 and 4 x 512x1024 is one
@@ -29,11 +30,7 @@ def brute():
 def test_sdxl_shape_classes_give_the_brute_force_buckets_and_calls(brute):
     got = jobs.grid_bucket_calls(SUB, FAMILIES, MODELS)
     assert all(b.passes == len(SUB) for b in brute.values()) and got.passes == 2 * (2 + 2)  # (rest, conv) classes
-    want, outside = dict(brute["sdxl_unet"].calls), dict(brute["sdxl_unet"].outside)
-    for w, n in brute["sdxl_vae"].calls.items():
-        want[w] = want.get(w, 0) + n
-    for op, n in brute["sdxl_vae"].outside.items():
-        outside[op] = outside.get(op, 0) + n
+    want, outside = summed(brute["sdxl_unet"], brute["sdxl_vae"])
     assert got.calls == want and got.outside == outside
     ops = {w.op for w in brute["sdxl_unet"].calls}
     assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention", "gelu_gate", "bias_add"}
