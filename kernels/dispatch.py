@@ -38,20 +38,8 @@ from .registry import Resolution, get_registry
 
 def resolve(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: torch.dtype, is_gpu: bool,
             empty: bool = False, no_affine: bool = False) -> tuple[tuple[str, str], Optional[Resolution]]:
-    """`tuned` without counting: ((op, outcome) to count the call under, the Resolution with a
-    kernel or None)."""
-    reg = get_registry()
-    cause = ("unsupported_dtype" if dtype not in SUPPORTED else "empty" if empty else "no_affine" if no_affine
-             else "other_device" if is_gpu != reg.target.is_gpu else None)
-    if cause is not None:
-        return (op, cause), None
-    res = reg.lookup(sig, make_workload)
-    return ((op, "tuned"), res) if res.fn is not None else ((op, res.cause), None)
-
-
-def tuned(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: torch.dtype, is_gpu: bool,
-          empty: bool = False, no_affine: bool = False) -> Optional[Resolution]:
-    """The Resolution with a kernel (`.fn`) for this call, or None: take torch's path.
+    """((op, outcome) to count the call under, the Resolution with a kernel (`.fn`) or None: take
+    torch's path). Counting is the caller's (`plan` counts on every call).
 
     op : the name counted under, (op, cause)
     sig : the call signature, hashable, the registry's cache key (dtype and device type included)
@@ -59,9 +47,13 @@ def tuned(op: str, sig: tuple, make_workload: Callable[[], Workload], dtype: tor
     dtype, is_gpu : the op's leading tensor's dtype and `is_cuda` ("unsupported_dtype", "other_device")
     empty, no_affine : the op's own early causes
     """
-    what, res = resolve(op, sig, make_workload, dtype, is_gpu, empty, no_affine)
-    get_registry().calls[what] += 1
-    return res
+    reg = get_registry()
+    cause = ("unsupported_dtype" if dtype not in SUPPORTED else "empty" if empty else "no_affine" if no_affine
+             else "other_device" if is_gpu != reg.target.is_gpu else None)
+    if cause is not None:
+        return (op, cause), None
+    res = reg.lookup(sig, make_workload)
+    return ((op, "tuned"), res) if res.fn is not None else ((op, res.cause), None)
 
 
 def plan(key: tuple, make: Callable[..., tuple], *args) -> tuple:

@@ -323,9 +323,6 @@ class Registry:
             return []
         return [res for res in map(self.dispatch, index.runs) if res.kind != "fallback"]
 
-    def count(self, op: str, res: Resolution):
-        self.calls[(op, "tuned" if res.fn is not None else res.cause)] += 1
-
     def clear(self):
         """Forget resolutions, counts and the DB index (e.g. after tuning more in this process)."""
         with self._lock:
