@@ -73,21 +73,18 @@ def _cases(dtype, device="cpu"):
     return {k: (m.to(device, dtype).eval(), args, kw) for k, (m, args, kw) in cases.items()}
 
 
-def _us_per_call(fn, calls: int, repeats: int, sync=None) -> float:
-    """The fastest over `repeats` of the mean wall time of `calls` back-to-back calls, in µs (the
-    fastest: on a shared CPU the others measure the neighbours); `sync` (the GPU's) after each
-    repeat's calls, whose tiny kernels queue faster than the host issues them."""
-    out = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync:
-            sync()
-        out.append((time.perf_counter() - t0) / calls)
-    return min(out) * 1e6
+def _us_per_call(fn, calls: int, sync=None) -> float:
+    """The mean wall time of `calls` back-to-back calls, in µs; `sync` (the GPU's) before and after
+    them, whose tiny kernels queue faster than the host issues them. The caller keeps the fastest of
+    its repeats (on a shared CPU the others measure the neighbours)."""
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def _python_calls(fn) -> int:
@@ -168,7 +165,7 @@ def per_op(a) -> dict:
                     for _ in range(a.repeats):
                         for label, (reg, mod) in row.items():
                             kernels.set_registry(reg or prev)
-                            times[label].append(_us_per_call(lambda: mod(*args, **kw), a.calls, 1, sync))
+                            times[label].append(_us_per_call(lambda: mod(*args, **kw), a.calls, sync))
                     for label in row:
                         rows[name][label]["us"] = min(times[label])
         finally:
