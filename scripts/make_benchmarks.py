@@ -1113,24 +1113,41 @@ def pipeline_table(logs: Logs) -> str:
     a = d["args"]
     names = {"eager": "eager", "compile_ro": "torch.compile(mode=\"reduce-overhead\") on the UNet and VAE decode",
              "shapetune": "kernels.optimize(pipe)"}
-    rows = [[names.get(m, m), num(r["s"], 3), num(r["speedup_vs_eager"], 2),
+    if isinstance(d["rows"], dict):  # a run before --shapes: one shape, rows by mode
+        res = a["res"]
+        rows_in = [dict(r, mode=m, shape=f"1x{res}") for m, r in d["rows"].items()]
+    else:
+        rows_in = d["rows"]
+    rows = [[r["shape"], names.get(r["mode"], r["mode"]), num(r["s"], 3), num(r["speedup_vs_eager"], 2),
              num(r["speedup_vs_compile_ro"], 2) if r.get("speedup_vs_compile_ro") else "-",
              num(r["first_call_s"], 2), num(r.get("peak_mem_gib"), 2),
-             "(reference)" if m == "eager" else num(r["psnr_vs_eager_db"], 1)] for m, r in d["rows"].items()]
-    vae = d["rows"].get("shapetune", {}).get("graphs", {}).get("vae", {})
-    return "\n\n".join([
+             "(reference)" if r["mode"] == "eager" else num(r["psnr_vs_eager_db"], 1)] for r in rows_in]
+    out = [
         "### The full pipeline",
         f"- Card: {logs.card(PIPELINE)}. Date: {logs.dates(PIPELINE)}. Command: `{logs.command(PIPELINE)}`",
-        f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['res']}², {a['steps']} DDIM steps with "
-        f"classifier-free guidance (the UNet at batch 2), text encoder and VAE decode included; wall time per image "
-        f"(median of {a['iters']} after the first call), PSNR of the image against eager's (same seed and weights).",
-        table([("mode", "l"), ("s per image", "r"), ("vs eager", "r"), ("vs compile_ro", "r"), ("1st call, s", "r"),
-               ("peak, GiB", "r"), ("PSNR vs eager, dB", "r")], rows),
-        f"- In this run the VAE decode was captured on every pipeline call ({vae.get('captured', 0)} captures, "
-        f"{vae.get('replayed', 0)} replays): the pipeline passes a new torch.Generator to `vae.decode` each call, "
-        "and the graph signature keyed it by identity. Fixed after this run (the unused argument is dropped, "
-        "kernels/pipeline.py), not re-measured yet.",
-    ])
+        f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['steps']} DDIM steps with "
+        "classifier-free guidance, text encoder and VAE decode included; shape = images per prompt x height [x width] "
+        "in pixels (the UNet runs at twice that batch); wall time per pipeline call "
+        f"(median of {a['iters']} after the first call), PSNR of the images against eager's (same seed and weights). "
+        "One pipeline per mode, run over the shapes in the order listed: \"1st call\" is the compile or capture at "
+        "the first shape and the cost of a shape change at the others.",
+        table([("shape", "l"), ("mode", "l"), ("s per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
+               ("1st call, s", "r"), ("peak, GiB", "r"), ("PSNR vs eager, dB", "r")], rows),
+    ]
+    if isinstance(d["rows"], dict):
+        vae = d["rows"].get("shapetune", {}).get("graphs", {}).get("vae", {})
+        out.append(
+            f"- In this run the VAE decode was captured on every pipeline call ({vae.get('captured', 0)} captures, "
+            f"{vae.get('replayed', 0)} replays): the pipeline passes a new torch.Generator to `vae.decode` each call, "
+            "and the graph signature keyed it by identity. Fixed after this run (the unused argument is dropped, "
+            "kernels/pipeline.py), not re-measured yet.")
+    else:
+        last = [r for r in rows_in if r["mode"] == "shapetune"]
+        if last and "graphs" in last[-1]:
+            g = last[-1]["graphs"]
+            out.append("- shapetune's graphs over the whole run (captured / replayed / eager per component): "
+                       + "; ".join(f"{k} {json.dumps(v)}" for k, v in g.items()) + ".")
+    return "\n\n".join(out)
 
 
 def coverage(logs: Logs) -> str:
