@@ -167,7 +167,7 @@ def kernel_profile(fn, top: int = 25) -> dict:
         n = e.key.lower()
         c = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
              "conv" if any(k in n for k in ("conv", "fprop", "implicit", "dgrad", "cudnn")) else
-             "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul")) else
+             "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "nvjet")) else
              "tvm" if n.startswith("shapetune") or "_kernel" in n and "at::" not in n and "void" not in n else
              "copy" if any(k in n for k in ("copy", "cat", "memcpy", "memset")) else
              "elementwise" if "elementwise" in n or "vectorized" in n or "unrolled" in n else

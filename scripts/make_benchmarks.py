@@ -1066,8 +1066,9 @@ def end_to_end(logs: Logs) -> str:
         " (the records of the given DBs that beat torch in their own run; every other call runs torch's op, "
         "counted by cause in the JSON). At the other shapes: " + others_tuned(d, shapes) + ".",
         f"- GPU time of one shapetune forward at {shapes[0]} by kernel category (torch.profiler, µs): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()) + " (\"other\": cuBLAS nvjet GEMMs; \"tvm\": the tuned "
-        "kernels).",
+        + ", ".join(f"{k} {v:.0f}" for k, v in prof.items())
+        + (" (\"gemm\" includes cuBLAS's nvjet kernels" if "gemm" in prof else " (\"other\": cuBLAS nvjet GEMMs")
+        + "; \"tvm\": the tuned kernels).",
         f"- Host path, another run ({logs.dates(HOST)}, `{logs.command(HOST)}`): a patched UNet step run eagerly, "
         f"synchronized wall time {num(h['patched_eager_ms'], 1)} ms against {num(h['eager_cl_ms'], 1)} ms for eager "
         f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step.",
