@@ -5,7 +5,8 @@ live here too, so clearing or swapping the registry drops them):
   signature -> workload -> its exact records, else its shape bucket's (shapetune.buckets) ->
   `Registry.dispatch`: each tuning run's fastest verified record, compared with the fastest vendor
   path measured in THE SAME run (an in-memory index of the DB); the fastest record that beats its
-  run's vendor by MARGIN is served ->
+  run's vendor by MARGIN is served (a run whose record beat its first vendor timing timed the vendor
+  once more, scheduler.tuner and scheduler.reverify, so one disturbed timing is outvoted here) ->
   load the compiled module from the kernel cache (keyed by target: arch, GPU, versions), building
   it from the record's knobs on a miss.
 Anything that stops a tuned kernel from running (no record, vendor faster, no vendor timed in the

@@ -7,7 +7,11 @@ then, if it fails, the next, until one passes or none is left -- and for each: c
 against the template's space (`knob_error`), builds it with `builder.build_one` and verifies and
 times it with `runner.Runner`, exactly as the tuner does. One that passes is appended as a record
 measured here (this run's id, the latency measured here, the vendor path timed in the same run);
-the import is marked reverified, or reverify_failed with the reason, and never retried.
+the import is marked reverified, or reverify_failed with the reason, and never retried. As in the
+tuner (scheduler.tuner): where the record that passed is `servable` against the vendor path timed
+in this run, the vendor path is timed once more in the run, so that one disturbed vendor timing
+cannot make it served (dispatch takes the run's fastest vendor; a workload passes at most once, so
+this is one extra vendor timing per adopted record that beats the vendor).
 
 Portable records (shapetune/target.py KERNEL_FIELDS): where this target has no verified record of a
 workload, the best records of the other targets that share its kernels (another torch version,
@@ -29,6 +33,7 @@ from pathlib import Path
 from shapetune import config
 from shapetune.db import TuningDB
 from shapetune.records import STATUSES, MeasureResult
+from shapetune.serving import servable, vendor_us
 from shapetune.target import Target
 from shapetune.workload import Workload
 
@@ -80,9 +85,11 @@ class Verdict:
 
 
 def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: int | None = None,
-             build_timeout_s: float = 180, run_timeout_s: float = 60) -> list[Verdict]:
+             build_timeout_s: float = 180, run_timeout_s: float = 60, runner: Runner | None = None
+             ) -> list[Verdict]:
     """Re-verify this target's pending imports in the DB at `db_path`; one Verdict per workload
-    that had any (none: an empty list, no process started).
+    that had any (none: an empty list, no process started). runner: what verifies and times the
+    records and the vendor path (default: a Runner of run_timeout_s); closed here.
 
     Builds run in parallel (`jobs`, default config.build_jobs()), one candidate per still
     unresolved workload per round; runs are one at a time, as the tuner measures.
@@ -98,11 +105,10 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
         verdicts = {w: Verdict(w) for w in todo}
         run_id = uuid.uuid4().hex[:12]
         pool = builder.IsolatedPool(jobs or config.build_jobs(), preload=builder.preload_for(target))
-        runner = Runner(target, timeout_s=run_timeout_s)
+        runner = runner or Runner(target, timeout_s=run_timeout_s)
         try:
             with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:
-                for w in todo:
-                    _measure_vendor(db, runner, w, run_id)
+                vendor = {w: _measure_vendor(db, runner, w, run_id) for w in todo}
                 while todo:
                     batch = {w: todo[w].pop(0) for w in todo}
                     for w, (i, r), why in _build_and_run(pool, runner, batch, target, run_id, tmp,
@@ -111,6 +117,9 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                             _adopt(db, verdicts[w], r, why, run_id)
                         else:
                             _decide(db, verdicts[w], i, r, why)
+                        passed = verdicts[w].passed
+                        if passed is not None and servable(passed.latency.median_us, vendor[w]):
+                            _measure_vendor(db, runner, w, run_id)  # once: w is resolved now
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
         finally:
@@ -186,7 +195,10 @@ def _decide(db: TuningDB, v: Verdict, record_id: int, imported: MeasureResult,
         v.passed, v.claimed_us = outcome, imported.latency.median_us
 
 
-def _measure_vendor(db: TuningDB, runner: Runner, w: Workload, run_id: str) -> None:
-    """Every vendor path, timed in this run as the tuner times them (dispatch compares within a run)."""
-    for b in vendor_baselines(runner, w, run_id).values():
+def _measure_vendor(db: TuningDB, runner: Runner, w: Workload, run_id: str) -> float:
+    """Every vendor path, timed in this run as the tuner times them (dispatch compares within a
+    run); returns the fastest (`vendor_us`)."""
+    out = vendor_baselines(runner, w, run_id).values()
+    for b in out:
         db.add_baseline(b)
+    return min(vendor_us(b) for b in out)

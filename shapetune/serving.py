@@ -25,5 +25,7 @@ def vendor_us(b: VendorBaseline) -> float:
 
 
 def servable(tuned_us: float, yardstick_us: float) -> bool:
-    """Whether a tuned time beats a vendor time (`vendor_us`) measured in the same run by MARGIN."""
+    """Whether a tuned time beats a vendor time (`vendor_us`) measured in the same run by MARGIN.
+    (The run's fastest vendor timing: where a record first beats it, the tuner and reverify time
+    the vendor path again in that run, so one outlier timing does not decide.)"""
     return tuned_us * (1 + MARGIN) <= yardstick_us

@@ -21,6 +21,7 @@ from scheduler import templates
 from scheduler.tuner import TuneOptions, tune
 from scheduler.verify import TOLERANCES
 from shapetune.db import TuningDB
+from shapetune.serving import vendor_us
 from shapetune.target import detect
 from shapetune.ops.linear import linear_workload
 
@@ -81,7 +82,9 @@ def test_tune_llvm_end_to_end_and_resume(tmp_path, cpu, bias):
         assert {r.run_id for r in rs} == {rs[0].run_id}
         assert [r.candidate.template for r in rs].count("dlight") == 1
         b = db.baseline(w.key, cpu.key)
-        assert b is not None and b.name == rep.vendor.name and b.latency == rep.vendor.latency
+        assert b is not None and b.name == rep.vendor.name
+        # the report's vendor is the run's faster timing, where it timed the vendor twice
+        assert rep.vendor == min(db.baselines(w.key, cpu.key)[::-1], key=vendor_us)
         best = db.best(w.key, cpu.key)
         assert best is not None and best.status == "ok"
         assert best.latency.median_us == min(r.latency.median_us for r in rs if r.status == "ok")
@@ -97,8 +100,9 @@ def test_tune_llvm_end_to_end_and_resume(tmp_path, cpu, bias):
         assert len({r.candidate.key for r in rs} - first_keys) == 6
         assert len({r.run_id for r in rs}) == 2
         assert [r.candidate.template for r in rs].count("dlight") == 1
-        # the vendor path is measured by every run that measures; the rerun that measured nothing timed nothing
-        assert len(db.baselines(w.key, cpu.key)) == 2
+        # the vendor path is measured by every run that measures (a second time where the run's
+        # record beat the first timing: scheduler.tuner); the rerun that measured nothing timed nothing
+        assert len(db.baselines(w.key, cpu.key)) == 2 + rep.vendor_retimed + rep2.vendor_retimed
         assert db.best(w.key, cpu.key).latency.median_us <= best.latency.median_us
 
 
