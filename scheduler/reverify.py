@@ -43,11 +43,18 @@ from .runner import Runner, vendor_baselines
 
 def knob_error(r: MeasureResult) -> str | None:
     """Why a record's candidate is not in its template's space for its workload and target, or
-    None (the `validate` of `TuningDB.import_jsonl`)."""
+    None (the `validate` of `TuningDB.import_jsonl`).
+
+    A failed record (no kernel: never built, verified or served) needs only a known template: it is
+    the history of a search, and an earlier version's attempt with a template that no longer applies
+    there, or with knobs its space has since dropped, stays importable (an export of that version
+    would otherwise be refused whole)."""
     try:
         t = templates.get(r.candidate.template)
     except ValueError:
         return f"unknown template {r.candidate.template!r}"
+    if not r.verified:
+        return None
     if not t.applies(r.workload, r.target):
         return f"template {t.name} does not apply to {r.workload.op} on {r.target.kind}"
     if r.candidate.key not in _space_keys(t, r.workload, r.target):
