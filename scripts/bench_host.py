@@ -228,7 +228,8 @@ def main():
         rows = per_op(a)
         if a.json:
             Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                                "device": "cpu", "args": vars(a), "per_op": rows}, indent=1))
+                                                "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                                                and not a.tiny else "cpu", "args": vars(a), "per_op": rows}, indent=1))
         return
 
     import kernels

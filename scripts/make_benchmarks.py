@@ -49,6 +49,9 @@ BUCKETS = "bench/bench_buckets_h200.json"
 COST_MODEL = "bench/cost_model_eval.json"
 LOOKUP = "bench/bench_lookup_cpu.json"
 E2E = "bench/bench_e2e_h200.json"
+E2E_PREV = "bench/bench_e2e_h200_2026-12-02.json"  # an earlier matrix (other DBs, two more shapes)
+GRID = "sm90_h200_sd15_grid_summary.json"
+HOST_PER_OP_GPU = "bench/bench_host_per_op_h200.json"
 HOST = "bench/bench_host_h200.json"
 HOST_PER_OP = "bench/bench_host_per_op_cpu.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
@@ -1029,37 +1032,33 @@ def others_tuned(d: dict, shapes: list[str]) -> str:
     return "; ".join(out)
 
 
-def end_to_end(logs: Logs) -> str:
-    """SD 1.5 UNet step per mode over a shape matrix, one run (scripts/bench_e2e.py), the host path
-    (scripts/bench_host.py) and the LoRA switch cost (scripts/bench_lora.py)."""
-    d, h, lo = logs.load(E2E), logs.load(HOST)["row"], logs.load(LORA)
-    a = d["args"]
-    names = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
+E2E_NAMES = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
              "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
              "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs"}
+
+
+def e2e_run(logs: Logs, rel: str) -> list[str]:
+    """One scripts/bench_e2e.py run: its card and command, the matrix, what ran tuned, the GPU profile."""
+    d = logs.load(rel)
+    a = d["args"]
     shapes = a["shapes"].split(",")
     rows = []
     for s in shapes:
         for mode, per in d["rows"].items():
             r = per[s]
             ro = r.get("speedup_vs_compile_ro")
-            rows.append([s, names.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
+            rows.append([s, E2E_NAMES.get(mode, mode), num(r["us"] / 1e3, 2), num(r["speedup_vs_eager"], 2),
                          num(ro, 2) if ro else "-", num(r.get("first_call_s", r.get("shape_change_s")), 2),
                          num(r.get("peak_mem_gib"), 2), f"{r['rel_l2_vs_eager']:.1e}"])
     first = d["rows"]["shapetune"][shapes[0]]
     tuned = {op: c.get("tuned", 0) for op, c in first["calls"].items() if c.get("tuned")}
     prof = first.get("profile", {}).get("by_category_us", {})
-    lrow = lo["rows"]
-    return "\n\n".join([
-        "## End to end: the SD 1.5 UNet step",
-        f"- Card: {logs.card(E2E)}. Date: {logs.dates(E2E)}. Command: `{logs.command(E2E)}`",
-        "- SD 1.5 UNet (random weights) fp16; shape = batch x height [x width] in pixels; CUDA events around each "
-        f"call (median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights "
-        "and activations are far over L2, so inputs are not rotated. One model per mode, run over the shapes in "
-        "the order listed: \"1st call\" is the wall time of the first call at that shape (at the first shape the "
-        "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
-        "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
-        "included. Ratios against eager and against torch.compile reduce-overhead from this run.",
+    out = [f"- Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`"]
+    try:
+        out.append("- Records: " + logs.meta(rel, "records"))
+    except ValueError:
+        pass
+    out += [
         table([("shape", "l"), ("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
                ("1st call, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
         f"- Ops that ran tuned kernels at {shapes[0]}: " + ", ".join(sorted(tuned)) +
@@ -1069,9 +1068,33 @@ def end_to_end(logs: Logs) -> str:
         + ", ".join(f"{k} {v:.0f}" for k, v in prof.items())
         + (" (\"gemm\" includes cuBLAS's nvjet kernels" if "gemm" in prof else " (\"other\": cuBLAS nvjet GEMMs")
         + "; \"tvm\": the tuned kernels).",
-        f"- Host path, another run ({logs.dates(HOST)}, `{logs.command(HOST)}`): a patched UNet step run eagerly, "
-        f"synchronized wall time {num(h['patched_eager_ms'], 1)} ms against {num(h['eager_cl_ms'], 1)} ms for eager "
-        f"channels_last ({num(h['ratio_vs_eager_cl'], 2)}x), {h['op_calls']} op calls per step.",
+    ]
+    return out
+
+
+def end_to_end(logs: Logs) -> str:
+    """SD 1.5 UNet step per mode over a shape matrix, one run per table (scripts/bench_e2e.py), the host
+    path (scripts/bench_host.py) and the LoRA switch cost (scripts/bench_lora.py)."""
+    d, h, lo = logs.load(E2E), logs.load(HOST)["row"], logs.load(LORA)
+    a = d["args"]
+    lrow = lo["rows"]
+    prev = e2e_run(logs, E2E_PREV) if (logs.dir / E2E_PREV).exists() else []
+    return "\n\n".join([
+        "## End to end: the SD 1.5 UNet step",
+        "- SD 1.5 UNet (random weights) fp16; shape = batch x height [x width] in pixels; CUDA events around each "
+        f"call (median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights "
+        "and activations are far over L2, so inputs are not rotated. One model per mode, run over the shapes in "
+        "the order listed: \"1st call\" is the wall time of the first call at that shape (at the first shape the "
+        "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
+        "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
+        "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
+        *e2e_run(logs, E2E),
+        *(["### An earlier run (other records, two more shapes)", *prev] if prev else []),
+        "### Host path and LoRA",
+        f"- Host path, another run ({logs.load(HOST)['device']}, {logs.meta(HOST, 'machine')}, {logs.dates(HOST)}, `{logs.command(HOST)}`): a patched UNet "
+        f"step run eagerly, synchronized wall time {num(h['patched_eager_ms'], 1)} ms against "
+        f"{num(h['eager_cl_ms'], 1)} ms for eager channels_last ({num(h['ratio_vs_eager_cl'], 2)}x the time), "
+        f"{h['op_calls']} op calls per step.",
         f"- LoRA switch ({logs.card(LORA)}, {logs.dates(LORA)}, `{logs.command(LORA)}`): two rank-{lo['args']['rank']} "
         "PEFT adapters on every attention projection, batch 2, 512²; `set_adapters` plus the first UNet call after "
         f"it, over {len(lrow['shapetune']['switch_s'])} alternating switches: shapetune "
@@ -1094,7 +1117,7 @@ def host_per_op(logs: Logs) -> str:
              num(extra(b[kind]), 1), num(a[kind]["eager"]["us"], 1), num(a[kind]["patched_fallback"]["us"], 1), num(extra(a[kind]), 1),
              num(a[kind]["patched_tuned"]["us"], 1)] for kind in a if kind in b]
     return "\n\n".join([
-        "## Host path per patched module (CPU)",
+        "## Host path per patched module",
         f"- Machine: {d['machine']}. Date: {d['date']}. Command: `{d['command']}`, on the code before "
         f"(main at {d['before']['code']}) and after ({d['after']['code']}) the per-call plans of kernels/dispatch.py.",
         "- " + d["note"] + " \"fallback\": the patched module over an empty DB (every op call runs torch's op, "
@@ -1104,9 +1127,30 @@ def host_per_op(logs: Logs) -> str:
         table([("module", "l"), ("op calls", "r"), ("eager, before", "r"), ("fallback, before", "r"),
                ("extra per op call, before", "r"), ("eager, after", "r"), ("fallback, after", "r"),
                ("extra per op call, after", "r"), ("llvm-tuned, after", "r")], rows),
-        "- µs per module call. Not yet measured on the H200 (`python scripts/bench_host.py --per-op --json ...` "
-        "runs there in fp16 with the CUDA target).",
+        "- µs per module call.",
+        *host_per_op_gpu(logs),
     ])
+
+
+def host_per_op_gpu(logs: Logs) -> list[str]:
+    """The same per-module timing on the GPU (fp16, CUDA target; the fallback column only), [] before it ran."""
+    if not (logs.dir / HOST_PER_OP_GPU).exists():
+        return []
+    d = logs.load(HOST_PER_OP_GPU)
+    per = d["per_op"]
+    rows = [[kind, str(r["patched_fallback"]["op_calls"]), num(r["eager"]["us"], 1), num(r["patched_fallback"]["us"], 1),
+             num((r["patched_fallback"]["us"] - r["eager"]["us"]) / max(r["patched_fallback"]["op_calls"], 1), 1)]
+            for kind, r in per.items()]
+    return [
+        f"### On the GPU: {d['device']}, {logs.meta(HOST_PER_OP_GPU, 'machine')}",
+        f"- Date: {d['date']}. Command: `{logs.command(HOST_PER_OP_GPU)}` (after the plans). The same modules in fp16 on "
+        "the GPU, each call synchronized (so a module's time includes its kernels' launches and run time; these "
+        "modules are tiny, so that is mostly launch latency); eager against the patched fallback over an empty DB "
+        "(every op call runs torch's op, counted), in turns, the fastest of the repeats. \"extra\" includes any "
+        "GPU work the patched path adds (GroupNorm: the patched model keeps channels_last, so torch's fallback "
+        "group_norm pays a layout copy back, which a tuned kernel does not).",
+        table([("module", "l"), ("op calls", "r"), ("eager", "r"), ("fallback", "r"), ("extra per op call", "r")], rows),
+    ]
 
 
 def pipeline_table(logs: Logs) -> str:
@@ -1180,9 +1224,13 @@ def coverage_of(logs: Logs, rel: str, models: str, default_grid: str) -> str:
                       f"geomean ({num(t['speedup_min'], 3)}-{num(t['speedup_max'], 3)}) over {t['shapes']} shapes; "
                       f"op calls tuned {pct(t['tuned_call_share_mean'])}, GPU time in TVM kernels "
                       f"{pct(t.get('tvm_time_share_mean'))} (means over the shapes); op calls by outcome: {outcomes}.")
+    grid = grid_run(logs) if rel == COVERAGE else []
     return "\n\n".join([
         f"## Coverage over the shape grid: {models}",
+        *grid,
         bullets([f"Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`",
+                 *([f"Records: {logs.meta(rel, 'records')}"] if "records" in logs.load(PROVENANCE)["files"].get(rel, {})
+                   else []),
                  f"{len(d['shapes'])} random shapes (seed {a['seed']}) of the grid {a['grid'] or default_grid} "
                  "(batch x height x width in pixels); per model two copies with the same random weights, both "
                  "`kernels.optimize`d: one served from the given records, one from an empty DB (vendor-only: every "
@@ -1194,6 +1242,25 @@ def coverage_of(logs: Logs, rel: str, models: str, default_grid: str) -> str:
                ("op calls tuned", "r"), ("GPU time in TVM", "r"), ("rel L2", "r")], rows),
         bullets(totals),
     ])
+
+
+def grid_run(logs: Logs) -> list[str]:
+    """The grid job's run (scripts/tune_sd_grid.py): what its budget reached and its estimated gain."""
+    if not (logs.dir / GRID).exists():
+        return []
+    d = logs.load(GRID)
+    m, e = d["meta"], d["estimate"]
+    steps = m["models"].get("unet")
+    return [bullets([
+        f"Records: the grid job ({logs.card(GRID)}, {logs.dates(GRID)}): `{logs.command(GRID)}`. The task scheduler "
+        f"had {m['buckets']} buckets of {', '.join(m['families'])} over the grid's {m['shapes']} shapes (weights: "
+        f"calls per shape, the UNet x {steps:g} steps plus one VAE decode; {m['skipped_tuned']} buckets skipped as "
+        f"already shipped); its {e['wall_s']:.0f} s warmed up {e['tasks_timed']} of them, the most paying first.",
+        f"Its estimate over those {e['tasks_timed']} buckets (calls x time, per grid shape): {num(e['vendor_ms_per'], 1)} "
+        f"ms on the vendor path, {num(e['served_ms_per'], 1)} ms as served: {num(e['gain_ms_per_gpu_min'], 2)} ms "
+        "saved per grid shape per GPU-minute of tuning. The coverage below was measured on the same machine after "
+        "it, with these records and the shipped ones (see Records).",
+    ])]
 
 
 SECTIONS = (summary, linear, metaschedule, buckets, norms, grid_buckets, geglu, conv, attention, verification_error,
