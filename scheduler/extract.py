@@ -612,7 +612,7 @@ def shape_class(batch: int, height: int, width: int, exact_hw: bool, seq: int = 
     attention sq / skv), rows b x P x 2^j (linear, geglu, layer_norm, gelu_gate m), the text rows
     b x seq (cross-attention's k / v GEMMs; SDXL's text is SD 1.5's 77 tokens, 2048 wide) or seq (skv),
     or a constant (channels, heads); the same modules run at every shape, each the same number of times.
-    Every bucket edge is a power of two (BATCH edges 1, 2, 4, ...; pow2 edges 16, 32, ..., 65536, beyond
+    Every bucket edge is a power of two (BATCH edges 1, 2, 4, ...; pow2 edges 16, 32, ..., 2^20, beyond
     them none), so the bucket of x x 2^j is fixed by clog2(x) + j: the key (clog2 b, clog2 b x seq,
     clog2 P, clog2 b x P) fixes every bucket of every call. conv2d keeps h and w exact and buckets n
     (its only batch dim) on the BATCH edges: its key (`exact_hw`) is (clog2 b, height, width).

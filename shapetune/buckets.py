@@ -26,7 +26,9 @@ key/value tokens), each on the pow2 edges; heads and head dim stay exact.
 conv2d: n (batch, the BATCH edges; h and w exact: `shapetune/ops/conv.py`'s note says why).
 gelu_gate: m (rows, as geglu). bias_add: n (batch, its own edges 1, 2, 4, 8, ...: the batch sizes a
 pipeline runs at) and hw (positions, the pow2 edges); channels stay exact.
-Shapes beyond the last bucket get no bucket: the op falls back, counted as "outside_buckets".
+Shapes beyond the last bucket (2^20 on the pow2 edges, 64 on the batch edges) get no bucket: the op
+falls back, counted as "outside_buckets". A bucket's kernel is verified at its upper bound like any
+member, so one whose indices would overflow there never enters the DB.
 """
 
 from __future__ import annotations
@@ -120,7 +122,10 @@ def timing_members(bucket: Workload) -> list[Workload]:
     return out or [bucket]
 
 
-POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 17)]))  # [1,16], [17,32], ..., [32769,65536]
+# [1,16], [17,32], ..., [524289,1048576]: 2^20 positions is the SD VAE decoder's full resolution at 1024²
+# (and 8 x 128² = 2^17 rows the UNet's largest GEMM on the grid 1-8 x 256-1024 px); the edges ended at 65536
+# before 2026-12-03, so those calls had no bucket (the buckets below it are unchanged)
+POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 21)]))
 BATCH = DimBuckets("n", (1, 2, 4, 8, 16, 32, 64))  # [1], [2], [3,4], [5,8], ...: each batch size alike
 DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (BATCH, DimBuckets("hw", POW2.edges))),
                                    ("layer_norm", (POW2,)), ("geglu", (POW2,)),

@@ -43,7 +43,7 @@ def test_tune_buckets_table(tmp_path):
 def test_tune_rejects_bad_input(tmp_path):
     bad = CliRunner().invoke(main, ["tune", "--target", "llvm", "--shape", "m=4,n", "--db", str(tmp_path / "x.db")])
     assert bad.exit_code != 0 and "m=..,n=..,k=.." in bad.output
-    outside = CliRunner().invoke(main, ["tune", "--target", "llvm", "--shape", "m=100000,n=8,k=8", "--buckets",
+    outside = CliRunner().invoke(main, ["tune", "--target", "llvm", "--shape", "m=2000000,n=8,k=8", "--buckets",
                                         "--db", str(tmp_path / "x.db")])
     assert outside.exit_code != 0 and "outside every bucket" in outside.output
 

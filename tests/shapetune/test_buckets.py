@@ -21,7 +21,7 @@ from shapetune.ops.linear import linear_workload
 # -- policy --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m,expect", [(1, (1, 16)), (16, (1, 16)), (17, (17, 32)), (154, (129, 256)),
                                       (8192, (4097, 8192)), (8193, (8193, 16384)), (65536, (32769, 65536)),
-                                      (65537, None)])
+                                      (65537, (65537, 131072)), (2**20, (2**19 + 1, 2**20)), (2**20 + 1, None)])
 def test_pow2_bounds(m, expect):
     assert POW2.find(m) == expect
 
@@ -38,7 +38,7 @@ def test_bucket_workload_is_representative_and_covers_members():
     assert not b.covers(linear_workload(257, 320, 768, "float16", False))
     assert not b.covers(linear_workload(154, 320, 768, "float16", True))  # other epilogue
     assert b.key != w.key and b.name == "linear_m129-256_n320_k768_f16"
-    assert DEFAULT.bucket_of(linear_workload(10**6, 8, 8)) is None
+    assert DEFAULT.bucket_of(linear_workload(2**20 + 1, 8, 8)) is None
 
 
 def test_verification_members_hit_bounds_and_an_odd_size():
@@ -99,7 +99,7 @@ def test_db_best_shape_reports_bucket_hit_and_fallbacks(bucket_db):
     assert '"answer": "bucket"' in hit.output or '"cause": "vendor_faster"' in hit.output
     miss = run(f"m=37,n={N},k={K + 1}")
     assert '"cause": "not_tuned"' in miss.output
-    out = run(f"m=70000,n={N},k={K}")
+    out = run(f"m={2**20 + 1},n={N},k={K}")
     assert '"cause": "outside_buckets"' in out.output
 
 
@@ -112,3 +112,18 @@ def test_exact_record_wins_over_bucket(bucket_db, tmp_path):
     tune([w], detect("llvm"), path, TuneOptions(trials=1, batch=1, templates=("gemm_llvm",)))
     res = Registry(db_path=path, target=detect("llvm"), require_faster=False).resolve(w)
     assert res.kind == "exact" and res.bucket == w
+
+
+@pytest.mark.parametrize("model", ["unet", "vae"])
+def test_every_call_of_sd15_at_the_grids_largest_shape_has_a_bucket(model):
+    """SD 1.5 at 8 x 1024 x 1024 (the corner of the grid 1-8 x 256-1024 px that scripts/tune_sd_grid.py
+    tunes), full-size configs on the meta device: every call of every family but conv2d (h and w exact)
+    falls in a bucket. The pow2 edges ended at 65536 before, so the VAE decoder's 2^20 positions at full
+    resolution and the UNet's 2^17-row GEMMs had none ("outside_buckets" in the H200 coverage run)."""
+    from scheduler.extract import model_workloads
+
+    fams = ("linear", "geglu", "norms", "attention", "elementwise")
+    ops = [op for op in model_workloads(model, fams, 8, 1024, 1024) if op.workload.op != "conv2d"]
+    assert ops
+    outside = sorted({op.workload.name for op in ops if DEFAULT.bucket_of(op.workload) is None})
+    assert outside == []
