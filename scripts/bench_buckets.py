@@ -3,12 +3,14 @@
     python scripts/bench_buckets.py --trials 32 --db buckets.db --json out.json
     python scripts/bench_buckets.py --family group_norm --trials 16 --db buckets.db --json gn.json
 
---family: linear (default), group_norm, layer_norm, bias_add, gelu_gate; each has SD 1.5 shapes off its
-buckets' representatives (other batches and resolutions).
+--family: linear (default), geglu, group_norm, layer_norm, bias_add, gelu_gate, attention, conv2d; each
+has SD 1.5 shapes off its buckets' representatives (other batches and resolutions: 768² and 512x768
+latents, batches 1, 3 and 5).
 
 For each off-representative shape s: tune s's bucket and s itself with the same trial budget (or
 reuse what the DB has), then time both best kernels *on s* in this run, plus the vendor path.
-efficiency(s) = time(exact kernel on s) / time(bucket kernel on s); goal >= 99%, floor 95%.
+efficiency(s) = time(exact kernel on s) / time(bucket kernel on s); goal (issue 12): geomean >= 0.97 per
+family, minimum >= 0.90.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.target import detect  # noqa: E402
+from shapetune.ops.attention import attention_workload  # noqa: E402
+from shapetune.ops.conv import conv2d_workload  # noqa: E402
 from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload  # noqa: E402
+from shapetune.ops.geglu import geglu_workload  # noqa: E402
 from shapetune.ops.linear import linear_workload  # noqa: E402
 from shapetune.ops.norm import group_norm_workload, layer_norm_workload  # noqa: E402
 
@@ -59,6 +64,21 @@ FAMILIES = {
     "gelu_gate": (lambda dt: [gelu_gate_workload(m, f, dt) for m, f in [
                       (6144, 1280), (12288, 1280), (1536, 2560), (384, 5120)]],
                   lambda dt: [gelu_gate_workload(m, f, dt) for m, f in [(37, 24), (100, 64)]]),
+    # rows = batch x latent positions: 768² at batch 1 (9216), 512x768 at batch 1 (6144 / 1536 / 384)
+    "geglu": (lambda dt: [geglu_workload(m, f, k, dt) for m, f, k in [
+                  (9216, 1280, 320), (6144, 1280, 320), (1536, 2560, 640), (384, 5120, 1280)]],
+              lambda dt: [geglu_workload(m, f, k, dt) for m, f, k in [(37, 24, 16), (100, 16, 32)]]),
+    # q[b, sq, 8, d]: self-attention at 768² (9216, 2304, 576, 144 tokens), cross-attention on 77 text tokens
+    "attention": (lambda dt: [attention_workload(b, sq, skv, 8, d, dt) for b, sq, skv, d in [
+                      (1, 9216, 9216, 40), (3, 2304, 2304, 80), (3, 576, 77, 160), (5, 144, 144, 160),
+                      (1, 6144, 77, 40)]],
+                  lambda dt: [attention_workload(b, sq, skv, 2, 8, dt) for b, sq, skv in [(3, 45, 45), (1, 100, 20)]]),
+    # batch off the BATCH edges' bounds (3 in [3, 4], 5 in [5, 8]); h and w stay exact (SD 1.5's 512² levels)
+    "conv2d": (lambda dt: [conv2d_workload(n, h, w, ci, co, k, k, 1, k // 2, dt) for n, h, w, ci, co, k in [
+                   (3, 64, 64, 320, 320, 3), (5, 32, 32, 640, 640, 3), (3, 16, 16, 1280, 1280, 3),
+                   (5, 64, 64, 320, 640, 1)]],
+               lambda dt: [conv2d_workload(n, h, w, ci, co, 3, 3, 1, 1, dt) for n, h, w, ci, co in [
+                   (3, 8, 8, 16, 16), (5, 6, 6, 8, 16)]]),
 }
 
 
