@@ -117,6 +117,7 @@ def main():
     effs = [r["efficiency"] for r in rows]
     geo = math.exp(sum(math.log(e) for e in effs) / len(effs))
     summary = {"target": target.to_json(), "date": time.strftime("%Y-%m-%d"), "trials": a.trials,
+               "command": "python scripts/bench_buckets.py " + " ".join(sys.argv[1:]),
                "op": a.family, "rows": rows, "geomean_efficiency": geo, "min_efficiency": min(effs)}
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))

@@ -593,7 +593,39 @@ def buckets(logs: Logs) -> str:
         f"{d['trials']}-trial searches.",
         "In `tuning_logs/sm90_h200_sd15_linear_buckets_summary.json`, each bucket's µs is the geomean over its "
         "three timing sizes. The vendor figure is taken the same way.",
+        *bucket_families(logs),
     ])
+
+
+#: issue 12 item 2: bucket efficiency per family on off-representative shapes
+GOAL_FAMILY_GEOMEAN, GOAL_FAMILY_MIN = 0.97, 0.90
+
+
+def bucket_families(logs: Logs) -> list[str]:
+    """scripts/bench_buckets.py --family F runs other than linear's, one file each
+    (bench/bench_buckets_<F>_h200.json); [] while none is committed."""
+    files = sorted((logs.dir / "bench").glob("bench_buckets_*_h200.json"))
+    if not files:
+        return []
+    summary, details = [], []
+    for p in files:
+        rel = f"bench/{p.name}"
+        d = logs.load(rel)
+        eff = [r["exact_us"] / r["bucket_us"] for r in d["rows"]]
+        g, lo = geomean(eff), min(eff)
+        ok = g >= GOAL_FAMILY_GEOMEAN and lo >= GOAL_FAMILY_MIN
+        summary.append([d["op"], str(len(eff)), str(d["trials"]), num(g, 3), num(lo, 3),
+                        "reached" if ok else "not reached", logs.dates(rel)])
+        details += [f"### {d['op']}: `{logs.command(rel)}` ({logs.card(rel)})",
+                    table([("shape s", "l"), ("bucket", "l"), ("exact-tuned µs", "r"), ("bucket kernel µs", "r"),
+                           ("vendor µs", "r"), ("efficiency", "r")],
+                          [[r["shape"], r["bucket"], num(r["exact_us"]), num(r["bucket_us"]), num(r["vendor_us"]),
+                            num(e, 3)] for r, e in zip(d["rows"], eff)])]
+    return [f"### Per family (issue 12 goal: geomean >= {GOAL_FAMILY_GEOMEAN}, minimum >= {GOAL_FAMILY_MIN})",
+            "- Same method, one run per family; each family's exact and bucket searches get the same trials.",
+            table([("family", "l"), ("shapes", "r"), ("trials", "r"), ("geomean efficiency", "r"), ("minimum", "r"),
+                   ("goal", "l"), ("date", "l")], summary),
+            *details]
 
 
 def _bucket_group(name: str) -> str:

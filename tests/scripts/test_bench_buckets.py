@@ -26,3 +26,35 @@ def test_shapes_are_off_their_buckets_representative(family, gpu):
         b = DEFAULT.bucket_of(s)
         assert b is not None and b.covers(s), s.name
         assert b.dims != s.dims, f"{s.name} is its bucket's representative"
+
+
+def test_a_family_run_and_its_benchmarks_section(tmp_path):
+    """A real llvm run of one family (1 trial per search), then the per-family table
+    scripts/make_benchmarks.py renders from its JSON (none without it)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = bb.Path(bb.__file__).resolve().parents[1]
+    out = tmp_path / "bench_buckets_geglu_h200.json"
+    p = subprocess.run([sys.executable, str(repo / "scripts" / "bench_buckets.py"), "--family", "geglu",
+                        "--trials", "1", "--batch", "1", "--db", str(tmp_path / "b.db"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "SHAPETUNE_TARGET": "llvm"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["op"] == "geglu" and d["command"].startswith("python scripts/bench_buckets.py --family geglu")
+    assert len(d["rows"]) == 2 and all(r["exact_us"] > 0 and r["bucket_us"] > 0 for r in d["rows"])
+
+    mb = script("make_benchmarks")
+    shutil.copytree(repo / "tuning_logs", tmp_path / "tuning_logs")
+    for f in (tmp_path / "tuning_logs" / "bench").glob("bench_buckets_*_h200.json"):
+        f.unlink()
+    without = mb.render(tmp_path)
+    assert "### Per family" not in without
+    shutil.copy(out, tmp_path / "tuning_logs" / "bench" / out.name)
+    text = mb.render(tmp_path)
+    sec = text[text.index("### Per family"):]
+    g = d["geomean_efficiency"]
+    assert f"| geglu | 2 | 1 | {g:.3f} |" in sec and "### geglu: `python scripts/bench_buckets.py --family geglu" in sec
