@@ -180,6 +180,17 @@ def kernel_profile(fn, top: int = 25) -> dict:
             "top": [{"us": u, "category": c, "count": k, "name": n} for u, c, k, n in kern[:top]]}
 
 
+def ratios(rows: dict[str, dict], shapes: list[str]) -> None:
+    """Each row's speedups against eager and torch.compile reduce-overhead at its shape, where those ran."""
+    for s in shapes:
+        base = rows.get("eager", {}).get(s, {}).get("us")
+        ro = rows.get("compile_ro", {}).get(s, {}).get("us")
+        for per in rows.values():
+            if s in per:
+                per[s]["speedup_vs_eager"] = base / per[s]["us"] if base else None
+                per[s]["speedup_vs_compile_ro"] = ro / per[s]["us"] if ro else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", action="append", default=[], help="tuning DB or JSONL(.xz) export (repeatable)")
@@ -248,6 +259,12 @@ def main():
                 graphs[mode]["capture_s"] = caps
             kernels.restore(m)
         rows[mode] = per_shape
+        ratios(rows, shapes)
+        if a.json:  # after every mode: a run cut short (a time limit) keeps the modes it finished
+            Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
+                                                "device": torch.cuda.get_device_name() if is_gpu else "cpu",
+                                                "torch": torch.__version__, "args": vars(a), "rows": rows,
+                                                "graphs": graphs}, indent=1))
         m = report = None
         if mode.startswith("compile"):
             torch._dynamo.reset()
@@ -255,14 +272,10 @@ def main():
             torch.cuda.empty_cache()
     modes = list(rows)
     for s in shapes:
-        base = rows.get("eager", {}).get(s, {}).get("us")
-        ro = rows.get("compile_ro", {}).get(s, {}).get("us")
         print(f"\n[{s}] {'mode':16s} {'ms/call':>9s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st/change s':>12s} "
               f"{'peak GiB':>9s} {'rel L2':>9s}")
         for mode in modes:
             r = rows[mode][s]
-            r["speedup_vs_eager"] = base / r["us"] if base else None
-            r["speedup_vs_compile_ro"] = ro / r["us"] if ro else None
             f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
             fc = r.get("first_call_s", r.get("shape_change_s"))
             print(f"[{s}] {mode:16s} {r['us'] / 1e3:9.3f} {f(r['speedup_vs_eager'], 10, 2)} "
@@ -276,11 +289,6 @@ def main():
             if "profile" in r:
                 print(f"{mode} [{s}] GPU us by category:", json.dumps({k: round(v) for k, v in r["profile"]["by_category_us"].items()}))
     print("graphs:", json.dumps(graphs))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
-                                            "device": torch.cuda.get_device_name() if is_gpu else "cpu",
-                                            "torch": torch.__version__, "args": vars(a), "rows": rows, "graphs": graphs},
-                                           indent=1))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,21 @@ def shape_name(shape: tuple[int, int, int]) -> str:
     return f"{n}x{h}" if h == w else f"{n}x{h}x{w}"
 
 
+def ratios(rows: list[dict]) -> None:
+    """Each row's speedups against eager and compile_ro at its shape, where those ran."""
+    by = {(r["shape"], r["mode"]): r for r in rows}
+    for r in rows:
+        base, ro = by.get((r["shape"], "eager"), {}).get("s"), by.get((r["shape"], "compile_ro"), {}).get("s")
+        r["speedup_vs_eager"] = base / r["s"] if base else None
+        r["speedup_vs_compile_ro"] = ro / r["s"] if ro else None
+
+
+def write(a, target, is_gpu: bool, rows: list[dict]) -> None:
+    Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
+                                        "device": torch.cuda.get_device_name() if is_gpu else "cpu",
+                                        "torch": torch.__version__, "args": vars(a), "rows": rows}, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", action="append", default=[])
@@ -119,18 +134,17 @@ def main():
                 row["calls"] = kernels.fallback_summary()
                 kernels.get_registry().calls.clear()
             rows.append(row)
+        ratios(rows)
+        if a.json:  # after every mode: a run cut short (a time limit) keeps the modes it finished
+            write(a, target, is_gpu, rows)
         del pipe
         if mode == "compile_ro":
             torch._dynamo.reset()
         if is_gpu:
             torch.cuda.empty_cache()
-    by = {(r["shape"], r["mode"]): r for r in rows}
     print(f"\n{'shape':10s} {'mode':12s} {'s/image':>8s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st call s':>10s} "
           f"{'peak GiB':>9s} {'PSNR dB':>8s}")
     for r in rows:
-        base, ro = by.get((r["shape"], "eager"), {}).get("s"), by.get((r["shape"], "compile_ro"), {}).get("s")
-        r["speedup_vs_eager"] = base / r["s"] if base else None
-        r["speedup_vs_compile_ro"] = ro / r["s"] if ro else None
         f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
         print(f"{r['shape']:10s} {r['mode']:12s} {r['s']:8.3f} {f(r['speedup_vs_eager'], 10, 2)} "
               f"{f(r['speedup_vs_compile_ro'], 8, 2)} {r['first_call_s']:10.2f} {f(r.get('peak_mem_gib'), 9, 2)} "
@@ -138,10 +152,6 @@ def main():
     for r in rows:
         if "graphs" in r:
             print(f"{r['shape']} {r['mode']} graphs:", json.dumps(r["graphs"]))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
-                                            "device": torch.cuda.get_device_name() if is_gpu else "cpu",
-                                            "torch": torch.__version__, "args": vars(a), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
