@@ -67,14 +67,26 @@ class Builder:
         self.pool = IsolatedPool(jobs or config.build_jobs(), preload=preload_for(target))
 
     def build(self, workload: Workload, candidates: list[Candidate]) -> list[BuildResult]:
-        args = [(workload.to_json(), self.target.to_json(), c.to_json(), str(self.out_dir)) for c in candidates]
-        out = []
-        for c, r in zip(candidates, self.pool.run_all(build_one, args, self.timeout_s)):
+        """Build `candidates` of `workload` in parallel; one BuildResult per candidate, in order."""
+        return self.build_many([(workload, candidates)])[0]
+
+    def build_many(self, jobs: list[tuple[Workload, list[Candidate]]]) -> list[list[BuildResult]]:
+        """Build the candidates of several workloads in ONE pool batch (the pool stays busy across
+        workloads: a warm-up of many tasks, scheduler.task_scheduler); per job its BuildResults, in
+        order. A failing or hung build fails its own slot only (IsolatedPool.run_all)."""
+        flat = [(w, c) for w, cands in jobs for c in cands]
+        args = [(w.to_json(), self.target.to_json(), c.to_json(), str(self.out_dir)) for w, c in flat]
+        built = []
+        for (_, c), r in zip(flat, self.pool.run_all(build_one, args, self.timeout_s)):
             if isinstance(r, BaseException):
                 kind = "timeout" if type(r).__name__ == "WorkerTimeout" else "build_error"
-                out.append(BuildResult(c, None, _short_error(r), 0.0, kind))
+                built.append(BuildResult(c, None, _short_error(r), 0.0, kind))
             else:
-                out.append(BuildResult(c, r[0], "", r[1]))
+                built.append(BuildResult(c, r[0], "", r[1]))
+        out, i = [], 0
+        for _, cands in jobs:
+            out.append(built[i:i + len(cands)])
+            i += len(cands)
         return out
 
     def close(self):

@@ -6,11 +6,14 @@ weight x its time as served: the fastest tuned kernel the registry would serve (
 vendor path of its own run by MARGIN, shapetune.serving), else the vendor path. Every task first gets
 one small warm-up round (the dlight default and a few candidates: a vendor time and a first best), in
 the order of `cold_priority` (weight x a roofline time x what tuning gained on its op so far: a grid
-of hundreds of buckets may spend its whole budget warming up); then each round
-(TuneOptions.batch candidates, one Tuner round) goes to the task with the largest `gain_rate`. It stops at the wall-clock budget (a round started before it runs to
-its end), or when every task's space is exhausted or its trial cap reached. Everything a task knows
-is read back from the DB after each round (records held, vendor, best), so a rerun continues where
-the last one stopped and never measures a candidate twice (the Tuner's claims).
+of hundreds of buckets may spend its whole budget warming up). Warm-ups go in batches
+(`warmup_size` tasks, enough to keep the build pool busy: Tuner.tune_batch builds all their candidates
+at once, then times each task in turn); the priorities are recomputed between batches, not between
+the tasks of one. Then each round (TuneOptions.batch candidates, one Tuner round) goes to the task
+with the largest `gain_rate`. It stops at the wall-clock budget (a round or warm-up batch started
+before it runs to its end), or when every task's space is exhausted or its trial cap reached.
+Everything a task knows is read back from the DB after each round (records held, vendor, best), so a
+rerun continues where the last one stopped and never measures a candidate twice (the Tuner's claims).
 """
 
 from __future__ import annotations
@@ -196,6 +199,21 @@ def cold_priority(task: Task, kind: str, headroom: dict[str, float], floor: floa
     return task.weight * est * max(floor, headroom.get(task.workload.op, PRIOR))
 
 
+def warmup_size(cold: list[Task], slots: int, warmup: int, per_task_s: float | None, left_s: float) -> int:
+    """How many of `cold` (in warm-up order) to warm up together: the fewest of the first whose
+    warm-up candidates (each min(warmup, its untried space)) fill the build pool's `slots` workers,
+    at least one (16 workers, 4 candidates each: 4 tasks); at most as many as the remaining budget
+    left_s fits at per_task_s seconds each, rounded up (the median warm-up time per task so far,
+    None before one was timed: no cap), so a batch overruns the budget by about one task's time."""
+    n, cands = 0, 0
+    while n < len(cold) and (n == 0 or cands < slots):
+        cands += max(1, min(warmup, cold[n].space - cold[n].trials))
+        n += 1
+    if per_task_s:
+        n = min(n, max(1, math.ceil(left_s / per_task_s)))
+    return n
+
+
 # -- the scheduler ----------------------------------------------------------------------------------
 def round_seconds(task: Task, tasks: list[Task], batch: int) -> float:
     """A round's expected wall time for `task`: batch x the median seconds per candidate of its own
@@ -217,11 +235,17 @@ def schedule(weights: dict[Workload, float], target: Target, budget_s: float,
              db_path: str | Path | None = None, options: TuneOptions = TuneOptions(),
              cap: int | None = None, warmup: int = WARMUP,
              on_round: Callable[[Task, Schedule], None] | None = None,
-             clock: Callable[[], float] = time.monotonic) -> Schedule:
+             clock: Callable[[], float] = time.monotonic, warmup_tasks: int | None = None) -> Schedule:
     """Tune the workloads of `weights` ({workload: calls per model forward}) for about budget_s
     seconds of wall time, round by round where each pays most. cap: at most this many trials per
-    workload (records held, as TuneOptions.trials with top_up). Raises ValueError if no template
-    covers a workload; a task whose round fails (its vendor path, say) is marked failed and skipped."""
+    workload (records held, as TuneOptions.trials with top_up). warmup: candidates in a warm-up
+    round; warmup_tasks: this many tasks warmed up together (None: as many as `warmup_size` says
+    fill the build pool; 1: one by one). Raises ValueError if no template covers a workload; a task
+    whose round fails (its vendor path, say) is marked failed and skipped, the others of its batch not.
+
+    The warm-up takes the cold tasks in batches, each the top of `cold_priority`, recomputed (with
+    `op_headroom`) after every batch: within a batch the later tasks do not yet profit from what the
+    earlier ones found of their op, so the order can differ slightly from warming them one by one."""
     if budget_s <= 0:
         raise ValueError(f"budget must be positive, got {budget_s}")
     if any(not (v > 0) for v in weights.values()):
@@ -234,32 +258,62 @@ def schedule(weights: dict[Workload, float], target: Target, budget_s: float,
         for t in tasks:
             refresh(t, db, target, opts)
 
-        def run_round(t: Task, n: int):
-            started = clock()
-            try:
-                rep = tuner.tune(t.workload, rounds=1, batch=n)
-            except RuntimeError as e:  # the vendor path or the runner failed for this workload alone
-                t.done = "failed: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                rep = None
+        def account(t: Task, result, seconds: float):
+            """A task's round is over (`result` its WorkloadReport, or the RuntimeError it failed
+            with), having cost `seconds`: its counts and state, then on_round."""
+            if isinstance(result, RuntimeError):  # the vendor path or the runner failed for this workload alone
+                t.done = "failed: " + (str(result).strip().splitlines() or [type(result).__name__])[0][:200]
+            measured = 0 if t.done else result.measured
             t.rounds += 1
-            t.measured += rep.measured if rep else 0
-            t.round_s.append((clock() - started, rep.measured if rep else 0))
+            t.measured += measured
+            t.round_s.append((seconds, measured))
             if not t.done:
                 refresh(t, db, target, opts)
-                if rep.measured == 0:  # nothing left to claim (another tuner holds the rest)
+                if measured == 0:  # nothing left to claim (another tuner holds the rest)
                     t.done = "exhausted"
             sched.order.append(t.workload.name)
             sched.wall_s = clock() - t0
             if on_round:
                 on_round(t, sched)
 
+        def run_round(t: Task, n: int):
+            started = clock()
+            try:
+                rep = tuner.tune(t.workload, rounds=1, batch=n)
+            except RuntimeError as e:
+                rep = e
+            account(t, rep, clock() - started)
+
+        def warm_up(group: list[Task], n: int):
+            """One warm-up round of each task of `group` (Tuner.tune_batch). A task's time: its
+            share of the batch's builds (by candidates, which build in parallel) and its own vendor
+            timing and measuring."""
+            last, build_s, claimed = clock(), 0.0, []
+
+            def on_built(counts: list[int]):
+                nonlocal last, build_s
+                build_s, last = clock() - last, clock()
+                claimed.extend(counts)
+
+            def on_report(i: int, result):
+                nonlocal last
+                share = build_s * claimed[i] / max(1, sum(claimed))
+                account(group[i], result, share + clock() - last)
+                last = clock()
+
+            tuner.tune_batch([t.workload for t in group], n, on_built=on_built, on_report=on_report)
+
         live = lambda: [t for t in tasks if not t.done]  # noqa: E731
         cold = [t for t in live() if t.trials == 0 or t.vendor_us is None]
+        n = min(warmup, opts.batch)
         while cold and clock() - t0 < budget_s:  # a budget that ends here has warmed what pays most
             head = op_headroom(tasks)  # what the warm-ups so far (and the DB) say of each op
-            t = max(cold, key=lambda t: cold_priority(t, target.kind, head))
-            cold.remove(t)
-            run_round(t, min(warmup, opts.batch))
+            cold.sort(key=lambda t: cold_priority(t, target.kind, head), reverse=True)  # stable: ties keep their order
+            timed = [t.round_s[0][0] for t in tasks if t.round_s]
+            k = warmup_tasks or warmup_size(cold, tuner.builder.pool.workers, n,
+                                            statistics.median(timed) if timed else None, budget_s - (clock() - t0))
+            group, cold = cold[:k], cold[k:]
+            warm_up(group, n)
         while clock() - t0 < budget_s:
             ready = [t for t in live() if t.time_us is not None]
             if not ready:

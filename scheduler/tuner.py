@@ -28,6 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cost_model
 from shapetune import config
@@ -39,7 +40,7 @@ from shapetune.target import Target
 from shapetune.workload import Workload
 
 from . import templates
-from .builder import Builder
+from .builder import Builder, BuildResult
 from .runner import RunOptions, Runner, vendor_baselines
 
 
@@ -76,6 +77,17 @@ class WorkloadReport:
         if self.best is None or self.vendor is None:
             return None
         return self.vendor.latency.median_us / self.best.latency.median_us
+
+
+@dataclass
+class _Work:
+    """A workload being tuned by one `Tuner.tune` or `tune_batch` call: its report so far, its
+    search space, and the candidates of its current round (claimed in the DB)."""
+
+    rep: WorkloadReport
+    space: list[Candidate]
+    first: bool = True  # its next round is the call's first: it holds the dlight default
+    picked: list[Candidate] = field(default_factory=list)
 
 
 def _timed(r: MeasureResult) -> bool:
@@ -122,6 +134,7 @@ class Tuner:
         self._vendors: dict[Workload, tuple[VendorBaseline, dict[str, VendorBaseline]]] = {}
         self._best_us: dict[Workload, float] = {}
         self._retimed: set[Workload] = set()
+        self._model_stale = True  # results were stored since the cost model was last fitted
 
     def close(self):
         self.builder.close()
@@ -135,52 +148,110 @@ class Tuner:
     def __exit__(self, *exc):
         self.close()
 
-    # -- one workload ----------------------------------------------------------------------------
+    # -- one workload, or one round of many -----------------------------------------------------
     def tune(self, workload: Workload, rounds: int | None = None, batch: int | None = None) -> WorkloadReport:
         """Tune `workload` to `trials`; with `rounds`, stop after that many rounds that measured
         (the task scheduler's unit of time, scheduler.task_scheduler), of `batch` candidates each
         instead of options.batch. A workload tuned round by round keeps this run's vendor timing
         (timed once, and once more when a record first beats it: `_retime_vendor`)."""
-        rep = WorkloadReport(workload)
-        batch = batch or self.opt.batch
+        work = self._begin(workload)
+        while rounds != 0 and self._claim(work, batch or self.opt.batch):
+            self._finish(work, self.builder.build(workload, work.picked))
+            if rounds is not None:
+                rounds -= 1
+        return self._report(work)
+
+    def tune_batch(self, workloads: list[Workload], batch: int | None = None,
+                   on_built: Callable[[list[int]], None] | None = None,
+                   on_report: Callable[[int, WorkloadReport | RuntimeError], None] | None = None,
+                   ) -> list[WorkloadReport | RuntimeError]:
+        """One round of each workload, as `tune(w, rounds=1, batch=batch)` of each in turn would
+        measure it (the same records, claims, vendor timings and re-timing), but with every
+        workload's candidates built in ONE pool batch (`Builder.build_many`) and the cost model
+        fitted once for all (the batch's candidates are picked before any of its results exist).
+        Then workload by workload: its vendor path is timed, its candidates verified and timed, its
+        claims released. on_built(claimed) is called once the builds are done, with how many
+        candidates each workload claimed; on_report(i, result) after
+        workload i's round. A workload whose vendor path or runner fails (RuntimeError) gets that
+        error as its result, its claims released; the others go on."""
+        works = [self._begin(w) for w in workloads]
+        for work in works:
+            self._claim(work, batch or self.opt.batch)
+        builds = self.builder.build_many([(work.rep.workload, work.picked) for work in works])
+        if on_built:
+            on_built([len(work.picked) for work in works])
+        out: list[WorkloadReport | RuntimeError] = []
+        for i, (work, built) in enumerate(zip(works, builds)):
+            try:
+                if work.picked:
+                    self._finish(work, built)
+                result = self._report(work)
+            except RuntimeError as e:  # the vendor path or the runner failed for this workload alone
+                result = e
+            out.append(result)
+            if on_report:
+                on_report(i, result)
+        return out
+
+    def _begin(self, workload: Workload) -> _Work:
         if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
             self.db.add_buckets(DEFAULT.rows(workload.op))
-        space = search_space(workload, self.target, self.opt.templates)
-        tpl, first = self.opt.templates, True
-        while True:
-            # What the DB holds now (records, and candidates other tuners are measuring) is skipped
-            # and, with top_up, counts toward `trials`.
-            held, rep.held = self.db.held(workload, self.target, tpl)
+        return _Work(WorkloadReport(workload), search_space(workload, self.target, self.opt.templates))
+
+    def _claim(self, work: _Work, batch: int) -> list[Candidate]:
+        """Pick and claim the next round's candidates of `work` (into work.picked); [] once its
+        budget is spent or its space tried. What the DB holds now (records, and candidates other
+        tuners are measuring) is skipped and, with top_up, counts toward `trials`; a claim that lost
+        every pick to another tuner picks again."""
+        rep, tpl = work.rep, self.opt.templates
+        work.picked = []
+        while not work.picked:
+            held, rep.held = self.db.held(rep.workload, self.target, tpl)
             budget = self.opt.trials - (rep.held if self.opt.top_up else rep.measured)
-            untried = [c for c in space if c.key not in held]
-            if budget <= 0 or not untried or rounds == 0:
+            untried = [c for c in work.space if c.key not in held]
+            if budget <= 0 or not untried:
                 break
-            picked = self._pick(workload, untried, min(batch, budget), first)
-            picked = self.db.claim(workload, self.target, picked, self.run_id,
-                                   self.opt.trials if self.opt.top_up else None, tpl)
-            first = False
-            if picked and rep.vendor is None:  # this run measures: the vendor is timed in it, once
-                rep.vendor, rep.vendor_variants = self._run_vendor(workload)
-            for res in self._measure(workload, picked):
+            picked = self._pick(rep.workload, untried, min(batch, budget), work.first)
+            work.picked = self.db.claim(rep.workload, self.target, picked, self.run_id,
+                                        self.opt.trials if self.opt.top_up else None, tpl)
+            work.first = False
+        return work.picked
+
+    def _finish(self, work: _Work, builds: list[BuildResult]) -> None:
+        """The rest of a round whose candidates (work.picked) are built: the vendor path is timed if
+        this run has not yet, the candidates verified and timed, every result stored, the claims
+        released (also when this fails), the vendor re-timed if a record now beats it."""
+        w, rep = work.rep.workload, work.rep
+        try:
+            if rep.vendor is None:  # this run measures: the vendor is timed in it, once
+                rep.vendor, rep.vendor_variants = self._run_vendor(w)
+            for res in self._measure(w, builds):
                 self.db.add_result(res)
+                self._model_stale = True
                 rep.measured += 1
                 rep.by_status[res.status] = rep.by_status.get(res.status, 0) + 1
                 if res.status == "ok" and _timed(res):
-                    self._best_us[workload] = min(self._best_us.get(workload, math.inf), res.latency.median_us)
+                    self._best_us[w] = min(self._best_us.get(w, math.inf), res.latency.median_us)
                 self.on_result(res)
-            self.db.release(workload, self.target, picked, self.run_id)
-            if picked and self._retime_vendor(workload):
-                rep.vendor, rep.vendor_variants = self._run_vendor(workload)
-            if picked and rounds is not None:
-                rounds -= 1
-        rep.vendor_retimed = workload in self._retimed
-        rep.best = self.db.best(workload.key, self.target.key)
-        dl = [r for r in self.db.results(workload.key, self.target.key, template="dlight", status="ok") if _timed(r)]
+        finally:
+            self.db.release(w, self.target, work.picked, self.run_id)
+            for b in builds:
+                if b.path is not None:
+                    Path(b.path).unlink(missing_ok=True)
+        if self._retime_vendor(w):
+            rep.vendor, rep.vendor_variants = self._run_vendor(w)
+
+    def _report(self, work: _Work) -> WorkloadReport:
+        rep, w = work.rep, work.rep.workload
+        _, rep.held = self.db.held(w, self.target, self.opt.templates)
+        rep.vendor_retimed = w in self._retimed
+        rep.best = self.db.best(w.key, self.target.key)
+        dl = [r for r in self.db.results(w.key, self.target.key, template="dlight", status="ok") if _timed(r)]
         rep.dlight = min(dl, key=lambda r: r.latency.median_us) if dl else None
         if rep.vendor is None:  # nothing measured in this run (a finished job rerun): report the stored vendor
-            stored = self._stored_vendor(workload, rep.best)
+            stored = self._stored_vendor(w, rep.best)
             rep.vendor_reused = stored is not None
-            rep.vendor, rep.vendor_variants = stored or self._measure_vendor(workload)
+            rep.vendor, rep.vendor_variants = stored or self._measure_vendor(w)
         return rep
 
     def _pick(self, workload: Workload, untried: list[Candidate], n: int, first: bool) -> list[Candidate]:
@@ -189,7 +260,9 @@ class Tuner:
             picked += [c for c in untried if c.template == "dlight"][:1]
         rest = [c for c in untried if c not in picked]
         n_explore = min(len(rest), round((n - len(picked)) * self.opt.explore))
-        self.model.fit(self.db.results(target_key=self.target.key))
+        if self._model_stale:  # retrained on every result for this target, once per new results
+            self.model.fit(self.db.results(target_key=self.target.key))
+            self._model_stale = False
         if self.model.is_trained:
             order = self.model.rank(workload, self.target, rest)
             n_model = n - len(picked) - n_explore
@@ -200,9 +273,10 @@ class Tuner:
             picked += self.rng.sample(rest, min(n - len(picked), len(rest)))
         return picked
 
-    def _measure(self, workload: Workload, cands: list[Candidate]) -> list[MeasureResult]:
+    def _measure(self, workload: Workload, builds: list[BuildResult]) -> list[MeasureResult]:
+        """Verify and time each built candidate (one at a time: timings never overlap)."""
         out = []
-        for b in self.builder.build(workload, cands):
+        for b in builds:
             common = dict(workload=workload, target=self.target, candidate=b.candidate,
                           build_s=b.build_s, run_id=self.run_id)
             if b.path is None:
