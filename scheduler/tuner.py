@@ -17,6 +17,8 @@ measured. Every result is committed the moment it exists, so an
 interrupted run loses nothing and a rerun resumes: `trials` is a per-workload total (`top_up`),
 candidates already measured for (workload, target) are never measured again, and each round's
 candidates are claimed in the DB first, so two tuners on the same workloads never measure one twice.
+`Tuner.tune_batch` gives one round to each of several workloads (the task scheduler's warm-up): the
+same steps, but every workload's candidates are built in one pool batch and picked by one fit.
 """
 
 from __future__ import annotations
