@@ -14,7 +14,6 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from scheduler import templates
 from scheduler.task_scheduler import (FLOOR, NO_CAP, ROOFLINE, Task, cold_priority, gain_rate, op_headroom, parse_budget,
                                       priority, refresh, roofline_us, schedule)
 from scheduler.tuner import TuneOptions, Tuner, search_space
@@ -88,15 +87,6 @@ def test_parse_budget_refuses(text):
 
 
 # -- a real run on llvm ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cheap():
-    """gemm_llvm candidates whose LLVM compile takes ~1 s (as tests/scheduler/test_tuner.py)."""
-    t = templates.get("gemm_llvm")
-    valid = t.valid
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(t, "valid", lambda w, tg, kn: valid(w, tg, kn) and (not kn["unroll_k"] or kn["tm"] * kn["tk"] <= 32))
-        yield
-
 
 def _records_clock(db_path, per_record_s: float = 1.0):
     """A clock that reads the candidates the DB holds, 1 s each: rounds and budget become counts, so

@@ -20,7 +20,6 @@ import pytest
 import scheduler.builder
 import scheduler.tuner
 from cost_model.xgb import XGBCostModel
-from scheduler import templates
 from scheduler.isolation import IsolatedPool
 from scheduler.runner import Runner, RunResult
 from scheduler.task_scheduler import Task, schedule, warmup_size
@@ -39,15 +38,6 @@ GOOD = TuneOptions(batch=4, seed=0, templates=("dlight", "gemm_llvm"))  # every 
 BAD = TuneOptions(batch=4, seed=0, templates=("dlight", "raising_gemm", "wrong_gemm"))
 WARMUP = 4 * len(WS)  # records of a warm-up of every task: the budget that ends right after it
 
-
-@pytest.fixture(scope="module")
-def cheap():
-    """gemm_llvm candidates whose LLVM compile takes ~1 s (as tests/scheduler/test_task_scheduler.py)."""
-    t = templates.get("gemm_llvm")
-    valid = t.valid
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(t, "valid", lambda w, tg, kn: valid(w, tg, kn) and (not kn["unroll_k"] or kn["tm"] * kn["tk"] <= 32))
-        yield
 
 
 class CountingPool(IsolatedPool):
