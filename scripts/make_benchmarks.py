@@ -202,6 +202,13 @@ class Logs:
             raise ValueError(f"{rel}: no {key!r} in the file or in {PROVENANCE}")
         return entry[key]
 
+    def meta_or_none(self, rel: str, key: str) -> str | None:
+        """`meta`, or None where neither the file nor the provenance file has `key`."""
+        try:
+            return self.meta(rel, key)
+        except ValueError:
+            return None
+
     def runs(self, rel: str) -> list[dict]:
         d = self.load(rel)
         return d["runs"] if "runs" in d else [d]
@@ -278,10 +285,8 @@ class Logs:
         t = self.runs(rel)[0]["target"]
         s = (f"{t['device_name']} ({t['arch']}; CUDA {t['cuda_version']}, torch {t['torch_version']}, "
              f"TVM {t['tvm_version']})")
-        try:
-            return f"{s}, {self.meta(rel, 'machine')}"
-        except ValueError:
-            return s
+        machine = self.meta_or_none(rel, "machine")
+        return f"{s}, {machine}" if machine else s
 
     def tvm(self, rel: str) -> str:
         """TVM's major.minor version, e.g. "0.27"."""
@@ -1086,10 +1091,8 @@ def e2e_run(logs: Logs, rel: str) -> list[str]:
     tuned = {op: c.get("tuned", 0) for op, c in first["calls"].items() if c.get("tuned")}
     prof = first.get("profile", {}).get("by_category_us", {})
     out = [f"- Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`"]
-    try:
-        out.append("- Records: " + logs.meta(rel, "records"))
-    except ValueError:
-        pass
+    if records := logs.meta_or_none(rel, "records"):
+        out.append("- Records: " + records)
     out += [
         table([("shape", "l"), ("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
                ("1st call, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
@@ -1261,8 +1264,7 @@ def coverage_of(logs: Logs, rel: str, models: str, default_grid: str) -> str:
         f"## Coverage over the shape grid: {models}",
         *grid,
         bullets([f"Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`",
-                 *([f"Records: {logs.meta(rel, 'records')}"] if "records" in logs.load(PROVENANCE)["files"].get(rel, {})
-                   else []),
+                 *([f"Records: {records}"] if (records := logs.meta_or_none(rel, "records")) else []),
                  f"{len(d['shapes'])} random shapes (seed {a['seed']}) of the grid {a['grid'] or default_grid} "
                  "(batch x height x width in pixels); per model two copies with the same random weights, both "
                  "`kernels.optimize`d: one served from the given records, one from an empty DB (vendor-only: every "
