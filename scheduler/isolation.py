@@ -83,24 +83,20 @@ class IsolatedPool:
         self.initializer, self.initargs = initializer, initargs
         self._pool: cf.ProcessPoolExecutor | None = None
 
+    def _executor(self, workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            workers, mp_context=_context(self.method, self.preload), initializer=_worker_init,
+            initargs=(os.getpid(), self.initializer, self.initargs))
+
     def _ensure(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=_context(self.method, self.preload), initializer=_worker_init,
-                initargs=(os.getpid(), self.initializer, self.initargs))
+            self._pool = self._executor(self.workers)
         return self._pool
 
     def kill(self):
-        if self._pool is None:
-            return
-        procs = list(getattr(self._pool, "_processes", {}).values())
-        for p in procs:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, OSError):
-                pass
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None
+        if self._pool is not None:
+            _kill(self._pool)
+            self._pool = None
 
     def close(self):
         if self._pool is not None:
@@ -117,8 +113,10 @@ class IsolatedPool:
         """Run fn(*args) for each argset; each slot holds the return value or the exception.
 
         A crash or hang breaks the pool: it is killed, the hung call is recorded as a timeout, and
-        the calls caught in the wreck are rerun one at a time, so one bad candidate cannot take its
-        neighbours down with it and the culprit is named.
+        the calls caught in the wreck are rerun, in parallel, each alone in a process of its own
+        (`_run_alone`): one bad candidate cannot take its neighbours down with it, the culprit is
+        named (WorkerCrashed, not run a third time), and a crash in a big batch costs one more round
+        of the unfinished calls, not one serial call after another.
         """
         out: list[Any] = [None] * len(argsets)
         futs = [self._ensure().submit(fn, *a) for a in argsets]
@@ -147,9 +145,59 @@ class IsolatedPool:
                 out[i] = exc if exc is not None else fut.result()
         if broken:
             self.kill()
-        if len(argsets) == 1 and suspects:
-            out[0] = WorkerCrashed("worker process died (crash or kill)")
+        if len(argsets) == 1 and suspects:  # it ran alone already
+            out[0] = _crashed()
             return out
-        for i in suspects:
-            out[i] = self.run_all(fn, [argsets[i]], timeout_s)[0]
+        for i, r in zip(suspects, self._run_alone(fn, [argsets[i] for i in suspects], timeout_s)):
+            out[i] = r
         return out
+
+    def _run_alone(self, fn: Callable, argsets: list[tuple], timeout_s: float) -> list[Any]:
+        """run_all's slots for calls that each run alone in a fresh one-worker process, `workers` of
+        them at a time: a crash is that call's own (WorkerCrashed), a call past `timeout_s` from its
+        start is killed (WorkerTimeout), and neither touches the others. A process costs a fork from
+        the forkserver; a spawned one re-imports, but the pools that spawn (the runner's) run one
+        call at a time and never get here."""
+        out: list[Any] = [None] * len(argsets)
+        todo = list(reversed(range(len(argsets))))  # popped from the end: in order
+        running: dict[cf.Future, tuple[int, cf.ProcessPoolExecutor, float]] = {}
+        try:
+            while todo or running:
+                while todo and len(running) < self.workers:
+                    i = todo.pop()
+                    ex = self._executor(1)
+                    running[ex.submit(fn, *argsets[i])] = (i, ex, time.monotonic() + timeout_s)
+                first = min(deadline for _, _, deadline in running.values())
+                cf.wait(running, timeout=max(0.0, first - time.monotonic()), return_when=cf.FIRST_COMPLETED)
+                now = time.monotonic()
+                for fut, (i, ex, deadline) in list(running.items()):
+                    if fut.done():
+                        exc = fut.exception()
+                        if isinstance(exc, BrokenProcessPool):
+                            out[i] = _crashed()
+                        else:
+                            out[i] = exc if exc is not None else fut.result()
+                    elif now >= deadline:
+                        out[i] = WorkerTimeout(f"no result after {timeout_s:.0f} s")
+                    else:
+                        continue
+                    del running[fut]
+                    _kill(ex)
+        finally:  # interrupted: leave no worker behind
+            for _, ex, _ in running.values():
+                _kill(ex)
+        return out
+
+
+def _crashed() -> WorkerCrashed:
+    return WorkerCrashed("worker process died (crash or kill)")
+
+
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers (a hung one would never return) and drop what it had queued."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ import faulthandler
 import os
 import signal
 import time
+from pathlib import Path
 
 
 class Boom(ValueError):
@@ -33,10 +34,31 @@ def sleep_then(seconds, value):
     return value
 
 
+def meet(folder, name, n, wait_s=30.0):
+    """A rendezvous of `n` calls: note this one's arrival in `folder`, then wait until `n` have
+    arrived. True when they all did within `wait_s` (they ran at the same time), False when not (they
+    ran one after the other: no call can see a later one arrive)."""
+    Path(folder, str(name)).touch()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if len(os.listdir(folder)) >= n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def noted_segfault(path):
+    """A segfault that first appends a line to `path`: the file counts how often it was run."""
+    with open(path, "a") as f:
+        f.write("ran\n")
+    segfault()
+
+
 def dispatch(kind, arg):
     """One function, many behaviours: lets a single batch mix good and bad slots."""
     return {"square": square, "boom": raise_boom, "exit": exit_hard, "segv": lambda _: segfault(),
-            "sleep": lambda s: sleep_then(s, "woke")}[kind](arg)
+            "sleep": lambda s: sleep_then(s, "woke"), "meet": lambda a: meet(*a),
+            "noted_segv": noted_segfault}[kind](arg)
 
 
 def pid():

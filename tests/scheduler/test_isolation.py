@@ -58,6 +58,35 @@ def test_two_crashes_in_one_batch(pool):
     assert out[1] == 4 and out[3] == 9
 
 
+def test_the_calls_caught_in_a_crash_are_rerun_in_parallel(pool, tmp_path):
+    """The two "meet" calls return True only if both run at the same time: neither can finish in the
+    batch (the segfault breaks the pool while at most one of them runs), so they are rerun, and a
+    serial rerun would leave the first one waiting for the second in vain (False)."""
+    meet = str(tmp_path)
+    argsets = [("square", 2), ("segv", 0), ("meet", (meet, "a", 2)), ("boom", "x"), ("meet", (meet, "b", 2)),
+               ("square", 5)]
+    out = pool.run_all(h.dispatch, argsets, timeout_s=60)
+    assert out[0] == 4 and isinstance(out[1], WorkerCrashed) and isinstance(out[3], h.Boom) and out[5] == 25, out
+    assert out[2] is True and out[4] is True, out
+    assert pool.run_all(h.square, [(7,), (8,)], timeout_s=30) == [49, 64]
+
+
+def test_a_call_that_crashes_alone_is_not_run_again(pool, tmp_path):
+    runs = tmp_path / "runs"
+    out = pool.run_all(h.dispatch, [("square", 2), ("noted_segv", str(runs)), ("square", 3)], timeout_s=30)
+    assert out[0] == 4 and isinstance(out[1], WorkerCrashed) and out[2] == 9, out
+    assert runs.read_text().splitlines() == ["ran"] * 2  # in the batch, then once alone: no more
+
+
+def test_a_hang_among_the_rerun_calls_is_a_timeout(pool):
+    t0 = time.monotonic()
+    out = pool.run_all(h.dispatch, [("segv", 0), ("sleep", 60), ("square", 3), ("square", 4)], timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    assert isinstance(out[0], WorkerCrashed) and isinstance(out[1], WorkerTimeout), out
+    assert out[2:] == [9, 16]
+    assert pool.run_all(h.square, [(5,)], timeout_s=30) == [25]
+
+
 def test_hang_is_a_timeout_and_pool_is_usable_afterwards(pool):
     t0 = time.monotonic()
     out = pool.run_all(h.dispatch, [("square", 2), ("sleep", 60), ("square", 3)], timeout_s=1.5)
