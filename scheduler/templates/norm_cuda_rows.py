@@ -5,7 +5,7 @@ Why: a group of SD's NHWC GroupNorm is C/G = 10..80 channels of each position, i
 sectors partly used, and at 4096 positions those kernels stay near half of a device copy's
 bandwidth (see BENCHMARKS.md, "GroupNorm (+SiLU) and LayerNorm", the hw4096 rows). Here:
 
-  kernel 1 (row partials)  grid n x (hw / P): block (n, chunk) walks its P positions; thread j owns
+  kernel 1 (row partials)  grid n x ceil(hw / P): block (n, chunk) walks its P positions; thread j owns
                            channels [vec*j, vec*j + vec) and sums x and x^2 of them over the chunk
                            (a warp reads 32*vec contiguous channels per position: full sectors),
                            writing partials[n, chunk, c, 2];
@@ -14,8 +14,14 @@ bandwidth (see BENCHMARKS.md, "GroupNorm (+SiLU) and LayerNorm", the hw4096 rows
                            group's two sums read from the stats (L1/L2 hits).
 
 DRAM traffic: x once (kernel 1), partials (n*hw/P*C*8 bytes: 1/16 of x at P = 64 in fp16), x again
-(kernel 3; SD's activations fit the 50/60 MB L2) and y once. Only for concrete shapes whose hw is a
-multiple of P (the SD shapes); buckets stay with norm_cuda.
+(kernel 3; SD's activations fit the 50/60 MB L2) and y once.
+
+Any hw, shape buckets included (n and hw symbolic in TIR, as shapetune/ops/norm.py defines them):
+the last chunk may be partial. Its positions past hw load row hw - 1 (clamped: in bounds, the same
+full-row vectors, an L1 hit) and add 0 to the sums (a select on the position), and the statistics
+divide by the true count hw x C/G; kernel 3's last block is predicated. Where hw is a known multiple
+of P (the SD shapes) neither the clamp nor the select is emitted: the CUDA source is the one
+before buckets but for a register array's name. Knobs are judged at a bucket's representative (the upper bounds).
 """
 
 from __future__ import annotations
@@ -29,15 +35,29 @@ from .norm_cuda_split import group_norm_from_stats, stacked_term
 
 
 def row_stats_group_norm(wl, chunk: int):
-    """group_norm(x, w, b) -> y via per-(chunk, channel) partial sums, then per-group sums."""
+    """group_norm(x, w, b) -> y via per-(chunk, channel) partial sums, then per-group sums.
+
+    ceil(hw / chunk) chunks, read through `xrow` (x's rows, padded to whole chunks): unless hw is a
+    known multiple of the chunk, a position past hw reads row hw - 1 (in bounds, an L1 hit) and adds
+    0 to the sums, so the loads stay unconditional vectors and the counts stay hw x C/G."""
     d = wl.dim
-    n, c, g = d["n"], d["c"], d["g"]
-    cg, nch = c // g, d["hw"] // chunk
+    c, g = d["c"], d["g"]
+    cg = c // g
+    exact = "hw" not in wl.ranges and d["hw"] % chunk == 0
 
     def stats(x, te, tirx):
+        n, hw, _ = x.shape
+        nch = tirx.indexdiv(hw + chunk - 1, chunk)
+        xrow = te.compute((n, nch * chunk, c), lambda i, h, k: x[i, h if exact else tirx.min(h, hw - 1), k],
+                          name="xrow")
         rp = te.reduce_axis((0, chunk), "rp")
-        part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(
-            stacked_term(x, (i, ch * chunk + rp, k), wl.acc_dtype, t, tirx), axis=rp), name="partial")
+
+        def term(i, ch, k, t):
+            h = ch * chunk + rp
+            v = stacked_term(xrow, (i, h, k), wl.acc_dtype, t, tirx)
+            return v if exact else tirx.Select(h < hw, v, tirx.const(0, wl.acc_dtype))
+
+        part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(term(i, ch, k, t), axis=rp), name="partial")
         rch, rcc = te.reduce_axis((0, nch), "rch"), te.reduce_axis((0, cg), "rcc")
         return te.compute((n, g, 2), lambda i, j, t: te.sum(part[i, rch, j * cg + rcc, t], axis=[rch, rcc]),
                           name="stats")
@@ -57,18 +77,19 @@ class NormCudaRows(Template):
         "vec_y": (1, 2, 4, 8),  # kernel 3: channels per thread (one group)
     }
 
-    def applies(self, workload, target):
-        return super().applies(workload, target) and not workload.dynamic
-
     def valid(self, workload, target, kn):
+        """A bucket is judged at its representative (the upper bounds of n and hw); partial chunks and
+        a partial last block of kernel 3 are masked, so neither needs hw or n to divide anything."""
         d = workload.dim
         cg = d["c"] // d["g"]
         eb = dtype_bytes(workload.dtype)
-        if d["hw"] % kn["chunk"] or d["c"] % kn["vec"] or d["c"] // kn["vec"] > 1024:
+        if kn["chunk"] > max(16, d["hw"]):  # a chunk past every position only masks (the smallest stays)
             return False
-        if cg % kn["vec_y"] or kn["vec_y"] * eb > 16 or d["n"] * d["hw"] * d["c"] // kn["vec_y"] % kn["threads_y"]:
+        if d["c"] % kn["vec"] or d["c"] // kn["vec"] > 1024:
             return False
-        return kn["threads_s"] <= max(64, d["hw"] // kn["chunk"] * cg)  # no mostly idle stats blocks
+        if cg % kn["vec_y"] or kn["vec_y"] * eb > 16:
+            return False
+        return kn["threads_s"] <= max(64, _chunks(d["hw"], kn["chunk"]) * cg)  # no mostly idle stats blocks
 
     def apply(self, workload, target, candidate):
         import tvm
@@ -83,7 +104,8 @@ class NormCudaRows(Template):
         inline_elementwise(sch)
 
         # kernel 1: block (n, chunk), thread over channel vectors, serial over t and positions
-        # (sums in registers, written out once; x loaded once per position as one vector for both sums)
+        # (sums in registers, written out once; x loaded once per position as one vector for both sums:
+        # xrow, the clamped rows, lives in registers)
         part = sch.get_sblock("partial")
         pn, pch, pc, pt, prp = sch.get_loops(part)
         pco, pcv = sch.split(pc, [None, kn["vec"]])
@@ -92,7 +114,8 @@ class NormCudaRows(Template):
         sch.bind(pco, "threadIdx.x")
         acc = sch.cache_write(part, 0, "local")
         sch.reverse_compute_at(acc, pco, preserve_unit_loops=True)
-        xl = sch.cache_read(part, 0, "local", consumer_blocks=[part])
+        xl = sch.get_sblock("xrow")
+        sch.set_scope(xl, 0, "local")
         sch.compute_at(xl, prp, preserve_unit_loops=True)
         if kn["vec"] > 1:
             sch.vectorize(sch.get_loops(xl)[-1])
@@ -121,7 +144,8 @@ class NormCudaRows(Template):
         cg = d["c"] // d["g"]
         eb = dtype_bytes(workload.dtype)
         x_bytes = d["n"] * d["hw"] * d["c"] * eb
-        blocks1 = d["n"] * d["hw"] // kn["chunk"]
+        nch = _chunks(d["hw"], kn["chunk"])
+        blocks1 = d["n"] * nch
         return {
             "log2_bytes": math.log2(2 * x_bytes),
             "blocks": float(blocks1),
@@ -130,10 +154,15 @@ class NormCudaRows(Template):
             "threads": float(d["c"] // kn["vec"]),
             "vec_bytes": float(kn["vec"] * eb),
             "vec_y_bytes": float(kn["vec_y"] * eb),
-            "stats_elems_per_thread": d["hw"] // kn["chunk"] * cg / kn["threads_s"],
+            "stats_elems_per_thread": nch * cg / kn["threads_s"],
+            "chunk_util": d["hw"] / (nch * kn["chunk"]),  # positions read / positions walked
             "run_bytes": float(d["c"] * eb),
             "chunk": float(kn["chunk"]),
         }
+
+
+def _chunks(hw: int, chunk: int) -> int:
+    return -(-hw // chunk)
 
 
 register(NormCudaRows())

@@ -33,19 +33,25 @@ from .norm_cuda import inline_elementwise
 
 def group_norm_from_stats(wl, stats):
     """group_norm(x, w, b) -> y whose sums come from `stats(x, te, tirx)`: a tensor st[n, g, t]
-    with t = 0: sum x, 1: sum x^2 over the group (the templates differ only in how they build it)."""
+    with t = 0: sum x, 1: sum x^2 over the group (the templates differ only in how they build it).
+    A bucket's dynamic n / hw are symbolic (x.shape tells `stats`), as in shapetune/ops/norm.py."""
     from tvm import te, tirx
 
     d = wl.dim
     n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
     cg = c // g
+    if "hw" in wl.ranges:
+        hw = te.var("hw")
+    if "n" in wl.ranges:
+        n = te.var("n")
     x = te.placeholder((n, hw, c), wl.dtype, name="x")
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
     st = stats(x, te, tirx)
+    cnt = tirx.const(float(hw * cg), wl.acc_dtype) if isinstance(hw, int) else (hw * cg).astype(wl.acc_dtype)
     s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
     s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
-    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(hw * cg), wl.acc_dtype), eps_of(wl), (n, hw, c),
+    y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
                    lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, wl.acc_dtype, "silu" in wl.epilogue)
     return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
 

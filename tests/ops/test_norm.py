@@ -261,7 +261,7 @@ def test_cuda_rows_template_builds_three_kernels(w):
 
     tgt, t = cuda_target(), templates.get("norm_cuda_rows")
     space = t.space(w, tgt)
-    assert space and not t.applies(group_norm_workload(2, 4096, 320, 32, hw_range=(2049, 4096)), tgt)
+    assert space  # buckets and odd hw: tests/ops/test_norm_rows.py
     for cand in space[:: max(1, len(space) // 3)]:
         with tgt.tvm_target():
             src = tvm.compile(t.apply(w, tgt, cand), target=tgt.tvm_target()).mod.imports[0].inspect_source()
