@@ -222,6 +222,14 @@ def main():
     refs: dict[str, torch.Tensor] = {}
     rows: dict[str, dict] = {}
     graphs: dict[str, dict] = {}
+
+    def save() -> None:
+        ratios(rows, shapes)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
+                                                "device": torch.cuda.get_device_name() if is_gpu else "cpu",
+                                                "torch": torch.__version__, "args": vars(a), "rows": rows,
+                                                "graphs": graphs}, indent=1))
     for mode in a.modes.split(","):
         m, report = make(mode, a.tiny, dev, dtype)
         per_shape = {}
@@ -251,6 +259,8 @@ def main():
                     g = report.components["model"].graphs.get("forward")
                     r["profile"] = kernel_profile(lambda: (g.inner if g else m)(**inp))
             per_shape[s] = r
+            rows[mode] = per_shape
+            save()  # after every shape: a run cut short (a time limit, a slow compile) keeps what it measured
             del out
         if report is not None:
             graphs[mode] = {k: dict(v) for k, v in report.graph_stats().items()}
@@ -259,12 +269,7 @@ def main():
                 graphs[mode]["capture_s"] = caps
             kernels.restore(m)
         rows[mode] = per_shape
-        ratios(rows, shapes)
-        if a.json:  # after every mode: a run cut short (a time limit) keeps the modes it finished
-            Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "target": target.to_json(),
-                                                "device": torch.cuda.get_device_name() if is_gpu else "cpu",
-                                                "torch": torch.__version__, "args": vars(a), "rows": rows,
-                                                "graphs": graphs}, indent=1))
+        save()
         m = report = None
         if mode.startswith("compile"):
             torch._dynamo.reset()
