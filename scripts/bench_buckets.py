@@ -2,6 +2,7 @@
 
     python scripts/bench_buckets.py --trials 32 --db buckets.db --json out.json
     python scripts/bench_buckets.py --family group_norm --trials 16 --db buckets.db --json gn.json
+    python scripts/bench_buckets.py --family group_norm,layer_norm --db b.db --json 'bench_buckets_{family}_h200.json'
 
 --family: linear (default), geglu, group_norm, layer_norm, bias_add, gelu_gate, attention, conv2d; each
 has SD 1.5 shapes off its buckets' representatives (other batches and resolutions: 768² and 512x768
@@ -82,20 +83,26 @@ FAMILIES = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--db", default="buckets.db")
-    ap.add_argument("--json", default="")
-    ap.add_argument("--family", default="linear", choices=sorted(FAMILIES))
-    a = ap.parse_args()
-    target = detect()
+def family_command(argv: list[str], family: str, json_path: str) -> str:
+    """The command that reruns one family of a run over several: --family and --json for it alone."""
+    out, it = [], iter(argv)
+    for arg in it:
+        if arg in ("--family", "--json"):
+            out += [arg, family if arg == "--family" else json_path]
+            next(it, None)
+        elif arg.startswith(("--family=", "--json=")):
+            out.append(arg.split("=")[0] + "=" + (family if arg.startswith("--family") else json_path))
+        else:
+            out.append(arg)
+    return "python scripts/bench_buckets.py " + " ".join(out)
+
+
+def run_family(family: str, a: argparse.Namespace, target) -> dict:
+    """Tune one family's off-representative shapes and their buckets, then time both on each shape."""
     dtype = "float16" if target.is_gpu else "float32"
-    shapes = FAMILIES[a.family][0 if target.is_gpu else 1](dtype)
+    shapes = FAMILIES[family][0 if target.is_gpu else 1](dtype)
     buckets = [DEFAULT.bucket_of(s) for s in shapes]
-    print(f"target: {target.describe()}\n{len(shapes)} shapes, {a.trials} trials per exact shape and per bucket",
-          flush=True)
+    print(f"{family}: {len(shapes)} shapes, {a.trials} trials per exact shape and per bucket", flush=True)
     t0 = time.time()
     tune(list(dict.fromkeys(buckets)) + shapes, target, a.db, TuneOptions(trials=a.trials, batch=a.batch),
          on_workload=lambda r: print(f"  tuned {r.workload.name} {r.by_status} [{time.time() - t0:.0f} s]",
@@ -116,16 +123,42 @@ def main():
                          "efficiency": times["exact"] / times["bucket"]})
     effs = [r["efficiency"] for r in rows]
     geo = math.exp(sum(math.log(e) for e in effs) / len(effs))
+    json_path = a.json.format(family=family)
     summary = {"target": target.to_json(), "date": time.strftime("%Y-%m-%d"), "trials": a.trials,
-               "command": "python scripts/bench_buckets.py " + " ".join(sys.argv[1:]),
-               "op": a.family, "rows": rows, "geomean_efficiency": geo, "min_efficiency": min(effs)}
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1))
+               "command": family_command(sys.argv[1:], family, json_path) if len(a.families) > 1
+               else "python scripts/bench_buckets.py " + " ".join(sys.argv[1:]),
+               "op": family, "rows": rows, "geomean_efficiency": geo, "min_efficiency": min(effs),
+               "seconds": time.time() - t0}
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=1))
     print(f"\n{'shape':32s} {'bucket':34s} {'exact_us':>9s} {'bucket_us':>9s} {'vendor_us':>9s} {'eff':>6s}")
     for r in rows:
         print(f"{r['shape']:32s} {r['bucket']:34s} {r['exact_us']:9.2f} {r['bucket_us']:9.2f} "
               f"{r['vendor_us']:9.2f} {r['efficiency']:6.3f}")
-    print(f"{a.family} bucket efficiency on {target.device_name}: geomean {geo:.3f}, min {min(effs):.3f}")
+    print(f"{family} bucket efficiency on {target.device_name}: geomean {geo:.3f}, min {min(effs):.3f}", flush=True)
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--db", default="buckets.db")
+    ap.add_argument("--json", default="", help="summary path; with several families it must contain {family}")
+    ap.add_argument("--family", default="linear",
+                    help=f"comma-separated, run in that order, each written when done: {', '.join(sorted(FAMILIES))}")
+    a = ap.parse_args()
+    a.families = [f for f in a.family.split(",") if f]
+    bad = [f for f in a.families if f not in FAMILIES]
+    if bad or not a.families:
+        raise SystemExit(f"bench_buckets: unknown --family {', '.join(bad) or '(none)'}; "
+                         f"choose from {', '.join(sorted(FAMILIES))}")
+    if a.json and len(a.families) > 1 and "{family}" not in a.json:
+        raise SystemExit("bench_buckets: with several families, --json must contain {family} (one file each)")
+    target = detect()
+    print(f"target: {target.describe()}", flush=True)
+    for family in a.families:
+        run_family(family, a, target)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,18 @@ def test_a_family_run_and_its_benchmarks_section(tmp_path):
 
     repo = bb.Path(bb.__file__).resolve().parents[1]
     out = tmp_path / "bench_buckets_geglu_h200.json"
-    p = subprocess.run([sys.executable, str(repo / "scripts" / "bench_buckets.py"), "--family", "geglu",
-                        "--trials", "1", "--batch", "1", "--db", str(tmp_path / "b.db"), "--json", str(out)],
+    pattern = str(tmp_path / "bench_buckets_{family}_h200.json")
+    p = subprocess.run([sys.executable, str(repo / "scripts" / "bench_buckets.py"), "--family", "geglu,layer_norm",
+                        "--trials", "1", "--batch", "1", "--db", str(tmp_path / "b.db"), "--json", pattern],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "SHAPETUNE_TARGET": "llvm"})
     assert p.returncode == 0, p.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert d["op"] == "geglu" and d["command"].startswith("python scripts/bench_buckets.py --family geglu")
+    # one file per family, each with the command that reruns that family alone
+    assert d["op"] == "geglu" and d["command"].startswith("python scripts/bench_buckets.py --family geglu ")
+    assert f"--json {out}" in d["command"]
     assert len(d["rows"]) == 2 and all(r["exact_us"] > 0 and r["bucket_us"] > 0 for r in d["rows"])
+    ln = json.loads((tmp_path / "bench_buckets_layer_norm_h200.json").read_text())
+    assert ln["op"] == "layer_norm" and len(ln["rows"]) == 2 and ln["min_efficiency"] > 0
 
     mb = script("make_benchmarks")
     shutil.copytree(repo / "tuning_logs", tmp_path / "tuning_logs")
@@ -56,5 +61,6 @@ def test_a_family_run_and_its_benchmarks_section(tmp_path):
     shutil.copy(out, tmp_path / "tuning_logs" / "bench" / out.name)
     text = mb.render(tmp_path)
     sec = text[text.index("### Per family"):]
+    assert "| layer_norm |" not in sec  # only the file copied in
     g = d["geomean_efficiency"]
     assert f"| geglu | 2 | 1 | {g:.3f} |" in sec and "### geglu: `python scripts/bench_buckets.py --family geglu" in sec
