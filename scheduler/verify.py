@@ -42,9 +42,11 @@ class Check:
 
 
 def check_output(out: torch.Tensor, ref: torch.Tensor, dtype: str) -> Check:
+    """out against the float64 reference, in float64 on the reference's device (where the op's
+    reference ran: the GPU in a tuning run; only the verdict's scalars come back)."""
     atol, rtol, max_rel = TOLERANCES[dtype]
-    o = out.detach().to("cpu", torch.float64)
-    r = ref.detach().to("cpu", torch.float64)
+    r = ref.detach().to(torch.float64)
+    o = out.detach().to(r.device, torch.float64)
     if o.shape != r.shape:
         return Check(False, float("inf"), f"shape {tuple(o.shape)} != reference {tuple(r.shape)}")
     finite = torch.isfinite(o)

@@ -32,6 +32,13 @@ TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
 SUPPORTED = {torch.float16: "float16", torch.float32: "float32"}  # torch dtype -> workload dtype served
 
 
+def f64(inputs) -> tuple[torch.Tensor, ...]:
+    """The operands in float64 where they are: a reference is computed on the device of its inputs (the
+    GPU in a tuning run, where a bucket's largest members, 10^7-10^8 elements, took seconds each
+    on the CPU) and returned there. float64 on either device: the same ground truth."""
+    return tuple(t.detach().to(torch.float64) for t in inputs)
+
+
 # -- table -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VendorPath:
@@ -53,7 +60,7 @@ class OpDef:
     """What the tuner, runner and registry need to know about one op.
 
     prim_func(w) -> TIR PrimFunc (inputs..., output); inputs(w, device, generator) -> fresh random
-    operands; output(w, device) -> empty output; reference(w, inputs) -> float64 truth on the CPU;
+    operands; output(w, device) -> empty output; reference(w, inputs) -> float64 truth, computed and returned where the inputs are (f64);
     vendor(w) -> callable(*inputs) -> output, torch's own implementation as models call it, on the
     op's own layout (the default baseline, named vendor_name); vendor_variants[v](w) -> a VendorPath,
     another way torch runs the op that a model may pay instead (e.g. group_norm's "nchw"), named

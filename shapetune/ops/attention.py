@@ -32,7 +32,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
+from . import TORCH_DTYPE, f64, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 LAYOUT = "q[b,sq,h,d] kv[b,skv,h,d] bshd"
 
@@ -118,14 +118,14 @@ def attention_output(wl: Workload, device) -> torch.Tensor:
 
 def attention_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
     """float64, computed where the inputs are (a GPU does the 4096-token shapes in milliseconds),
-    one head at a time so the score matrix stays small; returned on the CPU."""
-    q, k, v = (t.detach().to(torch.float64) for t in inputs)
+    one head at a time so the score matrix stays small; returned there."""
+    q, k, v = f64(inputs)
     scale = scale_of(wl)
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for j in range(q.shape[2]):
         s = torch.einsum("bid,btd->bit", q[:, :, j], k[:, :, j]) * scale
         out[:, :, j] = torch.softmax(s, dim=-1) @ v[:, :, j]
-    return out.cpu()
+    return out
 
 
 def attention_vendor(wl: Workload):

@@ -28,7 +28,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
+from . import TORCH_DTYPE, f64, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 CONV_EPILOGUE_STEPS = ("bias", "residual")
 
@@ -161,9 +161,9 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
 
 
 def conv2d_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 on the CPU through F.conv2d on NCHW; returned as [N, Ho, Wo, Co]."""
+    """float64 where the inputs are, through F.conv2d on NCHW; returned as [N, Ho, Wo, Co]."""
     s, p = stride_padding(wl)
-    x, wt, *rest = (t.detach().to("cpu", torch.float64) for t in inputs)
+    x, wt, *rest = f64(inputs)
     extra = iter(rest)
     b = next(extra) if "bias" in wl.epilogue else None
     y = torch.nn.functional.conv2d(_nchw(x).contiguous(), _nchw(wt).contiguous(), b, s, p)

@@ -28,7 +28,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from . import TORCH_DTYPE, OpDef, register_op
+from . import TORCH_DTYPE, f64, OpDef, register_op
 from .linear import te_gelu
 
 BIAS_ADD_EPILOGUES = ((), ("residual",), ("shift",))
@@ -116,8 +116,8 @@ def gelu_gate_output(w: Workload, device) -> torch.Tensor:
 
 
 def gelu_gate_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 on the CPU, as diffusers' GEGLU.forward after its projection."""
-    p = inputs[0].detach().to("cpu", torch.float64)
+    """float64 where the inputs are, as diffusers' GEGLU.forward after its projection."""
+    (p,) = f64(inputs[:1])
     return p[:, 0] * torch.nn.functional.gelu(p[:, 1])
 
 
@@ -150,7 +150,7 @@ def bias_add_output(w: Workload, device) -> torch.Tensor:
 
 
 def bias_add_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    x, b, *rest = (t.detach().to("cpu", torch.float64) for t in inputs)
+    x, b, *rest = f64(inputs)
     y = x + b
     if w.epilogue == ("residual",):
         y = y + rest[0]

@@ -17,7 +17,7 @@ import torch
 
 from shapetune.workload import Workload, acc_dtype
 
-from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
+from . import TORCH_DTYPE, f64, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 from .linear import te_gelu
 
 
@@ -86,8 +86,8 @@ def geglu_output(w: Workload, device) -> torch.Tensor:
 
 
 def geglu_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 on the CPU, written as diffusers' GEGLU.forward."""
-    x, wt, b = (t.detach().to("cpu", torch.float64) for t in inputs)
+    """float64 where the inputs are, written as diffusers' GEGLU.forward."""
+    x, wt, b = f64(inputs)
     proj = torch.nn.functional.linear(x, wt.reshape(-1, wt.shape[-1]), b.reshape(-1))
     h, g = proj.chunk(2, dim=-1)
     return h * torch.nn.functional.gelu(g)

@@ -9,7 +9,7 @@ import torch
 
 from shapetune.workload import Workload, acc_dtype
 
-from . import TORCH_DTYPE, ModuleRule, OpDef, call_arg, register_module_rule, register_op
+from . import TORCH_DTYPE, f64, ModuleRule, OpDef, call_arg, register_module_rule, register_op
 
 
 def linear_workload(m: int, n: int, k: int, dtype: str = "float16", bias: bool = True,
@@ -113,8 +113,8 @@ def linear_output(w: Workload, device) -> torch.Tensor:
 
 
 def linear_reference(w: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 on the CPU: the ground truth every candidate is checked against."""
-    x, wt, *rest = (t.detach().to("cpu", torch.float64) for t in inputs)
+    """float64 where the inputs are: the ground truth every candidate is checked against."""
+    x, wt, *rest = f64(inputs)
     y = x @ wt.T
     extra = iter(rest)
     for step in w.epilogue:

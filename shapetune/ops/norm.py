@@ -27,7 +27,7 @@ import torch
 
 from shapetune.workload import Workload
 
-from . import TORCH_DTYPE, ModuleRule, OpDef, VendorPath, call_arg, register_module_rule, register_op
+from . import TORCH_DTYPE, f64, ModuleRule, OpDef, VendorPath, call_arg, register_module_rule, register_op
 
 
 def _acc(dtype: str) -> str:
@@ -164,8 +164,8 @@ def group_norm_output(wl: Workload, device) -> torch.Tensor:
 
 
 def group_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 on the CPU: F.group_norm on the NCHW view (H*W flattened into one axis), then SiLU."""
-    x, w, b = (t.detach().to("cpu", torch.float64) for t in inputs)
+    """float64 where the inputs are: F.group_norm on the NCHW view (H*W flattened into one axis), then SiLU."""
+    x, w, b = f64(inputs)
     y = torch.nn.functional.group_norm(x.permute(0, 2, 1), wl.dim["g"], w, b, eps_of(wl)).permute(0, 2, 1)
     return torch.nn.functional.silu(y) if "silu" in wl.epilogue else y
 
@@ -213,7 +213,7 @@ def layer_norm_output(wl: Workload, device) -> torch.Tensor:
 
 
 def layer_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    x, w, b = (t.detach().to("cpu", torch.float64) for t in inputs)
+    x, w, b = f64(inputs)
     return torch.nn.functional.layer_norm(x, (wl.dim["c"],), w, b, eps_of(wl))
 
 
