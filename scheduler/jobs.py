@@ -213,7 +213,8 @@ def run_budget(weights: dict[Workload, float], a: argparse.Namespace, per: float
     def rows(sched) -> list[dict]:
         return [{"workload": t.workload.name, "key": t.workload.key, "calls": t.weight, "rounds": t.rounds,
                  "measured": t.measured, "trials": t.trials, "vendor_us": t.vendor_us, "best_us": t.tuned_us,
-                 "served_us": t.served_us, "done": t.done} for t in sched.tasks]
+                 "served_us": t.served_us, "done": t.done, "seconds": sum(sec for sec, _ in t.round_s),
+                 "warmup_build_s": t.warmup_build_s} for t in sched.tasks]
 
     def estimate(sched) -> dict:
         est = sched.totals()

@@ -74,9 +74,13 @@ class Task:
     served_us: float | None = None  # the fastest kernel the registry would serve, if any
     last_gain: float = 0.0  # relative improvement of tuned_us over its newest round of records
     start_us: float | None = None  # its time when this session first knew its vendor time
+    # This session timed it first (nothing in the DB before): it started on the vendor path, and its
+    # start follows the vendor time, re-timed or not (a re-timing is no gain of the session).
+    started_on_vendor: bool = False
     rounds: int = 0  # rounds this session gave it
     measured: int = 0  # candidates this session measured for it
     round_s: list[tuple[float, int]] = field(default_factory=list)  # (wall s, measured) of its rounds this session
+    warmup_build_s: float = 0.0  # of its warm-up round's wall s, its share of the batch's builds (the rest: measuring)
     done: str = ""  # why it gets no more rounds: exhausted | cap | failed: why
 
     @property
@@ -148,6 +152,9 @@ def refresh(task: Task, db: TuningDB, target: Target, options: TuneOptions) -> N
     task.last_gain = max(0.0, 1 - task.tuned_us / before) if task.tuned_us and before else 0.0
     if task.start_us is None and task.vendor_us is not None:
         task.start_us = task.time_us if task.rounds == 0 else task.vendor_us
+        task.started_on_vendor = task.rounds > 0
+    elif task.started_on_vendor:  # its vendor time as re-timed in this run (Tuner._retime_vendor)
+        task.start_us = task.vendor_us
     if task.trials >= task.space:
         task.done = "exhausted"
     elif task.trials >= options.trials:
@@ -298,6 +305,7 @@ def schedule(weights: dict[Workload, float], target: Target, budget_s: float,
             def on_report(i: int, result):
                 nonlocal last
                 share = build_s * claimed[i] / max(1, sum(claimed))
+                group[i].warmup_build_s = share
                 account(group[i], result, share + clock() - last)
                 last = clock()
 

@@ -97,6 +97,8 @@ def test_tiny_grid_job_on_llvm(tmp_path, capsys, monkeypatch):
     doc = json.loads(summary.read_text())
     assert {r["key"]: r["calls"] for r in doc["rows"]} == {w.key: n for w, n in grid.calls.items()}
     assert len(grid.calls) >= 4 and all(r["rounds"] >= 1 and r["trials"] >= 1 for r in doc["rows"])
+    # where each bucket's time went: its rounds' wall time, of it its share of the warm-up builds
+    assert all(0 < r["warmup_build_s"] < r["seconds"] for r in doc["rows"])
     est = doc["estimate"]
     assert est["per"] == 2 and est["vendor_ms_per"] > 0 and "gain_ms_per_gpu_min" in est
     assert "ms per grid shape per GPU-minute" in out
