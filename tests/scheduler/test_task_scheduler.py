@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from scheduler.task_scheduler import (FLOOR, NO_CAP, ROOFLINE, Task, cold_priority, gain_rate, op_headroom, parse_budget,
-                                      priority, refresh, roofline_us, schedule)
+from scheduler.task_scheduler import (FLOOR, NO_CAP, ROOFLINE, Schedule, Task, cold_priority, gain_rate, op_headroom,
+                                      parse_budget, priority, refresh, roofline_us, schedule)
 from scheduler.tuner import TuneOptions, Tuner, search_space
 from shapetune.cli import main
 from shapetune.db import TuningDB
@@ -164,6 +164,50 @@ def test_times_follow_the_registry(first_run):
     assert est["after_us"] == pytest.approx(sum(t.weight * (t.served_us or t.vendor_us) for t in sched.tasks))
     assert est["start_us"] == pytest.approx(est["before_us"])  # a fresh DB: everything started on the vendor
     assert est["gain_ms_per_min"] == pytest.approx((est["before_us"] - est["after_us"]) / 1e3 / (sched.wall_s / 60))
+
+
+def test_a_fresh_tasks_start_follows_its_vendor_re_timing(tmp_path):
+    """A task this session timed first started on the vendor path: its start is the vendor time as
+    re-timed later in the run (scheduler.tuner re-times it once a record beats the first timing), not
+    the first timing, so a re-timing is no gain of the session. (Before: the first timing stayed the
+    start, and test_times_follow_the_registry's start == before failed wherever a loaded CPU made the
+    re-timing come after the warm-up round.) A resumed task's start stays as the DB served it."""
+    from shapetune.records import Candidate, LatencyStats, MeasureResult, VendorBaseline
+
+    cpu, w = detect("llvm"), LIGHT[0]
+
+    def vendor(us, run):
+        db.add_baseline(VendorBaseline(w, cpu, "torch.nn.functional.linear", LatencyStats.of([us] * 3), run_id=run))
+
+    def record(us, run, i):
+        db.add_result(MeasureResult(w, cpu, Candidate("dlight", (("i", i),)), "ok", LatencyStats.of([us] * 3),
+                                    run_id=run))
+
+    with TuningDB(tmp_path / "t.db") as db:
+        fresh = Task(w, weight=2.0, space=100)
+        refresh(fresh, db, cpu, OPTS)  # the session begins: nothing timed
+        vendor(10.0, "r1")  # its warm-up round: the vendor timed, a slower record
+        record(20.0, "r1", 0)
+        fresh.rounds = 1
+        refresh(fresh, db, cpu, OPTS)
+        assert (fresh.start_us, fresh.vendor_us, fresh.served_us) == (10.0, 10.0, None)
+        record(8.0, "r1", 1)  # a later round beats 10 us: the vendor is re-timed, at 9 us
+        vendor(9.0, "r1")
+        fresh.rounds = 2
+        refresh(fresh, db, cpu, OPTS)
+        assert (fresh.vendor_us, fresh.served_us) == (9.0, 8.0)
+        assert fresh.start_us == 9.0, fresh.start_us  # the vendor path it started on, as re-timed
+        est = Schedule([fresh], 1.0, wall_s=60.0).totals()
+        assert est["start_us"] == est["before_us"] == 18.0 and est["gain_ms_per_min"] == pytest.approx(2e-3)
+
+        resumed = Task(w, weight=2.0, space=100)
+        refresh(resumed, db, cpu, OPTS)  # a new session: the DB serves 8 us
+        assert resumed.start_us == 8.0
+        vendor(7.2, "r2")  # its run: a vendor timing, and a record that does not beat it
+        record(7.0, "r2", 2)
+        resumed.rounds = 1
+        refresh(resumed, db, cpu, OPTS)
+        assert resumed.start_us == 8.0 and resumed.time_us == 8.0  # still served from r1
 
 
 def test_a_rerun_continues_from_the_db(first_run, tmp_path):
