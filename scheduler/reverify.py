@@ -7,7 +7,9 @@ then, if it fails, the next, until one passes or none is left -- and for each: c
 against the template's space (`knob_error`), builds it with `builder.build_one` and verifies and
 times it with `runner.Runner`, exactly as the tuner does. One that passes is appended as a record
 measured here (this run's id, the latency measured here, the vendor path timed in the same run);
-the import is marked reverified, or reverify_failed with the reason, and never retried. As in the
+the import is marked reverified, or reverify_failed with the reason, and never retried. The kernel
+that passed (the very artifact verified and timed) is moved into the kernel cache, so prebuild and the
+first call do not build it a second time; one that failed is deleted. As in the
 tuner (scheduler.tuner): where the record that passed is `servable` against the vendor path timed
 in this run, the vendor path is timed once more in the run, so that one disturbed vendor timing
 cannot make it served (dispatch takes the run's fastest vendor; a workload passes at most once, so
@@ -24,6 +26,8 @@ measured here.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -153,13 +157,33 @@ def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: st
             continue
         path, build_s = b
         res = runner.run(w, path)
-        Path(path).unlink(missing_ok=True)
         if res.status != "ok":
+            Path(path).unlink(missing_ok=True)
             yield w, (i, r), f"{res.status}: {res.error}"
             continue
+        _keep(Path(path), target)
         yield w, (i, r), MeasureResult(w, target, r.candidate, "ok", res.latency,
                                        max_rel_err=res.rel_err, build_s=build_s, run_id=run_id,
                                        created=time.time())
+
+
+def _keep(path: Path, target: Target) -> None:
+    """Move a kernel that passed into this target's kernel cache (the name the registry loads it by,
+    builder.artifact_name), so prebuild and the first call do not build it again. Only the artifact
+    that was verified and timed is kept; one already cached stays (the same build inputs)."""
+    cache = config.kernel_cache_dir(target.key)
+    dest = cache / path.name
+    try:
+        if dest.exists():
+            return
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp.so")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)  # atomic, as builder.build_one writes: a reader never sees half a module
+    except OSError:
+        pass  # a cache that cannot be written costs a build later, nothing else
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def portable(db: TuningDB, target: Target, op: str | None = None) -> list[MeasureResult]:

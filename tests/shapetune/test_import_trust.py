@@ -245,8 +245,28 @@ def test_prebuild_reverifies_imports_first(tuned, tmp_path, cpu, monkeypatch):
         db.import_jsonl(export)
     reg = _registry(fresh, cpu)
     out = reg.prebuild(jobs=2)
-    assert out["reverified"] == 1 and out["built"] == 1 and out["failed"] == 0, out
+    # the kernel re-verification built and verified is the one cached: prebuild builds nothing again
+    assert out["reverified"] == 1 and out["cached"] == 1 and out["built"] == 0 and out["failed"] == 0, out
     assert reg.resolve(W).kind == "exact"
+    assert [p.name for p in (tmp_path / "cache").rglob("*.tmp.so")] == []
+
+
+def test_a_kernel_that_fails_reverification_is_not_cached(tuned, tmp_path, cpu, bad_templates, monkeypatch):
+    """Only a kernel that passed re-verification enters the kernel cache: a forged record of a wrong
+    template is built and run, fails, and leaves nothing the registry could load."""
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    _, export = tuned
+    lines = _lines(export)
+    r = MeasureResult(W_ONLY_WRONG, cpu, Candidate("wrong_gemm", (("variant", 0),)), "ok",
+                      LatencyStats.of([0.5]), max_rel_err=0.0, run_id="forger", created=1.9e9)
+    fresh = tmp_path / "fresh.db"
+    assert _cli("db", "import", _write(tmp_path / "imp.jsonl", lines + [_rehash(record_to_json(r))]),
+                "--db", fresh).exit_code == 0
+    out = _cli("db", "verify", "--db", fresh, "--jobs", "2")
+    assert out.exit_code == 0 and "wrong_result" in out.output, out.output
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.so"))
+    assert len(cached) == 1 and cached[0].startswith(W.key), cached  # the passing one only
 
 
 def test_shard_merge_stays_measured_and_export_merge_is_pending(tuned, tmp_path, cpu):
