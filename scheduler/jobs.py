@@ -36,6 +36,9 @@ def add_job_args(ap: argparse.ArgumentParser, default_db: str) -> argparse.Argum
     ap.add_argument("--template", action="append", default=[],
                     help="only these templates (repeatable); --trials then counts their records only")
     ap.add_argument("--buckets", action="store_true", help="tune each workload's shape bucket instead")
+    ap.add_argument("--skip-tuned", action="append", default=[], metavar="FILE",
+                    help="leave out workloads this DB / export holds verified records for, for this GPU's "
+                         "kernels (repeatable): a job that fills the gaps of shipped records")
     ap.add_argument("--export", default="", help="write this target's records as JSONL(.xz)")
     ap.add_argument("--json", default="", help="write the summary here")
     return ap
@@ -68,7 +71,9 @@ def bucketed_calls(extract: Callable, shapes: list[tuple[int, int, int]]) -> dic
     return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
 
 
-def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
+def select(workloads: list[Workload], a: argparse.Namespace, target=None) -> list[Workload]:
+    """The workloads a job tunes: --only, --limit, --shard, --buckets, then --skip-tuned (against
+    `target`'s kernels, default this machine's)."""
     if a.only:
         keys = a.only.split(",")
         workloads = [w for w in workloads if any(k in w.name for k in keys)]
@@ -81,6 +86,11 @@ def select(workloads: list[Workload], a: argparse.Namespace) -> list[Workload]:
         workloads = workloads[k::n]
     if a.buckets:
         workloads = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in workloads))
+    if getattr(a, "skip_tuned", None):
+        have = tuned_keys(a.skip_tuned, target or detect())
+        kept = [w for w in workloads if w.key not in have]
+        print(f"--skip-tuned: {len(workloads) - len(kept)} of {len(workloads)} workloads already tuned", flush=True)
+        workloads = kept
     return workloads
 
 
