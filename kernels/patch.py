@@ -49,6 +49,10 @@ scripts extract are the ones dispatched here:
                        restated) adds each residual inside attn1's and attn2's to_out[0] and the
                        FeedForward's output Linear (three linear_residual calls per block)
   linear + gelu        diffusers GELU (approximate "none", FeedForward "gelu"): linear_gelu(x, proj)
+  q/k/v projections    diffusers Attention (`fuse_qkv`): to_q/to_k/to_v (self-attention) or to_k/to_v
+                       (cross-attention) as one linear call over weights packed into one storage, each
+                       Parameter a view of its rows (kernels/qkv.py; in-place weight writes reach the
+                       packed GEMM, a replaced Parameter or a LoRA layer runs the projections apart)
   (each keeps diffusers' unfused path where its conv / proj is not a plain patched module, e.g.
   LoRA-wrapped, or shapes/dtypes would broadcast or promote)
 
@@ -78,9 +82,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shapetune.fusions import sites_of
+from shapetune.fusions import attention_covered, sites_of
 from shapetune.ops import ModuleRule, module_rules, rule_for
 
+from . import qkv
 from .attention import attention
 from .custom_op import call_op
 
@@ -286,17 +291,15 @@ class AttnProcessor:
         self.fallback = fallback
         self.fuse_residual = fuse_residual
 
-    @staticmethod
-    def covers(attn, hidden_states, encoder_hidden_states=None, attention_mask=None) -> bool:
-        return not (attention_mask is not None or hidden_states.ndim != 3
-                    or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
-                    or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
-                    or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None)))
+    covers = staticmethod(attention_covered)
 
     @staticmethod
     def _attend(attn, hidden_states, encoder_hidden_states):
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        qkv_ = qkv.projections(attn, hidden_states, encoder_hidden_states)  # one GEMM where packed
+        if qkv_ is None:
+            ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            qkv_ = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        q, k, v = qkv_
         head_dim = k.shape[-1] // attn.heads
         # diffusers' SDPA processor uses SDPA's default scale, 1/sqrt(head_dim): so do we
         return attention(q, k, v, heads=attn.heads, scale=head_dim ** -0.5)
@@ -427,7 +430,7 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
     return True
 
 
-def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
+def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -435,6 +438,9 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     model : nn.Module, e.g. a diffusers UNet2DConditionModel (or a pipeline's `.unet`)
     fuse : bool, apply the fusions of shapetune/fusions.py (GroupNorm+SiLU, conv/linear + residual,
         linear + gelu; see the module docstring)
+    fuse_qkv : bool (with `fuse`), pack each patched Attention's to_q/to_k/to_v (or to_k/to_v) weights
+        into one storage so they run as one GEMM (kernels/qkv.py); a later patch call packs again where
+        the packing was broken (e.g. a projection's Parameter replaced)
 
     Returns
     -------
@@ -459,6 +465,8 @@ def patch(model: nn.Module, fuse: bool = True) -> PatchReport:
     if fuse:
         for m in model.modules():
             _fuse_sites(m, report)
+            if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
+                report.patched["qkv_packed"] += 1
     return report
 
 
@@ -509,6 +517,7 @@ def unpatch(model: nn.Module) -> int:
             continue
         n += 1
         if kind == "attention":
+            qkv.unpack(m)
             proc = m.get_processor()
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue

@@ -95,8 +95,55 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> list[tuple[Workload, str]]:
+    """(workload, module name) per handled call, in call order. The projections kernels.patch runs as one
+    GEMM (shapetune.fusions.qkv_group / qkv_members: an attention's to_q/to_k/to_v, or to_k/to_v) are
+    recorded as that one linear workload (their rows summed), under the first projection's name."""
+    from shapetune.fusions import attention_covered, qkv_group, qkv_members
+    from shapetune.ops.attention import _attention_type
+    from shapetune.ops import call_arg
+
     calls: list[tuple[Workload, str]] = []
     hooks = []
+    attn_type = _attention_type()
+    groups: dict[str, tuple[str, str]] = {}  # projection name -> (its attention's name, its short name)
+    current: dict[str, tuple[tuple[str, ...], list]] = {}  # attention name -> (this call's members, pending)
+    for name, module in model.named_modules():
+        if attn_type is None or not isinstance(module, attn_type):
+            continue
+        group = qkv_group(module)
+        if group is None:
+            continue
+        for short in group:
+            groups[f"{name}.{short}" if name else short] = (name, short)
+
+        def pre(mod, args, kwargs, _name=name, _group=group):
+            x = call_arg(args, kwargs, 0, "hidden_states")
+            ctx = call_arg(args, kwargs, 1, "encoder_hidden_states")
+            mask = call_arg(args, kwargs, 2, "attention_mask")
+            covered = attention_covered(mod, x, ctx, mask) and not (
+                set(kwargs) - {"hidden_states", "encoder_hidden_states", "attention_mask"}) and len(args) <= 3
+            current[_name] = (qkv_members(_group, ctx is not None) if covered else (), [])
+
+        hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def record(w: Workload, name: str) -> None:
+        owner = groups.get(name)
+        if owner is None or w.op != "linear" or owner[0] not in current:
+            calls.append((w, name))
+            return
+        attn, short = owner
+        members, pending = current[attn]
+        if short not in members:
+            calls.append((w, name))
+            return
+        pending.append((w, name))
+        if len(pending) == len(members):
+            d = [x.dim for x, _ in pending]
+            first, first_name = pending[0]
+            calls.append((linear_workload(d[0]["m"], sum(x["n"] for x in d), d[0]["k"], first.dtype,
+                                          epilogue=first.epilogue), first_name))
+            pending.clear()
+
     for name, module in model.named_modules():
         handler = _handler_for(module, handlers)
         if handler is None:
@@ -104,7 +151,7 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
 
         def hook(mod, args, kwargs, output, _name=name, _handler=handler):
             for w in _handler(mod, args, kwargs, output, dtype):
-                calls.append((w, _name))
+                record(w, _name)
 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:

@@ -11,13 +11,16 @@ Modes, all on the same random weights and inputs (no model hub: the UNet is buil
   compile_ro       torch.compile(unet, mode="reduce-overhead", dynamic=False): inductor plus CUDA graphs
   shapetune_eager  kernels.optimize(unet, graphs=False): patched, channels_last, no graphs (the host path)
   shapetune        kernels.optimize(unet): the same, with a CUDA graph per call signature
+  shapetune_noqkv  shapetune without the packed q/k/v projections (optimize(fuse_qkv=False)): what
+                   one GEMM per attention's input projections gains
 One model per mode, run over the shapes in order. Per mode and shape: the wall time of the shape's
 first call (at the first shape: torch.compile's compile, shapetune's warm-up and capture; at the others:
 the cost of a shape change, a recompile or a capture), the median time per UNet call over `--iters`
 calls after warm-up (CUDA events around each call: what a pipeline step costs, host launch overhead
 included), peak memory allocated and reserved during that shape's calls (weights included), and the
 output's relative L2 error against eager NCHW at the same shape. `--profile`: GPU time of one shapetune
-forward by kernel category (torch.profiler). The UNet's weights (1.7 GB in fp16) and activations are far over the H200's L2,
+forward (its patched eager path) and of one torch.compile call by kernel category, with the number of
+kernel launches (torch.profiler). The UNet's weights (1.7 GB in fp16) and activations are far over the H200's L2,
 so inputs are not rotated. shapetune rows also print the op calls by outcome. Ratios are against eager
 and against compile_ro from this same run. Writes JSON with --json.
 """
@@ -127,7 +130,7 @@ def make(mode: str, tiny: bool, dev, dtype):
         return build(tiny, dev, dtype), None
     m = build(tiny, dev, dtype).to(memory_format=torch.channels_last)
     if mode.startswith("shapetune"):
-        report = kernels.optimize(m, graphs=mode != "shapetune_eager")
+        report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=mode != "shapetune_noqkv")
         return m, report
     # dynamic=False: one specialized graph per shape, the fastest torch.compile serves a shape with (its
     # default, automatic dynamic shapes, recompiles a symbolic graph on the first shape change instead)
@@ -159,6 +162,7 @@ def kernel_profile(fn, top: int = 25) -> dict:
             fn()
             torch.cuda.synchronize()
     cats: dict[str, float] = {}
+    launches = 0
     kern = []
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
@@ -173,10 +177,11 @@ def kernel_profile(fn, top: int = 25) -> dict:
              "elementwise" if "elementwise" in n or "vectorized" in n or "unrolled" in n else
              "reduce" if "reduce" in n or "norm" in n else "other")
         cats[c] = cats.get(c, 0.0) + us
+        launches += e.count
         kern.append((us, c, e.count, e.key[:120]))
     kern.sort(reverse=True)
     return {"by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "total_us": sum(cats.values()),
+            "total_us": sum(cats.values()), "kernels": launches,
             "top": [{"us": u, "category": c, "count": k, "name": n} for u, c, k, n in kern[:top]]}
 
 
@@ -201,7 +206,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="eager,eager_cl,compile_ro,shapetune_eager,shapetune")
-    ap.add_argument("--profile", action="store_true", help="GPU time by kernel category of the shapetune modes")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU time by kernel category of the shapetune (eager path) and torch.compile modes")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -258,6 +264,8 @@ def main():
                 if a.profile and is_gpu:
                     g = report.components["model"].graphs.get("forward")
                     r["profile"] = kernel_profile(lambda: (g.inner if g else m)(**inp))
+            elif a.profile and is_gpu and mode.startswith("compile"):  # its graph replay's kernels, where CUPTI sees them
+                r["profile"] = kernel_profile(lambda: m(**inp))
             per_shape[s] = r
             rows[mode] = per_shape
             save()  # after every shape: a run cut short (a time limit, a slow compile) keeps what it measured

@@ -141,3 +141,41 @@ def fusion_sites(model: nn.Module) -> dict[str, Site]:
         for path, site in sites_of(m).items():
             out[f"{name}.{path}" if name else path] = site
     return out
+
+
+# -- shared-input projections: one GEMM (kernels/qkv.py packs them) ----------------------------------
+QKV, KV = ("to_q", "to_k", "to_v"), ("to_k", "to_v")
+
+
+def qkv_group(attn: nn.Module, served: Callable[[nn.Module], bool] = lambda m: type(m) is nn.Linear
+              ) -> tuple[str, ...] | None:
+    """The projections of a diffusers Attention that kernels.patch runs as one GEMM: QKV where to_q,
+    to_k and to_v take one width (self-attention shapes), else KV where to_k and to_v do (cross-attention:
+    both read the context); None if neither. Each must be `served` (a plain nn.Linear; kernels.patch asks
+    for a patched one), all with one dtype and device, and all with a bias or none."""
+    for names in (QKV, KV):
+        mods = [getattr(attn, n, None) for n in names]
+        if not all(m is not None and served(m) for m in mods):
+            continue
+        w0, has_bias = mods[0].weight, mods[0].bias is not None
+        if w0.is_floating_point() and all(
+                m.weight.shape[1] == w0.shape[1] and m.weight.dtype == w0.dtype and m.weight.device == w0.device
+                and (m.bias is not None) == has_bias for m in mods):
+            return names
+    return None
+
+
+def qkv_members(group: tuple[str, ...], ctx_given: bool) -> tuple[str, ...]:
+    """Of a packed `group`, the projections one attention call runs as one GEMM: all three for QKV when
+    the call has no encoder_hidden_states (q, k, v all read the hidden states), else k and v (to_q then
+    runs alone)."""
+    return group if group == QKV and not ctx_given else KV
+
+
+def attention_covered(attn: nn.Module, hidden_states, encoder_hidden_states=None, attention_mask=None) -> bool:
+    """Whether kernels.patch's attention processor serves this call itself (else it runs the processor
+    set before: masks, 4-D inputs, spatial / group norms, normalized q / k, cross-norms)."""
+    return not (attention_mask is not None or hidden_states.ndim != 3
+                or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
+                or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
+                or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None)))

@@ -50,11 +50,15 @@ def test_sd15_config_builds_expected_unet(unet):
 def test_known_sd15_gemms(ops):
     mods = _by_module(ops)
     attn = "down_blocks.0.attentions.0.transformer_blocks.0"
-    assert mods[f"{attn}.attn1.to_q"].workload == linear_workload(8192, 320, 320, "float16", bias=False)
+    # self-attention's q/k/v and cross-attention's k/v run as one GEMM each (kernels/qkv.py), recorded
+    # under the first projection's name
+    assert mods[f"{attn}.attn1.to_q"].workload == linear_workload(8192, 3 * 320, 320, "float16", bias=False)
+    assert f"{attn}.attn1.to_k" not in mods and f"{attn}.attn2.to_v" not in mods
+    assert mods[f"{attn}.attn2.to_q"].workload == linear_workload(8192, 320, 320, "float16", bias=False)
     # the transformer block adds its input to to_out.0's and ff.net.2's outputs: fused (shapetune.fusions)
     assert mods[f"{attn}.attn1.to_out.0"].workload == linear_workload(8192, 320, 320, "float16",
                                                                       epilogue=("bias", "residual"))
-    assert mods[f"{attn}.attn2.to_k"].workload == linear_workload(154, 320, 768, "float16", bias=False)
+    assert mods[f"{attn}.attn2.to_k"].workload == linear_workload(154, 2 * 320, 768, "float16", bias=False)
     assert mods[f"{attn}.ff.net.0.proj"].workload == linear_workload(8192, 2560, 320, "float16", bias=True)
     assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16",
                                                                 epilogue=("bias", "residual"))
@@ -78,12 +82,14 @@ def test_counts_and_dedup(ops, unet):
         h.remove()
 
     assert n_linear_calls == 184
-    assert sum(op.calls for op in ops) == n_linear_calls
-    assert len({op.workload for op in ops}) == len(ops) == 23
-    # self- and cross-attention queries at 64x64 share one GEMM: 5 blocks x (q, k, v, q)
-    assert _find(ops, 8192, 320, 320, bias=False).calls == 20
-    # cross-attn K/V at 1280 channels: down_blocks.2 (2) + mid (1) + up_blocks.1 (3), x2
-    assert _find(ops, 154, 1280, 768, bias=False).calls == 12
+    # 16 self-attentions run q/k/v as one GEMM (2 calls fewer each), 16 cross-attentions k/v (1 fewer)
+    assert sum(op.calls for op in ops) == n_linear_calls - 16 * 2 - 16 == 136
+    assert len({op.workload for op in ops}) == len(ops)
+    # at 64x64: 5 blocks' self-attention q/k/v as one GEMM, and their cross-attention queries
+    assert _find(ops, 8192, 3 * 320, 320, bias=False).calls == 5
+    assert _find(ops, 8192, 320, 320, bias=False).calls == 5
+    # cross-attn K/V at 1280 channels, one GEMM each: down_blocks.2 (2) + mid (1) + up_blocks.1 (3)
+    assert _find(ops, 154, 2 * 1280, 768, bias=False).calls == 6
     assert all(op.workload.dtype == "float16" for op in ops)
 
 
@@ -92,7 +98,7 @@ def test_batch_and_resolution_scale_m():
     assert {op.workload.dtype for op in ops} == {"float32"}
     mods = _by_module(ops)
     q = mods["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].workload
-    assert q == linear_workload(32 * 48, 320, 320, "float32", bias=False)
+    assert q == linear_workload(32 * 48, 3 * 320, 320, "float32", bias=False)  # q/k/v as one GEMM
     assert mods["time_embedding.linear_1"].workload.dim["m"] == 1
 
 
@@ -323,8 +329,8 @@ def test_sdxl_unet_workloads_at_1024():
     mods = _by_module(ops)
     assert mods["add_embedding.linear_1"].workload == linear_workload(2, 1280, 2816, "float16", bias=True)
     blk = "down_blocks.2.attentions.0.transformer_blocks.9"
-    assert mods[f"{blk}.attn2.to_k"].workload == linear_workload(154, 1280, 2048, "float16", bias=False)
-    assert mods[f"{blk}.attn1.to_q"].workload == linear_workload(2048, 1280, 1280, "float16", bias=False)
+    assert mods[f"{blk}.attn2.to_k"].workload == linear_workload(154, 2 * 1280, 2048, "float16", bias=False)
+    assert mods[f"{blk}.attn1.to_q"].workload == linear_workload(2048, 3 * 1280, 1280, "float16", bias=False)
     att = {op.workload: op.calls for op in ops if op.workload.op == "attention"}
     assert att[attention_workload(2, 1024, 1024, 20, 64)] == 10 * (2 + 3 + 1)  # down 2, up 3, mid 1 blocks
     assert sum(att.values()) == 2 * 70  # 70 transformer blocks x (attn1 + attn2)

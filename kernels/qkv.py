@@ -1,0 +1,145 @@
+"""One GEMM for an attention's input projections: to_q, to_k and to_v (self-attention: all three read the
+hidden states) or to_k and to_v (cross-attention: both read the context) as one linear call.
+
+    pack(attn)                       # at patch time: the projections' weights become views of one storage
+    q, k, v = projections(attn, x, ctx)   # per call: one linear over the packed rows, split (views)
+
+Nothing is copied per call and nothing derived from a weight is kept. `pack` concatenates the weights
+(and biases) once into one tensor and re-points each projection's Parameter at its rows (`param.data =
+packed[rows]`: the same Parameter objects, the same values, now one storage). So an in-place write to
+any projection (`copy_`, `load_state_dict`, a PEFT merge, `.data.add_`) writes into the packed storage
+and the next fused call sees it, and a CUDA graph replaying the fused GEMM reads the same memory.
+
+On every call `projections` checks that each projection still is a plain patched nn.Linear whose weight
+(and bias) is exactly its rows of the packed storage (data pointer, shape, dtype, contiguity). Anything
+else — a replaced Parameter (`param.data = t`, `.to(...)` after patching), a PEFT LoRA layer wrapped
+around a projection, autograd on with trainable projections, torch.compile tracing — returns None and
+the caller runs the three projections as they are. `kernels.patch` packs again (a later patch call, or
+the re-patch after a module-tree change) where the aliasing was broken; `unpack` gives every projection
+its own storage back (safetensors refuses to save tensors that share memory).
+
+Which projections pack, and which of them one call runs together, is shapetune/fusions.py's rule
+(`qkv_group`, `qkv_members`), the one workload extraction reads too. The q/k/v it returns are strided views of one [B, S, Nq + Nk + Nv] output (last dim contiguous), which
+torch SDPA takes as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .custom_op import call_op
+
+from shapetune.fusions import QKV, qkv_group, qkv_members
+
+_ATTR = "_shapetune_qkv"
+_MARK = "_shapetune_patched"
+
+
+@dataclass
+class Packed:
+    """The packed storage of `names` (rows in that order) and where each projection's rows start."""
+
+    weight: torch.Tensor  # [sum(sizes), in_features]
+    bias: torch.Tensor | None  # [sum(sizes)] or None
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    kv: tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]] | None  # for QKV: the k/v rows alone
+
+    def intact(self, attn: nn.Module) -> bool:
+        """Each projection is a plain patched Linear whose weight (and bias) is its rows of the storage."""
+        w, b = self.weight, self.bias
+        es, k = w.element_size(), w.shape[1]
+        wp, bp = w.data_ptr(), (b.data_ptr() if b is not None else 0)
+        off = 0
+        for name, n in zip(self.names, self.sizes):
+            m = getattr(attn, name, None)
+            if type(m) is not nn.Linear or m.__dict__.get(_MARK) != "linear":
+                return False
+            mw, mb = m.weight, m.bias
+            if (mw.data_ptr() != wp + off * k * es or mw.shape != (n, k) or mw.dtype != w.dtype
+                    or mw.stride() != (k, 1)):
+                return False
+            if b is None:
+                if mb is not None:
+                    return False
+            elif mb is None or mb.data_ptr() != bp + off * es or mb.shape != (n,) or mb.dtype != b.dtype:
+                return False
+            off += n
+        return True
+
+    def trainable(self, attn: nn.Module) -> bool:
+        return any(p.requires_grad for name in self.names for p in getattr(attn, name).parameters())
+
+
+def _plain(m) -> bool:
+    return type(m) is nn.Linear and m.__dict__.get(_MARK) == "linear"
+
+
+def pack(attn: nn.Module) -> bool:
+    """Pack the projections of a diffusers Attention that share their input (q/k/v where all three take
+    the same width, else k/v); True when this call packed them (False: already packed, or not packable)."""
+    p = attn.__dict__.get(_ATTR)
+    if p is not None and p.intact(attn):
+        return False
+    names = qkv_group(attn, _plain)
+    if names is None:
+        attn.__dict__.pop(_ATTR, None)
+        return False
+    mods = [getattr(attn, n) for n in names]
+    with torch.inference_mode(False), torch.no_grad():  # not inference tensors: the params stay writable
+        w = torch.cat([m.weight.detach() for m in mods])
+        b = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        sizes, off = [], 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = w[off:off + n]
+            if b is not None:
+                m.bias.data = b[off:off + n]
+            sizes.append(n)
+            off += n
+    kv = None
+    if names == QKV:
+        nq = sizes[0]
+        kv = (w[nq:], None if b is None else b[nq:], tuple(sizes[1:]))
+    attn.__dict__[_ATTR] = Packed(w, b, names, tuple(sizes), kv)
+    return True
+
+
+def unpack(attn: nn.Module) -> None:
+    """Give each packed projection its own storage again (same values), and forget the packing."""
+    p = attn.__dict__.pop(_ATTR, None)
+    if p is None:
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        for name in p.names:
+            m = getattr(attn, name, None)
+            if not isinstance(m, nn.Linear):
+                base = getattr(m, "base_layer", None)  # a PEFT layer around the projection
+                m = base if isinstance(base, nn.Linear) else None
+            if m is None:
+                continue
+            for t in (m.weight, m.bias):
+                if t is not None and t.data.untyped_storage().data_ptr() == p.weight.untyped_storage().data_ptr():
+                    t.data = t.data.clone()
+                elif t is not None and p.bias is not None and \
+                        t.data.untyped_storage().data_ptr() == p.bias.untyped_storage().data_ptr():
+                    t.data = t.data.clone()
+
+
+def projections(attn: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None):
+    """(to_q(x), to_k(c), to_v(c)) with c = ctx or x, the shared-input projections as one linear call;
+    None where the packing does not hold (the caller runs the projections as they are)."""
+    p = attn.__dict__.get(_ATTR)
+    if p is None or torch.compiler.is_compiling() or not p.intact(attn):
+        return None
+    if torch.is_grad_enabled() and p.trainable(attn):
+        return None
+    if qkv_members(p.names, ctx is not None) == QKV:
+        return call_op("linear", x, p.weight, p.bias).split(p.sizes, -1)
+    q = attn.to_q(x)
+    w, b, sizes = p.kv if p.names == QKV else (p.weight, p.bias, p.sizes)
+    k, v = call_op("linear", x if ctx is None else ctx, w, b).split(sizes, -1)
+    return q, k, v
