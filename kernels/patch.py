@@ -49,6 +49,9 @@ scripts extract are the ones dispatched here:
                        restated) adds each residual inside attn1's and attn2's to_out[0] and the
                        FeedForward's output Linear (three linear_residual calls per block)
   linear + gelu        diffusers GELU (approximate "none", FeedForward "gelu"): linear_gelu(x, proj)
+  time embedding       the ResnetBlock2Ds' time_emb_proj(silu(temb)) (`fuse_temb`): one SiLU and one
+                       GEMM per forward over their weights packed into one storage, each resnet
+                       taking its columns (kernels/temb.py)
   q/k/v projections    diffusers Attention (`fuse_qkv`): to_q/to_k/to_v (self-attention) or to_k/to_v
                        (cross-attention) as one linear call over weights packed into one storage, each
                        Parameter a view of its rows (kernels/qkv.py; in-place weight writes reach the
@@ -86,6 +89,7 @@ from shapetune.fusions import attention_covered, sites_of
 from shapetune.ops import ModuleRule, module_rules, rule_for
 
 from . import qkv
+from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
 
@@ -225,9 +229,11 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)
     shift = None  # the projected time embedding, [N, C]: diffusers' temb is shift[:, :, None, None]
     if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        shift = self.time_emb_proj(temb)
+        shift = temb_.projected(self, temb)  # the UNet's resnets share one GEMM where packed
+        if shift is None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            shift = self.time_emb_proj(temb)
     if self.time_embedding_norm == "default":
         if shift is not None:
             h = _conv_shift(self.conv1, h, shift)
@@ -430,7 +436,7 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
     return True
 
 
-def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True) -> PatchReport:
+def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -441,6 +447,8 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True) -> PatchRe
     fuse_qkv : bool (with `fuse`), pack each patched Attention's to_q/to_k/to_v (or to_k/to_v) weights
         into one storage so they run as one GEMM (kernels/qkv.py); a later patch call packs again where
         the packing was broken (e.g. a projection's Parameter replaced)
+    fuse_temb : bool (with `fuse`), pack the time-embedding projections of the model's ResnetBlock2Ds
+        into one storage so one GEMM per forward serves them all (kernels/temb.py)
 
     Returns
     -------
@@ -467,6 +475,8 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True) -> PatchRe
             _fuse_sites(m, report)
             if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
                 report.patched["qkv_packed"] += 1
+        if fuse_temb and (n := temb_.pack(model)):
+            report.patched["temb_packed"] += n
     return report
 
 
@@ -521,6 +531,7 @@ def unpatch(model: nn.Module) -> int:
             proc = m.get_processor()
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue
+        temb_.unpack(m)
         m.__dict__.pop("forward", None)
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):

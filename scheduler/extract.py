@@ -97,8 +97,9 @@ def _model_device(model: nn.Module) -> torch.device:
 def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> list[tuple[Workload, str]]:
     """(workload, module name) per handled call, in call order. The projections kernels.patch runs as one
     GEMM (shapetune.fusions.qkv_group / qkv_members: an attention's to_q/to_k/to_v, or to_k/to_v) are
-    recorded as that one linear workload (their rows summed), under the first projection's name."""
-    from shapetune.fusions import attention_covered, qkv_group, qkv_members
+    recorded as that one linear workload (their rows summed), under the first projection's name; so are
+    a UNet's time-embedding projections (shapetune.fusions.temb_groups), once per forward."""
+    from shapetune.fusions import attention_covered, qkv_group, qkv_members, temb_groups
     from shapetune.ops.attention import _attention_type
     from shapetune.ops import call_arg
 
@@ -126,7 +127,25 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
 
         hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
+    # the resnets' time-embedding projections: one GEMM per forward (kernels/temb.py), recorded at the
+    # first member's call of each forward under the group's first projection's name
+    temb_of: dict[str, list] = {}  # time_emb_proj name -> [its group's names, widths, calls so far]
+    for members in temb_groups(model):
+        state = [[f"{n}.time_emb_proj" for n in members], 0]
+        for n in state[0]:
+            temb_of[n] = state
+
     def record(w: Workload, name: str) -> None:
+        tg = temb_of.get(name)
+        if tg is not None and w.op == "linear":
+            names, seen = tg
+            if seen % len(names) == 0:
+                mods = dict(model.named_modules())
+                total = sum(mods[n].out_features for n in names)
+                d = w.dim
+                calls.append((linear_workload(d["m"], total, d["k"], w.dtype, epilogue=w.epilogue), names[0]))
+            tg[1] = seen + 1
+            return
         owner = groups.get(name)
         if owner is None or w.op != "linear" or owner[0] not in current:
             calls.append((w, name))

@@ -179,3 +179,27 @@ def attention_covered(attn: nn.Module, hidden_states, encoder_hidden_states=None
                 or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
                 or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
                 or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None)))
+
+
+# -- the time-embedding projections: one GEMM per UNet (kernels/temb.py packs them) -----------------
+def temb_groups(model: nn.Module, served: Callable[[nn.Module], bool] = lambda m: type(m) is nn.Linear
+                ) -> list[list[str]]:
+    """The ResnetBlock2D modules of `model` (qualified names, in module order) whose time-embedding
+    projections kernels.patch runs as one GEMM per forward: every resnet projects the same
+    SiLU(temb) (diffusers: `time_emb_proj(nonlinearity(temb))`), so their weights stack into one
+    [sum C, temb_channels] matrix. A resnet joins when its time_emb_proj is `served`, its
+    nonlinearity is nn.SiLU and applies to temb (no skip_time_act); the groups split by input width,
+    dtype, device and bias. Groups of one are left out."""
+    try:
+        from diffusers.models.resnet import ResnetBlock2D
+    except ImportError:  # pragma: no cover
+        return []
+    groups: dict[tuple, list[str]] = {}
+    for name, m in model.named_modules():
+        p = getattr(m, "time_emb_proj", None)
+        if (type(m) is not ResnetBlock2D or p is None or not served(p) or m.skip_time_act
+                or type(m.nonlinearity) is not nn.SiLU or not p.weight.is_floating_point()):
+            continue
+        key = (p.in_features, p.weight.dtype, p.weight.device, p.bias is not None)
+        groups.setdefault(key, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]

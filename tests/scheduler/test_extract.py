@@ -63,9 +63,12 @@ def test_known_sd15_gemms(ops):
     assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16",
                                                                 epilogue=("bias", "residual"))
     assert mods["time_embedding.linear_1"].workload == linear_workload(2, 1280, 320, "float16", bias=True)
-    # the 1280x1280 time MLP layer and the 1280-channel resnets' time_emb_proj share one GEMM
-    shared = mods["time_embedding.linear_2"]
-    assert "down_blocks.2.resnets.0.time_emb_proj" in shared.modules
+    assert mods["time_embedding.linear_2"].workload == linear_workload(2, 1280, 1280, "float16", bias=True)
+    # the 22 resnets' time_emb_proj run as one GEMM per forward (kernels/temb.py): 2x(320+640+1280+1280)
+    # down, 2x1280 mid, 3x(1280+1280+640+320) up = 20160 columns, under the first resnet's name
+    temb = mods["down_blocks.0.resnets.0.time_emb_proj"]
+    assert temb.workload == linear_workload(2, 20160, 1280, "float16", bias=True) and temb.calls == 1
+    assert "down_blocks.2.resnets.0.time_emb_proj" not in mods
 
 
 def test_counts_and_dedup(ops, unet):
@@ -82,8 +85,9 @@ def test_counts_and_dedup(ops, unet):
         h.remove()
 
     assert n_linear_calls == 184
-    # 16 self-attentions run q/k/v as one GEMM (2 calls fewer each), 16 cross-attentions k/v (1 fewer)
-    assert sum(op.calls for op in ops) == n_linear_calls - 16 * 2 - 16 == 136
+    # 16 self-attentions run q/k/v as one GEMM (2 calls fewer each), 16 cross-attentions k/v (1 fewer),
+    # the 22 resnets' time-embedding projections one GEMM (21 fewer)
+    assert sum(op.calls for op in ops) == n_linear_calls - 16 * 2 - 16 - 21 == 115
     assert len({op.workload for op in ops}) == len(ops)
     # at 64x64: 5 blocks' self-attention q/k/v as one GEMM, and their cross-attention queries
     assert _find(ops, 8192, 3 * 320, 320, bias=False).calls == 5

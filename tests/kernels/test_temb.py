@@ -1,0 +1,147 @@
+"""kernels/temb.py: a UNet's ResnetBlock2D time-embedding projections as one GEMM per forward.
+
+A tiny diffusers UNet (4 resnets with a time embedding) patched, against an eager twin on the same
+weights. Tolerance: float32 on the CPU with no tuned kernels: one [B, sum C] GEMM against four [B, C]
+ones reorders no sums; 1e-5 covers the rest of the UNet's float32 rounding. A change counts as observed
+when the output moves by more than 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kernels
+from kernels import temb
+from shapetune.target import detect
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+OBSERVED = 1e-3
+TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8)
+
+
+@pytest.fixture(autouse=True)
+def registry(tmp_path):
+    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("llvm")))
+    yield kernels.get_registry()
+    kernels.set_registry(prev)
+
+
+def _pair():
+    torch.manual_seed(0)
+    u = diffusers.UNet2DConditionModel(**TINY).eval()
+    return u, copy.deepcopy(u)
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=torch.randn(2, 7, 24, generator=g))
+
+
+def _resnets(u):
+    return [m for m in u.modules() if type(m).__name__ == "ResnetBlock2D"]
+
+
+def _linear_calls(registry) -> int:
+    return sum(n for (op, _), n in registry.calls.items() if op == "linear")
+
+
+def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
+    eager, opt = _pair()
+    rep = kernels.patch(opt)
+    resnets = _resnets(opt)
+    assert rep.patched["temb_packed"] == len(resnets) == 8
+    group = resnets[0].__dict__[temb._ATTR][0]
+    assert all(r.__dict__[temb._ATTR][0] is group for r in resnets) and group.intact()
+    for r in resnets:  # each projection's Parameter is a view of the packed storage
+        assert r.time_emb_proj.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    x = _inputs()
+    with torch.no_grad():
+        ref = eager(**x).sample
+        registry.calls.clear()
+        out = opt(**x).sample
+    torch.testing.assert_close(out, ref, **TOL)
+    # the time MLP (2), one packed time-embedding GEMM, 4 attentions' q/k/v and k/v pairs and queries (12)
+    assert _linear_calls(registry) == 2 + 1 + 12
+    assert not group.active and group.out is None  # nothing kept past the forward
+
+
+@pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
+def test_weight_changes_between_forwards_show(registry, change):
+    eager, opt = _pair()
+    kernels.patch(opt)
+    x = _inputs()
+    # random per-channel changes: a constant one would be a shift the GroupNorm after it removes
+    g = torch.Generator().manual_seed(7)
+    dw = torch.randn(_resnets(eager)[2].time_emb_proj.weight.shape, generator=g)
+    db = torch.randn(_resnets(eager)[2].time_emb_proj.bias.shape, generator=g)
+    with torch.no_grad():
+        before = opt(**x).sample
+        for m in (eager, opt):
+            p = _resnets(m)[2].time_emb_proj
+            if change == "inplace_data":
+                p.weight.data.add_(dw)
+            elif change == "copy_":
+                p.bias.copy_(p.bias + db)
+            elif change == "replace_data":
+                p.weight.data = (p.weight + dw).clone()
+        if change == "lora":
+            peft = pytest.importorskip("peft")
+            cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["down_blocks.1.resnets.0.time_emb_proj"],
+                                  init_lora_weights=False)
+            torch.manual_seed(5)
+            eager = peft.inject_adapter_in_model(cfg, eager)
+            torch.manual_seed(5)
+            opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
+            kernels.patch(opt)  # optimize's re-patch after the tree changed
+        ref = eager(**x).sample
+        out = opt(**x).sample
+    assert (ref - before).abs().max() > OBSERVED
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_a_resnet_called_outside_the_forward_projects_for_itself(registry):
+    """The packed output lives within one forward of the packed UNet: a resnet called on its own, with the
+    same temb twice and its weight changed in place in between, sees the change."""
+    eager, opt = _pair()
+    kernels.patch(opt)
+    with torch.no_grad():
+        opt(**_inputs())
+        r, re_ = _resnets(opt)[0], _resnets(eager)[0]
+        h = torch.randn(2, 16, 8, 8)
+        t = torch.randn(2, 64)
+        first = r(h, t)
+        for m in (r, re_):
+            m.time_emb_proj.weight.data.mul_(-1)
+        torch.testing.assert_close(r(h, t), re_(h, t), **TOL)
+        assert (r(h, t) - first).abs().max() > OBSERVED
+
+
+def test_graphs_and_grad_paths_and_unpatch(registry):
+    eager, opt = _pair()
+    kernels.patch(opt)
+    x = _inputs()
+    # autograd with trainable projections: each resnet projects itself, so every weight gets its gradient
+    eager(**x).sample.square().sum().backward()
+    opt(**x).sample.square().sum().backward()
+    for a, b in zip(_resnets(opt), _resnets(eager)):
+        torch.testing.assert_close(a.time_emb_proj.weight.grad, b.time_emb_proj.weight.grad, atol=1e-4, rtol=1e-4)
+    kernels.unpatch(opt)
+    ptrs = {r.time_emb_proj.weight.untyped_storage().data_ptr() for r in _resnets(opt)}
+    assert len(ptrs) == 8 and all(temb._ATTR not in r.__dict__ for r in _resnets(opt))
+    assert not opt._forward_pre_hooks and not opt._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+
+
+def test_fuse_temb_off(registry):
+    _, opt = _pair()
+    rep = kernels.patch(opt, fuse_temb=False)
+    assert "temb_packed" not in rep.patched and all(temb._ATTR not in r.__dict__ for r in _resnets(opt))
