@@ -11,8 +11,9 @@ Modes, all on the same random weights and inputs (no model hub: the UNet is buil
   compile_ro       torch.compile(unet, mode="reduce-overhead", dynamic=False): inductor plus CUDA graphs
   shapetune_eager  kernels.optimize(unet, graphs=False): patched, channels_last, no graphs (the host path)
   shapetune        kernels.optimize(unet): the same, with a CUDA graph per call signature
-  shapetune_noqkv  shapetune without the packed q/k/v projections (optimize(fuse_qkv=False)): what
-                   one GEMM per attention's input projections gains
+  shapetune_nopack shapetune without the packed projections (optimize(fuse_qkv=False, fuse_temb=False)):
+                   what one GEMM per attention's input projections and one for the resnets'
+                   time-embedding projections gain
 One model per mode, run over the shapes in order. Per mode and shape: the wall time of the shape's
 first call (at the first shape: torch.compile's compile, shapetune's warm-up and capture; at the others:
 the cost of a shape change, a recompile or a capture), the median time per UNet call over `--iters`
@@ -130,7 +131,8 @@ def make(mode: str, tiny: bool, dev, dtype):
         return build(tiny, dev, dtype), None
     m = build(tiny, dev, dtype).to(memory_format=torch.channels_last)
     if mode.startswith("shapetune"):
-        report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=mode != "shapetune_noqkv")
+        pack = mode != "shapetune_nopack"
+        report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=pack, fuse_temb=pack)
         return m, report
     # dynamic=False: one specialized graph per shape, the fastest torch.compile serves a shape with (its
     # default, automatic dynamic shapes, recompiles a symbolic graph on the first shape change instead)
