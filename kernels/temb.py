@@ -87,7 +87,13 @@ def pack(model: nn.Module) -> int:
     served within `model`'s forward; returns how many resnets this call packed (0: already packed)."""
     mods = dict(model.named_modules())
     packed = 0
-    for names in temb_groups(model, _plain):
+    groups = temb_groups(model, _plain)
+    members = {n for g in groups for n in g}
+    for name, m in mods.items():  # a resnet that left its group (e.g. a LoRA around its projection)
+        if name not in members and _ATTR in m.__dict__:
+            m.__dict__[_ATTR][0].remove_hooks()
+            del m.__dict__[_ATTR]
+    for names in groups:
         resnets = [mods[n] for n in names]
         g0 = resnets[0].__dict__.get(_ATTR)
         if g0 is not None and all(r.__dict__.get(_ATTR, (None,))[0] is g0[0] for r in resnets) and g0[0].intact() \

@@ -105,6 +105,9 @@ def test_weight_changes_between_forwards_show(registry, change):
         out = opt(**x).sample
     assert (ref - before).abs().max() > OBSERVED
     torch.testing.assert_close(out, ref, **TOL)
+    if change == "lora":  # the wrapped resnet left the group; the other seven share a new one
+        entries = [r.__dict__.get(temb._ATTR) for r in _resnets(opt)]
+        assert sum(e is None for e in entries) == 1 and len({id(e[0]) for e in entries if e}) == 1
 
 
 def test_a_resnet_called_outside_the_forward_projects_for_itself(registry):
