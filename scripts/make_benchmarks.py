@@ -52,6 +52,7 @@ LOOKUP = "bench/bench_lookup_cpu.json"
 E2E = "bench/bench_e2e_h200.json"
 E2E_PREV = "bench/bench_e2e_h200_2026-12-02.json"  # an earlier matrix (other DBs, two more shapes)
 E2E_NORMS = "bench/bench_e2e_h200_norms_served.json"  # a later run: every norm bucket served; cut in compile_ro
+E2E_PACK = "bench/bench_e2e_packing.json"  # packed q/k/v and time-embedding projections, A/B in one run
 GRID = "sm90_h200_sd15_grid_summary.json"
 HOST_PER_OP_GPU = "bench/bench_host_per_op_h200.json"
 HOST = "bench/bench_host_h200.json"
@@ -1083,7 +1084,8 @@ def others_tuned(d: dict, shapes: list[str]) -> str:
 
 E2E_NAMES = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
              "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
-             "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs"}
+             "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs",
+             "shapetune_nopack": "kernels.optimize(unet, fuse_qkv=False, fuse_temb=False): CUDA graphs"}
 
 
 def e2e_run(logs: Logs, rel: str) -> list[str]:
@@ -1131,6 +1133,7 @@ def end_to_end(logs: Logs) -> str:
     lrow = lo["rows"]
     prev = e2e_run(logs, E2E_PREV) if (logs.dir / E2E_PREV).exists() else []
     later = e2e_run(logs, E2E_NORMS) if (logs.dir / E2E_NORMS).exists() else []
+    pack = e2e_run(logs, E2E_PACK) if (logs.dir / E2E_PACK).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
         "- SD 1.5 UNet (random weights) fp16; shape = batch x height [x width] in pixels; CUDA events around each "
@@ -1140,6 +1143,7 @@ def end_to_end(logs: Logs) -> str:
         "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
+        *(["### Packed projections (q/k/v, time embedding): with and without, one run", *pack] if pack else []),
         *e2e_run(logs, E2E),
         *(["### A later run: every norm bucket served (no torch.compile figure)", *later] if later else []),
         *(["### An earlier run (other records, two more shapes)", *prev] if prev else []),
