@@ -40,3 +40,37 @@ def test_a_run_cut_short_keeps_every_shape_it_measured(tmp_path, monkeypatch):
     r = rows["shapetune"]["2x512"]
     assert r["us"] > 0 and r["speedup_vs_eager"] == rows["eager"]["2x512"]["us"] / r["us"]
     assert r["rel_l2_vs_eager"] < 1e-5
+
+
+def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_path, monkeypatch):
+    """When a mode starts, the previous mode's model is gone (its memory would count in this mode's peak:
+    on an H100, 2026-12-07, a profiled shapetune model held by main's scope made the next mode's peak
+    3.42 GiB against 1.74), and the profile of an optimized model runs through the module (its hooks:
+    kernels/temb.py's one GEMM), not its inner forward."""
+    import weakref
+
+    e2e = script("bench_e2e")
+    built, alive_at_start = [], []
+    real_make = e2e.make
+
+    def make(mode, *args, **kwargs):
+        alive_at_start.append([r() is not None for r in built])
+        m, report = real_make(mode, *args, **kwargs)
+        built.append(weakref.ref(m))
+        return m, report
+
+    monkeypatch.setattr(e2e, "make", make)
+    out = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--profile", "--modes",
+                                      "eager,shapetune,shapetune_nopack,eager_cl", "--shapes", "2x512",
+                                      "--iters", "1", "--warmup", "1", "--json", str(out)])
+    prev = kernels.get_registry()
+    try:
+        e2e.main()
+    finally:
+        kernels.set_registry(prev)
+    assert alive_at_start == [[], [False], [False, False], [False, False, False]]
+    rows = json.loads(out.read_text())["rows"]
+    packed, apart = rows["shapetune"]["2x512"]["calls"]["linear"], rows["shapetune_nopack"]["2x512"]["calls"]["linear"]
+    assert sum(packed.values()) < sum(apart.values())
+    assert rows["shapetune"]["2x512"]["profile"]["kernels"] > 0
