@@ -286,6 +286,7 @@ def main():
                 kernels.get_registry().calls.clear()
                 if a.profile:
                     r["profile"] = eager_profile(m, inp, is_gpu)
+                    kernels.get_registry().calls.clear()  # its op calls are not the next shape's or mode's
             elif a.profile and is_gpu and mode.startswith("compile"):  # its graph replay's kernels, where CUPTI sees them
                 r["profile"] = kernel_profile(lambda: m(**inp))
             per_shape[s] = r

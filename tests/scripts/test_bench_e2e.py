@@ -71,6 +71,9 @@ def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_
         kernels.set_registry(prev)
     assert alive_at_start == [[], [False], [False, False], [False, False, False]]
     rows = json.loads(out.read_text())["rows"]
-    packed, apart = rows["shapetune"]["2x512"]["calls"]["linear"], rows["shapetune_nopack"]["2x512"]["calls"]["linear"]
-    assert sum(packed.values()) < sum(apart.values())
+    calls = {m: rows[m]["2x512"]["calls"] for m in ("shapetune", "shapetune_nopack")}
+    # the same runs per mode (warm-up and capture, or the eager calls on the CPU): the profile's calls are
+    # counted in neither (before, they went to the next mode's)
+    assert sum(calls["shapetune"]["conv2d"].values()) == sum(calls["shapetune_nopack"]["conv2d"].values())
+    assert sum(calls["shapetune"]["linear"].values()) < sum(calls["shapetune_nopack"]["linear"].values())
     assert rows["shapetune"]["2x512"]["profile"]["kernels"] > 0
