@@ -67,6 +67,13 @@ _hooks_installed = False
 
 
 def _bump(*_args):
+    # Not while torch.compile traces: the hook is global, so dynamo would trace it inside any compiled
+    # model that registers a module in its forward, guard on the epoch's value and bump it, so every call
+    # failed its own guard and recompiled (a compiled UNet in a process that had run kernels.optimize:
+    # 5.7 s per call on an H100). A registration inside a traced forward is no tree change a GraphedCall
+    # cares about: under compilation it runs the eager path.
+    if torch.compiler.is_compiling():
+        return None
     _tree_epoch[0] += 1
     return None
 
