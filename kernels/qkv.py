@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .custom_op import call_op
+from .packing import own_storage, stack_rows
 
 from shapetune.fusions import QKV, qkv_group, qkv_members
 
@@ -88,18 +89,8 @@ def pack(attn: nn.Module) -> bool:
     if names is None:
         attn.__dict__.pop(_ATTR, None)
         return False
-    mods = [getattr(attn, n) for n in names]
-    with torch.inference_mode(False), torch.no_grad():  # not inference tensors: the params stay writable
-        w = torch.cat([m.weight.detach() for m in mods])
-        b = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-        sizes, off = [], 0
-        for m in mods:
-            n = m.weight.shape[0]
-            m.weight.data = w[off:off + n]
-            if b is not None:
-                m.bias.data = b[off:off + n]
-            sizes.append(n)
-            off += n
+    w, b, _ = stack_rows([getattr(attn, n) for n in names])
+    sizes = [getattr(attn, n).weight.shape[0] for n in names]
     kv = None
     if names == QKV:
         nq = sizes[0]
@@ -113,20 +104,8 @@ def unpack(attn: nn.Module) -> None:
     p = attn.__dict__.pop(_ATTR, None)
     if p is None:
         return
-    with torch.inference_mode(False), torch.no_grad():
-        for name in p.names:
-            m = getattr(attn, name, None)
-            if not isinstance(m, nn.Linear):
-                base = getattr(m, "base_layer", None)  # a PEFT layer around the projection
-                m = base if isinstance(base, nn.Linear) else None
-            if m is None:
-                continue
-            for t in (m.weight, m.bias):
-                if t is not None and t.data.untyped_storage().data_ptr() == p.weight.untyped_storage().data_ptr():
-                    t.data = t.data.clone()
-                elif t is not None and p.bias is not None and \
-                        t.data.untyped_storage().data_ptr() == p.bias.untyped_storage().data_ptr():
-                    t.data = t.data.clone()
+    for name in p.names:
+        own_storage(getattr(attn, name, None), p.weight, p.bias)
 
 
 def projections(attn: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None):

@@ -31,6 +31,7 @@ from torch import nn
 from shapetune.fusions import temb_groups
 
 from .custom_op import call_op
+from .packing import own_storage, stack_rows
 
 _ATTR = "_shapetune_temb"  # on each member resnet: (its Group, its column offset, its width)
 _MARK = "_shapetune_patched"
@@ -100,17 +101,7 @@ def pack(model: nn.Module) -> int:
                 and len(g0[0].members) == len(resnets):
             continue
         projs = [r.time_emb_proj for r in resnets]
-        with torch.inference_mode(False), torch.no_grad():
-            w = torch.cat([p.weight.detach() for p in projs])
-            b = torch.cat([p.bias.detach() for p in projs]) if projs[0].bias is not None else None
-            offsets, off = [], 0
-            for p in projs:
-                n = p.weight.shape[0]
-                p.weight.data = w[off:off + n]
-                if b is not None:
-                    p.bias.data = b[off:off + n]
-                offsets.append(off)
-                off += n
+        w, b, offsets = stack_rows(projs)
         if g0 is not None:
             g0[0].remove_hooks()
         group = Group(w, b, [weakref.ref(r) for r in resnets], offsets)
@@ -130,15 +121,7 @@ def unpack(resnet: nn.Module) -> None:
         return
     group = entry[0]
     group.remove_hooks()
-    p = resnet.time_emb_proj
-    p = p if isinstance(p, nn.Linear) else getattr(p, "base_layer", None)  # a PEFT layer around it
-    if not isinstance(p, nn.Linear):
-        return
-    with torch.inference_mode(False), torch.no_grad():
-        for t, packed in ((p.weight, group.weight), (p.bias, group.bias)):
-            if t is not None and packed is not None and \
-                    t.data.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr():
-                t.data = t.data.clone()
+    own_storage(resnet.time_emb_proj, group.weight, group.bias)
 
 
 def projected(resnet: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:

@@ -10,10 +10,8 @@ bumped it, so each call failed its own guard.
 from __future__ import annotations
 
 import pytest
-import torch
 
 import kernels
-from shapetune.target import detect
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -22,14 +20,7 @@ TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, bl
             cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("llvm")))
-    yield
-    kernels.set_registry(prev)
-
-
-def test_a_compiled_model_compiles_once_after_optimize(registry):
+def test_a_compiled_model_compiles_once_after_optimize(empty_registry):
     import torch._dynamo
     from torch._dynamo.utils import counters
 

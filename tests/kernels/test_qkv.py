@@ -15,7 +15,6 @@ import torch
 
 import kernels
 from kernels import qkv
-from shapetune.target import detect
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
@@ -25,10 +24,8 @@ OBSERVED = 1e-2
 
 
 @pytest.fixture(autouse=True)
-def registry(tmp_path):
-    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("llvm")))
-    yield kernels.get_registry()
-    kernels.set_registry(prev)
+def registry(empty_registry):
+    return empty_registry
 
 
 def _pair(cross: int | None = None, bias: bool = False, seed: int = 0):

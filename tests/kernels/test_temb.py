@@ -15,7 +15,6 @@ import torch
 
 import kernels
 from kernels import temb
-from shapetune.target import detect
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,10 +26,8 @@ TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, bl
 
 
 @pytest.fixture(autouse=True)
-def registry(tmp_path):
-    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("llvm")))
-    yield kernels.get_registry()
-    kernels.set_registry(prev)
+def registry(empty_registry):
+    return empty_registry
 
 
 def _pair():
