@@ -10,6 +10,30 @@ import torch
 from torch import nn
 
 
+MARK = "_shapetune_patched"  # kernels.patch's instance attribute: the kind of patch applied
+
+
+def plain_linear(m) -> bool:
+    """m is an nn.Linear (exactly) that kernels.patch routed to shapetune::linear."""
+    return type(m) is nn.Linear and m.__dict__.get(MARK) == "linear"
+
+
+def holds_rows(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, off: int, n: int) -> bool:
+    """`linear` is a plain patched Linear whose weight is exactly rows off..off+n of `weight` (data
+    pointer, shape, dtype, strides) and whose bias is those of `bias` (or both are None)."""
+    if not plain_linear(linear):
+        return False
+    k, es = weight.shape[1], weight.element_size()
+    w = linear.weight
+    if w.data_ptr() != weight.data_ptr() + off * k * es or w.shape != (n, k) or w.dtype != weight.dtype \
+            or w.stride() != (k, 1):
+        return False
+    b = linear.bias
+    if bias is None:
+        return b is None
+    return b is not None and b.data_ptr() == bias.data_ptr() + off * es and b.shape == (n,) and b.dtype == bias.dtype
+
+
 def stack_rows(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """Pack `linears` (one width, dtype and device; all with a bias or none) in order; returns the
     stacked weight, bias (or None) and each one's first row."""

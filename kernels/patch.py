@@ -92,8 +92,9 @@ from . import qkv
 from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
+from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
+from .packing import plain_linear
 
-_MARK = "_shapetune_patched"  # instance attribute: the kind of patch applied
 
 
 @dataclass
@@ -268,10 +269,6 @@ def _transformer_2d_output(self, hidden_states, residual, batch_size, height, wi
     return _conv_residual(self.proj_out, h, residual)
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and m.__dict__.get(_MARK) == "linear"
-
-
 def _identity_dropout(m: nn.Module) -> bool:
     return type(m) is nn.Dropout and (not m.training or m.p == 0)
 
@@ -279,7 +276,7 @@ def _identity_dropout(m: nn.Module) -> bool:
 def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
     """proj(x) + residual as one linear_residual where proj is a patched plain Linear and residual has
     the output's exact shape and x's dtype (no broadcast, no promotion); None where it does not apply."""
-    if (_plain_linear(proj) and residual.dtype == x.dtype and x.shape[-1] == proj.in_features
+    if (plain_linear(proj) and residual.dtype == x.dtype and x.shape[-1] == proj.in_features
             and tuple(residual.shape) == (*x.shape[:-1], proj.out_features)):
         return call_op("linear_residual", x, proj.weight, proj.bias, residual)
     return None
@@ -353,7 +350,7 @@ def _ff_plus(ff: nn.Module, x, residual):
     Linear[, Dropout]) where it is a patched plain Linear and the dropouts are the identity."""
     net = ff.net
     if (len(net) in (3, 4) and _identity_dropout(net[1]) and (len(net) == 3 or _identity_dropout(net[3]))
-            and _plain_linear(net[2])):
+            and plain_linear(net[2])):
         out = _linear_residual(net[2], net[1](net[0](x)), residual)
         if out is not None:
             return out

@@ -19,8 +19,8 @@ the re-patch after a module-tree change) where the aliasing was broken; `unpack`
 its own storage back (safetensors refuses to save tensors that share memory).
 
 Which projections pack, and which of them one call runs together, is shapetune/fusions.py's rule
-(`qkv_group`, `qkv_members`), the one workload extraction reads too. The q/k/v it returns are strided views of one [B, S, Nq + Nk + Nv] output (last dim contiguous), which
-torch SDPA takes as they are.
+(`qkv_group`, `qkv_members`), the one workload extraction reads too. The q/k/v it returns are strided
+views of one [B, S, Nq + Nk + Nv] output (last dim contiguous), which torch SDPA takes as they are.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import torch
 from torch import nn
 
 from .custom_op import call_op
-from .packing import own_storage, stack_rows
+from .packing import holds_rows, own_storage, plain_linear, stack_rows
 
 from shapetune.fusions import QKV, qkv_group, qkv_members
 
 _ATTR = "_shapetune_qkv"
-_MARK = "_shapetune_patched"
 
 
 @dataclass
@@ -51,22 +50,9 @@ class Packed:
 
     def intact(self, attn: nn.Module) -> bool:
         """Each projection is a plain patched Linear whose weight (and bias) is its rows of the storage."""
-        w, b = self.weight, self.bias
-        es, k = w.element_size(), w.shape[1]
-        wp, bp = w.data_ptr(), (b.data_ptr() if b is not None else 0)
         off = 0
         for name, n in zip(self.names, self.sizes):
-            m = getattr(attn, name, None)
-            if type(m) is not nn.Linear or m.__dict__.get(_MARK) != "linear":
-                return False
-            mw, mb = m.weight, m.bias
-            if (mw.data_ptr() != wp + off * k * es or mw.shape != (n, k) or mw.dtype != w.dtype
-                    or mw.stride() != (k, 1)):
-                return False
-            if b is None:
-                if mb is not None:
-                    return False
-            elif mb is None or mb.data_ptr() != bp + off * es or mb.shape != (n,) or mb.dtype != b.dtype:
+            if not holds_rows(getattr(attn, name, None), self.weight, self.bias, off, n):
                 return False
             off += n
         return True
@@ -75,17 +61,13 @@ class Packed:
         return any(p.requires_grad for name in self.names for p in getattr(attn, name).parameters())
 
 
-def _plain(m) -> bool:
-    return type(m) is nn.Linear and m.__dict__.get(_MARK) == "linear"
-
-
 def pack(attn: nn.Module) -> bool:
     """Pack the projections of a diffusers Attention that share their input (q/k/v where all three take
     the same width, else k/v); True when this call packed them (False: already packed, or not packable)."""
     p = attn.__dict__.get(_ATTR)
     if p is not None and p.intact(attn):
         return False
-    names = qkv_group(attn, _plain)
+    names = qkv_group(attn, plain_linear)
     if names is None:
         attn.__dict__.pop(_ATTR, None)
         return False

@@ -31,14 +31,9 @@ from torch import nn
 from shapetune.fusions import temb_groups
 
 from .custom_op import call_op
-from .packing import own_storage, stack_rows
+from .packing import holds_rows, own_storage, plain_linear, stack_rows
 
 _ATTR = "_shapetune_temb"  # on each member resnet: (its Group, its column offset, its width)
-_MARK = "_shapetune_patched"
-
-
-def _plain(m) -> bool:
-    return type(m) is nn.Linear and m.__dict__.get(_MARK) == "linear"
 
 
 @dataclass(eq=False)
@@ -59,15 +54,7 @@ class Group:
         self.active, self.key, self.out = False, None, None
 
     def member_intact(self, resnet: nn.Module, off: int, n: int) -> bool:
-        p = resnet.time_emb_proj
-        if not _plain(p):
-            return False
-        w, b, k, es = self.weight, self.bias, self.weight.shape[1], self.weight.element_size()
-        if p.weight.data_ptr() != w.data_ptr() + off * k * es or p.weight.shape != (n, k) or p.weight.dtype != w.dtype:
-            return False
-        if b is None:
-            return p.bias is None
-        return p.bias is not None and p.bias.data_ptr() == b.data_ptr() + off * es and p.bias.shape == (n,)
+        return holds_rows(resnet.time_emb_proj, self.weight, self.bias, off, n)
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
@@ -88,7 +75,7 @@ def pack(model: nn.Module) -> int:
     served within `model`'s forward; returns how many resnets this call packed (0: already packed)."""
     mods = dict(model.named_modules())
     packed = 0
-    groups = temb_groups(model, _plain)
+    groups = temb_groups(model, plain_linear)
     members = {n for g in groups for n in g}
     for name, m in mods.items():  # a resnet that left its group (e.g. a LoRA around its projection)
         if name not in members and _ATTR in m.__dict__:

@@ -129,22 +129,22 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
 
     # the resnets' time-embedding projections: one GEMM per forward (kernels/temb.py), recorded at the
     # first member's call of each forward under the group's first projection's name
-    temb_of: dict[str, list] = {}  # time_emb_proj name -> [its group's names, widths, calls so far]
+    temb_of: dict[str, list] = {}  # time_emb_proj name -> [its group's names, total width, calls so far]
+    mods = dict(model.named_modules())
     for members in temb_groups(model):
-        state = [[f"{n}.time_emb_proj" for n in members], 0]
-        for n in state[0]:
+        names = [f"{n}.time_emb_proj" for n in members]
+        state = [names, sum(mods[n].out_features for n in names), 0]
+        for n in names:
             temb_of[n] = state
 
     def record(w: Workload, name: str) -> None:
         tg = temb_of.get(name)
         if tg is not None and w.op == "linear":
-            names, seen = tg
+            names, total, seen = tg
             if seen % len(names) == 0:
-                mods = dict(model.named_modules())
-                total = sum(mods[n].out_features for n in names)
                 d = w.dim
                 calls.append((linear_workload(d["m"], total, d["k"], w.dtype, epilogue=w.epilogue), names[0]))
-            tg[1] = seen + 1
+            tg[2] = seen + 1
             return
         owner = groups.get(name)
         if owner is None or w.op != "linear" or owner[0] not in current:
