@@ -21,7 +21,6 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from scheduler import pipelines as P  # noqa: E402
-from shapetune.target import detect  # noqa: E402
 
 pytest.importorskip("diffusers")
 
@@ -29,10 +28,8 @@ STEPS = 4
 
 
 @pytest.fixture(autouse=True)
-def registry(tmp_path):
-    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("cuda")))
-    yield
-    kernels.set_registry(prev)
+def registry(empty_cuda_registry):
+    return empty_cuda_registry
 
 
 def _psnr(a, b) -> float:

@@ -23,7 +23,6 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from kernels import qkv  # noqa: E402
 from kernels.graphs import GraphedCall  # noqa: E402
-from shapetune.target import detect  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
@@ -32,10 +31,8 @@ BOUND = 2e-3
 
 
 @pytest.fixture(autouse=True)
-def registry(tmp_path):
-    prev = kernels.set_registry(kernels.Registry(db_path=tmp_path / "empty.db", target=detect("cuda")))
-    yield
-    kernels.set_registry(prev)
+def registry(empty_cuda_registry):
+    return empty_cuda_registry
 
 
 def _rel(a, b) -> float:
