@@ -7,7 +7,9 @@ then, if it fails, the next, until one passes or none is left -- and for each: c
 against the template's space (`knob_error`), builds it with `builder.build_one` and verifies and
 times it with `runner.Runner`, exactly as the tuner does. One that passes is appended as a record
 measured here (this run's id, the latency measured here, the vendor path timed in the same run);
-the import is marked reverified, or reverify_failed with the reason, and never retried. The kernel
+the import is marked reverified, or reverify_failed with the reason, and never retried. A workload
+whose vendor path fails to run in this run (a crashed worker: no yardstick to judge its records by)
+is left out of the run: its imports stay pending, to be tried by a later run, and the rest go on. The kernel
 that passed (the very artifact verified and timed) is moved into the kernel cache, so prebuild and the
 first call do not build it a second time; one that failed is deleted. As in the
 tuner (scheduler.tuner): where the record that passed is `servable` against the vendor path timed
@@ -119,7 +121,12 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
         runner = runner or Runner(target, timeout_s=run_timeout_s)
         try:
             with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:
-                vendor = {w: _measure_vendor(db, runner, w, run_id) for w in todo}
+                vendor = {}
+                for w in list(todo):
+                    try:
+                        vendor[w] = _measure_vendor(db, runner, w, run_id)
+                    except RuntimeError as e:  # no yardstick this run: its imports stay pending
+                        verdicts[w].failed += [(r, f"vendor_failed: {e}") for _, r in todo.pop(w)]
                 while todo:
                     batch = {w: todo[w].pop(0) for w in todo}
                     for w, (i, r), why in _build_and_run(pool, runner, batch, target, run_id, tmp,
@@ -130,7 +137,10 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                             _decide(db, verdicts[w], i, r, why)
                         passed = verdicts[w].passed
                         if passed is not None and servable(passed.latency.median_us, vendor[w]):
-                            _measure_vendor(db, runner, w, run_id)  # once: w is resolved now
+                            try:
+                                _measure_vendor(db, runner, w, run_id)  # once: w is resolved now
+                            except RuntimeError:
+                                pass  # the run's first vendor timing stays its yardstick
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
         finally:
