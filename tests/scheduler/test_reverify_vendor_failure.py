@@ -18,7 +18,7 @@ from scheduler.tuner import Tuner
 from shapetune.db import TuningDB
 from shapetune.ops.linear import linear_workload
 
-from .test_vendor_retime import DLIGHT, FASTER_US, W, ScriptedRunner, _tune, cpu  # noqa: F401
+from .test_vendor_retime import DLIGHT, FASTER_US, ScriptedRunner, W, _tune, cpu  # noqa: F401
 
 W2 = linear_workload(1, 8, 32, "float32", bias=False)
 
