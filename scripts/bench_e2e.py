@@ -232,7 +232,13 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="GPU time by kernel category of the shapetune (eager path) and torch.compile modes")
     ap.add_argument("--json", default="")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each mode in its own process (one model's state, e.g. torch.compile's, cannot change "
+                         "another's timing); eager's outputs reach the others through a file")
+    ap.add_argument("--refs", default="", help=argparse.SUPPRESS)  # --isolate's children: eager's outputs
     a = ap.parse_args()
+    if a.isolate:
+        return isolated(a)
 
     import kernels
     from shapetune.target import detect
@@ -272,10 +278,14 @@ def main():
             t = time_calls(lambda: m(**inp), a.iters, a.warmup, is_gpu)
             with torch.no_grad():
                 out = m(**inp).sample.float()
+            if s not in refs and a.refs and mode != "eager":
+                refs.update(torch.load(a.refs))
             if s not in refs:
                 if mode != "eager":
                     raise SystemExit("bench_e2e: the first mode must be eager (the reference)")
                 refs[s] = out.cpu()
+                if a.refs:
+                    torch.save(refs, a.refs)
             r = {"us": t, ("first_call_s" if i == 0 else "shape_change_s"): first,
                  "rel_l2_vs_eager": rel_l2(out.cpu(), refs[s])}
             if is_gpu:
@@ -307,11 +317,17 @@ def main():
             torch._dynamo.reset()
         if is_gpu:
             torch.cuda.empty_cache()
+    show(rows, graphs, shapes)
+
+
+def show(rows: dict, graphs: dict, shapes: list[str]) -> None:
     modes = list(rows)
     for s in shapes:
         print(f"\n[{s}] {'mode':16s} {'ms/call':>9s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st/change s':>12s} "
               f"{'peak GiB':>9s} {'rel L2':>9s}")
         for mode in modes:
+            if s not in rows[mode]:
+                continue
             r = rows[mode][s]
             f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
             fc = r.get("first_call_s", r.get("shape_change_s"))
@@ -320,12 +336,47 @@ def main():
                   f"{r['rel_l2_vs_eager']:9.2e}")
     for mode in modes:
         for s in shapes:
-            r = rows[mode][s]
+            r = rows[mode].get(s, {})
             if "calls" in r:
                 print(f"{mode} [{s}] op calls:", json.dumps(r["calls"]))
             if "profile" in r:
                 print(f"{mode} [{s}] GPU us by category:", json.dumps({k: round(v) for k, v in r["profile"]["by_category_us"].items()}))
     print("graphs:", json.dumps(graphs))
+
+
+def isolated(a) -> None:
+    """--isolate: run each mode as a child process of this script (the same arguments, that one mode),
+    eager first (its outputs, the reference, saved for the others), and merge their JSON into one."""
+    import subprocess
+
+    modes = [m for m in a.modes.split(",") if m]
+    if modes[0] != "eager":
+        raise SystemExit("bench_e2e: the first mode must be eager (the reference)")
+    shapes = [s for s in a.shapes.split(",") if s]
+    tmp = Path(tempfile.mkdtemp(prefix="shapetune-e2e-"))
+    base = [sys.executable, __file__, "--device", a.device, "--shapes", a.shapes, "--iters", str(a.iters),
+            "--warmup", str(a.warmup), "--refs", str(tmp / "refs.pt")]
+    base += [x for db in a.db for x in ("--db", db)] + ["--tiny"] * a.tiny + ["--profile"] * a.profile
+    rows: dict[str, dict] = {}
+    graphs: dict[str, dict] = {}
+    head = {}
+
+    def save() -> None:
+        ratios(rows, shapes)
+        if a.json:
+            Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows, "graphs": graphs}, indent=1))
+    for mode in modes:
+        out = tmp / f"{mode}.json"
+        rc = subprocess.run([*base, "--modes", mode, "--json", str(out)], check=False).returncode
+        if not out.exists():
+            print(f"bench_e2e: mode {mode} wrote no result (exit {rc})")
+            continue
+        d = json.loads(out.read_text())
+        head = {k: d[k] for k in ("date", "target", "device", "torch")}
+        rows[mode] = d["rows"].get(mode, {})
+        graphs.update(d.get("graphs", {}))
+        save()
+    show(rows, graphs, shapes)
 
 
 if __name__ == "__main__":
