@@ -365,17 +365,21 @@ def isolated(a) -> None:
         ratios(rows, shapes)
         if a.json:
             Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows, "graphs": graphs}, indent=1))
-    for mode in modes:
+    def merge(mode: str) -> None:
         out = tmp / f"{mode}.json"
-        rc = subprocess.run([*base, "--modes", mode, "--json", str(out)], check=False).returncode
         if not out.exists():
-            print(f"bench_e2e: mode {mode} wrote no result (exit {rc})")
-            continue
+            print(f"bench_e2e: mode {mode} wrote no result")
+            return
         d = json.loads(out.read_text())
-        head = {k: d[k] for k in ("date", "target", "device", "torch")}
+        head.update({k: d[k] for k in ("date", "target", "device", "torch")})
         rows[mode] = d["rows"].get(mode, {})
         graphs.update(d.get("graphs", {}))
         save()
+    for mode in modes:
+        try:
+            subprocess.run([*base, "--modes", mode, "--json", str(tmp / f"{mode}.json")], check=False)
+        finally:  # also when a time limit interrupts it: the shapes that child finished are kept
+            merge(mode)
     show(rows, graphs, shapes)
 
 

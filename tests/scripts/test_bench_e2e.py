@@ -95,3 +95,29 @@ def test_isolate_runs_each_mode_in_its_own_process_against_eager(tmp_path, monke
     assert r["rel_l2_vs_eager"] < 1e-5 and r["speedup_vs_eager"] == d["rows"]["eager"]["2x512"]["us"] / r["us"]
     assert sum(r["calls"]["conv2d"].values()) > 0  # counted in the child that ran it
     assert d["graphs"]["shapetune"]  # the child's graph counters, merged
+
+
+def test_isolate_keeps_what_an_interrupted_child_measured(tmp_path, monkeypatch):
+    """A time limit that interrupts --isolate while a child runs (on an H100, 2026-12-07, torch.compile's
+    child was stopped at its third shape and nothing of it reached the JSON) keeps that child's finished
+    shapes: here the interrupt comes as the shapetune child ends, after it wrote its JSON."""
+    import subprocess
+
+    e2e = script("bench_e2e")
+    out = tmp_path / "e2e.json"
+    real = subprocess.run
+
+    def run_then_interrupt(cmd, *args, **kwargs):
+        r = real(cmd, *args, **kwargs)
+        if "shapetune" in cmd:
+            raise KeyboardInterrupt
+        return r
+
+    monkeypatch.setattr(subprocess, "run", run_then_interrupt)
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--isolate", "--modes",
+                                      "eager,shapetune", "--shapes", "2x512", "--iters", "1", "--warmup", "1",
+                                      "--json", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        e2e.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"eager", "shapetune"} and rows["shapetune"]["2x512"]["speedup_vs_eager"] > 0
