@@ -53,6 +53,11 @@ E2E = "bench/bench_e2e_h200.json"
 E2E_PREV = "bench/bench_e2e_h200_2026-12-02.json"  # an earlier matrix (other DBs, two more shapes)
 E2E_NORMS = "bench/bench_e2e_h200_norms_served.json"  # a later run: every norm bucket served; cut in compile_ro
 E2E_PACK = "bench/bench_e2e_packing.json"  # packed q/k/v and time-embedding projections, A/B in one run
+E2E_ISO = "bench/bench_e2e_h100_isolated.json"  # every mode in its own process (bench_e2e --isolate)
+E2E_SEQ = "bench/bench_e2e_h100_profile.json"  # the same day, modes in turn in one process, with profiles
+PACKING = "bench/bench_packing_h100_{shape}.json"  # scripts/bench_packing.py, per shape
+PACKING_SHAPES = ("2x512", "1x512")
+PIPELINE_H100 = "bench/bench_pipeline_h100.json"
 GRID = "sm90_h200_sd15_grid_summary.json"
 HOST_PER_OP_GPU = "bench/bench_host_per_op_h200.json"
 HOST = "bench/bench_host_h200.json"
@@ -1106,23 +1111,66 @@ def e2e_run(logs: Logs, rel: str) -> list[str]:
     first = d["rows"]["shapetune"][shapes[0]]
     tuned = {op: c.get("tuned", 0) for op, c in first["calls"].items() if c.get("tuned")}
     prof = first.get("profile", {}).get("by_category_us", {})
+    ro_prof = d["rows"].get("compile_ro", {}).get(shapes[0], {}).get("profile", {}).get("by_category_us", {})
     out = [f"- Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`"]
     if records := logs.meta_or_none(rel, "records"):
         out.append("- Records: " + records)
     if note := logs.meta_or_none(rel, "note"):
         out.append("- " + note)
+    others = others_tuned(d, shapes)
     out += [
         table([("shape", "l"), ("mode", "l"), ("ms per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
                ("1st call, s", "r"), ("peak, GiB", "r"), ("rel L2 vs eager", "r")], rows),
         f"- Ops that ran tuned kernels at {shapes[0]}: " + ", ".join(sorted(tuned)) +
         " (the records of the given DBs that beat torch in their own run; every other call runs torch's op, "
-        "counted by cause in the JSON). At the other shapes: " + others_tuned(d, shapes) + ".",
-        f"- GPU time of one shapetune forward at {shapes[0]} by kernel category (torch.profiler, µs): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in prof.items())
-        + (" (\"gemm\" includes cuBLAS's nvjet kernels" if "gemm" in prof else " (\"other\": cuBLAS nvjet GEMMs")
-        + "; \"tvm\": the tuned kernels).",
+        "counted by cause in the JSON)." + (f" At the other shapes: {others}." if others else ""),
     ]
+    if prof:
+        out.append(
+            f"- GPU time of one shapetune forward at {shapes[0]} by kernel category (torch.profiler, µs): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in prof.items())
+            + (" (\"gemm\" includes cuBLAS's nvjet kernels" if "gemm" in prof else " (\"other\": cuBLAS nvjet GEMMs")
+            + "; \"tvm\": the tuned kernels).")
+    if ro_prof:
+        out.append(
+            f"- GPU time of one torch.compile(mode=\"reduce-overhead\") call at {shapes[0]} (µs): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in ro_prof.items())
+            + " (inductor's Triton kernels are named after the ops they fuse: a GroupNorm fused with its "
+            "convolution's bias counts as \"conv\").")
     return out
+
+
+def packing_ab(logs: Logs) -> list[str]:
+    """scripts/bench_packing.py's runs: packed against unpacked projections under CUDA graphs, in turns in one
+    process; [] while none is committed."""
+    rels = [PACKING.format(shape=s) for s in PACKING_SHAPES if (logs.dir / PACKING.format(shape=s)).exists()]
+    if not rels:
+        return []
+    rows = []
+    for rel in rels:
+        d = logs.load(rel)
+        med = {k: sorted(v)[len(v) // 2] for k, v in d["medians"].items()}
+        rows.append([d["shape"], num(med["packed"] / 1e3, 3), num(med["nopack"] / 1e3, 3),
+                     num(med["packed"] / med["nopack"], 3),
+                     f"{d['packed']['kernels_per_call']:.0f} / {d['nopack']['kernels_per_call']:.0f}",
+                     f"{d['packed']['busy_us']:.0f} / {d['nopack']['busy_us']:.0f}",
+                     f"{d['packed']['small_gap_us']:.0f} / {d['nopack']['small_gap_us']:.0f}"])
+    d0 = logs.load(rels[0])
+    return [
+        "### Packed projections under CUDA graphs: in turns, one process",
+        f"- Card: {d0['device']}, {logs.meta(rels[0], 'machine')}. Date: {logs.dates(rels[0])}. "
+        f"Command: `{logs.command(rels[0])}`",
+        "- Records: " + logs.meta(rels[0], "records"),
+        f"- The optimized UNet with and without the packed projections (kernels/qkv.py, kernels/temb.py), both "
+        f"captured, then timed in {len(d0['medians']['packed'])} alternating rounds (median of each round's "
+        "median, ms per call, CUDA events per call); one torch.profiler window over 3 graph replays of each: "
+        "kernels per call, GPU busy time (sum of kernel durations, µs per call) and the gaps between kernels "
+        "inside the replays (µs per call), packed / unpacked. Absolute times differ between machines of one kind "
+        "(each device call may start a fresh one: the optimized UNet took 6.90-6.93 ms at 2x512 in the runs above), "
+        "so only the ratio within this run is its result.",
+        table([("shape", "l"), ("packed, ms", "r"), ("unpacked, ms", "r"), ("packed / unpacked", "r"),
+               ("kernels per call", "r"), ("GPU busy, µs", "r"), ("gaps, µs", "r")], rows),
+    ]
 
 
 def end_to_end(logs: Logs) -> str:
@@ -1134,15 +1182,20 @@ def end_to_end(logs: Logs) -> str:
     prev = e2e_run(logs, E2E_PREV) if (logs.dir / E2E_PREV).exists() else []
     later = e2e_run(logs, E2E_NORMS) if (logs.dir / E2E_NORMS).exists() else []
     pack = e2e_run(logs, E2E_PACK) if (logs.dir / E2E_PACK).exists() else []
+    iso = e2e_run(logs, E2E_ISO) if (logs.dir / E2E_ISO).exists() else []
+    seq = e2e_run(logs, E2E_SEQ) if (logs.dir / E2E_SEQ).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
         "- SD 1.5 UNet (random weights) fp16; shape = batch x height [x width] in pixels; CUDA events around each "
-        f"call (median of {a['iters']} after {a['warmup']} warm-up calls; host launch cost included); the weights "
+        "call (median of each command's --iters calls, 15 or 20, after 3 warm-up calls; host launch cost included); the weights "
         "and activations are far over L2, so inputs are not rotated. One model per mode, run over the shapes in "
         "the order listed: \"1st call\" is the wall time of the first call at that shape (at the first shape the "
         "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
+        *(["### The newest run: every mode in its own process", *iso] if iso else []),
+        *(["### The same day, modes in turn in one process, with profiles", *seq] if seq else []),
+        *packing_ab(logs),
         *(["### Packed projections (q/k/v, time embedding): with and without, one run", *pack] if pack else []),
         *e2e_run(logs, E2E),
         *(["### A later run: every norm bucket served (no torch.compile figure)", *later] if later else []),
@@ -1160,7 +1213,10 @@ def end_to_end(logs: Logs) -> str:
         f"later switches replay), eager {num(lrow['eager']['switch_median_s'] * 1e3, 0)} ms median; steady calls with "
         f"a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against {num(lrow['eager']['us'] / 1e3, 1)} ms "
         "eager channels_last.",
-        pipeline_table(logs),
+        *([pipeline_table(logs, PIPELINE_H100, "### The full pipeline: the newest run")]
+          if (logs.dir / PIPELINE_H100).exists() else []),
+        pipeline_table(logs, PIPELINE, "### The full pipeline" if not (logs.dir / PIPELINE_H100).exists()
+                       else "### The full pipeline: an earlier run"),
     ])
 
 
@@ -1210,7 +1266,8 @@ def host_per_op_gpu(logs: Logs) -> list[str]:
     ]
 
 
-def pipeline_table(logs: Logs) -> str:
+def pipeline_table(logs: Logs, rel: str = PIPELINE, title: str = "### The full pipeline") -> str:
+    PIPELINE = rel  # noqa: N806  (the run this table shows)
     d = logs.load(PIPELINE)
     a = d["args"]
     names = {"eager": "eager", "compile_ro": "torch.compile(mode=\"reduce-overhead\") on the UNet and VAE decode",
@@ -1225,8 +1282,9 @@ def pipeline_table(logs: Logs) -> str:
              num(r["first_call_s"], 2), num(r.get("peak_mem_gib"), 2),
              "(reference)" if r["mode"] == "eager" else num(r["psnr_vs_eager_db"], 1)] for r in rows_in]
     out = [
-        "### The full pipeline",
+        title,
         f"- Card: {logs.card(PIPELINE)}. Date: {logs.dates(PIPELINE)}. Command: `{logs.command(PIPELINE)}`",
+        *([f"- Records: {r}"] if (r := logs.meta_or_none(PIPELINE, "records")) else []),
         f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['steps']} DDIM steps with "
         "classifier-free guidance, text encoder and VAE decode included; shape = images per prompt x height [x width] "
         "in pixels (the UNet runs at twice that batch); wall time per pipeline call "
