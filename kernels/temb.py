@@ -111,6 +111,13 @@ def unpack(resnet: nn.Module) -> None:
     own_storage(resnet.time_emb_proj, group.weight, group.bias)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter; None for an inference tensor (made under torch.inference_mode), which has none:
+    it is keyed by identity alone, within the one forward the cache lives in (diffusers' UNets never write
+    temb in place)."""
+    return None if t.is_inference() else t._version
+
+
 def projected(resnet: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
     """time_emb_proj(silu(temb)) of this resnet, [B, C], from the group's one GEMM; None where the packing
     does not hold (the caller projects as diffusers does)."""
@@ -124,12 +131,12 @@ def projected(resnet: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
             p.requires_grad for p in resnet.time_emb_proj.parameters())):
         return None
     key = group.key
-    if key is None or key[0]() is not temb or key[1] != temb._version:
+    if key is None or key[0]() is not temb or key[1] != _version(temb):
         if not group.intact() or temb.dim() != 2 or temb.dtype != group.weight.dtype \
                 or temb.shape[1] != group.weight.shape[1] or temb.device != group.weight.device:
             return None
         group.out = call_op("linear", F.silu(temb), group.weight, group.bias)
-        group.key = (weakref.ref(temb), temb._version)
+        group.key = (weakref.ref(temb), _version(temb))
     elif not group.member_intact(resnet, off, n):
         return None
     return group.out[:, off:off + n]

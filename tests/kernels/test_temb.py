@@ -145,3 +145,22 @@ def test_fuse_temb_off(registry):
     _, opt = _pair()
     rep = kernels.patch(opt, fuse_temb=False)
     assert "temb_packed" not in rep.patched and all(temb._ATTR not in r.__dict__ for r in _resnets(opt))
+
+
+def test_inference_mode(registry):
+    """Under torch.inference_mode temb is an inference tensor, which has no version counter: the packed
+    forward raised RuntimeError ("Inference tensors do not track version counter") until it was keyed by
+    identity there; it matches eager and still runs one time-embedding GEMM."""
+    eager, opt = _pair()
+    kernels.patch(opt)
+    with torch.inference_mode():
+        before = _linear_calls(registry)
+        out = opt(**_inputs()).sample
+        packed_calls = _linear_calls(registry) - before
+        torch.testing.assert_close(out, eager(**_inputs()).sample, **TOL)
+    unpacked = copy.deepcopy(eager)
+    kernels.patch(unpacked, fuse_temb=False)
+    with torch.inference_mode():
+        before = _linear_calls(registry)
+        unpacked(**_inputs())
+        assert packed_calls == _linear_calls(registry) - before - len(_resnets(opt)) + 1
