@@ -65,3 +65,14 @@ def test_pipeline_optimized_matches_eager_and_restores(kind, registry):
     assert rep.graph_stats()["unet"]["cpu"] >= 2  # graphed, on the CPU the patched eager path
     kernels.restore(pipe)
     torch.testing.assert_close(_run(kind, pipe), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["text2img", "sdxl"])
+def test_pipeline_optimized_under_inference_mode(kind, registry):
+    """Users run pipelines under torch.inference_mode too: the optimized UNet raised there (kernels/temb.py
+    read an inference tensor's version counter) until 2026-12-07."""
+    pipe = _build(kind)
+    ref = _run(kind, pipe)
+    kernels.optimize(pipe)
+    with torch.inference_mode():
+        torch.testing.assert_close(_run(kind, pipe), ref, atol=1e-4, rtol=0)
