@@ -1,7 +1,8 @@
 """One GEMM for a UNet's time-embedding projections: every ResnetBlock2D projects the same SiLU(temb)
 (diffusers: `time_emb_proj(nonlinearity(temb))`, [B, 1280] -> [B, C_i]), so the first resnet of a
 forward computes all of them at once, linear(silu(temb), W_all, b_all) -> [B, sum C_i], and each resnet
-takes its columns (a view). SD 1.5: 22 SiLUs and 22 launch-bound [2 x 1280] GEMMs become one of each.
+takes its columns, contiguous (members are stacked by width; each run of equal widths is laid out
+member-major by one copy, Group.split: a tuned epilogue takes the shift as it is). SD 1.5: 22 SiLUs and 22 launch-bound [2 x 1280] GEMMs become one of each.
 
     pack(unet)                     # at patch time: each time_emb_proj's weight a view of its rows of W_all
     shift = projected(resnet, temb)    # in the patched ResnetBlock2D forward: [B, C] or None
@@ -42,8 +43,9 @@ class Group:
     bias: torch.Tensor | None
     members: list  # weak references to the member resnets
     offsets: list[int]
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first column, members, width) per run
     key: tuple | None = None  # (weakref to the temb it was computed for, temb's version)
-    out: torch.Tensor | None = field(default=None, repr=False)
+    out: dict[int, torch.Tensor] | None = field(default=None, repr=False)  # column offset -> member's [B, C]
     active: bool = False  # inside a forward of the packed model
     hooks: list = field(default_factory=list)
 
@@ -52,6 +54,20 @@ class Group:
 
     def close(self, *_args) -> None:
         self.active, self.key, self.out = False, None, None
+
+    def split(self, y: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The packed GEMM's [B, sum C] output as each member's contiguous [B, C] (what the shift's consumer,
+        a tuned bias_add / conv2d epilogue, takes without a copy): column slices where B is 1; else one
+        relayout copy per run of equal-width members ([B, k, C] -> [k, B, C]), not one copy per member
+        (SD 1.5 at batch 2: 3 copies instead of 22)."""
+        if y.shape[0] == 1:
+            return {a + j * n: y[:, a + j * n:a + (j + 1) * n] for a, k, n in self.runs for j in range(k)}
+        out = {}
+        for a, k, n in self.runs:
+            blk = y[:, a:a + k * n].unflatten(1, (k, n)).transpose(0, 1).contiguous()
+            out.update({a + j * n: blk[j] for j in range(k)})
+        return out
+
 
     def member_intact(self, resnet: nn.Module, off: int, n: int) -> bool:
         return holds_rows(resnet.time_emb_proj, self.weight, self.bias, off, n)
@@ -68,6 +84,18 @@ class Group:
             if r is None or r.__dict__.get(_ATTR) is None or not self.member_intact(r, off, r.__dict__[_ATTR][2]):
                 return False
         return True
+
+
+def _runs(widths: list[int]) -> list[tuple[int, int, int]]:
+    """(first column, count, width) of each run of equal consecutive widths."""
+    runs, a = [], 0
+    for n in widths:
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1, n])
+        a += n
+    return [tuple(r) for r in runs]
 
 
 def pack(model: nn.Module) -> int:
@@ -87,11 +115,13 @@ def pack(model: nn.Module) -> int:
         if g0 is not None and all(r.__dict__.get(_ATTR, (None,))[0] is g0[0] for r in resnets) and g0[0].intact() \
                 and len(g0[0].members) == len(resnets):
             continue
+        resnets.sort(key=lambda r: r.time_emb_proj.weight.shape[0])  # equal widths adjacent: fewer runs
         projs = [r.time_emb_proj for r in resnets]
         w, b, offsets = stack_rows(projs)
         if g0 is not None:
             g0[0].remove_hooks()
-        group = Group(w, b, [weakref.ref(r) for r in resnets], offsets)
+        group = Group(w, b, [weakref.ref(r) for r in resnets], offsets,
+                      _runs([p.weight.shape[0] for p in projs]))
         group.hooks = [model.register_forward_pre_hook(group.open),
                        model.register_forward_hook(group.close, always_call=True)]
         for r, o, p in zip(resnets, offsets, projs):
@@ -135,8 +165,8 @@ def projected(resnet: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
         if not group.intact() or temb.dim() != 2 or temb.dtype != group.weight.dtype \
                 or temb.shape[1] != group.weight.shape[1] or temb.device != group.weight.device:
             return None
-        group.out = call_op("linear", F.silu(temb), group.weight, group.bias)
+        group.out = group.split(call_op("linear", F.silu(temb), group.weight, group.bias))
         group.key = (weakref.ref(temb), _version(temb))
     elif not group.member_intact(resnet, off, n):
         return None
-    return group.out[:, off:off + n]
+    return group.out[off]
