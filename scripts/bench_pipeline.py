@@ -77,7 +77,12 @@ def main():
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--modes", default="eager,compile_ro,shapetune")
     ap.add_argument("--json", default="")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each mode in its own process, eager first (its images reach the others through a file)")
+    ap.add_argument("--refs", default="", help=argparse.SUPPRESS)  # --isolate's children: eager's images
     a = ap.parse_args()
+    if a.isolate:
+        return isolated(a)
 
     import kernels
     from scheduler.pipelines import build_sd_pipeline
@@ -127,6 +132,10 @@ def main():
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             if mode == "eager":
                 refs[shape] = img
+                if a.refs:
+                    torch.save(refs, a.refs)
+            elif a.refs and shape not in refs and Path(a.refs).exists():
+                refs.update(torch.load(a.refs))
             if shape in refs:
                 row["psnr_vs_eager_db"] = psnr(img, refs[shape])
             if report is not None:
@@ -142,6 +151,10 @@ def main():
             torch._dynamo.reset()
         if is_gpu:
             torch.cuda.empty_cache()
+    show(rows)
+
+
+def show(rows: list[dict]) -> None:
     print(f"\n{'shape':10s} {'mode':12s} {'s/image':>8s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st call s':>10s} "
           f"{'peak GiB':>9s} {'PSNR dB':>8s}")
     for r in rows:
@@ -152,6 +165,42 @@ def main():
     for r in rows:
         if "graphs" in r:
             print(f"{r['shape']} {r['mode']} graphs:", json.dumps(r["graphs"]))
+
+
+def isolated(a) -> None:
+    """--isolate: each mode as a child process of this script (the same arguments, that one mode), eager
+    first, their JSON merged into one: one mode's state (torch.compile's, CUDA graph pools) cannot change
+    another's timing."""
+    import subprocess
+    import tempfile
+
+    modes = [m for m in a.modes.split(",") if m]
+    if "eager" in modes and modes[0] != "eager":
+        raise SystemExit("bench_pipeline: eager, the reference, must be the first mode")
+    tmp = Path(tempfile.mkdtemp(prefix="shapetune-pipe-"))
+    base = [sys.executable, __file__, "--device", a.device, "--steps", str(a.steps), "--shapes", a.shapes,
+            "--iters", str(a.iters), "--refs", str(tmp / "refs.pt")]
+    base += [x for db in a.db for x in ("--db", db)] + ["--tiny"] * a.tiny
+    rows: list[dict] = []
+    head: dict = {}
+
+    def merge(mode: str) -> None:
+        out = tmp / f"{mode}.json"
+        if not out.exists():
+            print(f"bench_pipeline: mode {mode} wrote no result")
+            return
+        d = json.loads(out.read_text())
+        head.update({k: d[k] for k in ("date", "target", "device", "torch")})
+        rows.extend(r for r in d["rows"] if r["mode"] == mode)
+        ratios(rows)
+        if a.json:
+            Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows}, indent=1))
+    for mode in modes:
+        try:
+            subprocess.run([*base, "--modes", mode, "--json", str(tmp / f"{mode}.json")], check=False)
+        finally:  # also when a time limit interrupts it: what that child finished is kept
+            merge(mode)
+    show(rows)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,17 @@ def test_tiny_run_rows_per_shape_and_mode(tmp_path):
         {"files": {mb.PIPELINE: {"command": "python scripts/bench_pipeline.py --tiny", "machine": "cpu"}}}))
     md = mb.pipeline_table(logs)
     assert "| 2x64x96 | kernels.optimize(pipe) |" in md and "| 1x64 | eager |" in md
+
+
+def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
+    """--isolate: a child process per mode, eager first; PSNR against the eager child's images."""
+    out = tmp_path / "pipe.json"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--tiny", "--device", "cpu",
+                        "--steps", "1", "--iters", "1", "--shapes", "1x512", "--modes", "eager,shapetune",
+                        "--isolate", "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["args"]["isolate"] and [(r["shape"], r["mode"]) for r in d["rows"]] == [("1x64", "eager"),
+                                                                                     ("1x64", "shapetune")]
+    st = d["rows"][1]
+    assert st["psnr_vs_eager_db"] > 60 and st["speedup_vs_eager"] == pytest.approx(d["rows"][0]["s"] / st["s"])
