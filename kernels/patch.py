@@ -55,7 +55,9 @@ scripts extract are the ones dispatched here:
   q/k/v projections    diffusers Attention (`fuse_qkv`): to_q/to_k/to_v (self-attention) or to_k/to_v
                        (cross-attention) as one linear call over weights packed into one storage, each
                        Parameter a view of its rows (kernels/qkv.py; in-place weight writes reach the
-                       packed GEMM, a replaced Parameter or a LoRA layer runs the projections apart)
+                       packed GEMM, a replaced Parameter or a LoRA layer runs the projections apart);
+                       a UNet's cross-attentions' k/v, which all read the same context, as one GEMM
+                       per forward (kernels/ctxkv.py)
   (each keeps diffusers' unfused path where its conv / proj is not a plain patched module, e.g.
   LoRA-wrapped, or shapes/dtypes would broadcast or promote)
 
@@ -88,7 +90,7 @@ from torch import nn
 from shapetune.fusions import attention_covered, sites_of
 from shapetune.ops import ModuleRule, module_rules, rule_for
 
-from . import qkv
+from . import ctxkv, qkv
 from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
@@ -298,7 +300,10 @@ class AttnProcessor:
 
     @staticmethod
     def _attend(attn, hidden_states, encoder_hidden_states):
-        qkv_ = qkv.projections(attn, hidden_states, encoder_hidden_states)  # one GEMM where packed
+        kv = None if encoder_hidden_states is None else ctxkv.shared(attn, encoder_hidden_states)
+        # the UNet's cross-attentions' k/v: one GEMM per forward; else this attention's q/k/v (or k/v) as one
+        qkv_ = (attn.to_q(hidden_states), *kv) if kv is not None else \
+            qkv.projections(attn, hidden_states, encoder_hidden_states)
         if qkv_ is None:
             ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             qkv_ = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
@@ -442,8 +447,9 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
     fuse : bool, apply the fusions of shapetune/fusions.py (GroupNorm+SiLU, conv/linear + residual,
         linear + gelu; see the module docstring)
     fuse_qkv : bool (with `fuse`), pack each patched Attention's to_q/to_k/to_v (or to_k/to_v) weights
-        into one storage so they run as one GEMM (kernels/qkv.py); a later patch call packs again where
-        the packing was broken (e.g. a projection's Parameter replaced)
+        into one storage so they run as one GEMM (kernels/qkv.py), and the model's cross-attentions' k/v
+        into one storage served by one GEMM per forward (kernels/ctxkv.py); a later patch call packs again
+        where the packing was broken (e.g. a projection's Parameter replaced)
     fuse_temb : bool (with `fuse`), pack the time-embedding projections of the model's ResnetBlock2Ds
         into one storage so one GEMM per forward serves them all (kernels/temb.py)
 
@@ -472,6 +478,8 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
             _fuse_sites(m, report)
             if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
                 report.patched["qkv_packed"] += 1
+        if fuse_qkv and (n := ctxkv.pack(model)):
+            report.patched["ctxkv_packed"] += n
         if fuse_temb and (n := temb_.pack(model)):
             report.patched["temb_packed"] += n
     return report
@@ -524,6 +532,7 @@ def unpatch(model: nn.Module) -> int:
             continue
         n += 1
         if kind == "attention":
+            ctxkv.unpack(m)
             qkv.unpack(m)
             proc = m.get_processor()
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)

@@ -98,8 +98,9 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
     """(workload, module name) per handled call, in call order. The projections kernels.patch runs as one
     GEMM (shapetune.fusions.qkv_group / qkv_members: an attention's to_q/to_k/to_v, or to_k/to_v) are
     recorded as that one linear workload (their rows summed), under the first projection's name; so are
-    a UNet's time-embedding projections (shapetune.fusions.temb_groups), once per forward."""
-    from shapetune.fusions import attention_covered, qkv_group, qkv_members, temb_groups
+    a UNet's time-embedding projections (shapetune.fusions.temb_groups) and its cross-attentions' k/v
+    (shapetune.fusions.ctx_kv_groups), once per forward."""
+    from shapetune.fusions import KV, attention_covered, ctx_kv_groups, qkv_group, qkv_members, temb_groups
     from shapetune.ops.attention import _attention_type
     from shapetune.ops import call_arg
 
@@ -123,7 +124,7 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
             mask = call_arg(args, kwargs, 2, "attention_mask")
             covered = attention_covered(mod, x, ctx, mask) and not (
                 set(kwargs) - {"hidden_states", "encoder_hidden_states", "attention_mask"}) and len(args) <= 3
-            current[_name] = (qkv_members(_group, ctx is not None) if covered else (), [])
+            current[_name] = (qkv_members(_group, ctx is not None) if covered else (), [], ctx is not None)
 
         hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
@@ -136,6 +137,14 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
         state = [names, sum(mods[n].out_features for n in names), 0]
         for n in names:
             temb_of[n] = state
+
+    # the cross-attentions' k/v: one GEMM per forward (kernels/ctxkv.py), recorded at the first member's
+    # k/v call of each forward under the group's first to_k's name
+    ctx_of: dict[str, list] = {}  # attention name -> [its group's names, total width, k/v calls so far]
+    for members in ctx_kv_groups(model):
+        state = [members, sum(2 * mods[n].to_k.out_features for n in members), 0]
+        for n in members:
+            ctx_of[n] = state
 
     def record(w: Workload, name: str) -> None:
         tg = temb_of.get(name)
@@ -151,7 +160,7 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
             calls.append((w, name))
             return
         attn, short = owner
-        members, pending = current[attn]
+        members, pending, ctx_given = current[attn]
         if short not in members:
             calls.append((w, name))
             return
@@ -159,6 +168,15 @@ def _record_calls(model, inputs, dtype, handlers, method: str = "forward") -> li
         if len(pending) == len(members):
             d = [x.dim for x, _ in pending]
             first, first_name = pending[0]
+            cg = ctx_of.get(attn)
+            if cg is not None and ctx_given and members == KV:
+                names, total, seen = cg
+                if seen % len(names) == 0:
+                    calls.append((linear_workload(d[0]["m"], total, d[0]["k"], first.dtype, epilogue=first.epilogue),
+                                  f"{names[0]}.to_k" if names[0] else "to_k"))
+                cg[2] = seen + 1
+                pending.clear()
+                return
             calls.append((linear_workload(d[0]["m"], sum(x["n"] for x in d), d[0]["k"], first.dtype,
                                           epilogue=first.epilogue), first_name))
             pending.clear()

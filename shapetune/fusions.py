@@ -181,6 +181,27 @@ def attention_covered(attn: nn.Module, hidden_states, encoder_hidden_states=None
                 or (encoder_hidden_states is not None and getattr(attn, "norm_cross", None)))
 
 
+def ctx_kv_groups(model: nn.Module, served: Callable[[nn.Module], bool] | None = None) -> list[list[str]]:
+    """The cross-attentions of `model` (qualified names, in module order) whose k/v projections
+    kernels.patch runs as one GEMM per forward (kernels/ctxkv.py): every cross-attention of a UNet projects
+    the same encoder_hidden_states, so their to_k / to_v weights stack into one [sum 2C, context width]
+    matrix. An attention joins when it is `served` (default: its to_k / to_v pack as KV, `qkv_group`;
+    kernels.patch asks for the ones kernels/qkv.py packed so); the groups split by context width, dtype,
+    device and bias. Groups of one are left out."""
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover
+        return []
+    served = served or (lambda a: qkv_group(a) == KV)
+    groups: dict[tuple, list[str]] = {}
+    for name, m in model.named_modules():
+        if type(m) is not Attention or not served(m):
+            continue
+        w = m.to_k.weight
+        groups.setdefault((w.shape[1], w.dtype, w.device, m.to_k.bias is not None), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 # -- the time-embedding projections: one GEMM per UNet (kernels/temb.py packs them) -----------------
 def temb_groups(model: nn.Module, served: Callable[[nn.Module], bool] = lambda m: type(m) is nn.Linear
                 ) -> list[list[str]]:

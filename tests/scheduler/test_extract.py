@@ -58,7 +58,11 @@ def test_known_sd15_gemms(ops):
     # the transformer block adds its input to to_out.0's and ff.net.2's outputs: fused (shapetune.fusions)
     assert mods[f"{attn}.attn1.to_out.0"].workload == linear_workload(8192, 320, 320, "float16",
                                                                       epilogue=("bias", "residual"))
-    assert mods[f"{attn}.attn2.to_k"].workload == linear_workload(154, 2 * 320, 768, "float16", bias=False)
+    # the 16 cross-attentions' k/v read the same context: one GEMM per forward (kernels/ctxkv.py),
+    # 2 x (2x320 + 2x640 + 2x1280 down, 1280 mid, 3x1280 + 3x640 + 3x320 up) = 24960 columns, under the first
+    kv = mods[f"{attn}.attn2.to_k"]
+    assert kv.workload == linear_workload(154, 24960, 768, "float16", bias=False) and kv.calls == 1
+    assert "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k" not in mods
     assert mods[f"{attn}.ff.net.0.proj"].workload == linear_workload(8192, 2560, 320, "float16", bias=True)
     assert mods[f"{attn}.ff.net.2"].workload == linear_workload(8192, 320, 1280, "float16",
                                                                 epilogue=("bias", "residual"))
@@ -86,14 +90,14 @@ def test_counts_and_dedup(ops, unet):
 
     assert n_linear_calls == 184
     # 16 self-attentions run q/k/v as one GEMM (2 calls fewer each), 16 cross-attentions k/v (1 fewer),
-    # the 22 resnets' time-embedding projections one GEMM (21 fewer)
-    assert sum(op.calls for op in ops) == n_linear_calls - 16 * 2 - 16 - 21 == 115
+    # all of those k/v one GEMM (15 fewer), the 22 resnets' time-embedding projections one GEMM (21 fewer)
+    assert sum(op.calls for op in ops) == n_linear_calls - 16 * 2 - 16 - 15 - 21 == 100
     assert len({op.workload for op in ops}) == len(ops)
     # at 64x64: 5 blocks' self-attention q/k/v as one GEMM, and their cross-attention queries
     assert _find(ops, 8192, 3 * 320, 320, bias=False).calls == 5
     assert _find(ops, 8192, 320, 320, bias=False).calls == 5
-    # cross-attn K/V at 1280 channels, one GEMM each: down_blocks.2 (2) + mid (1) + up_blocks.1 (3)
-    assert _find(ops, 154, 2 * 1280, 768, bias=False).calls == 6
+    # every cross-attention's K/V: one GEMM per forward
+    assert _find(ops, 154, 24960, 768, bias=False).calls == 1
     assert all(op.workload.dtype == "float16" for op in ops)
 
 
@@ -333,7 +337,11 @@ def test_sdxl_unet_workloads_at_1024():
     mods = _by_module(ops)
     assert mods["add_embedding.linear_1"].workload == linear_workload(2, 1280, 2816, "float16", bias=True)
     blk = "down_blocks.2.attentions.0.transformer_blocks.9"
-    assert mods[f"{blk}.attn2.to_k"].workload == linear_workload(154, 2 * 1280, 2048, "float16", bias=False)
+    # all 70 cross-attentions' k/v as one GEMM per forward, under the first's name: 2 x (4 x 640 + 20 x 1280
+    # down, 10 x 1280 mid, 30 x 1280 + 6 x 640 up) = 166400 columns
+    kv = mods["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert kv.workload == linear_workload(154, 166400, 2048, "float16", bias=False) and kv.calls == 1
+    assert f"{blk}.attn2.to_k" not in mods
     assert mods[f"{blk}.attn1.to_q"].workload == linear_workload(2048, 3 * 1280, 1280, "float16", bias=False)
     att = {op.workload: op.calls for op in ops if op.workload.op == "attention"}
     assert att[attention_workload(2, 1024, 1024, 20, 64)] == 10 * (2 + 3 + 1)  # down 2, up 3, mid 1 blocks

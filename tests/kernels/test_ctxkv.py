@@ -1,0 +1,145 @@
+"""kernels/ctxkv.py: a UNet's cross-attention k/v projections as one GEMM per forward.
+
+A tiny diffusers UNet (4 transformer blocks, so 4 cross-attentions reading one context) patched, against
+an eager twin on the same weights. Tolerance: float32 on the CPU with no tuned kernels: one
+[B*S, sum 2C] GEMM against four [B*S, 2C] ones reorders no sums; 1e-5 covers the rest of the UNet's
+float32 rounding. A change counts as observed when the output moves by more than 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kernels
+from kernels import ctxkv, qkv
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+OBSERVED = 1e-3
+TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8)
+
+
+@pytest.fixture(autouse=True)
+def registry(empty_registry):
+    return empty_registry
+
+
+def _pair():
+    torch.manual_seed(0)
+    u = diffusers.UNet2DConditionModel(**TINY).eval()
+    return u, copy.deepcopy(u)
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=torch.randn(2, 7, 24, generator=g))
+
+
+def _cross(u):
+    return [m for n, m in u.named_modules() if n.endswith("attn2")]
+
+
+def _linear_calls(registry) -> int:
+    return sum(n for (op, _), n in registry.calls.items() if op == "linear")
+
+
+def test_one_gemm_serves_every_cross_attention_and_matches_eager(registry):
+    eager, opt = _pair()
+    rep = kernels.patch(opt)
+    attns = _cross(opt)
+    assert rep.patched["ctxkv_packed"] == len(attns) == 4
+    group = attns[0].__dict__[ctxkv._ATTR][0]
+    assert all(a.__dict__[ctxkv._ATTR][0] is group for a in attns) and group.intact()
+    ptr = group.weight.untyped_storage().data_ptr()
+    for a in attns:  # every k/v Parameter, and each attention's own k/v packing, views the one storage
+        assert {a.to_k.weight.untyped_storage().data_ptr(), a.to_v.weight.untyped_storage().data_ptr(),
+                a.__dict__[qkv._ATTR].weight.untyped_storage().data_ptr()} == {ptr}
+        assert a.__dict__[qkv._ATTR].intact(a)
+    x = _inputs()
+    with torch.no_grad():
+        ref = eager(**x).sample
+        registry.calls.clear()
+        out = opt(**x).sample
+        calls = _linear_calls(registry)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert not group.active and group.out is None  # nothing kept past the forward
+    _, unshared = _pair()
+    kernels.patch(unshared)
+    for a in _cross(unshared):
+        ctxkv.unpack(a)
+    with torch.no_grad():
+        registry.calls.clear()
+        torch.testing.assert_close(unshared(**x).sample, ref, **TOL)
+    assert calls == _linear_calls(registry) - 3  # 4 k/v GEMMs became 1
+
+
+@pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
+def test_weight_changes_between_forwards_show(registry, change):
+    eager, opt = _pair()
+    kernels.patch(opt)
+    x = _inputs()
+    g = torch.Generator().manual_seed(7)
+    target = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
+    shape = dict(eager.named_modules())[target].weight.shape
+    dw = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        before = opt(**x).sample
+        for m in (eager, opt):
+            p = dict(m.named_modules())[target]
+            if change == "inplace_data":
+                p.weight.data.add_(dw)
+            elif change == "copy_":
+                p.weight.copy_(p.weight + dw)
+            elif change == "replace_data":
+                p.weight.data = (p.weight + dw).clone()
+        if change == "lora":
+            peft = pytest.importorskip("peft")
+            cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=[target], init_lora_weights=False)
+            torch.manual_seed(5)
+            eager = peft.inject_adapter_in_model(cfg, eager)
+            torch.manual_seed(5)
+            opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
+            kernels.patch(opt)  # optimize's re-patch after the tree changed
+        ref = eager(**x).sample
+        out = opt(**x).sample
+    assert (ref - before).abs().max() > OBSERVED
+    torch.testing.assert_close(out, ref, **TOL)
+    if change == "lora":  # the wrapped attention left the group; the other three share a new one
+        entries = [a.__dict__.get(ctxkv._ATTR) for a in _cross(opt)]
+        assert sum(e is None for e in entries) == 1 and len({id(e[0]) for e in entries if e}) == 1
+
+
+def test_outside_the_forward_inference_mode_grad_and_unpatch(registry):
+    eager, opt = _pair()
+    kernels.patch(opt)
+    x = _inputs()
+    with torch.no_grad():  # an attention called on its own projects for itself (no group forward open)
+        a, ae = _cross(opt)[0], _cross(eager)[0]
+        h, c = torch.randn(2, 16, a.to_q.in_features), x["encoder_hidden_states"]
+        torch.testing.assert_close(a(h, encoder_hidden_states=c), ae(h, encoder_hidden_states=c), **TOL)
+    with torch.inference_mode():  # an inference-tensor context has no version counter
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+    # autograd with trainable projections: each attention projects itself, so every weight gets its gradient
+    eager(**x).sample.square().sum().backward()
+    opt(**x).sample.square().sum().backward()
+    for a, b in zip(_cross(opt), _cross(eager)):
+        torch.testing.assert_close(a.to_k.weight.grad, b.to_k.weight.grad, atol=1e-4, rtol=1e-4)
+    kernels.unpatch(opt)
+    ptrs = {p.untyped_storage().data_ptr() for a in _cross(opt) for p in (a.to_k.weight, a.to_v.weight)}
+    assert len(ptrs) == 8 and all(ctxkv._ATTR not in a.__dict__ for a in _cross(opt))
+    assert not opt._forward_pre_hooks and not opt._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+
+
+def test_fuse_qkv_off(registry):
+    _, opt = _pair()
+    rep = kernels.patch(opt, fuse_qkv=False)
+    assert "ctxkv_packed" not in rep.patched and all(ctxkv._ATTR not in a.__dict__ for a in _cross(opt))
