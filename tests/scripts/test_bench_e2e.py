@@ -80,9 +80,10 @@ def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_
 
 
 def test_isolate_runs_each_mode_in_its_own_process_against_eager(tmp_path, monkeypatch):
-    """--isolate: each mode a child process (on an H100, 2026-12-07, the optimized UNet timed 6.93 ms after
-    torch.compile had run in the same process and 6.43 ms in a process of its own), merged into one JSON
-    whose rel L2 is against the eager child's outputs."""
+    """--isolate: each mode a child process (no mode's leftover state, e.g. torch.compile's, can touch
+    another's timing; on H100s on 2026-12-07 the optimized UNet took 6.93 ms at 2x512 after torch.compile
+    in one process and 6.90 ms isolated, on different machines), merged into one JSON whose rel L2 is
+    against the eager child's outputs."""
     e2e = script("bench_e2e")
     out = tmp_path / "e2e.json"
     monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--isolate", "--modes",
