@@ -79,29 +79,12 @@ def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_
     assert rows["shapetune"]["2x512"]["profile"]["kernels"] > 0
 
 
-def test_isolate_runs_each_mode_in_its_own_process_against_eager(tmp_path, monkeypatch):
-    """--isolate: each mode a child process (no mode's leftover state, e.g. torch.compile's, can touch
-    another's timing; on H100s on 2026-12-07 the optimized UNet took 6.93 ms at 2x512 after torch.compile
-    in one process and 6.90 ms isolated, on different machines), merged into one JSON whose rel L2 is
-    against the eager child's outputs."""
-    e2e = script("bench_e2e")
-    out = tmp_path / "e2e.json"
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--isolate", "--modes",
-                                      "eager,shapetune", "--shapes", "2x512", "--iters", "1", "--warmup", "1",
-                                      "--json", str(out)])
-    e2e.main()
-    d = json.loads(out.read_text())
-    assert d["args"]["isolate"] and set(d["rows"]) == {"eager", "shapetune"}
-    r = d["rows"]["shapetune"]["2x512"]
-    assert r["rel_l2_vs_eager"] < 1e-5 and r["speedup_vs_eager"] == d["rows"]["eager"]["2x512"]["us"] / r["us"]
-    assert sum(r["calls"]["conv2d"].values()) > 0  # counted in the child that ran it
-    assert d["graphs"]["shapetune"]  # the child's graph counters, merged
-
-
 def test_isolate_keeps_what_an_interrupted_child_measured(tmp_path, monkeypatch):
-    """A time limit that interrupts --isolate while a child runs (on an H100, 2026-12-07, torch.compile's
-    child was stopped at its third shape and nothing of it reached the JSON) keeps that child's finished
-    shapes: here the interrupt comes as the shapetune child ends, after it wrote its JSON."""
+    """--isolate: each mode a child process (no mode's leftover state, e.g. torch.compile's, can touch
+    another's timing), merged into one JSON whose rel L2 is against the eager child's outputs; and a time
+    limit that interrupts it while a child runs (on an H100, 2026-12-07, torch.compile's child was stopped
+    at its third shape and nothing of it reached the JSON) keeps that child's finished shapes: here the
+    interrupt comes as the shapetune child ends, after it wrote its JSON."""
     import subprocess
 
     e2e = script("bench_e2e")
@@ -120,5 +103,8 @@ def test_isolate_keeps_what_an_interrupted_child_measured(tmp_path, monkeypatch)
                                       "--json", str(out)])
     with pytest.raises(KeyboardInterrupt):
         e2e.main()
-    rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"eager", "shapetune"} and rows["shapetune"]["2x512"]["speedup_vs_eager"] > 0
+    d = json.loads(out.read_text())
+    assert d["args"]["isolate"] and set(d["rows"]) == {"eager", "shapetune"}
+    r = d["rows"]["shapetune"]["2x512"]
+    assert r["rel_l2_vs_eager"] < 1e-5 and r["speedup_vs_eager"] == d["rows"]["eager"]["2x512"]["us"] / r["us"]
+    assert sum(r["calls"]["conv2d"].values()) > 0 and d["graphs"]["shapetune"]  # counted in the child
