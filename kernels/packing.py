@@ -1,10 +1,17 @@
 """Weights of several nn.Linear stacked into one storage, each Parameter re-pointed at its rows: the
 same Parameter objects and values, now views of one [sum N, K] matrix (and one [sum N] bias), so one
-GEMM computes all their outputs and in-place writes to any of them reach it. kernels/qkv.py and
-kernels/temb.py pack this way; each checks the aliasing on every call before it trusts it.
+GEMM computes all their outputs and in-place writes to any of them reach it. kernels/qkv.py,
+kernels/temb.py and kernels/ctxkv.py pack this way; each checks the aliasing on every call before it
+trusts it. `ModelGroup` is what the last two share: one GEMM per forward of a model, over the modules
+of that model that read one input.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -63,3 +70,96 @@ def own_storage(linear: nn.Module | None, *packed: torch.Tensor | None) -> None:
         for t in (linear.weight, linear.bias):
             if t is not None and t.data.untyped_storage().data_ptr() in ptrs:
                 t.data = t.data.clone()
+
+
+def version(t: torch.Tensor) -> int | None:
+    """t's version counter; None for an inference tensor (made under torch.inference_mode), which has none."""
+    return None if t.is_inference() else t._version
+
+
+@dataclass(eq=False)
+class ModelGroup:
+    """Modules of one model that project one shared input (every resnet's time embedding, every
+    cross-attention's context), their weights stacked into one storage (stack_rows), served by one GEMM
+    per forward of the model. The GEMM's output lives within that forward only (hooks on the model open
+    and drop it; `attach`) and is keyed by the input tensor itself: a weak reference and its version
+    (identity alone for an inference tensor; nothing in diffusers' models writes these inputs in place).
+    Each member module holds (its group, its first row, its width) in its instance attribute `attr`."""
+
+    attr: ClassVar[str] = ""
+    weight: torch.Tensor  # [sum N, K]: the members' stacked weights, in member order
+    bias: torch.Tensor | None
+    members: list  # weak references to the member modules
+    offsets: list[int]
+    key: tuple | None = None  # (weakref to the input the output was computed for, its version)
+    out: Any = field(default=None, repr=False)
+    active: bool = False  # inside a forward of the packed model
+    hooks: list = field(default_factory=list)
+
+    def open(self, *_args) -> None:
+        self.active, self.key, self.out = True, None, None
+
+    def close(self, *_args) -> None:
+        self.active, self.key, self.out = False, None, None
+
+    def attach(self, model: nn.Module) -> None:
+        self.hooks = [model.register_forward_pre_hook(self.open),
+                      model.register_forward_hook(self.close, always_call=True)]
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self.close()
+
+    def member_intact(self, member: nn.Module, off: int, n: int) -> bool:
+        """The member's projections still hold their rows of the storage (packing.holds_rows)."""
+        raise NotImplementedError
+
+    def intact(self) -> bool:
+        for ref, off in zip(self.members, self.offsets):
+            m = ref()
+            if m is None or m.__dict__.get(self.attr) is None or not self.member_intact(m, off, m.__dict__[self.attr][2]):
+                return False
+        return True
+
+    def serve(self, member: nn.Module, x: torch.Tensor, params: Iterable[torch.Tensor],
+              fits: Callable[[torch.Tensor], bool], compute: Callable[[torch.Tensor], Any]) -> bool:
+        """Whether `member` may take its part of `out` for input x now, computing `out = compute(x)` first
+        where this forward has not for x as it is. False (the caller projects by itself): outside a forward
+        of the packed model, while torch.compile traces, under autograd with x or `params` trainable, when
+        a member's projection no longer holds its rows, or x does not `fit` the stacked weight."""
+        _, off, n = member.__dict__[self.attr]
+        if not self.active or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return False
+        if self.key is None or self.key[0]() is not x or self.key[1] != version(x):
+            if not self.intact() or not fits(x):
+                return False
+            self.out, self.key = compute(x), (weakref.ref(x), version(x))
+        elif not self.member_intact(member, off, n):
+            return False
+        return True
+
+
+def regroup(mods: dict[str, nn.Module], groups: list[list[str]], attr: str
+            ) -> list[tuple[list[nn.Module], ModelGroup | None]]:
+    """The groups (module names, as `mods` names them) to pack again: per group its modules and the
+    group they were in (or None), leaving out groups still packed as they are; the entries (and the old
+    groups' hooks) of modules that left every group are dropped here."""
+    members = {n for g in groups for n in g}
+    for name, m in mods.items():  # a module that left its group (e.g. a LoRA around its projection)
+        if name not in members and attr in m.__dict__:
+            m.__dict__[attr][0].remove_hooks()
+            del m.__dict__[attr]
+    out = []
+    for names in groups:
+        ms = [mods[n] for n in names]
+        g0 = ms[0].__dict__.get(attr)
+        old = None if g0 is None else g0[0]
+        if old is not None and all(m.__dict__.get(attr, (None,))[0] is old for m in ms) and old.intact() \
+                and len(old.members) == len(ms):
+            continue
+        out.append((ms, old))
+    return out

@@ -347,8 +347,6 @@ def show(rows: dict, graphs: dict, shapes: list[str]) -> None:
 def isolated(a) -> None:
     """--isolate: run each mode as a child process of this script (the same arguments, that one mode),
     eager first (its outputs, the reference, saved for the others), and merge their JSON into one."""
-    import subprocess
-
     modes = [m for m in a.modes.split(",") if m]
     if modes[0] != "eager":
         raise SystemExit("bench_e2e: the first mode must be eager (the reference)")
@@ -375,12 +373,21 @@ def isolated(a) -> None:
         rows[mode] = d["rows"].get(mode, {})
         graphs.update(d.get("graphs", {}))
         save()
+    run_children(base, modes, tmp, merge)
+    show(rows, graphs, shapes)
+
+
+def run_children(base: list[str], modes: list[str], tmp: Path, merge) -> None:
+    """--isolate's loop (bench_e2e, bench_pipeline): `base` + `--modes M --json tmp/M.json` per mode, one
+    child process after another, and merge(M) after each, also when a time limit interrupts the run (what
+    that child wrote so far is kept)."""
+    import subprocess
+
     for mode in modes:
         try:
             subprocess.run([*base, "--modes", mode, "--json", str(tmp / f"{mode}.json")], check=False)
-        finally:  # also when a time limit interrupts it: the shapes that child finished are kept
+        finally:
             merge(mode)
-    show(rows, graphs, shapes)
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ def isolated(a) -> None:
     """--isolate: each mode as a child process of this script (the same arguments, that one mode), eager
     first, their JSON merged into one: one mode's state (torch.compile's, CUDA graph pools) cannot change
     another's timing."""
-    import subprocess
     import tempfile
+
+    from scripts.bench_e2e import run_children
 
     modes = [m for m in a.modes.split(",") if m]
     if "eager" in modes and modes[0] != "eager":
@@ -195,11 +196,7 @@ def isolated(a) -> None:
         ratios(rows)
         if a.json:
             Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows}, indent=1))
-    for mode in modes:
-        try:
-            subprocess.run([*base, "--modes", mode, "--json", str(tmp / f"{mode}.json")], check=False)
-        finally:  # also when a time limit interrupts it: what that child finished is kept
-            merge(mode)
+    run_children(base, modes, tmp, merge)
     show(rows)
 
 

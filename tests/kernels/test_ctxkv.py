@@ -18,11 +18,7 @@ from kernels import ctxkv, qkv
 
 diffusers = pytest.importorskip("diffusers")
 
-TOL = dict(atol=1e-5, rtol=1e-5)
-OBSERVED = 1e-3
-TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8)
+from ._tiny_unet import OBSERVED, TOL, inputs, linear_calls, pair  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,28 +26,12 @@ def registry(empty_registry):
     return empty_registry
 
 
-def _pair():
-    torch.manual_seed(0)
-    u = diffusers.UNet2DConditionModel(**TINY).eval()
-    return u, copy.deepcopy(u)
-
-
-def _inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(500),
-                encoder_hidden_states=torch.randn(2, 7, 24, generator=g))
-
-
 def _cross(u):
     return [m for n, m in u.named_modules() if n.endswith("attn2")]
 
 
-def _linear_calls(registry) -> int:
-    return sum(n for (op, _), n in registry.calls.items() if op == "linear")
-
-
 def test_one_gemm_serves_every_cross_attention_and_matches_eager(registry):
-    eager, opt = _pair()
+    eager, opt = pair()
     rep = kernels.patch(opt)
     attns = _cross(opt)
     assert rep.patched["ctxkv_packed"] == len(attns) == 4
@@ -62,29 +42,29 @@ def test_one_gemm_serves_every_cross_attention_and_matches_eager(registry):
         assert {a.to_k.weight.untyped_storage().data_ptr(), a.to_v.weight.untyped_storage().data_ptr(),
                 a.__dict__[qkv._ATTR].weight.untyped_storage().data_ptr()} == {ptr}
         assert a.__dict__[qkv._ATTR].intact(a)
-    x = _inputs()
+    x = inputs()
     with torch.no_grad():
         ref = eager(**x).sample
         registry.calls.clear()
         out = opt(**x).sample
-        calls = _linear_calls(registry)
+        calls = linear_calls(registry)
     torch.testing.assert_close(out, ref, **TOL)
     assert not group.active and group.out is None  # nothing kept past the forward
-    _, unshared = _pair()
+    _, unshared = pair()
     kernels.patch(unshared)
     for a in _cross(unshared):
         ctxkv.unpack(a)
     with torch.no_grad():
         registry.calls.clear()
         torch.testing.assert_close(unshared(**x).sample, ref, **TOL)
-    assert calls == _linear_calls(registry) - 3  # 4 k/v GEMMs became 1
+    assert calls == linear_calls(registry) - 3  # 4 k/v GEMMs became 1
 
 
 @pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
 def test_weight_changes_between_forwards_show(registry, change):
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
-    x = _inputs()
+    x = inputs()
     g = torch.Generator().manual_seed(7)
     target = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
     shape = dict(eager.named_modules())[target].weight.shape
@@ -117,9 +97,9 @@ def test_weight_changes_between_forwards_show(registry, change):
 
 
 def test_outside_the_forward_inference_mode_grad_and_unpatch(registry):
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
-    x = _inputs()
+    x = inputs()
     with torch.no_grad():  # an attention called on its own projects for itself (no group forward open)
         a, ae = _cross(opt)[0], _cross(eager)[0]
         h, c = torch.randn(2, 16, a.to_q.in_features), x["encoder_hidden_states"]
@@ -140,6 +120,6 @@ def test_outside_the_forward_inference_mode_grad_and_unpatch(registry):
 
 
 def test_fuse_qkv_off(registry):
-    _, opt = _pair()
+    _, opt = pair()
     rep = kernels.patch(opt, fuse_qkv=False)
     assert "ctxkv_packed" not in rep.patched and all(ctxkv._ATTR not in a.__dict__ for a in _cross(opt))

@@ -18,11 +18,7 @@ from kernels import temb
 
 diffusers = pytest.importorskip("diffusers")
 
-TOL = dict(atol=1e-5, rtol=1e-5)
-OBSERVED = 1e-3
-TINY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8)
+from ._tiny_unet import OBSERVED, TOL, inputs, linear_calls, pair  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,28 +26,12 @@ def registry(empty_registry):
     return empty_registry
 
 
-def _pair():
-    torch.manual_seed(0)
-    u = diffusers.UNet2DConditionModel(**TINY).eval()
-    return u, copy.deepcopy(u)
-
-
-def _inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(500),
-                encoder_hidden_states=torch.randn(2, 7, 24, generator=g))
-
-
 def _resnets(u):
     return [m for m in u.modules() if type(m).__name__ == "ResnetBlock2D"]
 
 
-def _linear_calls(registry) -> int:
-    return sum(n for (op, _), n in registry.calls.items() if op == "linear")
-
-
 def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
-    eager, opt = _pair()
+    eager, opt = pair()
     rep = kernels.patch(opt)
     resnets = _resnets(opt)
     assert rep.patched["temb_packed"] == len(resnets) == 8
@@ -59,7 +39,7 @@ def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
     assert all(r.__dict__[temb._ATTR][0] is group for r in resnets) and group.intact()
     for r in resnets:  # each projection's Parameter is a view of the packed storage
         assert r.time_emb_proj.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
-    x = _inputs()
+    x = inputs()
     with torch.no_grad():
         ref = eager(**x).sample
         registry.calls.clear()
@@ -67,15 +47,15 @@ def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
     torch.testing.assert_close(out, ref, **TOL)
     # the time MLP (2), one packed time-embedding GEMM, 4 transformer blocks' self-attention q/k/v (4) and
     # cross-attention queries (4), and one GEMM for all 4 cross-attentions' k/v (kernels/ctxkv.py)
-    assert _linear_calls(registry) == 2 + 1 + 4 + 4 + 1
+    assert linear_calls(registry) == 2 + 1 + 4 + 4 + 1
     assert not group.active and group.out is None  # nothing kept past the forward
 
 
 @pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
 def test_weight_changes_between_forwards_show(registry, change):
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
-    x = _inputs()
+    x = inputs()
     # random per-channel changes: a constant one would be a shift the GroupNorm after it removes
     g = torch.Generator().manual_seed(7)
     dw = torch.randn(_resnets(eager)[2].time_emb_proj.weight.shape, generator=g)
@@ -111,10 +91,10 @@ def test_weight_changes_between_forwards_show(registry, change):
 def test_a_resnet_called_outside_the_forward_projects_for_itself(registry):
     """The packed output lives within one forward of the packed UNet: a resnet called on its own, with the
     same temb twice and its weight changed in place in between, sees the change."""
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
     with torch.no_grad():
-        opt(**_inputs())
+        opt(**inputs())
         r, re_ = _resnets(opt)[0], _resnets(eager)[0]
         h = torch.randn(2, 16, 8, 8)
         t = torch.randn(2, 64)
@@ -126,9 +106,9 @@ def test_a_resnet_called_outside_the_forward_projects_for_itself(registry):
 
 
 def test_graphs_and_grad_paths_and_unpatch(registry):
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
-    x = _inputs()
+    x = inputs()
     # autograd with trainable projections: each resnet projects itself, so every weight gets its gradient
     eager(**x).sample.square().sum().backward()
     opt(**x).sample.square().sum().backward()
@@ -143,7 +123,7 @@ def test_graphs_and_grad_paths_and_unpatch(registry):
 
 
 def test_fuse_temb_off(registry):
-    _, opt = _pair()
+    _, opt = pair()
     rep = kernels.patch(opt, fuse_temb=False)
     assert "temb_packed" not in rep.patched and all(temb._ATTR not in r.__dict__ for r in _resnets(opt))
 
@@ -152,19 +132,19 @@ def test_inference_mode(registry):
     """Under torch.inference_mode temb is an inference tensor, which has no version counter: the packed
     forward raised RuntimeError ("Inference tensors do not track version counter") until it was keyed by
     identity there; it matches eager and still runs one time-embedding GEMM."""
-    eager, opt = _pair()
+    eager, opt = pair()
     kernels.patch(opt)
     with torch.inference_mode():
-        before = _linear_calls(registry)
-        out = opt(**_inputs()).sample
-        packed_calls = _linear_calls(registry) - before
-        torch.testing.assert_close(out, eager(**_inputs()).sample, **TOL)
+        before = linear_calls(registry)
+        out = opt(**inputs()).sample
+        packed_calls = linear_calls(registry) - before
+        torch.testing.assert_close(out, eager(**inputs()).sample, **TOL)
     unpacked = copy.deepcopy(eager)
     kernels.patch(unpacked, fuse_temb=False)
     with torch.inference_mode():
-        before = _linear_calls(registry)
-        unpacked(**_inputs())
-        assert packed_calls == _linear_calls(registry) - before - len(_resnets(opt)) + 1
+        before = linear_calls(registry)
+        unpacked(**inputs())
+        assert packed_calls == linear_calls(registry) - before - len(_resnets(opt)) + 1
 
 
 def test_each_member_gets_its_projection_contiguous(registry):
@@ -173,7 +153,7 @@ def test_each_member_gets_its_projection_contiguous(registry):
     resnet (an H100 profile, 2026-12-07: 22 more copy kernels per SD 1.5 step than unpacked). Now one
     relayout per run of equal widths (members stacked by width), and values equal each resnet's own
     projection."""
-    _, opt = _pair()
+    _, opt = pair()
     kernels.patch(opt)
     resnets = _resnets(opt)
     group = resnets[0].__dict__[temb._ATTR][0]
