@@ -363,31 +363,30 @@ def isolated(a) -> None:
         ratios(rows, shapes)
         if a.json:
             Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows, "graphs": graphs}, indent=1))
-    def merge(mode: str) -> None:
-        out = tmp / f"{mode}.json"
-        if not out.exists():
-            print(f"bench_e2e: mode {mode} wrote no result")
-            return
-        d = json.loads(out.read_text())
+    def take(mode: str, d: dict) -> None:
         head.update({k: d[k] for k in ("date", "target", "device", "torch")})
         rows[mode] = d["rows"].get(mode, {})
         graphs.update(d.get("graphs", {}))
         save()
-    run_children(base, modes, tmp, merge)
+    run_children(base, modes, tmp, take)
     show(rows, graphs, shapes)
 
 
-def run_children(base: list[str], modes: list[str], tmp: Path, merge) -> None:
+def run_children(base: list[str], modes: list[str], tmp: Path, take) -> None:
     """--isolate's loop (bench_e2e, bench_pipeline): `base` + `--modes M --json tmp/M.json` per mode, one
-    child process after another, and merge(M) after each, also when a time limit interrupts the run (what
-    that child wrote so far is kept)."""
+    child process after another, and take(M, its JSON) after each, also when a time limit interrupts the
+    run (what that child wrote so far is kept)."""
     import subprocess
 
     for mode in modes:
+        out = tmp / f"{mode}.json"
         try:
-            subprocess.run([*base, "--modes", mode, "--json", str(tmp / f"{mode}.json")], check=False)
+            subprocess.run([*base, "--modes", mode, "--json", str(out)], check=False)
         finally:
-            merge(mode)
+            if out.exists():
+                take(mode, json.loads(out.read_text()))
+            else:
+                print(f"{Path(base[1]).stem}: mode {mode} wrote no result")
 
 
 if __name__ == "__main__":

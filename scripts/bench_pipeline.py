@@ -185,18 +185,13 @@ def isolated(a) -> None:
     rows: list[dict] = []
     head: dict = {}
 
-    def merge(mode: str) -> None:
-        out = tmp / f"{mode}.json"
-        if not out.exists():
-            print(f"bench_pipeline: mode {mode} wrote no result")
-            return
-        d = json.loads(out.read_text())
+    def take(mode: str, d: dict) -> None:
         head.update({k: d[k] for k in ("date", "target", "device", "torch")})
         rows.extend(r for r in d["rows"] if r["mode"] == mode)
         ratios(rows)
         if a.json:
             Path(a.json).write_text(json.dumps({**head, "args": vars(a), "rows": rows}, indent=1))
-    run_children(base, modes, tmp, merge)
+    run_children(base, modes, tmp, take)
     show(rows)
 
 

@@ -32,3 +32,43 @@ def inputs(seed=1) -> dict:
 
 def linear_calls(registry) -> int:
     return sum(n for (op, _), n in registry.calls.items() if op == "linear")
+
+
+CHANGES = ["inplace_data", "copy_", "replace_data", "lora"]
+
+
+def weight_change(change: str, eager, opt, target: str, x: dict):
+    """Run `opt`, then change the Linear at module path `target` alike in both models (`change`: its weight
+    written in place through .data; its bias (or weight, without one) by copy_; its weight's storage
+    replaced; a PEFT LoRA wrapped around it, `opt` re-patched as optimize does after a tree change), and
+    run both: (opt's output before, eager's after, opt's after, opt as it is now)."""
+    import kernels
+
+    g = torch.Generator().manual_seed(7)
+    lin = dict(eager.named_modules())[target]
+    # random per-channel changes: a constant one would be a shift a GroupNorm after it could remove
+    dw = torch.randn(lin.weight.shape, generator=g)
+    db = torch.randn(lin.bias.shape, generator=g) if lin.bias is not None else None
+    with torch.no_grad():
+        before = opt(**x).sample
+        for m in (eager, opt):
+            p = dict(m.named_modules())[target]
+            if change == "inplace_data":
+                p.weight.data.add_(dw)
+            elif change == "copy_":
+                if db is not None:
+                    p.bias.copy_(p.bias + db)
+                else:
+                    p.weight.copy_(p.weight + dw)
+            elif change == "replace_data":
+                p.weight.data = (p.weight + dw).clone()
+        if change == "lora":
+            import peft
+
+            cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=[target], init_lora_weights=False)
+            torch.manual_seed(5)
+            eager = peft.inject_adapter_in_model(cfg, eager)
+            torch.manual_seed(5)
+            opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
+            kernels.patch(opt)
+        return before, eager(**x).sample, opt(**x).sample, opt

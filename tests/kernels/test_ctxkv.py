@@ -8,7 +8,6 @@ float32 rounding. A change counts as observed when the output moves by more than
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from kernels import ctxkv, qkv
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import OBSERVED, TOL, inputs, linear_calls, pair  # noqa: E402
+from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, pair, weight_change  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -60,35 +59,14 @@ def test_one_gemm_serves_every_cross_attention_and_matches_eager(registry):
     assert calls == linear_calls(registry) - 3  # 4 k/v GEMMs became 1
 
 
-@pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
+@pytest.mark.parametrize("change", CHANGES)
 def test_weight_changes_between_forwards_show(registry, change):
     eager, opt = pair()
     kernels.patch(opt)
-    x = inputs()
-    g = torch.Generator().manual_seed(7)
+    if change == "lora":
+        pytest.importorskip("peft")
     target = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
-    shape = dict(eager.named_modules())[target].weight.shape
-    dw = torch.randn(shape, generator=g)
-    with torch.no_grad():
-        before = opt(**x).sample
-        for m in (eager, opt):
-            p = dict(m.named_modules())[target]
-            if change == "inplace_data":
-                p.weight.data.add_(dw)
-            elif change == "copy_":
-                p.weight.copy_(p.weight + dw)
-            elif change == "replace_data":
-                p.weight.data = (p.weight + dw).clone()
-        if change == "lora":
-            peft = pytest.importorskip("peft")
-            cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=[target], init_lora_weights=False)
-            torch.manual_seed(5)
-            eager = peft.inject_adapter_in_model(cfg, eager)
-            torch.manual_seed(5)
-            opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
-            kernels.patch(opt)  # optimize's re-patch after the tree changed
-        ref = eager(**x).sample
-        out = opt(**x).sample
+    before, ref, out, opt = weight_change(change, eager, opt, target, inputs())
     assert (ref - before).abs().max() > OBSERVED
     torch.testing.assert_close(out, ref, **TOL)
     if change == "lora":  # the wrapped attention left the group; the other three share a new one

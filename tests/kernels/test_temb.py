@@ -18,7 +18,7 @@ from kernels import temb
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import OBSERVED, TOL, inputs, linear_calls, pair  # noqa: E402
+from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, pair, weight_change  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -51,36 +51,14 @@ def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
     assert not group.active and group.out is None  # nothing kept past the forward
 
 
-@pytest.mark.parametrize("change", ["inplace_data", "copy_", "replace_data", "lora"])
+@pytest.mark.parametrize("change", CHANGES)
 def test_weight_changes_between_forwards_show(registry, change):
     eager, opt = pair()
     kernels.patch(opt)
-    x = inputs()
-    # random per-channel changes: a constant one would be a shift the GroupNorm after it removes
-    g = torch.Generator().manual_seed(7)
-    dw = torch.randn(_resnets(eager)[2].time_emb_proj.weight.shape, generator=g)
-    db = torch.randn(_resnets(eager)[2].time_emb_proj.bias.shape, generator=g)
-    with torch.no_grad():
-        before = opt(**x).sample
-        for m in (eager, opt):
-            p = _resnets(m)[2].time_emb_proj
-            if change == "inplace_data":
-                p.weight.data.add_(dw)
-            elif change == "copy_":
-                p.bias.copy_(p.bias + db)
-            elif change == "replace_data":
-                p.weight.data = (p.weight + dw).clone()
-        if change == "lora":
-            peft = pytest.importorskip("peft")
-            cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["down_blocks.1.resnets.0.time_emb_proj"],
-                                  init_lora_weights=False)
-            torch.manual_seed(5)
-            eager = peft.inject_adapter_in_model(cfg, eager)
-            torch.manual_seed(5)
-            opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
-            kernels.patch(opt)  # optimize's re-patch after the tree changed
-        ref = eager(**x).sample
-        out = opt(**x).sample
+    if change == "lora":
+        pytest.importorskip("peft")
+    target = [n for n, m in eager.named_modules() if type(m).__name__ == "ResnetBlock2D"][2] + ".time_emb_proj"
+    before, ref, out, opt = weight_change(change, eager, opt, target, inputs())
     assert (ref - before).abs().max() > OBSERVED
     torch.testing.assert_close(out, ref, **TOL)
     if change == "lora":  # the wrapped resnet left the group; the other seven share a new one
