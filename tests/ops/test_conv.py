@@ -198,10 +198,10 @@ def test_batch_bucket_cuda_candidates_build_for_sm90():
     w = DEFAULT.bucket_of(conv2d_workload(3, 64, 64, 320, 320, 3, 3, 1, 1, "float16", True, True))
     assert w.ranges == {"n": (3, 4)}
     space = t.space(w, target)
-    for c in (space[0], space[len(space) // 2]):
-        lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
-        src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
-        assert "wmma::mma_sync" in src and "int n" in src, c  # tensorized, the batch a kernel argument
+    c = space[len(space) // 2]  # one candidate: each CUDA WMMA build takes ~100 s on a 2-core CI machine
+    lib = tvm.compile(t.apply(w, target, c), target=target.tvm_target())
+    src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+    assert "wmma::mma_sync" in src and "int n" in src, c  # tensorized, the batch a kernel argument
 
 
 def test_op_serves_a_batch_bucket(tmp_path):
