@@ -438,7 +438,8 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
     return True
 
 
-def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True) -> PatchReport:
+def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True,
+          fuse_ctxkv: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -447,9 +448,10 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
     fuse : bool, apply the fusions of shapetune/fusions.py (GroupNorm+SiLU, conv/linear + residual,
         linear + gelu; see the module docstring)
     fuse_qkv : bool (with `fuse`), pack each patched Attention's to_q/to_k/to_v (or to_k/to_v) weights
-        into one storage so they run as one GEMM (kernels/qkv.py), and the model's cross-attentions' k/v
-        into one storage served by one GEMM per forward (kernels/ctxkv.py); a later patch call packs again
-        where the packing was broken (e.g. a projection's Parameter replaced)
+        into one storage so they run as one GEMM (kernels/qkv.py); a later patch call packs again where
+        the packing was broken (e.g. a projection's Parameter replaced)
+    fuse_ctxkv : bool (with `fuse_qkv`), the model's cross-attentions' k/v packed further into one storage
+        served by one GEMM per forward (kernels/ctxkv.py)
     fuse_temb : bool (with `fuse`), pack the time-embedding projections of the model's ResnetBlock2Ds
         into one storage so one GEMM per forward serves them all (kernels/temb.py)
 
@@ -478,7 +480,7 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
             _fuse_sites(m, report)
             if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
                 report.patched["qkv_packed"] += 1
-        if fuse_qkv and (n := ctxkv.pack(model)):
+        if fuse_qkv and fuse_ctxkv and (n := ctxkv.pack(model)):
             report.patched["ctxkv_packed"] += n
         if fuse_temb and (n := temb_.pack(model)):
             report.patched["temb_packed"] += n

@@ -1,11 +1,12 @@
 """Packed projections A/B under CUDA graphs: the optimized SD 1.5 UNet with and without kernels/qkv.py's and
-kernels/temb.py's packing, both in one process on the same weights and inputs, timed in alternating rounds.
+kernels/temb.py's (and kernels/ctxkv.py's) packing, in one process on the same weights and inputs, timed in
+alternating rounds (`--variants`: packed, noctx (all but the cross-attention k/v one), nopack).
 
     python scripts/bench_packing.py --db all.db --shapes 2x512,1x512 --json packing_{shape}.json   # GPU, fp16
     python scripts/bench_packing.py --tiny --device cpu --json p_{shape}.json                      # smoke run
 
 bench_e2e.py times one mode after another, so clocks and machine state between them enter its A/B (on an
-H100, 2026-12-07, it measured the two within 0.2%); here both graphs are captured first and timed in turns
+H100, 2026-12-07, it measured the two within 0.2%); here every variant's graph is captured first, then all are timed in turns
 (`--rounds` rounds of `--iters` calls each, CUDA events per call, median per round). On the GPU, one
 torch.profiler window over 3 graph replays of each gives the kernels per call, the GPU busy time (sum of
 kernel durations) and the gaps between kernels: the time a graph replay adds to its kernels.
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_e2e as be  # noqa: E402
 import torch  # noqa: E402
 
-MODES = (("packed", True), ("nopack", False))
+# variant -> kernels.optimize's packing flags; "packed" (every packing) and "nopack" (none) make the A/B
+VARIANTS = {"packed": {}, "noctx": {"fuse_ctxkv": False}, "nopack": {"fuse_qkv": False, "fuse_temb": False}}
 
 
 def replay_profile(m, inp: dict, calls: int = 3) -> dict:
@@ -58,9 +60,9 @@ def run(shape: str, a, dev, dtype) -> dict:
     inp = be.inputs(a.tiny, b, h, w, dev, dtype)
     is_gpu = dev.type == "cuda"
     models, calls = {}, {}
-    for name, pack in MODES:
+    for name in a.variants.split(","):
         m = be.build(a.tiny, dev, dtype).to(memory_format=torch.channels_last)
-        kernels.optimize(m, fuse_qkv=pack, fuse_temb=pack)
+        kernels.optimize(m, **VARIANTS[name])
         kernels.get_registry().calls.clear()
         with torch.no_grad():
             for _ in range(a.warmup):
@@ -91,8 +93,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--iters", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=4, help="calls before timing (the first captures the graph)")
+    ap.add_argument("--variants", default="packed,nopack",
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (noctx: every packing but kernels/ctxkv.py's)")
     ap.add_argument("--json", default="", help="a path per shape: it must contain {shape}")
     a = ap.parse_args()
+    if not set(a.variants.split(",")) <= set(VARIANTS) or "packed" not in a.variants.split(","):
+        raise SystemExit(f"bench_packing: --variants takes packed and any of {', '.join(VARIANTS)}")
     if a.json and "{shape}" not in a.json:
         raise SystemExit("bench_packing: --json must contain {shape}")
     from shapetune.target import detect
@@ -104,9 +110,9 @@ def main():
         d = run(shape, a, dev, dtype)
         d["args"] = vars(a)
         med = {k: sorted(v)[len(v) // 2] for k, v in d["medians"].items()}
-        print(f"[{shape}] median of round medians, us: packed {med['packed']:.0f}, nopack {med['nopack']:.0f} "
-              f"({med['packed'] / med['nopack']:.3f}x the time)")
-        for k, _ in MODES:
+        print(f"[{shape}] median of round medians, us: "
+              + ", ".join(f"{k} {v:.0f} ({v / med['packed']:.3f}x packed's time)" for k, v in med.items()))
+        for k in med:
             if k in d:
                 p = d[k]
                 print(f"[{shape}] {k}: {p['kernels_per_call']:.0f} kernels per call, GPU busy {p['busy_us']:.0f} us, "

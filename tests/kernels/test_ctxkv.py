@@ -101,3 +101,12 @@ def test_fuse_qkv_off(registry):
     _, opt = pair()
     rep = kernels.patch(opt, fuse_qkv=False)
     assert "ctxkv_packed" not in rep.patched and all(ctxkv._ATTR not in a.__dict__ for a in _cross(opt))
+
+
+def test_fuse_ctxkv_off_keeps_the_per_attention_packing(registry):
+    eager, opt = pair()
+    rep = kernels.patch(opt, fuse_ctxkv=False)
+    assert "ctxkv_packed" not in rep.patched and rep.patched["qkv_packed"] == 8
+    assert all(ctxkv._ATTR not in a.__dict__ and qkv._ATTR in a.__dict__ for a in _cross(opt))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**inputs()).sample, eager(**inputs()).sample, **TOL)
