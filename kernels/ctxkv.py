@@ -6,7 +6,7 @@ are). SD 1.5: 16 launch-bound [B*77 x 768] GEMMs (one per cross-attention after 
 packing) become one.
 
     pack(unet)                 # at patch time, after kernels/qkv.py packed each attention's k/v
-    kv = shared(attn, ctx)     # in kernels/qkv.projections: (k, v) or None
+    kv = shared(attn, ctx)     # in kernels/patch.AttnProcessor, before kernels/qkv.projections: (k, v) or None
 
 As kernels/qkv.py and kernels/temb.py: the Parameters are re-pointed at rows of one storage (each
 attention's qkv packing now views its rows of it), so in-place writes reach the GEMM, and nothing
@@ -22,6 +22,7 @@ workload extraction records the shared GEMM by.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -91,9 +92,7 @@ def shared(attn: nn.Module, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if entry is None or ctx is None:
         return None
     group, off, n = entry
-    w = group.weight
-    if not group.serve(attn, ctx, [p for m in (attn.to_k, attn.to_v) for p in m.parameters()],
-                       lambda c: c.dim() == 3 and c.dtype == w.dtype and c.shape[-1] == w.shape[1] and c.device == w.device,
-                       lambda c: call_op("linear", c, w, group.bias)):
+    if not group.serve(attn, ctx, 3, itertools.chain(attn.to_k.parameters(), attn.to_v.parameters()),
+                       lambda c: call_op("linear", c, group.weight, group.bias)):
         return None
     return group.out[..., off:off + n], group.out[..., off + n:off + 2 * n]

@@ -123,19 +123,22 @@ class ModelGroup:
                 return False
         return True
 
-    def serve(self, member: nn.Module, x: torch.Tensor, params: Iterable[torch.Tensor],
-              fits: Callable[[torch.Tensor], bool], compute: Callable[[torch.Tensor], Any]) -> bool:
+    def serve(self, member: nn.Module, x: torch.Tensor, ndim: int, params: Iterable[torch.Tensor],
+              compute: Callable[[torch.Tensor], Any]) -> bool:
         """Whether `member` may take its part of `out` for input x now, computing `out = compute(x)` first
         where this forward has not for x as it is. False (the caller projects by itself): outside a forward
         of the packed model, while torch.compile traces, under autograd with x or `params` trainable, when
-        a member's projection no longer holds its rows, or x does not `fit` the stacked weight."""
+        a member's projection no longer holds its rows, or x is not an `ndim`-D input of the stacked
+        weight's width, dtype and device."""
         _, off, n = member.__dict__[self.attr]
         if not self.active or torch.compiler.is_compiling():
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return False
         if self.key is None or self.key[0]() is not x or self.key[1] != version(x):
-            if not self.intact() or not fits(x):
+            w = self.weight
+            if not self.intact() or x.dim() != ndim or x.dtype != w.dtype or x.shape[-1] != w.shape[1] \
+                    or x.device != w.device:
                 return False
             self.out, self.key = compute(x), (weakref.ref(x), version(x))
         elif not self.member_intact(member, off, n):

@@ -2,7 +2,8 @@
 (diffusers: `time_emb_proj(nonlinearity(temb))`, [B, 1280] -> [B, C_i]), so the first resnet of a
 forward computes all of them at once, linear(silu(temb), W_all, b_all) -> [B, sum C_i], and each resnet
 takes its columns, contiguous (members are stacked by width; each run of equal widths is laid out
-member-major by one copy, Group.split: a tuned epilogue takes the shift as it is). SD 1.5: 22 SiLUs and 22 launch-bound [2 x 1280] GEMMs become one of each.
+member-major by one copy, Group.split: a tuned epilogue takes the shift as it is). SD 1.5: 22 SiLUs
+and 22 launch-bound [2 x 1280] GEMMs become one of each.
 
     pack(unet)                     # at patch time: each time_emb_proj's weight a view of its rows of W_all
     shift = projected(resnet, temb)    # in the patched ResnetBlock2D forward: [B, C] or None
@@ -109,9 +110,7 @@ def projected(resnet: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
     if entry is None or temb is None:
         return None
     group, off, _ = entry
-    w = group.weight
-    if not group.serve(resnet, temb, resnet.time_emb_proj.parameters(),
-                       lambda t: t.dim() == 2 and t.dtype == w.dtype and t.shape[1] == w.shape[1] and t.device == w.device,
-                       lambda t: group.split(call_op("linear", F.silu(t), w, group.bias))):
+    if not group.serve(resnet, temb, 2, resnet.time_emb_proj.parameters(),
+                       lambda t: group.split(call_op("linear", F.silu(t), group.weight, group.bias))):
         return None
     return group.out[off]
