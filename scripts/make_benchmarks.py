@@ -41,6 +41,7 @@ ATTENTION = "sm90_h200_sd15_attention_summary.json"
 NORMS = "sm90_h200_sd15_norms_summary.json"
 ELEMENTWISE = "sm90_h200_sd15_elementwise_summary.json"
 NORM_BUCKETS = "sm90_h200_sd15_norms_buckets_summary.json"
+NORM_GAPS = "sm90_h100_sd15_norms_gaps_summary.json"  # tuned on an H100, 2026-12-07: the buckets nothing served
 NORMS_ROWS = "sm90_h200_sd15_norms_rows_summary.json"  # norm_cuda_rows on the 18 GroupNorms of batch 2, 512²
 NORMS_BENCH = "bench/bench_norms_h200.json"
 CONV_BENCH = "bench/bench_conv_h200.json"
@@ -662,10 +663,15 @@ def grid_buckets(logs: Logs) -> str:
     """The shape-grid bucket jobs: the elementwise passes and the norm buckets, tuned kernel vs torch's
     kernels for the same work, both timed in the job's run."""
     parts = ["## Shape-grid buckets: the elementwise passes and the norms (fp16)"]
-    for rel, what in ((ELEMENTWISE, "the elementwise passes (gelu_gate; bias_add: a conv's bias (+ residual | + "
-                                     "time embedding)) against torch's kernels for the same pass"),
-                      (NORM_BUCKETS, "GroupNorm (+SiLU) / LayerNorm buckets over batch and positions against "
-                                     "F.group_norm (+ F.silu) on channels_last / F.layer_norm")):
+    jobs = [(ELEMENTWISE, "the elementwise passes (gelu_gate; bias_add: a conv's bias (+ residual | + "
+                          "time embedding)) against torch's kernels for the same pass", "calls in the grid"),
+            (NORM_BUCKETS, "GroupNorm (+SiLU) / LayerNorm buckets over batch and positions against "
+                           "F.group_norm (+ F.silu) on channels_last / F.layer_norm", "calls in the grid")]
+    if (logs.dir / NORM_GAPS).exists():
+        jobs.append((NORM_GAPS, "the norm buckets of the SD 1.5 UNet at 1x512, 2x512, 4x512, 2x768 and 2x512x768 "
+                                "that no shipped record served (--skip-tuned), against F.group_norm (+ F.silu) on "
+                                "channels_last / F.layer_norm", "calls per UNet forward"))
+    for rel, what, calls_label in jobs:
         d = logs.load(rel)
         groups: dict[str, list[dict]] = {}
         for r in d["rows"]:
@@ -682,7 +688,7 @@ def grid_buckets(logs: Logs) -> str:
             sp = [r["vendor_us"] / r["best_us"] for r in rs]
             rows.append([g, str(len(rs)), str(sum(r.get("calls") or 0 for r in rs)), num(geomean(sp)), num(min(sp)),
                          num(max(sp))])
-        parts.append(table([("bucket kind", "l"), ("buckets", "r"), ("calls in the grid", "r"),
+        parts.append(table([("bucket kind", "l"), ("buckets", "r"), (calls_label, "r"),
                             ("speedup geomean", "r"), ("min", "r"), ("max", "r")], rows))
     return "\n\n".join(parts)
 
