@@ -55,6 +55,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from . import packing
+
 log = logging.getLogger(__name__)
 
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
@@ -332,6 +334,15 @@ class GraphedCall:
                x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
         return pytree.tree_unflatten(out, g.out_spec)
 
+    def _inner_run(self, args, kwargs):
+        """One run of the wrapped method inside this call (a warm-up or the capture): a forward scope of
+        its own for the packings' per-forward caches (kernels.packing.new_scope), which the module's hooks,
+        run once around the whole call, do not open. Without it the capture read the k/v that the last
+        warm-up cached (kernels/ctxkv.py, keyed by the static context buffer): an address outside the
+        graph's pool, freed when the call ended, replayed with whatever came to live there."""
+        packing.new_scope()
+        return self.inner(*args, **kwargs)
+
     def _capture(self, leaves: list, spec, args, kwargs) -> _Graph | str:
         """Warm up, then capture one graph of this signature; or the cause it cannot be."""
         import time
@@ -356,10 +367,10 @@ class GraphedCall:
                 side.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup):
-                        self.inner(*s_args, **s_kwargs)
+                        self._inner_run(s_args, s_kwargs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=graph_pool(dev), stream=side):
-                    out = self.inner(*s_args, **s_kwargs)
+                    out = self._inner_run(s_args, s_kwargs)
                 torch.cuda.current_stream(dev).wait_stream(side)
             out_leaves, out_spec = pytree.tree_flatten(out)
         except Exception as e:  # a sync or an uncapturable op inside the forward: eager from now on

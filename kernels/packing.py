@@ -72,6 +72,18 @@ def own_storage(linear: nn.Module | None, *packed: torch.Tensor | None) -> None:
                 t.data = t.data.clone()
 
 
+_scope = [0]  # bumped by new_scope(): part of every ModelGroup's cache key
+
+
+def new_scope() -> None:
+    """Begin a new forward scope for every ModelGroup: no output cached before this call is served after
+    it. For callers that run a packed model's inner forward several times within one call of the model,
+    where the model's hooks run only once around them: kernels.graphs warms up and captures a forward
+    that way, and a k/v output cached by a warm-up run (regular memory, freed when the call ends) must not
+    be read by the capture, which would bake its address into the graph."""
+    _scope[0] += 1
+
+
 def version(t: torch.Tensor) -> int | None:
     """t's version counter; None for an inference tensor (made under torch.inference_mode), which has none."""
     return None if t.is_inference() else t._version
@@ -82,8 +94,9 @@ class ModelGroup:
     """Modules of one model that project one shared input (every resnet's time embedding, every
     cross-attention's context), their weights stacked into one storage (stack_rows), served by one GEMM
     per forward of the model. The GEMM's output lives within that forward only (hooks on the model open
-    and drop it; `attach`) and is keyed by the input tensor itself: a weak reference and its version
-    (identity alone for an inference tensor; nothing in diffusers' models writes these inputs in place).
+    and drop it; `attach`; new_scope() for runs of the inner forward the hooks do not see) and is keyed by
+    the input tensor itself: a weak reference and its version (identity alone for an inference tensor;
+    nothing in diffusers' models writes these inputs in place).
     Each member module holds (its group, its first row, its width) in its instance attribute `attr`."""
 
     attr: ClassVar[str] = ""
@@ -91,7 +104,7 @@ class ModelGroup:
     bias: torch.Tensor | None
     members: list  # weak references to the member modules
     offsets: list[int]
-    key: tuple | None = None  # (weakref to the input the output was computed for, its version)
+    key: tuple | None = None  # (weakref to the input the output was computed for, its version, the scope)
     out: Any = field(default=None, repr=False)
     active: bool = False  # inside a forward of the packed model
     hooks: list = field(default_factory=list)
@@ -135,12 +148,12 @@ class ModelGroup:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return False
-        if self.key is None or self.key[0]() is not x or self.key[1] != version(x):
+        if self.key is None or self.key[0]() is not x or self.key[1] != version(x) or self.key[2] != _scope[0]:
             w = self.weight
             if not self.intact() or x.dim() != ndim or x.dtype != w.dtype or x.shape[-1] != w.shape[1] \
                     or x.device != w.device:
                 return False
-            self.out, self.key = compute(x), (weakref.ref(x), version(x))
+            self.out, self.key = compute(x), (weakref.ref(x), version(x), _scope[0])
         elif not self.member_intact(member, off, n):
             return False
         return True

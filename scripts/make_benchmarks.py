@@ -55,6 +55,7 @@ E2E_PREV = "bench/bench_e2e_h200_2026-12-02.json"  # an earlier matrix (other DB
 E2E_NORMS = "bench/bench_e2e_h200_norms_served.json"  # a later run: every norm bucket served; cut in compile_ro
 E2E_PACK = "bench/bench_e2e_packing.json"  # packed q/k/v and time-embedding projections, A/B in one run
 E2E_ISO = "bench/bench_e2e_h100_isolated.json"  # every mode in its own process (bench_e2e --isolate)
+E2E_MATRIX = "bench/bench_e2e_h100_matrix.json"  # the other shapes of issue 10's matrix, each mode in its own process
 E2E_SEQ = "bench/bench_e2e_h100_profile.json"  # the same day, modes in turn in one process, with profiles
 PACKING = "bench/bench_packing_h100_{shape}.json"  # scripts/bench_packing.py, per shape
 PACKING_SHAPES = ("2x512", "1x512")
@@ -1189,6 +1190,7 @@ def end_to_end(logs: Logs) -> str:
     later = e2e_run(logs, E2E_NORMS) if (logs.dir / E2E_NORMS).exists() else []
     pack = e2e_run(logs, E2E_PACK) if (logs.dir / E2E_PACK).exists() else []
     iso = e2e_run(logs, E2E_ISO) if (logs.dir / E2E_ISO).exists() else []
+    matrix = e2e_run(logs, E2E_MATRIX) if (logs.dir / E2E_MATRIX).exists() else []
     seq = e2e_run(logs, E2E_SEQ) if (logs.dir / E2E_SEQ).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
@@ -1200,6 +1202,7 @@ def end_to_end(logs: Logs) -> str:
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
         *(["### The newest run: every mode in its own process", *iso] if iso else []),
+        *(["### The other shapes of the matrix: every mode in its own process", *matrix] if matrix else []),
         *(["### The same day, modes in turn in one process, with profiles", *seq] if seq else []),
         *packing_ab(logs),
         *(["### Packed projections (q/k/v, time embedding): with and without, one run", *pack] if pack else []),

@@ -110,3 +110,32 @@ def test_fuse_ctxkv_off_keeps_the_per_attention_packing(registry):
     assert all(ctxkv._ATTR not in a.__dict__ and qkv._ATTR in a.__dict__ for a in _cross(opt))
     with torch.no_grad():
         torch.testing.assert_close(opt(**inputs()).sample, eager(**inputs()).sample, **TOL)
+
+
+def test_each_inner_run_of_a_graphed_call_computes_its_own_kv(registry):
+    """kernels.graphs warms up and captures a forward by running the model's inner forward several times
+    inside one call of the model, whose hooks open the group's forward once around them all. Each run
+    must compute the shared k/v itself: before, the capture took the k/v the last warm-up had cached for
+    the same static context buffer, so the graph read memory outside its pool that was freed when the
+    call ended (wrong outputs for a new context, an illegal address on an H100). Here a weight written
+    between two runs must show in the second."""
+    from kernels.graphs import GraphedCall
+
+    eager, opt = pair()
+    kernels.patch(opt)
+    g = GraphedCall(opt)  # installs itself as opt.forward; on the CPU only its inner runs are exercised
+    group = _cross(opt)[0].__dict__[ctxkv._ATTR][0]  # (the time-embedding group stays closed: its resnets project alone)
+    target = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
+    x = inputs()
+    with torch.no_grad():
+        group.open()  # what the model's pre-hook does around a GraphedCall's call
+        registry.calls.clear()
+        first = g._inner_run((), x).sample
+        for m in (eager, opt):
+            dict(m.named_modules())[target].weight.data.mul_(-1)
+        second = g._inner_run((), x).sample
+        group.close()
+        ref = eager(**x).sample
+    assert (ref - first).abs().max() > OBSERVED
+    torch.testing.assert_close(second, ref, **TOL)
+    g.uninstall()
