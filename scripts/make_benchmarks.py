@@ -42,6 +42,7 @@ NORMS = "sm90_h200_sd15_norms_summary.json"
 ELEMENTWISE = "sm90_h200_sd15_elementwise_summary.json"
 NORM_BUCKETS = "sm90_h200_sd15_norms_buckets_summary.json"
 NORM_GAPS = "sm90_h100_sd15_norms_gaps_summary.json"  # tuned on an H100, 2026-12-07: the buckets nothing served
+VAE_GRID = "sm90_h100_sd15_vae_summary.json"  # tuned on an H100, 2026-12-07: the VAE decoder's norm/elementwise buckets
 NORMS_ROWS = "sm90_h200_sd15_norms_rows_summary.json"  # norm_cuda_rows on the 18 GroupNorms of batch 2, 512²
 NORMS_BENCH = "bench/bench_norms_h200.json"
 CONV_BENCH = "bench/bench_conv_h200.json"
@@ -628,28 +629,44 @@ GOAL_FAMILY_GEOMEAN, GOAL_FAMILY_MIN = 0.97, 0.90
 
 def bucket_families(logs: Logs) -> list[str]:
     """scripts/bench_buckets.py --family F runs other than linear's, one file each
-    (bench/bench_buckets_<F>_h200.json); [] while none is committed."""
-    files = sorted((logs.dir / "bench").glob("bench_buckets_*_h200.json"))
+    (bench/bench_buckets_<F>_<card>.json, card h200 or h100: the card itself from the file's target and the
+    provenance file); [] while none is committed."""
+    files = sorted(p for card in ("h200", "h100") for p in (logs.dir / "bench").glob(f"bench_buckets_*_{card}.json"))
     if not files:
         return []
-    summary, details = [], []
+    summary, details, invocations = [], [], []
     for p in files:
         rel = f"bench/{p.name}"
         d = logs.load(rel)
         eff = [r["exact_us"] / r["bucket_us"] for r in d["rows"]]
         g, lo = geomean(eff), min(eff)
         ok = g >= GOAL_FAMILY_GEOMEAN and lo >= GOAL_FAMILY_MIN
-        summary.append([d["op"], str(len(eff)), str(d["trials"]), num(g, 3), num(lo, 3),
+        summary.append([d["op"], d["target"]["device_name"], str(len(eff)), str(d["trials"]), num(g, 3), num(lo, 3),
                         "reached" if ok else "not reached", logs.dates(rel)])
+        if (inv := logs.meta_or_none(rel, "invocation")) and inv not in invocations:
+            invocations.append(inv)
+        note = logs.meta_or_none(rel, "note")
         details += [f"### {d['op']}: `{logs.command(rel)}` ({logs.card(rel)})",
+                    *([f"- {note}"] if note else []),
                     table([("shape s", "l"), ("bucket", "l"), ("exact-tuned µs", "r"), ("bucket kernel µs", "r"),
                            ("vendor µs", "r"), ("efficiency", "r")],
                           [[r["shape"], r["bucket"], num(r["exact_us"]), num(r["bucket_us"]), num(r["vendor_us"]),
                             num(e, 3)] for r, e in zip(d["rows"], eff)])]
+    linear_trials = logs.load(BUCKETS)["trials"]
+    few = sorted({logs.load(f"bench/{p.name}")["trials"] for p in files} - {linear_trials})
+    lines = ["Same method, one run per family; each family's exact and bucket searches get the same trials. The "
+             "card column names each row's GPU (machine and versions under each family's table below): an efficiency "
+             "compares two kernels timed on that card in one run."]
+    if few and max(few) < linear_trials:
+        lines.append(f"Trials: {' or '.join(map(str, few))} per search (the trials column) is a small budget against "
+                     f"the {linear_trials} of the linear table above: an efficiency within a few percent of 1 is "
+                     "within the variance of two short searches, either way; a gap that a template explains (see a "
+                     "family's note) is not.")
+    lines += [f"Run as: `{inv}`; each file's command reruns one family." for inv in invocations]
     return [f"### Per family (issue 12 goal: geomean >= {GOAL_FAMILY_GEOMEAN}, minimum >= {GOAL_FAMILY_MIN})",
-            "- Same method, one run per family; each family's exact and bucket searches get the same trials.",
-            table([("family", "l"), ("shapes", "r"), ("trials", "r"), ("geomean efficiency", "r"), ("minimum", "r"),
-                   ("goal", "l"), ("date", "l")], summary),
+            bullets(lines),
+            table([("family", "l"), ("card", "l"), ("shapes", "r"), ("trials", "r"), ("geomean efficiency", "r"),
+                   ("minimum", "r"), ("goal", "l"), ("date", "l")], summary),
             *details]
 
 
@@ -658,6 +675,28 @@ def _bucket_group(name: str) -> str:
     op = next(o for o in ("bias_add", "gelu_gate", "group_norm", "layer_norm") if name.startswith(o + "_"))
     epi = name.rsplit("_f16", 1)[-1].lstrip("+").replace("affine+", "").replace("affine", "")
     return op + (f" + {epi}" if epi else "")
+
+
+MODEL_CALL = {"unet": "UNet step", "vae": "VAE decode"}
+
+
+def grid_job_estimate(d: dict) -> list[str]:
+    """A scripts/tune_sd_grid.py job's budget and estimate as bullets; [] for a job without them (the
+    tune_sd_norms.py / tune_sd_elementwise.py summaries)."""
+    if "estimate" not in d:
+        return []
+    m, e = d["meta"], d["estimate"]
+    timed = [r for r in d["rows"] if r.get("best_us") and r.get("vendor_us")]
+    tuned_calls = sum(r.get("calls") or 0 for r in timed if (r.get("served_us") or r["vendor_us"]) < r["vendor_us"])
+    per = " + ".join(("one " if n == 1 else f"{n:g} x ") + MODEL_CALL.get(k, k) for k, n in m["models"].items())
+    untimed = len(d["rows"]) - len(timed)
+    return [f"Budget: its {e['wall_s']:.0f} s timed {e['tasks_timed']} of the {m['buckets']} buckets over the grid's "
+            f"{m['shapes']} shapes, the most paying first ({m['skipped_tuned']} skipped as already tuned, {untimed} "
+            "not reached: those keep torch's kernels).",
+            f"Estimate over the timed buckets (calls x time per {e['per_name']}, i.e. per {per}): "
+            f"{num(e['vendor_ms_per'], 1)} ms on torch's kernels, {num(e['served_ms_per'], 2)} ms as served; "
+            f"{tuned_calls:g} of the {m['calls_in_buckets']:g} op calls in the grid's buckets run a kernel tuned by "
+            "this job."]
 
 
 def grid_buckets(logs: Logs) -> str:
@@ -672,6 +711,11 @@ def grid_buckets(logs: Logs) -> str:
         jobs.append((NORM_GAPS, "the norm buckets of the SD 1.5 UNet at 1x512, 2x512, 4x512, 2x768 and 2x512x768 "
                                 "that no shipped record served (--skip-tuned), against F.group_norm (+ F.silu) on "
                                 "channels_last / F.layer_norm", "calls per UNet forward"))
+    if (logs.dir / VAE_GRID).exists():
+        jobs.append((VAE_GRID, "the norm and elementwise buckets of the SD 1.5 VAE decoder over batch 1-2 at 512², "
+                               "768², 512x768 and 768x512 (scripts/tune_sd_grid.py --models vae; buckets already "
+                               "tuned skipped), against F.group_norm (+ F.silu) on channels_last and torch's kernels "
+                               "for the same bias pass", "calls in the grid"))
     for rel, what, calls_label in jobs:
         d = logs.load(rel)
         groups: dict[str, list[dict]] = {}
@@ -683,11 +727,11 @@ def grid_buckets(logs: Logs) -> str:
                               (f" ({note})" if note else "") + ".",
                               f"What: {what}; each row one bucket kind, over its tuned buckets (policy pow2-v1; a "
                               "bucket kernel timed at its upper bound, middle and lower bound). Speedup: torch µs / "
-                              "tuned µs, both from the same run."]))
+                              "tuned µs, both from the same run."] + grid_job_estimate(d)))
         rows = []
         for g, rs in sorted(groups.items()):
             sp = [r["vendor_us"] / r["best_us"] for r in rs]
-            rows.append([g, str(len(rs)), str(sum(r.get("calls") or 0 for r in rs)), num(geomean(sp)), num(min(sp)),
+            rows.append([g, str(len(rs)), f"{sum(r.get('calls') or 0 for r in rs):g}", num(geomean(sp)), num(min(sp)),
                          num(max(sp))])
         parts.append(table([("bucket kind", "l"), ("buckets", "r"), (calls_label, "r"),
                             ("speedup geomean", "r"), ("min", "r"), ("max", "r")], rows))

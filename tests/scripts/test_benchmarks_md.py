@@ -231,3 +231,30 @@ def test_yardstick_comparison_is_computed_from_its_run(logs_copy):
     assert "old / aligned time 1.290 geomean (1.290-1.290)" in section(mb.render(root), "GroupNorm")
     (root / "tuning_logs" / mb.COPY_YARDSTICK).unlink()
     assert "old / aligned" not in section(mb.render(root), "GroupNorm")
+
+
+def test_the_vae_grid_job_renders_its_budget_and_estimate(logs_copy):
+    root, _ = logs_copy
+    grid = section(COMMITTED, "Shape-grid buckets")
+    d = json.loads((REPO / "tuning_logs" / mb.VAE_GRID).read_text())
+    e = d["estimate"]
+    timed = [r for r in d["rows"] if r.get("best_us") and r.get("vendor_us")]
+    assert f"timed {e['tasks_timed']} of the {d['meta']['buckets']} buckets" in grid
+    assert (f"{e['vendor_ms_per']:.1f} ms on torch's kernels, {e['served_ms_per']:.2f} ms as served; "
+            f"{sum(r['calls'] for r in timed):g} of the {d['meta']['calls_in_buckets']:g} op calls") in grid
+    assert "| group_norm + silu | 16 | 51 |" in grid  # calls are floats in the summary: printed as counts
+    (root / "tuning_logs" / mb.VAE_GRID).unlink()
+    assert "VAE decoder" not in section(mb.render(root), "Shape-grid buckets")
+
+
+def test_per_family_bucket_runs_of_either_card_state_the_card_and_the_note():
+    sec = COMMITTED[COMMITTED.index("### Per family"):]
+    files = sorted((REPO / "tuning_logs" / "bench").glob("bench_buckets_*_h100.json"))
+    assert files
+    notes = json.loads((REPO / "tuning_logs" / mb.PROVENANCE).read_text())["files"]
+    for p in files:
+        d = json.loads(p.read_text())
+        assert f"| {d['op']} | {d['target']['device_name']} | {len(d['rows'])} | {d['trials']} |" in sec
+        if note := notes.get(f"bench/{p.name}", {}).get("note"):
+            assert f"- {note}" in sec
+    assert "is a small budget against the 32 of the linear table above" in sec
