@@ -234,6 +234,55 @@ def test_cuda_split_template_builds_with_one_group_per_thread(w):
         assert sizes == [2], (str(cand), sizes)
 
 
+@pytest.mark.parametrize("w, split", [
+    (group_norm_workload(2, 37, 96, 8, "float32", silu=True, hw_range=(33, 64)), 4),  # hw % split != 0
+    (group_norm_workload(1, 50, 64, 32, "float32", n_range=(1, 2), hw_range=(33, 64)), 8),
+    (group_norm_workload(3, 64, 64, 32, "float32"), 8),  # static and a multiple: no clamp, no select
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_predicated_split_definition_matches_reference_on_llvm(w, split):
+    """norm_cuda_split_bucket's definition (S partial sums per group over ceil(hw / S) positions each,
+    the positions past hw clamped and adding 0, then the partials summed): compiled unscheduled for the
+    CPU at hw not a multiple of S, against float64, output poisoned first."""
+    import tvm
+
+    from scheduler.templates.norm_cuda_split import predicated_group_norm
+
+    od = opdef("group_norm")
+    fn = tvm.compile(tvm.IRModule({"main": predicated_group_norm(w, split)}), target="llvm")["main"]
+    ins = od.inputs(w, "cpu", torch.Generator().manual_seed(0))
+    out = od.output(w, "cpu").fill_(float("nan"))
+    fn(*ins, out)
+    chk = check_output(out, od.reference(w, ins), w.dtype)
+    assert chk.ok, chk.reason
+
+
+@pytest.mark.parametrize("w", [
+    group_norm_workload(4, 4096, 320, 32, silu=True, n_range=(3, 4), hw_range=(2049, 4096)),  # C/G = 10
+    group_norm_workload(1, 128, 1280, 32, n_range=(1, 1), hw_range=(65, 128)),
+], ids=lambda w: w.name)
+def test_cuda_split_bucket_template_builds_two_kernels(w):
+    """norm_cuda_split_bucket serves shape buckets (norm_cuda_split, whose rfactor needs a static hw,
+    does not): sampled candidates, vector loads included, build for sm_90 as two kernels, each normalize
+    thread holding its one group's two statistics, and every load of x clamped into bounds."""
+    import re
+
+    import tvm
+
+    tgt, t = cuda_target(), templates.get("norm_cuda_split_bucket")
+    assert t.applies(w, tgt) and not templates.get("norm_cuda_split").applies(w, tgt)
+    assert not t.applies(group_norm_workload(2, 4096, 320, 32), tgt)  # exact shapes keep norm_cuda_split
+    space = t.space(w, tgt)
+    picks = space[:: max(1, len(space) // 3)] + [c for c in space if c.knob["vec_s"] > 1][:1]
+    assert picks and {c.knob["split"] for c in space} >= {2, 8}
+    for cand in picks:
+        with tgt.tvm_target():
+            lib = tvm.compile(t.apply(w, tgt, cand), target=tgt.tvm_target())
+        src = lib.mod.imports[0].inspect_source()
+        assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 2, str(cand)
+        assert re.findall(r"float stats_local_ptr\[(\d+)\]", src) == ["2"], str(cand)
+        assert "(hw - 1)" in src, str(cand)  # the clamp of the chunk's last positions
+
+
 def test_row_stats_definition_matches_reference_on_llvm():
     """norm_cuda_rows' three-stage definition (per-chunk, per-channel partial sums -> per-group sums
     -> normalize) computes group_norm: compiled unscheduled for the CPU, against float64."""
