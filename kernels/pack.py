@@ -141,6 +141,7 @@ def _build_missing(target: Target, records: list[MeasureResult], jobs: int | Non
 
 def _write(tmp: Path, reg, served, built: int) -> PackSummary:
     from scheduler.builder import artifact_name
+    from scheduler.workspaces import copy_spec, spec_path
 
     from shapetune.db import TuningDB
 
@@ -165,9 +166,13 @@ def _write(tmp: Path, reg, served, built: int) -> PackSummary:
             if target.is_gpu and CUDA_SOURCE_MARK in dst.read_bytes():
                 raise PackError(f"the kernel of {r.workload.name} in {cache / name} carries CUDA source "
                                 f"(built without nvcc?): delete it and pack again")
-            artifacts.append({"file": f"{KERNELS}/{name}", "workload_key": r.workload.key,
-                              "workload": r.workload.name, "record_id": db.find(r.uid)[0],
-                              "record_uid": r.uid, "sha256": sha256_file(dst)})
+            entry = {"file": f"{KERNELS}/{name}", "workload_key": r.workload.key,
+                     "workload": r.workload.name, "record_id": db.find(r.uid)[0],
+                     "record_uid": r.uid, "sha256": sha256_file(dst)}
+            copy_spec(cache / name, dst)  # the kernel's scratch buffers (scheduler/workspaces.py), if any
+            if spec_path(dst).exists():
+                entry["workspaces_sha256"] = sha256_file(spec_path(dst))
+            artifacts.append(entry)
     manifest = {"format": FORMAT, "version": VERSION, "created": time.time(),
                 "target_key": target.key, "target_description": target.describe(),
                 "target": target.to_json(), "db": DB_NAME, "artifacts": artifacts}
@@ -206,6 +211,7 @@ class Pack:
         """The record's function, from the pack only and only where its bytes are the manifest's;
         raises ArtifactError (the cause counted) otherwise. Never builds or compiles."""
         from scheduler.loader import load_function
+        from scheduler.workspaces import spec_path
 
         a = self.artifacts.get(record.uid)
         path = self.path / str(a["file"]) if a else None
@@ -215,6 +221,11 @@ class Pack:
         if sha256_file(path) != a.get("sha256"):
             raise ArtifactError("pack_mismatch", f"{path} does not match the sha256 of {self.path / MANIFEST}"
                                 f" (altered after packing)")
+        spec = spec_path(path)  # its scratch buffers' spec: present exactly where the manifest hashes one
+        if (a.get("workspaces_sha256") is None) == spec.exists() or \
+                (spec.exists() and sha256_file(spec) != a["workspaces_sha256"]):
+            raise ArtifactError("pack_mismatch", f"{spec} does not match {self.path / MANIFEST} (added, removed or "
+                                f"altered after packing)")
         return load_function(str(path), is_gpu, compile_source=False)
 
 

@@ -25,8 +25,13 @@ class BuildResult:
     kind: str = ""  # "" ok | "build_error" | "timeout"
 
 
+# The modules' calling convention: 2 since their global scratch buffers are arguments (scheduler/workspaces.py),
+# so a module built before (TVM workspace inside) is never loaded as one of these.
+ABI = 2
+
+
 def artifact_name(workload: Workload, candidate: Candidate) -> str:
-    return f"{workload.key}-{candidate.key}.so"
+    return f"{workload.key}-{candidate.key}-abi{ABI}.so"
 
 
 def build_one(workload_json: dict, target_json: dict, candidate_json: dict, out_dir: str) -> tuple[str, float]:
@@ -34,7 +39,7 @@ def build_one(workload_json: dict, target_json: dict, candidate_json: dict, out_
     from shapetune.target import Target as _T
     from shapetune.workload import Workload as _W
 
-    from . import templates
+    from . import templates, workspaces
     from .cuda_compile import install_compile_callback
 
     t0 = time.perf_counter()
@@ -44,12 +49,15 @@ def build_one(workload_json: dict, target_json: dict, candidate_json: dict, out_
     tvm_target = tgt.tvm_target()
     if tgt.is_gpu:
         install_compile_callback()
-    mod = templates.get(c.template).apply(w, tgt, c)
+    mod, spec = templates.get(c.template).apply(w, tgt, c), None
+    if tgt.is_gpu:  # CUDA graphs replay them (the CPU keeps TVM's workspace: no graphs, no allocation per call)
+        mod, spec = workspaces.lift(mod)
     with tvm_target:
         lib = tvm.compile(mod, target=tvm_target)
     path = Path(out_dir) / artifact_name(w, c)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
     lib.export_library(str(tmp))
+    workspaces.write_spec(path, spec)  # before the module appears: a reader of the module finds its spec
     os.replace(tmp, path)  # atomic: a reader never sees a half-written module
     return str(path), time.perf_counter() - t0
 

@@ -46,12 +46,15 @@ def _load_cuda_runtime():
 @lru_cache(maxsize=1024)
 def load_function(path: str, is_gpu: bool, compile_source: bool = True):
     """The "main" function of an exported module, loaded once per process (compile_source: see
-    `ensure_cuda_runtime`)."""
+    `ensure_cuda_runtime`), called with the op's arguments: where the module takes scratch buffers
+    (scheduler/workspaces.py), a wrapper allocates and appends them."""
     import tvm
+
+    from .workspaces import bind
 
     if is_gpu:
         ensure_cuda_runtime(compile_source)
-    return tvm.runtime.load_module(path)["main"]
+    return bind(tvm.runtime.load_module(path)["main"], path)
 
 
 _KDL_CUDA = 2  # DLPack's device type of CUDA memory

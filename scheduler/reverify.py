@@ -43,7 +43,7 @@ from shapetune.serving import servable, vendor_us
 from shapetune.target import Target
 from shapetune.workload import Workload
 
-from . import builder, templates
+from . import builder, templates, workspaces
 from .runner import Runner, vendor_baselines
 
 
@@ -168,7 +168,7 @@ def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: st
         path, build_s = b
         res = runner.run(w, path)
         if res.status != "ok":
-            Path(path).unlink(missing_ok=True)
+            workspaces.remove(path)
             yield w, (i, r), f"{res.status}: {res.error}"
             continue
         _keep(Path(path), target)
@@ -187,13 +187,14 @@ def _keep(path: Path, target: Target) -> None:
         if dest.exists():
             return
         cache.mkdir(parents=True, exist_ok=True)
+        workspaces.copy_spec(path, dest)  # its scratch buffers' spec first, as builder.build_one writes
         tmp = dest.with_suffix(f".{os.getpid()}.tmp.so")
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)  # atomic, as builder.build_one writes: a reader never sees half a module
     except OSError:
         pass  # a cache that cannot be written costs a build later, nothing else
     finally:
-        path.unlink(missing_ok=True)
+        workspaces.remove(path)
 
 
 def portable(db: TuningDB, target: Target, op: str | None = None) -> list[MeasureResult]:

@@ -41,7 +41,7 @@ from shapetune.serving import servable, vendor_us
 from shapetune.target import Target
 from shapetune.workload import Workload
 
-from . import templates
+from . import templates, workspaces
 from .builder import Builder, BuildResult
 from .runner import RunOptions, Runner, vendor_baselines
 
@@ -239,7 +239,7 @@ class Tuner:
             self.db.release(w, self.target, work.picked, self.run_id)
             for b in builds:
                 if b.path is not None:
-                    Path(b.path).unlink(missing_ok=True)
+                    workspaces.remove(b.path)
         if self._retime_vendor(w):
             rep.vendor, rep.vendor_variants = self._run_vendor(w)
 
@@ -288,7 +288,7 @@ class Tuner:
             r = self.runner.run(workload, b.path)
             out.append(MeasureResult(status=r.status, latency=r.latency, error=r.error,
                                      max_rel_err=r.rel_err, created=time.time(), **common))
-            Path(b.path).unlink(missing_ok=True)
+            workspaces.remove(b.path)
         return out
 
     def _stored_vendor(self, workload: Workload, best: MeasureResult | None

@@ -234,3 +234,16 @@ def test_doctor_shows_the_active_pack(packed, monkeypatch):
     monkeypatch.setenv("SHAPETUNE_PACK", str(packed[1]))
     r = CliRunner().invoke(main, ["doctor"])
     assert r.exit_code == 0 and f"{packed[1]} (2 kernels for" in r.output and ": active" in r.output, r.output
+
+
+def test_a_workspace_spec_added_after_packing_falls_back_counted(packed, tmp_path):
+    """A kernel's scratch-buffer spec (scheduler/workspaces.py) is part of what the manifest vouches
+    for: one that appears beside a kernel packed without one makes that kernel a counted fallback."""
+    from scheduler.workspaces import spec_path
+
+    out = _copy(packed[1], tmp_path / "pack")
+    so = out / json.loads((out / "manifest.json").read_text())["artifacts"][0]["file"]
+    spec_path(so).write_text('{"version": 1, "dims": {}, "buffers": []}')
+    got, err = serve(out, tmp_path)
+    assert got["summary"] == {"linear": {"pack_mismatch": 1, "tuned": 1}} and got["match"], got
+    assert ".ws.json does not match" in err, err
