@@ -110,17 +110,19 @@ def run_family(family: str, a: argparse.Namespace, target) -> dict:
     opts, rows = RunOptions.for_target(target), []
     with TuningDB(a.db) as db, tempfile.TemporaryDirectory() as tmp:
         for s, b in zip(shapes, buckets):
-            times = {}
+            times, cands = {}, {}
             for label, owner in (("exact", s), ("bucket", b)):
                 rec = db.best(owner.key, target.key)
                 path, _ = build_one(owner.to_json(), target.to_json(), rec.candidate.to_json(), tmp)
                 r = measure_one(s.to_json(), target.to_json(), path, opts, random.randrange(2**31))
                 assert r["status"] == "ok", (label, s.name, r)
-                times[label] = r["latency"]["median_us"]
+                times[label], cands[label] = r["latency"]["median_us"], str(rec.candidate)
             v = measure_one(s.to_json(), target.to_json(), VENDOR, opts, 0)
             rows.append({"shape": s.name, "bucket": b.name, "exact_us": times["exact"],
                          "bucket_us": times["bucket"], "vendor_us": v["latency"]["median_us"],
-                         "efficiency": times["exact"] / times["bucket"]})
+                         "efficiency": times["exact"] / times["bucket"],
+                         # which template (and knobs) won each search: why a bucket kernel is slower
+                         "exact_candidate": cands["exact"], "bucket_candidate": cands["bucket"]})
     effs = [r["efficiency"] for r in rows]
     geo = math.exp(sum(math.log(e) for e in effs) / len(effs))
     json_path = a.json.format(family=family)

@@ -49,6 +49,7 @@ def test_a_family_run_and_its_benchmarks_section(tmp_path):
     assert d["op"] == "geglu" and d["command"].startswith("python scripts/bench_buckets.py --family geglu ")
     assert f"--json {out}" in d["command"]
     assert len(d["rows"]) == 2 and all(r["exact_us"] > 0 and r["bucket_us"] > 0 for r in d["rows"])
+    assert all("[" in r["exact_candidate"] and "[" in r["bucket_candidate"] for r in d["rows"])  # template[knobs] timed
     ln = json.loads((tmp_path / "bench_buckets_layer_norm_h200.json").read_text())
     assert ln["op"] == "layer_norm" and len(ln["rows"]) == 2 and ln["min_efficiency"] > 0
 
