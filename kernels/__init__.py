@@ -11,12 +11,12 @@ from .attention import attention
 from .conv import conv2d
 from .fused import geglu, linear_gelu, linear_residual
 from .linear import linear
-from .norm import group_norm, layer_norm
+from .norm import add_layer_norm, group_norm, layer_norm
 from .pack import load_pack
 from .patch import patch, unpatch
 from .pipeline import OptimizeReport, optimize, restore
 from .registry import Registry, fallback_summary, get_registry, set_registry
 
-__all__ = ["OptimizeReport", "Registry", "attention", "conv2d", "fallback_summary", "geglu", "get_registry",
-           "group_norm", "layer_norm", "linear", "linear_gelu", "linear_residual", "load_pack", "optimize", "patch", "restore",
-           "set_registry", "unpatch"]
+__all__ = ["OptimizeReport", "Registry", "add_layer_norm", "attention", "conv2d", "fallback_summary", "geglu",
+           "get_registry", "group_norm", "layer_norm", "linear", "linear_gelu", "linear_residual", "load_pack", "optimize",
+           "patch", "restore", "set_registry", "unpatch"]

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from shapetune.ops.norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, layer_norm_workload
 from .dispatch import SUPPORTED, count, meta, plan, resolve
+from .registry import get_registry
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
@@ -197,3 +198,95 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     Tensor [..., C], x's dtype, contiguous. Non-contiguous inputs are copied to contiguous first.
     """
     return call_op("layer_norm", x, weight, bias, float(eps))
+
+
+# -- add_layer_norm: a residual add and the LayerNorm after it ----------------------------------------
+def _check_aln(a: torch.Tensor, r: torch.Tensor, weight, bias):
+    if r.shape != a.shape or r.dtype != a.dtype or r.device != a.device:
+        raise ValueError(f"shapetune.add_layer_norm: r must be a's shape {tuple(a.shape)}, dtype and device, got "
+                         f"{tuple(r.shape)} {r.dtype} on {r.device}")
+    _check_ln(a, weight, bias)
+
+
+def _aln_plan(a, r, weight, bias, eps) -> tuple:
+    _check_aln(a, r, weight, bias)
+    c = a.shape[-1]
+    m = a.numel() // c if c else 0
+    sig = ("add_layer_norm", m, c, a.dtype, eps, a.device.type)
+    return resolve("add_layer_norm", sig, lambda: add_layer_norm_workload(m, c, SUPPORTED[a.dtype], eps), a.dtype,
+                   a.is_cuda, empty=m == 0, no_affine=weight is None or bias is None) + ((m, c),)
+
+
+def _aln_key(a, r, weight, bias, eps) -> tuple:
+    return ("add_layer_norm", a.shape, a.dtype, a.device, r.shape, r.dtype, r.device, _affine(weight, bias), eps)
+
+
+@shapetune_op("add_layer_norm")
+def _add_layer_norm(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    eps: float) -> torch.Tensor:
+    _, res, (m, c) = plan(_aln_key(a, r, weight, bias, eps), _aln_plan, a, r, weight, bias, eps)
+    out = torch.empty((2, *a.shape), dtype=a.dtype, device=a.device)
+    if res is None:  # called directly without a kernel: torch's two ops, into the stacked output
+        torch.add(a, r, out=out[0])
+        out[1] = F.layer_norm(out[0], (c,), weight, bias, eps)
+        return out
+    call_on_current_stream(res.fn, [a.reshape(m, c).contiguous(), r.reshape(m, c).contiguous(), weight.contiguous(),
+                                    bias.contiguous(), out.view(2, m, c)], a.is_cuda)
+    return out
+
+
+@_add_layer_norm.register_fake
+def _(a, r, weight, bias, eps):
+    _check_aln(a, r, weight, bias)
+    return torch.empty((2, *a.shape), dtype=a.dtype, device=a.device)
+
+
+register_recompute_autograd("add_layer_norm", lambda a, r, w, b, eps: torch.stack(
+    [a + r, F.layer_norm(a + r, (a.shape[-1],), w, b, eps)]))
+
+
+def _aln_lookup(a, r, weight, bias, eps) -> tuple:
+    """add_layer_norm's plan for these arguments without counting a call: ((op, outcome), Resolution or
+    None, (m, c))."""
+    reg = get_registry()
+    key = _aln_key(a, r, weight, bias, eps)
+    p = reg.plans.get(key)
+    if p is None:
+        p = reg.plans[key] = _aln_plan(a, r, weight, bias, eps)
+    return p
+
+
+def add_layer_norm_tuned(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], eps: float = 1e-5) -> bool:
+    """Whether `add_layer_norm(a, r, ...)` runs one tuned kernel (False while torch.compile traces). Where
+    not, the call is counted under ("add_layer_norm", cause) here: the caller runs the unfused path."""
+    if torch.compiler.is_compiling():
+        return False
+    outcome, res, _ = _aln_lookup(a, r, weight, bias, eps)
+    if res is None:
+        count(*outcome)
+    return res is not None
+
+
+def add_layer_norm(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = a + r and y = LayerNorm over the last dim of s, as diffusers' BasicTransformerBlock runs
+    `h = attn(...) + h; norm(h)`. One tuned kernel for this shape and GPU where one serves (a and r read
+    once, s and y written once); else torch's add and shapetune.layer_norm, as unfused (counted under
+    ("add_layer_norm", cause) next to the layer_norm call).
+
+    Parameters
+    ----------
+    a, r : Tensor [..., C], one shape, dtype (float16 GPU / float32 CPU) and device
+    weight, bias : Tensor [C], a's dtype and device (None: the unfused path)
+    eps : float
+
+    Returns
+    -------
+    (s, y), each of a's shape and dtype, contiguous (with the kernel: two halves of one [2, ...] tensor).
+    """
+    if add_layer_norm_tuned(a, r, weight, bias, float(eps)):
+        out = call_op("add_layer_norm", a, r, weight, bias, float(eps))
+        return out[0], out[1]
+    s = a + r
+    return s, call_op("layer_norm", s, weight, bias, float(eps))

@@ -48,6 +48,10 @@ scripts extract are the ones dispatched here:
                        BasicTransformerBlock (norm_type "layer_norm"): its forward (diffusers' own,
                        restated) adds each residual inside attn1's and attn2's to_out[0] and the
                        FeedForward's output Linear (three linear_residual calls per block)
+  add + LayerNorm      BasicTransformerBlock: where add_layer_norm has a tuned kernel for the shape,
+                       attn1's and attn2's residual adds go with the LayerNorm that reads their sum
+                       (norm2, norm3) into one kernel instead (kernels.norm.add_layer_norm: s = o + h
+                       and norm(s) in one pass; to_out[0] then plain, its bias in cuBLAS's epilogue)
   linear + gelu        diffusers GELU (approximate "none", FeedForward "gelu"): linear_gelu(x, proj)
   time embedding       the ResnetBlock2Ds' time_emb_proj(silu(temb)) (`fuse_temb`): one SiLU and one
                        GEMM per forward over their weights packed into one storage, each resnet
@@ -94,6 +98,7 @@ from . import ctxkv, qkv
 from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
+from .norm import add_layer_norm_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
 from .packing import plain_linear
 
@@ -329,6 +334,15 @@ class AttnProcessor:
         # o is a fresh tensor (a projection's output, or a sum): dividing by 1 would copy it unchanged
         return o if attn.rescale_output_factor == 1 else o / attn.rescale_output_factor
 
+    def projected(self, attn, hidden_states, encoder_hidden_states):
+        """to_out[0](attention(...)) without the residual add (the caller fuses it into what follows:
+        kernels.norm.add_layer_norm), or None where that is not the module's expression (as
+        plus_residual)."""
+        if (not self.covers(attn, hidden_states, encoder_hidden_states) or attn.residual_connection
+                or attn.rescale_output_factor != 1 or not _identity_dropout(attn.to_out[1])):
+            return None
+        return attn.to_out[0](self._attend(attn, hidden_states, encoder_hidden_states))
+
     def plus_residual(self, attn, hidden_states, encoder_hidden_states, residual):
         """attn(hidden_states, encoder_hidden_states) + residual with the add fused into to_out[0]
         (one linear_residual), or None where that is not the same expression (masks and other
@@ -348,6 +362,26 @@ def _attn_plus(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual):
         if out is not None:
             return out
     return attn(x, encoder_hidden_states=ctx, attention_mask=mask, **cross_kwargs) + residual
+
+
+def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, norm: nn.Module):
+    """(h, norm(h)) with h = attn(x, ctx, mask, **cross_kwargs) + residual. Where our processor serves the
+    call, `norm` is a patched LayerNorm and add_layer_norm has a tuned kernel for the shape: the output
+    projection (its bias in cuBLAS's epilogue), then the add and the LayerNorm as one kernel. Else the add
+    fused into to_out[0] (_attn_plus) and the LayerNorm on its own, as before."""
+    proc = attn.processor
+    if (mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and type(norm) is nn.LayerNorm
+            and norm.__dict__.get(_MARK) == "layer_norm" and norm.weight is not None and norm.bias is not None
+            and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias, float(norm.eps))):
+        o = proc.projected(attn, x, ctx)
+        if o is not None and o.shape == residual.shape and o.dtype == residual.dtype:
+            out = call_op("add_layer_norm", o, residual, norm.weight, norm.bias, float(norm.eps))
+            return out[0], out[1]
+        if o is not None:  # a shape the add broadcasts: torch's add, then the norm
+            h = o + residual
+            return h, norm(h)
+    h = _attn_plus(attn, x, ctx, mask, cross_kwargs, residual)
+    return h, norm(h)
 
 
 def _ff_plus(ff: nn.Module, x, residual):
@@ -377,11 +411,13 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder
                                   timestep, ck, class_labels, added_cond_kwargs)
     ck = dict(ck) if ck else {}
     h = hidden_states
-    h = _attn_plus(self.attn1, self.norm1(h), encoder_hidden_states if self.only_cross_attention else None,
-                   attention_mask, ck, h)
+    # each residual add with the LayerNorm that reads its sum: one add_layer_norm kernel where one is tuned
+    after1 = self.norm2 if self.attn2 is not None else self.norm3
+    h, n = _attn_add_norm(self.attn1, self.norm1(h), encoder_hidden_states if self.only_cross_attention else None,
+                          attention_mask, ck, h, after1)
     if self.attn2 is not None:
-        h = _attn_plus(self.attn2, self.norm2(h), encoder_hidden_states, encoder_attention_mask, ck, h)
-    return _ff_plus(self.ff, self.norm3(h), h)
+        h, n = _attn_add_norm(self.attn2, n, encoder_hidden_states, encoder_attention_mask, ck, h, self.norm3)
+    return _ff_plus(self.ff, n, h)
 
 
 # -- the patch table ---------------------------------------------------------------------------------

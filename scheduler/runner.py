@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from shapetune.buckets import timing_members
 from shapetune.records import LatencyStats, VendorBaseline
 from shapetune.target import Target
+from shapetune.ops import VendorPath
 from shapetune.workload import Workload
 
 from .isolation import IsolatedPool, WorkerCrashed, WorkerTimeout
@@ -188,6 +189,8 @@ def _calling(artifact: str, od, w: Workload, is_gpu: bool):
         return _same, call_kernel, _same
     if not variant:
         fn = od.vendor(w)
+        if isinstance(fn, VendorPath):  # torch's own output layout differs (e.g. add_layer_norm's two tensors)
+            return fn.prepare, lambda args: fn.run(*args[:-1]), fn.restore
         return _same, lambda args: fn(*args[:-1]), _same  # the vendor path allocates its own output
     if variant not in od.vendor_variants:
         raise ValueError(f"{od.vendor_name} has no vendor variant {variant!r}; known: {sorted(od.vendor_variants)}")

@@ -20,7 +20,7 @@ ops per tile) and, on the CPU, tails that stay scalar.
 
 Dynamic dims per op family: linear: m (batch x tokens; n and k come from the weights); group_norm:
 n (batch, on the BATCH edges 1, 2, 4, 8, ...: each batch size a pipeline runs at) and hw (spatial
-size); layer_norm: m (rows).
+size); layer_norm, add_layer_norm: m (rows).
 geglu: m (batch x tokens, as linear). attention: b (batch, the BATCH edges), sq and skv (query and
 key/value tokens), each on the pow2 edges; heads and head dim stay exact.
 conv2d: n (batch, the BATCH edges; h and w exact: `shapetune/ops/conv.py`'s note says why).
@@ -128,7 +128,7 @@ def timing_members(bucket: Workload) -> list[Workload]:
 POW2 = DimBuckets("m", tuple([16] + [2**i for i in range(5, 21)]))
 BATCH = DimBuckets("n", (1, 2, 4, 8, 16, 32, 64))  # [1], [2], [3,4], [5,8], ...: each batch size alike
 DEFAULT = BucketPolicy("pow2-v1", (("linear", (POW2,)), ("group_norm", (BATCH, DimBuckets("hw", POW2.edges))),
-                                   ("layer_norm", (POW2,)), ("geglu", (POW2,)),
+                                   ("layer_norm", (POW2,)), ("add_layer_norm", (POW2,)), ("geglu", (POW2,)),
                                    ("conv2d", (DimBuckets("n", BATCH.edges),)),
                                    ("attention", (DimBuckets("b", BATCH.edges), DimBuckets("sq", POW2.edges),
                                                   DimBuckets("skv", POW2.edges))),

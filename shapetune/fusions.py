@@ -11,6 +11,8 @@ A Site says what follows the child module's output inside the parent's forward:
   "shift"     conv, then `+ t[:, :, None, None]` per image and channel (conv2d(shift=): the bias_add pass
               after cuDNN adds it with the conv's bias)
   "gelu"      linear, then exact gelu (linear epilogue bias, gelu)
+  "add_before"  LayerNorm of a residual sum `h = o + h` (add_layer_norm: the add and the norm in one
+              kernel, where one is tuned; the producing linear keeps its "residual" site for the other case)
 
 The rules (diffusers 0.3x-0.4x code paths):
 
@@ -28,7 +30,8 @@ The rules (diffusers 0.3x-0.4x code paths):
                          so attn1.to_out.0, attn2.to_out.0 and the FeedForward's output Linear (ff.net.2)
                          carry the residual (attentions without residual_connection or a rescale factor;
                          kernels.patch restates the forward for exactly this case, the other norm types
-                         with their ada-norm gates keep diffusers' forward)
+                         with their ada-norm gates keep diffusers' forward); norm2 (norm3 without attn2)
+                         and norm3 read attn1's and attn2's residual sums: add_before
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Site:
-    kind: str  # "silu" | "residual" | "shift" | "gelu"
+    kind: str  # "silu" | "residual" | "shift" | "gelu" | "add_before"
     act: str | None = None  # "silu": the parent's attribute holding the SiLU module
 
 
 RESIDUAL = Site("residual")
 SHIFT = Site("shift")
 GELU_EPILOGUE = Site("gelu")
+ADD_BEFORE = Site("add_before")
 
 
 def _resnet_block(m) -> dict[str, Site]:
@@ -90,6 +94,10 @@ def _transformer_block(m) -> dict[str, Site]:
         a = getattr(m, name, None)
         if a is not None and _attn_plain(a):
             sites[f"{name}.to_out.0"] = RESIDUAL
+            # the LayerNorm that reads this residual sum: add_layer_norm where one is tuned
+            after = "norm2" if name == "attn1" and getattr(m, "attn2", None) is not None else "norm3"
+            if isinstance(getattr(m, after, None), nn.LayerNorm):
+                sites[after] = ADD_BEFORE
     net = getattr(m.ff, "net", None)
     if net is not None and len(net) in (3, 4) and isinstance(net[2], nn.Linear):
         sites["ff.net.2"] = RESIDUAL

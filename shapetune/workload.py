@@ -20,6 +20,7 @@ LAYOUT_DEFAULTS: dict[str, Callable[[dict[str, int]], dict[str, float]]] = {
     "conv2d": lambda d: {"s": 1, "p": d["kh"] // 2},  # stride 1, "same" padding
     "group_norm": lambda d: {"eps": 1e-5},
     "layer_norm": lambda d: {"eps": 1e-5},
+    "add_layer_norm": lambda d: {"eps": 1e-5},
     "attention": lambda d: {"scale": d["d"] ** -0.5},
 }
 

@@ -5,6 +5,8 @@ group_norm  x[n, hw, c] (NHWC flattened: the memory of a channels_last NCHW tens
               mean = S1 / cnt, var = max(S2 / cnt - mean^2, 0), cnt = HW * C/G,
               y = (x - mean) * rsqrt(var + eps) * w[c] + b[c], then y * sigmoid(y) with "silu".
 layer_norm  x[m, c]; the same with one group per row (cnt = C), always affine.
+add_layer_norm  a[m, c] + r[m, c] -> s (rounded to the dtype), then layer_norm(s): out[2, m, c] = [s, y]
+            (a transformer block's residual add and the LayerNorm after it in one pass).
 
 Statistics: one fused pass of S1 = sum x and S2 = sum x^2, both accumulated in fp32 from the
 fp16/fp32 inputs (no Welford). The variance E[x^2] - mean^2 loses log2((mean^2 + var) / var) bits
@@ -15,7 +17,7 @@ rounding can never produce NaN. eps is a compile-time constant and part of the w
 (in `layout`, e.g. "x[n,hw,c] nhwc eps=1e-05").
 
 Calling convention (destination-passing): group_norm (x[n,hw,c], w[c], b[c], y[n,hw,c]);
-layer_norm (x[m,c], w[c], b[c], y[m,c]).
+layer_norm (x[m,c], w[c], b[c], y[m,c]); add_layer_norm (a[m,c], r[m,c], w[c], b[c], out[2,m,c]).
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def layer_norm_workload(m: int, c: int, dtype: str = "float16", eps: float = 1e-
         dtype=dtype,
         acc_dtype=_acc(dtype),
         layout=f"x[m,c] eps={eps!r}",
+        epilogue=("affine",),
+        dynamic=(("m", *m_range),) if m_range else (),
+    )
+
+
+def add_layer_norm_workload(m: int, c: int, dtype: str = "float16", eps: float = 1e-5,
+                            m_range: tuple[int, int] | None = None) -> Workload:
+    """s = a + r (rounded to dtype, as torch's add), y = LayerNorm(c, eps)(s) with affine weight and bias,
+    of a[m, c], r[m, c]: a transformer block's residual add and the LayerNorm after it, one pass. The
+    output holds both, [2, m, c]: s (the residual stream goes on with it) then y."""
+    return Workload(
+        op="add_layer_norm",
+        dims=(("m", m), ("c", c)),
+        dtype=dtype,
+        acc_dtype=_acc(dtype),
+        layout=f"a[m,c] r[m,c] -> [s,y][2,m,c] eps={eps!r}",
         epilogue=("affine",),
         dynamic=(("m", *m_range),) if m_range else (),
     )
@@ -141,6 +159,32 @@ def layer_norm_prim_func(wl: Workload):
     y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
                    lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
     return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+
+
+def add_layer_norm_prim_func(wl: Workload):
+    from tvm import te, tirx
+
+    d = wl.dim
+    m, c = d["m"], d["c"]
+    if "m" in wl.ranges:
+        m = te.var("m")
+    acc = wl.acc_dtype
+    a = te.placeholder((m, c), wl.dtype, name="a")
+    r = te.placeholder((m, c), wl.dtype, name="r")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+    s = te.compute((m, c), lambda i, k: (a[i, k].astype(acc) + r[i, k].astype(acc)).astype(wl.dtype), name="s")
+
+    def stat(name, f):
+        rc = te.reduce_axis((0, c), "rc")
+        return te.compute((m,), lambda i: te.sum(f(s[i, rc].astype(acc)), axis=rc), name=name)
+
+    s1 = stat("sum", lambda v: v)
+    s2 = stat("sqsum", lambda v: v * v)
+    y = _normalize(te, tirx, s, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
+                   lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
+    out = te.compute((2, m, c), lambda t, i, k: tirx.if_then_else(t == 0, s[i, k], y[i, k]), name="out")
+    return te.create_prim_func([a, r, w, b, out]).with_attr("global_symbol", "main")
 
 
 # -- operands, references, vendor paths -----------------------------------------------------------
@@ -226,11 +270,47 @@ def layer_norm_vendor(wl: Workload):
     return run
 
 
+def add_layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
+    """a (an attention's or feed-forward's output) and r (the residual stream) ~ N(0, 1) + 0.25, w, b."""
+    d = wl.dim
+    a = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.25
+    r = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.25
+    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [a, r, *_affine_params(d["c"], generator)]]
+
+
+def add_layer_norm_output(wl: Workload, device) -> torch.Tensor:
+    d = wl.dim
+    return torch.empty(2, d["m"], d["c"], device=device, dtype=TORCH_DTYPE[wl.dtype])
+
+
+def add_layer_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """float64: [a + r, LayerNorm(a + r)] (the kernel rounds s to its dtype before normalizing, as torch's
+    add does: one rounding of s, inside any fp16 tolerance)."""
+    a, r, w, b = f64(inputs)
+    s = a + r
+    return torch.stack([s, torch.nn.functional.layer_norm(s, (wl.dim["c"],), w, b, eps_of(wl))])
+
+
+def add_layer_norm_vendor(wl: Workload) -> VendorPath:
+    """torch's two kernels, as diffusers' BasicTransformerBlock runs them: `s = a + r`, then
+    F.layer_norm(s); timed as that (the stacking into the op's [2, m, c] output is untimed)."""
+    c, eps = wl.dim["c"], eps_of(wl)
+
+    def run(a, r, w, b):
+        s = a + r
+        return s, torch.nn.functional.layer_norm(s, (c,), w, b, eps)
+
+    return VendorPath(lambda inputs: inputs, run, lambda sy: torch.stack(sy))
+
+
 register_op("group_norm", OpDef(group_norm_prim_func, group_norm_inputs, group_norm_output, group_norm_reference,
                                 group_norm_vendor, "torch.nn.functional.group_norm",
                                 vendor_variants={"nchw": group_norm_vendor_nchw}))
 register_op("layer_norm", OpDef(layer_norm_prim_func, layer_norm_inputs, layer_norm_output, layer_norm_reference,
                                 layer_norm_vendor, "torch.nn.functional.layer_norm"))
+register_op("add_layer_norm", OpDef(add_layer_norm_prim_func, add_layer_norm_inputs, add_layer_norm_output,
+                                    add_layer_norm_reference, add_layer_norm_vendor,
+                                    "torch.add+torch.nn.functional.layer_norm"))
 
 
 # -- module rules: nn.GroupNorm, nn.LayerNorm --------------------------------------------------------

@@ -72,7 +72,8 @@ def test_sd15_presets_cover_every_family():
 
     assert set(SD15_PRESETS) == {"sd15"} | {f"sd15-{f}" for f in SD15_FAMILIES}
     ops = {o.workload.op for o in sd15_workloads()}
-    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention", "gelu_gate", "bias_add"}
+    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "add_layer_norm", "conv2d", "attention", "gelu_gate",
+                   "bias_add"}
 
 
 def test_parallel_workers_merge_shards_and_survive_a_crashing_shard(tmp_path):

@@ -34,7 +34,8 @@ def test_shape_classes_give_the_brute_force_buckets_and_calls(brute):
     # since the pow2 edges reach 2^20 (2026-12-03) the VAE's full-resolution passes at 1024² have buckets too
     assert len(want) > 500 and not outside
     ops = {w.op for w in want}
-    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention", "gelu_gate", "bias_add"}
+    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "add_layer_norm", "conv2d", "attention", "gelu_gate",
+                   "bias_add"}
 
 
 def test_calls_beyond_every_bucket_are_counted_the_same_by_the_shortcut():

@@ -33,7 +33,8 @@ def test_sdxl_shape_classes_give_the_brute_force_buckets_and_calls(brute):
     want, outside = summed(brute["sdxl_unet"], brute["sdxl_vae"])
     assert got.calls == want and got.outside == outside
     ops = {w.op for w in brute["sdxl_unet"].calls}
-    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "conv2d", "attention", "gelu_gate", "bias_add"}
+    assert ops == {"linear", "geglu", "group_norm", "layer_norm", "add_layer_norm", "conv2d", "attention", "gelu_gate",
+                   "bias_add"}
     # the added conditions' GEMM (m = b: bucket [1, 16]), weighted by the UNet's 20 steps, once per shape
     add = [(w, n) for w, n in want.items() if w.op == "linear" and w.dim["k"] == 2816]
     assert len(add) == 1 and add[0][1] == 20 * len(SUB)
@@ -77,13 +78,14 @@ def test_tiny_sdxl_grid_job_on_llvm(tmp_path, capsys, monkeypatch):
     db, export, summary = tmp_path / "grid.db", tmp_path / "grid.jsonl.xz", tmp_path / "grid.json"
     _, out = _run(["--tiny", "--models", "sdxl", "--grid", "1x64", "--families", "norms", "--unet-steps", "3",
                    "--trials", "2", "--batch", "2", "--budget", "3s", "--template", "norm_llvm",
+                   "--template", "add_norm_llvm",
                    "--db", str(db), "--export", str(export), "--json", str(summary)], capsys)
     grid = jobs.grid_bucket_calls(parse_grid("1x64"), ("norms",), {"sdxl_unet": 3.0, "sdxl_vae": 1.0}, "float32",
                                   tiny=True)
     doc = json.loads(summary.read_text())
     assert doc["meta"]["models"] == {"sdxl_unet": 3.0, "sdxl_vae": 1.0} and doc["meta"]["grid"] == "1x64"
     assert {r["key"]: r["calls"] for r in doc["rows"]} == {w.key: n for w, n in grid.calls.items()}
-    assert {w.op for w in grid.calls} == {"group_norm", "layer_norm"}
+    assert {w.op for w in grid.calls} == {"group_norm", "layer_norm", "add_layer_norm"}
     reached = [r for r in doc["rows"] if r["rounds"]]
     assert reached and all(r["trials"] >= 1 for r in reached)
     assert doc["estimate"]["wall_s"] < 3 + 10  # the budget, and at most the round that was running

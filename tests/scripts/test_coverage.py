@@ -116,8 +116,10 @@ def test_sdxl_smoke_run_counts_what_the_tuned_records_serve(tmp_path):
     from shapetune.db import TuningDB
     from shapetune.target import detect
 
-    ops = [op for op in model_workloads("sdxl_unet", ("norms",), *SHAPE, dtype="float32", tiny=True)
-           if op.workload.op == "layer_norm"]
+    norms = model_workloads("sdxl_unet", ("norms",), *SHAPE, dtype="float32", tiny=True)
+    ops = [op for op in norms if op.workload.op == "layer_norm"]
+    # the LayerNorms after a residual add: add_layer_norm, untuned here, so the layer_norm op runs them too
+    adds = sum(op.calls for op in norms if op.workload.op == "add_layer_norm")
     buckets = list(dict.fromkeys(DEFAULT.bucket_of(op.workload) for op in ops))
     assert len(buckets) == 1
     reps = tune(buckets, detect("llvm"), tmp_path / "tuned.db", TuneOptions(trials=2, batch=2, templates=("norm_llvm",)))
@@ -130,7 +132,9 @@ def test_sdxl_smoke_run_counts_what_the_tuned_records_serve(tmp_path):
     assert doc["shapes"] == ["1x64x64"] and set(doc["rows"]) == {"sdxl_unet", "sdxl_vae"}
     r = doc["rows"]["sdxl_unet"]["1x64x64"]
     tuned, vendor = r["tuned"]["calls"], r["vendor"]["calls"]
-    assert sum(tuned["layer_norm"].values()) == sum(vendor["layer_norm"].values()) == sum(op.calls for op in ops) == 24
+    assert sum(tuned["layer_norm"].values()) == sum(vendor["layer_norm"].values()) == 24
+    assert sum(op.calls for op in ops) + adds == 24
+    assert adds == 16 and sum(tuned["add_layer_norm"].values()) == adds
     assert "not_tuned" not in tuned["layer_norm"] and set(vendor["layer_norm"]) == {"not_tuned"}
     assert {k for op, c in tuned.items() if op != "layer_norm" for k in c} == {"not_tuned"}
     assert {"attention", "geglu", "linear", "linear_residual", "conv2d"} <= set(tuned)
