@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, layer_norm_workload
 from .dispatch import SUPPORTED, count, meta, plan, resolve
+from . import registry as _registry
 from .registry import get_registry
 from scheduler.loader import call_on_current_stream
 
@@ -245,27 +246,21 @@ register_recompute_autograd("add_layer_norm", lambda a, r, w, b, eps: torch.stac
     [a + r, F.layer_norm(a + r, (a.shape[-1],), w, b, eps)]))
 
 
-def _aln_lookup(a, r, weight, bias, eps) -> tuple:
-    """add_layer_norm's plan for these arguments without counting a call: ((op, outcome), Resolution or
-    None, (m, c))."""
-    reg = get_registry()
+def add_layer_norm_tuned(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], eps: float = 1e-5) -> bool:
+    """Whether `add_layer_norm(a, r, ...)` runs one tuned kernel (False while torch.compile traces). Where
+    not, the call is counted under ("add_layer_norm", cause) here: the caller runs the unfused path. The
+    op's own plan (one dict lookup once warm)."""
+    if torch.compiler.is_compiling():
+        return False
+    reg = _registry._registry or get_registry()
     key = _aln_key(a, r, weight, bias, eps)
     p = reg.plans.get(key)
     if p is None:
         p = reg.plans[key] = _aln_plan(a, r, weight, bias, eps)
-    return p
-
-
-def add_layer_norm_tuned(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor],
-                         bias: Optional[torch.Tensor], eps: float = 1e-5) -> bool:
-    """Whether `add_layer_norm(a, r, ...)` runs one tuned kernel (False while torch.compile traces). Where
-    not, the call is counted under ("add_layer_norm", cause) here: the caller runs the unfused path."""
-    if torch.compiler.is_compiling():
-        return False
-    outcome, res, _ = _aln_lookup(a, r, weight, bias, eps)
-    if res is None:
-        count(*outcome)
-    return res is not None
+    if p[1] is None:
+        reg.calls[p[0]] += 1
+    return p[1] is not None
 
 
 def add_layer_norm(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor] = None,

@@ -38,7 +38,7 @@ from shapetune.ops.conv import conv2d_workload  # noqa: E402
 from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload  # noqa: E402
 from shapetune.ops.geglu import geglu_workload  # noqa: E402
 from shapetune.ops.linear import linear_workload  # noqa: E402
-from shapetune.ops.norm import group_norm_workload, layer_norm_workload  # noqa: E402
+from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, layer_norm_workload  # noqa: E402
 
 # family -> (SD 1.5 shapes at other batch sizes and resolutions than the buckets' representatives on
 # the GPU, small odd ones on the CPU): each a function of the dtype giving the workloads
@@ -57,6 +57,9 @@ FAMILIES = {
     "layer_norm": (lambda dt: [layer_norm_workload(m, c, dt) for m, c in [
                        (6144, 320), (12288, 320), (1536, 640), (384, 1280), (3072, 640)]],
                    lambda dt: [layer_norm_workload(m, c, dt) for m, c in [(37, 48), (100, 64)]]),
+    "add_layer_norm": (lambda dt: [add_layer_norm_workload(m, c, dt) for m, c in [
+                           (6144, 320), (12288, 320), (1536, 640), (384, 1280), (3072, 640)]],
+                       lambda dt: [add_layer_norm_workload(m, c, dt) for m, c in [(37, 48), (100, 64)]]),
     "bias_add": (lambda dt: [bias_add_workload(n, hw, c, dt, e) for n, hw, c, e in [
                      (3, 3072, 320, ("residual",)), (1, 6144, 320, ("shift",)), (3, 768, 640, ()),
                      (5, 1536, 640, ("residual",)), (3, 192, 1280, ("shift",))]],

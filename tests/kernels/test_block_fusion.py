@@ -56,7 +56,9 @@ def _residual_linears(blk, inputs) -> set:
 
 
 def test_the_three_residual_sites_are_listed():
-    assert set(sites_of(_block())) == {"attn1.to_out.0", "attn2.to_out.0", "ff.net.2"}
+    sites = sites_of(_block())
+    assert {n for n, s in sites.items() if s.kind == "residual"} == {"attn1.to_out.0", "attn2.to_out.0", "ff.net.2"}
+    assert {n for n, s in sites.items() if s.kind == "add_before"} == {"norm2", "norm3"}  # add_layer_norm's
     assert sites_of(_block(norm_type="ada_norm_zero", num_embeds_ada_norm=10)) == {}  # gated: diffusers' forward
     chunked = _block()
     chunked.set_chunk_feed_forward(4, 1)

@@ -18,7 +18,7 @@ from shapetune.ops.conv import conv2d_workload
 from shapetune.ops.elementwise import bias_add_workload, gelu_gate_workload
 from shapetune.ops.geglu import geglu_workload
 from shapetune.ops.linear import linear_workload
-from shapetune.ops.norm import group_norm_workload, layer_norm_workload
+from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, layer_norm_workload
 
 WORKLOADS = [
     linear_workload(37, 24, 40, "float16", True), linear_workload(13, 16, 8, "float16", epilogue=("bias", "residual")),
@@ -27,6 +27,7 @@ WORKLOADS = [
     bias_add_workload(3, 45, 16, "float16", ("shift",)), bias_add_workload(3, 45, 16, "float16", ()),
     group_norm_workload(3, 45, 16, 4, "float16", silu=True), layer_norm_workload(37, 48, "float16"),
     conv2d_workload(3, 8, 8, 16, 16, 3, 3, 1, 1, "float16"), attention_workload(3, 45, 20, 2, 8, "float16"),
+    add_layer_norm_workload(37, 48, "float16"),
 ]
 
 

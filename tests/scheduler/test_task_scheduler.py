@@ -297,7 +297,7 @@ def test_cli_budget_tunes_and_prints_the_allocation(cheap, tmp_path):
 
 def test_cli_budget_weighs_a_presets_buckets_by_their_calls(tmp_path):
     """sd15-norms' buckets weigh the calls of every shape in them (ExtractedOp.calls); a 1 s budget
-    warms up one batch, the most called first, and stops in the warm-up."""
+    warms up one batch, the heaviest first (calls x roofline), and stops in the warm-up."""
     from scheduler.extract import sd15_workloads
     from shapetune.buckets import DEFAULT
 
@@ -320,7 +320,6 @@ def test_cli_budget_weighs_a_presets_buckets_by_their_calls(tmp_path):
     # timed yet: weight x roofline), the most called among them; one by one, only the first was warmed.
     by_priority = sorted(calls, key=lambda n: -calls[n] * roofline_us(buckets[n], "llvm"))
     assert warmed == set(by_priority[:2]), (warmed, by_priority[:4])
-    assert max(calls, key=calls.get) in warmed
 
 
 # -- the warm-up order -------------------------------------------------------------------------------
