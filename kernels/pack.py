@@ -6,11 +6,13 @@ place, so a directory serves as it lies, with no extraction step or temporary co
 it):
 
     OUT/manifest.json   target (key, description, fields); per artifact: file, workload key,
-                        record id (in OUT's DB) and uid, sha256
+                        record id (in OUT's DB) and uid, sha256 (and its scratch-buffer spec's)
     OUT/tuning.db       a real tuning DB (shapetune.db's store): the served records, the vendor
                         baselines of their runs, the bucket rows of their ops
     OUT/kernels/*.so    the exported modules: machine code (a CUDA module holds its fatbin, never
                         CUDA source to compile at load)
+    OUT/kernels/*.ws.json  a GPU module's scratch buffers, which the loader allocates per call
+                        (scheduler/workspaces.py), where it has any
 
 `write_pack` packs what `Registry.dispatch` serves on the target (each workload's best record
 that beats its run's vendor), building into the kernel cache what is not there yet. A kernel that
@@ -20,7 +22,8 @@ less than its DB would is a surprise found in production.
 `Pack` serves from a pack (`load_pack`, or SHAPETUNE_PACK=path): a kernel is loaded only from the
 pack, after its sha256 matched the manifest; nothing is ever built or compiled. Where it cannot
 be, the op falls back to torch, counted: "pack_target" (a pack for another target key),
-"pack_missing" (no artifact for the record), "pack_mismatch" (sha256 differs). Nothing derived
+"pack_missing" (no artifact for the record), "pack_mismatch" (sha256 differs, or a scratch-buffer
+spec added, removed or altered). Nothing derived
 from weights is packed (weight caches are made in the serving process).
 """
 
