@@ -108,21 +108,22 @@ def _vars(e) -> set[str]:
 
 def write_spec(artifact: str | Path, spec: dict | None) -> None:
     """Write (or, for a module without workspaces, remove) the spec next to `artifact`, atomically."""
-    path = spec_path(artifact)
-    if spec is None:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(spec, sort_keys=True))
-    os.replace(tmp, path)
+    _put(spec_path(artifact), None if spec is None else json.dumps(spec, sort_keys=True).encode())
 
 
 def copy_spec(src: str | Path, dst: str | Path) -> None:
     """Give the module at `dst` the spec of the module at `src` (none where it has none), atomically."""
-    path = spec_path(dst)
     try:
         data = spec_path(src).read_bytes()
     except FileNotFoundError:
+        data = None
+    _put(spec_path(dst), data)
+
+
+def _put(path: Path, data: bytes | None) -> None:
+    """Write `data` to `path` through a temporary file and a rename (a reader never sees half of it), or
+    remove the file where data is None."""
+    if data is None:
         path.unlink(missing_ok=True)
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

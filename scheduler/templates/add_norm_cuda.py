@@ -19,6 +19,20 @@ from .base import Template, register
 from .norm_cuda import SMEM_LIMIT, _thread_split, inline_elementwise
 
 
+def row_major(workload):
+    """The schedule with LayerNorm's elementwise stages folded into the output, whose loops run row by
+    row: (schedule, row loop, [s, y] loop, channel loop)."""
+    import tvm
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": opdef(workload.op).prim_func(workload)}))
+    inline_elementwise(sch)
+    sch.compute_inline(sch.get_sblock("y"))
+    lt, li, lk = sch.get_loops(sch.get_sblock("out"))
+    sch.reorder(li, lt, lk)
+    return sch, li, lt, lk
+
+
 class AddNormCuda(Template):
     name = "add_norm_cuda"
     ops = ("add_layer_norm",)
@@ -35,16 +49,8 @@ class AddNormCuda(Template):
         return kn["threads"] <= max(32, -(-c // kn["vec"]))  # no mostly idle threads
 
     def apply(self, workload, target, candidate):
-        import tvm
-        from tvm import s_tir
-
         T, V = candidate.knob["threads"], candidate.knob["vec"]
-        sch = s_tir.Schedule(tvm.IRModule({"main": opdef(workload.op).prim_func(workload)}))
-        inline_elementwise(sch)
-        sch.compute_inline(sch.get_sblock("y"))
-        out = sch.get_sblock("out")
-        lt, li, lk = sch.get_loops(out)
-        sch.reorder(li, lt, lk)
+        sch, li, lt, lk = row_major(workload)
         sch.bind(li, "blockIdx.x")
         ko, kv = sch.split(lk, [None, V])
         _, tx = sch.split(sch.fuse(lt, ko), [None, T])
@@ -102,16 +108,8 @@ class AddNormLLVM(Template):
         return workload.dim["c"] % kn["vec"] == 0
 
     def apply(self, workload, target, candidate):
-        import tvm
-        from tvm import s_tir
-
         V = candidate.knob["vec"]
-        sch = s_tir.Schedule(tvm.IRModule({"main": opdef(workload.op).prim_func(workload)}))
-        inline_elementwise(sch)
-        sch.compute_inline(sch.get_sblock("y"))
-        out = sch.get_sblock("out")
-        lt, li, lk = sch.get_loops(out)
-        sch.reorder(li, lt, lk)
+        sch, li, _, lk = row_major(workload)
         sch.parallel(li)
         if V > 1:
             sch.vectorize(sch.split(lk, [None, V])[1])

@@ -129,62 +129,88 @@ class NormCudaSplit(Template):
         rs, _ = sch.split(rh, [S, None])
         rf = sch.rfactor(rs, factor_axis=0)
         ln, lg, lt, ls, li, lc = sch.get_loops(rf)
-        sch.reorder(ln, lg, ls, lt, li, lc)
-        bx = sch.fuse(ln, lg, ls)
-        sch.bind(bx, "blockIdx.x")
-        lc_o, lc_v = sch.split(lc, [None, VS])  # thread t owns vectors t, t + T, ... of VS channels
-        r_s, tx = sch.split(sch.fuse(li, lc_o), [None, T])
-        sch.reorder(tx, r_s, lc_v)
-        sch.bind(tx, "threadIdx.x")
-        if VS > 1:  # one vector load into registers, then VS scalar accumulations
-            xl = sch.cache_read(rf, 0, "local", consumer_blocks=[rf])
-            sch.compute_at(xl, r_s, preserve_unit_loops=True)
-            sch.vectorize(sch.get_loops(xl)[-1])
+        schedule_partials(sch, rf, (ln, lg, ls, lt, li, lc), T, VS)
 
         # kernel 2: normalize, each thread reducing its group's partials first
-        y = sch.get_sblock("y")
-        if kn["order"] == "group":
+        if kn["order"] == "group":  # a thread stays in one group: (n, g, the group's elements)
+            y = sch.get_sblock("y")
             sch.transform_block_layout(y, lambda n, h, c: (n, c // cg, h * cg + c % cg))
             yn, yg, ye = sch.get_loops(y)
             eo, ei, ty, yv = sch.split(ye, [None, IT, TY, V])
             ybx = sch.fuse(yn, yg, eo)
             sch.reorder(ty, ei, yv)
-        else:  # (n, hw, g, c % (C/G)): memory order, with the group a loop of its own so each
-            # thread's statistics region is provably one group (a fused index over-approximates it)
-            sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
-            yn, yh, yg, yc = sch.get_loops(y)
-            yco, yv = sch.split(yc, [None, V])
-            ybx, ty = sch.split(sch.fuse(yn, yh, yg, yco), [None, TY])
-        sch.bind(ybx, "blockIdx.x")
-        sch.bind(ty, "threadIdx.x")
-        sch.vectorize(yv)
-        sch.set_scope(st, 0, "local")
-        sch.compute_at(st, ty, preserve_unit_loops=True)
+            sch.bind(ybx, "blockIdx.x")
+            sch.bind(ty, "threadIdx.x")
+            sch.vectorize(yv)
+            sch.set_scope(st, 0, "local")
+            sch.compute_at(st, ty, preserve_unit_loops=True)
+        else:
+            normalize_in_memory_order(sch, st, cg, TY, V)
         return sch.mod
 
     def features(self, workload, target, kn):
-        d = workload.dim
-        cg = d["c"] // d["g"]
-        groups = d["n"] * d["g"]
-        eb = dtype_bytes(workload.dtype)
-        blocks1 = groups * kn["split"]
-        blocks2 = groups * d["hw"] * cg // (kn["threads_y"] * kn["iters"] * kn["vec"])
-        natural = kn["order"] == "natural"
-        return {
-            "log2_bytes": math.log2(d["n"] * d["hw"] * d["c"] * eb * 2),
-            "blocks": float(blocks1),
-            "waves": blocks1 / target.num_cores,
-            "blocks_y": float(blocks2),
-            "waves_y": blocks2 / (target.num_cores * max(1, 2048 // kn["threads_y"])),
-            "elems_per_thread": d["hw"] // kn["split"] * cg / kn["threads"],
-            "partial_loads_per_elem": 2.0 * kn["split"] / (kn["iters"] * kn["vec"]),
-            "vec_bytes": float(kn["vec"] * eb),
-            "vec_s_bytes": float(kn["vec_s"] * eb),
-            "threads": float(kn["threads"]),
-            "split": float(kn["split"]),
-            "natural_order": float(natural),
-            "run_bytes": float(d["c"] * eb if natural else cg * eb),  # contiguous bytes per row walked
-        }
+        return split_features(workload, target, kn, kn["iters"], kn["order"] == "natural")
+
+
+def schedule_partials(sch, block, loops, threads: int, vec_s: int) -> None:
+    """Kernel 1 of the split templates: `block` computes the partial statistics [S, n, g, 2] under
+    `loops` = (n, g, s, t, the reduction over positions, over the group's channels). A thread block per
+    (n, g, s); thread t owns vectors t, t + T, ... of `vec_s` channels (TVM's cross-thread allreduce
+    combines them), each loaded into registers once, then vec_s scalar accumulations."""
+    ln, lg, ls, lt, lh, lc = loops
+    sch.reorder(ln, lg, ls, lt, lh, lc)
+    sch.bind(sch.fuse(ln, lg, ls), "blockIdx.x")
+    lc_o, lc_v = sch.split(lc, [None, vec_s])
+    r_s, tx = sch.split(sch.fuse(lh, lc_o), [None, threads])
+    sch.reorder(tx, r_s, lc_v)
+    sch.bind(tx, "threadIdx.x")
+    if vec_s > 1:
+        xl = sch.cache_read(block, 0, "local", consumer_blocks=[block])
+        sch.compute_at(xl, r_s, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(xl)[-1])
+
+
+def normalize_in_memory_order(sch, stats, cg: int, threads_y: int, vec: int) -> None:
+    """Kernel 2 of the split templates in memory order: y as (n, hw, g, c % (C/G)), with the group a loop
+    of its own so each thread's statistics region is provably one group (a fused index over-approximates
+    it), one `vec`-wide vector per thread, each thread summing its group's S partials (`stats`, local)
+    first; the last thread block predicated where the sizes leave a remainder."""
+    y = sch.get_sblock("y")
+    sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
+    yn, yh, yg, yc = sch.get_loops(y)
+    yco, yv = sch.split(yc, [None, vec])
+    ybx, ty = sch.split(sch.fuse(yn, yh, yg, yco), [None, threads_y])
+    sch.bind(ybx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.x")
+    sch.vectorize(yv)
+    sch.set_scope(stats, 0, "local")
+    sch.compute_at(stats, ty, preserve_unit_loops=True)
+
+
+def split_features(workload, target, kn, iters: int, natural: bool) -> dict[str, float]:
+    """The analytical numbers of a split-statistics schedule (knobs `kn`, normalize `iters` vectors per
+    thread, in memory order or group by group)."""
+    d = workload.dim
+    cg = d["c"] // d["g"]
+    groups = d["n"] * d["g"]
+    eb = dtype_bytes(workload.dtype)
+    blocks1 = groups * kn["split"]
+    blocks2 = groups * d["hw"] * cg / (kn["threads_y"] * iters * kn["vec"])
+    return {
+        "log2_bytes": math.log2(d["n"] * d["hw"] * d["c"] * eb * 2),
+        "blocks": float(blocks1),
+        "waves": blocks1 / target.num_cores,
+        "blocks_y": float(blocks2),
+        "waves_y": blocks2 / (target.num_cores * max(1, 2048 // kn["threads_y"])),
+        "elems_per_thread": d["hw"] / kn["split"] * cg / kn["threads"],
+        "partial_loads_per_elem": 2.0 * kn["split"] / (iters * kn["vec"]),
+        "vec_bytes": float(kn["vec"] * eb),
+        "vec_s_bytes": float(kn["vec_s"] * eb),
+        "threads": float(kn["threads"]),
+        "split": float(kn["split"]),
+        "natural_order": float(natural),
+        "run_bytes": float(d["c"] * eb if natural else cg * eb),  # contiguous bytes per row walked
+    }
 
 
 register(NormCudaSplit())
@@ -269,53 +295,13 @@ class NormCudaSplitBucket(Template):
         # kernel 1: partial statistics [S, n, g, 2], a block per (n, g, s), threads across its chunk
         part = sch.get_sblock("partial")
         ls, ln, lg, lt, lh, lc = sch.get_loops(part)
-        sch.reorder(ln, lg, ls, lt, lh, lc)
-        sch.bind(sch.fuse(ln, lg, ls), "blockIdx.x")
-        lc_o, lc_v = sch.split(lc, [None, VS])
-        r_s, tx = sch.split(sch.fuse(lh, lc_o), [None, T])
-        sch.reorder(tx, r_s, lc_v)
-        sch.bind(tx, "threadIdx.x")
-        if VS > 1:
-            xl = sch.cache_read(part, 0, "local", consumer_blocks=[part])
-            sch.compute_at(xl, r_s, preserve_unit_loops=True)
-            sch.vectorize(sch.get_loops(xl)[-1])
-
+        schedule_partials(sch, part, (ln, lg, ls, lt, lh, lc), T, VS)
         # kernel 2: normalize in memory order, each thread summing its group's S partials first
-        y = sch.get_sblock("y")
-        sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
-        yn, yh, yg, yc = sch.get_loops(y)
-        yco, yv = sch.split(yc, [None, V])
-        ybx, ty = sch.split(sch.fuse(yn, yh, yg, yco), [None, TY])
-        sch.bind(ybx, "blockIdx.x")
-        sch.bind(ty, "threadIdx.x")
-        sch.vectorize(yv)
-        st = sch.get_sblock("stats")
-        sch.set_scope(st, 0, "local")
-        sch.compute_at(st, ty, preserve_unit_loops=True)
+        normalize_in_memory_order(sch, sch.get_sblock("stats"), cg, TY, V)
         return sch.mod
 
     def features(self, workload, target, kn):
-        d = workload.dim
-        cg = d["c"] // d["g"]
-        groups = d["n"] * d["g"]
-        eb = dtype_bytes(workload.dtype)
-        blocks1 = groups * kn["split"]
-        blocks2 = d["n"] * d["hw"] * d["c"] / (kn["threads_y"] * kn["vec"])
-        return {
-            "log2_bytes": math.log2(d["n"] * d["hw"] * d["c"] * eb * 2),
-            "blocks": float(blocks1),
-            "waves": blocks1 / target.num_cores,
-            "blocks_y": float(blocks2),
-            "waves_y": blocks2 / (target.num_cores * max(1, 2048 // kn["threads_y"])),
-            "elems_per_thread": d["hw"] / kn["split"] * cg / kn["threads"],
-            "partial_loads_per_elem": 2.0 * kn["split"] / kn["vec"],
-            "vec_bytes": float(kn["vec"] * eb),
-            "vec_s_bytes": float(kn["vec_s"] * eb),
-            "threads": float(kn["threads"]),
-            "split": float(kn["split"]),
-            "natural_order": 1.0,
-            "run_bytes": float(d["c"] * eb),
-        }
+        return split_features(workload, target, kn, 1, True)
 
 
 register(NormCudaSplitBucket())

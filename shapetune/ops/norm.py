@@ -138,17 +138,15 @@ def group_norm_prim_func(wl: Workload):
     return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
 
 
-def layer_norm_prim_func(wl: Workload):
-    from tvm import te, tirx
-
+def _rows(wl: Workload, te) -> tuple:
+    """(m, c) of a row-wise norm's workload, m a symbolic var where the workload is a bucket over rows."""
     d = wl.dim
-    m, c = d["m"], d["c"]
-    if "m" in wl.ranges:
-        m = te.var("m")
+    return (te.var("m") if "m" in wl.ranges else d["m"]), d["c"]
+
+
+def _layer_norm_of(wl: Workload, x, w, b, m, c, te, tirx):
+    """y = LayerNorm(x[m, c]) with affine w, b: the row sums S1, S2 of x (as acc), then _normalize."""
     acc = wl.acc_dtype
-    x = te.placeholder((m, c), wl.dtype, name="x")
-    w = te.placeholder((c,), wl.dtype, name="w")
-    b = te.placeholder((c,), wl.dtype, name="b")
 
     def stat(name, f):
         r = te.reduce_axis((0, c), "rc")
@@ -156,33 +154,32 @@ def layer_norm_prim_func(wl: Workload):
 
     s1 = stat("sum", lambda v: v)
     s2 = stat("sqsum", lambda v: v * v)
-    y = _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
-                   lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
+    return _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
+                      lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
+
+
+def layer_norm_prim_func(wl: Workload):
+    from tvm import te, tirx
+
+    m, c = _rows(wl, te)
+    x = te.placeholder((m, c), wl.dtype, name="x")
+    w = te.placeholder((c,), wl.dtype, name="w")
+    b = te.placeholder((c,), wl.dtype, name="b")
+    y = _layer_norm_of(wl, x, w, b, m, c, te, tirx)
     return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
 
 
 def add_layer_norm_prim_func(wl: Workload):
     from tvm import te, tirx
 
-    d = wl.dim
-    m, c = d["m"], d["c"]
-    if "m" in wl.ranges:
-        m = te.var("m")
+    m, c = _rows(wl, te)
     acc = wl.acc_dtype
     a = te.placeholder((m, c), wl.dtype, name="a")
     r = te.placeholder((m, c), wl.dtype, name="r")
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
     s = te.compute((m, c), lambda i, k: (a[i, k].astype(acc) + r[i, k].astype(acc)).astype(wl.dtype), name="s")
-
-    def stat(name, f):
-        rc = te.reduce_axis((0, c), "rc")
-        return te.compute((m,), lambda i: te.sum(f(s[i, rc].astype(acc)), axis=rc), name=name)
-
-    s1 = stat("sum", lambda v: v)
-    s2 = stat("sqsum", lambda v: v * v)
-    y = _normalize(te, tirx, s, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
-                   lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
+    y = _layer_norm_of(wl, s, w, b, m, c, te, tirx)
     out = te.compute((2, m, c), lambda t, i, k: tirx.if_then_else(t == 0, s[i, k], y[i, k]), name="out")
     return te.create_prim_func([a, r, w, b, out]).with_attr("global_symbol", "main")
 

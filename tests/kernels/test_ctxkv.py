@@ -17,7 +17,7 @@ from kernels import ctxkv, qkv
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, pair, weight_change  # noqa: E402
+from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, outputs, pair, weight_change  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +42,8 @@ def test_one_gemm_serves_every_cross_attention_and_matches_eager(registry):
                 a.__dict__[qkv._ATTR].weight.untyped_storage().data_ptr()} == {ptr}
         assert a.__dict__[qkv._ATTR].intact(a)
     x = inputs()
-    with torch.no_grad():
-        ref = eager(**x).sample
-        registry.calls.clear()
-        out = opt(**x).sample
-        calls = linear_calls(registry)
+    ref, out = outputs(eager, opt, registry, x)
+    calls = linear_calls(registry)
     torch.testing.assert_close(out, ref, **TOL)
     assert not group.active and group.out is None  # nothing kept past the forward
     _, unshared = pair()

@@ -16,7 +16,7 @@ import kernels
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import TOL, inputs, pair  # noqa: E402
+from ._tiny_unet import TOL, inputs, outputs, pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,7 @@ def tuned_db(tmp_path_factory):
 def test_each_block_adds_and_normalizes_in_one_kernel_and_matches_eager(registry):
     eager, opt = pair()
     kernels.patch(opt)
-    x = inputs()
-    with torch.no_grad():
-        ref = eager(**x).sample
-        registry.calls.clear()
-        out = opt(**x).sample
+    ref, out = outputs(eager, opt, registry, inputs())
     torch.testing.assert_close(out, ref, **TOL)
     calls = registry.calls
     assert calls[("add_layer_norm", "tuned")] == 8  # 4 blocks x (attn1 -> norm2, attn2 -> norm3)

@@ -18,7 +18,7 @@ from kernels import temb
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, pair, weight_change  # noqa: E402
+from ._tiny_unet import CHANGES, OBSERVED, TOL, inputs, linear_calls, outputs, pair, weight_change  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +40,7 @@ def test_one_gemm_serves_every_resnet_and_matches_eager(registry):
     for r in resnets:  # each projection's Parameter is a view of the packed storage
         assert r.time_emb_proj.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
     x = inputs()
-    with torch.no_grad():
-        ref = eager(**x).sample
-        registry.calls.clear()
-        out = opt(**x).sample
+    ref, out = outputs(eager, opt, registry, x)
     torch.testing.assert_close(out, ref, **TOL)
     # the time MLP (2), one packed time-embedding GEMM, 4 transformer blocks' self-attention q/k/v (4) and
     # cross-attention queries (4), and one GEMM for all 4 cross-attentions' k/v (kernels/ctxkv.py)

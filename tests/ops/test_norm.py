@@ -243,17 +243,9 @@ def test_predicated_split_definition_matches_reference_on_llvm(w, split):
     """norm_cuda_split_bucket's definition (S partial sums per group over ceil(hw / S) positions each,
     the positions past hw clamped and adding 0, then the partials summed): compiled unscheduled for the
     CPU at hw not a multiple of S, against float64, output poisoned first."""
-    import tvm
-
     from scheduler.templates.norm_cuda_split import predicated_group_norm
 
-    od = opdef("group_norm")
-    fn = tvm.compile(tvm.IRModule({"main": predicated_group_norm(w, split)}), target="llvm")["main"]
-    ins = od.inputs(w, "cpu", torch.Generator().manual_seed(0))
-    out = od.output(w, "cpu").fill_(float("nan"))
-    fn(*ins, out)
-    chk = check_output(out, od.reference(w, ins), w.dtype)
-    assert chk.ok, chk.reason
+    _definition_matches_reference_on_llvm(predicated_group_norm(w, split), w)
 
 
 @pytest.mark.parametrize("w", [
@@ -286,19 +278,25 @@ def test_cuda_split_bucket_template_builds_two_kernels(w):
 def test_row_stats_definition_matches_reference_on_llvm():
     """norm_cuda_rows' three-stage definition (per-chunk, per-channel partial sums -> per-group sums
     -> normalize) computes group_norm: compiled unscheduled for the CPU, against float64."""
-    import tvm
-
     from scheduler.templates.norm_cuda_rows import row_stats_group_norm
 
-    od = opdef("group_norm")
     for w, chunk in ((group_norm_workload(2, 64, 96, 8, "float32", silu=True), 16),
                      (group_norm_workload(1, 32, 64, 32, "float32"), 8)):
-        fn = tvm.compile(tvm.IRModule({"main": row_stats_group_norm(w, chunk)}), target="llvm")["main"]
-        ins = od.inputs(w, "cpu", torch.Generator().manual_seed(0))
-        out = od.output(w, "cpu").fill_(float("nan"))
-        fn(*ins, out)
-        chk = check_output(out, od.reference(w, ins), w.dtype)
-        assert chk.ok, chk.reason
+        _definition_matches_reference_on_llvm(row_stats_group_norm(w, chunk), w)
+
+
+def _definition_matches_reference_on_llvm(prim_func, w) -> None:
+    """A template's own compute definition of w's op, compiled unscheduled for the CPU and run on fresh
+    random inputs into a poisoned output, against the op's float64 reference."""
+    import tvm
+
+    od = opdef(w.op)
+    fn = tvm.compile(tvm.IRModule({"main": prim_func}), target="llvm")["main"]
+    ins = od.inputs(w, "cpu", torch.Generator().manual_seed(0))
+    out = od.output(w, "cpu").fill_(float("nan"))
+    fn(*ins, out)
+    chk = check_output(out, od.reference(w, ins), w.dtype)
+    assert chk.ok, chk.reason
 
 
 @pytest.mark.parametrize("w", [group_norm_workload(2, 4096, 320, 32, silu=True), group_norm_workload(2, 64, 2560, 32)],
