@@ -121,7 +121,7 @@ def write_pack(out: str | Path, db_path: str | Path | None = None, target: Targe
 def _build_missing(target: Target, records: list[MeasureResult], jobs: int | None, timeout_s: float) -> int:
     """Build into the kernel cache the records' modules not there yet (isolated processes, as
     prebuild); the first failure refuses the pack."""
-    from scheduler.builder import _short_error, artifact_name, build_one, preload_for
+    from scheduler.builder import _short_error, artifact_name, build_one
     from scheduler.isolation import IsolatedPool
 
     cache = config.kernel_cache_dir(target.key)
@@ -129,7 +129,7 @@ def _build_missing(target: Target, records: list[MeasureResult], jobs: int | Non
     if not todo:
         return 0
     cache.mkdir(parents=True, exist_ok=True)
-    pool = IsolatedPool(jobs or config.build_jobs(), preload=preload_for(target))
+    pool = IsolatedPool(jobs or config.build_jobs())
     try:
         args = [(r.workload.to_json(), target.to_json(), r.candidate.to_json(), str(cache)) for r in todo]
         for r, res in zip(todo, pool.run_all(build_one, args, timeout_s)):

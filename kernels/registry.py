@@ -282,7 +282,7 @@ class Registry:
         record, where it beats the vendor path if require_faster) into the kernel cache, in parallel
         isolated processes, so no call builds one on first use. Returns {"reverified",
         "reverify_failed" (imported records), "cached", "built", "failed"}."""
-        from scheduler.builder import artifact_name, build_one, preload_for
+        from scheduler.builder import artifact_name, build_one
         from scheduler.isolation import IsolatedPool
         from scheduler.reverify import reverify
 
@@ -308,7 +308,7 @@ class Registry:
                 todo.append((w.to_json(), self.target.to_json(), rec.candidate.to_json(), str(cache)))
         if todo:
             cache.mkdir(parents=True, exist_ok=True)
-            pool = IsolatedPool(jobs or config.build_jobs(), preload=preload_for(self.target))
+            pool = IsolatedPool(jobs or config.build_jobs())
             try:
                 for r in pool.run_all(build_one, todo, timeout_s):
                     out["failed" if isinstance(r, BaseException) else "built"] += 1

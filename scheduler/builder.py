@@ -13,7 +13,7 @@ from shapetune.records import Candidate
 from shapetune.target import Target
 from shapetune.workload import Workload
 
-from .isolation import PRELOAD, IsolatedPool
+from .isolation import IsolatedPool
 
 
 @dataclass(frozen=True)
@@ -62,17 +62,13 @@ def build_one(workload_json: dict, target_json: dict, candidate_json: dict, out_
     return str(path), time.perf_counter() - t0
 
 
-def preload_for(target: Target) -> list[str]:
-    return PRELOAD + (["tvm.s_tir.tensor_intrin"] if target.is_gpu else [])
-
-
 class Builder:
     def __init__(self, target: Target, out_dir: str | Path, jobs: int | None = None, timeout_s: float = 120):
         self.target = target
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
-        self.pool = IsolatedPool(jobs or config.build_jobs(), preload=preload_for(target))
+        self.pool = IsolatedPool(jobs or config.build_jobs())
 
     def build(self, workload: Workload, candidates: list[Candidate]) -> list[BuildResult]:
         """Build `candidates` of `workload` in parallel; one BuildResult per candidate, in order."""

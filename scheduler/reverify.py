@@ -117,7 +117,7 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
             return []
         verdicts = {w: Verdict(w) for w in todo}
         run_id = uuid.uuid4().hex[:12]
-        pool = builder.IsolatedPool(jobs or config.build_jobs(), preload=builder.preload_for(target))
+        pool = builder.IsolatedPool(jobs or config.build_jobs())
         runner = runner or Runner(target, timeout_s=run_timeout_s)
         try:
             with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:

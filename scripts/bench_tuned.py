@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapetune.ops import opdef  # noqa: E402
-from scheduler.builder import build_one, preload_for  # noqa: E402
+from scheduler.builder import build_one  # noqa: E402
 from scheduler.isolation import IsolatedPool  # noqa: E402
 from kernels.registry import servable, vendor_us  # noqa: E402
 from scheduler.runner import (COPY, LARGE_COPY_BYTES, Runner, aligned_copy_bytes, copy_bytes,  # noqa: E402
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit("nothing tuned for this target in that DB")
 
     t0 = time.time()
-    pool = IsolatedPool(config.build_jobs(), preload=preload_for(target))
+    pool = IsolatedPool(config.build_jobs())
     built = pool.run_all(build_one, [(w.to_json(), target.to_json(), b.candidate.to_json(), str(tmp))
                                      for w, b in pairs], 600)
     pool.close()

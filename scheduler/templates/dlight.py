@@ -24,9 +24,7 @@ class DlightDefault(Template):
         from tvm.s_tir import dlight as dl
 
         mod = tvm.IRModule({"main": opdef(workload.op).prim_func(workload)})
-        if target.kind == "cuda":
-            import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the WMMA intrinsics)
-
+        if target.kind == "cuda":  # Matmul imports TVM's tensor intrinsics itself where it tensorizes
             rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
                      dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         else:

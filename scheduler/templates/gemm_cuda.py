@@ -153,10 +153,9 @@ def schedule_wmma_gemm(sch, mm, kn: dict) -> None:
 def tensorize_wmma(sch, a_f, b_f, acc_f, init, mm):
     """Replace the fragment loads, the accumulator store, its zero-init and the 16x16x16 update
     with WMMA intrinsics (fp16 x fp16 -> fp32; x tiles from shared.dyn, staging tile in shared)."""
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+    from .wmma import intrinsics
 
-    intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared",
-                                   in_dtype="float16", out_dtype="float32", trans_b=True)
+    intrin = intrinsics()
     for blk, name in ((a_f, "load_a"), (b_f, "load_b"), (acc_f, "store")):
         li, lj = sch.get_loops(blk)[-2:]
         li0, li1 = sch.split(li, [None, 16])

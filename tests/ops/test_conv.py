@@ -148,7 +148,6 @@ def test_implicit_gemm_rewrite_is_exact_on_llvm(s):
 def test_cuda_candidates_build_for_sd_convs():
     """Sampled conv_cuda_wmma candidates of two SD 1.5 convs compile for sm_90 (no GPU needed)."""
     import tvm
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the WMMA intrinsics)
 
     from scheduler.templates import get
     from shapetune.target import cuda_target
@@ -188,7 +187,6 @@ def test_batch_bucket_is_correct_at_its_members_on_llvm():
 
 def test_batch_bucket_cuda_candidates_build_for_sm90():
     import tvm
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the WMMA intrinsics)
 
     from shapetune.buckets import DEFAULT
     from scheduler.templates import get

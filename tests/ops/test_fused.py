@@ -253,7 +253,7 @@ def test_sd15_geglu_workloads():
 @pytest.mark.slow
 def test_cuda_templates_build_fused_epilogues_and_sd_geglu():
     """Sampled candidates compile to one CUDA kernel with WMMA (the epilogue is fused, not a second
-    kernel). Slow: importing tvm.s_tir.tensor_intrin takes ~40 s."""
+    kernel). Slow: many CUDA builds."""
     import tvm
 
     tgt = cuda_target()
