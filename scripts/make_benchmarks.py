@@ -43,6 +43,8 @@ ELEMENTWISE = "sm90_h200_sd15_elementwise_summary.json"
 NORM_BUCKETS = "sm90_h200_sd15_norms_buckets_summary.json"
 NORM_GAPS = "sm90_h100_sd15_norms_gaps_summary.json"  # tuned on an H100, 2026-12-07: the buckets nothing served
 VAE_GRID = "sm90_h100_sd15_vae_summary.json"  # tuned on an H100, 2026-12-07: the VAE decoder's norm/elementwise buckets
+ADD_NORM = "sm90_h100_sd15_add_layer_norm_summary.json"  # H100, 2026-12-07: residual add + LayerNorm buckets
+GN_SPLIT = "sm90_h100_sd15_gn_split_buckets_summary.json"  # H100, 2026-12-07: norm_cuda_split_bucket at 1x512
 NORMS_ROWS = "sm90_h200_sd15_norms_rows_summary.json"  # norm_cuda_rows on the 18 GroupNorms of batch 2, 512²
 NORMS_BENCH = "bench/bench_norms_h200.json"
 CONV_BENCH = "bench/bench_conv_h200.json"
@@ -57,6 +59,7 @@ E2E_NORMS = "bench/bench_e2e_h200_norms_served.json"  # a later run: every norm 
 E2E_PACK = "bench/bench_e2e_packing.json"  # packed q/k/v and time-embedding projections, A/B in one run
 E2E_ISO = "bench/bench_e2e_h100_isolated.json"  # every mode in its own process (bench_e2e --isolate)
 E2E_MATRIX = "bench/bench_e2e_h100_matrix.json"  # the other shapes of issue 10's matrix, each mode in its own process
+E2E_FIXED = "bench/bench_e2e_h100_after_fixes.json"  # after the two graph fixes of 2026-12-07, each mode in its own process
 E2E_SEQ = "bench/bench_e2e_h100_profile.json"  # the same day, modes in turn in one process, with profiles
 PACKING = "bench/bench_packing_h100_{shape}.json"  # scripts/bench_packing.py, per shape
 PACKING_SHAPES = ("2x512", "1x512")
@@ -672,7 +675,7 @@ def bucket_families(logs: Logs) -> list[str]:
 
 def _bucket_group(name: str) -> str:
     """A bucket's kind for the grid tables: the op and its epilogue, e.g. "bias_add+residual"."""
-    op = next(o for o in ("bias_add", "gelu_gate", "group_norm", "layer_norm") if name.startswith(o + "_"))
+    op = next(o for o in ("bias_add", "gelu_gate", "group_norm", "add_layer_norm", "layer_norm") if name.startswith(o + "_"))
     epi = name.rsplit("_f16", 1)[-1].lstrip("+").replace("affine+", "").replace("affine", "")
     return op + (f" + {epi}" if epi else "")
 
@@ -716,6 +719,14 @@ def grid_buckets(logs: Logs) -> str:
                                "768², 512x768 and 768x512 (scripts/tune_sd_grid.py --models vae; buckets already "
                                "tuned skipped), against F.group_norm (+ F.silu) on channels_last and torch's kernels "
                                "for the same bias pass", "calls in the grid"))
+    if (logs.dir / ADD_NORM).exists():
+        jobs.append((ADD_NORM, "add_layer_norm (a transformer block's residual add and the LayerNorm after it, one "
+                               "kernel) buckets of the SD 1.5 UNet at 2x512, 1x512, 4x512, 2x768 and 2x512x768, "
+                               "against torch's add then F.layer_norm", "calls per UNet forward"))
+    if (logs.dir / GN_SPLIT).exists():
+        jobs.append((GN_SPLIT, "the GroupNorm (+SiLU) buckets of the SD 1.5 UNet at 1x512 with the split-statistics "
+                               "bucket template only (norm_cuda_split_bucket), against F.group_norm (+ F.silu) on "
+                               "channels_last", "calls per UNet forward"))
     for rel, what, calls_label in jobs:
         d = logs.load(rel)
         groups: dict[str, list[dict]] = {}
@@ -1235,6 +1246,7 @@ def end_to_end(logs: Logs) -> str:
     pack = e2e_run(logs, E2E_PACK) if (logs.dir / E2E_PACK).exists() else []
     iso = e2e_run(logs, E2E_ISO) if (logs.dir / E2E_ISO).exists() else []
     matrix = e2e_run(logs, E2E_MATRIX) if (logs.dir / E2E_MATRIX).exists() else []
+    fixed = e2e_run(logs, E2E_FIXED) if (logs.dir / E2E_FIXED).exists() else []
     seq = e2e_run(logs, E2E_SEQ) if (logs.dir / E2E_SEQ).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
@@ -1245,7 +1257,8 @@ def end_to_end(logs: Logs) -> str:
         "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
-        *(["### The newest run: every mode in its own process", *iso] if iso else []),
+        *(["### The newest run: after the graph fixes, every mode in its own process", *fixed] if fixed else []),
+        *([f"### {'An earlier' if fixed else 'The newest'} run: every mode in its own process", *iso] if iso else []),
         *(["### The other shapes of the matrix: every mode in its own process", *matrix] if matrix else []),
         *(["### The same day, modes in turn in one process, with profiles", *seq] if seq else []),
         *packing_ab(logs),
