@@ -129,16 +129,14 @@ def _build_missing(target: Target, records: list[MeasureResult], jobs: int | Non
     if not todo:
         return 0
     cache.mkdir(parents=True, exist_ok=True)
-    pool = IsolatedPool(jobs or config.build_jobs())
-    try:
+    with IsolatedPool(jobs or config.build_jobs()) as pool:
         args = [(r.workload.to_json(), target.to_json(), r.candidate.to_json(), str(cache)) for r in todo]
-        for r, res in zip(todo, pool.run_all(build_one, args, timeout_s)):
-            if isinstance(res, BaseException):
-                why = (_short_error(res).splitlines() or [type(res).__name__])[-1][:200]
-                raise PackError(f"cannot build the kernel of {r.workload.name} ({r.candidate}): {why}; "
-                                f"nothing packed")
-    finally:
-        pool.close()
+        results = pool.run_all(build_one, args, timeout_s)
+    for r, res in zip(todo, results):
+        if isinstance(res, BaseException):
+            why = (_short_error(res).splitlines() or [type(res).__name__])[-1][:200]
+            raise PackError(f"cannot build the kernel of {r.workload.name} ({r.candidate}): {why}; "
+                            f"nothing packed")
     return len(todo)
 
 

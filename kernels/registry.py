@@ -308,12 +308,9 @@ class Registry:
                 todo.append((w.to_json(), self.target.to_json(), rec.candidate.to_json(), str(cache)))
         if todo:
             cache.mkdir(parents=True, exist_ok=True)
-            pool = IsolatedPool(jobs or config.build_jobs())
-            try:
+            with IsolatedPool(jobs or config.build_jobs()) as pool:
                 for r in pool.run_all(build_one, todo, timeout_s):
                     out["failed" if isinstance(r, BaseException) else "built"] += 1
-            finally:
-                pool.close()
         return out
 
     def served(self) -> list[Resolution]:

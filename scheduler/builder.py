@@ -93,8 +93,14 @@ class Builder:
             i += len(cands)
         return out
 
-    def close(self):
-        self.pool.close()
+    def close(self, abort: bool = False):
+        self.pool.close(abort)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(abort=exc_type is not None)
 
 
 def _short_error(e: BaseException, limit: int = 2000) -> str:

@@ -98,16 +98,21 @@ class IsolatedPool:
             _kill(self._pool)
             self._pool = None
 
-    def close(self):
-        if self._pool is not None:
+    def close(self, abort: bool = False):
+        """Let the running calls finish (queued ones are dropped); `abort`: kill them instead."""
+        if abort:
+            self.kill()
+        elif self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *_):
+        # leaving on an exception (Ctrl-C included) kills the workers: waiting for their calls (a
+        # CUDA build takes up to its timeout) would hold an interrupted job for minutes
+        self.close(abort=exc_type is not None)
 
     def run_all(self, fn: Callable, argsets: list[tuple], timeout_s: float) -> list[Any]:
         """Run fn(*args) for each argset; each slot holds the return value or the exception.

@@ -117,9 +117,8 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
             return []
         verdicts = {w: Verdict(w) for w in todo}
         run_id = uuid.uuid4().hex[:12]
-        pool = builder.IsolatedPool(jobs or config.build_jobs())
-        runner = runner or Runner(target, timeout_s=run_timeout_s)
-        try:
+        with builder.IsolatedPool(jobs or config.build_jobs()) as pool, \
+                (runner or Runner(target, timeout_s=run_timeout_s)) as runner:
             with tempfile.TemporaryDirectory(prefix="shapetune-reverify-") as tmp:
                 vendor = {}
                 for w in list(todo):
@@ -143,9 +142,6 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                                 pass  # the run's first vendor timing stays its yardstick
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
-        finally:
-            pool.close()
-            runner.close()
     return list(verdicts.values())
 
 

@@ -376,8 +376,14 @@ class Runner:
             return RunResult("runtime_error", error=str(r))
         return RunResult(r["status"], LatencyStats(**r["latency"]), r["rel_err"])
 
-    def close(self):
-        self.pool.close()
+    def close(self, abort: bool = False):
+        self.pool.close(abort)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(abort=exc_type is not None)
 
 
 def vendor_baselines(runner: Runner, workload: Workload, run_id: str) -> dict[str, VendorBaseline]:

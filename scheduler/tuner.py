@@ -138,17 +138,18 @@ class Tuner:
         self._retimed: set[Workload] = set()
         self._model_stale = True  # results were stored since the cost model was last fitted
 
-    def close(self):
-        self.builder.close()
-        self.runner.close()
+    def close(self, abort: bool = False):
+        """abort: kill the build and measurement workers instead of waiting for their calls."""
+        self.builder.close(abort)
+        self.runner.close(abort)
         if self._tmp is not None:
             self._tmp.cleanup()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *_):
+        self.close(abort=exc_type is not None)
 
     # -- one workload, or one round of many -----------------------------------------------------
     def tune(self, workload: Workload, rounds: int | None = None, batch: int | None = None) -> WorkloadReport:

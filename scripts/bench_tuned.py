@@ -215,23 +215,20 @@ def main(argv: list[str] | None = None):
         raise SystemExit("nothing tuned for this target in that DB")
 
     t0 = time.time()
-    pool = IsolatedPool(config.build_jobs())
-    built = pool.run_all(build_one, [(w.to_json(), target.to_json(), b.candidate.to_json(), str(tmp))
-                                     for w, b in pairs], 600)
-    pool.close()
+    with IsolatedPool(config.build_jobs()) as pool:
+        built = pool.run_all(build_one, [(w.to_json(), target.to_json(), b.candidate.to_json(), str(tmp))
+                                         for w, b in pairs], 600)
     print(f"built {sum(not isinstance(r, BaseException) for r in built)}/{len(pairs)} in {time.time() - t0:.0f} s",
           flush=True)
 
-    runner, rows, run, run_id = Runner(target, timeout_s=120), [], [], uuid.uuid4().hex[:12]
-    try:
+    rows, run, run_id = [], [], uuid.uuid4().hex[:12]
+    with Runner(target, timeout_s=120) as runner:
         big = large_copy(runner, a.large_copy_bytes)
         if big:
             print(f"large copy: {big['bytes'] / 2**30:.2f} GiB moved in {big['us']:.1f} us, {big['gbps']:.0f} GB/s")
         for (w, best), art in zip(pairs, built):
             rows.append(bench_row(runner, w, best, art, run, run_id))
             _print_row(rows[-1])
-    finally:
-        runner.close()
 
     if a.export:
         with TuningDB(tmp / "run.db") as out:

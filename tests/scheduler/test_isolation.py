@@ -123,3 +123,22 @@ def test_forkserver_workers_crash_and_recover():
         assert out[0] == 4 and isinstance(out[1], WorkerCrashed) and out[2] == 9
         pids = p.run_all(h.pid, [(), ()], timeout_s=60)
         assert os.getpid() not in pids
+
+
+def test_an_interrupt_kills_the_running_calls_instead_of_waiting_for_them():
+    """Ctrl-C during a batch (a prebuild on the GPU machine: CUDA builds of up to their timeout each)
+    leaves the `with` at once, its workers killed; a clean exit still lets the calls finish."""
+    import signal
+    import threading
+
+    p = IsolatedPool(2, preload=[], method="fork")
+    main = threading.main_thread().ident
+    threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT)).start()  # as a Ctrl-C arrives
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with p:
+            p.run_all(time.sleep, [(60,), (60,)], timeout_s=120)
+    assert time.monotonic() - t0 < 15
+    assert p._pool is None
+    with IsolatedPool(1, preload=[], method="fork") as q:
+        assert q.run_all(h.square, [(3,)], timeout_s=30) == [9]
