@@ -183,11 +183,15 @@ def kernel_profile(fn, top: int = 25, gpu: bool = True) -> dict:
              "reduce" if "reduce" in n or "norm" in n else "other")
         cats[c] = cats.get(c, 0.0) + us
         launches += e.count
-        kern.append((us, c, e.count, e.key[:120]))
+        kern.append((us, c, e.count, e.key[:400]))
     kern.sort(reverse=True)
+    row = lambda u, c, k, n: {"us": u, "category": c, "count": k, "name": n}  # noqa: E731
     return {"by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "total_us": sum(cats.values()), "kernels": launches,
-            "top": [{"us": u, "category": c, "count": k, "name": n} for u, c, k, n in kern[:top]]}
+            "top": [row(u, c, k, n[:120]) for u, c, k, n in kern[:top]],
+            # every kernel between the big ops (what fusion could still remove), its name whole enough
+            # to tell a torch copy's functor (direct_copy, CatArrayBatchedCopy, ...)
+            "between": [row(u, c, k, n) for u, c, k, n in kern if c in ("copy", "elementwise", "reduce", "other")]}
 
 
 def eager_profile(m, inp: dict, is_gpu: bool) -> dict:

@@ -76,7 +76,10 @@ def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_
     # counted in neither (before, they went to the next mode's)
     assert sum(calls["shapetune"]["conv2d"].values()) == sum(calls["shapetune_nopack"]["conv2d"].values())
     assert sum(calls["shapetune"]["linear"].values()) < sum(calls["shapetune_nopack"]["linear"].values())
-    assert rows["shapetune"]["2x512"]["profile"]["kernels"] > 0
+    prof = rows["shapetune"]["2x512"]["profile"]
+    assert prof["kernels"] > 0
+    # every op between the big ones is listed, not only the top ones: the skip connections' cats among them
+    assert any(k["category"] == "copy" and "cat" in k["name"] for k in prof["between"])
 
 
 def test_isolate_keeps_what_an_interrupted_child_measured(tmp_path, monkeypatch):
