@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -276,12 +277,15 @@ class Registry:
                               vendor=res.vendor, bucket=res.bucket, cause=getattr(e, "cause", "load_failed"))
         return Resolution(res.workload, res.kind, res.reason, fn, res.record, res.vendor, res.bucket)
 
-    def prebuild(self, jobs: int | None = None, timeout_s: float = 600) -> dict[str, int]:
+    def prebuild(self, jobs: int | None = None, timeout_s: float = 600,
+                 keys: Collection[str] | None = None) -> dict[str, int]:
         """Re-verify this target's pending imports first (scheduler.reverify, as `shapetune db
-        verify`), then build every kernel this registry would dispatch to (each workload's best
-        record, where it beats the vendor path if require_faster) into the kernel cache, in parallel
-        isolated processes, so no call builds one on first use. Returns {"reverified",
-        "reverify_failed" (imported records), "cached", "built", "failed"}."""
+        verify`; with require_faster only the claims that beat the vendor path in their own run,
+        the ones this registry could serve), then build every kernel this registry would dispatch to
+        (each workload's best record, where it beats the vendor path if require_faster) into the
+        kernel cache, in parallel isolated processes, so no call builds one on first use. keys: only
+        these workloads (a model's shapes and their buckets: scheduler.extract.workload_keys).
+        Returns {"reverified", "reverify_failed" (imported records), "cached", "built", "failed"}."""
         from scheduler.builder import artifact_name, build_one
         from scheduler.isolation import IsolatedPool
         from scheduler.reverify import reverify
@@ -291,7 +295,8 @@ class Registry:
         if db is None:
             return out
         db.close()
-        for v in reverify(self.db_path or config.default_db_path(), self.target, jobs=jobs):
+        for v in reverify(self.db_path or config.default_db_path(), self.target, jobs=jobs, keys=keys,
+                          servable_only=self.require_faster):
             out["reverified"] += v.passed is not None
             out["reverify_failed"] += len(v.failed)
         with self._lock:
@@ -302,6 +307,8 @@ class Registry:
         todo = []
         for res in self.served():
             w, rec = res.workload, res.record
+            if keys is not None and w.key not in keys:
+                continue
             if (cache / artifact_name(w, rec.candidate)).exists():
                 out["cached"] += 1
             else:

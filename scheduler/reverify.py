@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,11 +99,15 @@ class Verdict:
 
 
 def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: int | None = None,
-             build_timeout_s: float = 180, run_timeout_s: float = 60, runner: Runner | None = None
-             ) -> list[Verdict]:
+             build_timeout_s: float = 180, run_timeout_s: float = 60, runner: Runner | None = None,
+             keys: Collection[str] | None = None, servable_only: bool = False) -> list[Verdict]:
     """Re-verify this target's pending imports in the DB at `db_path`; one Verdict per workload
     that had any (none: an empty list, no process started). runner: what verifies and times the
     records and the vendor path (default: a Runner of run_timeout_s); closed here.
+
+    keys: only the workloads of these keys (a model's shapes and their buckets).
+    servable_only: only the claims that beat the vendor path of their own run (`claims_won`), what a
+    registry that requires faster kernels serves; the others stay pending (`db verify` takes them all).
 
     Builds run in parallel (`jobs`, default config.build_jobs()), one candidate per still
     unresolved workload per round; runs are one at a time, as the tuner measures.
@@ -113,6 +118,11 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
             todo.setdefault(r.workload, []).append((i, r))
         for r in portable(db, target, op):
             todo.setdefault(r.workload, []).append((None, r))
+        if keys is not None:
+            todo = {w: rs for w, rs in todo.items() if w.key in keys}
+        if servable_only:
+            won = claims_won(db)
+            todo = {w: kept for w, rs in todo.items() if (kept := [(i, r) for i, r in rs if won(r)])}
         if not todo:
             return []
         verdicts = {w: Verdict(w) for w in todo}
@@ -143,6 +153,24 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
     return list(verdicts.values())
+
+
+def claims_won(db: TuningDB):
+    """A predicate on records: whether the record beat the vendor path timed in its own run by the
+    registry's margin (`servable`; the run, not the target, names the baseline: a portable record
+    is re-targeted here but keeps its run id); True where that run stored no vendor baseline (or
+    the record names no run)."""
+    vendor: dict[tuple[str, str], float] = {}
+    for b in db.baselines():
+        if b.run_id:
+            k = (b.workload.key, b.run_id)
+            vendor[k] = min(vendor.get(k, float("inf")), vendor_us(b))
+
+    def won(r: MeasureResult) -> bool:
+        v = vendor.get((r.workload.key, r.run_id)) if r.run_id else None
+        return v is None or servable(r.latency.median_us, v)
+
+    return won
 
 
 def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: str, tmp: str,

@@ -193,14 +193,36 @@ def _tune(op, shapes, workload_file, preset, dtype, bias, target_kind, trials, b
 @click.option("--all", "all_records", is_flag=True,
               help="Also kernels that measured slower than the vendor path (normally never dispatched).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel builds (default: cores).")
-def prebuild(db_path, all_records, jobs):
-    """Compile every kernel the registry would dispatch to on this machine, into the kernel cache."""
+@click.option("--models", default=None,
+              help="Only what these models dispatch (unet, vae, sdxl_unet, sdxl_vae; sd15 = unet,vae; sdxl) "
+                   "at --shapes (default with --shapes: sd15).")
+@click.option("--shapes", default=None,
+              help="With --models: BATCHxSIZE[xWIDTH] in pixels, comma-separated (e.g. 1x512,2x768): only the "
+                   "workloads of those calls and their buckets are re-verified and built.")
+def prebuild(db_path, all_records, jobs, models, shapes):
+    """Compile every kernel the registry would dispatch to on this machine, into the kernel cache.
+
+    Imported records are re-verified here first (as `shapetune db verify`); without --all only the
+    claims that beat the vendor path in their own run, the others stay pending. With --shapes, only
+    the workloads a model dispatches at those shapes."""
     from kernels.registry import Registry
 
+    keys = None
+    if shapes is not None:
+        from scheduler.extract import parse_models, workload_keys
+        from scheduler.jobs import parse_shapes
+
+        try:
+            keys = workload_keys(parse_models(models or "sd15"), parse_shapes(shapes))
+        except ValueError as e:
+            raise click.BadParameter(str(e))
+    elif models is not None:
+        raise click.BadParameter("--models needs --shapes")
     reg = Registry(db_path=db_path, require_faster=not all_records)
-    out = reg.prebuild(jobs=jobs)
-    click.echo(f"{reg.target.describe()}: {out['built']} built, {out['cached']} already cached, "
-               f"{out['failed']} failed  (cache {config.kernel_cache_dir(reg.target.key)})")
+    out = reg.prebuild(jobs=jobs, keys=keys)
+    click.echo(f"{reg.target.describe()}: {out['reverified']} imports re-verified ({out['reverify_failed']} "
+               f"failed), {out['built']} built, {out['cached']} already cached, {out['failed']} failed  "
+               f"(cache {config.kernel_cache_dir(reg.target.key)})")
     if out["failed"]:
         raise SystemExit(1)
 

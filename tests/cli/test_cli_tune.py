@@ -113,6 +113,14 @@ def test_prebuild_compiles_the_dispatched_kernels(tmp_path, monkeypatch):
     out = _run("prebuild", "--db", db, "--all")
     assert "1 built, 0 already cached, 0 failed" in out.output, out.output
     assert "0 built, 1 already cached" in _run("prebuild", "--db", db, "--all").output
+    # --shapes: only what SD 1.5's UNet dispatches at 1x256 (and its buckets): not this GEMM
+    assert "0 built, 0 already cached" in _run("prebuild", "--db", db, "--all", "--models", "unet",
+                                               "--shapes", "1x256").output
+    for bad, why in ((["--models", "unet"], "--models needs --shapes"),
+                     (["--models", "nope", "--shapes", "1x256"], "unknown model 'nope'"),
+                     (["--shapes", "1x"], "is not BATCHxSIZE")):
+        r = CliRunner().invoke(main, ["prebuild", "--db", db, *bad])
+        assert r.exit_code != 0 and why in r.output, (bad, r.output)
 
 
 # -- issue 11 item 8: bad arguments, fused linears, progress, piped tables -----------------------------

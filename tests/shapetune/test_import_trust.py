@@ -290,3 +290,54 @@ def test_a_shipped_log_without_hashes_still_imports_as_pending(tmp_path):
         n = db.stats()["records"]
         assert n > 0 and "imported %d new" % (n + len(db.baselines())) in out.output
         assert db.best_all() == [] and db.stats()["by_trust"] == {"imported": n}
+
+
+def test_prebuild_reverifies_only_claims_that_beat_their_runs_vendor(tuned, tmp_path, cpu, monkeypatch):
+    """A registry that serves only kernels faster than the vendor path re-verifies only the claims that
+    were faster in their own run: here every ok record claims 3x its run's vendor time, so prebuild
+    leaves them pending (no build, no run); `db verify` and a prebuild that serves everything
+    (--all) still take them."""
+    from kernels.registry import Registry
+    from scheduler.reverify import claims_won
+
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    _, export = tuned
+    lines = _lines(export)
+    vendor = {x["run_id"]: x["latency"]["median_us"] for x in lines if x["type"] == "baseline"}
+    slow = []
+    for x in lines:
+        if x["type"] == "record" and x["status"] == "ok":
+            t = 3 * vendor[x["run_id"]]
+            x = {**x, "latency": {**x["latency"], "median_us": t, "mean_us": t, "min_us": t, "max_us": t,
+                                  "std_us": 0.0}}
+            x = _rehash(x)
+        slow.append(x)
+    fresh = tmp_path / "fresh.db"
+    res = _cli("db", "import", _write(tmp_path / "slow.jsonl", slow), "--db", fresh)
+    assert res.exit_code == 0, res.output
+    with TuningDB(fresh) as db:
+        pending = db.pending(cpu.key)
+        assert pending and not any(claims_won(db)(r) for _, r in pending)
+    out = Registry(db_path=fresh, target=cpu).prebuild(jobs=1)
+    assert out == {"reverified": 0, "reverify_failed": 0, "cached": 0, "built": 0, "failed": 0}, out
+    with TuningDB(fresh) as db:
+        assert len(db.pending(cpu.key)) == len(pending)  # untouched: still claims
+    out = Registry(db_path=fresh, target=cpu, require_faster=False).prebuild(jobs=1)
+    assert out["reverified"] == 1, out
+
+
+def test_prebuild_keys_limit_it_to_those_workloads(tuned, tmp_path, cpu, monkeypatch):
+    """prebuild(keys=...) (`shapetune prebuild --models --shapes`) re-verifies and builds only the
+    workloads of those keys."""
+    from kernels.registry import Registry
+
+    monkeypatch.setenv("SHAPETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    _, export = tuned
+    fresh = tmp_path / "fresh.db"
+    with TuningDB(fresh) as db:
+        db.import_jsonl(export)
+    reg = Registry(db_path=fresh, target=cpu, require_faster=False)
+    assert reg.prebuild(jobs=1, keys={W_ONLY_WRONG.key})["reverified"] == 0
+    with TuningDB(fresh) as db:
+        assert db.pending(cpu.key)
+    assert reg.prebuild(jobs=1, keys={W.key})["reverified"] == 1
