@@ -144,7 +144,6 @@ def test_implicit_gemm_rewrite_is_exact_on_llvm(s):
     assert chk.ok, chk.reason
 
 
-@pytest.mark.slow
 def test_cuda_candidates_build_for_sd_convs():
     """Sampled conv_cuda_wmma candidates of two SD 1.5 convs compile for sm_90 (no GPU needed)."""
     import tvm

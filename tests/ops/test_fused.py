@@ -241,7 +241,6 @@ def test_geglu_extraction_from_diffusers_feedforward():
     assert any(getattr(c, "__name__", "") == "GEGLU" for c in HANDLERS)
 
 
-@pytest.mark.slow
 def test_sd15_geglu_workloads():
     from scheduler.extract import sd15_geglu_workloads
 
@@ -250,10 +249,9 @@ def test_sd15_geglu_workloads():
 
 
 # -- CUDA (codegen only, no GPU needed) -------------------------------------------------------------
-@pytest.mark.slow
 def test_cuda_templates_build_fused_epilogues_and_sd_geglu():
     """Sampled candidates compile to one CUDA kernel with WMMA (the epilogue is fused, not a second
-    kernel). Slow: many CUDA builds."""
+    kernel)."""
     import tvm
 
     tgt = cuda_target()

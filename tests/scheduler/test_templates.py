@@ -133,7 +133,7 @@ def test_cuda_wmma_space_nonempty_for_sd_shapes(sd_workloads):
 @pytest.mark.slow
 def test_cuda_wmma_and_dlight_build_for_cuda_target(sd_workloads):
     """CUDA codegen needs no GPU: the module is compiled to CUDA source (no nvcc without a runtime).
-    Slow: many CUDA builds."""
+    Slow: dlight's Matmul rule imports TVM's tensor intrinsics (25-97 s)."""
     import tvm
 
     tgt = cuda_target()
