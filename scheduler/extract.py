@@ -680,17 +680,19 @@ def model_workloads(model: str, families=tuple(FAMILY_RULES), batch: int = 2, he
                             "decode" if model in VAES else "forward", dispatched)
 
 
-def workload_keys(models: list[str], shapes: list[tuple[int, int, int]], policy=None, tiny: bool = False) -> set[str]:
+def workload_keys(models: list[str], shapes: list[tuple[int, int, int]], dtype: str = "float16", policy=None,
+                  tiny: bool = False) -> set[str]:
     """The keys of every workload a patched call of each of `models` (MODELS) dispatches at each
-    (batch, height, width) of `shapes`, and of the bucket (`policy`, default DEFAULT) that holds each:
-    what a registry can serve those calls from (prebuild --models/--shapes verifies and builds just these)."""
+    (batch, height, width) of `shapes` in `dtype`, and of the bucket (`policy`, default DEFAULT) that
+    holds each: what a registry can serve those calls from (prebuild --models/--shapes verifies and
+    builds just these)."""
     from shapetune.buckets import DEFAULT
 
     policy = policy or DEFAULT
     keys: set[str] = set()
     for m in models:
         for b, h, w in shapes:
-            for op in model_workloads(m, batch=b, height=h, width=w, tiny=tiny):
+            for op in model_workloads(m, batch=b, height=h, width=w, dtype=dtype, tiny=tiny):
                 keys.add(op.workload.key)
                 if (bucket := policy.bucket_of(op.workload)) is not None:
                     keys.add(bucket.key)

@@ -207,18 +207,19 @@ def prebuild(db_path, all_records, jobs, models, shapes):
     the workloads a model dispatches at those shapes."""
     from kernels.registry import Registry
 
+    reg = Registry(db_path=db_path, require_faster=not all_records)
     keys = None
-    if shapes is not None:
+    if shapes is not None:  # the models' dtype on this target: fp16 on a GPU, fp32 on the CPU
         from scheduler.extract import parse_models, workload_keys
         from scheduler.jobs import parse_shapes
 
         try:
-            keys = workload_keys(parse_models(models or "sd15"), parse_shapes(shapes))
+            keys = workload_keys(parse_models(models or "sd15"), parse_shapes(shapes),
+                                 "float16" if reg.target.is_gpu else "float32")
         except ValueError as e:
             raise click.BadParameter(str(e))
     elif models is not None:
         raise click.BadParameter("--models needs --shapes")
-    reg = Registry(db_path=db_path, require_faster=not all_records)
     out = reg.prebuild(jobs=jobs, keys=keys)
     click.echo(f"{reg.target.describe()}: {out['reverified']} imports re-verified ({out['reverify_failed']} "
                f"failed), {out['built']} built, {out['cached']} already cached, {out['failed']} failed  "

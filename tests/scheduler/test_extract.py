@@ -353,3 +353,19 @@ def test_sdxl_unet_workloads_at_1024():
     att = {op.workload: op.calls for op in ops if op.workload.op == "attention"}
     assert att[attention_workload(2, 1024, 1024, 20, 64)] == 10 * (2 + 3 + 1)  # down 2, up 3, mid 1 blocks
     assert sum(att.values()) == 2 * 70  # 70 transformer blocks x (attn1 + attn2)
+
+
+def test_workload_keys_are_the_dispatched_workloads_and_their_buckets_in_the_dtype():
+    """What `shapetune prebuild --models --shapes` keeps: each workload a patched call dispatches at
+    each shape, in the target's dtype, and the bucket that would serve it."""
+    from scheduler.extract import model_workloads, workload_keys
+    from shapetune.buckets import DEFAULT
+
+    keys = workload_keys(["unet"], [(1, 64, 64), (2, 64, 128)], "float32", tiny=True)
+    for b, h, w in ((1, 64, 64), (2, 64, 128)):
+        for op in model_workloads("unet", batch=b, height=h, width=w, dtype="float32", tiny=True):
+            assert op.workload.key in keys
+            bucket = DEFAULT.bucket_of(op.workload)
+            assert bucket is None or bucket.key in keys
+    assert not keys & workload_keys(["unet"], [(1, 64, 64)], "float16", tiny=True)
+    assert keys > workload_keys(["unet"], [(1, 64, 64)], "float32", tiny=True)
