@@ -224,8 +224,26 @@ def prebuild(db_path, all_records, jobs, models, shapes):
     click.echo(f"{reg.target.describe()}: {out['reverified']} imports re-verified ({out['reverify_failed']} "
                f"failed), {out['built']} built, {out['cached']} already cached, {out['failed']} failed  "
                f"(cache {config.kernel_cache_dir(reg.target.key)})")
+    if left := _claims_left(reg):
+        why = ([] if keys is None else ["outside --shapes"]) + \
+              ([] if all_records else ["no claim beat the vendor path in its own run"])
+        click.echo(f"{left} workload(s) keep unverified claims here" + (f" ({' or '.join(why)})" if why else "")
+                   + "; `shapetune db verify` re-verifies every claim")
     if out["failed"]:
         raise SystemExit(1)
+
+
+def _claims_left(reg) -> int:
+    """Workloads with imported or portable claims this target has not re-verified (after a prebuild:
+    the ones its filters left out)."""
+    from scheduler.reverify import portable
+    from shapetune.db import TuningDB
+
+    path = reg.db_path or config.default_db_path()
+    if not path.exists():
+        return 0
+    with TuningDB(path) as db:
+        return len({r.workload.key for _, r in db.pending(reg.target.key)} | {r.workload.key for r in portable(db, reg.target)})
 
 
 def _tune_budget(workloads, calls, target, db_path, budget_s, cap, batch, seed, templates, fmt, err) -> None:

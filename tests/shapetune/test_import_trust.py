@@ -322,6 +322,10 @@ def test_prebuild_reverifies_only_claims_that_beat_their_runs_vendor(tuned, tmp_
     assert out == {"reverified": 0, "reverify_failed": 0, "cached": 0, "built": 0, "failed": 0}, out
     with TuningDB(fresh) as db:
         assert len(db.pending(cpu.key)) == len(pending)  # untouched: still claims
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    line = _cli("prebuild", "--db", fresh).output  # what the CLI says of the claims it left
+    assert "0 imports re-verified" in line and "1 workload(s) keep unverified claims here" in line, line
+    assert "no claim beat the vendor path in its own run" in line
     out = Registry(db_path=fresh, target=cpu, require_faster=False).prebuild(jobs=1)
     assert out["reverified"] == 1, out
 
