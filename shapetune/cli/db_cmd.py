@@ -444,7 +444,7 @@ def export(path, op, target_key, db_path):
 
 
 @db.command("import")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--max-line-chars", type=click.IntRange(min=1), default=MAX_LINE_CHARS, show_default=True,
               help="A JSONL line longer than this many characters (decoded, newline not counted) "
                    "rejects the file.")
@@ -453,24 +453,35 @@ def export(path, op, target_key, db_path):
                    "is rejected.")
 @_db_option
 @_errors
-def import_(path, max_line_chars, max_file_chars, db_path):
-    """Append the records and baselines of a JSONL export, or of another tuning DB file (all or
-    nothing; a DB's bucket rows too): every line's sha256
+def import_(paths, max_line_chars, max_file_chars, db_path):
+    """Append the records and baselines of JSONL exports, or of other tuning DB files (each file all
+    or nothing, in the order given; a DB's bucket rows too): every line's sha256
     and every record's knobs (against its template's space) are checked first. Imported records
     are served only after `shapetune db verify` re-verified them on this machine. The size limits
-    guard the reading of a JSONL file (a DB file is read by SQLite)."""
+    guard the reading of a JSONL file (a DB file is read by SQLite). A file that fails stops the
+    command; the files before it stay imported (e.g. `shapetune db import tuning_logs/*.jsonl.xz`)."""
     from scheduler.reverify import knob_error
 
-    with open(path, "rb") as f:
-        is_db = f.read(16) == b"SQLite format 3\x00"
+    total = 0
     with _open(db_path, create=True) as d:
-        if is_db:
-            added, skipped = d.import_db(path, validate=knob_error)
-        else:
-            added, skipped = d.import_jsonl(path, validate=knob_error, max_line_chars=max_line_chars,
-                                            max_file_chars=max_file_chars)
-    click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}")
-    if added:
+        for i, path in enumerate(paths):
+            with open(path, "rb") as f:
+                is_db = f.read(16) == b"SQLite format 3\x00"
+            try:
+                if is_db:
+                    added, skipped = d.import_db(path, validate=knob_error)
+                else:
+                    added, skipped = d.import_jsonl(path, validate=knob_error, max_line_chars=max_line_chars,
+                                                    max_file_chars=max_file_chars)
+            except DBError as e:
+                if i == 0:
+                    raise
+                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+                raise DBError(f"{msg}; the {i} file(s) before it were imported") from None
+            total += added
+            click.echo(f"imported {added} new, skipped {skipped} already stored, into {d.path}"
+                       + (f"  ({path})" if len(paths) > 1 else ""))
+    if total:
         click.echo("imported records are served once re-verified on this machine: "
                    f"shapetune db verify --db {d.path}  (shapetune prebuild does it too)")
 

@@ -210,3 +210,23 @@ def test_best_shape_other_ops_and_errors(path):
     assert "unknown: q" in run("best", "layer_norm", "--db", path, "--target", CPU.key,
                                "--shape", "m=3,c=4,q=1", ok=False)
     assert "one of" in run("best", "nonsense", "--db", path, "--target", CPU.key, "--shape", "m=1", ok=False)
+
+
+def test_import_several_files_each_all_or_nothing(dlight_path, tmp_path):
+    """`shapetune db import a b c` imports in order, each file all or nothing; a bad one stops it and
+    the error names it; what came before stays imported."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run("export", a, "--db", dlight_path)
+    run("export", b, "--db", dlight_path, "--op", "linear")
+    fresh = tmp_path / "fresh.db"
+    out = run("import", a, b, "--db", fresh)
+    assert f"({a})" in out and f"({b})" in out and "skipped 0 already" in out, out
+    assert "imported 0 new" in out.splitlines()[1], out  # b: a's linear records again
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(a.read_text() + "{oops\n")
+    other = tmp_path / "other.db"
+    out = run("import", b, bad, a, "--db", other, ok=False)
+    assert str(bad) in out and "line 12" in out and "the 1 file(s) before it were imported" in out, out
+    with TuningDB(other) as d1, TuningDB(tmp_path / "only_b.db", create=True) as d2:
+        d2.import_jsonl(b)
+        assert len(d1.results()) == len(d2.results()) > 0  # b, and nothing of bad or a
