@@ -188,6 +188,9 @@ class GraphedCall:
         self.graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()  # a str: why it was not captured
         self.stats: Counter = Counter()
         self.capture_s: list[float] = []  # wall seconds of each capture (warm-up runs included)
+        # host seconds of each capture's parts: the warm-up runs (their launches; the GPU may still run
+        # them) and the captured run with capture end and instantiation (what a LoRA switch pays)
+        self.capture_parts: list[dict[str, float]] = []
         self._epoch = -1
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
@@ -361,6 +364,7 @@ class GraphedCall:
                 s_leaves.append(x)
         s_args, s_kwargs = pytree.tree_unflatten(s_leaves, spec)
         dev = static[0].device
+        t0_w = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.no_grad():
                 side = capture_stream(dev)
@@ -368,10 +372,12 @@ class GraphedCall:
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup):
                         self._inner_run(s_args, s_kwargs)
+                t1 = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=graph_pool(dev), stream=side):
                     out = self._inner_run(s_args, s_kwargs)
                 torch.cuda.current_stream(dev).wait_stream(side)
+                t2 = time.perf_counter()
             out_leaves, out_spec = pytree.tree_flatten(out)
         except Exception as e:  # a sync or an uncapturable op inside the forward: eager from now on
             torch.cuda.synchronize(dev)
@@ -383,4 +389,6 @@ class GraphedCall:
         _track(dev, graph)
         self.stats["captured"] += 1
         self.capture_s.append(time.perf_counter() - t0)
+        self.capture_parts.append({"inputs_s": t0_w - t0, "warmup_s": t1 - t0_w, "capture_s": t2 - t1,
+                                   "warmups": self.warmup})
         return _Graph(graph, static, out_leaves, out_spec)

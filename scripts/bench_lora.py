@@ -80,12 +80,13 @@ def main():
         with torch.no_grad():
             run(**x)
         us = time_calls(lambda: run(**x), a.iters, 2, is_gpu)
-        switches, errs = [], []
+        switches, errs, set_s = [], [], []
         for i in range(a.switches):
             name = "b" if i % 2 == 0 else "a"
             sync()
             t0 = time.perf_counter()
             m.set_adapters([name])
+            set_s.append(time.perf_counter() - t0)
             with torch.no_grad():
                 out = run(**x).sample
             sync()
@@ -97,8 +98,10 @@ def main():
                 errs.append(rel_l2(out, refs[name]))
         row = {"us": us, "switch_s": switches, "switch_median_s": sorted(switches)[len(switches) // 2],
                "rel_l2_vs_eager": max(errs) if errs else None}
+        row["set_adapters_s"] = set_s  # the host time of set_adapters alone, per switch
         if mode == "shapetune":
             row["graphs"] = dict(m.forward.stats)
+            row["capture_parts"] = m.forward.capture_parts  # where a capture's time goes (GraphedCall)
             kernels.restore(m)
         rows[mode] = row
         m = run = None

@@ -76,6 +76,9 @@ def test_replay_equals_the_patched_eager_run_one_capture_per_shape():
     # a shape change costs one capture (the process's first one also pays CUDA's lazy module loading
     # and cuBLAS/cuDNN set-up: over 2 s on a cold machine, so it is not the figure)
     assert g.capture_s[-1] < 2.0, g.capture_s
+    parts = g.capture_parts[-1]  # where it went: the warm-up runs, and the captured run with instantiation
+    assert len(g.capture_parts) == 2 and parts["warmups"] == g.warmup
+    assert 0 <= parts["inputs_s"] + parts["warmup_s"] + parts["capture_s"] <= g.capture_s[-1]
     a, b = _run(unet, _inputs(seed=5)), _run(unet, _inputs(batch=1, seed=5))  # outputs are the caller's own
     _run(unet, _inputs(seed=6))
     torch.testing.assert_close(a, _run(unet, _inputs(seed=5)), atol=0, rtol=0)

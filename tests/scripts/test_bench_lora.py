@@ -1,0 +1,30 @@
+"""scripts/bench_lora.py on the CPU (tiny UNet, llvm target, no graphs there): a run writes each mode's
+switch times, the host time of set_adapters alone, and for shapetune where its captures' time went
+(GraphedCall.capture_parts: none on the CPU, where every call runs the patched eager path, counted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import kernels
+from tests._scripts import script
+
+
+def test_a_cpu_run_writes_switch_times_and_their_parts(tmp_path, monkeypatch):
+    lora = script("bench_lora")
+    out = tmp_path / "lora.json"
+    monkeypatch.setattr(sys, "argv", ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "2",
+                                      "--iters", "1", "--json", str(out)])
+    prev = kernels.get_registry()
+    try:
+        lora.main()
+    finally:
+        kernels.set_registry(prev)
+    rows = json.loads(out.read_text())["rows"]
+    for mode in ("eager", "shapetune"):
+        r = rows[mode]
+        assert len(r["switch_s"]) == len(r["set_adapters_s"]) == 2
+        assert all(0 < s <= t for s, t in zip(r["set_adapters_s"], r["switch_s"]))
+        assert r["rel_l2_vs_eager"] is not None and r["rel_l2_vs_eager"] < 1e-5
+    assert rows["shapetune"]["capture_parts"] == [] and rows["shapetune"]["graphs"].get("cpu", 0) > 0
