@@ -13,7 +13,7 @@ from shapetune.records import Candidate
 from shapetune.target import Target
 from shapetune.workload import Workload
 
-from .isolation import IsolatedPool
+from .isolation import ClosedOnExit, IsolatedPool
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def build_one(workload_json: dict, target_json: dict, candidate_json: dict, out_
     return str(path), time.perf_counter() - t0
 
 
-class Builder:
+class Builder(ClosedOnExit):
     def __init__(self, target: Target, out_dir: str | Path, jobs: int | None = None, timeout_s: float = 120):
         self.target = target
         self.out_dir = Path(out_dir)
@@ -95,12 +95,6 @@ class Builder:
 
     def close(self, abort: bool = False):
         self.pool.close(abort)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(abort=exc_type is not None)
 
 
 def _short_error(e: BaseException, limit: int = 2000) -> str:

@@ -72,7 +72,22 @@ def _context(method: str, preload: list[str]):
     return ctx
 
 
-class IsolatedPool:
+class ClosedOnExit:
+    """`with x:` closes x on the way out, and kills its workers where it leaves on an exception (Ctrl-C
+    included): waiting for their calls (a CUDA build takes up to its timeout) would hold an interrupted
+    job for minutes. Subclasses define close(abort)."""
+
+    def close(self, abort: bool = False):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(abort=exc_type is not None)
+
+
+class IsolatedPool(ClosedOnExit):
     """`map`-like execution of top-level functions in killable worker processes."""
 
     def __init__(self, workers: int, preload: list[str] | None = None, initializer=None, initargs=(),
@@ -105,14 +120,6 @@ class IsolatedPool:
         elif self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        # leaving on an exception (Ctrl-C included) kills the workers: waiting for their calls (a
-        # CUDA build takes up to its timeout) would hold an interrupted job for minutes
-        self.close(abort=exc_type is not None)
 
     def run_all(self, fn: Callable, argsets: list[tuple], timeout_s: float) -> list[Any]:
         """Run fn(*args) for each argset; each slot holds the return value or the exception.

@@ -52,7 +52,7 @@ from shapetune.target import Target
 from shapetune.ops import VendorPath
 from shapetune.workload import Workload
 
-from .isolation import IsolatedPool, WorkerCrashed, WorkerTimeout
+from .isolation import ClosedOnExit, IsolatedPool, WorkerCrashed, WorkerTimeout
 
 VENDOR = "vendor"  # pseudo artifact path: measure torch's own op (its default path)
 COPY = "device_copy"  # pseudo artifact path: an aligned device copy moving the op's minimal bytes
@@ -336,7 +336,7 @@ def _timing_sets(w: Workload, dev, rotate_bytes: int) -> list:
     return _sets_cache[key]
 
 
-class Runner:
+class Runner(ClosedOnExit):
     """Measures one artifact at a time in an isolated process (a crash there is a result here)."""
 
     def __init__(self, target: Target, opts: RunOptions | None = None, timeout_s: float = 60, seed: int = 0):
@@ -378,12 +378,6 @@ class Runner:
 
     def close(self, abort: bool = False):
         self.pool.close(abort)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(abort=exc_type is not None)
 
 
 def vendor_baselines(runner: Runner, workload: Workload, run_id: str) -> dict[str, VendorBaseline]:

@@ -43,6 +43,7 @@ from shapetune.workload import Workload
 
 from . import templates, workspaces
 from .builder import Builder, BuildResult
+from .isolation import ClosedOnExit
 from .runner import RunOptions, Runner, vendor_baselines
 
 
@@ -114,7 +115,7 @@ def search_space(workload: Workload, target: Target, names: tuple[str, ...] = ()
     return out
 
 
-class Tuner:
+class Tuner(ClosedOnExit):
     def __init__(self, db: TuningDB, target: Target, options: TuneOptions = TuneOptions(),
                  model: cost_model.CostModel | None = None, work_dir: str | Path | None = None,
                  run_options: RunOptions | None = None, on_result=None, runner: Runner | None = None):
@@ -144,12 +145,6 @@ class Tuner:
         self.runner.close(abort)
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(abort=exc_type is not None)
 
     # -- one workload, or one round of many -----------------------------------------------------
     def tune(self, workload: Workload, rounds: int | None = None, batch: int | None = None) -> WorkloadReport:
