@@ -113,11 +113,7 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
     unresolved workload per round; runs are one at a time, as the tuner measures.
     """
     with TuningDB(db_path) as db:
-        todo: dict[Workload, list[tuple[int, MeasureResult]]] = {}
-        for i, r in db.pending(target.key, op=op):
-            todo.setdefault(r.workload, []).append((i, r))
-        for r in portable(db, target, op):
-            todo.setdefault(r.workload, []).append((None, r))
+        todo = claims(db, target, op)
         if keys is not None:
             todo = {w: rs for w, rs in todo.items() if w.key in keys}
         if servable_only:
@@ -153,6 +149,19 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
                     todo = {w: rest for w, rest in todo.items()
                             if rest and verdicts[w].passed is None}
     return list(verdicts.values())
+
+
+def claims(db: TuningDB, target: Target, op: str | None = None
+           ) -> dict[Workload, list[tuple[int | None, MeasureResult]]]:
+    """What re-verification can take on `target`, per workload in the order it tries them: this
+    target's pending imports ((row id, record)), then the other targets' portable records ((None,
+    record))."""
+    out: dict[Workload, list[tuple[int | None, MeasureResult]]] = {}
+    for i, r in db.pending(target.key, op=op):
+        out.setdefault(r.workload, []).append((i, r))
+    for r in portable(db, target, op):
+        out.setdefault(r.workload, []).append((None, r))
+    return out
 
 
 def claims_won(db: TuningDB):

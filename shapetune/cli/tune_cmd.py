@@ -236,14 +236,14 @@ def prebuild(db_path, all_records, jobs, models, shapes):
 def _claims_left(reg) -> int:
     """Workloads with imported or portable claims this target has not re-verified (after a prebuild:
     the ones its filters left out)."""
-    from scheduler.reverify import portable
+    from scheduler.reverify import claims
     from shapetune.db import TuningDB
 
     path = reg.db_path or config.default_db_path()
     if not path.exists():
         return 0
     with TuningDB(path) as db:
-        return len({r.workload.key for _, r in db.pending(reg.target.key)} | {r.workload.key for r in portable(db, reg.target)})
+        return len(claims(db, reg.target))
 
 
 def _tune_budget(workloads, calls, target, db_path, budget_s, cap, batch, seed, templates, fmt, err) -> None:
