@@ -710,23 +710,22 @@ def grid_buckets(logs: Logs) -> str:
                           "time embedding)) against torch's kernels for the same pass", "calls in the grid"),
             (NORM_BUCKETS, "GroupNorm (+SiLU) / LayerNorm buckets over batch and positions against "
                            "F.group_norm (+ F.silu) on channels_last / F.layer_norm", "calls in the grid")]
-    if (logs.dir / NORM_GAPS).exists():
-        jobs.append((NORM_GAPS, "the norm buckets of the SD 1.5 UNet at 1x512, 2x512, 4x512, 2x768 and 2x512x768 "
-                                "that no shipped record served (--skip-tuned), against F.group_norm (+ F.silu) on "
-                                "channels_last / F.layer_norm", "calls per UNet forward"))
-    if (logs.dir / VAE_GRID).exists():
-        jobs.append((VAE_GRID, "the norm and elementwise buckets of the SD 1.5 VAE decoder over batch 1-2 at 512², "
-                               "768², 512x768 and 768x512 (scripts/tune_sd_grid.py --models vae; buckets already "
-                               "tuned skipped), against F.group_norm (+ F.silu) on channels_last and torch's kernels "
-                               "for the same bias pass", "calls in the grid"))
-    if (logs.dir / ADD_NORM).exists():
-        jobs.append((ADD_NORM, "add_layer_norm (a transformer block's residual add and the LayerNorm after it, one "
-                               "kernel) buckets of the SD 1.5 UNet at 2x512, 1x512, 4x512, 2x768 and 2x512x768, "
-                               "against torch's add then F.layer_norm", "calls per UNet forward"))
-    if (logs.dir / GN_SPLIT).exists():
-        jobs.append((GN_SPLIT, "the GroupNorm (+SiLU) buckets of the SD 1.5 UNet at 1x512 with the split-statistics "
-                               "bucket template only (norm_cuda_split_bucket), against F.group_norm (+ F.silu) on "
-                               "channels_last", "calls per UNet forward"))
+    optional = [  # jobs whose summaries a checkout may lack
+        (NORM_GAPS, "the norm buckets of the SD 1.5 UNet at 1x512, 2x512, 4x512, 2x768 and 2x512x768 "
+                    "that no shipped record served (--skip-tuned), against F.group_norm (+ F.silu) on "
+                    "channels_last / F.layer_norm", "calls per UNet forward"),
+        (VAE_GRID, "the norm and elementwise buckets of the SD 1.5 VAE decoder over batch 1-2 at 512², "
+                   "768², 512x768 and 768x512 (scripts/tune_sd_grid.py --models vae; buckets already "
+                   "tuned skipped), against F.group_norm (+ F.silu) on channels_last and torch's kernels "
+                   "for the same bias pass", "calls in the grid"),
+        (ADD_NORM, "add_layer_norm (a transformer block's residual add and the LayerNorm after it, one "
+                   "kernel) buckets of the SD 1.5 UNet at 2x512, 1x512, 4x512, 2x768 and 2x512x768, "
+                   "against torch's add then F.layer_norm", "calls per UNet forward"),
+        (GN_SPLIT, "the GroupNorm (+SiLU) buckets of the SD 1.5 UNet at 1x512 with the split-statistics "
+                   "bucket template only (norm_cuda_split_bucket), against F.group_norm (+ F.silu) on "
+                   "channels_last", "calls per UNet forward"),
+    ]
+    jobs += [j for j in optional if (logs.dir / j[0]).exists()]
     for rel, what, calls_label in jobs:
         d = logs.load(rel)
         groups: dict[str, list[dict]] = {}
