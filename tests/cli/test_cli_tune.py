@@ -184,3 +184,13 @@ def test_piped_table_keeps_long_names(capsys):
               "vendor_us": 3.0, "speedup_vs_vendor": 3.0}], cuda_target(), "x.db", "table")
     out = capsys.readouterr().out
     assert name in out and best in out and "…" not in out, out
+
+
+def test_help_states_the_sd15_preset_size():
+    """`tune --help` says how many workloads `--preset sd15` tunes: the number extraction gives (it said
+    118 after add_layer_norm had made it 126)."""
+    from scheduler.extract import SD15_FAMILIES, sd15_workloads
+
+    n = len(sd15_workloads(tuple(SD15_FAMILIES), dtype="float16"))
+    out = _run("tune", "--help").output
+    assert f"512² ({n};" in " ".join(out.split()), out
