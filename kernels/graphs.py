@@ -30,6 +30,7 @@ the next call, counted `invalidated`):
   - the kernel registry in use (kernels.set_registry).
 PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
 of each graph's key instead: switching between two LoRAs captures each once and replays it after that.
+Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
 autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
 `capturing`), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
@@ -159,6 +160,10 @@ class GraphedCall:
     method : the method to wrap ("forward", or e.g. "decode"); installed as an instance attribute
     max_graphs : LRU bound on the graphs kept (SHAPETUNE_MAX_GRAPHS, default 16)
     warmup : eager runs before a capture (resolve the registry, load kernels, init cuBLAS workspaces)
+    rewarmup : eager runs before capturing a signature whose tensors match a graph already captured
+        under another PEFT adapter state (a LoRA switch): its shapes' kernels, plans and workspaces are
+        resolved, so the capture needs fewer (default 0). Should that capture fail, it is tried once more
+        after `warmup` runs (counted `rewarmup_retry`) before the signature is given up.
     repatch : called with the module when its tree changed, before re-capturing (e.g. kernels.patch)
     unused_kwargs : keyword arguments the method accepts but never reads (e.g. AutoencoderKL.decode's
         `generator`, which diffusers' pipelines pass a new torch.Generator each call): dropped before the
@@ -176,13 +181,14 @@ class GraphedCall:
 
     def __init__(self, module: nn.Module, method: str = "forward", max_graphs: int | None = None, warmup: int = 2,
                  repatch: Callable[[nn.Module], Any] | None = None, unused_kwargs: tuple[str, ...] = (),
-                 pad_batch: bool = False):
+                 pad_batch: bool = False, rewarmup: int = 0):
         self.unused_kwargs = tuple(unused_kwargs)
         self.pad_batch = pad_batch
         _install_registration_hooks()
         self.module, self.method = module, method
         self.max_graphs = max_graphs or int(os.environ.get("SHAPETUNE_MAX_GRAPHS", "16"))
         self.warmup = warmup
+        self.rewarmup = min(rewarmup, warmup)
         self.repatch = repatch
         self.inner = getattr(module, method)  # the bound (patched) method the graphs capture
         self.graphs: OrderedDict[tuple, _Graph | str] = OrderedDict()  # a str: why it was not captured
@@ -278,7 +284,7 @@ class GraphedCall:
             if padded is not None:
                 return self._replay_padded(padded, tensors)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(leaves, spec, args, kwargs)
+            self.graphs[key] = self._capture(leaves, spec, args, kwargs, self._warmups_for(key))
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
                 self.stats["evicted"] += 1
@@ -292,6 +298,15 @@ class GraphedCall:
         self.stats["replayed"] += 1
         out = [x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
         return pytree.tree_unflatten(out, g.out_spec)
+
+    def _warmups_for(self, key: tuple) -> int:
+        """`rewarmup` where a graph of the same signature but another adapter state is alive (captured
+        against the current weights and tree: a change of those clears every graph), else `warmup`."""
+        if self.rewarmup < self.warmup:
+            for k, g in self.graphs.items():
+                if not isinstance(g, str) and k[:2] == key[:2]:
+                    return self.rewarmup
+        return self.warmup
 
     # -- batch padding ------------------------------------------------------------------------------
     def _padded(self, key: tuple, tensors: list) -> tuple | None:
@@ -346,9 +361,11 @@ class GraphedCall:
         packing.new_scope()
         return self.inner(*args, **kwargs)
 
-    def _capture(self, leaves: list, spec, args, kwargs) -> _Graph | str:
+    def _capture(self, leaves: list, spec, args, kwargs, warmups: int | None = None) -> _Graph | str:
         """Warm up, then capture one graph of this signature; or the cause it cannot be."""
         import time
+
+        warmups = self.warmup if warmups is None else warmups
 
         t0 = time.perf_counter()
         static = []
@@ -370,7 +387,7 @@ class GraphedCall:
                 side = capture_stream(dev)
                 side.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(side):
-                    for _ in range(self.warmup):
+                    for _ in range(warmups):
                         self._inner_run(s_args, s_kwargs)
                 t1 = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
@@ -381,6 +398,9 @@ class GraphedCall:
             out_leaves, out_spec = pytree.tree_flatten(out)
         except Exception as e:  # a sync or an uncapturable op inside the forward: eager from now on
             torch.cuda.synchronize(dev)
+            if warmups < self.warmup:  # maybe something the skipped warm-ups would have set up: once more
+                self.stats["rewarmup_retry"] += 1
+                return self._capture(leaves, spec, args, kwargs, self.warmup)
             log.warning("shapetune: %s.%s not captured (%s: %s); it runs eagerly for this signature",
                         type(self.module).__name__, self.method, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
             return "capture_failed"
@@ -390,5 +410,5 @@ class GraphedCall:
         self.stats["captured"] += 1
         self.capture_s.append(time.perf_counter() - t0)
         self.capture_parts.append({"inputs_s": t0_w - t0, "warmup_s": t1 - t0_w, "capture_s": t2 - t1,
-                                   "warmups": self.warmup})
+                                   "warmups": warmups})
         return _Graph(graph, static, out_leaves, out_spec)

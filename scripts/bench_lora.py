@@ -11,7 +11,8 @@ switch to an adapter captures its graph, the adapter state being part of the gra
 replay it), and the
 output's relative L2 against eager with the same adapter active. `fuse_lora`-style merges are in-place
 weight writes, which the graphs see without re-capture (tests/kernels/test_graphs_gpu.py).
-Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs), compile_ro
+Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs; a switch's capture skips
+the warm-up runs), shapetune_warm (the same, every capture after the full warm-ups), compile_ro
 (torch.compile(mode="reduce-overhead"): a switch changes what its guards check, so it recompiles).
 """
 
@@ -36,7 +37,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--switches", type=int, default=6)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--modes", default="eager,shapetune")
+    ap.add_argument("--modes", default="eager,shapetune", help="eager,shapetune,shapetune_warm,compile_ro")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -72,8 +73,10 @@ def main():
     for mode in a.modes.split(","):
         m = with_loras(build(a.tiny, dev, dtype).to(memory_format=torch.channels_last))
         run = m
-        if mode == "shapetune":
+        if mode.startswith("shapetune"):
             kernels.optimize(m)
+            if mode == "shapetune_warm":
+                m.forward.rewarmup = m.forward.warmup
         elif mode == "compile_ro":
             run = torch.compile(m, mode="reduce-overhead", dynamic=False)
         m.set_adapters(["a"])
@@ -99,7 +102,7 @@ def main():
         row = {"us": us, "switch_s": switches, "switch_median_s": sorted(switches)[len(switches) // 2],
                "rel_l2_vs_eager": max(errs) if errs else None}
         row["set_adapters_s"] = set_s  # the host time of set_adapters alone, per switch
-        if mode == "shapetune":
+        if mode.startswith("shapetune"):
             row["graphs"] = dict(m.forward.stats)
             row["capture_parts"] = m.forward.capture_parts  # where a capture's time goes (GraphedCall)
             kernels.restore(m)
