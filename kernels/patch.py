@@ -364,13 +364,14 @@ def _attn_plus(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual):
     return attn(x, encoder_hidden_states=ctx, attention_mask=mask, **cross_kwargs) + residual
 
 
-def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, norm: nn.Module):
-    """(h, norm(h)) with h = attn(x, ctx, mask, **cross_kwargs) + residual. Where our processor serves the
-    call, `norm` is a patched LayerNorm and add_layer_norm has a tuned kernel for the shape: the output
-    projection (its bias in cuBLAS's epilogue), then the add and the LayerNorm as one kernel. Else the add
-    fused into to_out[0] (_attn_plus) and the LayerNorm on its own, as before."""
+def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, norm: nn.Module,
+                   add_norm: bool = True):
+    """(h, norm(h)) with h = attn(x, ctx, mask, **cross_kwargs) + residual. Where `add_norm`, our processor
+    serves the call, `norm` is a patched LayerNorm and add_layer_norm has a tuned kernel for the shape: the
+    output projection (its bias in cuBLAS's epilogue), then the add and the LayerNorm as one kernel. Else the
+    add fused into to_out[0] (_attn_plus) and the LayerNorm on its own, as before."""
     proc = attn.processor
-    if (mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and type(norm) is nn.LayerNorm
+    if (add_norm and mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and type(norm) is nn.LayerNorm
             and norm.__dict__.get(_MARK) == "layer_norm" and norm.weight is not None and norm.bias is not None
             and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias, float(norm.eps))):
         o = proc.projected(attn, x, ctx)
@@ -396,6 +397,9 @@ def _ff_plus(ff: nn.Module, x, residual):
     return ff(x) + residual
 
 
+_ADD_NORM = "_shapetune_add_norm"  # on a patched BasicTransformerBlock: kernels.patch's fuse_add_norm
+
+
 def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                                encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
                                class_labels=None, added_cond_kwargs=None):
@@ -412,11 +416,13 @@ def _transformer_block_forward(self, hidden_states, attention_mask=None, encoder
     ck = dict(ck) if ck else {}
     h = hidden_states
     # each residual add with the LayerNorm that reads its sum: one add_layer_norm kernel where one is tuned
+    # (and kernels.patch's fuse_add_norm left it on)
+    an = self.__dict__.get(_ADD_NORM, True)
     after1 = self.norm2 if self.attn2 is not None else self.norm3
     h, n = _attn_add_norm(self.attn1, self.norm1(h), encoder_hidden_states if self.only_cross_attention else None,
-                          attention_mask, ck, h, after1)
+                          attention_mask, ck, h, after1, an)
     if self.attn2 is not None:
-        h, n = _attn_add_norm(self.attn2, n, encoder_hidden_states, encoder_attention_mask, ck, h, self.norm3)
+        h, n = _attn_add_norm(self.attn2, n, encoder_hidden_states, encoder_attention_mask, ck, h, self.norm3, an)
     return _ff_plus(self.ff, n, h)
 
 
@@ -475,7 +481,7 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True,
-          fuse_ctxkv: bool = True) -> PatchReport:
+          fuse_ctxkv: bool = True, fuse_add_norm: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -490,6 +496,9 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
         served by one GEMM per forward (kernels/ctxkv.py)
     fuse_temb : bool (with `fuse`), pack the time-embedding projections of the model's ResnetBlock2Ds
         into one storage so one GEMM per forward serves them all (kernels/temb.py)
+    fuse_add_norm : bool (with `fuse`), each transformer block's attention residual add and the LayerNorm
+        that reads its sum as one add_layer_norm kernel where one is tuned (False: the add fused into the
+        attention's output projection, the LayerNorm on its own); every patch call sets it anew
 
     Returns
     -------
@@ -514,6 +523,8 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
     if fuse:
         for m in model.modules():
             _fuse_sites(m, report)
+            if m.__dict__.get(_MARK) == "linear+residual" and type(m).__name__ == "BasicTransformerBlock":
+                m.__dict__[_ADD_NORM] = fuse_add_norm
             if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
                 report.patched["qkv_packed"] += 1
         if fuse_qkv and fuse_ctxkv and (n := ctxkv.pack(model)):

@@ -14,6 +14,8 @@ Modes, all on the same random weights and inputs (no model hub: the UNet is buil
   shapetune_nopack shapetune without the packed projections (optimize(fuse_qkv=False, fuse_temb=False)):
                    what one GEMM per attention's input projections and one for the resnets'
                    time-embedding projections gain
+  shapetune_noaln  shapetune without add_layer_norm (optimize(fuse_add_norm=False)): what one kernel for
+                   each transformer block's residual add and the LayerNorm after it gains
 One model per mode, run over the shapes in order. Per mode and shape: the wall time of the shape's
 first call (at the first shape: torch.compile's compile, shapetune's warm-up and capture; at the others:
 the cost of a shape change, a recompile or a capture), the median time per UNet call over `--iters`
@@ -133,7 +135,8 @@ def make(mode: str, tiny: bool, dev, dtype):
     m = build(tiny, dev, dtype).to(memory_format=torch.channels_last)
     if mode.startswith("shapetune"):
         pack = mode != "shapetune_nopack"
-        report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=pack, fuse_temb=pack)
+        report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=pack, fuse_temb=pack,
+                                  fuse_add_norm=mode != "shapetune_noaln")
         return m, report
     # dynamic=False: one specialized graph per shape, the fastest torch.compile serves a shape with (its
     # default, automatic dynamic shapes, recompiles a symbolic graph on the first shape change instead)

@@ -70,6 +70,7 @@ HOST = "bench/bench_host_h200.json"
 HOST_PER_OP = "bench/bench_host_per_op_cpu.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
 LORA = "bench/bench_lora_h200.json"
+LORA_H100 = "bench/bench_lora_h100.json"  # with capture_parts; shapetune_warm = every capture after the full warm-ups
 COVERAGE = "bench/bench_coverage_h200.json"
 COVERAGE_SDXL = "bench/bench_coverage_sdxl_h200.json"
 
@@ -1151,7 +1152,8 @@ def others_tuned(d: dict, shapes: list[str]) -> str:
 E2E_NAMES = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compile": "torch.compile (default)",
              "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
              "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs",
-             "shapetune_nopack": "kernels.optimize(unet, fuse_qkv=False, fuse_temb=False): CUDA graphs"}
+             "shapetune_nopack": "kernels.optimize(unet, fuse_qkv=False, fuse_temb=False): CUDA graphs",
+             "shapetune_noaln": "kernels.optimize(unet, fuse_add_norm=False): CUDA graphs"}
 
 
 def e2e_run(logs: Logs, rel: str) -> list[str]:
@@ -1278,10 +1280,40 @@ def end_to_end(logs: Logs) -> str:
         f"later switches replay), eager {num(lrow['eager']['switch_median_s'] * 1e3, 0)} ms median; steady calls with "
         f"a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against {num(lrow['eager']['us'] / 1e3, 1)} ms "
         "eager channels_last.",
+        *([lora_parts(logs, LORA_H100)] if (logs.dir / LORA_H100).exists() else []),
         *([pipeline_table(logs, PIPELINE_H100, "### The full pipeline: the newest run")]
           if (logs.dir / PIPELINE_H100).exists() else []),
         pipeline_table(logs, PIPELINE, "### The full pipeline" if not (logs.dir / PIPELINE_H100).exists()
                        else "### The full pipeline: an earlier run"),
+    ])
+
+
+def lora_parts(logs: Logs, rel: str) -> str:
+    """One bench_lora run with where each switch's capture went (GraphedCall.capture_parts): the switch
+    cost per mode, set_adapters alone, and per capture the warm-up runs and the captured run."""
+    d = logs.load(rel)
+    label = {"eager": "eager channels_last", "shapetune": "kernels.optimize (a switch's capture skips the warm-ups)",
+             "shapetune_warm": "kernels.optimize, every capture after the full warm-ups (before 58c6d32)",
+             "compile_ro": 'torch.compile(mode="reduce-overhead")'}
+    rows = []
+    for mode, r in d["rows"].items():
+        parts = r.get("capture_parts") or []
+        cap = "; ".join(f"{p['warmups']} warm-up(s) {num(p['warmup_s'] * 1e3, 0)} ms + captured run "
+                        f"{num(p['capture_s'] * 1e3, 0)} ms" for p in parts) or "-"
+        rows.append([label.get(mode, mode), num(r["us"] / 1e3, 2), num(r["switch_median_s"] * 1e3, 1),
+                     num(max(r["switch_s"]) * 1e3, 1),
+                     num(sorted(r["set_adapters_s"])[len(r["set_adapters_s"]) // 2] * 1e3, 1),
+                     f"{r['rel_l2_vs_eager']:.1e}" if r.get("rel_l2_vs_eager") is not None else "-", cap])
+    return "\n\n".join([
+        "### LoRA switch: the newest run, with where its captures went",
+        f"- Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`",
+        f"- Two rank-{d['args']['rank']} PEFT adapters on every attention projection, SD 1.5 UNet fp16, batch 2, 512²; "
+        f"{d['args']['switches']} alternating switches, each `set_adapters` plus the first UNet call after it (synchronized "
+        "wall time). The first switch to each adapter captures its graph (the adapter state is part of the graph key); "
+        "later ones replay. Captures: the first is the first call with both adapters loaded; the second is the "
+        "first switch to the other adapter.",
+        table([("mode", "l"), ("ms per call", "r"), ("switch + call, median ms", "r"), ("max ms", "r"),
+               ("set_adapters, median ms", "r"), ("rel L2 vs eager", "r"), ("captures", "l")], rows),
     ])
 
 

@@ -57,3 +57,17 @@ def test_without_kernels_the_block_runs_as_before(empty_registry):
     assert not calls[("add_layer_norm", "tuned")]
     assert sum(n for (op, _), n in calls.items() if op == "linear_residual") == 12  # 3 per block, fused as before
     assert sum(n for (op, _), n in calls.items() if op == "layer_norm") == 12
+
+
+def test_fuse_add_norm_off_runs_the_unfused_block_and_a_later_patch_turns_it_on(registry):
+    eager, opt = pair()
+    kernels.patch(opt, fuse_add_norm=False)
+    ref, out = outputs(eager, opt, registry, inputs())
+    torch.testing.assert_close(out, ref, **TOL)
+    calls = registry.calls
+    assert not calls[("add_layer_norm", "tuned")]
+    assert sum(n for (op, _), n in calls.items() if op == "linear_residual") == 12  # 3 per block
+    kernels.patch(opt)  # each patch call sets it anew
+    ref, out = outputs(eager, opt, registry, inputs())
+    torch.testing.assert_close(out, ref, **TOL)
+    assert registry.calls[("add_layer_norm", "tuned")] == 8
