@@ -11,7 +11,10 @@ switch to an adapter captures its graph, the adapter state being part of the gra
 replay it), and the
 output's relative L2 against eager with the same adapter active. `fuse_lora`-style merges are in-place
 weight writes, which the graphs see without re-capture (tests/kernels/test_graphs_gpu.py).
-Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs; a switch's capture skips
+--hotswap: one adapter instead, each switch diffusers' `load_lora_adapter(state_dict, hotswap=True)`, which
+writes the other LoRA's weights (a CPU state dict) into the adapter's tensors in place: the graphs see new
+weights and replay, nothing is captured; torch.compile gets `enable_lora_hotswap` first, diffusers' way
+to switch without recompiling. Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs; a switch's capture skips
 the warm-up runs), shapetune_warm (the same, every capture after the full warm-ups), compile_ro
 (torch.compile(mode="reduce-overhead"): a switch changes what its guards check, so it recompiles).
 """
@@ -38,6 +41,8 @@ def main():
     ap.add_argument("--switches", type=int, default=6)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--modes", default="eager,shapetune", help="eager,shapetune,shapetune_warm,compile_ro")
+    ap.add_argument("--hotswap", action="store_true",
+                    help="switch by load_lora_adapter(..., hotswap=True) into one adapter instead of set_adapters")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -58,7 +63,24 @@ def main():
         if is_gpu:
             torch.cuda.synchronize()
 
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def lora_state(m, seed: int) -> dict:
+        """A rank-`--rank` LoRA on every attention projection, PEFT format ("<module>.lora_A.weight"),
+        random A and B on the CPU (as a LoRA file loads)."""
+        g, sd = torch.Generator().manual_seed(seed), {}
+        for n, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and n.endswith(targets):
+                sd[f"{n}.lora_A.weight"] = (torch.randn(a.rank, mod.in_features, generator=g) * 0.05).to(dtype)
+                sd[f"{n}.lora_B.weight"] = (torch.randn(mod.out_features, a.rank, generator=g) * 0.05).to(dtype)
+        return sd
+
     def with_loras(m):
+        if a.hotswap:  # one adapter, "x", its weights overwritten in place by each switch
+            if mode == "compile_ro":  # diffusers: before the first adapter is loaded (scales become tensors)
+                m.enable_lora_hotswap(target_rank=a.rank)
+            m.load_lora_adapter(states["a"], prefix=None, adapter_name="x")
+            return m
         for name, seed in (("a", 1), ("b", 2)):
             m.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
                           adapter_name=name)
@@ -69,9 +91,12 @@ def main():
                         p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
         return m
 
-    refs, rows = {}, {}
+    refs, rows, states = {}, {}, {}
     for mode in a.modes.split(","):
-        m = with_loras(build(a.tiny, dev, dtype).to(memory_format=torch.channels_last))
+        m = build(a.tiny, dev, dtype).to(memory_format=torch.channels_last)
+        if a.hotswap and not states:
+            states = {"a": lora_state(m, 1), "b": lora_state(m, 2)}
+        m = with_loras(m)
         run = m
         if mode.startswith("shapetune"):
             kernels.optimize(m)
@@ -79,7 +104,8 @@ def main():
                 m.forward.rewarmup = m.forward.warmup
         elif mode == "compile_ro":
             run = torch.compile(m, mode="reduce-overhead", dynamic=False)
-        m.set_adapters(["a"])
+        if not a.hotswap:
+            m.set_adapters(["a"])
         with torch.no_grad():
             run(**x)
         us = time_calls(lambda: run(**x), a.iters, 2, is_gpu)
@@ -88,7 +114,10 @@ def main():
             name = "b" if i % 2 == 0 else "a"
             sync()
             t0 = time.perf_counter()
-            m.set_adapters([name])
+            if a.hotswap:
+                m.load_lora_adapter(states[name], prefix=None, adapter_name="x", hotswap=True)
+            else:
+                m.set_adapters([name])
             set_s.append(time.perf_counter() - t0)
             with torch.no_grad():
                 out = run(**x).sample
@@ -101,7 +130,7 @@ def main():
                 errs.append(rel_l2(out, refs[name]))
         row = {"us": us, "switch_s": switches, "switch_median_s": sorted(switches)[len(switches) // 2],
                "rel_l2_vs_eager": max(errs) if errs else None}
-        row["set_adapters_s"] = set_s  # the host time of set_adapters alone, per switch
+        row["set_adapters_s"] = set_s  # the host time of set_adapters (or of the hotswap) alone, per switch
         if mode.startswith("shapetune"):
             row["graphs"] = dict(m.forward.stats)
             row["capture_parts"] = m.forward.capture_parts  # where a capture's time goes (GraphedCall)

@@ -241,3 +241,35 @@ def test_a_lora_switch_captures_without_warmups_and_matches_eager():
     assert _rel(outs["a"], outs["b"]) > 1e-2  # the adapters differ
     assert g.stats["captured"] == 2 and g.stats["replayed"] == 4 and not g.stats["rewarmup_retry"], g.stats
     assert [p["warmups"] for p in g.capture_parts] == [g.warmup, 0]
+
+
+def _lora_state(unet, seed: int) -> dict:
+    """A rank-4 LoRA on every attention projection of this UNet, PEFT format, random A and B."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    u = copy.deepcopy(unet)
+    u.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) for k, v in get_peft_model_state_dict(u).items()}
+
+
+def test_a_lora_hotswap_replays_the_graph_without_a_capture():
+    """load_lora_adapter(..., hotswap=True) writes the new LoRA into the adapter's tensors in place: the
+    graph captured with the old LoRA replays the new one, no capture, and matches eager."""
+    eager = _unet()
+    la, lb = _lora_state(eager, 1), _lora_state(eager, 2)
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = _inputs()
+    for m in (eager, unet):
+        m.load_lora_adapter(dict(la), prefix=None, adapter_name="x")
+    with_a = _run(unet, x)
+    assert _rel(with_a, _run(eager, x)) < 1e-2
+    captured = g.stats["captured"]
+    for m in (eager, unet):
+        m.load_lora_adapter(dict(lb), prefix=None, adapter_name="x", hotswap=True)
+    out, ref = _run(unet, x), _run(eager, x)
+    assert _rel(out, ref) < 1e-2 and _rel(out, with_a) > 1e-2
+    assert g.stats["captured"] == captured == 1 and not g.stats["invalidated"], g.stats

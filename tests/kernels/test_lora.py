@@ -77,3 +77,25 @@ def test_lora_load_switch_mix_fuse_unload_match_eager(registry):
     out = _image(opt)
     torch.testing.assert_close(out, _image(eager), atol=1e-4, rtol=0)
     torch.testing.assert_close(out, base, atol=1e-4, rtol=0)
+
+
+def test_lora_hotswap_keeps_every_graph_valid_and_matches_eager(registry):
+    """diffusers' `load_lora_weights(..., hotswap=True)` writes a new LoRA's weights into the loaded adapter's
+    tensors in place (same rank and targets): the optimized UNet's module tree, parameter storage and PEFT
+    adapter state, all a CUDA graph depends on, stay the same, so a graph captured before the swap replays
+    the new LoRA without a capture (tests/kernels/test_graphs_gpu.py runs it on a GPU)."""
+    eager, opt = build_sd_pipeline(tiny=True), build_sd_pipeline(tiny=True)
+    la, lb = _lora(eager.unet, 1), _lora(eager.unet, 2)
+    rep = kernels.optimize(opt)
+    g = rep.components["unet"].graphs["forward"]
+    for p in (eager, opt):
+        p.load_lora_weights(dict(la), adapter_name="x")
+    with_a = _image(eager)
+    torch.testing.assert_close(_image(opt), with_a, atol=1e-4, rtol=0)
+    baked, key = g._state(), g._adapter_state()
+    for p in (eager, opt):
+        p.load_lora_weights(dict(lb), adapter_name="x", hotswap=True)
+    ref = _image(eager)
+    assert (ref - with_a).abs().max() > 1e-3  # the swap changed the image
+    torch.testing.assert_close(_image(opt), ref, atol=1e-4, rtol=0)
+    assert g._state() == baked and g._adapter_state() == key  # nothing a captured graph baked in changed

@@ -28,3 +28,20 @@ def test_a_cpu_run_writes_switch_times_and_their_parts(tmp_path, monkeypatch):
         assert all(0 < s <= t for s, t in zip(r["set_adapters_s"], r["switch_s"]))
         assert r["rel_l2_vs_eager"] is not None and r["rel_l2_vs_eager"] < 1e-5
     assert rows["shapetune"]["capture_parts"] == [] and rows["shapetune"]["graphs"].get("cpu", 0) > 0
+
+
+def test_a_hotswap_run_switches_in_place_and_matches_eager(tmp_path, monkeypatch):
+    lora = script("bench_lora")
+    out = tmp_path / "lora.json"
+    monkeypatch.setattr(sys, "argv", ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "3", "--hotswap",
+                                      "--iters", "1", "--json", str(out)])
+    prev = kernels.get_registry()
+    try:
+        lora.main()
+    finally:
+        kernels.set_registry(prev)
+    d = json.loads(out.read_text())
+    assert d["args"]["hotswap"]
+    for mode in ("eager", "shapetune"):
+        r = d["rows"][mode]
+        assert len(r["switch_s"]) == 3 and r["rel_l2_vs_eager"] is not None and r["rel_l2_vs_eager"] < 1e-5
