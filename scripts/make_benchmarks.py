@@ -71,6 +71,8 @@ HOST_PER_OP = "bench/bench_host_per_op_cpu.json"
 PIPELINE = "bench/bench_pipeline_h200.json"
 LORA = "bench/bench_lora_h200.json"
 LORA_H100 = "bench/bench_lora_h100.json"  # with capture_parts; shapetune_warm = every capture after the full warm-ups
+LORA_HOTSWAP = "bench/bench_lora_hotswap_h100.json"  # bench_lora --hotswap: in-place switches into one adapter
+E2E_ALN = "bench/bench_e2e_h100_aln.json"  # add_layer_norm served; shapetune_noaln = without it, same run
 COVERAGE = "bench/bench_coverage_h200.json"
 COVERAGE_SDXL = "bench/bench_coverage_sdxl_h200.json"
 
@@ -1248,6 +1250,7 @@ def end_to_end(logs: Logs) -> str:
     iso = e2e_run(logs, E2E_ISO) if (logs.dir / E2E_ISO).exists() else []
     matrix = e2e_run(logs, E2E_MATRIX) if (logs.dir / E2E_MATRIX).exists() else []
     fixed = e2e_run(logs, E2E_FIXED) if (logs.dir / E2E_FIXED).exists() else []
+    aln = e2e_run(logs, E2E_ALN) if (logs.dir / E2E_ALN).exists() else []
     seq = e2e_run(logs, E2E_SEQ) if (logs.dir / E2E_SEQ).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
@@ -1258,7 +1261,10 @@ def end_to_end(logs: Logs) -> str:
         "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
-        *(["### The newest run: after the graph fixes, every mode in its own process", *fixed] if fixed else []),
+        *(["### The newest run: add_layer_norm served, and without it (shapetune_noaln), every mode in its own "
+           "process", *aln] if aln else []),
+        *([f"### {'An earlier' if aln else 'The newest'} run: after the graph fixes, every mode in its own process",
+           *fixed] if fixed else []),
         *([f"### {'An earlier' if fixed else 'The newest'} run: every mode in its own process", *iso] if iso else []),
         *(["### The other shapes of the matrix: every mode in its own process", *matrix] if matrix else []),
         *(["### The same day, modes in turn in one process, with profiles", *seq] if seq else []),
@@ -1281,6 +1287,7 @@ def end_to_end(logs: Logs) -> str:
         f"a LoRA active {num(lrow['shapetune']['us'] / 1e3, 1)} ms against {num(lrow['eager']['us'] / 1e3, 1)} ms "
         "eager channels_last.",
         *([lora_parts(logs, LORA_H100)] if (logs.dir / LORA_H100).exists() else []),
+        *([lora_parts(logs, LORA_HOTSWAP)] if (logs.dir / LORA_HOTSWAP).exists() else []),
         *([pipeline_table(logs, PIPELINE_H100, "### The full pipeline: the newest run")]
           if (logs.dir / PIPELINE_H100).exists() else []),
         pipeline_table(logs, PIPELINE, "### The full pipeline" if not (logs.dir / PIPELINE_H100).exists()
@@ -1292,9 +1299,11 @@ def lora_parts(logs: Logs, rel: str) -> str:
     """One bench_lora run with where each switch's capture went (GraphedCall.capture_parts): the switch
     cost per mode, set_adapters alone, and per capture the warm-up runs and the captured run."""
     d = logs.load(rel)
-    label = {"eager": "eager channels_last", "shapetune": "kernels.optimize (a switch's capture skips the warm-ups)",
+    hot = d["args"].get("hotswap")
+    label = {"eager": "eager channels_last", "shapetune": "kernels.optimize" if hot else
+             "kernels.optimize (a switch's capture skips the warm-ups)",
              "shapetune_warm": "kernels.optimize, every capture after the full warm-ups (before 58c6d32)",
-             "compile_ro": 'torch.compile(mode="reduce-overhead")'}
+             "compile_ro": 'torch.compile(mode="reduce-overhead")' + (" after enable_lora_hotswap" if hot else "")}
     rows = []
     for mode, r in d["rows"].items():
         parts = r.get("capture_parts") or []
@@ -1304,16 +1313,23 @@ def lora_parts(logs: Logs, rel: str) -> str:
                      num(max(r["switch_s"]) * 1e3, 1),
                      num(sorted(r["set_adapters_s"])[len(r["set_adapters_s"]) // 2] * 1e3, 1),
                      f"{r['rel_l2_vs_eager']:.1e}" if r.get("rel_l2_vs_eager") is not None else "-", cap])
+    how = ("one PEFT adapter whose weights each switch overwrites in place with the other LoRA's (diffusers' "
+           "`load_lora_adapter(state_dict, hotswap=True)`, the state dict on the CPU as a file loads): the graphs "
+           "read the new weights, nothing is captured after the first call; torch.compile got "
+           "`enable_lora_hotswap(target_rank)` before the first adapter, diffusers' way to swap without recompiling"
+           if hot else
+           "two adapters loaded, each switch `set_adapters`. The first switch to each adapter captures its graph (the "
+           "adapter state is part of the graph key); later ones replay. Captures: the first is the first call with both "
+           "adapters loaded; the second is the first switch to the other adapter")
     return "\n\n".join([
-        "### LoRA switch: the newest run, with where its captures went",
+        f"### LoRA switch{' by hotswap' if hot else ''}: the newest run{'' if hot else ', with where its captures went'}",
         f"- Card: {logs.card(rel)}. Date: {logs.dates(rel)}. Command: `{logs.command(rel)}`",
-        f"- Two rank-{d['args']['rank']} PEFT adapters on every attention projection, SD 1.5 UNet fp16, batch 2, 512²; "
-        f"{d['args']['switches']} alternating switches, each `set_adapters` plus the first UNet call after it (synchronized "
-        "wall time). The first switch to each adapter captures its graph (the adapter state is part of the graph key); "
-        "later ones replay. Captures: the first is the first call with both adapters loaded; the second is the "
-        "first switch to the other adapter.",
+        f"- Rank-{d['args']['rank']} LoRAs on every attention projection, SD 1.5 UNet fp16, batch 2, 512²; "
+        f"{d['args']['switches']} alternating switches, each the switch plus the first UNet call after it (synchronized "
+        f"wall time): {how}.",
         table([("mode", "l"), ("ms per call", "r"), ("switch + call, median ms", "r"), ("max ms", "r"),
-               ("set_adapters, median ms", "r"), ("rel L2 vs eager", "r"), ("captures", "l")], rows),
+               (f"{'hotswap' if hot else 'set_adapters'} alone, median ms", "r"), ("rel L2 vs eager", "r"),
+               ("captures", "l")], rows),
     ])
 
 
