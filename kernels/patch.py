@@ -48,6 +48,9 @@ scripts extract are the ones dispatched here:
                        BasicTransformerBlock (norm_type "layer_norm"): its forward (diffusers' own,
                        restated) adds each residual inside attn1's and attn2's to_out[0] and the
                        FeedForward's output Linear (three linear_residual calls per block)
+  LoRA delta + add     a PEFT LoRA Linear (vanilla adapters): lora_B's GEMM accumulates the scaled delta
+                       into the base layer's output (cuBLAS beta = 1, kernels/lora.py) instead of a GEMM,
+                       a scale pass and an add pass per adapter
   add + LayerNorm      BasicTransformerBlock: where add_layer_norm has a tuned kernel for the shape,
                        attn1's and attn2's residual adds go with the LayerNorm that reads their sum
                        (norm2, norm3) into one kernel instead (kernels.norm.add_layer_norm: s = o + h
@@ -94,7 +97,7 @@ from torch import nn
 from shapetune.fusions import attention_covered, sites_of
 from shapetune.ops import ModuleRule, module_rules, rule_for
 
-from . import ctxkv, qkv
+from . import ctxkv, lora, qkv
 from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
@@ -344,14 +347,18 @@ class AttnProcessor:
         return attn.to_out[0](self._attend(attn, hidden_states, encoder_hidden_states))
 
     def plus_residual(self, attn, hidden_states, encoder_hidden_states, residual):
-        """attn(hidden_states, encoder_hidden_states) + residual with the add fused into to_out[0]
-        (one linear_residual), or None where that is not the same expression (masks and other
-        uncovered calls, residual_connection, a rescale factor, dropout in training, shapes that would
-        broadcast): the caller then runs the unfused one."""
+        """attn(hidden_states, encoder_hidden_states) + residual with the add fused into to_out[0] (one
+        linear_residual) where it is a plain patched Linear and the shapes match, else to_out[0]'s output
+        plus residual; None where the processor's call is not that expression (masks and other uncovered
+        calls, residual_connection, a rescale factor, dropout in training): the caller then runs the
+        module. (Once computed, the attention is never discarded: a LoRA-wrapped to_out[0] used to make
+        the caller run it a second time.)"""
         if (not self.covers(attn, hidden_states, encoder_hidden_states) or attn.residual_connection
                 or attn.rescale_output_factor != 1 or not _identity_dropout(attn.to_out[1])):
             return None
-        return _linear_residual(attn.to_out[0], self._attend(attn, hidden_states, encoder_hidden_states), residual)
+        o = self._attend(attn, hidden_states, encoder_hidden_states)
+        fused = _linear_residual(attn.to_out[0], o, residual)
+        return fused if fused is not None else attn.to_out[0](o) + residual
 
 
 def _attn_plus(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual):
@@ -391,9 +398,9 @@ def _ff_plus(ff: nn.Module, x, residual):
     net = ff.net
     if (len(net) in (3, 4) and _identity_dropout(net[1]) and (len(net) == 3 or _identity_dropout(net[3]))
             and plain_linear(net[2])):
-        out = _linear_residual(net[2], net[1](net[0](x)), residual)
-        if out is not None:
-            return out
+        h = net[1](net[0](x))
+        out = _linear_residual(net[2], h, residual)
+        return out if out is not None else net[2](h) + residual  # (a residual that broadcasts)
     return ff(x) + residual
 
 
@@ -481,7 +488,7 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True,
-          fuse_ctxkv: bool = True, fuse_add_norm: bool = True) -> PatchReport:
+          fuse_ctxkv: bool = True, fuse_add_norm: bool = True, fuse_lora_add: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -499,6 +506,9 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
     fuse_add_norm : bool (with `fuse`), each transformer block's attention residual add and the LayerNorm
         that reads its sum as one add_layer_norm kernel where one is tuned (False: the add fused into the
         attention's output projection, the LayerNorm on its own); every patch call sets it anew
+    fuse_lora_add : bool (with `fuse`), each PEFT LoRA Linear's scaled delta accumulated into its base
+        output by lora_B's GEMM (kernels/lora.py) instead of PEFT's GEMM, scale and add; every patch
+        call sets it anew
 
     Returns
     -------
@@ -525,6 +535,10 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
             _fuse_sites(m, report)
             if m.__dict__.get(_MARK) == "linear+residual" and type(m).__name__ == "BasicTransformerBlock":
                 m.__dict__[_ADD_NORM] = fuse_add_norm
+            if lora.is_lora_linear(m):
+                if _MARK not in m.__dict__:
+                    _set_forward(m, lora.forward, "lora_linear", report)
+                m.__dict__[lora.ATTR] = fuse_lora_add
             if fuse_qkv and m.__dict__.get(_MARK) == "attention" and qkv.pack(m):
                 report.patched["qkv_packed"] += 1
         if fuse_qkv and fuse_ctxkv and (n := ctxkv.pack(model)):
@@ -591,6 +605,6 @@ def unpatch(model: nn.Module) -> int:
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()
-        for attr in ("_shapetune_silu", "_shapetune_fused"):
+        for attr in ("_shapetune_silu", "_shapetune_fused", _ADD_NORM, lora.ATTR):
             m.__dict__.pop(attr, None)
     return n

@@ -15,7 +15,8 @@ weight writes, which the graphs see without re-capture (tests/kernels/test_graph
 writes the other LoRA's weights (a CPU state dict) into the adapter's tensors in place: the graphs see new
 weights and replay, nothing is captured; torch.compile gets `enable_lora_hotswap` first, diffusers' way
 to switch without recompiling. Modes: eager (channels_last), shapetune (kernels.optimize: patched, graphs; a switch's capture skips
-the warm-up runs), shapetune_warm (the same, every capture after the full warm-ups), compile_ro
+the warm-up runs), shapetune_warm (the same, every capture after the full warm-ups), shapetune_peft
+(without kernels/lora.py: PEFT's GEMM, scale and add per LoRA layer), compile_ro
 (torch.compile(mode="reduce-overhead"): a switch changes what its guards check, so it recompiles).
 """
 
@@ -40,7 +41,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--switches", type=int, default=6)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--modes", default="eager,shapetune", help="eager,shapetune,shapetune_warm,compile_ro")
+    ap.add_argument("--modes", default="eager,shapetune", help="eager,shapetune,shapetune_warm,shapetune_peft,compile_ro")
     ap.add_argument("--hotswap", action="store_true",
                     help="switch by load_lora_adapter(..., hotswap=True) into one adapter instead of set_adapters")
     ap.add_argument("--json", default="")
@@ -99,7 +100,7 @@ def main():
         m = with_loras(m)
         run = m
         if mode.startswith("shapetune"):
-            kernels.optimize(m)
+            kernels.optimize(m, fuse_lora_add=mode != "shapetune_peft")
             if mode == "shapetune_warm":
                 m.forward.rewarmup = m.forward.warmup
         elif mode == "compile_ro":

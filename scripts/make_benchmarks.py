@@ -1303,6 +1303,7 @@ def lora_parts(logs: Logs, rel: str) -> str:
     label = {"eager": "eager channels_last", "shapetune": "kernels.optimize" if hot else
              "kernels.optimize (a switch's capture skips the warm-ups)",
              "shapetune_warm": "kernels.optimize, every capture after the full warm-ups (before 58c6d32)",
+             "shapetune_peft": "kernels.optimize(fuse_lora_add=False): PEFT's own LoRA forward",
              "compile_ro": 'torch.compile(mode="reduce-overhead")' + (" after enable_lora_hotswap" if hot else "")}
     rows = []
     for mode, r in d["rows"].items():

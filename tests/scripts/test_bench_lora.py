@@ -15,14 +15,14 @@ def test_a_cpu_run_writes_switch_times_and_their_parts(tmp_path, monkeypatch):
     lora = script("bench_lora")
     out = tmp_path / "lora.json"
     monkeypatch.setattr(sys, "argv", ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "2",
-                                      "--iters", "1", "--modes", "eager,shapetune,shapetune_warm", "--json", str(out)])
+                                      "--iters", "1", "--modes", "eager,shapetune,shapetune_warm,shapetune_peft", "--json", str(out)])
     prev = kernels.get_registry()
     try:
         lora.main()
     finally:
         kernels.set_registry(prev)
     rows = json.loads(out.read_text())["rows"]
-    for mode in ("eager", "shapetune", "shapetune_warm"):
+    for mode in ("eager", "shapetune", "shapetune_warm", "shapetune_peft"):
         r = rows[mode]
         assert len(r["switch_s"]) == len(r["set_adapters_s"]) == 2
         assert all(0 < s <= t for s, t in zip(r["set_adapters_s"], r["switch_s"]))

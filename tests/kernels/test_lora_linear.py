@@ -1,0 +1,127 @@
+"""kernels/lora.py on the CPU: a patched PEFT LoRA Linear accumulates each adapter's scaled delta into its
+base output with one GEMM (addmm_, beta = 1) and computes what PEFT computes; every case it does not
+cover (merged, disabled, dropout in training, autograd, a tensor scale, fuse_lora_add=False) runs PEFT's
+own forward, counted. A tiny diffusers UNet with LoRAs on its attention projections against an eager twin
+given the same adapters, float32, 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from ._tiny_unet import OBSERVED, TOL, inputs, pair  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LAYERS = 4 * 2 * 4  # 4 transformer blocks x 2 attentions x 4 projections
+
+
+def _with_loras(eager, opt):
+    from peft import LoraConfig
+
+    for name, seed, alpha in (("a", 1, 8), ("b", 2, 2)):
+        for m in (eager, opt):
+            m.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS), adapter_name=name)
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if f".lora_A.{name}." in n or f".lora_B.{name}." in n:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _run(m, x):
+    with torch.no_grad():
+        return m(**x).sample
+
+
+def _calls(reg):
+    return {k: n for (op, k), n in reg.calls.items() if op == "lora_linear"}
+
+
+def test_the_delta_is_accumulated_by_one_gemm_and_matches_peft(empty_registry):
+    eager, opt = pair()
+    kernels.patch(opt)
+    x = inputs()
+    base = _run(eager, x)
+    _with_loras(eager, opt)  # adapters added after patch: the next patch (optimize's repatch) serves them
+    rep = kernels.patch(opt)
+    assert rep.patched["lora_linear"] == LAYERS
+    for adapters, weights in ((["a"], None), (["b"], None), (["a", "b"], [0.5, 1.5])):
+        for m in (eager, opt):
+            m.set_adapters(adapters, weights)
+        empty_registry.calls.clear()
+        ref, out = _run(eager, x), _run(opt, x)
+        torch.testing.assert_close(out, ref, **TOL)
+        assert (ref - base).abs().max() > OBSERVED  # the adapters change the output
+        assert _calls(empty_registry) == {"fused": LAYERS}, adapters
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled", "train_dropout", "grad", "tensor_scale", "opted_out"])
+def test_what_it_does_not_cover_runs_peft_and_still_matches(empty_registry, case):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    eager, opt = pair()
+    _with_loras(eager, opt)
+    kernels.patch(opt, fuse_lora_add=case != "opted_out")
+    for m in (eager, opt):
+        m.set_adapters(["a"])
+        layers = [mod for mod in m.modules() if isinstance(mod, LoraLinear)]
+        if case == "merged":
+            for mod in layers:
+                mod.merge()
+        elif case == "disabled":
+            m.disable_adapters()
+        elif case == "train_dropout":  # p > 0 in training: PEFT's dropout (seeded alike below)
+            for mod in layers:
+                mod.lora_dropout["a"] = torch.nn.Dropout(0.5).train()
+        elif case == "tensor_scale":  # what enable_lora_hotswap makes of the scales
+            for mod in layers:
+                mod.scaling["a"] = torch.tensor(mod.scaling["a"])
+    x = inputs()
+    empty_registry.calls.clear()
+    torch.manual_seed(3)
+    if case == "grad":
+        ref = eager(**x).sample.detach()
+        torch.manual_seed(3)
+        out = opt(**x).sample.detach()
+    else:
+        torch.manual_seed(3)
+        ref = _run(eager, x)
+        torch.manual_seed(3)
+        out = _run(opt, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    calls = _calls(empty_registry)
+    assert calls.get("fused", 0) == 0 and calls.get("peft", 0) == LAYERS, calls
+
+
+def test_unpatch_gives_peft_its_forward_back(empty_registry):
+    eager, opt = pair()
+    _with_loras(eager, opt)
+    kernels.patch(opt)
+    kernels.unpatch(opt)
+    layer = next(m for n, m in opt.named_modules() if n.endswith("attn1.to_q"))
+    assert "forward" not in layer.__dict__ and not any(k.startswith("_shapetune") for k in layer.__dict__)
+    x = inputs()
+    torch.testing.assert_close(_run(opt, x), _run(eager, x), **TOL)
+
+
+def test_a_lora_on_to_out_computes_each_attention_once(empty_registry):
+    """Defect (before this fix): with to_out.0 LoRA-wrapped, the patched transformer block asked the
+    processor for attention + residual fused into to_out.0, which computed q/k/v and the attention, found
+    to_out.0 not a plain Linear, discarded them and ran the whole attention again unfused: every
+    attention twice per forward."""
+    from peft import LoraConfig
+
+    eager, opt = pair()
+    for m in (eager, opt):
+        m.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_out.0"]))
+    kernels.patch(opt)
+    x = inputs()
+    empty_registry.calls.clear()
+    ref, out = _run(eager, x), _run(opt, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert sum(n for (op, _), n in empty_registry.calls.items() if op == "attention") == 8  # 4 blocks x 2
