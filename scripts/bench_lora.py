@@ -94,6 +94,7 @@ def main():
 
     refs, rows, states = {}, {}, {}
     for mode in a.modes.split(","):
+        kernels.get_registry().calls.clear()  # each mode's op calls its own
         m = build(a.tiny, dev, dtype).to(memory_format=torch.channels_last)
         if a.hotswap and not states:
             states = {"a": lora_state(m, 1), "b": lora_state(m, 2)}
@@ -135,6 +136,8 @@ def main():
         if mode.startswith("shapetune"):
             row["graphs"] = dict(m.forward.stats)
             row["capture_parts"] = m.forward.capture_parts  # where a capture's time goes (GraphedCall)
+            # how the LoRA layers ran in the eager runs and captures (replays run no Python): kernels/lora.py
+            row["lora_linear_calls"] = {k: n for (op, k), n in kernels.get_registry().calls.items() if op == "lora_linear"}
             kernels.restore(m)
         rows[mode] = row
         m = run = None
