@@ -1328,6 +1328,9 @@ def lora_parts(logs: Logs, rel: str) -> str:
         f"- Rank-{d['args']['rank']} LoRAs on every attention projection, SD 1.5 UNet fp16, batch 2, 512²; "
         f"{d['args']['switches']} alternating switches, each the switch plus the first UNet call after it (synchronized "
         f"wall time): {how}.",
+        *(["- rel L2 0: shapetune's outputs equal eager's bit for bit in this run (no tuned kernel was served: the "
+           "same vendor kernels; the LoRA GEMM's accumulate gave PEFT's fp16 values)."]
+          if all(r.get("rel_l2_vs_eager") == 0 for k, r in d["rows"].items() if k.startswith("shapetune")) else []),
         table([("mode", "l"), ("ms per call", "r"), ("switch + call, median ms", "r"), ("max ms", "r"),
                (f"{'hotswap' if hot else 'set_adapters'} alone, median ms", "r"), ("rel L2 vs eager", "r"),
                ("captures", "l")], rows),
