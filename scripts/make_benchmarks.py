@@ -1329,7 +1329,8 @@ def lora_parts(logs: Logs, rel: str) -> str:
         f"{d['args']['switches']} alternating switches, each the switch plus the first UNet call after it (synchronized "
         f"wall time): {how}.",
         *(["- rel L2 0: shapetune's outputs equal eager's bit for bit in this run (no tuned kernel was served: the "
-           "same vendor kernels; the LoRA GEMM's accumulate gave PEFT's fp16 values)."]
+           "same vendor kernels, and LoRA layer outputs equal to PEFT's in fp16; which path each LoRA call took is counted in "
+           "bench_lora's JSON from the next run on, `lora_linear_calls`)."]
           if all(r.get("rel_l2_vs_eager") == 0 for k, r in d["rows"].items() if k.startswith("shapetune")) else []),
         table([("mode", "l"), ("ms per call", "r"), ("switch + call, median ms", "r"), ("max ms", "r"),
                (f"{'hotswap' if hot else 'set_adapters'} alone, median ms", "r"), ("rel L2 vs eager", "r"),
