@@ -241,6 +241,8 @@ def test_a_lora_switch_captures_without_warmups_and_matches_eager():
     assert _rel(outs["a"], outs["b"]) > 1e-2  # the adapters differ
     assert g.stats["captured"] == 2 and g.stats["replayed"] == 4 and not g.stats["rewarmup_retry"], g.stats
     assert [p["warmups"] for p in g.capture_parts] == [g.warmup, 0]
+    calls = kernels.get_registry().calls  # the LoRA layers took kernels/lora.py's one-GEMM path
+    assert calls[("lora_linear", "fused")] > 0 and not calls[("lora_linear", "peft")], calls
 
 
 def _lora_state(unet, seed: int) -> dict:
