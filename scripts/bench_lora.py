@@ -146,7 +146,8 @@ def main():
         if is_gpu:
             torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name() if is_gpu else 'cpu'}  torch {torch.__version__}  "
-          f"{'tiny' if a.tiny else 'SD 1.5'} UNet + 2 LoRAs (rank {a.rank}), batch 2, 512², {dtype}")
+          f"{'tiny' if a.tiny else 'SD 1.5'} UNet + 2 LoRAs (rank {a.rank}{', hotswapped into one adapter' if a.hotswap else ''}), "
+          f"batch 2, 512², {dtype}")
     print(f"{'mode':12s} {'ms/call':>9s} {'switch+call ms (median)':>24s} {'max':>8s} {'rel L2':>9s}")
     for mode, r in rows.items():
         print(f"{mode:12s} {r['us'] / 1e3:9.3f} {r['switch_median_s'] * 1e3:24.1f} {max(r['switch_s']) * 1e3:8.1f} "
