@@ -16,3 +16,16 @@ def script(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+def run_main(monkeypatch, main, argv: list[str]) -> None:
+    """main() of a script run with `argv` as its command line, keeping the process's kernel registry
+    (a bench script installs its own)."""
+    import kernels
+
+    monkeypatch.setattr(sys, "argv", argv)
+    prev = kernels.get_registry()
+    try:
+        main()
+    finally:
+        kernels.set_registry(prev)

@@ -155,16 +155,13 @@ def test_bench_e2e_smoke(tmp_path, monkeypatch):
     """scripts/bench_e2e.py end to end on the tiny UNet (CPU): every mode runs and matches eager."""
     import json
     import runpy
-    import sys
+
+    from tests._scripts import run_main
 
     out = tmp_path / "e2e.json"
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--modes", "eager,eager_cl,shapetune",
-                                      "--iters", "2", "--warmup", "1", "--json", str(out)])
-    prev = kernels.get_registry()
-    try:
-        runpy.run_path("scripts/bench_e2e.py", run_name="__main__")
-    finally:
-        kernels.set_registry(prev)
+    run_main(monkeypatch, lambda: runpy.run_path("scripts/bench_e2e.py", run_name="__main__"),
+             ["bench_e2e.py", "--tiny", "--device", "cpu", "--modes", "eager,eager_cl,shapetune",
+              "--iters", "2", "--warmup", "1", "--json", str(out)])
     d = json.loads(out.read_text())
     rows = d["rows"]
     assert set(rows) == {"eager", "eager_cl", "shapetune"}

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-import kernels
-from tests._scripts import script
+from tests._scripts import run_main, script
 
 
 def test_a_run_cut_short_keeps_every_shape_it_measured(tmp_path, monkeypatch):
@@ -26,14 +25,9 @@ def test_a_run_cut_short_keeps_every_shape_it_measured(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(e2e, "time_calls", cut_at_the_fourth)
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--modes", "eager,shapetune",
-                                      "--shapes", "2x512,1x512", "--iters", "2", "--warmup", "1", "--json", str(out)])
-    prev = kernels.get_registry()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            e2e.main()
-    finally:
-        kernels.set_registry(prev)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, e2e.main, ["bench_e2e.py", "--tiny", "--device", "cpu", "--modes", "eager,shapetune",
+                                         "--shapes", "2x512,1x512", "--iters", "2", "--warmup", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert set(rows["eager"]) == {"2x512", "1x512"}
     assert set(rows["shapetune"]) == {"2x512"}
@@ -61,14 +55,9 @@ def test_each_mode_frees_the_previous_model_and_profiles_through_the_module(tmp_
 
     monkeypatch.setattr(e2e, "make", make)
     out = tmp_path / "e2e.json"
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--tiny", "--device", "cpu", "--profile", "--modes",
-                                      "eager,shapetune,shapetune_nopack,eager_cl", "--shapes", "2x512",
-                                      "--iters", "1", "--warmup", "1", "--json", str(out)])
-    prev = kernels.get_registry()
-    try:
-        e2e.main()
-    finally:
-        kernels.set_registry(prev)
+    run_main(monkeypatch, e2e.main, ["bench_e2e.py", "--tiny", "--device", "cpu", "--profile", "--modes",
+                                     "eager,shapetune,shapetune_nopack,eager_cl", "--shapes", "2x512",
+                                     "--iters", "1", "--warmup", "1", "--json", str(out)])
     assert alive_at_start == [[], [False], [False, False], [False, False, False]]
     rows = json.loads(out.read_text())["rows"]
     calls = {m: rows[m]["2x512"]["calls"] for m in ("shapetune", "shapetune_nopack")}

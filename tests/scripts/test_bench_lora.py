@@ -5,22 +5,15 @@ switch times, the host time of set_adapters alone, and for shapetune where its c
 from __future__ import annotations
 
 import json
-import sys
 
-import kernels
-from tests._scripts import script
+from tests._scripts import run_main, script
 
 
 def test_a_cpu_run_writes_switch_times_and_their_parts(tmp_path, monkeypatch):
     lora = script("bench_lora")
     out = tmp_path / "lora.json"
-    monkeypatch.setattr(sys, "argv", ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "2",
-                                      "--iters", "1", "--modes", "eager,shapetune,shapetune_warm,shapetune_peft", "--json", str(out)])
-    prev = kernels.get_registry()
-    try:
-        lora.main()
-    finally:
-        kernels.set_registry(prev)
+    run_main(monkeypatch, lora.main, ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "2", "--iters", "1",
+                                      "--modes", "eager,shapetune,shapetune_warm,shapetune_peft", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     for mode in ("eager", "shapetune", "shapetune_warm", "shapetune_peft"):
         r = rows[mode]
@@ -36,13 +29,8 @@ def test_a_cpu_run_writes_switch_times_and_their_parts(tmp_path, monkeypatch):
 def test_a_hotswap_run_switches_in_place_and_matches_eager(tmp_path, monkeypatch):
     lora = script("bench_lora")
     out = tmp_path / "lora.json"
-    monkeypatch.setattr(sys, "argv", ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "3", "--hotswap",
+    run_main(monkeypatch, lora.main, ["bench_lora.py", "--tiny", "--device", "cpu", "--switches", "3", "--hotswap",
                                       "--iters", "1", "--json", str(out)])
-    prev = kernels.get_registry()
-    try:
-        lora.main()
-    finally:
-        kernels.set_registry(prev)
     d = json.loads(out.read_text())
     assert d["args"]["hotswap"]
     for mode in ("eager", "shapetune"):
