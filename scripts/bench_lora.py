@@ -76,14 +76,14 @@ def main():
                 sd[f"{n}.lora_B.weight"] = (torch.randn(mod.out_features, a.rank, generator=g) * 0.05).to(dtype)
         return sd
 
-    def with_loras(m):
+    def with_loras(m, mode: str):
         if a.hotswap:  # one adapter, "x", its weights overwritten in place by each switch
             if mode == "compile_ro":  # diffusers: before the first adapter is loaded (scales become tensors)
                 m.enable_lora_hotswap(target_rank=a.rank)
             m.load_lora_adapter(states["a"], prefix=None, adapter_name="x")
             return m
         for name, seed in (("a", 1), ("b", 2)):
-            m.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            m.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=list(targets)),
                           adapter_name=name)
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -98,7 +98,7 @@ def main():
         m = build(a.tiny, dev, dtype).to(memory_format=torch.channels_last)
         if a.hotswap and not states:
             states = {"a": lora_state(m, 1), "b": lora_state(m, 2)}
-        m = with_loras(m)
+        m = with_loras(m, mode)
         run = m
         if mode.startswith("shapetune"):
             kernels.optimize(m, fuse_lora_add=mode != "shapetune_peft")
