@@ -14,7 +14,10 @@ derived from a weight outlives one forward: the output is cached only within a f
 model (hooks open and drop it), keyed by the context tensor itself (a weak reference and its version;
 identity alone for an inference tensor). The shared GEMM runs only while every member's to_k / to_v
 still is a plain patched Linear holding its rows; a member's own call checks again before taking its
-columns. Anything else (a replaced Parameter, a LoRA layer, autograd with trainable projections,
+columns. A PEFT LoRA layer around a to_k / to_v keeps the packing (its base Linear holds the rows): the
+group's GEMM adds each such member's deltas to its columns (kernels/qkv.add_lora_deltas), and a member
+takes its columns only while its adapters' state is the one its deltas were added for. Anything else
+(a replaced Parameter, a LoRA layer whose forward kernels/lora.py does not restate, autograd with trainable projections,
 torch.compile tracing, a call with no context) returns None, and the attention projects by its own
 packing or as diffusers does. Which attentions join is shapetune/fusions.py's `ctx_kv_groups`, the rule
 workload extraction records the shared GEMM by.
@@ -34,7 +37,7 @@ from shapetune.fusions import KV, ctx_kv_groups
 
 from . import qkv
 from .custom_op import call_op
-from .packing import ModelGroup, holds_rows, regroup, stack_rows
+from .packing import ModelGroup, base_linear, holds_rows, regroup, stack_rows
 
 _ATTR = "_shapetune_ctxkv"  # on each member attention: (its Group, its first row, its width C)
 
@@ -46,8 +49,22 @@ class Group(ModelGroup):
     attr: ClassVar[str] = _ATTR
 
     def member_intact(self, attn: nn.Module, off: int, n: int) -> bool:
-        return holds_rows(attn.to_k, self.weight, self.bias, off, n) and \
-            holds_rows(attn.to_v, self.weight, self.bias, off + n, n)
+        return holds_rows(base_linear(attn.to_k), self.weight, self.bias, off, n) and \
+            holds_rows(base_linear(attn.to_v), self.weight, self.bias, off + n, n)
+
+    def compute(self, ctx: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The GEMM's output for ctx with each member's LoRA deltas added to its columns, and per member
+        the adapters' state those deltas are (qkv.lora_states; None: its columns are not served)."""
+        out = call_op("linear", ctx, self.weight, self.bias)
+        states = []
+        for ref, off in zip(self.members, self.offsets):
+            a = ref()
+            n = a.__dict__[_ATTR][2]
+            st = qkv.lora_states(a, KV, ctx)
+            if st is not None and any(st):
+                qkv.add_lora_deltas(a, KV, ctx, (out[..., off:off + n], out[..., off + n:off + 2 * n]), st)
+            states.append(st)
+        return out, states
 
 
 def pack(model: nn.Module) -> int:
@@ -56,7 +73,7 @@ def pack(model: nn.Module) -> int:
     attentions this call packed (0: already packed)."""
     packed = 0
     for attns, old in regroup(dict(model.named_modules()), ctx_kv_groups(model, _packed_kv), _ATTR):
-        w, b, offs = stack_rows([p for a in attns for p in (a.to_k, a.to_v)])
+        w, b, offs = stack_rows([base_linear(p) for a in attns for p in (a.to_k, a.to_v)])
         if old is not None:
             old.remove_hooks()
         offsets = offs[0::2]
@@ -92,7 +109,10 @@ def shared(attn: nn.Module, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if entry is None or ctx is None:
         return None
     group, off, n = entry
-    if not group.serve(attn, ctx, 3, itertools.chain(attn.to_k.parameters(), attn.to_v.parameters()),
-                       lambda c: call_op("linear", c, group.weight, group.bias)):
+    if not group.serve(attn, ctx, 3, itertools.chain(attn.to_k.parameters(), attn.to_v.parameters()), group.compute):
         return None
-    return group.out[..., off:off + n], group.out[..., off + n:off + 2 * n]
+    out, states = group.out
+    st = states[group.offsets.index(off)]
+    if st is None or st != qkv.lora_states(attn, KV, ctx):
+        return None
+    return out[..., off:off + n], out[..., off + n:off + 2 * n]

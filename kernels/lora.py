@@ -59,15 +59,40 @@ def _vanilla(layer: nn.Module, name: str, x: torch.Tensor) -> bool:
             and a.weight.dtype == b.weight.dtype == x.dtype and b.weight.device == x.device)
 
 
+def served(layer: nn.Module, x: torch.Tensor) -> list[str] | None:
+    """The active adapters of `layer` whose deltas are added here for input x (possibly none), or None
+    where PEFT's forward must run: fuse_lora_add off, adapters disabled or merged (PEFT's forward merges
+    and unmerges as a side effect), autograd, torch.compile, or an active adapter that is not vanilla."""
+    if (not layer.__dict__.get(ATTR, True) or layer.disable_adapters or layer.merged
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    return active if all(_vanilla(layer, a, x) for a in active) else None
+
+
+def state(layer: nn.Module, x: torch.Tensor) -> tuple | None:
+    """What `add_deltas` adds for x, as values: ((adapter, scaling), ...), or None (PEFT's forward)."""
+    active = served(layer, x)
+    return None if active is None else tuple((a, layer.scaling[a]) for a in active)
+
+
+def add_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, active: list[str]) -> None:
+    """out += each adapter's `lora_B(lora_A(x)) * scaling`, accumulated by lora_B's GEMM (beta = 1).
+    out: the base layer's output for x, [.., out_features] with its last dim contiguous; a column slice
+    of a wider output (a packed projection's) works as well: its rows are one strided matrix."""
+    if not active:
+        return
+    o = out.view(-1, out.shape[-1])
+    for a in active:
+        xa = layer.lora_A[a](x)
+        o.addmm_(xa.reshape(-1, xa.shape[-1]), layer.lora_B[a].weight.t(), alpha=layer.scaling[a])
+
+
 def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT LoRA Linear's forward with each adapter's delta accumulated by lora_B's GEMM (see the module
     docstring); PEFT's own forward wherever that is not the same expression."""
-    if (args or kwargs or not self.__dict__.get(ATTR, True) or self.disable_adapters or self.merged
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-        count("lora_linear", "peft")
-        return type(self).forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if not all(_vanilla(self, a, x) for a in active):
+    active = None if args or kwargs else served(self, x)
+    if active is None:
         count("lora_linear", "peft")
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
@@ -77,8 +102,5 @@ def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = result + self.lora_B[a](self.lora_A[a](x)) * self.scaling[a]
         return result
     count("lora_linear", "fused")
-    out = result.view(-1, result.shape[-1])
-    for a in active:
-        xa = self.lora_A[a](x)
-        out.addmm_(xa.reshape(-1, xa.shape[-1]), self.lora_B[a].weight.t(), alpha=self.scaling[a])
+    add_deltas(self, x, result, active)
     return result

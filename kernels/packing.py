@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import lora
+
 
 MARK = "_shapetune_patched"  # kernels.patch's instance attribute: the kind of patch applied
 
@@ -25,10 +27,21 @@ def plain_linear(m) -> bool:
     return type(m) is nn.Linear and m.__dict__.get(MARK) == "linear"
 
 
+def base_linear(m) -> nn.Module | None:
+    """The Linear whose weight rows a packing holds for projection m: m itself where it is a plain patched
+    Linear, the Linear a PEFT LoRA layer wraps where that one is (the packed GEMM then computes the base
+    output and kernels/lora.py adds the adapters' deltas to its columns); None otherwise."""
+    if type(m) is nn.Linear:  # (plain_linear, inline: on every packed call's path)
+        return m if m.__dict__.get(MARK) == "linear" else None
+    if lora.is_lora_linear(m) and plain_linear(m.base_layer):
+        return m.base_layer
+    return None
+
+
 def holds_rows(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, off: int, n: int) -> bool:
     """`linear` is a plain patched Linear whose weight is exactly rows off..off+n of `weight` (data
     pointer, shape, dtype, strides) and whose bias is those of `bias` (or both are None)."""
-    if not plain_linear(linear):
+    if type(linear) is not nn.Linear or linear.__dict__.get(MARK) != "linear":  # plain_linear, inline
         return False
     k, es = weight.shape[1], weight.element_size()
     w = linear.weight

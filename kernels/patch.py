@@ -50,7 +50,8 @@ scripts extract are the ones dispatched here:
                        FeedForward's output Linear (three linear_residual calls per block)
   LoRA delta + add     a PEFT LoRA Linear (vanilla adapters): lora_B's GEMM accumulates the scaled delta
                        into the base layer's output (cuBLAS beta = 1, kernels/lora.py) instead of a GEMM,
-                       a scale pass and an add pass per adapter
+                       a scale pass and an add pass per adapter; the base layer keeps its fusions
+                       (q/k/v packing, linear + residual), the deltas added to its columns or sum
   add + LayerNorm      BasicTransformerBlock: where add_layer_norm has a tuned kernel for the shape,
                        attn1's and attn2's residual adds go with the LayerNorm that reads their sum
                        (norm2, norm3) into one kernel instead (kernels.norm.add_layer_norm: s = o + h
@@ -62,11 +63,12 @@ scripts extract are the ones dispatched here:
   q/k/v projections    diffusers Attention (`fuse_qkv`): to_q/to_k/to_v (self-attention) or to_k/to_v
                        (cross-attention) as one linear call over weights packed into one storage, each
                        Parameter a view of its rows (kernels/qkv.py; in-place weight writes reach the
-                       packed GEMM, a replaced Parameter or a LoRA layer runs the projections apart);
+                       packed GEMM, a replaced Parameter runs the projections apart, a LoRA layer's
+                       base Linear stays packed);
                        a UNet's cross-attentions' k/v, which all read the same context, as one GEMM
                        per forward (kernels/ctxkv.py)
-  (each keeps diffusers' unfused path where its conv / proj is not a plain patched module, e.g.
-  LoRA-wrapped, or shapes/dtypes would broadcast or promote)
+  (each keeps diffusers' unfused path where its conv / proj is not a plain patched module (or a vanilla
+  LoRA layer around one), or shapes/dtypes would broadcast or promote)
 
 Weights: nothing derived from a weight's values is cached anywhere on the call path (audited for
 issue 8: conv2d's converted-weight cache is gone; the registry caches per shape signature, the
@@ -101,9 +103,10 @@ from . import ctxkv, lora, qkv
 from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
+from .dispatch import count
 from .norm import add_layer_norm_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
-from .packing import plain_linear
+from .packing import base_linear
 
 
 
@@ -284,12 +287,21 @@ def _identity_dropout(m: nn.Module) -> bool:
 
 
 def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-    """proj(x) + residual as one linear_residual where proj is a patched plain Linear and residual has
-    the output's exact shape and x's dtype (no broadcast, no promotion); None where it does not apply."""
-    if (plain_linear(proj) and residual.dtype == x.dtype and x.shape[-1] == proj.in_features
-            and tuple(residual.shape) == (*x.shape[:-1], proj.out_features)):
-        return call_op("linear_residual", x, proj.weight, proj.bias, residual)
-    return None
+    """proj(x) + residual as one linear_residual where proj is a patched plain Linear, or a PEFT LoRA layer
+    around one (kernels/lora.py then adds its adapters' deltas to the sum), and residual has the output's
+    exact shape and x's dtype (no broadcast, no promotion); None where it does not apply."""
+    base = base_linear(proj)
+    if (base is None or residual.dtype != x.dtype or x.shape[-1] != base.in_features
+            or tuple(residual.shape) != (*x.shape[:-1], base.out_features)):
+        return None
+    active = [] if base is proj else lora.served(proj, x)
+    if active is None:
+        return None
+    out = call_op("linear_residual", x, base.weight, base.bias, residual)
+    if base is not proj:
+        count("lora_linear", "fused")
+        lora.add_deltas(proj, x, out, active)
+    return out
 
 
 class AttnProcessor:
@@ -394,10 +406,11 @@ def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, 
 
 def _ff_plus(ff: nn.Module, x, residual):
     """ff(x) + residual with the add fused into the FeedForward's output Linear (net: act, Dropout,
-    Linear[, Dropout]) where it is a patched plain Linear and the dropouts are the identity."""
+    Linear[, Dropout]) where it is a patched plain Linear (or a LoRA layer around one) and the dropouts
+    are the identity."""
     net = ff.net
     if (len(net) in (3, 4) and _identity_dropout(net[1]) and (len(net) == 3 or _identity_dropout(net[3]))
-            and plain_linear(net[2])):
+            and base_linear(net[2]) is not None):
         h = net[1](net[0](x))
         out = _linear_residual(net[2], h, residual)
         return out if out is not None else net[2](h) + residual  # (a residual that broadcasts)

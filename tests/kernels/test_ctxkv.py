@@ -66,9 +66,10 @@ def test_weight_changes_between_forwards_show(registry, change):
     before, ref, out, opt = weight_change(change, eager, opt, target, inputs())
     assert (ref - before).abs().max() > OBSERVED
     torch.testing.assert_close(out, ref, **TOL)
-    if change == "lora":  # the wrapped attention left the group; the other three share a new one
+    if change == "lora":  # the wrapped attention stays in the group: its delta is added to its columns
         entries = [a.__dict__.get(ctxkv._ATTR) for a in _cross(opt)]
-        assert sum(e is None for e in entries) == 1 and len({id(e[0]) for e in entries if e}) == 1
+        assert all(entries) and len({id(e[0]) for e in entries}) == 1 and entries[0][0].intact()
+        assert registry.calls[("lora_linear", "packed")] >= 1
 
 
 def test_outside_the_forward_inference_mode_grad_and_unpatch(registry):

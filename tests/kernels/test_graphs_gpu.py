@@ -243,6 +243,7 @@ def test_a_lora_switch_captures_without_warmups_and_matches_eager():
     assert [p["warmups"] for p in g.capture_parts] == [g.warmup, 0]
     calls = kernels.get_registry().calls  # the LoRA layers took kernels/lora.py's one-GEMM path
     assert calls[("lora_linear", "fused")] > 0 and not calls[("lora_linear", "peft")], calls
+    assert calls[("lora_linear", "packed")] > 0, calls  # q/k/v deltas into the packed GEMM's columns
 
 
 def _lora_state(unet, seed: int) -> dict:

@@ -42,11 +42,26 @@ def _calls(reg):
     return {k: n for (op, k), n in reg.calls.items() if op == "lora_linear"}
 
 
+def _linear_calls(reg):
+    return sum(n for (op, _), n in reg.calls.items() if op in ("linear", "linear_residual"))
+
+
+#: LoRA layers whose base Linear runs in a packed GEMM (kernels/qkv.py, kernels/ctxkv.py): attn1's q, k, v
+#: and attn2's k, v per block; the rest (attn2's q, both to_out.0) add their deltas to their own output
+PACKED = 4 * (3 + 2)
+
+
 def test_the_delta_is_accumulated_by_one_gemm_and_matches_peft(empty_registry):
+    """Each adapter's delta by one GEMM into the base output, and the base layers keep their fusions: the
+    q/k/v (k/v) packing and to_out.0's residual add. The GEMMs a forward runs are those without LoRA plus
+    one lora_A GEMM per adapter and layer (before: q, k and v as three GEMMs, to_out.0 and its add apart)."""
     eager, opt = pair()
     kernels.patch(opt)
     x = inputs()
     base = _run(eager, x)
+    empty_registry.calls.clear()
+    _run(opt, x)
+    gemms = _linear_calls(empty_registry)
     _with_loras(eager, opt)  # adapters added after patch: the next patch (optimize's repatch) serves them
     rep = kernels.patch(opt)
     assert rep.patched["lora_linear"] == LAYERS
@@ -57,7 +72,29 @@ def test_the_delta_is_accumulated_by_one_gemm_and_matches_peft(empty_registry):
         ref, out = _run(eager, x), _run(opt, x)
         torch.testing.assert_close(out, ref, **TOL)
         assert (ref - base).abs().max() > OBSERVED  # the adapters change the output
-        assert _calls(empty_registry) == {"fused": LAYERS}, adapters
+        assert _calls(empty_registry) == {"packed": PACKED, "fused": LAYERS - PACKED}, adapters
+        assert _linear_calls(empty_registry) == gemms + LAYERS * len(adapters), adapters
+
+
+def test_a_lora_layer_that_peft_must_run_unpacks_only_its_attention(empty_registry):
+    """A LoRA layer kernels/lora.py does not restate (here: dropout in training on one adapter of one
+    projection) makes its attention's packed GEMM step aside for that call: the
+    projections run as they are, PEFT's forward for that layer; the other attentions stay packed."""
+    eager, opt = pair()
+    _with_loras(eager, opt)
+    kernels.patch(opt)
+    for m in (eager, opt):
+        m.set_adapters(["a"])
+        layer = next(mod for n, mod in m.named_modules() if n.endswith("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"))
+        layer.lora_dropout["a"] = torch.nn.Dropout(0.5).train()
+    x = inputs()
+    empty_registry.calls.clear()
+    torch.manual_seed(3)
+    ref = _run(eager, x)
+    torch.manual_seed(3)
+    out = _run(opt, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert _calls(empty_registry) == {"packed": PACKED - 3, "fused": LAYERS - PACKED + 2, "peft": 1}
 
 
 @pytest.mark.parametrize("case", ["merged", "disabled", "train_dropout", "grad", "tensor_scale", "opted_out"])

@@ -123,7 +123,9 @@ def test_autograd_reaches_the_parameters():
         torch.testing.assert_close(getattr(opt, name).weight.grad, getattr(eager, name).weight.grad, **TOL)
 
 
-def test_peft_lora_on_a_projection_runs_it_unpacked_and_matches(registry):
+def test_peft_lora_on_a_projection_keeps_the_packing_and_matches(registry):
+    """The LoRA layer's base Linear keeps its rows of the packed storage: one GEMM for q/k/v, then lora_A's
+    GEMM and lora_B's accumulating into k's columns (before: the packing dropped, three GEMMs)."""
     peft = pytest.importorskip("peft")
     eager, opt = _pair()
     kernels.patch(opt)
@@ -134,9 +136,12 @@ def test_peft_lora_on_a_projection_runs_it_unpacked_and_matches(registry):
     opt = peft.inject_adapter_in_model(copy.deepcopy(cfg), opt)
     kernels.patch(opt)  # what optimize's re-patch does when the tree changed
     x, _ = _inputs()
+    registry.calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(opt(x), eager(x), **TOL)
-    assert qkv._ATTR not in opt.__dict__  # to_k is a LoRA layer now: nothing to pack
+    assert opt.__dict__[qkv._ATTR].intact(opt)
+    assert _linear_calls(registry) == 3  # packed q/k/v, lora_A, to_out (lora_B: addmm_ into k's columns)
+    assert registry.calls[("lora_linear", "packed")] == 1
 
 
 def test_unpatch_gives_each_projection_its_own_storage():
