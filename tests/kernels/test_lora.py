@@ -15,22 +15,23 @@ import pytest
 import torch
 
 import kernels
-from scheduler.pipelines import build_sd_pipeline
+from scheduler.pipelines import build_sd_pipeline, build_sdxl_pipeline
 from shapetune.target import detect
 
 pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
 
-def _lora(unet, seed: int, targets=("to_q", "to_k", "to_v", "to_out.0")) -> dict:
-    """A LoRA for this UNet in diffusers' PEFT format ("unet." keys), random A and B."""
+def _lora(unet, seed: int, targets=("to_q", "to_k", "to_v", "to_out.0"), prefix: str = "unet") -> dict:
+    """A LoRA for this model (a UNet; or a text encoder, `prefix` its pipeline attribute) in diffusers'
+    PEFT format ("unet." keys), random A and B."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     u = copy.deepcopy(unet)
     u.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
     g = torch.Generator().manual_seed(seed)
-    return {f"unet.{k}": torch.randn(v.shape, generator=g) * 0.2 for k, v in get_peft_model_state_dict(u).items()}
+    return {f"{prefix}.{k}": torch.randn(v.shape, generator=g) * 0.2 for k, v in get_peft_model_state_dict(u).items()}
 
 
 def _image(pipe):
@@ -99,3 +100,27 @@ def test_lora_hotswap_keeps_every_graph_valid_and_matches_eager(registry):
     assert (ref - with_a).abs().max() > 1e-3  # the swap changed the image
     torch.testing.assert_close(_image(opt), ref, atol=1e-4, rtol=0)
     assert g._state() == baked and g._adapter_state() == key  # nothing a captured graph baked in changed
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders_matches_eager(registry):
+    """StableDiffusionXLPipeline: one LoRA over the UNet's attention projections and both CLIP text
+    encoders' (diffusers' load_lora_weights splits it by prefix), loaded after optimize, weighted, then
+    unloaded. The UNet's q/k/v LoRA layers keep their packed GEMMs (counted "packed")."""
+    eager, opt = build_sdxl_pipeline(tiny=True), build_sdxl_pipeline(tiny=True)
+    clip = ("q_proj", "k_proj", "v_proj", "out_proj")
+    lora = {**_lora(eager.unet, 1), **_lora(eager.text_encoder, 2, clip, "text_encoder"),
+            **_lora(eager.text_encoder_2, 3, clip, "text_encoder_2")}
+    base = _image(eager)
+    kernels.optimize(opt)
+    for name, step in (("load", lambda p: p.load_lora_weights(dict(lora), adapter_name="a")),
+                       ("weight 0.5", lambda p: p.set_adapters(["a"], adapter_weights=[0.5]))):
+        step(eager)
+        step(opt)
+        kernels.get_registry().calls.clear()
+        ref = _image(eager)
+        torch.testing.assert_close(_image(opt), ref, atol=1e-4, rtol=0, msg=name)
+        assert (ref - base).abs().max() > 1e-3, name
+        assert kernels.get_registry().calls[("lora_linear", "packed")] > 0, name
+    for p in (eager, opt):
+        p.unload_lora_weights()
+    torch.testing.assert_close(_image(opt), base, atol=1e-4, rtol=0)
