@@ -17,9 +17,9 @@ still is a plain patched Linear holding its rows; a member's own call checks aga
 columns. A PEFT LoRA layer around a to_k / to_v keeps the packing (its base Linear holds the rows): the
 group's GEMM adds each such member's deltas to its columns (kernels/qkv.add_lora_deltas), and a member
 takes its columns only while its adapters' state is the one its deltas were added for. Anything else
-(a replaced Parameter, a LoRA layer whose forward kernels/lora.py does not restate, autograd with trainable projections,
-torch.compile tracing, a call with no context) returns None, and the attention projects by its own
-packing or as diffusers does. Which attentions join is shapetune/fusions.py's `ctx_kv_groups`, the rule
+(a replaced Parameter, a LoRA layer whose forward kernels/lora.py does not restate, autograd with
+trainable projections, torch.compile tracing, a call with no context) returns None, and the attention
+projects by its own packing or as diffusers does. Which attentions join is shapetune/fusions.py's `ctx_kv_groups`, the rule
 workload extraction records the shared GEMM by.
 """
 
