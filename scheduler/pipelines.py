@@ -2,6 +2,8 @@
 
     pipe = build_sd_pipeline(tiny=True)                   # StableDiffusionPipeline, CPU-sized
     pipe = build_sd_pipeline(tiny=False, dtype=torch.float16, device="cuda")   # SD 1.5 shapes
+    pipe = build_pipeline("sdxl", tiny=True)              # any of PIPELINES by name
+    images = run_pipeline(pipe, "sdxl", steps=3, height=64, width=64)   # a seeded call, [1, 3, 64, 64]
 
 The text side is real: transformers' CLIPTextModel from a CLIP config and a CLIPTokenizer over a small
 vocabulary written here (byte-level BPE with no merges: every prompt tokenizes to known symbols), so
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -198,3 +201,54 @@ def text_embeddings(pipe, input_ids: torch.Tensor) -> torch.Tensor:
     encode_prompt does after tokenizing)."""
     with torch.no_grad():
         return pipe.text_encoder(input_ids.to(pipe.device))[0]
+
+
+# -- every pipeline by name ----------------------------------------------------------------------------
+#: issue 10's pipelines: StableDiffusion, Img2Img, Inpaint (9-channel UNet), AltDiffusion, StableDiffusionXL
+PIPELINES = ("text2img", "img2img", "inpaint", "alt", "sdxl")
+
+
+def build_pipeline(kind: str, tiny: bool = True, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """The pipeline `kind` (one of PIPELINES) with random weights, tiny or at its model's shapes."""
+    if kind == "sdxl":
+        return build_sdxl_pipeline(tiny=tiny, dtype=dtype, device=device, seed=seed)
+    if kind == "alt":
+        return build_alt_diffusion_pipeline(tiny=tiny, dtype=dtype, device=device, seed=seed)
+    if kind not in PIPELINES:
+        raise ValueError(f"unknown pipeline {kind!r}: one of {', '.join(PIPELINES)}")
+    return build_sd_pipeline(tiny=tiny, dtype=dtype, device=device, seed=seed, kind=kind)
+
+
+def run_pipeline(pipe, kind: str, steps: int, height: int, width: int, images: int = 1, seed: int = 0,
+                 strength: float = 1.0) -> torch.Tensor:
+    """One call of pipeline `kind` as a user makes it, deterministic given `seed`: a prompt and a negative
+    prompt (classifier-free guidance); img2img and inpaint a seeded random init image (inpaint a random
+    binary mask; img2img runs steps x strength steps, all of them at strength 1); AltDiffusion, which has no
+    tokenizer here, the prompt embeddings of random token ids through its own text encoder. Returns the
+    images as a float32 CPU tensor [images, 3, height, width] in [0, 1]."""
+    rand = lambda *shape, s: torch.rand(*shape, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    dev, dt = pipe.device, pipe.unet.dtype
+    kw = dict(num_inference_steps=steps, height=height, width=width, num_images_per_prompt=images,
+              generator=torch.Generator().manual_seed(seed), output_type="pt")
+    if kind == "img2img":
+        kw.update(image=rand(1, 3, height, width, s=seed + 3).to(dev, dt), strength=strength)
+    elif kind == "inpaint":
+        kw.update(image=rand(1, 3, height, width, s=seed + 3).to(dev, dt),
+                  mask_image=(rand(1, 1, height, width, s=seed + 4) > 0.5).to(dev, dt))
+    with torch.no_grad():
+        if kind == "alt":
+            seq = min(77, pipe.text_encoder.config.max_position_embeddings - 2)  # XLM-R's positions start at 2
+            ids = torch.randint(2, 1000, (2, seq), generator=torch.Generator().manual_seed(seed + 5))
+            e = text_embeddings(pipe, ids)
+            out = pipe(prompt_embeds=e[:1], negative_prompt_embeds=e[1:], **kw).images
+        else:
+            out = pipe("a photo of a cat", negative_prompt="blurry", **kw).images
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return out.float().cpu()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images a against b, both in [0, 1]: -10 log10(MSE) (inf where they are equal)."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return math.inf if mse == 0 else -10 * math.log10(mse)

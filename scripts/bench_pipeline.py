@@ -1,26 +1,32 @@
-"""A full diffusers pipeline (text encoder, 20 UNet steps with CFG, VAE decode), eager vs optimized, one run.
+"""Full diffusers pipelines (text encoder, 20 UNet steps with CFG, VAE decode), eager vs optimized, one run.
 
     python scripts/bench_pipeline.py --db tuning_logs/sm90_h200_sd15_norms_rebench.jsonl.xz --json pipe.json
     python scripts/bench_pipeline.py --shapes 1x512,2x512,4x512,1x768,1x512x768 --json pipe.json
+    python scripts/bench_pipeline.py --pipelines text2img,img2img,inpaint,alt,sdxl --json pipes.json
     python scripts/bench_pipeline.py --tiny --device cpu --steps 3        # a smoke run
 
-SD 1.5 shapes with random weights (scheduler/pipelines.py; DDIM, guidance 7.5), fp16 on the GPU. Modes:
+Pipelines (--pipelines, default text2img; scheduler/pipelines.py's PIPELINES, each called as
+scheduler.pipelines.run_pipeline does: a prompt and a negative prompt, img2img at strength 1 so every
+step runs, inpaint with a random mask, AltDiffusion with prompt embeddings): StableDiffusion,
+Img2Img and Inpaint (SD 1.5's UNet, the inpaint one with 9 input channels; DDIM), AltDiffusion (SD
+1.5's UNet and VAE, an XLM-R text encoder; DDIM) and StableDiffusionXL (Euler), all with random weights,
+fp16 on the GPU, guidance 7.5. Modes:
   eager        the pipeline as built
   compile_ro   torch.compile(mode="reduce-overhead") on the UNet and the VAE decoder, channels_last
   shapetune    kernels.optimize(pipe): patched, channels_last, CUDA graphs per signature
 A shape is images per prompt x height [x width] in pixels (the UNet runs at twice that batch, for
 classifier-free guidance). One pipeline per mode, run over the shapes in the order given, so a shape's
 first call is the compile or capture at the first shape and the cost of a shape change after it.
-Per shape and mode: wall time of that first call and the median of --iters more (synchronized), peak
-memory allocated, and the images' PSNR against eager's (same seed, same weights; images in [0, 1], so
-PSNR = -10 log10(MSE)). Ratios against eager and compile_ro of the same shape from this run.
+Per pipeline, shape and mode: wall time of that first call and the median of --iters more
+(synchronized), peak memory allocated, and the images' PSNR against eager's (same seed, same weights;
+images in [0, 1], so PSNR = -10 log10(MSE)). Ratios against eager and compile_ro of the same pipeline
+and shape from this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,10 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else -10 * math.log10(mse)
+from scheduler.pipelines import PIPELINES  # noqa: E402
 
 
 def parse_shape(text: str, tiny: bool = False) -> tuple[int, int, int]:
@@ -53,10 +56,10 @@ def shape_name(shape: tuple[int, int, int]) -> str:
 
 
 def ratios(rows: list[dict]) -> None:
-    """Each row's speedups against eager and compile_ro at its shape, where those ran."""
-    by = {(r["shape"], r["mode"]): r for r in rows}
+    """Each row's speedups against eager and compile_ro of its pipeline at its shape, where those ran."""
+    by = {(r["pipeline"], r["shape"], r["mode"]): r for r in rows}
     for r in rows:
-        base, ro = by.get((r["shape"], "eager"), {}).get("s"), by.get((r["shape"], "compile_ro"), {}).get("s")
+        base, ro = (by.get((r["pipeline"], r["shape"], m), {}).get("s") for m in ("eager", "compile_ro"))
         r["speedup_vs_eager"] = base / r["s"] if base else None
         r["speedup_vs_compile_ro"] = ro / r["s"] if ro else None
 
@@ -72,6 +75,7 @@ def main():
     ap.add_argument("--db", action="append", default=[])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--pipelines", default="text2img", help=f"comma-separated, of {','.join(PIPELINES)}")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shapes", default="1x512", help="images per prompt x height [x width], comma-separated")
     ap.add_argument("--iters", type=int, default=2)
@@ -81,11 +85,14 @@ def main():
                     help="each mode in its own process, eager first (its images reach the others through a file)")
     ap.add_argument("--refs", default="", help=argparse.SUPPRESS)  # --isolate's children: eager's images
     a = ap.parse_args()
+    kinds = [k for k in a.pipelines.split(",") if k]
+    if not kinds or set(kinds) - set(PIPELINES):
+        raise SystemExit(f"--pipelines: {a.pipelines!r}: comma-separated, of {', '.join(PIPELINES)}")
     if a.isolate:
         return isolated(a)
 
     import kernels
-    from scheduler.pipelines import build_sd_pipeline
+    from scheduler.pipelines import build_pipeline, psnr, run_pipeline
     from scripts.bench_e2e import install_registry
     from shapetune.target import detect
 
@@ -96,24 +103,15 @@ def main():
     target = detect("cuda" if is_gpu else "llvm")
     install_registry(a.db, target)
 
-    def run(pipe, shape):
+    def timed(pipe, kind, shape):
         n, h, w = shape
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            out = pipe("a photo of a cat", num_inference_steps=a.steps, height=h, width=w, generator=g,
-                       num_images_per_prompt=n, output_type="pt").images
-        if is_gpu:
-            torch.cuda.synchronize()
-        return out.float().cpu()
-
-    def timed(pipe, shape):
         t0 = time.perf_counter()
-        img = run(pipe, shape)
+        img = run_pipeline(pipe, kind, a.steps, h, w, images=n)
         return img, time.perf_counter() - t0
 
     rows, refs = [], {}
-    for mode in a.modes.split(","):
-        pipe = build_sd_pipeline(tiny=a.tiny, dtype=dtype, device=dev)
+    for kind, mode in ((k, m) for k in kinds for m in a.modes.split(",")):
+        pipe = build_pipeline(kind, tiny=a.tiny, dtype=dtype, device=dev)
         report = None
         if mode == "compile_ro":
             pipe.unet.to(memory_format=torch.channels_last)
@@ -125,19 +123,21 @@ def main():
         for shape in shapes:
             if is_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            img, first = timed(pipe, shape)
-            ts = [timed(pipe, shape)[1] for _ in range(a.iters)]
-            row = {"shape": shape_name(shape), "mode": mode, "first_call_s": first, "s": sorted(ts)[len(ts) // 2]}
+            img, first = timed(pipe, kind, shape)
+            ts = [timed(pipe, kind, shape)[1] for _ in range(a.iters)]
+            row = {"pipeline": kind, "shape": shape_name(shape), "mode": mode, "first_call_s": first,
+                   "s": sorted(ts)[len(ts) // 2]}
             if is_gpu:
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            ref = (kind, shape)
             if mode == "eager":
-                refs[shape] = img
+                refs[ref] = img
                 if a.refs:
                     torch.save(refs, a.refs)
-            elif a.refs and shape not in refs and Path(a.refs).exists():
+            elif a.refs and ref not in refs and Path(a.refs).exists():
                 refs.update(torch.load(a.refs))
-            if shape in refs:
-                row["psnr_vs_eager_db"] = psnr(img, refs[shape])
+            if ref in refs:
+                row["psnr_vs_eager_db"] = psnr(img, refs[ref])
             if report is not None:
                 row["graphs"] = {k: dict(v) for k, v in report.graph_stats().items()}
                 row["calls"] = kernels.fallback_summary()
@@ -155,16 +155,16 @@ def main():
 
 
 def show(rows: list[dict]) -> None:
-    print(f"\n{'shape':10s} {'mode':12s} {'s/image':>8s} {'eager/mode':>10s} {'ro/mode':>8s} {'1st call s':>10s} "
-          f"{'peak GiB':>9s} {'PSNR dB':>8s}")
+    print(f"\n{'pipeline':9s} {'shape':10s} {'mode':12s} {'s/call':>8s} {'eager/mode':>10s} {'ro/mode':>8s} "
+          f"{'1st call s':>10s} {'peak GiB':>9s} {'PSNR dB':>8s}")
     for r in rows:
         f = lambda v, w, p: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'n/a':>{w}s}"  # noqa: E731
-        print(f"{r['shape']:10s} {r['mode']:12s} {r['s']:8.3f} {f(r['speedup_vs_eager'], 10, 2)} "
+        print(f"{r['pipeline']:9s} {r['shape']:10s} {r['mode']:12s} {r['s']:8.3f} {f(r['speedup_vs_eager'], 10, 2)} "
               f"{f(r['speedup_vs_compile_ro'], 8, 2)} {r['first_call_s']:10.2f} {f(r.get('peak_mem_gib'), 9, 2)} "
               f"{f(r.get('psnr_vs_eager_db'), 8, 1)}")
     for r in rows:
         if "graphs" in r:
-            print(f"{r['shape']} {r['mode']} graphs:", json.dumps(r["graphs"]))
+            print(f"{r['pipeline']} {r['shape']} {r['mode']} graphs:", json.dumps(r["graphs"]))
 
 
 def isolated(a) -> None:
@@ -180,7 +180,7 @@ def isolated(a) -> None:
         raise SystemExit("bench_pipeline: eager, the reference, must be the first mode")
     tmp = Path(tempfile.mkdtemp(prefix="shapetune-pipe-"))
     base = [sys.executable, __file__, "--device", a.device, "--steps", str(a.steps), "--shapes", a.shapes,
-            "--iters", str(a.iters), "--refs", str(tmp / "refs.pt")]
+            "--pipelines", a.pipelines, "--iters", str(a.iters), "--refs", str(tmp / "refs.pt")]
     base += [x for db in a.db for x in ("--db", db)] + ["--tiny"] * a.tiny
     rows: list[dict] = []
     head: dict = {}

@@ -1384,6 +1384,11 @@ def host_per_op_gpu(logs: Logs) -> list[str]:
     ]
 
 
+PIPELINE_NAMES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                  "inpaint": "StableDiffusionInpaintPipeline", "alt": "AltDiffusionPipeline",
+                  "sdxl": "StableDiffusionXLPipeline"}
+
+
 def pipeline_table(logs: Logs, rel: str = PIPELINE, title: str = "### The full pipeline") -> str:
     PIPELINE = rel  # noqa: N806  (the run this table shows)
     d = logs.load(PIPELINE)
@@ -1395,22 +1400,31 @@ def pipeline_table(logs: Logs, rel: str = PIPELINE, title: str = "### The full p
         rows_in = [dict(r, mode=m, shape=f"1x{res}") for m, r in d["rows"].items()]
     else:
         rows_in = d["rows"]
-    rows = [[r["shape"], names.get(r["mode"], r["mode"]), num(r["s"], 3), num(r["speedup_vs_eager"], 2),
+    kinds = list(dict.fromkeys(r.get("pipeline", "text2img") for r in rows_in))  # runs before --pipelines: text2img
+    several = kinds != ["text2img"]
+    rows = [[*([PIPELINE_NAMES[r["pipeline"]]] if several else []), r["shape"], names.get(r["mode"], r["mode"]),
+             num(r["s"], 3), num(r["speedup_vs_eager"], 2),
              num(r["speedup_vs_compile_ro"], 2) if r.get("speedup_vs_compile_ro") else "-",
              num(r["first_call_s"], 2), num(r.get("peak_mem_gib"), 2),
              "(reference)" if r["mode"] == "eager" else num(r["psnr_vs_eager_db"], 1)] for r in rows_in]
+    what = (f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['steps']} DDIM steps with "
+            "classifier-free guidance" if not several else
+            f"- {', '.join(PIPELINE_NAMES[k] for k in kinds)} (random weights; SD 1.5's UNet and VAE, SDXL base's "
+            f"for StableDiffusionXLPipeline), fp16, {a['steps']} steps with classifier-free guidance and a negative "
+            "prompt (img2img at strength 1: every step runs; inpaint with a random mask; AltDiffusion from prompt "
+            "embeddings: scheduler.pipelines.run_pipeline)")
     out = [
         title,
         f"- Card: {logs.card(PIPELINE)}. Date: {logs.dates(PIPELINE)}. Command: `{logs.command(PIPELINE)}`",
         *([f"- Records: {r}"] if (r := logs.meta_or_none(PIPELINE, "records")) else []),
-        f"- StableDiffusionPipeline at SD 1.5's shapes (random weights), fp16, {a['steps']} DDIM steps with "
-        "classifier-free guidance, text encoder and VAE decode included; shape = images per prompt x height [x width] "
+        what + ", text encoder and VAE decode included; shape = images per prompt x height [x width] "
         "in pixels (the UNet runs at twice that batch); wall time per pipeline call "
         f"(median of {a['iters']} after the first call), PSNR of the images against eager's (same seed and weights). "
         "One pipeline per mode, run over the shapes in the order listed: \"1st call\" is the compile or capture at "
         "the first shape and the cost of a shape change at the others.",
-        table([("shape", "l"), ("mode", "l"), ("s per call", "r"), ("vs eager", "r"), ("vs compile_ro", "r"),
-               ("1st call, s", "r"), ("peak, GiB", "r"), ("PSNR vs eager, dB", "r")], rows),
+        table([*([("pipeline", "l")] if several else []), ("shape", "l"), ("mode", "l"), ("s per call", "r"),
+               ("vs eager", "r"), ("vs compile_ro", "r"), ("1st call, s", "r"), ("peak, GiB", "r"),
+               ("PSNR vs eager, dB", "r")], rows),
     ]
     if isinstance(d["rows"], dict):
         vae = d["rows"].get("shapetune", {}).get("graphs", {}).get("vae", {})

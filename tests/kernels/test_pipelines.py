@@ -21,27 +21,11 @@ pytest.importorskip("diffusers")
 
 
 def _run(kind: str, pipe) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    kw = dict(num_inference_steps=3, height=64, width=64, generator=g, output_type="np")
-    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    if kind == "img2img":
-        kw.update(image=img, strength=0.75)
-    elif kind == "inpaint":
-        kw.update(image=img, mask_image=(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(4)) > 0.5)
-                  .float())
-    if kind == "alt":
-        ids = torch.randint(2, 1000, (2, 12), generator=torch.Generator().manual_seed(5))
-        e = P.text_embeddings(pipe, ids)
-        return torch.from_numpy(pipe(prompt_embeds=e[:1], negative_prompt_embeds=e[1:], **kw).images)
-    return torch.from_numpy(pipe("a photo of a cat", negative_prompt="blurry", **kw).images)
+    return P.run_pipeline(pipe, kind, steps=3, height=64, width=64, strength=0.75)
 
 
 def _build(kind: str):
-    if kind == "sdxl":
-        return P.build_sdxl_pipeline(tiny=True)
-    if kind == "alt":
-        return P.build_alt_diffusion_pipeline(tiny=True)
-    return P.build_sd_pipeline(tiny=True, kind=kind)
+    return P.build_pipeline(kind, tiny=True)
 
 
 @pytest.fixture
@@ -51,7 +35,7 @@ def registry(tmp_path):
     kernels.set_registry(prev)
 
 
-@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint", "alt", "sdxl"])
+@pytest.mark.parametrize("kind", P.PIPELINES)
 def test_pipeline_optimized_matches_eager_and_restores(kind, registry):
     pipe = _build(kind)
     ref = _run(kind, pipe)

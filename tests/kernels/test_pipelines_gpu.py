@@ -10,8 +10,6 @@ the tuned kernels; scripts/bench_pipeline.py measures those against eager (PSNR 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -32,39 +30,13 @@ def registry(empty_cuda_registry):
     return empty_cuda_registry
 
 
-def _psnr(a, b) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else -10 * math.log10(mse)
-
-
 def _run(kind: str, pipe, res: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    kw = dict(num_inference_steps=STEPS, height=res, width=res, generator=g, output_type="pt")
-    img = torch.rand(1, 3, res, res, generator=torch.Generator().manual_seed(3)).to("cuda", torch.float16)
-    if kind == "img2img":
-        kw.update(image=img, strength=1.0)  # strength 1: every step runs
-    elif kind == "inpaint":
-        kw.update(image=img, mask_image=(torch.rand(1, 1, res, res, generator=torch.Generator().manual_seed(4)) > 0.5)
-                  .to("cuda", torch.float16))
-    with torch.no_grad():
-        if kind == "alt":
-            ids = torch.randint(2, 1000, (2, 77), generator=torch.Generator().manual_seed(5))
-            e = P.text_embeddings(pipe, ids)
-            out = pipe(prompt_embeds=e[:1], negative_prompt_embeds=e[1:], **kw).images
-        else:
-            out = pipe("a photo of a cat", negative_prompt="blurry", **kw).images
-    return out.float().cpu()
+    return P.run_pipeline(pipe, kind, steps=STEPS, height=res, width=res)  # img2img at strength 1: every step runs
 
 
-@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint", "alt", "sdxl"])
+@pytest.mark.parametrize("kind", P.PIPELINES)
 def test_full_size_pipeline_optimized_matches_eager(kind):
-    dt = torch.float16
-    if kind == "sdxl":
-        pipe, res = P.build_sdxl_pipeline(tiny=False, dtype=dt, device="cuda"), 512
-    elif kind == "alt":
-        pipe, res = P.build_alt_diffusion_pipeline(tiny=False, dtype=dt, device="cuda"), 512
-    else:
-        pipe, res = P.build_sd_pipeline(tiny=False, dtype=dt, device="cuda", kind=kind), 512
+    pipe, res = P.build_pipeline(kind, tiny=False, dtype=torch.float16, device="cuda"), 512
     ref = _run(kind, pipe, res)
     assert torch.isfinite(ref).all() and ref.std() > 0, "the eager image itself is degenerate"
     rep = kernels.optimize(pipe)
@@ -72,10 +44,10 @@ def test_full_size_pipeline_optimized_matches_eager(kind):
     st = rep.graph_stats()
     assert st["unet"]["captured"] == 1 and st["unet"]["replayed"] >= STEPS - 1, st
     assert st["vae"]["captured"] == 1, st
-    p = _psnr(out, ref)
+    p = P.psnr(out, ref)
     print(f"{kind}: PSNR {p:.1f} dB vs eager; graphs {st}")
     assert p >= 35, p
     kernels.restore(pipe)
-    assert _psnr(_run(kind, pipe, res), ref) >= 60
+    assert P.psnr(_run(kind, pipe, res), ref) >= 60
     del pipe
     torch.cuda.empty_cache()

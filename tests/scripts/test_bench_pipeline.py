@@ -64,3 +64,37 @@ def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
                                                                                      ("1x64", "shapetune")]
     st = d["rows"][1]
     assert st["psnr_vs_eager_db"] > 60 and st["speedup_vs_eager"] == pytest.approx(d["rows"][0]["s"] / st["s"])
+
+
+def test_every_pipeline_of_issue_10_runs_and_matches_eager(tmp_path):
+    """--pipelines: img2img, inpaint, AltDiffusion and SDXL (tiny, CPU), each eager and optimized: rows per
+    pipeline and mode, ratios against that pipeline's eager, PSNR against its images; the table gets a
+    pipeline column. An unknown pipeline is a one-line error."""
+    out = tmp_path / "pipes.json"
+    kinds = ["img2img", "inpaint", "alt", "sdxl"]
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--tiny", "--device", "cpu",
+                        "--steps", "1", "--iters", "1", "--shapes", "1x512", "--modes", "eager,shapetune",
+                        "--pipelines", ",".join(kinds), "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pipeline"], r["mode"]) for r in rows] == [(k, m) for k in kinds for m in ("eager", "shapetune")]
+    for k in kinds:
+        e, s = (next(r for r in rows if r["pipeline"] == k and r["mode"] == m) for m in ("eager", "shapetune"))
+        assert s["speedup_vs_eager"] == pytest.approx(e["s"] / s["s"])
+        assert 60 < s["psnr_vs_eager_db"] < float("inf")  # the same image, and not a copy of another pipeline's
+        assert s["graphs"]["unet"]["cpu"] >= 2
+
+    mb = script("make_benchmarks")
+    logs = mb.Logs(tmp_path)
+    (logs.dir / "bench").mkdir(parents=True)
+    (logs.dir / mb.PIPELINE).write_text(out.read_text())
+    (logs.dir / "bench" / "provenance.json").write_text(json.dumps(
+        {"files": {mb.PIPELINE: {"command": "python scripts/bench_pipeline.py --tiny", "machine": "cpu"}}}))
+    md = mb.pipeline_table(logs)
+    assert "| StableDiffusionXLPipeline | 1x64 | kernels.optimize(pipe) |" in md
+    assert "| AltDiffusionPipeline | 1x64 | eager |" in md
+
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--tiny", "--device", "cpu",
+                          "--pipelines", "text2img,upscale"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0 and "--pipelines" in bad.stderr.strip().splitlines()[-1]
