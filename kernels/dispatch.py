@@ -76,6 +76,19 @@ def plan(key: tuple, make: Callable[..., tuple], *args) -> tuple:
     return p
 
 
+def served(key: tuple, make: Callable[..., tuple], *args) -> bool:
+    """Whether the plan of an op call (`plan`'s key and make) runs a tuned kernel, asked by a caller that
+    fuses its neighbours into the op only then (kernels.patch: a block's host path asks this per fusion). Not counted where it does (the op's own call counts it); counted under the
+    plan's (op, cause) where not: the caller runs the unfused path instead."""
+    reg = _registry._registry or get_registry()
+    p = reg.plans.get(key)
+    if p is None:
+        p = reg.plans[key] = make(*args)
+    if p[1] is None:
+        reg.calls[p[0]] += 1
+    return p[1] is not None
+
+
 def count(op: str, what: str) -> None:
     """Count an event next to the call's outcome (a relayout copy), under (op, what)."""
     get_registry().calls[(op, what)] += 1

@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, layer_norm_workload
-from .dispatch import SUPPORTED, count, meta, plan, resolve
-from . import registry as _registry
-from .registry import get_registry
+from .dispatch import SUPPORTED, count, meta, plan, resolve, served
 from scheduler.loader import call_on_current_stream
 
 from .custom_op import call_op, register_recompute_autograd, shapetune_op
@@ -32,20 +30,28 @@ def _affine(weight, bias) -> tuple:
 
 
 # -- group_norm -------------------------------------------------------------------------------------
-def _check_gn(x: torch.Tensor, num_groups: int, weight, bias):
-    if x.dim() not in (3, 4):
-        raise ValueError(f"shapetune.group_norm: x must be [N, C, H, W] or [N, HW, C], got {tuple(x.shape)}")
-    c = x.shape[1] if x.dim() == 4 else x.shape[2]
+def _check_gn(shape, dtype, device, num_groups: int, weight, bias, shift_bias=None, shift=None):
+    """group_norm's argument checks, of x's shape, dtype and device (a plan is made before the conv that
+    writes x runs: kernels.patch's ResnetBlock2D)."""
+    if len(shape) not in (3, 4):
+        raise ValueError(f"shapetune.group_norm: x must be [N, C, H, W] or [N, HW, C], got {tuple(shape)}")
+    c = shape[1] if len(shape) == 4 else shape[2]
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"shapetune.group_norm: {c} channels not divisible by num_groups={num_groups}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.shape != (c,) or t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"shapetune.group_norm: {name} must be [{c}] {x.dtype} on {x.device}, "
+    if (shift_bias is None) != (shift is None):
+        raise ValueError("shapetune.group_norm: shift_bias and shift come together (x + shift_bias[c] + shift[n, c])")
+    for name, t, want in (("weight", weight, (c,)), ("bias", bias, (c,)), ("shift_bias", shift_bias, (c,)),
+                          ("shift", shift, (shape[0], c))):
+        if t is not None and (t.shape != want or t.dtype != dtype or t.device != device):
+            raise ValueError(f"shapetune.group_norm: {name} must be {list(want)} {dtype} on {device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def _gn_torch(x, num_groups, weight, bias, eps, silu):
-    """torch's own path, in the layout the op returns."""
+def _gn_torch(x, num_groups, weight, bias, eps, silu, shift_bias=None, shift=None):
+    """torch's own path, in the layout the op returns (with a shift: its two adds first, as eager)."""
+    if shift is not None:
+        x = (x + shift_bias + shift[:, None, :] if x.dim() == 3 else
+             x + shift_bias[:, None, None] + shift[:, :, None, None])
     if x.dim() == 3:
         y = F.group_norm(x.permute(0, 2, 1), num_groups, weight, bias, eps).permute(0, 2, 1)
         y = y.contiguous()
@@ -60,25 +66,41 @@ def _gn_out_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-def _gn_plan(x, num_groups, weight, bias, eps, silu) -> tuple:
-    _check_gn(x, num_groups, weight, bias)
-    if x.dim() == 4:
-        n, c, h, w = x.shape
+def _gn_plan(shape, dtype, device, num_groups, weight, bias, eps, silu, shift_bias, shift) -> tuple:
+    """The plan of a group_norm call on an x of this shape, dtype and device; a shifted call is counted
+    under "group_norm+shift" (its fallbacks apart from the plain norms')."""
+    _check_gn(shape, dtype, device, num_groups, weight, bias, shift_bias, shift)
+    if len(shape) == 4:
+        n, c, h, w = shape
         hw = h * w
     else:
-        n, hw, c = x.shape
-    sig = ("group_norm", n, hw, c, num_groups, x.dtype, eps, silu, x.device.type)
-    return resolve("group_norm", sig, lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[x.dtype], eps, silu),
-                   x.dtype, x.is_cuda, empty=x.numel() == 0, no_affine=weight is None or bias is None) + ((n, hw, c),)
+        n, hw, c = shape
+    sh = shift is not None
+    sig = ("group_norm", n, hw, c, num_groups, dtype, eps, silu, device.type) + (("shift",) if sh else ())
+    what = resolve("group_norm+shift" if sh else "group_norm", sig,
+                   lambda: group_norm_workload(n, hw, c, num_groups, SUPPORTED[dtype], eps, silu, shift=sh), dtype,
+                   device.type == "cuda", empty=n * hw * c == 0, no_affine=weight is None or bias is None)
+    return what + ((n, hw, c),)
+
+
+def _gn_key(shape, dtype, device, num_groups, weight, bias, eps, silu, shift_bias, shift) -> tuple:
+    """group_norm's plan key (kernels.dispatch.plan) for an x of this shape, dtype and device (each
+    optional tensor's kernels.dispatch.meta, written out: every GroupNorm call builds it)."""
+    return ("group_norm", shape, dtype, device, num_groups,
+            None if weight is None else (weight.shape, weight.dtype, weight.device),
+            None if bias is None else (bias.shape, bias.dtype, bias.device), eps, silu,
+            None if shift_bias is None else (shift_bias.shape, shift_bias.dtype, shift_bias.device),
+            None if shift is None else (shift.shape, shift.dtype, shift.device))
 
 
 @shapetune_op("group_norm")
 def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                eps: float, silu: bool) -> torch.Tensor:
-    _, res, (n, hw, c) = plan(("group_norm", x.shape, x.dtype, x.device, num_groups, _affine(weight, bias), eps, silu),
-                              _gn_plan, x, num_groups, weight, bias, eps, silu)
+                eps: float, silu: bool, shift_bias: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    meta_ = (x.shape, x.dtype, x.device, num_groups, weight, bias, eps, silu, shift_bias, shift)
+    _, res, (n, hw, c) = plan(_gn_key(*meta_), _gn_plan, *meta_)
     if res is None:
-        return _gn_torch(x, num_groups, weight, bias, eps, silu)
+        return _gn_torch(x, num_groups, weight, bias, eps, silu, shift_bias, shift)
     is_gpu = x.is_cuda
     if x.dim() == 4:
         if not x.is_contiguous(memory_format=torch.channels_last):
@@ -91,13 +113,14 @@ def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
         x3 = x.contiguous()
     out = _gn_out_like(x)
     out3 = out.permute(0, 2, 3, 1).reshape(n, hw, c) if x.dim() == 4 else out
-    call_on_current_stream(res.fn, [x3, weight.contiguous(), bias.contiguous(), out3], is_gpu)
+    shifts = [] if shift is None else [shift_bias.contiguous(), shift.contiguous()]
+    call_on_current_stream(res.fn, [x3, *shifts, weight.contiguous(), bias.contiguous(), out3], is_gpu)
     return out
 
 
 @_group_norm.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
-    _check_gn(x, num_groups, weight, bias)
+def _(x, num_groups, weight, bias, eps, silu, shift_bias=None, shift=None):
+    _check_gn(x.shape, x.dtype, x.device, num_groups, weight, bias, shift_bias, shift)
     return _gn_out_like(x)
 
 
@@ -110,8 +133,11 @@ GN_LAYOUTS_3D = ("NLC", "NCL")
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, silu: bool = False,
-               layout: Optional[str] = None) -> torch.Tensor:
-    """GroupNorm (optionally followed by SiLU, fused) with the tuned kernel for this shape and GPU.
+               layout: Optional[str] = None, shift_bias: Optional[torch.Tensor] = None,
+               shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GroupNorm (optionally followed by SiLU, fused) with the tuned kernel for this shape and GPU; with
+    `shift_bias` and `shift`, of x + shift_bias[c] + shift[n, c], added as the kernel reads x (a
+    ResnetBlock2D's bias-free conv1 output, conv1's bias and the time embedding: norm2(conv1(h) + temb)).
 
     Parameters
     ----------
@@ -124,6 +150,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     layout : required for a 3-D x, which reads two ways: "NLC" ([N, HW, C], channels-last, best
         contiguous) or "NCL" (torch's [N, C, L], as F.group_norm reads it; copied to [N, L, C] unless
         it is a transposed view of one). None for a 4-D x (NCHW, as torch).
+    shift_bias, shift : Tensor [C] and [N, C], x's dtype and device, both or neither (a kernel tuned with
+        the shift serves the call, counted under "group_norm+shift"; else torch's adds, then its norm)
 
     Returns
     -------
@@ -135,11 +163,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
             raise ValueError(f"shapetune.group_norm: a 3-D x {tuple(x.shape)} is [N, C, L] to torch and [N, HW, C] "
                              f"to this kernel: say which, layout='NCL' or layout='NLC' (got {layout!r})")
         if layout == "NCL":
-            return call_op("group_norm", x.transpose(1, 2), num_groups, weight, bias, float(eps),
-                           bool(silu)).transpose(1, 2)
+            return call_op("group_norm", x.transpose(1, 2), num_groups, weight, bias, float(eps), bool(silu),
+                           shift_bias, shift).transpose(1, 2)
     elif layout is not None:
         raise ValueError(f"shapetune.group_norm: layout is for a 3-D x; a {x.dim()}-D x is NCHW (got {layout!r})")
-    return call_op("group_norm", x, num_groups, weight, bias, float(eps), bool(silu))
+    return call_op("group_norm", x, num_groups, weight, bias, float(eps), bool(silu), shift_bias, shift)
 
 
 # -- layer_norm -------------------------------------------------------------------------------------
@@ -253,14 +281,7 @@ def add_layer_norm_tuned(a: torch.Tensor, r: torch.Tensor, weight: Optional[torc
     op's own plan (one dict lookup once warm)."""
     if torch.compiler.is_compiling():
         return False
-    reg = _registry._registry or get_registry()
-    key = _aln_key(a, r, weight, bias, eps)
-    p = reg.plans.get(key)
-    if p is None:
-        p = reg.plans[key] = _aln_plan(a, r, weight, bias, eps)
-    if p[1] is None:
-        reg.calls[p[0]] += 1
-    return p[1] is not None
+    return served(_aln_key(a, r, weight, bias, eps), _aln_plan, a, r, weight, bias, eps)
 
 
 def add_layer_norm(a: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor] = None,

@@ -15,9 +15,13 @@ class DlightDefault(Template):
 
     def applies(self, workload, target):
         # dlight's GPU reduction rules cannot schedule a group_norm whose batch is symbolic ("the
-        # reduction block vars are not used to index the output buffers", TVM 0.27): no candidate
+        # reduction block vars are not used to index the output buffers", TVM 0.27), and its CPU rules
+        # leave the "shift" prologue's x + b0 + t a buffer of symbolic size, which fails to build where hw
+        # is symbolic ("cannot make uint from negative value"): no candidate
+        gn = workload.op == "group_norm"
         return target.kind in self.kinds and not (
-            target.kind == "cuda" and workload.op == "group_norm" and "n" in workload.ranges)
+            gn and target.kind == "cuda" and "n" in workload.ranges) and not (
+            gn and target.kind == "llvm" and "shift" in workload.epilogue and "hw" in workload.ranges)
 
     def apply(self, workload, target, candidate):
         import tvm

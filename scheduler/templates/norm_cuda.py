@@ -61,11 +61,12 @@ def norm_features(workload, target, kn, threads: int, vec: int, cache_x: bool) -
 
 
 def inline_elementwise(sch):
-    """mean, rstd, affine, silu: folded into y (they are per-element or per-group scalars)."""
-    for name in ("mean", "rstd", "affine", "silu"):
+    """xs (group_norm's "shift" prologue, x + b0 + t: into the statistics and y), mean, rstd, affine,
+    silu: folded into their readers (they are per-element or per-group scalars)."""
+    for name in ("xs", "mean", "rstd", "affine", "silu"):
         try:
             sch.compute_inline(sch.get_sblock(name))
-        except Exception:  # silu absent
+        except Exception:  # xs or silu absent
             pass
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from cost_model import dtype_bytes
-from shapetune.ops.norm import _normalize, eps_of
+from shapetune.ops.norm import _normalize, eps_of, group_norm_input
 
 from .base import Template, register
 from .norm_cuda import inline_elementwise
@@ -34,7 +34,8 @@ from .norm_cuda import inline_elementwise
 def group_norm_from_stats(wl, stats):
     """group_norm(x, w, b) -> y whose sums come from `stats(x, te, tirx)`: a tensor st[n, g, t]
     with t = 0: sum x, 1: sum x^2 over the group (the templates differ only in how they build it).
-    A bucket's dynamic n / hw are symbolic (x.shape tells `stats`), as in shapetune/ops/norm.py."""
+    A bucket's dynamic n / hw are symbolic (x.shape tells `stats`), and with "shift" x is the stage
+    x + b0 + t, as in shapetune/ops/norm.py (group_norm_input)."""
     from tvm import te, tirx
 
     d = wl.dim
@@ -44,7 +45,7 @@ def group_norm_from_stats(wl, stats):
         hw = te.var("hw")
     if "n" in wl.ranges:
         n = te.var("n")
-    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    args, x = group_norm_input(wl, n, hw, te)
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
     st = stats(x, te, tirx)
@@ -53,7 +54,7 @@ def group_norm_from_stats(wl, stats):
     s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
     y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
                    lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, wl.acc_dtype, "silu" in wl.epilogue)
-    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func(args + [w, b, y]).with_attr("global_symbol", "main")
 
 
 def stacked_term(x, idx, acc: str, t, tirx):

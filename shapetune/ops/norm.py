@@ -4,6 +4,10 @@ group_norm  x[n, hw, c] (NHWC flattened: the memory of a channels_last NCHW tens
             C/G consecutive channels; per (n, g) over hw x C/G elements:
               mean = S1 / cnt, var = max(S2 / cnt - mean^2, 0), cnt = HW * C/G,
               y = (x - mean) * rsqrt(var + eps) * w[c] + b[c], then y * sigmoid(y) with "silu".
+            With the "shift" step (epilogue ("shift", "affine"[, "silu"]): a prologue, first in order)
+            it normalizes xs = x + b0[c] + t[n, c] instead, summed in fp32 and never written:
+            ResnetBlock2D's conv1 bias and time embedding, added to cuDNN's bias-free conv1 output
+            in the GroupNorm norm2 that reads it (one pass of the activation less).
 layer_norm  x[m, c]; the same with one group per row (cnt = C), always affine.
 add_layer_norm  a[m, c] + r[m, c] -> s (rounded to the dtype), then layer_norm(s): out[2, m, c] = [s, y]
             (a transformer block's residual add and the LayerNorm after it in one pass).
@@ -16,7 +20,8 @@ magnitudes near fp16's range) would need a two-pass or Welford reduction; var is
 rounding can never produce NaN. eps is a compile-time constant and part of the workload key
 (in `layout`, e.g. "x[n,hw,c] nhwc eps=1e-05").
 
-Calling convention (destination-passing): group_norm (x[n,hw,c], w[c], b[c], y[n,hw,c]);
+Calling convention (destination-passing): group_norm (x[n,hw,c], w[c], b[c], y[n,hw,c]), with "shift"
+(x[n,hw,c], b0[c], t[n,c], w[c], b[c], y[n,hw,c]);
 layer_norm (x[m,c], w[c], b[c], y[m,c]); add_layer_norm (a[m,c], r[m,c], w[c], b[c], out[2,m,c]).
 """
 
@@ -45,9 +50,10 @@ def eps_of(w: Workload) -> float:
 
 def group_norm_workload(n: int, hw: int, c: int, g: int = 32, dtype: str = "float16", eps: float = 1e-5,
                         silu: bool = False, hw_range: tuple[int, int] | None = None,
-                        n_range: tuple[int, int] | None = None) -> Workload:
-    """GroupNorm(g, c, eps) (+ SiLU) of x[n, hw, c] (channels-last); n_range / hw_range make n / hw
-    dynamic."""
+                        n_range: tuple[int, int] | None = None, shift: bool = False) -> Workload:
+    """GroupNorm(g, c, eps) (+ SiLU) of x[n, hw, c] (channels-last), with `shift` of x + b0[c] + t[n, c];
+    n_range / hw_range make n / hw dynamic. Without `shift` the workload (and its key) is the one it
+    always was."""
     if c % g:
         raise ValueError(f"group_norm: channels {c} not divisible by groups {g}")
     return Workload(
@@ -56,7 +62,7 @@ def group_norm_workload(n: int, hw: int, c: int, g: int = 32, dtype: str = "floa
         dtype=dtype,
         acc_dtype=_acc(dtype),
         layout=f"x[n,hw,c] nhwc eps={eps!r}",
-        epilogue=("affine", "silu") if silu else ("affine",),
+        epilogue=(("shift",) if shift else ()) + (("affine", "silu") if silu else ("affine",)),
         dynamic=((("n", *n_range),) if n_range else ()) + ((("hw", *hw_range),) if hw_range else ()),
     )
 
@@ -110,6 +116,22 @@ def _normalize(te, tirx, x, w, b, s1, s2, cnt, eps, shape, idx_stat, idx_c, dtyp
     return te.compute(shape, lambda *i: out(*i).astype(dtype), name="y")
 
 
+def group_norm_input(wl: Workload, n, hw, te) -> tuple[list, object]:
+    """What a group_norm definition normalizes, of [n, hw, c] (n, hw symbolic in a bucket): x itself, or
+    with the "shift" step the stage xs = x + b0[c] + t[n, c] in the accumulation type (the templates
+    inline it into the statistics and the normalize pass). Returns (its placeholders in calling order,
+    the tensor to normalize)."""
+    c, acc = wl.dim["c"], wl.acc_dtype
+    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    if "shift" not in wl.epilogue:
+        return [x], x
+    b0 = te.placeholder((c,), wl.dtype, name="b0")
+    t = te.placeholder((n, c), wl.dtype, name="t")
+    xs = te.compute((n, hw, c), lambda i, h, k: x[i, h, k].astype(acc) + b0[k].astype(acc) + t[i, k].astype(acc),
+                    name="xs")
+    return [x, b0, t], xs
+
+
 def group_norm_prim_func(wl: Workload):
     from tvm import te, tirx
 
@@ -121,7 +143,7 @@ def group_norm_prim_func(wl: Workload):
     if "n" in wl.ranges:
         n = te.var("n")
     acc = wl.acc_dtype
-    x = te.placeholder((n, hw, c), wl.dtype, name="x")
+    args, x = group_norm_input(wl, n, hw, te)
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
 
@@ -135,7 +157,7 @@ def group_norm_prim_func(wl: Workload):
     cnt = (hw * cg).astype(acc) if not isinstance(hw, int) else tirx.const(float(hw * cg), acc)
     y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
                    lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
-    return te.create_prim_func([x, w, b, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func(args + [w, b, y]).with_attr("global_symbol", "main")
 
 
 def _rows(wl: Workload, te) -> tuple:
@@ -193,10 +215,18 @@ def _affine_params(c: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 
 def group_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
-    """x ~ N(0.5, 1) (a mean offset, as activations have) and w ~ 1 + N(0, 1/16), b ~ N(0, 1/16)."""
+    """x ~ N(0.5, 1) (a mean offset, as activations have) and w ~ 1 + N(0, 1/16), b ~ N(0, 1/16); with
+    "shift" also b0 ~ N(0, 1/16) (a conv's bias) and t ~ N(0, 1) (a time embedding: each image's groups
+    shifted apart), in calling order x, b0, t, w, b."""
     d = wl.dim
-    x = torch.randn(d["n"], d["hw"], d["c"], generator=generator, device=generator.device) + 0.5
-    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [x, *_affine_params(d["c"], generator)]]
+    gd = generator.device
+    x = torch.randn(d["n"], d["hw"], d["c"], generator=generator, device=gd) + 0.5
+    ts = [x, *_affine_params(d["c"], generator)]
+    if "shift" in wl.epilogue:
+        shift = [0.25 * torch.randn(d["c"], generator=generator, device=gd),
+                 torch.randn(d["n"], d["c"], generator=generator, device=gd)]
+        ts = [x, *shift, *ts[1:]]
+    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in ts]
 
 
 def group_norm_output(wl: Workload, device) -> torch.Tensor:
@@ -205,41 +235,47 @@ def group_norm_output(wl: Workload, device) -> torch.Tensor:
 
 
 def group_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """float64 where the inputs are: F.group_norm on the NCHW view (H*W flattened into one axis), then SiLU."""
-    x, w, b = f64(inputs)
+    """float64 where the inputs are: F.group_norm on the NCHW view (H*W flattened into one axis) of x, or
+    of x + b0 + t with "shift" (exact in float64: the fp16 roundings eager adds between its adds are
+    within the tolerance), then SiLU."""
+    x, *ops = f64(inputs)
+    if "shift" in wl.epilogue:
+        b0, t, *ops = ops
+        x = x + b0 + t[:, None, :]
+    w, b = ops
     y = torch.nn.functional.group_norm(x.permute(0, 2, 1), wl.dim["g"], w, b, eps_of(wl)).permute(0, 2, 1)
     return torch.nn.functional.silu(y) if "silu" in wl.epilogue else y
 
 
-def group_norm_vendor(wl: Workload):
-    """The default baseline: F.group_norm (+ F.silu, a separate kernel as in diffusers'
-    ResnetBlock2D) on a channels_last NCHW tensor ([n, c, hw, 1] here), as a channels-last model pays
-    it (torch's CUDA group_norm makes the input contiguous first: a transpose in every call)."""
-    g, eps, silu = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue
+def _group_norm_torch(wl: Workload):
+    """run(x[n, c, hw, 1], *operands after x) -> [n, c, hw, 1]: torch's kernels as diffusers runs them,
+    in x's memory format: with "shift" the two adds first (the conv's own bias add after cuDNN, then
+    `+ temb`), then F.group_norm (+ F.silu, a separate kernel as in ResnetBlock2D)."""
+    g, eps, silu, shift = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue, "shift" in wl.epilogue
 
-    def run(x, w, b):
-        y = torch.nn.functional.group_norm(x.permute(0, 2, 1).unsqueeze(-1), g, w, b, eps)
-        if silu:
-            y = torch.nn.functional.silu(y)
-        return y.squeeze(-1).permute(0, 2, 1)
+    def run(x, *ops):
+        if shift:
+            b0, t, *ops = ops
+            x = x + b0.view(1, -1, 1, 1) + t[:, :, None, None]
+        y = torch.nn.functional.group_norm(x, g, *ops, eps)
+        return torch.nn.functional.silu(y) if silu else y
 
     return run
 
 
+def group_norm_vendor(wl: Workload):
+    """The default baseline: _group_norm_torch on a channels_last NCHW tensor ([n, c, hw, 1] here), as a
+    channels-last model pays it (torch's CUDA group_norm makes the input contiguous first: a transpose
+    in every call)."""
+    run = _group_norm_torch(wl)
+    return lambda x, *ops: run(x.permute(0, 2, 1).unsqueeze(-1), *ops).squeeze(-1).permute(0, 2, 1)
+
+
 def group_norm_vendor_nchw(wl: Workload) -> VendorPath:
-    """Variant "nchw": F.group_norm (+ F.silu) on an NCHW-contiguous x[n, c, hw, 1], as eager
-    diffusers runs it (no transpose inside the call); x is converted before and y back after."""
-    g, eps, silu = wl.dim["g"], eps_of(wl), "silu" in wl.epilogue
-
-    def prepare(inputs):
-        x, w, b = inputs
-        return [x.permute(0, 2, 1).contiguous().unsqueeze(-1), w, b]
-
-    def run(x, w, b):
-        y = torch.nn.functional.group_norm(x, g, w, b, eps)
-        return torch.nn.functional.silu(y) if silu else y
-
-    return VendorPath(prepare, run, lambda y: y.squeeze(-1).permute(0, 2, 1))
+    """Variant "nchw": _group_norm_torch on an NCHW-contiguous x[n, c, hw, 1], as eager diffusers runs it
+    (no transpose inside the call); x is converted before and y back after."""
+    return VendorPath(lambda inputs: [inputs[0].permute(0, 2, 1).contiguous().unsqueeze(-1), *inputs[1:]],
+                      _group_norm_torch(wl), lambda y: y.squeeze(-1).permute(0, 2, 1))
 
 
 def layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:

@@ -201,9 +201,9 @@ def test_plans_hold_no_tensor(registry):
 #: linear call (kernels/qkv.py): 3 op calls (5 with the projections apart), a block's 13 (16 apart); a
 #: resnet asks kernels/temb.py for its packed time-embedding projection first (one call more); a block
 #: asks for an add_layer_norm kernel per residual add that a LayerNorm reads (2 op calls: the fallback
-#: counted; 6 Python calls more)
+#: counted; 6 Python calls more; 2 more since the ask is kernels.dispatch.served, which other fusions share)
 CALLS = {"Linear": (1, 5), "Conv2d": (2, 7), "GroupNorm": (1, 7), "LayerNorm": (1, 6), "GEGLU": (2, 10),
-         "Attention": (3, 29), "ResnetBlock2D": (7, 39), "BasicTransformerBlock": (15, 111)}
+         "Attention": (3, 29), "ResnetBlock2D": (7, 39), "BasicTransformerBlock": (15, 113)}
 
 
 @pytest.mark.parametrize("kind", sorted(CALLS))
