@@ -39,6 +39,16 @@ call whose capture failed (`capture_failed`, e.g. a host sync inside the forward
 never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
 seen: the graph replays the branch taken at capture, as with any CUDA graph.
 
+Threads and streams: every graph of a device shares one memory pool, and each graph its static buffers,
+so two replays must never overlap. One process-wide lock is held from a call's signature lookup
+through its capture or replay to the clones of its outputs (another thread's call waits; without it,
+a second thread's inputs could be copied into the static buffers between the first thread's copy and
+its replay, and the first caller got the second's result). Each device's last replay records an event
+that the next replay's stream waits on before copying its inputs, so a call on another stream (a
+thread's own, or a user's side stream) cannot start while the previous replay still runs on the GPU.
+Calls that run eagerly run outside the lock; the patched modules' per-forward state (kernels/packing.py's
+groups, the GroupNorm + SiLU pass-through) is per thread.
+
 SHAPETUNE_GRAPHS=0 turns capture off (every call runs eagerly, counted `disabled`).
 """
 
@@ -121,6 +131,34 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[idx]
 
 
+#: held from a GraphedCall's signature lookup to its outputs' clones (every GraphedCall: the graphs of a
+#: device share one pool); reentrant: a capture's warm-ups run the inner modules' own GraphedCalls
+_lock = threading.RLock()
+_done: dict[int, torch.cuda.Event] = {}  # device index -> recorded on the stream of its last replay, after it
+
+
+def _replay(g: "_Graph", fill: Callable[[], None]) -> None:
+    """fill() (copy the call's inputs into g's static buffers), then replay g, on the current stream, after
+    the device's previous replay, wherever that ran (call with _lock held; the caller clones the outputs,
+    then calls _replayed)."""
+    dev = g.inputs[0].device
+    stream = torch.cuda.current_stream(dev)
+    ev = _done.get(dev.index)
+    if ev is not None:
+        stream.wait_event(ev)
+    fill()
+    g.graph.replay()
+
+
+def _replayed(g: "_Graph") -> None:
+    """Mark the end of g's replay and its outputs' clones on the current stream (see _replay)."""
+    dev = g.inputs[0].device
+    ev = _done.get(dev.index)
+    if ev is None:
+        ev = _done[dev.index] = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(dev))
+
+
 def _track(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     _live.setdefault(idx, weakref.WeakSet()).add(graph)
@@ -151,6 +189,13 @@ class _Graph:
     inputs: list  # static input tensors, in the order of the call's tensor leaves
     out_leaves: list  # the graph's outputs (tensors in the pool) and plain values
     out_spec: Any
+
+
+@dataclass(frozen=True)
+class _Eager:
+    """GraphedCall._graphed's answer for a call that runs eagerly: the cause it is counted under."""
+
+    cause: str
 
 
 class GraphedCall:
@@ -252,27 +297,33 @@ class GraphedCall:
     def __call__(self, *args, **kwargs):
         for k in self.unused_kwargs:
             kwargs.pop(k, None)
-        self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
-        if not graphs_enabled():
-            return self._eager("disabled", args, kwargs)
         if torch.compiler.is_compiling():
             return self._eager("compiling", args, kwargs)
+        with _lock:
+            out = self._graphed(args, kwargs)
+        return self._eager(out.cause, args, kwargs) if isinstance(out, _Eager) else out
+
+    def _graphed(self, args, kwargs):
+        """The call's outputs from its graph (captured first where new), or _Eager(cause); under _lock."""
+        self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
+        if not graphs_enabled():
+            return _Eager("disabled")
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return self._eager("capturing", args, kwargs)
+            return _Eager("capturing")
         if torch.is_grad_enabled():
-            return self._eager("grad_enabled", args, kwargs)
+            return _Eager("grad_enabled")
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         if not tensors:
-            return self._eager("no_tensor", args, kwargs)
+            return _Eager("no_tensor")
         if any(not t.is_cuda for t in tensors):
-            return self._eager("cpu", args, kwargs)
+            return _Eager("cpu")
         try:
             key = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
                                for x in leaves), self._adapter_state())
             hash(key)
         except TypeError:
-            return self._eager("unhashable_arg", args, kwargs)
+            return _Eager("unhashable_arg")
         state = self._state()
         if state != self._baked:
             if self.graphs:
@@ -290,13 +341,16 @@ class GraphedCall:
                 self.stats["evicted"] += 1
         g = self.graphs[key]
         if isinstance(g, str):
-            return self._eager(g, args, kwargs)
+            return _Eager(g)
         self.graphs.move_to_end(key)
-        for dst, src in zip(g.inputs, tensors):
-            dst.copy_(src)
-        g.graph.replay()
+
+        def fill():
+            for dst, src in zip(g.inputs, tensors):
+                dst.copy_(src)
+        _replay(g, fill)
         self.stats["replayed"] += 1
         out = [x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
+        _replayed(g)
         return pytree.tree_unflatten(out, g.out_spec)
 
     def _warmups_for(self, key: tuple) -> int:
@@ -338,18 +392,21 @@ class GraphedCall:
         g = self.graphs[key]
         self.graphs.move_to_end(key)
         b = tensors[0].shape[0]
-        gb = None
-        for dst, src in zip(g.inputs, tensors):
-            if src.dim() and src.shape[0] == b and dst.shape[0] != b:
-                gb = dst.shape[0]
-                dst[:b].copy_(src)
-                dst[b:].copy_(src[-1:].expand(dst.shape[0] - b, *src.shape[1:]))
-            else:
-                dst.copy_(src)
-        g.graph.replay()
+        gb = next(dst.shape[0] for dst, src in zip(g.inputs, tensors)
+                  if src.dim() and src.shape[0] == b and dst.shape[0] != b)  # (_padded chose a graph some input pads to)
+
+        def fill():
+            for dst, src in zip(g.inputs, tensors):
+                if src.dim() and src.shape[0] == b and dst.shape[0] != b:
+                    dst[:b].copy_(src)
+                    dst[b:].copy_(src[-1:].expand(dst.shape[0] - b, *src.shape[1:]))
+                else:
+                    dst.copy_(src)
+        _replay(g, fill)
         self.stats["padded"] += 1
         out = [x[:b].clone() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == gb else
                x.clone() if isinstance(x, torch.Tensor) else x for x in g.out_leaves]
+        _replayed(g)
         return pytree.tree_unflatten(out, g.out_spec)
 
     def _inner_run(self, args, kwargs):

@@ -8,6 +8,7 @@ of that model that read one input.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -102,6 +103,15 @@ def version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+class PerThread(threading.local):
+    """Attributes per thread (threading.local) for state that lives within one forward: two threads'
+    forwards of one model interleave, and neither may read what the other's set. A deep copy or pickle
+    of a patched model gets a fresh, empty one."""
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
 @dataclass(eq=False)
 class ModelGroup:
     """Modules of one model that project one shared input (every resnet's time embedding, every
@@ -117,16 +127,28 @@ class ModelGroup:
     bias: torch.Tensor | None
     members: list  # weak references to the member modules
     offsets: list[int]
-    key: tuple | None = None  # (weakref to the input the output was computed for, its version, the scope)
-    out: Any = field(default=None, repr=False)
-    active: bool = False  # inside a forward of the packed model
     hooks: list = field(default_factory=list)
+    # this thread's forward of the packed model: whether one is open (active), the output computed in it
+    # (out) and for what (key: a weakref to the input, its version, the scope)
+    state: PerThread = field(default_factory=PerThread, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.state, "active", False)
+
+    @property
+    def key(self) -> tuple | None:
+        return getattr(self.state, "key", None)
+
+    @property
+    def out(self) -> Any:
+        return getattr(self.state, "out", None)
 
     def open(self, *_args) -> None:
-        self.active, self.key, self.out = True, None, None
+        self.state.active, self.state.key, self.state.out = True, None, None
 
     def close(self, *_args) -> None:
-        self.active, self.key, self.out = False, None, None
+        self.state.active, self.state.key, self.state.out = False, None, None
 
     def attach(self, model: nn.Module) -> None:
         self.hooks = [model.register_forward_pre_hook(self.open),
@@ -161,12 +183,13 @@ class ModelGroup:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return False
-        if self.key is None or self.key[0]() is not x or self.key[1] != version(x) or self.key[2] != _scope[0]:
+        key = self.key
+        if key is None or key[0]() is not x or key[1] != version(x) or key[2] != _scope[0]:
             w = self.weight
             if not self.intact() or x.dim() != ndim or x.dtype != w.dtype or x.shape[-1] != w.shape[1] \
                     or x.device != w.device:
                 return False
-            self.out, self.key = compute(x), (weakref.ref(x), version(x), _scope[0])
+            self.state.out, self.state.key = compute(x), (weakref.ref(x), version(x), _scope[0])
         elif not self.member_intact(member, off, n):
             return False
         return True

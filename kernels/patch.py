@@ -106,7 +106,7 @@ from .custom_op import call_op
 from .dispatch import count
 from .norm import add_layer_norm_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
-from .packing import base_linear
+from .packing import PerThread, base_linear
 
 
 
@@ -171,8 +171,10 @@ def _layer_norm_forward(self, x):
     return call_op("layer_norm", x, self.weight, self.bias, float(self.eps))
 
 
-class _FusedSiLU:
-    """Shared by a GroupNorm (which applied SiLU already) and the SiLU module right after it."""
+class _FusedSiLU(PerThread):
+    """Shared by a GroupNorm (which applied SiLU already) and the SiLU module right after it: a weak
+    reference to the norm's last output, per thread. (Shared by threads, one thread's norm output replaced
+    the other's between its norm and its SiLU, and that SiLU applied SiLU a second time.)"""
 
     last = None
 
