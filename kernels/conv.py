@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from shapetune.ops.conv import conv2d_workload
-from .dispatch import SUPPORTED, count, plan, resolve
+from .dispatch import SUPPORTED, count, plan, planned, resolve
 from .elementwise import bias_add_resolve, run_bias_add
 from .registry import get_registry
 from scheduler.loader import call_on_current_stream
@@ -127,15 +127,27 @@ def _plan(x, weight, bias, stride, padding, residual, shift) -> tuple:
     return what, res, (ho, wo) + bias_add
 
 
+def _key(x, weight, bias, stride, padding, residual, shift) -> tuple:
+    """conv2d's plan key (kernels.dispatch.plan)."""
+    return ("conv2d", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding,
+            None if residual is None else (residual.shape, residual.dtype, residual.device),
+            None if shift is None else (shift.shape, shift.dtype, shift.device))
+
+
+def conv2d_tuned(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+                 shift: Optional[torch.Tensor] = None) -> bool:
+    """Whether conv2d(x, weight, bias, stride, padding, shift=shift) runs a tuned conv (else cuDNN's), not
+    counted (the call that follows counts itself): the op's own plan."""
+    return planned(_key(x, weight, bias, stride, padding, None, shift), _plan, x, weight, bias, stride, padding, None,
+                   shift)[1] is not None
+
+
 @shapetune_op("conv2d")
 def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
             residual: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    _, res, (ho, wo, bias_what, bias_add) = plan(
-        ("conv2d", x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-         None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding,
-         None if residual is None else (residual.shape, residual.dtype, residual.device),
-         None if shift is None else (shift.shape, shift.dtype, shift.device)),
-        _plan, x, weight, bias, stride, padding, residual, shift)
+    _, res, (ho, wo, bias_what, bias_add) = plan(_key(x, weight, bias, stride, padding, residual, shift), _plan, x,
+                                                 weight, bias, stride, padding, residual, shift)
     if res is None:
         if bias_what is not None:
             get_registry().calls[bias_what] += 1

@@ -76,9 +76,19 @@ def plan(key: tuple, make: Callable[..., tuple], *args) -> tuple:
     return p
 
 
+def planned(key: tuple, make: Callable[..., tuple], *args) -> tuple:
+    """The plan of an op call (`plan`'s key and make) without counting the call: for a caller that
+    chooses between paths by it (kernels.patch fuses an op's neighbours into it only where it is tuned)."""
+    reg = _registry._registry or get_registry()
+    p = reg.plans.get(key)
+    if p is None:
+        p = reg.plans[key] = make(*args)
+    return p
+
+
 def served(key: tuple, make: Callable[..., tuple], *args) -> bool:
-    """Whether the plan of an op call (`plan`'s key and make) runs a tuned kernel, asked by a caller that
-    fuses its neighbours into the op only then (kernels.patch: a block's host path asks this per fusion). Not counted where it does (the op's own call counts it); counted under the
+    """Whether the plan of an op call runs a tuned kernel (as `planned`, written out: a block's host path
+    asks this per fusion). Not counted where it does (the op's own call counts it); counted under the
     plan's (op, cause) where not: the caller runs the unfused path instead."""
     reg = _registry._registry or get_registry()
     p = reg.plans.get(key)

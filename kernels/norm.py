@@ -128,6 +128,16 @@ def _(x, num_groups, weight, bias, eps, silu, shift_bias=None, shift=None):
 register_recompute_autograd("group_norm", _gn_torch)
 
 
+def group_norm_shift_tuned(shape, dtype: torch.dtype, device: torch.device, num_groups: int, weight, bias,
+                           eps: float, silu: bool, shift_bias: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Whether group_norm with a shift, of an x of this shape, dtype and device, runs one tuned kernel:
+    asked before x is computed (kernels.patch runs the conv that writes x without its bias only then; not
+    while torch.compile traces). Where not, the call is counted under ("group_norm+shift", cause) here:
+    the caller runs the unfused path. The op's own plan: its call on that x finds it."""
+    meta_ = (shape, dtype, device, num_groups, weight, bias, eps, silu, shift_bias, shift)
+    return served(_gn_key(*meta_), _gn_plan, *meta_)
+
+
 GN_LAYOUTS_3D = ("NLC", "NCL")
 
 

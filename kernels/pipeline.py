@@ -96,7 +96,8 @@ def _graph_methods(m: nn.Module) -> dict[str, tuple[str, ...]]:
 
 def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | None = None,
              pad_batch: bool = False, fuse_qkv: bool = True, fuse_temb: bool = True,
-             fuse_ctxkv: bool = True, fuse_add_norm: bool = True, fuse_lora_add: bool = True) -> OptimizeReport:
+             fuse_ctxkv: bool = True, fuse_add_norm: bool = True, fuse_lora_add: bool = True,
+             fuse_norm_shift: bool = True) -> OptimizeReport:
     """Optimize a diffusers pipeline (or one nn.Module) in place; idempotent. See the module docstring.
 
     Parameters
@@ -111,6 +112,8 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
         one add_layer_norm kernel where one is tuned
     fuse_lora_add : with `fuse`, a PEFT LoRA Linear's scaled delta accumulated into its base output by one
         GEMM (kernels/lora.py)
+    fuse_norm_shift : with `fuse`, where cuDNN runs a resnet's conv1, its bias and the time embedding added
+        in the norm2 GroupNorm kernel where one is tuned with the shift
     max_graphs : LRU bound on graphs per wrapped method (default SHAPETUNE_MAX_GRAPHS or 16)
     pad_batch : a batch with no graph of its own replays a captured larger batch, padded
         (kernels.graphs.GraphedCall; SD's UNet, VAE and text encoders compute each sample on its own)
@@ -129,7 +132,7 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
         if cl:
             m.to(memory_format=torch.channels_last)
         opts = dict(fuse=fuse, fuse_qkv=fuse_qkv, fuse_temb=fuse_temb, fuse_ctxkv=fuse_ctxkv, fuse_add_norm=fuse_add_norm,
-                    fuse_lora_add=fuse_lora_add)
+                    fuse_lora_add=fuse_lora_add, fuse_norm_shift=fuse_norm_shift)
         rep = patch(m, **opts)
         c = ComponentReport(name, type(m).__name__, rep, cl)
         if graphs:

@@ -388,8 +388,8 @@ def sd15_attention_workloads(
 def fused_workload(w: Workload, site: Site | None) -> Workload | None:
     """The workload of `w`'s op with the elementwise op diffusers runs after it (a shapetune.fusions Site)
     in the epilogue: group_norm(+silu), conv2d(+residual), linear epilogue (bias,) residual / gelu; or
-    before it: a LayerNorm of a residual sum, add_layer_norm.
-    None where the site does not apply to this op (keep w)."""
+    before it: a LayerNorm of a residual sum, add_layer_norm; a GroupNorm of a conv's output + the time
+    embedding, group_norm's "shift" step. None where the site does not apply to this op (keep w)."""
     from shapetune.ops.conv import conv2d_workload, stride_padding
     from shapetune.ops.norm import add_layer_norm_workload, eps_of, group_norm_workload
 
@@ -397,7 +397,7 @@ def fused_workload(w: Workload, site: Site | None) -> Workload | None:
         return None
     d = w.dim
     if w.op == "group_norm" and site.kind == "silu" and "silu" not in w.epilogue:
-        return group_norm_workload(d["n"], d["hw"], d["c"], d["g"], w.dtype, eps_of(w), True)
+        return group_norm_workload(d["n"], d["hw"], d["c"], d["g"], w.dtype, eps_of(w), True, shift=site.shift)
     if w.op == "layer_norm" and site.kind == "add_before":
         return add_layer_norm_workload(d["m"], d["c"], w.dtype, eps_of(w))
     if w.op == "conv2d" and site.kind == "residual" and "residual" not in w.epilogue:

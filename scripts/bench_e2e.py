@@ -16,6 +16,8 @@ Modes, all on the same random weights and inputs (no model hub: the UNet is buil
                    time-embedding projections gain
   shapetune_noaln  shapetune without add_layer_norm (optimize(fuse_add_norm=False)): what one kernel for
                    each transformer block's residual add and the LayerNorm after it gains
+  shapetune_noshift  shapetune without group_norm's shift step (optimize(fuse_norm_shift=False)): what
+                   adding conv1's bias and the time embedding inside each resnet's norm2 kernel gains
 One model per mode, run over the shapes in order. Per mode and shape: the wall time of the shape's
 first call (at the first shape: torch.compile's compile, shapetune's warm-up and capture; at the others:
 the cost of a shape change, a recompile or a capture), the median time per UNet call over `--iters`
@@ -136,7 +138,7 @@ def make(mode: str, tiny: bool, dev, dtype):
     if mode.startswith("shapetune"):
         pack = mode != "shapetune_nopack"
         report = kernels.optimize(m, graphs=mode != "shapetune_eager", fuse_qkv=pack, fuse_temb=pack,
-                                  fuse_add_norm=mode != "shapetune_noaln")
+                                  fuse_add_norm=mode != "shapetune_noaln", fuse_norm_shift=mode != "shapetune_noshift")
         return m, report
     # dynamic=False: one specialized graph per shape, the fastest torch.compile serves a shape with (its
     # default, automatic dynamic shapes, recompiles a symbolic graph on the first shape change instead)

@@ -1155,7 +1155,8 @@ E2E_NAMES = {"eager": "eager (NCHW)", "eager_cl": "eager, channels_last", "compi
              "compile_ro": "torch.compile(mode=\"reduce-overhead\")",
              "shapetune_eager": "kernels.optimize(unet, graphs=False)", "shapetune": "kernels.optimize(unet): CUDA graphs",
              "shapetune_nopack": "kernels.optimize(unet, fuse_qkv=False, fuse_temb=False): CUDA graphs",
-             "shapetune_noaln": "kernels.optimize(unet, fuse_add_norm=False): CUDA graphs"}
+             "shapetune_noaln": "kernels.optimize(unet, fuse_add_norm=False): CUDA graphs",
+             "shapetune_noshift": "kernels.optimize(unet, fuse_norm_shift=False): CUDA graphs"}
 
 
 def e2e_run(logs: Logs, rel: str) -> list[str]:

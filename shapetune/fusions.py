@@ -6,7 +6,9 @@ kernels.patch (which fuses there) and scheduler.extract (which extracts the fuse
 
 A Site says what follows the child module's output inside the parent's forward:
 
-  "silu"      GroupNorm, then the SiLU module `act` (an attribute of the parent): group_norm(+silu)
+  "silu"      GroupNorm, then the SiLU module `act` (an attribute of the parent): group_norm(+silu); with
+              `shift`, the GroupNorm reads a biased conv's output + t[:, :, None, None] (group_norm's "shift"
+              step: where cuDNN runs the conv, its bias and the time embedding go into the norm's kernel)
   "residual"  conv / linear, then `+ residual` (conv2d(+residual), linear epilogue residual)
   "shift"     conv, then `+ t[:, :, None, None]` per image and channel (conv2d(shift=): the bias_add pass
               after cuDNN adds it with the conv's bias)
@@ -19,7 +21,8 @@ The rules (diffusers 0.3x-0.4x code paths):
   ResnetBlock2D          norm1 -> nonlinearity (SiLU); norm2 -> nonlinearity when time_embedding_norm
                          is "default"; output = (shortcut(input) + conv2(h)) / output_scale_factor, so
                          conv2 carries the residual (the scale is applied after the fused add: same math);
-                         with a time_emb_proj and "default", h = conv1(h) + temb: conv1 carries the shift
+                         with a time_emb_proj and "default", h = conv1(h) + temb: conv1 carries the shift,
+                         and norm2, which reads only that sum, the shift step where conv1 has a bias
   UNet2DConditionModel   conv_norm_out -> conv_act (SiLU)
   Transformer2DModel     continuous input, use_linear_projection False: output = proj_out(h) + input,
                          proj_out a 1x1 conv carries the residual
@@ -47,6 +50,7 @@ from torch import nn
 class Site:
     kind: str  # "silu" | "residual" | "shift" | "gelu" | "add_before"
     act: str | None = None  # "silu": the parent's attribute holding the SiLU module
+    shift: bool = False  # "silu": the GroupNorm's input is a biased conv's output + the time embedding
 
 
 RESIDUAL = Site("residual")
@@ -62,7 +66,8 @@ def _resnet_block(m) -> dict[str, Site]:
     if type(m.nonlinearity) is nn.SiLU:
         sites["norm1"] = Site("silu", "nonlinearity")
         if m.time_embedding_norm == "default":  # norm2 -> SiLU directly only in this mode
-            sites["norm2"] = Site("silu", "nonlinearity")
+            shift = "conv1" in sites and getattr(m.conv1, "bias", None) is not None
+            sites["norm2"] = Site("silu", "nonlinearity", shift)
     return sites
 
 

@@ -34,7 +34,7 @@ SD15_PRESETS = ["sd15", "sd15-linear", "sd15-geglu", "sd15-norms", "sd15-conv", 
               help="JSON workload file (scripts/extract_workloads.py --out).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS) + SD15_PRESETS),
               help="Built-in workload set (default: demo, a few GEMMs). sd15: every op family's workloads of "
-                   "the SD 1.5 UNet at batch 2, 512² (126; GPU-sized); sd15-<family>: one family.")
+                   "the SD 1.5 UNet at batch 2, 512² (130; GPU-sized); sd15-<family>: one family.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]),
               help="Default: float16 on cuda, float32 on llvm.")
 @click.option("--bias/--no-bias", default=True, show_default=True, help="For --shape workloads.")

@@ -38,6 +38,18 @@ def outputs(eager, opt, registry, x: dict):
         return ref, opt(**x).sample
 
 
+def patched(registry, **patch_kw):
+    """(eager, opt): a fresh pair, opt patched (kernels.patch with `patch_kw`) and its output on inputs()
+    matching eager's (TOL); the registry counting opt's calls of that forward only."""
+    import kernels
+
+    eager, opt = pair()
+    kernels.patch(opt, **patch_kw)
+    ref, out = outputs(eager, opt, registry, inputs())
+    torch.testing.assert_close(out, ref, **TOL)
+    return eager, opt
+
+
 def linear_calls(registry) -> int:
     return sum(n for (op, _), n in registry.calls.items() if op == "linear")
 

@@ -21,12 +21,13 @@ if not torch.cuda.is_available():
 diffusers = pytest.importorskip("diffusers")
 
 import kernels  # noqa: E402
-from kernels.graphs import GraphedCall  # noqa: E402
 from kernels.registry import Registry, set_registry  # noqa: E402
 from scheduler.extract import extract_fused_workloads  # noqa: E402
 from scheduler.tuner import TuneOptions, tune  # noqa: E402
 from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.target import detect  # noqa: E402
+
+from ._fused_parity import checker, graphed_calls  # noqa: E402
 
 D, HEADS, HEAD_DIM, CTX = 320, 8, 40, 768
 TOKENS = (256, 200, 256, 200)  # 2 x tokens rows: 512 and 400, one pow2 bucket (257-512)
@@ -43,10 +44,6 @@ def _inputs(tokens: int, seed: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(seed)
     return dict(hidden_states=torch.randn(2, tokens, D, device="cuda", generator=g).half(),
                 encoder_hidden_states=torch.randn(2, 77, CTX, device="cuda", generator=g).half())
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref).norm() / ref.norm())
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +67,7 @@ def test_patched_block_adds_and_normalizes_in_one_kernel_eagerly_and_under_graph
     eager = copy.deepcopy(base).half().cuda()
     opt = copy.deepcopy(base).half().cuda()
     kernels.patch(opt)
-
-    def check(out, x):
-        with torch.no_grad():
-            ref = ref_block(**{k: v.double() for k, v in x.items()})
-            bound = 2 * _rel(eager(**x), ref) + 1e-4
-        assert _rel(out, ref) <= bound, (_rel(out, ref), bound)
+    check = checker(ref_block, eager)
 
     x = _inputs(256, 1)
     registry.calls.clear()
@@ -83,12 +75,9 @@ def test_patched_block_adds_and_normalizes_in_one_kernel_eagerly_and_under_graph
         check(opt(**x), x)
     assert registry.calls[("add_layer_norm", "tuned")] == 2  # attn1 -> norm2, attn2 -> norm3
 
-    graphed = GraphedCall(opt)
+    graphed = graphed_calls(opt, [_inputs(tokens, 10 + i) for i, tokens in enumerate(TOKENS)], check)
+    assert graphed.stats["captured"] == 2 and graphed.stats["replayed"] >= 2, graphed.stats
     with torch.no_grad():
-        for i, tokens in enumerate(TOKENS):
-            x = _inputs(tokens, 10 + i)
-            check(opt(**x), x)
-        assert graphed.stats["captured"] == 2 and graphed.stats["replayed"] >= 2, graphed.stats
         # norm2's weight written in place (in every copy): the graph reads the parameter itself
         g = torch.Generator().manual_seed(3)
         dw = torch.randn(D, generator=g)

@@ -16,7 +16,7 @@ import kernels
 
 diffusers = pytest.importorskip("diffusers")
 
-from ._tiny_unet import TOL, inputs, outputs, pair  # noqa: E402
+from ._tiny_unet import TOL, inputs, outputs, pair, patched  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,7 @@ def tuned_db(tmp_path_factory):
 
 
 def test_each_block_adds_and_normalizes_in_one_kernel_and_matches_eager(registry):
-    eager, opt = pair()
-    kernels.patch(opt)
-    ref, out = outputs(eager, opt, registry, inputs())
-    torch.testing.assert_close(out, ref, **TOL)
+    patched(registry)
     calls = registry.calls
     assert calls[("add_layer_norm", "tuned")] == 8  # 4 blocks x (attn1 -> norm2, attn2 -> norm3)
     # what remains of the unfused path: norm1 per block, the feed-forward's residual per block
@@ -48,11 +45,7 @@ def test_each_block_adds_and_normalizes_in_one_kernel_and_matches_eager(registry
 
 
 def test_without_kernels_the_block_runs_as_before(empty_registry):
-    eager, opt = pair()
-    kernels.patch(opt)
-    x = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+    patched(empty_registry)
     calls = empty_registry.calls
     assert not calls[("add_layer_norm", "tuned")]
     assert sum(n for (op, _), n in calls.items() if op == "linear_residual") == 12  # 3 per block, fused as before
@@ -60,10 +53,7 @@ def test_without_kernels_the_block_runs_as_before(empty_registry):
 
 
 def test_fuse_add_norm_off_runs_the_unfused_block_and_a_later_patch_turns_it_on(registry):
-    eager, opt = pair()
-    kernels.patch(opt, fuse_add_norm=False)
-    ref, out = outputs(eager, opt, registry, inputs())
-    torch.testing.assert_close(out, ref, **TOL)
+    eager, opt = patched(registry, fuse_add_norm=False)
     calls = registry.calls
     assert not calls[("add_layer_norm", "tuned")]
     assert sum(n for (op, _), n in calls.items() if op == "linear_residual") == 12  # 3 per block

@@ -189,6 +189,8 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
     assert {n for n, s in sites.items() if s.kind == "residual"} == residual
     shift = {n for n in names if ".resnets." in n and n.endswith(".conv1")}  # + the time embedding
     assert {n for n, s in sites.items() if s.kind == "shift"} == shift and len(shift) == 22
+    # norm2 reads conv1's output + the time embedding: group_norm's shift step (every conv1 has a bias)
+    assert {n for n, s in sites.items() if s.shift} == {n[: -len("conv1")] + "norm2" for n in shift}
     # the LayerNorms that read attn1's and attn2's residual sums: add_layer_norm where one is tuned
     add = {n for n in names if ".transformer_blocks." in n and n.endswith((".norm2", ".norm3"))}
     assert {n for n, s in sites.items() if s.kind == "add_before"} == add and len(add) == 2 * 16
@@ -198,6 +200,7 @@ def test_sd15_fusion_sites_are_the_resnet_and_transformer_outputs(unet):
 def test_fused_workload_folds_the_site_into_the_epilogue():
     from shapetune.ops.conv import conv2d_workload
     from shapetune.fusions import GELU_EPILOGUE, RESIDUAL, Site
+    from shapetune.ops.norm import group_norm_workload
     from scheduler.extract import fused_workload
 
     lin = linear_workload(10, 24, 12, "float32", bias=True)
@@ -207,6 +210,10 @@ def test_fused_workload_folds_the_site_into_the_epilogue():
     conv = conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True)
     assert fused_workload(conv, RESIDUAL) == conv2d_workload(2, 8, 8, 16, 16, 3, 3, 1, 1, "float32", True, True)
     assert fused_workload(conv, GELU_EPILOGUE) is None
+    gn = group_norm_workload(2, 64, 32, 8, "float32")
+    assert fused_workload(gn, Site("silu", "act")) == group_norm_workload(2, 64, 32, 8, "float32", silu=True)
+    assert fused_workload(gn, Site("silu", "act", shift=True)) == group_norm_workload(2, 64, 32, 8, "float32",
+                                                                                      silu=True, shift=True)
 
 
 # -- every family in one pass; the VAE decoder -------------------------------------------------------
@@ -326,8 +333,12 @@ def test_tiny_unet_workloads_are_what_the_patched_unet_calls(model, tmp_path):
     assert out.shape == (2, 4, 8, 16) and out.abs().sum() > 0
     # with no add_layer_norm kernel a block's norm2 / norm3 run the layer_norm op after torch's add (the
     # add_layer_norm call counted as its fallback): the grid weighs the fused op, which is what a tuned
-    # model runs
-    assert served == {**extracted, "layer_norm": extracted["layer_norm"] + extracted["add_layer_norm"]}
+    # model runs; likewise a resnet's norm2 without a kernel for its shift runs the plain group_norm op
+    # (the group_norm+shift ask counted as its fallback), extracted as the group_norm with the shift
+    shifted = sum(op.calls for op in ops if op.workload.op == "group_norm" and "shift" in op.workload.epilogue)
+    assert shifted > 0
+    assert served == {**extracted, "layer_norm": extracted["layer_norm"] + extracted["add_layer_norm"],
+                      "group_norm+shift": shifted}
 
 
 def test_sdxl_unet_workloads_at_1024():
