@@ -9,8 +9,6 @@ Bound: the patched block's relative L2 error against float64 is at most twice ea
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -20,14 +18,7 @@ if not torch.cuda.is_available():
 
 diffusers = pytest.importorskip("diffusers")
 
-import kernels  # noqa: E402
-from kernels.registry import Registry, set_registry  # noqa: E402
-from scheduler.extract import extract_fused_workloads  # noqa: E402
-from scheduler.tuner import TuneOptions, tune  # noqa: E402
-from shapetune.buckets import DEFAULT  # noqa: E402
-from shapetune.target import detect  # noqa: E402
-
-from ._fused_parity import checker, graphed_calls  # noqa: E402
+from ._fused_parity import copies, extracted_buckets, graphed_calls, tuned_registry  # noqa: E402
 
 D, HEADS, HEAD_DIM, CTX = 320, 8, 40, 768
 TOKENS = (256, 200, 256, 200)  # 2 x tokens rows: 512 and 400, one pow2 bucket (257-512)
@@ -48,26 +39,13 @@ def _inputs(tokens: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    ws = [op.workload for op in extract_fused_workloads(_block().half().cuda(), _inputs(256, 0), "float16")
-          if op.workload.op == "add_layer_norm"]
-    buckets = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in ws))
+    buckets = extracted_buckets(_block().half().cuda(), _inputs(256, 0), lambda w: w.op == "add_layer_norm")
     assert [b.ranges for b in buckets] == [{"m": (257, 512)}], [b.name for b in buckets]
-    path = tmp_path_factory.mktemp("gpu-aln") / "tuning.db"
-    (rep,) = tune(buckets, detect("cuda"), path, TuneOptions(trials=3, batch=3, templates=("add_norm_cuda",)))
-    assert rep.best is not None, rep.by_status
-    reg = Registry(db_path=path, target=detect("cuda"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
+    yield from tuned_registry(buckets, tmp_path_factory.mktemp("gpu-aln") / "tuning.db", ("add_norm_cuda",))
 
 
 def test_patched_block_adds_and_normalizes_in_one_kernel_eagerly_and_under_graphs(registry):
-    base = _block()
-    ref_block = copy.deepcopy(base).double().cuda()
-    eager = copy.deepcopy(base).half().cuda()
-    opt = copy.deepcopy(base).half().cuda()
-    kernels.patch(opt)
-    check = checker(ref_block, eager)
+    ref_block, eager, opt, check = copies(_block())
 
     x = _inputs(256, 1)
     registry.calls.clear()

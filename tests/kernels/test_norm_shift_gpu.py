@@ -10,8 +10,6 @@ Bound: the patched block's relative L2 error against float64 is at most twice ea
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -21,14 +19,7 @@ if not torch.cuda.is_available():
 
 diffusers = pytest.importorskip("diffusers")
 
-import kernels  # noqa: E402
-from kernels.registry import Registry, set_registry  # noqa: E402
-from scheduler.extract import extract_fused_workloads  # noqa: E402
-from scheduler.tuner import TuneOptions, tune  # noqa: E402
-from shapetune.buckets import DEFAULT  # noqa: E402
-from shapetune.target import detect  # noqa: E402
-
-from ._fused_parity import checker, graphed_calls  # noqa: E402
+from ._fused_parity import copies, extracted_buckets, graphed_calls, tuned_registry  # noqa: E402
 
 CI, CO, TEMB = 320, 640, 1280
 SIDES = (32, 28, 32, 28)  # 1024 and 784 positions: one pow2 bucket (513-1024)
@@ -50,27 +41,15 @@ def _inputs(side: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    ws = [op.workload for op in extract_fused_workloads(_block().half().cuda(), _inputs(32, 0), "float16")
-          if op.workload.op == "group_norm" and "shift" in op.workload.epilogue]
-    buckets = list(dict.fromkeys(DEFAULT.bucket_of(w) for w in ws))
+    buckets = extracted_buckets(_block().half().cuda(), _inputs(32, 0),
+                                lambda w: w.op == "group_norm" and "shift" in w.epilogue)
     assert [b.ranges for b in buckets] == [{"n": (2, 2), "hw": (513, 1024)}], [b.name for b in buckets]
-    path = tmp_path_factory.mktemp("gpu-gn-shift") / "tuning.db"
-    (rep,) = tune(buckets, detect("cuda"), path,
-                  TuneOptions(trials=3, batch=3, templates=("norm_cuda", "norm_cuda_split_bucket")))
-    assert rep.best is not None, rep.by_status
-    reg = Registry(db_path=path, target=detect("cuda"), require_faster=False)
-    prev = set_registry(reg)
-    yield reg
-    set_registry(prev)
+    yield from tuned_registry(buckets, tmp_path_factory.mktemp("gpu-gn-shift") / "tuning.db",
+                              ("norm_cuda", "norm_cuda_split_bucket"))
 
 
 def test_patched_resnet_adds_bias_and_temb_in_norm2_eagerly_and_under_graphs(registry):
-    base = _block()
-    ref_block = copy.deepcopy(base).double().cuda()
-    eager = copy.deepcopy(base).half().cuda()
-    opt = copy.deepcopy(base).half().cuda().to(memory_format=torch.channels_last)
-    kernels.patch(opt)
-    check = checker(ref_block, eager)
+    ref_block, eager, opt, check = copies(_block())
 
     x = _inputs(32, 1)
     registry.calls.clear()
