@@ -39,7 +39,9 @@ scripts extract are the ones dispatched here:
                        `_get_output_for_continuous_inputs` calls conv2d(h, proj_out, residual=input)
                        on the channels_last view of the blocks' output (no copy)
   conv2d + shift       ResnetBlock2D (time_embedding_norm "default"): conv1(h) + temb as one
-                       conv2d(shift=temb) call
+                       conv2d(shift=temb) call; where cuDNN runs conv1 and group_norm has a tuned kernel
+                       with the shift for the shape, conv1 without its bias and norm2 adding bias + temb as
+                       it reads instead (`fuse_norm_shift`)
   bias passes          where cuDNN runs a conv (nothing tuned faster), its bias and residual / shift
                        are one tuned bias_add pass after it; where cuBLAS runs GEGLU's projection,
                        h * gelu(g) is one tuned gelu_gate pass (kernels/elementwise.py)
@@ -104,7 +106,8 @@ from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
 from .dispatch import count
-from .norm import add_layer_norm_tuned
+from .conv import conv2d_tuned
+from .norm import add_layer_norm_tuned, group_norm_shift_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
 from .packing import PerThread, base_linear
 
@@ -217,14 +220,36 @@ def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> 
     return residual + conv(x)
 
 
-def _conv_shift(conv: nn.Module, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """conv(x) + shift[:, :, None, None] (shift [N, Co], ResnetBlock2D's projected time embedding):
-    one conv2d(shift=) where conv is a patched plain Conv2d and shift has x's dtype and the output's
-    N, Co; else the eager expression."""
-    if (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4 and shift.dim() == 2
+_NORM_SHIFT = "_shapetune_norm_shift"  # on a patched ResnetBlock2D: kernels.patch's fuse_norm_shift
+
+
+def _conv_shift_norm(resnet: nn.Module, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """norm2(conv1(x) + shift[:, :, None, None]) of a ResnetBlock2D (time_embedding_norm "default"; diffusers
+    reads the sum only there), shift [N, Co] its projected time embedding. Where conv1 is a patched plain
+    Conv2d and shift has x's dtype and the output's N, Co: one conv2d(shift=) call, then norm2; or, where
+    conv1 has a bias but no tuned conv serves it (cuDNN runs it), norm2 is a patched GroupNorm and
+    group_norm has a tuned kernel with the shift for the shape (and fuse_norm_shift is on), conv1 without
+    its bias, then one group_norm normalizing x + bias[c] + shift[n, c] as it reads (one pass of the
+    activation less: kernels.norm). Else the eager expression. Bias and shift are read on every call.
+    While torch.compile traces: conv2d(shift=) and norm2 (the plans are the ops', found at run time)."""
+    conv, norm = resnet.conv1, resnet.norm2
+    if not (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4 and shift.dim() == 2
             and shift.dtype == x.dtype and shift.shape[0] == x.shape[0] and shift.shape[1] == conv.out_channels):
-        return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], None, shift)
-    return conv(x) + shift[:, :, None, None]
+        return norm(conv(x) + shift[:, :, None, None])
+    w, b, stride, pad = conv.weight, conv.bias, conv.stride[0], conv.padding[0]
+    if (b is not None and resnet.__dict__.get(_NORM_SHIFT, True) and type(norm) is nn.GroupNorm
+            and norm.__dict__.get(_MARK) == "group_norm" and not torch.compiler.is_compiling()
+            and not conv2d_tuned(x, w, b, stride, pad, shift)):
+        silu = norm.__dict__.get("_shapetune_silu")
+        if group_norm_shift_tuned(_conv_out_shape(conv, x), x.dtype, x.device, norm.num_groups, norm.weight,
+                                  norm.bias, float(norm.eps), silu is not None, b, shift):
+            y = call_op("conv2d", x, w, None, stride, pad, None, None)
+            out = call_op("group_norm", y, norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu is not None,
+                          b, shift)
+            if silu is not None:
+                silu.last = weakref.ref(out)  # the SiLU after norm2 passes it through, as _group_norm_forward's
+            return out
+    return norm(call_op("conv2d", x, w, b, stride, pad, None, shift))
 
 
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
@@ -233,7 +258,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     dividing the fused sum (the same expression; skipped where it is 1); and conv1 with the time
     embedding's add one conv2d(shift=) call (time_embedding_norm "default": h = conv1(h) + temb). The
     time embedding is projected before conv1 runs instead of after (independent values), and kept
-    [N, C] where diffusers takes its [N, C, 1, 1] view (the view only where an expression needs it)."""
+    [N, C] where diffusers takes its [N, C, 1, 1] view (the view only where an expression needs it); where
+    cuDNN runs conv1, its bias and the time embedding may go into norm2's kernel instead (_conv_shift_norm)."""
     if args or kwargs:  # the deprecated `scale` argument: diffusers' own forward warns about it
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     h = self.nonlinearity(self.norm1(input_tensor))
@@ -252,10 +278,9 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
             shift = self.time_emb_proj(temb)
     if self.time_embedding_norm == "default":
         if shift is not None:
-            h = _conv_shift(self.conv1, h, shift)
+            h = _conv_shift_norm(self, h, shift)
         else:
-            h = self.conv1(h) if temb is None else self.conv1(h) + temb
-        h = self.norm2(h)
+            h = self.norm2(self.conv1(h) if temb is None else self.conv1(h) + temb)
     elif self.time_embedding_norm == "scale_shift":
         h = self.conv1(h)
         if shift is not None:
@@ -503,7 +528,8 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True,
-          fuse_ctxkv: bool = True, fuse_add_norm: bool = True, fuse_lora_add: bool = True) -> PatchReport:
+          fuse_ctxkv: bool = True, fuse_add_norm: bool = True, fuse_lora_add: bool = True,
+          fuse_norm_shift: bool = True) -> PatchReport:
     """Route `model`'s supported modules to the shapetune ops (idempotent; see the module docstring).
 
     Parameters
@@ -524,6 +550,9 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
     fuse_lora_add : bool (with `fuse`), each PEFT LoRA Linear's scaled delta accumulated into its base
         output by lora_B's GEMM (kernels/lora.py) instead of PEFT's GEMM, scale and add; every patch
         call sets it anew
+    fuse_norm_shift : bool (with `fuse`), where cuDNN runs a ResnetBlock2D's conv1, its bias and the time
+        embedding added in the norm2 GroupNorm kernel where one is tuned with the shift (False: one
+        conv2d(shift=) call, then norm2); every patch call sets it anew
 
     Returns
     -------
@@ -550,6 +579,8 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
             _fuse_sites(m, report)
             if m.__dict__.get(_MARK) == "linear+residual" and type(m).__name__ == "BasicTransformerBlock":
                 m.__dict__[_ADD_NORM] = fuse_add_norm
+            if m.__dict__.get(_MARK) == "conv2d+residual" and type(m).__name__ == "ResnetBlock2D":
+                m.__dict__[_NORM_SHIFT] = fuse_norm_shift
             if lora.is_lora_linear(m):
                 if _MARK not in m.__dict__:
                     _set_forward(m, lora.forward, "lora_linear", report)
@@ -620,6 +651,6 @@ def unpatch(model: nn.Module) -> int:
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()
-        for attr in ("_shapetune_silu", "_shapetune_fused", _ADD_NORM, lora.ATTR):
+        for attr in ("_shapetune_silu", "_shapetune_fused", _ADD_NORM, _NORM_SHIFT, lora.ATTR):
             m.__dict__.pop(attr, None)
     return n
