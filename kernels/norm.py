@@ -5,7 +5,10 @@ group_norm takes activations channels-last: a 4-D NCHW tensor in torch.channels_
 [N, H, W, C]) or a contiguous [N, HW, C]. Any other layout is first copied to channels-last; those
 copies are counted as ("group_norm", "relayout_copy") in `fallback_summary()` (an extra count next
 to the call's own outcome, not a fallback). A 3-D x reads two ways (torch's [N, C, L], the kernel's
-[N, HW, C]), so the public function takes it only with its layout named.
+[N, HW, C]), so the public function takes it only with its layout named. With shift_bias [C] and
+shift [N, C] it normalizes x + shift_bias + shift (a ResnetBlock2D's bias-free conv1 output, conv1's bias
+and the time embedding: kernels.patch asks `group_norm_shift_tuned` before running conv1 without its
+bias), the sums in fp32 as the kernel reads x; counted under "group_norm+shift".
 """
 
 from __future__ import annotations
