@@ -230,16 +230,20 @@ def _conv_shift_norm(resnet: nn.Module, x: torch.Tensor, shift: torch.Tensor) ->
     conv1 has a bias but no tuned conv serves it (cuDNN runs it), norm2 is a patched GroupNorm and
     group_norm has a tuned kernel with the shift for the shape (and fuse_norm_shift is on), conv1 without
     its bias, then one group_norm normalizing x + bias[c] + shift[n, c] as it reads (one pass of the
-    activation less: kernels.norm). Else the eager expression. Bias and shift are read on every call.
+    activation less: kernels.norm). Else the eager expression; where only x or shift kept the fusion from
+    applying, counted ("group_norm+shift", "unsupported_input"). Bias and shift are read on every call.
     While torch.compile traces: conv2d(shift=) and norm2 (the plans are the ops', found at run time)."""
     conv, norm = resnet.conv1, resnet.norm2
-    if not (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4 and shift.dim() == 2
-            and shift.dtype == x.dtype and shift.shape[0] == x.shape[0] and shift.shape[1] == conv.out_channels):
+    plain = type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d"
+    fuse = (plain and conv.bias is not None and resnet.__dict__.get(_NORM_SHIFT, True) and type(norm) is nn.GroupNorm
+            and norm.__dict__.get(_MARK) == "group_norm")
+    if not (plain and x.dim() == 4 and shift.dim() == 2 and shift.dtype == x.dtype and shift.shape[0] == x.shape[0]
+            and shift.shape[1] == conv.out_channels):
+        if fuse:
+            count("group_norm+shift", "unsupported_input")
         return norm(conv(x) + shift[:, :, None, None])
     w, b, stride, pad = conv.weight, conv.bias, conv.stride[0], conv.padding[0]
-    if (b is not None and resnet.__dict__.get(_NORM_SHIFT, True) and type(norm) is nn.GroupNorm
-            and norm.__dict__.get(_MARK) == "group_norm" and not torch.compiler.is_compiling()
-            and not conv2d_tuned(x, w, b, stride, pad, shift)):
+    if fuse and not torch.compiler.is_compiling() and not conv2d_tuned(x, w, b, stride, pad, shift):
         silu = norm.__dict__.get("_shapetune_silu")
         if group_norm_shift_tuned(_conv_out_shape(conv, x), x.dtype, x.device, norm.num_groups, norm.weight,
                                   norm.bias, float(norm.eps), silu is not None, b, shift):

@@ -107,3 +107,18 @@ def test_a_conv1_a_tuned_conv_serves_keeps_its_conv2d_shift_call(registry, monke
     monkeypatch.setattr(kp, "conv2d_tuned", lambda *a: asked.append(a) or True)
     patched(registry)
     assert len(asked) == RESNETS and not any(op == "group_norm+shift" for (op, _) in registry.calls)
+
+
+def test_a_time_embedding_that_broadcasts_runs_the_eager_expression_counted(registry):
+    """One time embedding for a batch of 2 (diffusers broadcasts it over the batch): conv1(x) + temb and
+    norm2 as eager writes them, counted as the fusion's unsupported input."""
+    eager, opt = pair()
+    kernels.patch(opt)
+    r, r_eager = opt.down_blocks[0].resnets[0], eager.down_blocks[0].resnets[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, r.in_channels, 8, 8, generator=g)
+    temb = torch.randn(1, r.time_emb_proj.in_features, generator=g)
+    registry.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(r(x, temb), r_eager(x, temb), **TOL)
+    assert registry.calls[("group_norm+shift", "unsupported_input")] == 1 and not _fused(registry.calls)
