@@ -7,7 +7,9 @@ group_norm  x[n, hw, c] (NHWC flattened: the memory of a channels_last NCHW tens
             With the "shift" step (epilogue ("shift", "affine"[, "silu"]): a prologue, first in order)
             it normalizes xs = x + b0[c] + t[n, c] instead, summed in fp32 and never written:
             ResnetBlock2D's conv1 bias and time embedding, added to cuDNN's bias-free conv1 output
-            in the GroupNorm norm2 that reads it (one pass of the activation less).
+            in the GroupNorm norm2 that reads it (one pass of the activation less). The statistics
+            below are those of xs: the shift moves each group's mean, which the note on |mean| >> std
+            covers.
 layer_norm  x[m, c]; the same with one group per row (cnt = C), always affine.
 add_layer_norm  a[m, c] + r[m, c] -> s (rounded to the dtype), then layer_norm(s): out[2, m, c] = [s, y]
             (a transformer block's residual add and the LayerNorm after it in one pass).

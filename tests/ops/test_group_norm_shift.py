@@ -93,6 +93,36 @@ def test_definition_and_vendor_paths_match_float64_on_llvm(w):
                                          [x, wt, b]), ref, w.dtype).ok
 
 
+def test_the_tuners_verify_rejects_a_kernel_that_ignores_the_shift():
+    """scheduler.verify (what every measured kernel passes before it enters the DB) on the shift workload:
+    the definition's kernel passes; the plain GroupNorm's kernel, handed the same operands and ignoring
+    b0 and t, fails against the float64 reference."""
+    import random
+
+    import tvm
+
+    from scheduler.verify import verify
+
+    od = opdef("group_norm")
+
+    def kernel(w):
+        return tvm.compile(tvm.IRModule({"main": od.prim_func(w)}), target="llvm")["main"]
+
+    shifted, plain = kernel(BUCKET), kernel(DEFAULT.bucket_of(group_norm_workload(3, HW, C, G, "float32")))
+
+    def run(fn, args):
+        fn(*args)
+        return args[-1]
+
+    def check(call):
+        return verify(od, BUCKET, list, call, lambda y: y, "cpu", torch.Generator().manual_seed(0), 2,
+                      random.Random(0), False)
+
+    assert check(lambda args: run(shifted, args)).ok
+    bad = check(lambda args: run(plain, [args[0], *args[3:]]))
+    assert not bad.ok and "at group_norm_n" in bad.reason, bad.reason
+
+
 def _run_llvm(prim_func, w, members) -> None:
     import tvm
 
