@@ -6,10 +6,12 @@
 `--shapes 1x512,2x512,...` tunes the shape buckets (shapetune/buckets.py: group_norm by batch and
 positions, layer_norm by rows) of every listed shape's workloads instead, the most called first.
 GroupNorms followed by SiLU in the model (ResnetBlock2D norm1/norm2, conv_norm_out) are tuned with
-the SiLU fused. Prints, per workload, the best verified TVM kernel, TVM's dlight default and torch
-(F.group_norm (+ F.silu) on a channels_last NCHW tensor / F.layer_norm), all measured in this run,
-and the achieved bandwidth: bytes of x read + y written over the time, as a fraction of a
-device-to-device copy of the same bytes (torch.empty_like(x).copy_(x)) timed the same way.
+the SiLU fused, and each ResnetBlock2D's norm2 with the shift step (conv1's bias and the time embedding
+added as it reads; torch: the two adds, then the norm). Prints, per workload, the best verified TVM
+kernel, TVM's dlight default and torch (F.group_norm (+ F.silu) on a channels_last NCHW tensor /
+F.layer_norm), all measured in this run, and the achieved bandwidth: bytes of x read + y written over
+the time, as a fraction of a device-to-device copy of the same bytes (torch.empty_like(x).copy_(x))
+timed the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def bandwidth(rep) -> dict:
 
 def main():
     ap = jobs.add_job_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "sd_norms.db")
-    ap.add_argument("--no-silu", action="store_true", help="do not fuse the SiLU that follows GroupNorms")
+    ap.add_argument("--no-silu", action="store_true",
+                    help="do not fuse the SiLU that follows GroupNorms (nor the resnets' shift step)")
     ap.add_argument("--shapes", default="",
                     help="BATCHxSIZE[xWIDTH] in pixels, comma-separated: tune the shape buckets of every "
                          "shape's workloads (most called first) instead of batch 2, 512x512's exact ones")
