@@ -77,10 +77,14 @@ def test_norm2_reads_the_live_bias_and_temb(registry):
 
 
 def test_without_kernels_the_resnet_runs_as_before(empty_registry):
-    patched(empty_registry)
+    _, opt = patched(empty_registry)
     calls = empty_registry.calls
     # each resnet asked for the kernel once, counted with why it did not run
     assert sum(n for (op, _), n in calls.items() if op == "group_norm+shift") == RESNETS and not _fused(calls)
+    _, before = patched(empty_registry, fuse_norm_shift=False)  # the resnet as it ran before the fusion
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(opt(**x).sample, before(**x).sample)  # bit for bit
 
 
 def test_fuse_norm_shift_off_runs_the_unfused_resnet_and_a_later_patch_turns_it_on(registry):
