@@ -33,7 +33,9 @@ of each graph's key instead: switching between two LoRAs captures each once and 
 Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
 autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
-`capturing`), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
+`capturing`), a tree holding diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`)
+or accelerate hooks, whose Python decides per call what runs (`hooks`; registering or removing a
+diffusers hook is seen at once), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
 pytree of tensors and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a
 call whose capture failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then
 never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
@@ -54,6 +56,7 @@ SHAPETUNE_GRAPHS=0 turns capture off (every call runs eagerly, counted `disabled
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -101,7 +104,31 @@ def _install_registration_hooks() -> None:
         m.register_module_module_registration_hook(_bump)
         m.register_module_parameter_registration_hook(_bump)
         m.register_module_buffer_registration_hook(_bump)
+        _watch_diffusers_hooks()
         _hooks_installed = True
+
+
+def _watch_diffusers_hooks() -> None:
+    """diffusers' hooks (`diffusers.hooks.HookRegistry`: caches, layerwise casting, offloading) wrap a
+    module's forward and register nothing torch's hooks see: bump the tree epoch whenever one is
+    registered or removed, so a GraphedCall looks at its tree again (it captures none that holds one)."""
+    try:
+        from diffusers.hooks.hooks import HookRegistry
+    except ImportError:  # pragma: no cover
+        return
+    for name in ("register_hook", "remove_hook"):
+        fn = getattr(HookRegistry, name)
+        if getattr(fn, "_shapetune_bumps", False):
+            continue
+
+        @functools.wraps(fn)
+        def bumping(self, *args, _fn=fn, **kwargs):
+            try:
+                return _fn(self, *args, **kwargs)
+            finally:
+                _bump()
+        bumping._shapetune_bumps = True
+        setattr(HookRegistry, name, bumping)
 
 
 _live: dict[int, "weakref.WeakSet[torch.cuda.CUDAGraph]"] = {}  # device index -> captured graphs alive
@@ -243,6 +270,7 @@ class GraphedCall:
         # them) and the captured run with capture end and instantiation (what a LoRA switch pays)
         self.capture_parts: list[dict[str, float]] = []
         self._epoch = -1
+        self._foreign = False  # the tree holds diffusers or accelerate hooks (packing.foreign_hooks)
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
@@ -271,6 +299,7 @@ class GraphedCall:
             mods = list(self.module.modules())
             tree = tuple(map(id, mods))
         self._epoch = _tree_epoch[0]
+        self._foreign = any(map(packing.foreign_hooks, mods))
         if tree != self._tree:
             self._tree = tree
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
@@ -308,6 +337,8 @@ class GraphedCall:
         self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
         if not graphs_enabled():
             return _Eager("disabled")
+        if self._foreign:  # diffusers / accelerate hooks: per-call Python state a replay would skip
+            return _Eager("hooks")
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return _Eager("capturing")
         if torch.is_grad_enabled():

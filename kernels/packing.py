@@ -23,6 +23,26 @@ from . import lora
 MARK = "_shapetune_patched"  # kernels.patch's instance attribute: the kind of patch applied
 
 
+def hooked(m: nn.Module) -> bool:
+    """m's call runs more than its forward: torch forward (pre-)hooks on it, or a library's hooks that wrap
+    its forward (foreign_hooks). kernels.patch leaves such a module on its own forward and call: a fused
+    path that skipped its call would skip what the hooks do."""
+    d = m.__dict__  # (foreign_hooks inline: this is on every fused call's path)
+    if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or "_hf_hook" in d:
+        return True
+    reg = d.get("_diffusers_hook")
+    return reg is not None and bool(getattr(reg, "hooks", None))
+
+
+def foreign_hooks(m: nn.Module) -> bool:
+    """A diffusers hook registry with hooks on m (its caches, layerwise casting, group offloading,
+    pyramid attention broadcast, ...: `diffusers.hooks`, which wrap `forward`), or an accelerate hook
+    (`_hf_hook`: device placement, offloading). Several keep state across calls and decide per call what
+    runs: kernels.graphs captures no module tree that holds one."""
+    reg = m.__dict__.get("_diffusers_hook")
+    return bool(reg is not None and getattr(reg, "hooks", None)) or "_hf_hook" in m.__dict__
+
+
 def plain_linear(m) -> bool:
     """m is an nn.Linear (exactly) that kernels.patch routed to shapetune::linear."""
     return type(m) is nn.Linear and m.__dict__.get(MARK) == "linear"
@@ -34,7 +54,7 @@ def base_linear(m) -> nn.Module | None:
     output and kernels/lora.py adds the adapters' deltas to its columns); None otherwise."""
     if type(m) is nn.Linear:  # (plain_linear, inline: on every packed call's path)
         return m if m.__dict__.get(MARK) == "linear" else None
-    if lora.is_lora_linear(m) and plain_linear(m.base_layer):
+    if lora.is_lora_linear(m) and plain_linear(m.base_layer) and not hooked(m):
         return m.base_layer
     return None
 

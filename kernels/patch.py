@@ -109,7 +109,7 @@ from .dispatch import count
 from .conv import conv2d_tuned
 from .norm import add_layer_norm_tuned, group_norm_shift_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
-from .packing import PerThread, base_linear
+from .packing import PerThread, base_linear, hooked
 
 
 
@@ -407,7 +407,7 @@ class AttnProcessor:
 def _attn_plus(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual):
     """attn(x, ctx, mask, **cross_kwargs) + residual, fused where our processor serves the call."""
     proc = attn.processor
-    if mask is None and not cross_kwargs and isinstance(proc, AttnProcessor):
+    if mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and not hooked(attn):
         out = proc.plus_residual(attn, x, ctx, residual)
         if out is not None:
             return out
@@ -423,7 +423,8 @@ def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, 
     proc = attn.processor
     if (add_norm and mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and type(norm) is nn.LayerNorm
             and norm.__dict__.get(_MARK) == "layer_norm" and norm.weight is not None and norm.bias is not None
-            and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias, float(norm.eps))):
+            and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias, float(norm.eps))
+            and not hooked(attn) and not hooked(norm)):
         o = proc.projected(attn, x, ctx)
         if o is not None and o.shape == residual.shape and o.dtype == residual.dtype:
             out = call_op("add_layer_norm", o, residual, norm.weight, norm.bias, float(norm.eps))
@@ -441,7 +442,7 @@ def _ff_plus(ff: nn.Module, x, residual):
     are the identity."""
     net = ff.net
     if (len(net) in (3, 4) and _identity_dropout(net[1]) and (len(net) == 3 or _identity_dropout(net[3]))
-            and base_linear(net[2]) is not None):
+            and base_linear(net[2]) is not None and not hooked(ff)):
         h = net[1](net[0](x))
         out = _linear_residual(net[2], h, residual)
         return out if out is not None else net[2](h) + residual  # (a residual that broadcasts)
@@ -521,7 +522,8 @@ def patch_table() -> dict[type, tuple[ModuleRule, Callable]]:
 def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
     """Make `norm` apply SiLU and `act` (the SiLU module diffusers calls right after it) pass the
     norm's output through. Only for a GroupNorm we patched and a plain nn.SiLU."""
-    if getattr(norm, _MARK, None) != "group_norm" or type(act) is not nn.SiLU or "_shapetune_silu" in norm.__dict__:
+    if (getattr(norm, _MARK, None) != "group_norm" or type(act) is not nn.SiLU or "_shapetune_silu" in norm.__dict__
+            or hooked(act)):
         return False
     fused = act.__dict__.get("_shapetune_fused") or _FusedSiLU()
     act._shapetune_fused = fused
@@ -573,7 +575,7 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
         rule = rule_for(m, rules)
         if rule is None:
             continue
-        why = rule.unsupported(m)
+        why = rule.unsupported(m) or (f"{rule.kind}: hooks on the module" if hooked(m) else None)
         if why is not None:
             report.skipped[why] += 1
         else:
@@ -585,7 +587,7 @@ def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb:
                 m.__dict__[_ADD_NORM] = fuse_add_norm
             if m.__dict__.get(_MARK) == "conv2d+residual" and type(m).__name__ == "ResnetBlock2D":
                 m.__dict__[_NORM_SHIFT] = fuse_norm_shift
-            if lora.is_lora_linear(m):
+            if lora.is_lora_linear(m) and not hooked(m):
                 if _MARK not in m.__dict__:
                     _set_forward(m, lora.forward, "lora_linear", report)
                 m.__dict__[lora.ATTR] = fuse_lora_add
@@ -630,7 +632,8 @@ def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
         if site.kind == "silu":
             report.patched["group_norm+silu"] += _fuse_silu(m.get_submodule(path), getattr(m, site.act))
     install = _INSTALL.get(type(m).__name__)
-    if install is not None and _MARK not in m.__dict__ and any(s.kind != "silu" for s in sites.values()):
+    if (install is not None and _MARK not in m.__dict__ and any(s.kind != "silu" for s in sites.values())
+            and not hooked(m)):
         install(m, report)
 
 

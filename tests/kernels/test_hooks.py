@@ -1,0 +1,91 @@
+"""Modules whose call runs more than their forward: torch forward hooks, diffusers' hooks
+(`diffusers.hooks`: its caches, layerwise casting, offloading and pyramid attention broadcast wrap a
+module's forward) and accelerate's. On the CPU, a tiny UNet patched against an eager twin given the same
+hooks.
+
+Defects before: kernels.patch replaced a hooked module's forward (dropping the diffusers hook that wrapped
+it) or its parent's restated forward skipped its call (the FeedForward's, an Attention's), so the hooks
+did not run and the patched model silently differed from eager; and kernels.graphs captured a tree whose
+hooks decide per call what runs (a stateful cache), which a replay would skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+pytest.importorskip("diffusers")
+from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
+
+from ._tiny_unet import TOL, inputs, pair  # noqa: E402
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff"
+CONV = "down_blocks.0.resnets.0.conv2"
+
+
+class Scale(ModelHook):
+    """Scales the module's output, by a factor that grows with each call where stateful (what a cache's
+    per-call decisions look like from outside)."""
+
+    def __init__(self, factor: float, stateful: bool = False):
+        super().__init__()
+        self.factor, self.calls = factor, 0
+        self._is_stateful = stateful
+
+    def post_forward(self, module, output):
+        self.calls += 1
+        return output * (self.factor + (0.1 * self.calls if self._is_stateful else 0.0))
+
+    def reset_state(self, module):
+        self.calls = 0
+        return module
+
+
+def _diffusers_hook(model, path: str, hook: ModelHook) -> None:
+    HookRegistry.check_if_exists_or_initialize(dict(model.named_modules())[path]).register_hook(hook, "scale")
+
+
+def _hook_alike(eager, opt) -> None:
+    for m in (eager, opt):
+        _diffusers_hook(m, ATTN, Scale(1.5))
+        _diffusers_hook(m, CONV, Scale(0.5))
+        dict(m.named_modules())[FF].register_forward_hook(lambda _m, _i, out: out * 2)
+
+
+def test_patch_leaves_hooked_modules_on_their_own_call(empty_registry):
+    eager, opt = pair()
+    _hook_alike(eager, opt)
+    rep = kernels.patch(opt)
+    mods = dict(opt.named_modules())
+    assert "_shapetune_patched" not in mods[ATTN].__dict__ and "_shapetune_patched" not in mods[CONV].__dict__
+    assert rep.skipped["attention: hooks on the module"] == 1 and rep.skipped["conv2d: hooks on the module"] == 1
+    x = inputs()
+    with torch.no_grad():
+        ref, base = eager(**x).sample, pair()[0](**x).sample
+        torch.testing.assert_close(opt(**x).sample, ref, **TOL)
+    assert (ref - base).abs().max() > 1e-2  # the hooks matter
+
+
+def test_graphs_step_aside_for_a_diffusers_hook_added_after_optimize(empty_registry):
+    """kernels.optimize, then a stateful diffusers hook on an attention: from the next call on, the model
+    runs the patched eager path counted `hooks` (on the CPU it ran counted `cpu` before: the tree looked
+    unchanged); removing the hook gives the graphs back."""
+    eager, opt = pair()
+    rep = kernels.optimize(opt)
+    g = rep.components["model"].graphs["forward"]
+    x = inputs()
+    with torch.no_grad():
+        opt(**x)
+        assert g.stats["cpu"] == 1 and not g.stats["hooks"]
+        for m in (eager, opt):
+            _diffusers_hook(m, ATTN, Scale(1.0, stateful=True))
+        for _ in range(2):  # the hook's state moves on every call: each output is eager's for that call
+            torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+        assert g.stats["hooks"] == 2
+        for m in (eager, opt):
+            dict(m.named_modules())[ATTN]._diffusers_hook.remove_hook("scale")
+        opt(**x)
+    assert g.stats["hooks"] == 2 and g.stats["cpu"] == 2
