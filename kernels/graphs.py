@@ -35,10 +35,10 @@ Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA ten
 autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
 `capturing`), a tree holding diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`)
 or accelerate hooks, whose Python decides per call what runs (`hooks`; registering or removing a
-diffusers hook is seen at once), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a
-pytree of tensors and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a
-call whose capture failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then
-never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
+diffusers hook is seen on the next call, an accelerate hook at the next change of the module tree), a
+non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a pytree of tensors
+and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a call whose capture
+failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
 seen: the graph replays the branch taken at capture, as with any CUDA graph.
 
 Threads and streams: every graph of a device shares one memory pool, and each graph its static buffers,
