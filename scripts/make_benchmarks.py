@@ -73,6 +73,10 @@ LORA = "bench/bench_lora_h200.json"
 LORA_H100 = "bench/bench_lora_h100.json"  # with capture_parts; shapetune_warm = every capture after the full warm-ups
 LORA_HOTSWAP = "bench/bench_lora_hotswap_h100.json"  # bench_lora --hotswap: in-place switches into one adapter
 E2E_ALN = "bench/bench_e2e_h100_aln.json"  # add_layer_norm served; shapetune_noaln = without it, same run
+# the between-op fusions with their opt-outs in one run: shapetune_noaln (add_layer_norm), shapetune_noshift
+# (conv1's bias + time embedding in norm2's GroupNorm)
+E2E_FUSIONS = "bench/bench_e2e_h100_fusions.json"
+PIPELINE_ALL = "bench/bench_pipeline_all_h100.json"  # bench_pipeline --pipelines: every pipeline of issue 10
 COVERAGE = "bench/bench_coverage_h200.json"
 COVERAGE_SDXL = "bench/bench_coverage_sdxl_h200.json"
 
@@ -1252,6 +1256,7 @@ def end_to_end(logs: Logs) -> str:
     matrix = e2e_run(logs, E2E_MATRIX) if (logs.dir / E2E_MATRIX).exists() else []
     fixed = e2e_run(logs, E2E_FIXED) if (logs.dir / E2E_FIXED).exists() else []
     aln = e2e_run(logs, E2E_ALN) if (logs.dir / E2E_ALN).exists() else []
+    fusions = e2e_run(logs, E2E_FUSIONS) if (logs.dir / E2E_FUSIONS).exists() else []
     seq = e2e_run(logs, E2E_SEQ) if (logs.dir / E2E_SEQ).exists() else []
     return "\n\n".join([
         "## End to end: the SD 1.5 UNet step",
@@ -1262,8 +1267,11 @@ def end_to_end(logs: Logs) -> str:
         "compile or the capture; at the others the cost of a shape change: torch.compile(dynamic=False) "
         "recompiles, shapetune captures one more graph); peak: memory allocated during that shape's calls, weights "
         "included. Ratios against eager and against torch.compile reduce-overhead from the same run.",
-        *(["### The newest run: add_layer_norm served, and without it (shapetune_noaln), every mode in its own "
-           "process", *aln] if aln else []),
+        *(["### The newest run: the between-op fusions, each also turned off (shapetune_noaln: add_layer_norm; "
+           "shapetune_noshift: conv1's bias and the time embedding in norm2's GroupNorm), every mode in its own "
+           "process", *fusions] if fusions else []),
+        *([f"### {'An earlier' if fusions else 'The newest'} run: add_layer_norm served, and without it "
+           "(shapetune_noaln), every mode in its own process", *aln] if aln else []),
         *([f"### {'An earlier' if aln else 'The newest'} run: after the graph fixes, every mode in its own process",
            *fixed] if fixed else []),
         *([f"### {'An earlier' if fixed else 'The newest'} run: every mode in its own process", *iso] if iso else []),
@@ -1289,6 +1297,8 @@ def end_to_end(logs: Logs) -> str:
         "eager channels_last.",
         *([lora_parts(logs, LORA_H100)] if (logs.dir / LORA_H100).exists() else []),
         *([lora_parts(logs, LORA_HOTSWAP)] if (logs.dir / LORA_HOTSWAP).exists() else []),
+        *([pipeline_table(logs, PIPELINE_ALL, "### Every pipeline: StableDiffusion, Img2Img, Inpaint, AltDiffusion, "
+                          "StableDiffusionXL")] if (logs.dir / PIPELINE_ALL).exists() else []),
         *([pipeline_table(logs, PIPELINE_H100, "### The full pipeline: the newest run")]
           if (logs.dir / PIPELINE_H100).exists() else []),
         pipeline_table(logs, PIPELINE, "### The full pipeline" if not (logs.dir / PIPELINE_H100).exists()

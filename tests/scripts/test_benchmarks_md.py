@@ -258,3 +258,27 @@ def test_per_family_bucket_runs_of_either_card_state_the_card_and_the_note():
         if note := notes.get(f"bench/{p.name}", {}).get("note"):
             assert f"- {note}" in sec
     assert "is a small budget against the 32 of the linear table above" in sec
+
+
+def test_the_next_runs_sections_render_where_their_json_exists(logs_copy):
+    """bench_e2e's fusion A/B (shapetune_noaln, shapetune_noshift) and bench_pipeline --pipelines each get a
+    section once their JSON is committed: here a copy of a committed run with those modes / pipelines."""
+    root, _ = logs_copy
+    bench = root / "tuning_logs" / "bench"
+    e2e = json.loads((bench / "bench_e2e_h100_isolated.json").read_text())
+    for mode in ("shapetune_noaln", "shapetune_noshift"):
+        e2e["rows"][mode] = dict(e2e["rows"]["shapetune"])
+    e2e["args"]["modes"] += ",shapetune_noaln,shapetune_noshift"
+    (root / "tuning_logs" / mb.E2E_FUSIONS).write_text(json.dumps(e2e))
+    pipe = json.loads((bench / "bench_pipeline_h100.json").read_text())
+    pipe["rows"] = [dict(r, pipeline=k) for k in ("text2img", "sdxl") for r in pipe["rows"] if r["mode"] != "compile_ro"]
+    (root / "tuning_logs" / mb.PIPELINE_ALL).write_text(json.dumps(pipe))
+    prov = json.loads((bench / "provenance.json").read_text())
+    for rel, src in ((mb.E2E_FUSIONS, "bench/bench_e2e_h100_isolated.json"), (mb.PIPELINE_ALL, mb.PIPELINE_H100)):
+        prov["files"][rel] = prov["files"][src]
+    (bench / "provenance.json").write_text(json.dumps(prov))
+    text = mb.render(root)
+    e2e_md = section(text, "End to end")
+    assert "### The newest run: the between-op fusions" in e2e_md
+    assert "kernels.optimize(unet, fuse_norm_shift=False): CUDA graphs" in e2e_md
+    assert "### Every pipeline:" in e2e_md and "| StableDiffusionXLPipeline | 1x512 | kernels.optimize(pipe) |" in e2e_md
