@@ -11,11 +11,13 @@ attention projection has 128 such layers). Here lora_B's GEMM accumulates into t
 cuBLAS with beta = 1: one kernel, one pass, the same sum rounded once after fp32 accumulation instead of
 three times in fp16. The base layer (shapetune::linear) and lora_A (a patched nn.Linear) run as before.
 
-Only PEFT's vanilla path is taken this way: adapters enabled and not merged, no mixed-batch
-`adapter_names` (or other arguments), each active adapter without a variant (DoRA, ...), its dropout
-the identity (eval, or p = 0), lora_A and lora_B plain nn.Linear without bias on B, a Python number
-as its scaling, x in the adapters' dtype and device, no autograd, not under torch.compile. Anything
-else runs PEFT's own forward, unchanged (counted ("lora_linear", "peft")). Nothing is cached: weights,
+Merged adapters (their deltas in the base weight: `fuse_lora`) and disabled ones run the base layer
+alone, as PEFT does, with the fusions of a plain Linear (counted ("lora_linear", "base")), except disabled
+ones still merged, which PEFT unmerges in its forward. Otherwise only PEFT's vanilla path is taken this
+way: no mixed-batch `adapter_names` (or other arguments), each active adapter without a variant (DoRA,
+...), its dropout the identity (eval, or p = 0), lora_A and lora_B plain nn.Linear without bias on B, a
+Python number as its scaling, x in the adapters' dtype and device, no autograd, not under
+torch.compile. Anything else runs PEFT's own forward, unchanged (counted ("lora_linear", "peft")). Nothing is cached: weights,
 scales and active adapters are read on every call, so set_adapters, hotswaps and in-place writes take
 effect as in PEFT.
 """
@@ -60,12 +62,16 @@ def _vanilla(layer: nn.Module, name: str, x: torch.Tensor) -> bool:
 
 
 def served(layer: nn.Module, x: torch.Tensor) -> list[str] | None:
-    """The active adapters of `layer` whose deltas are added here for input x (possibly none), or None
-    where PEFT's forward must run: fuse_lora_add off, adapters disabled or merged (PEFT's forward merges
-    and unmerges as a side effect), autograd, torch.compile, or an active adapter that is not vanilla."""
-    if (not layer.__dict__.get(ATTR, True) or layer.disable_adapters or layer.merged
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    """The active adapters of `layer` whose deltas are added here for input x (none: the base layer alone,
+    as PEFT runs it for merged adapters, whose deltas its weight holds, and for disabled ones), or None
+    where PEFT's forward must run: fuse_lora_add off, adapters disabled while merged (PEFT's forward then
+    unmerges, a side effect), autograd, torch.compile, or an active adapter that is not vanilla."""
+    if not layer.__dict__.get(ATTR, True) or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
+    if layer.disable_adapters:
+        return None if layer.merged else []
+    if layer.merged:
+        return []
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     return active if all(_vanilla(layer, a, x) for a in active) else None
 
@@ -96,6 +102,9 @@ def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         count("lora_linear", "peft")
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
+    if not active:  # merged or disabled adapters (or none active): PEFT's forward is the base layer's
+        count("lora_linear", "base")
+        return result
     if result.dtype != x.dtype or not result.is_contiguous():
         count("lora_linear", "peft")
         for a in active:

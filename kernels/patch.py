@@ -330,7 +330,7 @@ def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -
         return None
     out = call_op("linear_residual", x, base.weight, base.bias, residual)
     if base is not proj:
-        count("lora_linear", "fused")
+        count("lora_linear", "fused" if active else "base")
         lora.add_deltas(proj, x, out, active)
     return out
 

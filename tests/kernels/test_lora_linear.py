@@ -97,7 +97,7 @@ def test_a_lora_layer_that_peft_must_run_unpacks_only_its_attention(empty_regist
     assert _calls(empty_registry) == {"packed": PACKED - 3, "fused": LAYERS - PACKED + 2, "peft": 1}
 
 
-@pytest.mark.parametrize("case", ["merged", "disabled", "train_dropout", "grad", "tensor_scale", "opted_out"])
+@pytest.mark.parametrize("case", ["merged_then_disabled", "train_dropout", "grad", "tensor_scale", "opted_out"])
 def test_what_it_does_not_cover_runs_peft_and_still_matches(empty_registry, case):
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -107,10 +107,9 @@ def test_what_it_does_not_cover_runs_peft_and_still_matches(empty_registry, case
     for m in (eager, opt):
         m.set_adapters(["a"])
         layers = [mod for mod in m.modules() if isinstance(mod, LoraLinear)]
-        if case == "merged":
+        if case == "merged_then_disabled":  # PEFT's forward unmerges first: a side effect only it has
             for mod in layers:
                 mod.merge()
-        elif case == "disabled":
             m.disable_adapters()
         elif case == "train_dropout":  # p > 0 in training: PEFT's dropout (seeded alike below)
             for mod in layers:
@@ -133,6 +132,36 @@ def test_what_it_does_not_cover_runs_peft_and_still_matches(empty_registry, case
     torch.testing.assert_close(out, ref, **TOL)
     calls = _calls(empty_registry)
     assert calls.get("fused", 0) == 0 and calls.get("peft", 0) == LAYERS, calls
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled"])
+def test_merged_or_disabled_adapters_keep_every_fusion_of_the_base_layers(empty_registry, case):
+    """A fused LoRA (PEFT merge: its deltas written into the base weights, in place) and disabled adapters
+    run the base layers alone, as PEFT does: the same GEMMs as the LoRA-less forward (q/k/v packed, the
+    residual adds in to_out.0's epilogue), no lora_A GEMM, and PEFT's result. Before, both ran PEFT's
+    forward on every LoRA layer: q, k and v as three GEMMs and each residual add a pass of its own."""
+    eager, opt = pair()
+    kernels.patch(opt)
+    x = inputs()
+    empty_registry.calls.clear()
+    base = _run(opt, x)
+    gemms = _linear_calls(empty_registry)
+    _with_loras(eager, opt)
+    kernels.patch(opt)
+    for m in (eager, opt):
+        m.set_adapters(["a", "b"], [0.5, 1.5])
+        if case == "merged":
+            for mod in m.modules():
+                if hasattr(mod, "merge") and hasattr(mod, "lora_A"):
+                    mod.merge()
+        else:
+            m.disable_adapters()
+    empty_registry.calls.clear()
+    ref, out = _run(eager, x), _run(opt, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert ((ref - base).abs().max() > OBSERVED) == (case == "merged")  # merged deltas count, disabled ones not
+    assert _linear_calls(empty_registry) == gemms
+    assert set(_calls(empty_registry)) <= {"base"}, _calls(empty_registry)
 
 
 def test_unpatch_gives_peft_its_forward_back(empty_registry):
