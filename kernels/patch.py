@@ -106,6 +106,7 @@ from . import temb as temb_
 from .attention import attention
 from .custom_op import call_op
 from .dispatch import count
+from .elementwise import gelu_gate
 from .conv import conv2d_tuned
 from .norm import add_layer_norm_tuned, group_norm_shift_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
@@ -191,11 +192,17 @@ def _silu_forward(self, x):
 
 
 def _geglu_forward(self, hidden_states, *args, **kwargs):
+    """diffusers GEGLU: one geglu call (proj's GEMM with h * gelu(g) in its epilogue) where proj is a plain
+    Linear with a bias; where proj is a PEFT LoRA layer around a patched Linear (kernels/lora.py adds its
+    deltas) or has no bias, its output then h * gelu(g) as one pass (kernels.elementwise.gelu_gate, tuned
+    where one serves the shape) instead of diffusers' chunk, gelu and multiply. Else diffusers' forward."""
     proj = self.proj
-    bias = proj.bias if type(proj) is nn.Linear else None
-    if bias is None:  # e.g. a LoRA layer around proj
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    return call_op("geglu", hidden_states, proj.weight, bias)
+    if type(proj) is nn.Linear and proj.bias is not None:
+        return call_op("geglu", hidden_states, proj.weight, proj.bias)
+    if (base_linear(proj) is not None and not args and not kwargs and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return gelu_gate(proj(hidden_states))
+    return type(self).forward(self, hidden_states, *args, **kwargs)
 
 
 def _gelu_forward(self, hidden_states):

@@ -191,3 +191,24 @@ def test_a_lora_on_to_out_computes_each_attention_once(empty_registry):
     ref, out = _run(eager, x), _run(opt, x)
     torch.testing.assert_close(out, ref, **TOL)
     assert sum(n for (op, _), n in empty_registry.calls.items() if op == "attention") == 8  # 4 blocks x 2
+
+
+def test_a_lora_on_the_geglu_projection_keeps_the_gate_in_one_pass(empty_registry):
+    """A LoRA on the FeedForward's GEGLU projection (ff.net.0.proj, a common LoRA target): the projection
+    with its delta, then h * gelu(g) as one gelu_gate pass, as with no LoRA (before: diffusers' chunk, gelu
+    and multiply, three kernels), matching PEFT."""
+    from peft import LoraConfig
+
+    eager, opt = pair()
+    x = inputs()
+    base = _run(eager, x)
+    for m in (eager, opt):
+        torch.manual_seed(5)  # the same random A and B in both
+        m.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["ff.net.0.proj"], init_lora_weights=False))
+    kernels.patch(opt)
+    empty_registry.calls.clear()
+    ref, out = _run(eager, x), _run(opt, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert (ref - base).abs().max() > OBSERVED
+    assert sum(n for (op, _), n in empty_registry.calls.items() if op == "gelu_gate") == 4  # one per block
+    assert _calls(empty_registry) == {"fused": 4}
