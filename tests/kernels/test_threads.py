@@ -97,3 +97,24 @@ def test_a_patched_model_still_deep_copies(empty_registry):
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(twin(**x).sample, eager(**x).sample, **TOL)
+
+
+def test_two_threads_each_with_a_pipeline_over_the_same_optimized_models(empty_registry):
+    """The README's recipe for a threaded server: one optimized set of models, a pipeline per thread (its
+    own scheduler), both threads generating at once; each image equals eager's."""
+    from scheduler.pipelines import build_pipeline, run_pipeline
+
+    pipe = build_pipeline("text2img")
+    ref = {s: run_pipeline(pipe, "text2img", 2, 64, 64, seed=s) for s in (1, 2)}
+    kernels.optimize(pipe)
+    other = type(pipe)(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+    out = {}
+    threads = [threading.Thread(target=lambda p=p, s=s: out.__setitem__(s, run_pipeline(p, "text2img", 2, 64, 64,
+                                                                                         seed=s)))
+               for p, s in ((pipe, 1), (other, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for s in (1, 2):
+        torch.testing.assert_close(out[s], ref[s], atol=1e-4, rtol=0)
