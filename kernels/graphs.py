@@ -28,6 +28,9 @@ the next call, counted `invalidated`):
     parameter / buffer registration hooks flag a possible change, then the tree is compared; a changed
     tree is re-patched (`repatch`, e.g. kernels.patch, so new Linear layers of a LoRA are served too).
   - the kernel registry in use (kernels.set_registry).
+  - each attention's processor (`set_attn_processor`, `set_processor`: diffusers keeps a processor that is
+    no nn.Module as a plain attribute, which no registration hook sees; held in the baked state, so an
+    old processor's id cannot come back as a new one's).
 PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
 of each graph's key instead: switching between two LoRAs captures each once and replays it after that.
 Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
@@ -274,6 +277,7 @@ class GraphedCall:
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
+        self._attns: list[nn.Module] = []  # modules with an attention processor (diffusers Attention)
         self._baked: tuple | None = None  # what the current graphs were captured against
         self._had_instance_attr = method in module.__dict__
         self._previous = module.__dict__.get(method)
@@ -304,6 +308,7 @@ class GraphedCall:
             self._tree = tree
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
             self._peft = [m for m in mods if _is_peft_layer(m)]
+            self._attns = [m for m in mods if callable(getattr(type(m), "set_processor", None))]
 
     def _adapter_state(self) -> tuple:
         """PEFT adapter state (active adapters, scales, merged, disabled): Python values the forward reads,
@@ -316,7 +321,8 @@ class GraphedCall:
 
         self._refresh_tree()
         # map over the unbound method: 49 against 113 us a call for SD 1.5's 686 tensors (2-core CPU host)
-        return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), id(get_registry()))
+        return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), id(get_registry()),
+                tuple(a.processor for a in self._attns))
 
     # -- the call ---------------------------------------------------------------------------------------
     def _eager(self, cause: str, args, kwargs):

@@ -85,6 +85,35 @@ def test_replay_equals_the_patched_eager_run_one_capture_per_shape():
     torch.testing.assert_close(b, _run(unet, _inputs(batch=1, seed=5)), atol=0, rtol=0)
 
 
+class _Scaled:
+    """An attention processor that is no nn.Module (diffusers keeps it as a plain attribute): diffusers'
+    SDPA processor with its output scaled."""
+
+    def __init__(self, factor: float):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner, self.factor = AttnProcessor2_0(), factor
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self.inner(attn, hidden_states, *args, **kwargs) * self.factor
+
+
+def test_an_attention_processor_set_after_capture_is_captured_again():
+    """Defect (before: the replays kept the processor of the capture): `set_processor` after a capture
+    drops the graphs; the next call captures the new processor and matches eager with it."""
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = _inputs()
+    _run(unet, x)
+    for m in (eager, unet):
+        m.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(_Scaled(3.0))
+    ref = _run(eager, x)
+    assert _rel(_run(unet, x), ref) < 1e-2
+    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2, g.stats
+
+
 def test_lru_bound_evicts_the_least_recent_graph():
     unet = _unet()
     rep = kernels.optimize(unet, max_graphs=2)

@@ -1,10 +1,11 @@
-"""kernels.graphs' choices that need no GPU: how many warm-up runs a capture gets. A LoRA switch (a
-signature already captured under another PEFT adapter state) takes `rewarmup` runs; a new shape, or a
-module whose graphs were dropped, takes `warmup`. The captures themselves are tested on the GPU
-(tests/kernels/test_graphs_gpu.py)."""
+"""kernels.graphs' choices that need no GPU: how many warm-up runs a capture gets (a LoRA switch, a
+signature already captured under another PEFT adapter state, takes `rewarmup` runs; a new shape, or a
+module whose graphs were dropped, takes `warmup`), and what a graph baked in (an attention's processor).
+The captures themselves are tested on the GPU (tests/kernels/test_graphs_gpu.py)."""
 
 from __future__ import annotations
 
+import pytest
 from torch import nn
 
 from kernels.graphs import GraphedCall
@@ -25,4 +26,24 @@ def test_a_signature_captured_under_another_adapter_state_skips_the_warmups():
     g.graphs.clear()  # what a weight-storage or tree change does
     assert g._warmups_for(_key((2, 4), (("b",),))) == 2
     assert GraphedCall(nn.Linear(4, 4), warmup=2, rewarmup=5).rewarmup == 2  # never more than warmup
+    g.uninstall()
+
+
+def test_a_new_attention_processor_changes_what_the_graphs_were_baked_against():
+    """Defect (before: not part of the state): an attention processor that is no nn.Module is a plain
+    attribute to diffusers, so `set_attn_processor` after a capture changed nothing a GraphedCall looked at
+    and its replays kept running the old processor. Now the processors are part of the baked state: a
+    change drops the graphs (re-captured on the next call), as a replaced parameter does."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ._tiny_unet import pair
+
+    _, unet = pair()
+    g = GraphedCall(unet)
+    before = g._state()
+    assert g._state() == before  # nothing changed: the same state
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn.set_processor(AttnProcessor2_0())  # no nn.Module: no registration hook fires
+    assert g._state() != before
     g.uninstall()
