@@ -31,6 +31,8 @@ the next call, counted `invalidated`):
   - each attention's processor (`set_attn_processor`, `set_processor`: diffusers keeps a processor that is
     no nn.Module as a plain attribute, which no registration hook sees; held in the baked state, so an
     old processor's id cannot come back as a new one's).
+  - the Python settings diffusers' forwards read and users set between calls (`_SETTINGS`): FreeU's
+    factors on the UNet's up blocks (`enable_freeu` / `disable_freeu`), the VAE's slicing and tiling.
 PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
 of each graph's key instead: switching between two LoRAs captures each once and replays it after that.
 Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
@@ -194,6 +196,17 @@ def _track(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
     _live.setdefault(idx, weakref.WeakSet()).add(graph)
 
 
+#: Python values diffusers' forwards read (a branch or a factor a graph bakes in) that users set between
+#: calls, as instance attributes: FreeU's on the UNet's up blocks (enable_freeu sets them, disable_freeu
+#: sets them to None), a VAE's slicing and tiling (enable_slicing, enable_tiling and its tile sizes)
+_SETTINGS = ("s1", "s2", "b1", "b2", "use_slicing", "use_tiling", "tile_sample_min_size", "tile_latent_min_size",
+             "tile_overlap_factor")
+
+
+def _has_settings(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("UpBlock2D") or "use_tiling" in m.__dict__
+
+
 def graphs_enabled() -> bool:
     return os.environ.get("SHAPETUNE_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -278,6 +291,7 @@ class GraphedCall:
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
         self._attns: list[nn.Module] = []  # modules with an attention processor (diffusers Attention)
+        self._settable: list[dict] = []  # the __dict__ of each module with _SETTINGS (up blocks, VAEs)
         self._baked: tuple | None = None  # what the current graphs were captured against
         self._had_instance_attr = method in module.__dict__
         self._previous = module.__dict__.get(method)
@@ -309,6 +323,7 @@ class GraphedCall:
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
             self._peft = [m for m in mods if _is_peft_layer(m)]
             self._attns = [m for m in mods if callable(getattr(type(m), "set_processor", None))]
+            self._settable = [m.__dict__ for m in mods if _has_settings(m)]
 
     def _adapter_state(self) -> tuple:
         """PEFT adapter state (active adapters, scales, merged, disabled): Python values the forward reads,
@@ -322,7 +337,7 @@ class GraphedCall:
         self._refresh_tree()
         # map over the unbound method: 49 against 113 us a call for SD 1.5's 686 tensors (2-core CPU host)
         return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), id(get_registry()),
-                tuple(a.processor for a in self._attns))
+                tuple(a.processor for a in self._attns), tuple(d.get(k) for d in self._settable for k in _SETTINGS))
 
     # -- the call ---------------------------------------------------------------------------------------
     def _eager(self, cause: str, args, kwargs):

@@ -114,6 +114,22 @@ def test_an_attention_processor_set_after_capture_is_captured_again():
     assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2, g.stats
 
 
+def test_freeu_enabled_after_capture_is_captured_again():
+    """Defect (before: the replays kept the capture's branch): enable_freeu sets plain attributes the up
+    blocks' forwards read; after it, the next call captures again and matches eager with FreeU."""
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = _inputs()
+    _run(unet, x)
+    for m in (eager, unet):
+        m.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    ref = _run(eager, x)
+    assert _rel(_run(unet, x), ref) < 1e-2
+    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2, g.stats
+
+
 def test_lru_bound_evicts_the_least_recent_graph():
     unet = _unet()
     rep = kernels.optimize(unet, max_graphs=2)

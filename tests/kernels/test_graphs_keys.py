@@ -47,3 +47,29 @@ def test_a_new_attention_processor_changes_what_the_graphs_were_baked_against():
     attn.set_processor(AttnProcessor2_0())  # no nn.Module: no registration hook fires
     assert g._state() != before
     g.uninstall()
+
+
+def test_freeu_and_vae_tiling_change_what_the_graphs_were_baked_against():
+    """Defect (before: not part of the state): FreeU's factors (set on the UNet's up blocks by
+    enable_freeu, read by their forwards) and a VAE's tiling / slicing flags are plain attributes; set
+    after a capture, the replays kept the branch and factors of the capture. Now a change drops the graphs."""
+    diffusers = pytest.importorskip("diffusers")
+    from scheduler.sd_configs import TINY_VAE
+
+    from ._tiny_unet import pair
+
+    _, unet = pair()
+    g = GraphedCall(unet)
+    before = g._state()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    on = g._state()
+    assert on != before
+    unet.disable_freeu()
+    assert g._state() != on
+    g.uninstall()
+    vae = diffusers.AutoencoderKL(**TINY_VAE)
+    gv = GraphedCall(vae, "decode")
+    before = gv._state()
+    vae.enable_tiling()
+    assert gv._state() != before
+    gv.uninstall()
