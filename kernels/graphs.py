@@ -30,7 +30,8 @@ the next call, counted `invalidated`):
   - the kernel registry in use (kernels.set_registry).
   - each attention's processor (`set_attn_processor`, `set_processor`: diffusers keeps a processor that is
     no nn.Module as a plain attribute, which no registration hook sees; held in the baked state, so an
-    old processor's id cannot come back as a new one's).
+    old processor's id cannot come back as a new one's), with the values of its `scale` (IP-Adapter's
+    per-adapter scales, which `set_ip_adapter_scale` writes into the processor's list in place).
   - the Python settings diffusers' forwards read and users set between calls (`_SETTINGS`): FreeU's
     factors on the UNet's up blocks (`enable_freeu` / `disable_freeu`), the VAE's slicing and tiling.
 PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
@@ -203,6 +204,13 @@ _SETTINGS = ("s1", "s2", "b1", "b2", "use_slicing", "use_tiling", "tile_sample_m
              "tile_overlap_factor")
 
 
+def _processor_state(p) -> Any:
+    """An attention processor as a graph bakes it in: the object, and the values of its `scale` where it
+    has one (a list written in place: copied)."""
+    scale = getattr(p, "__dict__", {}).get("scale")
+    return p if scale is None else (p, tuple(scale) if isinstance(scale, list) else scale)
+
+
 def _has_settings(m: nn.Module) -> bool:
     return type(m).__name__.endswith("UpBlock2D") or "use_tiling" in m.__dict__
 
@@ -337,7 +345,8 @@ class GraphedCall:
         self._refresh_tree()
         # map over the unbound method: 49 against 113 us a call for SD 1.5's 686 tensors (2-core CPU host)
         return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), id(get_registry()),
-                tuple(a.processor for a in self._attns), tuple(d.get(k) for d in self._settable for k in _SETTINGS))
+                tuple(_processor_state(a.processor) for a in self._attns),
+                tuple(d.get(k) for d in self._settable for k in _SETTINGS))
 
     # -- the call ---------------------------------------------------------------------------------------
     def _eager(self, cause: str, args, kwargs):

@@ -35,7 +35,7 @@ def test_a_new_attention_processor_changes_what_the_graphs_were_baked_against():
     and its replays kept running the old processor. Now the processors are part of the baked state: a
     change drops the graphs (re-captured on the next call), as a replaced parameter does."""
     pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
     from ._tiny_unet import pair
 
@@ -46,6 +46,12 @@ def test_a_new_attention_processor_changes_what_the_graphs_were_baked_against():
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     attn.set_processor(AttnProcessor2_0())  # no nn.Module: no registration hook fires
     assert g._state() != before
+    # an IP-Adapter processor's scales, which set_ip_adapter_scale writes into its list in place
+    attn2 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    attn2.set_processor(IPAdapterAttnProcessor2_0(attn2.inner_dim, attn2.cross_attention_dim, scale=1.0))
+    with_ip = g._state()
+    attn2.processor.scale[0] = 0.5
+    assert g._state() != with_ip
     g.uninstall()
 
 
