@@ -27,7 +27,8 @@ the next call, counted `invalidated`):
   - the module tree (an adapter added or removed, a submodule replaced): torch's global module /
     parameter / buffer registration hooks flag a possible change, then the tree is compared; a changed
     tree is re-patched (`repatch`, e.g. kernels.patch, so new Linear layers of a LoRA are served too).
-  - the kernel registry in use (kernels.set_registry).
+  - the kernel registry in use (kernels.set_registry; held by reference while graphs baked against it
+    live, so the kernels they launch stay loaded).
   - each attention's processor (`set_attn_processor`, `set_processor`: diffusers keeps a processor that is
     no nn.Module as a plain attribute, which no registration hook sees; held in the baked state, so an
     old processor's id cannot come back as a new one's), with the values of its `scale` (IP-Adapter's
@@ -344,7 +345,9 @@ class GraphedCall:
 
         self._refresh_tree()
         # map over the unbound method: 49 against 113 us a call for SD 1.5's 686 tensors (2-core CPU host)
-        return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), id(get_registry()),
+        # the registry itself, not its id: held while graphs baked against it live, its loaded kernels stay
+        # loaded (a graph launches them by handle), and a new registry at a freed one's address is no match
+        return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), get_registry(),
                 tuple(_processor_state(a.processor) for a in self._attns),
                 tuple(d.get(k) for d in self._settable for k in _SETTINGS))
 

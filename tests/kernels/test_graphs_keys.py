@@ -79,3 +79,30 @@ def test_freeu_and_vae_tiling_change_what_the_graphs_were_baked_against():
     vae.enable_tiling()
     assert gv._state() != before
     gv.uninstall()
+
+
+def test_the_registry_graphs_were_baked_against_stays_alive_with_them(tmp_path):
+    """Defect (before: its id only): a registry replaced by kernels.set_registry while graphs captured
+    against it lived could be freed, unloading the kernels those graphs launch by handle, and a new
+    registry allocated at its address matched the stale id, so the graphs were not dropped. The baked
+    state now holds the registry itself."""
+    import gc
+    import weakref
+
+    import kernels
+    from shapetune.target import detect
+
+    old = kernels.Registry(db_path=tmp_path / "a.db", target=detect("llvm"))
+    prev = kernels.set_registry(old)
+    try:
+        g = GraphedCall(nn.Linear(4, 4))
+        g._baked = g._state()  # what a capture records
+        ref = weakref.ref(old)
+        kernels.set_registry(kernels.Registry(db_path=tmp_path / "b.db", target=detect("llvm")))
+        del old
+        gc.collect()
+        assert ref() is not None  # alive while the graphs baked against it are
+        assert g._state() != g._baked  # and the new registry is no match
+        g.uninstall()
+    finally:
+        kernels.set_registry(prev)
