@@ -319,12 +319,14 @@ class GraphedCall:
     def _refresh_tree(self) -> None:
         if self._epoch == _tree_epoch[0]:
             return
+        # the modules themselves, compared by identity: a module's id could come back as a new module's once
+        # it is freed (`del m.sub` then a new one assigned), and the change would not be seen
         mods = list(self.module.modules())
-        tree = tuple(map(id, mods))
+        tree = tuple(mods)
         if tree != self._tree and self._tree and self.repatch is not None:
             self.repatch(self.module)
             mods = list(self.module.modules())
-            tree = tuple(map(id, mods))
+            tree = tuple(mods)
         self._epoch = _tree_epoch[0]
         self._foreign = any(map(packing.foreign_hooks, mods))
         if tree != self._tree:

@@ -106,3 +106,23 @@ def test_the_registry_graphs_were_baked_against_stays_alive_with_them(tmp_path):
         g.uninstall()
     finally:
         kernels.set_registry(prev)
+
+
+def test_a_submodule_deleted_then_replaced_changes_the_tree():
+    """Defect (before: the tree was its modules' ids): `del model.sub` frees the submodule, and a new one
+    assigned after it can be allocated at its address, so the tree of ids looked unchanged and the graphs
+    kept replaying the old submodule's weights. The tree now holds its modules (identity compared): the old
+    one stays referenced until the tree is refreshed, and the new one is no match."""
+    import gc
+    import weakref
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    g = GraphedCall(m)
+    before = g._state()
+    ref = weakref.ref(m[1])
+    del m[1]
+    gc.collect()
+    assert ref() is not None  # still part of the tree the graphs were baked against
+    m.append(nn.Linear(4, 4))
+    assert g._state() != before
+    g.uninstall()
