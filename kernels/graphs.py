@@ -353,6 +353,22 @@ class GraphedCall:
                 tuple(_processor_state(a.processor) for a in self._attns),
                 tuple(d.get(k) for d in self._settable for k in _SETTINGS))
 
+    def _check_baked(self) -> None:
+        """Drop the graphs where what they were baked against changed (counted `invalidated`). A change of
+        storage (`.to()` there and back, a replaced Parameter) also gives each packing it broke
+        (kernels/qkv.py, temb.py, ctxkv.py: Parameters re-pointed at rows of one storage) its storage back:
+        `repatch` packs again, before the next capture."""
+        state = self._state()
+        if state == self._baked:
+            return
+        if self.graphs:
+            self.stats["invalidated"] += 1
+            self.graphs.clear()
+        if self._baked is not None and self.repatch is not None and state[1] != self._baked[1]:
+            self.repatch(self.module)
+            state = self._state()
+        self._baked = state
+
     # -- the call ---------------------------------------------------------------------------------------
     def _eager(self, cause: str, args, kwargs):
         self.stats[cause] += 1
@@ -390,12 +406,7 @@ class GraphedCall:
             hash(key)
         except TypeError:
             return _Eager("unhashable_arg")
-        state = self._state()
-        if state != self._baked:
-            if self.graphs:
-                self.stats["invalidated"] += 1
-                self.graphs.clear()
-            self._baked = state
+        self._check_baked()
         if key not in self.graphs and self.pad_batch:
             padded = self._padded(key, tensors)
             if padded is not None:

@@ -6,7 +6,10 @@ The captures themselves are tested on the GPU (tests/kernels/test_graphs_gpu.py)
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
+
+import kernels
 
 from kernels.graphs import GraphedCall
 
@@ -89,7 +92,6 @@ def test_the_registry_graphs_were_baked_against_stays_alive_with_them(tmp_path):
     import gc
     import weakref
 
-    import kernels
     from shapetune.target import detect
 
     old = kernels.Registry(db_path=tmp_path / "a.db", target=detect("llvm"))
@@ -126,3 +128,32 @@ def test_a_submodule_deleted_then_replaced_changes_the_tree():
     m.append(nn.Linear(4, 4))
     assert g._state() != before
     g.uninstall()
+
+
+def test_storage_moved_there_and_back_is_packed_again(empty_registry):
+    """`.to()` there and back (e.g. a pipeline moved to the CPU and back) gives every Parameter new storage,
+    which breaks the packings (q/k/v, the shared k/v and time-embedding GEMMs: Parameters re-pointed at rows
+    of one storage). Before, the model then ran the projections apart for good; now the GraphedCall that
+    sees the storage change re-patches, which packs them again before the next capture."""
+    from kernels import qkv
+
+    from ._tiny_unet import TOL, inputs, linear_calls, pair
+
+    eager, unet = pair()
+    rep = kernels.optimize(unet)
+    g = rep.components["model"].graphs["forward"]
+    x = inputs()
+    with torch.no_grad():
+        empty_registry.calls.clear()
+        unet(**x)
+        packed_gemms = linear_calls(empty_registry)
+    g._baked = g._state()  # what a capture records
+    unet.double().float()
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert not attn.__dict__[qkv._ATTR].intact(attn)
+    g._check_baked()
+    assert attn.__dict__[qkv._ATTR].intact(attn)
+    with torch.no_grad():
+        empty_registry.calls.clear()
+        torch.testing.assert_close(unet(**x).sample, eager(**x).sample, **TOL)
+    assert linear_calls(empty_registry) == packed_gemms
