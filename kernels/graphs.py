@@ -346,18 +346,19 @@ class GraphedCall:
         from .registry import get_registry
 
         self._refresh_tree()
-        # map over the unbound method: 49 against 113 us a call for SD 1.5's 686 tensors (2-core CPU host)
-        # the registry itself, not its id: held while graphs baked against it live, its loaded kernels stay
-        # loaded (a graph launches them by handle), and a new registry at a freed one's address is no match
+        # data pointers: a map over the unbound method, 49 against 113 us a call for SD 1.5's 686 tensors
+        # (2-core CPU host). The registry itself, not its id: held while graphs baked against it live, its
+        # loaded kernels stay loaded (a graph launches them by handle), and a new registry at a freed one's
+        # address is no match
         return (self._tree, list(map(torch.Tensor.data_ptr, self._tensors)), get_registry(),
                 tuple(_processor_state(a.processor) for a in self._attns),
                 tuple(d.get(k) for d in self._settable for k in _SETTINGS))
 
     def _check_baked(self) -> None:
         """Drop the graphs where what they were baked against changed (counted `invalidated`). A change of
-        storage (`.to()` there and back, a replaced Parameter) also gives each packing it broke
-        (kernels/qkv.py, temb.py, ctxkv.py: Parameters re-pointed at rows of one storage) its storage back:
-        `repatch` packs again, before the next capture."""
+        storage (`.to()` there and back, a replaced Parameter) also re-patches (`repatch`), which packs
+        again the projections it unpacked (kernels/qkv.py, temb.py, ctxkv.py: Parameters re-pointed at rows
+        of one storage), before the next capture."""
         state = self._state()
         if state == self._baked:
             return
