@@ -192,12 +192,13 @@ def _silu_forward(self, x):
 
 
 def _geglu_forward(self, hidden_states, *args, **kwargs):
-    """diffusers GEGLU: one geglu call (proj's GEMM with h * gelu(g) in its epilogue) where proj is a plain
-    Linear with a bias; where proj is a PEFT LoRA layer around a patched Linear (kernels/lora.py adds its
-    deltas) or has no bias, its output then h * gelu(g) as one pass (kernels.elementwise.gelu_gate, tuned
-    where one serves the shape) instead of diffusers' chunk, gelu and multiply. Else diffusers' forward."""
+    """diffusers GEGLU: one geglu call (proj's GEMM with h * gelu(g) in its epilogue) where proj is a patched
+    plain Linear with a bias; where proj is a PEFT LoRA layer around a patched Linear (kernels/lora.py adds
+    its deltas) or has no bias, its output then h * gelu(g) as one pass (kernels.elementwise.gelu_gate, tuned
+    where one serves the shape) instead of diffusers' chunk, gelu and multiply. Else (e.g. a proj with hooks,
+    which patch leaves unpatched) diffusers' forward, which calls proj as a module."""
     proj = self.proj
-    if type(proj) is nn.Linear and proj.bias is not None:
+    if type(proj) is nn.Linear and proj.__dict__.get(_MARK) == "linear" and proj.bias is not None:
         return call_op("geglu", hidden_states, proj.weight, proj.bias)
     if (base_linear(proj) is not None and not args and not kwargs and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
@@ -208,7 +209,8 @@ def _geglu_forward(self, hidden_states, *args, **kwargs):
 def _gelu_forward(self, hidden_states):
     """diffusers GELU: gelu(proj(x)) as one linear_gelu (exact erf GELU)."""
     proj = self.proj
-    if type(proj) is not nn.Linear or self.approximate != "none":  # e.g. a LoRA layer around proj
+    # a patched plain proj only: not a LoRA layer, nor one with hooks (patch leaves those unpatched)
+    if type(proj) is not nn.Linear or proj.__dict__.get(_MARK) != "linear" or self.approximate != "none":
         return type(self).forward(self, hidden_states)
     return call_op("linear_gelu", hidden_states, proj.weight, proj.bias)
 

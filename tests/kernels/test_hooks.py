@@ -23,6 +23,7 @@ from ._tiny_unet import TOL, inputs, pair  # noqa: E402
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 FF = "up_blocks.1.attentions.0.transformer_blocks.0.ff"
+GEGLU_PROJ = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"
 CONV = "down_blocks.0.resnets.0.conv2"
 
 
@@ -53,6 +54,8 @@ def _hook_alike(eager, opt) -> None:
         _diffusers_hook(m, ATTN, Scale(1.5))
         _diffusers_hook(m, CONV, Scale(0.5))
         dict(m.named_modules())[FF].register_forward_hook(lambda _m, _i, out: out * 2)
+        # GEGLU's projection: the patched GEGLU read its weight directly and skipped the hook (before)
+        dict(m.named_modules())[GEGLU_PROJ].register_forward_hook(lambda _m, _i, out: out * 0.5)
 
 
 def test_patch_leaves_hooked_modules_on_their_own_call(empty_registry):
@@ -89,3 +92,20 @@ def test_graphs_step_aside_for_a_diffusers_hook_added_after_optimize(empty_regis
             dict(m.named_modules())[ATTN]._diffusers_hook.remove_hook("scale")
         opt(**x)
     assert g.stats["hooks"] == 2 and g.stats["cpu"] == 2
+
+
+def test_a_gelu_feedforwards_hooked_projection_runs_as_a_module(empty_registry):
+    """A FeedForward with diffusers' GELU ("gelu"): the patched GELU ran linear_gelu on its projection's
+    weight directly and skipped a hook on that projection (before); now a hooked projection is called."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    eager = FeedForward(16, activation_fn="gelu").eval()
+    opt = FeedForward(16, activation_fn="gelu").eval()
+    opt.load_state_dict(eager.state_dict())
+    for m in (eager, opt):
+        m.net[0].proj.register_forward_hook(lambda _m, _i, out: out * 0.5)
+    kernels.patch(opt)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), eager(x), **TOL)
