@@ -98,9 +98,9 @@ class _Scaled:
         return self.inner(attn, hidden_states, *args, **kwargs) * self.factor
 
 
-def test_an_attention_processor_set_after_capture_is_captured_again():
-    """Defect (before: the replays kept the processor of the capture): `set_processor` after a capture
-    drops the graphs; the next call captures the new processor and matches eager with it."""
+def _changed_after_capture_is_captured_again(change):
+    """Capture, then `change(model)` in both the eager and the optimized UNet: the next call drops the graph
+    and captures again (one invalidation), and matches eager with the change."""
     eager = _unet()
     unet = copy.deepcopy(eager)
     rep = kernels.optimize(unet)
@@ -108,26 +108,23 @@ def test_an_attention_processor_set_after_capture_is_captured_again():
     x = _inputs()
     _run(unet, x)
     for m in (eager, unet):
-        m.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(_Scaled(3.0))
+        change(m)
     ref = _run(eager, x)
     assert _rel(_run(unet, x), ref) < 1e-2
     assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2, g.stats
+
+
+def test_an_attention_processor_set_after_capture_is_captured_again():
+    """Defect (before: the replays kept the processor of the capture): `set_processor` after a capture
+    drops the graphs; the next call captures the new processor and matches eager with it."""
+    _changed_after_capture_is_captured_again(
+        lambda m: m.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(_Scaled(3.0)))
 
 
 def test_freeu_enabled_after_capture_is_captured_again():
     """Defect (before: the replays kept the capture's branch): enable_freeu sets plain attributes the up
     blocks' forwards read; after it, the next call captures again and matches eager with FreeU."""
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
-    x = _inputs()
-    _run(unet, x)
-    for m in (eager, unet):
-        m.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    ref = _run(eager, x)
-    assert _rel(_run(unet, x), ref) < 1e-2
-    assert g.stats["invalidated"] == 1 and g.stats["captured"] == 2, g.stats
+    _changed_after_capture_is_captured_again(lambda m: m.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4))
 
 
 def test_lru_bound_evicts_the_least_recent_graph():

@@ -15,6 +15,17 @@ from tests._scripts import script
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _table(tmp_path, out) -> str:
+    """BENCHMARKS.md's pipeline table made from the run's JSON `out`, as committed under tuning_logs/bench."""
+    mb = script("make_benchmarks")
+    logs = mb.Logs(tmp_path)
+    (logs.dir / "bench").mkdir(parents=True)
+    (logs.dir / mb.PIPELINE).write_text(out.read_text())
+    (logs.dir / "bench" / "provenance.json").write_text(json.dumps(
+        {"files": {mb.PIPELINE: {"command": "python scripts/bench_pipeline.py --tiny", "machine": "cpu"}}}))
+    return mb.pipeline_table(logs)
+
+
 def test_shapes_parse():
     bp = script("bench_pipeline")
     assert bp.parse_shape("2x512") == (2, 512, 512)
@@ -42,13 +53,7 @@ def test_tiny_run_rows_per_shape_and_mode(tmp_path):
     # the optimized pipeline's images match eager's at each shape (fp32 on the CPU: far above the 35 dB goal)
     assert all(r["psnr_vs_eager_db"] > 60 for r in rows if r["mode"] == "shapetune")
 
-    mb = script("make_benchmarks")
-    logs = mb.Logs(tmp_path)
-    (logs.dir / "bench").mkdir(parents=True)
-    (logs.dir / mb.PIPELINE).write_text(out.read_text())
-    (logs.dir / "bench" / "provenance.json").write_text(json.dumps(
-        {"files": {mb.PIPELINE: {"command": "python scripts/bench_pipeline.py --tiny", "machine": "cpu"}}}))
-    md = mb.pipeline_table(logs)
+    md = _table(tmp_path, out)
     assert "| 2x64x96 | kernels.optimize(pipe) |" in md and "| 1x64 | eager |" in md
 
 
@@ -85,13 +90,7 @@ def test_every_pipeline_of_issue_10_runs_and_matches_eager(tmp_path):
         assert 60 < s["psnr_vs_eager_db"] < float("inf")  # the same image, and not a copy of another pipeline's
         assert s["graphs"]["unet"]["cpu"] >= 2
 
-    mb = script("make_benchmarks")
-    logs = mb.Logs(tmp_path)
-    (logs.dir / "bench").mkdir(parents=True)
-    (logs.dir / mb.PIPELINE).write_text(out.read_text())
-    (logs.dir / "bench" / "provenance.json").write_text(json.dumps(
-        {"files": {mb.PIPELINE: {"command": "python scripts/bench_pipeline.py --tiny", "machine": "cpu"}}}))
-    md = mb.pipeline_table(logs)
+    md = _table(tmp_path, out)
     assert "| StableDiffusionXLPipeline | 1x64 | kernels.optimize(pipe) |" in md
     assert "| AltDiffusionPipeline | 1x64 | eager |" in md
 
