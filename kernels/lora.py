@@ -17,9 +17,9 @@ ones still merged, which PEFT unmerges in its forward. Otherwise only PEFT's van
 way: no mixed-batch `adapter_names` (or other arguments), each active adapter without a variant (DoRA,
 ...), its dropout the identity (eval, or p = 0), lora_A and lora_B plain nn.Linear without bias on B, a
 Python number as its scaling, x in the adapters' dtype and device, no autograd, not under
-torch.compile. Anything else runs PEFT's own forward, unchanged (counted ("lora_linear", "peft")). Nothing is cached: weights,
-scales and active adapters are read on every call, so set_adapters, hotswaps and in-place writes take
-effect as in PEFT.
+torch.compile. Anything else runs PEFT's own forward, unchanged (counted ("lora_linear", "peft")).
+Nothing is cached: weights, scales and active adapters are read on every call, so set_adapters, hotswaps
+and in-place writes take effect as in PEFT.
 """
 
 from __future__ import annotations
