@@ -29,8 +29,9 @@ def gpu_test_files(root: Path = REPO / "tests") -> list[Path]:
     return sorted(p for p in root.rglob("test_*.py") if "mark.gpu" in p.read_text())
 
 
-def run_file(path: Path, limit_s: float) -> dict:
-    """One file in its own pytest process: {"file", "outcome", "summary", "seconds", "failed"}."""
+def run_file(path: Path, limit_s: float, log_dir: Path | None = None) -> dict:
+    """One file in its own pytest process: {"file", "outcome", "summary", "seconds", "failed"}; its whole
+    output also to log_dir/<file name>.log where given (tracebacks of a run on a machine that is gone)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", str(path)]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,6 +46,9 @@ def run_file(path: Path, limit_s: float) -> dict:
         except subprocess.TimeoutExpired:
             p.kill()
             out, _ = p.communicate()
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{path.stem}.log").write_text(out)
     sums = SUMMARY.findall(out)
     summary = sums[-1] if sums else (out.strip().splitlines() or ["no output"])[-1][:200]
     failed = [line.split(" ", 1)[1][:200] for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))]
@@ -63,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="*", help="test files (default: every file using the gpu marker)")
     ap.add_argument("--limit", type=float, default=180, help="seconds per file")
     ap.add_argument("--json", default="")
+    ap.add_argument("--logs", default="", help="folder for each file's whole pytest output")
     a = ap.parse_args(argv)
     files = [Path(f).resolve() for f in a.files] or gpu_test_files()
     rows = []
     for f in files:
-        r = run_file(f, a.limit)
+        r = run_file(f, a.limit, Path(a.logs) if a.logs else None)
         rows.append(r)
         print(f"{r['outcome']:8s} {r['seconds']:7.1f} s  {r['file']}: {r['summary']}", flush=True)
         for line in r["failed"]:

@@ -28,7 +28,7 @@ def test_files_each_keep_their_outcome(tmp_path, capsys):
         files[name].write_text(BODY.format(name=name, stmt=stmt))
     (tmp_path / "conftest.py").write_text('def pytest_configure(config):\n'
                                           '    config.addinivalue_line("markers", "gpu: test")\n')
-    rc = rg.main(["--limit", "8", "--json", str(tmp_path / "out.json"),
+    rc = rg.main(["--limit", "8", "--json", str(tmp_path / "out.json"), "--logs", str(tmp_path / "logs"),
                   *(str(files[n]) for n in ("hangs", "fails", "passes"))])
     out = capsys.readouterr().out
     assert rc == 1 and len(out.splitlines()) >= 3  # a line per file (and the failure under it)
@@ -36,6 +36,7 @@ def test_files_each_keep_their_outcome(tmp_path, capsys):
     assert rows["test_passes_gpu.py"]["outcome"] == "ok" and "1 passed" in rows["test_passes_gpu.py"]["summary"]
     assert rows["test_fails_gpu.py"]["outcome"] == "failed" and rows["test_fails_gpu.py"]["failed"]
     assert rows["test_hangs_gpu.py"]["outcome"] == "timeout" and rows["test_hangs_gpu.py"]["seconds"] < 40
+    assert "assert 1 == 2" in (tmp_path / "logs" / "test_fails_gpu.log").read_text()  # the whole traceback
 
 
 def test_the_default_files_are_the_gpu_marked_ones():
