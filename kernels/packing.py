@@ -27,11 +27,8 @@ def hooked(m: nn.Module) -> bool:
     """m's call runs more than its forward: torch forward (pre-)hooks on it, or a library's hooks that wrap
     its forward (foreign_hooks). kernels.patch leaves such a module on its own forward and call: a fused
     path that skipped its call would skip what the hooks do."""
-    d = m.__dict__  # (foreign_hooks inline: this is on every fused call's path)
-    if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or "_hf_hook" in d:
-        return True
-    reg = d.get("_diffusers_hook")
-    return reg is not None and bool(getattr(reg, "hooks", None))
+    d = m.__dict__
+    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks")) or foreign_hooks(m)
 
 
 def foreign_hooks(m: nn.Module) -> bool:
