@@ -52,18 +52,18 @@ class Group(ModelGroup):
         return holds_rows(base_linear(attn.to_k), self.weight, self.bias, off, n) and \
             holds_rows(base_linear(attn.to_v), self.weight, self.bias, off + n, n)
 
-    def compute(self, ctx: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """The GEMM's output for ctx with each member's LoRA deltas added to its columns, and per member
-        the adapters' state those deltas are (qkv.lora_states; None: its columns are not served)."""
+    def compute(self, ctx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The GEMM's output for ctx with each member's LoRA deltas added to its columns, and by member's
+        first row the adapters' state those deltas are (qkv.lora_states; None: its columns are not served)."""
         out = call_op("linear", ctx, self.weight, self.bias)
-        states = []
+        states = {}
         for ref, off in zip(self.members, self.offsets):
             a = ref()
             n = a.__dict__[_ATTR][2]
             st = qkv.lora_states(a, KV, ctx)
             if st is not None and any(st):
                 qkv.add_lora_deltas(a, KV, ctx, (out[..., off:off + n], out[..., off + n:off + 2 * n]), st)
-            states.append(st)
+            states[off] = st
         return out, states
 
 
@@ -112,7 +112,7 @@ def shared(attn: nn.Module, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if not group.serve(attn, ctx, 3, itertools.chain(attn.to_k.parameters(), attn.to_v.parameters()), group.compute):
         return None
     out, states = group.out
-    st = states[group.offsets.index(off)]
+    st = states[off]
     if st is None or st != qkv.lora_states(attn, KV, ctx):
         return None
     return out[..., off:off + n], out[..., off + n:off + 2 * n]
