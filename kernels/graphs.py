@@ -40,9 +40,11 @@ of each graph's key instead: switching between two LoRAs captures each once and 
 Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
 autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
-`capturing`), a tree holding diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`)
-or accelerate hooks, whose Python decides per call what runs (`hooks`; registering or removing a
-diffusers hook is seen on the next call, an accelerate hook at the next change of the module tree), a
+`capturing`), a tree holding hooks below its root (`hooks`: torch forward (pre-)hooks, torch's global
+ones, diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`) or accelerate hooks;
+their Python runs on every call in eager and may keep state or decide per call what runs, which a
+replay would skip; registering or removing a torch or diffusers hook is seen on the next call, an
+accelerate hook at the next change of the module tree; the root's own hooks run around the graph), a
 non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a pytree of tensors
 and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a call whose capture
 failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
@@ -75,6 +77,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from . import packing
 
@@ -111,8 +114,33 @@ def _install_registration_hooks() -> None:
         m.register_module_module_registration_hook(_bump)
         m.register_module_parameter_registration_hook(_bump)
         m.register_module_buffer_registration_hook(_bump)
+        _watch_torch_hooks()
         _watch_diffusers_hooks()
         _hooks_installed = True
+
+
+def _bumping(fn):
+    @functools.wraps(fn)
+    def bumping(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _bump()
+    bumping._shapetune_bumps = True
+    return bumping
+
+
+def _watch_torch_hooks() -> None:
+    """torch's per-module forward (pre-)hooks are registered with no global callback: bump the tree epoch
+    when one is registered or any hook handle is removed, so a GraphedCall looks at its tree again (it
+    captures none that holds one below its root)."""
+    from torch.utils.hooks import RemovableHandle
+
+    for cls, name in ((nn.Module, "register_forward_hook"), (nn.Module, "register_forward_pre_hook"),
+                      (RemovableHandle, "remove")):
+        fn = getattr(cls, name)
+        if not getattr(fn, "_shapetune_bumps", False):
+            setattr(cls, name, _bumping(fn))
 
 
 def _watch_diffusers_hooks() -> None:
@@ -125,17 +153,8 @@ def _watch_diffusers_hooks() -> None:
         return
     for name in ("register_hook", "remove_hook"):
         fn = getattr(HookRegistry, name)
-        if getattr(fn, "_shapetune_bumps", False):
-            continue
-
-        @functools.wraps(fn)
-        def bumping(self, *args, _fn=fn, **kwargs):
-            try:
-                return _fn(self, *args, **kwargs)
-            finally:
-                _bump()
-        bumping._shapetune_bumps = True
-        setattr(HookRegistry, name, bumping)
+        if not getattr(fn, "_shapetune_bumps", False):
+            setattr(HookRegistry, name, _bumping(fn))
 
 
 _live: dict[int, "weakref.WeakSet[torch.cuda.CUDAGraph]"] = {}  # device index -> captured graphs alive
@@ -295,7 +314,7 @@ class GraphedCall:
         # them) and the captured run with capture end and instantiation (what a LoRA switch pays)
         self.capture_parts: list[dict[str, float]] = []
         self._epoch = -1
-        self._foreign = False  # the tree holds diffusers or accelerate hooks (packing.foreign_hooks)
+        self._foreign = False  # the tree holds hooks below its root (packing.hooked)
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
@@ -328,7 +347,8 @@ class GraphedCall:
             mods = list(self.module.modules())
             tree = tuple(mods)
         self._epoch = _tree_epoch[0]
-        self._foreign = any(map(packing.foreign_hooks, mods))
+        # hooks below the root (the root's own run around the graph, not in it)
+        self._foreign = packing.foreign_hooks(mods[0]) or any(map(packing.hooked, mods[1:]))
         if tree != self._tree:
             self._tree = tree
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
@@ -389,8 +409,8 @@ class GraphedCall:
         self._refresh_tree()  # a changed tree is re-patched on every path (cheap while nothing was registered)
         if not graphs_enabled():
             return _Eager("disabled")
-        if self._foreign:  # diffusers / accelerate hooks: per-call Python state a replay would skip
-            return _Eager("hooks")
+        if self._foreign or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+            return _Eager("hooks")  # Python that runs on every call in eager: a replay would skip it
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return _Eager("capturing")
         if torch.is_grad_enabled():

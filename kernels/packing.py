@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from . import lora
 
@@ -24,11 +25,22 @@ MARK = "_shapetune_patched"  # kernels.patch's instance attribute: the kind of p
 
 
 def hooked(m: nn.Module) -> bool:
-    """m's call runs more than its forward: torch forward (pre-)hooks on it, or a library's hooks that wrap
-    its forward (foreign_hooks). kernels.patch leaves such a module on its own forward and call: a fused
-    path that skipped its call would skip what the hooks do."""
-    d = m.__dict__
-    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks")) or foreign_hooks(m)
+    """m's call runs more than its forward: torch forward (pre-)hooks on it (other than a packing's own, on
+    the model it packs) or on every module (torch's global ones), or a library's hooks that wrap its forward
+    (foreign_hooks). kernels.patch leaves such a module on its own forward and call, and every fused path
+    checks its modules on each call (hooks come and go after patch): a path that skipped a module's call
+    would skip what its hooks do."""
+    d = m.__dict__  # (foreign_hooks inline: this is on every fused call's path)
+    fwd, pre = d.get("_forward_hooks"), d.get("_forward_pre_hooks")
+    if ((fwd and _torch_hooks(fwd)) or (pre and _torch_hooks(pre)) or "_hf_hook" in d
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks):
+        return True
+    reg = d.get("_diffusers_hook")
+    return reg is not None and bool(getattr(reg, "hooks", None))
+
+
+def _torch_hooks(hooks: dict) -> bool:
+    return any(not isinstance(getattr(h, "__self__", None), ModelGroup) for h in hooks.values())
 
 
 def foreign_hooks(m: nn.Module) -> bool:
@@ -41,8 +53,8 @@ def foreign_hooks(m: nn.Module) -> bool:
 
 
 def plain_linear(m) -> bool:
-    """m is an nn.Linear (exactly) that kernels.patch routed to shapetune::linear."""
-    return type(m) is nn.Linear and m.__dict__.get(MARK) == "linear"
+    """m is an nn.Linear (exactly) that kernels.patch routed to shapetune::linear, without hooks now."""
+    return type(m) is nn.Linear and m.__dict__.get(MARK) == "linear" and not hooked(m)
 
 
 def base_linear(m) -> nn.Module | None:
@@ -50,7 +62,7 @@ def base_linear(m) -> nn.Module | None:
     Linear, the Linear a PEFT LoRA layer wraps where that one is (the packed GEMM then computes the base
     output and kernels/lora.py adds the adapters' deltas to its columns); None otherwise."""
     if type(m) is nn.Linear:  # (plain_linear, inline: on every packed call's path)
-        return m if m.__dict__.get(MARK) == "linear" else None
+        return m if m.__dict__.get(MARK) == "linear" and not hooked(m) else None
     if lora.is_lora_linear(m) and plain_linear(m.base_layer) and not hooked(m):
         return m.base_layer
     return None
@@ -59,7 +71,7 @@ def base_linear(m) -> nn.Module | None:
 def holds_rows(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, off: int, n: int) -> bool:
     """`linear` is a plain patched Linear whose weight is exactly rows off..off+n of `weight` (data
     pointer, shape, dtype, strides) and whose bias is those of `bias` (or both are None)."""
-    if type(linear) is not nn.Linear or linear.__dict__.get(MARK) != "linear":  # plain_linear, inline
+    if type(linear) is not nn.Linear or linear.__dict__.get(MARK) != "linear":  # (hooks: the callers' base_linear)
         return False
     k, es = weight.shape[1], weight.element_size()
     w = linear.weight

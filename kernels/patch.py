@@ -110,7 +110,7 @@ from .elementwise import gelu_gate
 from .conv import conv2d_tuned
 from .norm import add_layer_norm_tuned, group_norm_shift_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
-from .packing import PerThread, base_linear, hooked
+from .packing import PerThread, base_linear, hooked, plain_linear
 
 
 
@@ -139,6 +139,9 @@ def _linear_forward(self, x):
 
 
 def _conv_forward(self, x):
+    if x.dim() != 4:  # an unbatched [C, H, W] input, valid for nn.Conv2d: torch's conv, counted
+        count("conv2d", "unsupported_input")
+        return type(self).forward(self, x)
     return call_op("conv2d", x, self.weight, self.bias, self.stride[0], self.padding[0], None, None)
 
 
@@ -151,11 +154,24 @@ def _conv_weight_channels_last(conv: nn.Conv2d) -> None:
         conv._shapetune_relaid = True
 
 
+_SILU_ACT = "_shapetune_silu_act"  # on a GroupNorm whose SiLU is fused: the SiLU module that passes it through
+
+
+def _silu_after(norm: nn.Module) -> _FusedSiLU | None:
+    """The pass-through of the SiLU module fused into this patched GroupNorm, or None where it is not fused
+    or, on this call, the norm or that SiLU has hooks (then the norm's hooks see its own output and the
+    SiLU's see their input, as in eager: both run unfused)."""
+    silu, act = norm.__dict__.get("_shapetune_silu"), norm.__dict__.get(_SILU_ACT)
+    if silu is None or act is None or hooked(norm) or hooked(act):
+        return None
+    return silu
+
+
 def _group_norm_forward(self, x):
     """nn.GroupNorm's semantics, [N, C, *] with C second: 4-D NCHW goes to group_norm as is, 3-D [N, C, L]
     (diffusers' spatial Attention passes [N, L, C].transpose(1, 2)) as its [N, L, C] view, zero-copy
     for that case; any other rank runs torch's F.group_norm."""
-    silu = self.__dict__.get("_shapetune_silu")
+    silu = _silu_after(self)
     dim = x.dim()
     if dim == 3:
         y = call_op("group_norm", x.transpose(1, 2), self.num_groups, self.weight, self.bias, float(self.eps),
@@ -198,7 +214,7 @@ def _geglu_forward(self, hidden_states, *args, **kwargs):
     where one serves the shape) instead of diffusers' chunk, gelu and multiply. Else (e.g. a proj with hooks,
     which patch leaves unpatched) diffusers' forward, which calls proj as a module."""
     proj = self.proj
-    if type(proj) is nn.Linear and proj.__dict__.get(_MARK) == "linear" and proj.bias is not None:
+    if plain_linear(proj) and proj.bias is not None:
         return call_op("geglu", hidden_states, proj.weight, proj.bias)
     if (base_linear(proj) is not None and not args and not kwargs and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
@@ -209,8 +225,8 @@ def _geglu_forward(self, hidden_states, *args, **kwargs):
 def _gelu_forward(self, hidden_states):
     """diffusers GELU: gelu(proj(x)) as one linear_gelu (exact erf GELU)."""
     proj = self.proj
-    # a patched plain proj only: not a LoRA layer, nor one with hooks (patch leaves those unpatched)
-    if type(proj) is not nn.Linear or proj.__dict__.get(_MARK) != "linear" or self.approximate != "none":
+    # a patched plain proj only: not a LoRA layer, nor one with hooks
+    if not plain_linear(proj) or self.approximate != "none":
         return type(self).forward(self, hidden_states)
     return call_op("linear_gelu", hidden_states, proj.weight, proj.bias)
 
@@ -223,7 +239,7 @@ def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
 def _conv_residual(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """conv(x) + residual: one conv2d(residual=) where conv is a patched plain Conv2d and residual has
     the output's exact shape and x's dtype (no broadcast, no promotion); else the eager expression."""
-    if (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4
+    if (type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and x.dim() == 4 and not hooked(conv)
             and residual.dtype == x.dtype and tuple(residual.shape) == _conv_out_shape(conv, x)):
         return call_op("conv2d", x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], residual, None)
     return residual + conv(x)
@@ -243,9 +259,9 @@ def _conv_shift_norm(resnet: nn.Module, x: torch.Tensor, shift: torch.Tensor) ->
     applying, counted ("group_norm+shift", "unsupported_input"). Bias and shift are read on every call.
     While torch.compile traces: conv2d(shift=) and norm2 (the plans are the ops', found at run time)."""
     conv, norm = resnet.conv1, resnet.norm2
-    plain = type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d"
+    plain = type(conv) is nn.Conv2d and conv.__dict__.get(_MARK) == "conv2d" and not hooked(conv)
     fuse = (plain and conv.bias is not None and resnet.__dict__.get(_NORM_SHIFT, True) and type(norm) is nn.GroupNorm
-            and norm.__dict__.get(_MARK) == "group_norm")
+            and norm.__dict__.get(_MARK) == "group_norm" and not hooked(norm))
     if not (plain and x.dim() == 4 and shift.dim() == 2 and shift.dtype == x.dtype and shift.shape[0] == x.shape[0]
             and shift.shape[1] == conv.out_channels):
         if fuse:
@@ -253,7 +269,7 @@ def _conv_shift_norm(resnet: nn.Module, x: torch.Tensor, shift: torch.Tensor) ->
         return norm(conv(x) + shift[:, :, None, None])
     w, b, stride, pad = conv.weight, conv.bias, conv.stride[0], conv.padding[0]
     if fuse and not torch.compiler.is_compiling() and not conv2d_tuned(x, w, b, stride, pad, shift):
-        silu = norm.__dict__.get("_shapetune_silu")
+        silu = _silu_after(norm)
         if group_norm_shift_tuned(_conv_out_shape(conv, x), x.dtype, x.device, norm.num_groups, norm.weight,
                                   norm.bias, float(norm.eps), silu is not None, b, shift):
             y = call_op("conv2d", x, w, None, stride, pad, None, None)
@@ -323,7 +339,8 @@ def _transformer_2d_output(self, hidden_states, residual, batch_size, height, wi
 
 
 def _identity_dropout(m: nn.Module) -> bool:
-    return type(m) is nn.Dropout and (not m.training or m.p == 0)
+    """m computes the identity and has no hooks: a fused path may skip its call."""
+    return type(m) is nn.Dropout and (not m.training or m.p == 0) and not hooked(m)
 
 
 def _linear_residual(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
@@ -355,11 +372,14 @@ class AttnProcessor:
     def __init__(self, fallback, fuse_residual: bool = False):
         self.fallback = fallback
         self.fuse_residual = fuse_residual
+        # the scale of the processor restated (patch serves diffusers' two defaults only): SDPA's default,
+        # 1/sqrt(head_dim), for AttnProcessor2_0; the module's `scale` for the classic AttnProcessor (1 where
+        # the module was made with scale_qk=False, which selects that processor)
+        self.module_scale = type(fallback).__name__ == "AttnProcessor"
 
     covers = staticmethod(attention_covered)
 
-    @staticmethod
-    def _attend(attn, hidden_states, encoder_hidden_states):
+    def _attend(self, attn, hidden_states, encoder_hidden_states):
         kv = None if encoder_hidden_states is None else ctxkv.shared(attn, encoder_hidden_states)
         # the UNet's cross-attentions' k/v: one GEMM per forward; else this attention's q/k/v (or k/v) as one
         qkv_ = (attn.to_q(hidden_states), *kv) if kv is not None else \
@@ -369,8 +389,7 @@ class AttnProcessor:
             qkv_ = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         q, k, v = qkv_
         head_dim = k.shape[-1] // attn.heads
-        # diffusers' SDPA processor uses SDPA's default scale, 1/sqrt(head_dim): so do we
-        return attention(q, k, v, heads=attn.heads, scale=head_dim ** -0.5)
+        return attention(q, k, v, heads=attn.heads, scale=attn.scale if self.module_scale else head_dim ** -0.5)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -539,6 +558,7 @@ def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
     act.forward = types.MethodType(_silu_forward, act)
     setattr(act, _MARK, "silu_passthrough")
     norm._shapetune_silu = fused
+    norm.__dict__[_SILU_ACT] = act  # (not a registered submodule: a plain reference to the SiLU)
     return True
 
 
@@ -667,6 +687,6 @@ def unpatch(model: nn.Module) -> int:
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()
-        for attr in ("_shapetune_silu", "_shapetune_fused", _ADD_NORM, _NORM_SHIFT, lora.ATTR):
+        for attr in ("_shapetune_silu", _SILU_ACT, "_shapetune_fused", _ADD_NORM, _NORM_SHIFT, lora.ATTR):
             m.__dict__.pop(attr, None)
     return n

@@ -34,7 +34,7 @@ from torch import nn
 from shapetune.fusions import temb_groups
 
 from .custom_op import call_op
-from .packing import ModelGroup, holds_rows, own_storage, plain_linear, regroup, stack_rows
+from .packing import ModelGroup, holds_rows, hooked, own_storage, plain_linear, regroup, stack_rows
 
 _ATTR = "_shapetune_temb"  # on each member resnet: (its Group, its column offset, its width)
 
@@ -45,7 +45,9 @@ class Group(ModelGroup):
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first column, members, width) per run
 
     def member_intact(self, resnet: nn.Module, off: int, n: int) -> bool:
-        return holds_rows(resnet.time_emb_proj, self.weight, self.bias, off, n)
+        # the group's GEMM also applies the resnet's SiLU to temb: not where that module has hooks now
+        p = resnet.time_emb_proj
+        return plain_linear(p) and holds_rows(p, self.weight, self.bias, off, n) and not hooked(resnet.nonlinearity)
 
     def split(self, y: torch.Tensor) -> dict[int, torch.Tensor]:
         """The packed GEMM's [B, sum C] output as each member's contiguous [B, C] (what the shift's consumer,

@@ -171,5 +171,16 @@ def attention_module_workloads(module, args: tuple, kwargs: dict, dtype: str) ->
                                module.scale)]
 
 
-register_module_rule(ModuleRule("attention", _attention_type, lambda m: None, attention_module_workloads,
+def _attention_unsupported(module) -> str | None:
+    """Served only under one of diffusers' two default processors, AttnProcessor2_0 (SDPA) and AttnProcessor
+    (classic: scores scaled by the module's `scale`, which scale_qk=False makes 1), whose expression the
+    patched processor restates; any other (IP-Adapter, custom diffusion, a model's own rotary or joint
+    attention, xformers, ...) computes something else and keeps running."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    proc = getattr(module, "processor", None)
+    return None if type(proc) in (AttnProcessor, AttnProcessor2_0) else f"attention: processor {type(proc).__name__}"
+
+
+register_module_rule(ModuleRule("attention", _attention_type, _attention_unsupported, attention_module_workloads,
                                 subclasses=True))

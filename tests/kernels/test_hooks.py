@@ -109,3 +109,90 @@ def test_a_gelu_feedforwards_hooked_projection_runs_as_a_module(empty_registry):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(opt(x), eager(x), **TOL)
+
+
+# -- hooks registered after patch (defect: the fused paths checked for hooks at patch time only) ----------
+BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
+AFTER_PATCH = [f"{BLOCK}.attn1.to_out.0", f"{BLOCK}.attn1.to_out.1", f"{BLOCK}.attn1.to_q", f"{BLOCK}.attn2.to_k",
+               f"{BLOCK}.ff.net.2", f"{BLOCK}.ff.net.0.proj", "down_blocks.0.attentions.0.proj_out",
+               "down_blocks.0.resnets.0.time_emb_proj", "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2",
+               "down_blocks.0.resnets.0.norm1", "down_blocks.0.resnets.0.nonlinearity"]
+
+
+@pytest.mark.parametrize("path", AFTER_PATCH, ids=lambda p: p.replace(BLOCK, "block").split("_blocks.0.")[-1])
+def test_a_torch_hook_registered_after_patch_runs(empty_registry, path):
+    """A forward hook registered on both twins after kernels.patch: the patched model's fused paths (packed
+    q/k/v, k/v and time-embedding GEMMs, linear_residual, geglu, conv2d(residual=), GroupNorm + SiLU) call
+    the hooked module instead of reading its weights (before: its hook never ran, or for the GroupNorm the
+    SiLU was applied twice: every element differed)."""
+    eager, opt = pair()
+    kernels.patch(opt)
+    for m in (eager, opt):
+        dict(m.named_modules())[path].register_forward_hook(lambda _m, _i, out: out * 2)
+    x = inputs()
+    with torch.no_grad():
+        ref, base = eager(**x).sample, pair()[0](**x).sample
+        torch.testing.assert_close(opt(**x).sample, ref, **TOL)
+    assert (ref - base).abs().max() > 1e-3  # the hook matters
+
+
+def test_a_silu_pre_hook_after_patch_sees_the_norms_output(empty_registry):
+    """A forward pre-hook on the SiLU fused into the GroupNorm before it: the SiLU runs on its own again and
+    the hook sees the norm's output (before: it saw the fused norm's SiLU output, and the SiLU ran twice)."""
+    path = "down_blocks.0.resnets.0.nonlinearity"
+    eager, opt = pair()
+    kernels.patch(opt)
+    seen = {"eager": [], "opt": []}
+    for name, m in (("eager", eager), ("opt", opt)):
+        dict(m.named_modules())[path].register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(args[0].detach().clone()) and None)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+    assert len(seen["opt"]) == len(seen["eager"]) == 3  # after norm1, on the time embedding, after norm2
+    for got, ref in zip(seen["opt"], seen["eager"]):
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_diffusers_layerwise_casting_enabled_after_patch(empty_registry):
+    """enable_layerwise_casting after patch (diffusers hooks on every leaf, casting weights around each call):
+    the fused paths call the hooked modules (before: ValueError from the conv op, fp8 weights read directly)."""
+    eager, opt = pair()
+    kernels.patch(opt)
+    for m in (eager, opt):
+        m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+
+
+def test_graphs_step_aside_for_torch_hooks_inside_the_tree(empty_registry):
+    """kernels.optimize, then a torch forward hook on an inner module (and then one of torch's global module
+    hooks): the calls run the patched eager path counted `hooks`, where a replay would skip the hook's Python
+    (before: the tree looked unchanged, counted `cpu` here, a replay on the GPU); removing the hook gives the
+    graph path back. The root's own hooks run around the graph and change nothing."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    eager, opt = pair()
+    rep = kernels.optimize(opt)
+    g = rep.components["model"].graphs["forward"]
+    x = inputs()
+    calls = []
+    with torch.no_grad():
+        opt(**x)
+        root = opt.register_forward_hook(lambda *_: calls.append("root"))
+        opt(**x)
+        assert g.stats["cpu"] == 2 and not g.stats["hooks"] and calls == ["root"]
+        h = dict(opt.named_modules())[ATTN].register_forward_hook(lambda *_: calls.append("inner"))
+        opt(**x)
+        assert g.stats["hooks"] == 1 and calls[-2:] == ["inner", "root"]
+        h.remove()
+        opt(**x)
+        assert g.stats["hooks"] == 1 and g.stats["cpu"] == 3
+        h = register_module_forward_hook(lambda *_: None)
+        try:
+            opt(**x)
+        finally:
+            h.remove()
+        assert g.stats["hooks"] == 2
+        root.remove()
