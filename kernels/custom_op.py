@@ -60,7 +60,10 @@ def call_op(name: str, *args):
 def register_recompute_autograd(name: str, torch_fn) -> None:
     """Autograd for shapetune::<name>: the backward recomputes `torch_fn(*inputs)` (torch's own ops,
     same signature as the op) with autograd on and differentiates that (the forward kernels keep no
-    intermediates). Non-tensor inputs get no gradient."""
+    intermediates). Non-tensor inputs get no gradient. Under create_graph (gradient penalties,
+    Hessian-vector products: the backward then runs with grad mode on) the recompute runs on the saved
+    inputs themselves and the gradient keeps its graph, so second-order terms through the op are there
+    (before, the gradient was a constant and they were silently dropped)."""
     def setup(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
         ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
@@ -69,6 +72,10 @@ def register_recompute_autograd(name: str, torch_fn) -> None:
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         args = [next(saved) if t else a for a, t in zip(ctx.others, ctx.is_tensor)]
+        if torch.is_grad_enabled():  # create_graph=True
+            wrt = [a for a, t in zip(args, ctx.is_tensor) if t and a.requires_grad]
+            grads = iter(torch.autograd.grad(torch_fn(*args), wrt, grad, create_graph=True)) if wrt else iter(())
+            return tuple(next(grads) if t and a.requires_grad else None for a, t in zip(args, ctx.is_tensor))
         with torch.enable_grad():
             leaves = [a.detach().requires_grad_(a.requires_grad) if t else a for a, t in zip(args, ctx.is_tensor)]
             wrt = [a for a, t in zip(leaves, ctx.is_tensor) if t and a.requires_grad]
