@@ -45,6 +45,7 @@ NORM_GAPS = "sm90_h100_sd15_norms_gaps_summary.json"  # tuned on an H100, 2026-1
 VAE_GRID = "sm90_h100_sd15_vae_summary.json"  # tuned on an H100, 2026-12-07: the VAE decoder's norm/elementwise buckets
 ADD_NORM = "sm90_h100_sd15_add_layer_norm_summary.json"  # H100, 2026-12-07: residual add + LayerNorm buckets
 GN_SPLIT = "sm90_h100_sd15_gn_split_buckets_summary.json"  # H100, 2026-12-07: norm_cuda_split_bucket at 1x512
+GN_SHIFT = "sm90_h100_sd15_gn_shift_summary.json"  # H100, 2026-12-08: norm2 with conv1's bias + time embedding
 NORMS_ROWS = "sm90_h200_sd15_norms_rows_summary.json"  # norm_cuda_rows on the 18 GroupNorms of batch 2, 512²
 NORMS_BENCH = "bench/bench_norms_h200.json"
 CONV_BENCH = "bench/bench_conv_h200.json"
@@ -731,6 +732,9 @@ def grid_buckets(logs: Logs) -> str:
         (GN_SPLIT, "the GroupNorm (+SiLU) buckets of the SD 1.5 UNet at 1x512 with the split-statistics "
                    "bucket template only (norm_cuda_split_bucket), against F.group_norm (+ F.silu) on "
                    "channels_last", "calls per UNet forward"),
+        (GN_SHIFT, "each ResnetBlock2D's norm2 (+SiLU) reading conv1's output with conv1's bias and the time "
+                   "embedding added as it reads (group_norm's shift step), buckets of the SD 1.5 UNet at 2x512, "
+                   "against torch's two adds then F.group_norm + F.silu on channels_last", "calls per UNet forward"),
     ]
     jobs += [j for j in optional if (logs.dir / j[0]).exists()]
     for rel, what, calls_label in jobs:
