@@ -79,7 +79,14 @@ def call_on_current_stream(fn, args, is_gpu: bool):
     """Launch fn(*args) on torch's current CUDA stream (the CPU path just calls). The stream is handed
     to TVM's environment for the launch and the previous one put back: three C calls around the launch
     (a tvm_ffi.StreamContext, a device object and torch.cuda.current_stream() cost several µs of
-    Python per op call, and a patched UNet step makes ~1000)."""
+    Python per op call, and a patched UNet step makes ~1000). Arguments whose memory does not start on a
+    16-byte boundary (a view at an odd storage offset: `buf[1:].view(...)`) are realigned first: the
+    kernels may use aligned vector loads (the llvm norms segfaulted on them); the last argument, the output
+    the kernel writes (in place for some ops), is copied back after the launch."""
+    for a in args:
+        if a.data_ptr() & 15:
+            _call_realigned(fn, args, is_gpu)
+            return
     if not is_gpu:
         fn(*args)
         return
@@ -91,3 +98,13 @@ def call_on_current_stream(fn, args, is_gpu: bool):
         fn(*args)
     finally:
         _set_stream(_KDL_CUDA, idx, prev)
+
+
+def _call_realigned(fn, args, is_gpu: bool) -> None:
+    """call_on_current_stream with each misaligned argument replaced by a fresh copy (torch's allocations
+    are aligned), the output's written back into the caller's tensor."""
+    staged = [a.clone() if a.data_ptr() & 15 else a for a in args]
+    call_on_current_stream(fn, staged, is_gpu)
+    if staged[-1] is not args[-1]:
+        args[-1].copy_(staged[-1])
+

@@ -82,3 +82,26 @@ def test_patched_group_norm_module_still_reads_3d_as_torch(registry):
         assert _served(registry, "group_norm") == before + 1
     finally:
         kernels.unpatch(m)
+
+
+def _offset(shape, off: int, seed: int) -> torch.Tensor:
+    """A contiguous tensor `off` elements into a larger buffer: its memory starts off a 16-byte boundary."""
+    n = torch.Size(shape).numel()
+    return torch.randn(n + off, generator=torch.Generator().manual_seed(seed))[off:].view(shape)
+
+
+@pytest.mark.parametrize("off", [1, 3])
+def test_inputs_off_a_16_byte_boundary_are_served(registry, off):
+    """Defect before: the llvm norm kernels (aligned vector loads) segfaulted on an x or a weight whose memory
+    started off a 16-byte boundary (a view into a buffer: `.contiguous()` keeps the offset). The launch now
+    hands the kernel an aligned copy of such an argument; the tuned kernels still serve the calls."""
+    x, w, b = _offset((16, 8), off, 1), _offset((8,), off, 2), torch.randn(8)
+    assert x.data_ptr() % 16 and w.data_ptr() % 16
+    before = _served(registry, "layer_norm")
+    torch.testing.assert_close(kernels.layer_norm(x, w, b), F.layer_norm(x, (8,), w, b), atol=1e-4, rtol=1e-4)
+    assert _served(registry, "layer_norm") == before + 1
+    xg = _offset((N, L, C), off, 3)
+    before = _served(registry, "group_norm")
+    want = F.group_norm(xg.transpose(1, 2), G, w, b).transpose(1, 2)
+    torch.testing.assert_close(kernels.group_norm(xg, G, w, b, layout="NLC"), want, atol=1e-4, rtol=1e-4)
+    assert _served(registry, "group_norm") == before + 1
