@@ -37,9 +37,12 @@ the next call, counted `invalidated`):
     factors on the UNet's up blocks (`enable_freeu` / `disable_freeu`), the VAE's slicing and tiling.
 PEFT adapter state (active adapters, scales, merged, disabled: Python values the forward reads) is part
 of each graph's key instead: switching between two LoRAs captures each once and replays it after that.
-Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up.
+Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and workspaces are set up. So is
+CUDA autocast's state (off, or on with its dtype): a graph captured outside `torch.autocast` computes in
+the model's dtypes and must not serve a call under it, nor the reverse.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
-autograd on (`grad_enabled`), under torch.compile or inside another capture (`compiling`,
+autograd on (`grad_enabled`), a module of the tree in training mode (`training`: set by `.train()` /
+`.eval()`, which bump the tree epoch; an assignment to `.training` is not seen), under torch.compile or inside another capture (`compiling`,
 `capturing`), a tree holding hooks below its root (`hooks`: torch forward (pre-)hooks, torch's global
 ones, diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`) or accelerate hooks;
 their Python runs on every call in eager and may keep state or decide per call what runs, which a
@@ -133,11 +136,11 @@ def _bumping(fn):
 def _watch_torch_hooks() -> None:
     """torch's per-module forward (pre-)hooks are registered with no global callback: bump the tree epoch
     when one is registered or any hook handle is removed, so a GraphedCall looks at its tree again (it
-    captures none that holds one below its root)."""
+    captures none that holds one below its root); and when a module's train / eval mode is set."""
     from torch.utils.hooks import RemovableHandle
 
     for cls, name in ((nn.Module, "register_forward_hook"), (nn.Module, "register_forward_pre_hook"),
-                      (RemovableHandle, "remove")):
+                      (RemovableHandle, "remove"), (nn.Module, "train")):
         fn = getattr(cls, name)
         if not getattr(fn, "_shapetune_bumps", False):
             setattr(cls, name, _bumping(fn))
@@ -315,6 +318,7 @@ class GraphedCall:
         self.capture_parts: list[dict[str, float]] = []
         self._epoch = -1
         self._foreign = False  # the tree holds hooks below its root (packing.hooked)
+        self._training = False  # a module of the tree is in training mode
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
@@ -349,6 +353,7 @@ class GraphedCall:
         self._epoch = _tree_epoch[0]
         # hooks below the root (the root's own run around the graph, not in it)
         self._foreign = packing.foreign_hooks(mods[0]) or any(map(packing.hooked, mods[1:]))
+        self._training = any(m.training for m in mods)
         if tree != self._tree:
             self._tree = tree
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())
@@ -415,6 +420,8 @@ class GraphedCall:
             return _Eager("capturing")
         if torch.is_grad_enabled():
             return _Eager("grad_enabled")
+        if self._training:  # dropout and friends draw per call; eval-mode graphs must not serve it
+            return _Eager("training")
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         if not tensors:
@@ -423,7 +430,8 @@ class GraphedCall:
             return _Eager("cpu")
         try:
             key = (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
-                               for x in leaves), self._adapter_state())
+                               for x in leaves), self._adapter_state(),
+                   torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
             hash(key)
         except TypeError:
             return _Eager("unhashable_arg")
@@ -456,20 +464,20 @@ class GraphedCall:
         against the current weights and tree: a change of those clears every graph), else `warmup`."""
         if self.rewarmup < self.warmup:
             for k, g in self.graphs.items():
-                if not isinstance(g, str) and k[:2] == key[:2]:
+                if not isinstance(g, str) and k[:2] == key[:2] and k[3] == key[3]:
                     return self.rewarmup
         return self.warmup
 
     # -- batch padding ------------------------------------------------------------------------------
     def _padded(self, key: tuple, tensors: list) -> tuple | None:
         """The key of the smallest captured graph this call fits into by padding its batch, or None."""
-        spec, leaves, adapters = key
+        spec, leaves, adapters, autocast = key
         b = tensors[0].shape[0] if tensors[0].dim() else None
         if b is None:
             return None
         best, best_b = None, None
         for k, g in self.graphs.items():
-            if isinstance(g, str) or k[0] != spec or k[2] != adapters or len(k[1]) != len(leaves):
+            if isinstance(g, str) or k[0] != spec or k[2:] != (adapters, autocast) or len(k[1]) != len(leaves):
                 continue
             gb = None
             for mine, theirs in zip(leaves, k[1]):

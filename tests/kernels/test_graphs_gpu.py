@@ -127,6 +127,22 @@ def test_freeu_enabled_after_capture_is_captured_again():
     _changed_after_capture_is_captured_again(lambda m: m.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4))
 
 
+def test_a_graph_captured_outside_autocast_does_not_serve_a_call_under_it():
+    """Defect (before: autocast was no part of the key): a float32 UNet captured without autocast replayed its
+    float32 graph for a call under torch.autocast(float16), whose eager output is computed in and returned as
+    float16. Now each autocast state has its own graph."""
+    torch.manual_seed(0)
+    eager = diffusers.UNet2DConditionModel(**TINY).to("cuda").eval()
+    opt = copy.deepcopy(eager)
+    g = kernels.optimize(opt).components["model"].graphs["forward"]
+    x = {k: v.float() if v.is_floating_point() else v for k, v in _inputs().items()}
+    _run(opt, x)
+    with torch.autocast("cuda", torch.float16):
+        ref, out = _run(eager, x), _run(opt, x)
+    assert out.dtype == ref.dtype == torch.float16 and g.stats["captured"] == 2
+    assert _rel(out, ref) < 5e-3
+
+
 def test_lru_bound_evicts_the_least_recent_graph():
     unet = _unet()
     rep = kernels.optimize(unet, max_graphs=2)

@@ -14,8 +14,8 @@ import kernels
 from kernels.graphs import GraphedCall
 
 
-def _key(shape, adapters):
-    return ("spec", ((shape, "float16", "cuda:0"),), adapters)
+def _key(shape, adapters, autocast=None):
+    return ("spec", ((shape, "float16", "cuda:0"),), adapters, autocast)
 
 
 def test_a_signature_captured_under_another_adapter_state_skips_the_warmups():
@@ -23,6 +23,7 @@ def test_a_signature_captured_under_another_adapter_state_skips_the_warmups():
     assert g._warmups_for(_key((2, 4), (("a",),))) == 2  # nothing captured yet
     g.graphs[_key((2, 4), (("a",),))] = object()  # a captured graph (any non-str entry)
     assert g._warmups_for(_key((2, 4), (("b",),))) == 0  # same tensors, other adapter: a LoRA switch
+    assert g._warmups_for(_key((2, 4), (("b",),), torch.float16)) == 2  # under autocast: other kernels
     assert g._warmups_for(_key((1, 4), (("b",),))) == 2  # a new shape
     g.graphs[_key((3, 4), (("a",),))] = "capture_failed"  # a signature that never captured proves nothing
     assert g._warmups_for(_key((3, 4), (("b",),))) == 2
@@ -157,3 +158,25 @@ def test_storage_moved_there_and_back_is_packed_again(empty_registry):
         empty_registry.calls.clear()
         torch.testing.assert_close(unet(**x).sample, eager(**x).sample, **TOL)
     assert linear_calls(empty_registry) == packed_gemms
+
+
+def test_a_module_in_training_mode_runs_eagerly(empty_registry):
+    """Defect (before: train / eval mode was no part of what a graph depends on): a graph captured in eval mode
+    replayed after `.train()` (under no_grad) and skipped dropout's per-call draws. Now a tree with a module in
+    training mode runs the patched eager path, counted `training` (on the CPU it counted `cpu` before: the
+    check comes first); `.eval()` gives the graph path back."""
+    pytest.importorskip("diffusers")
+    from ._tiny_unet import inputs, pair
+
+    _, unet = pair()
+    g = kernels.optimize(unet).components["model"].graphs["forward"]
+    with torch.no_grad():
+        unet(**inputs())
+        unet.train()
+        unet(**inputs())
+        assert g.stats["training"] == 1 and g.stats["cpu"] == 1
+        unet.down_blocks[0].eval()  # one subtree back in eval: the rest still trains
+        unet(**inputs())
+        unet.eval()
+        unet(**inputs())
+    assert g.stats["training"] == 2 and g.stats["cpu"] == 2
