@@ -41,8 +41,8 @@ Such a capture skips the warm-up runs (`rewarmup`): the shapes' kernels and work
 CUDA autocast's state (off, or on with its dtype): a graph captured outside `torch.autocast` computes in
 the model's dtypes and must not serve a call under it, nor the reverse.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
-autograd on (`grad_enabled`), a module of the tree in training mode (`training`: set by `.train()` /
-`.eval()`, which bump the tree epoch; an assignment to `.training` is not seen), under torch.compile or inside another capture (`compiling`,
+autograd on (`grad_enabled`), a dropout with p > 0 or a batch norm in training mode (`training`: set by
+`.train()` / `.eval()`, which bump the tree epoch; an assignment to `.training` is not seen), under torch.compile or inside another capture (`compiling`,
 `capturing`), a tree holding hooks below its root (`hooks`: torch forward (pre-)hooks, torch's global
 ones, diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`) or accelerate hooks;
 their Python runs on every call in eager and may keep state or decide per call what runs, which a
@@ -120,6 +120,18 @@ def _install_registration_hooks() -> None:
         _watch_torch_hooks()
         _watch_diffusers_hooks()
         _hooks_installed = True
+
+
+def _draws_in_training(m: nn.Module) -> bool:
+    """m computes differently per call in training mode: a dropout with p > 0 (its draws), a batch norm (batch
+    statistics, running-stat updates). Other modules' training flag changes nothing a graph replays under
+    no_grad (PEFT leaves the LoRA modules it adds in training mode, whatever the model's: an Identity dropout,
+    lora_A / lora_B)."""
+    if not m.training:
+        return False
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    return isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, nn.modules.instancenorm._InstanceNorm)
 
 
 def _bumping(fn):
@@ -318,7 +330,7 @@ class GraphedCall:
         self.capture_parts: list[dict[str, float]] = []
         self._epoch = -1
         self._foreign = False  # the tree holds hooks below its root (packing.hooked)
-        self._training = False  # a module of the tree is in training mode
+        self._training = False  # a module of the tree draws per call in training mode (_draws_in_training)
         self._tree: tuple = ()
         self._tensors: list[torch.Tensor] = []
         self._peft: list[nn.Module] = []
@@ -353,7 +365,7 @@ class GraphedCall:
         self._epoch = _tree_epoch[0]
         # hooks below the root (the root's own run around the graph, not in it)
         self._foreign = packing.foreign_hooks(mods[0]) or any(map(packing.hooked, mods[1:]))
-        self._training = any(m.training for m in mods)
+        self._training = any(map(_draws_in_training, mods))
         if tree != self._tree:
             self._tree = tree
             self._tensors = list(self.module.parameters()) + list(self.module.buffers())

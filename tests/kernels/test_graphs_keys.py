@@ -160,23 +160,32 @@ def test_storage_moved_there_and_back_is_packed_again(empty_registry):
     assert linear_calls(empty_registry) == packed_gemms
 
 
-def test_a_module_in_training_mode_runs_eagerly(empty_registry):
+def test_a_dropout_in_training_mode_runs_eagerly(empty_registry):
     """Defect (before: train / eval mode was no part of what a graph depends on): a graph captured in eval mode
-    replayed after `.train()` (under no_grad) and skipped dropout's per-call draws. Now a tree with a module in
-    training mode runs the patched eager path, counted `training` (on the CPU it counted `cpu` before: the
-    check comes first); `.eval()` gives the graph path back."""
+    replayed after `.train()` (under no_grad) and skipped dropout's per-call draws. Now a tree with a dropout of
+    p > 0 (or a batch norm) in training mode runs the patched eager path, counted `training` (on the CPU it
+    counted `cpu` before: the check comes first); `.eval()` gives the graph path back. Modules whose training
+    flag changes nothing do not count: PEFT leaves the LoRA layers it adds in training mode in an eval model,
+    and those graphs must still capture."""
     pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
     from ._tiny_unet import inputs, pair
 
     _, unet = pair()
+    unet.down_blocks[0].resnets[0].dropout.p = 0.1  # diffusers' default is 0: nothing would draw
     g = kernels.optimize(unet).components["model"].graphs["forward"]
     with torch.no_grad():
         unet(**inputs())
         unet.train()
         unet(**inputs())
         assert g.stats["training"] == 1 and g.stats["cpu"] == 1
-        unet.down_blocks[0].eval()  # one subtree back in eval: the rest still trains
+        unet.up_blocks.eval()  # the dropout with p > 0 still trains
         unet(**inputs())
+        unet.down_blocks[0].eval()
+        unet(**inputs())
+        assert g.stats["training"] == 2 and g.stats["cpu"] == 2
         unet.eval()
+        unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+        assert any(m.training for m in unet.modules())  # PEFT's layers, left in training mode
         unet(**inputs())
-    assert g.stats["training"] == 2 and g.stats["cpu"] == 2
+    assert g.stats["training"] == 2 and g.stats["cpu"] == 3
