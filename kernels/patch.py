@@ -666,6 +666,28 @@ def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
         install(m, report)
 
 
+def _ours(fn) -> bool:
+    """fn is a forward kernels.patch bound to a module (kernels/patch.py's or kernels/lora.py's)."""
+    return isinstance(fn, types.MethodType) and getattr(fn.__func__, "__module__", None) in (__name__, lora.__name__)
+
+
+def _unpatch_forward(m: nn.Module) -> None:
+    """Give m its class's forward back. Where a library wrapped the patched forward after patch (diffusers'
+    HookRegistry: layerwise casting, offloading, caches; accelerate's add_hook_to_module), its wrapper stays
+    in m's `forward` and the class's forward takes the patched one's place inside it (popping the wrapper
+    dropped the hooks: a crash, or a silently different output)."""
+    if _ours(m.__dict__.get("forward")):
+        del m.__dict__["forward"]
+        return
+    plain = types.MethodType(type(m).forward, m)
+    for ref in getattr(m.__dict__.get("_diffusers_hook"), "_fn_refs", ()):
+        for attr in ("forward", "original_forward"):
+            if _ours(getattr(ref, attr, None)):
+                setattr(ref, attr, plain)
+    if _ours(m.__dict__.get("_old_forward")):  # accelerate's
+        m._old_forward = plain
+
+
 def unpatch(model: nn.Module) -> int:
     """Undo `patch`: every module back to its class's forward / its previous processor, conv
     weights back to contiguous memory where patch made them channels_last. Returns how many
@@ -683,7 +705,7 @@ def unpatch(model: nn.Module) -> int:
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue
         temb_.unpack(m)
-        m.__dict__.pop("forward", None)
+        _unpatch_forward(m)
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()

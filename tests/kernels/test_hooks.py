@@ -196,3 +196,27 @@ def test_graphs_step_aside_for_torch_hooks_inside_the_tree(empty_registry):
             h.remove()
         assert g.stats["hooks"] == 2
         root.remove()
+
+
+def test_restore_keeps_the_hooks_a_library_added_after_optimize(empty_registry):
+    """diffusers hooks registered after kernels.optimize (a ModelHook on the output norm, layerwise casting on
+    the whole UNet) wrap the patched forwards. Defect before: restore popped each module's instance forward,
+    which was the hooks' wrapper: the ModelHook silently vanished and layerwise casting crashed (a bf16 weight
+    read as stored). Now the class's forward replaces the patched one inside the wrapper: after restore the
+    model matches eager with the same hooks, and no patched forward is left."""
+    def _ours(fn) -> bool:  # a forward bound by kernels.patch
+        return getattr(getattr(fn, "__func__", None), "__module__", "").startswith("kernels.")
+
+    eager, opt = pair()
+    kernels.optimize(opt)
+    for m in (eager, opt):
+        _diffusers_hook(m, "conv_norm_out", Scale(1.5))
+        m.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, **TOL)
+        kernels.restore(opt)
+        torch.testing.assert_close(opt(**x).sample, eager(**x).sample, atol=0, rtol=0)
+    for m in opt.modules():
+        refs = getattr(m.__dict__.get("_diffusers_hook"), "_fn_refs", ())
+        assert not _ours(m.__dict__.get("forward")) and not any(_ours(r.forward) for r in refs)
