@@ -342,12 +342,10 @@ class GraphedCall:
         setattr(module, method, self)
 
     def uninstall(self) -> None:
-        """Put the method back (the one that was there before) and free the graphs."""
-        if self.module.__dict__.get(self.method) is self:
-            if self._had_instance_attr:
-                setattr(self.module, self.method, self._previous)
-            else:
-                delattr(self.module, self.method)
+        """Put the method back (the one that was there before; also inside a library's wrapper put on top of
+        this one, e.g. accelerate's model offload) and free the graphs."""
+        packing.replace_method(self.module, self.method, lambda f: f is self,
+                               self._previous if self._had_instance_attr else None)
         self.graphs.clear()
 
     # -- what a graph depends on -------------------------------------------------------------------

@@ -9,6 +9,7 @@ of that model that read one input.
 from __future__ import annotations
 
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,29 @@ def foreign_hooks(m: nn.Module) -> bool:
     runs: kernels.graphs captures no module tree that holds one."""
     reg = m.__dict__.get("_diffusers_hook")
     return bool(reg is not None and getattr(reg, "hooks", None)) or "_hf_hook" in m.__dict__
+
+
+def replace_method(m: nn.Module, method: str, is_old: Callable[[Any], bool], new: Callable | None) -> None:
+    """Put `new` (None: the class's own) where `is_old` finds what kernels installed as m's `method`: m's
+    instance attribute, or, for forward, inside the wrapper a library put there after it (diffusers'
+    HookRegistry function references: layerwise casting, offloading, caches; accelerate's _old_forward).
+    Removing the wrapper instead would drop its hooks."""
+    d = m.__dict__
+    if is_old(d.get(method)):
+        if new is None:
+            del d[method]
+        else:
+            d[method] = new
+        return
+    if method != "forward":
+        return
+    new = new if new is not None else types.MethodType(type(m).forward, m)
+    for ref in getattr(d.get("_diffusers_hook"), "_fn_refs", ()):
+        for attr in ("forward", "original_forward"):
+            if is_old(getattr(ref, attr, None)):
+                setattr(ref, attr, new)
+    if is_old(d.get("_old_forward")):
+        d["_old_forward"] = new
 
 
 def plain_linear(m) -> bool:

@@ -110,7 +110,7 @@ from .elementwise import gelu_gate
 from .conv import conv2d_tuned
 from .norm import add_layer_norm_tuned, group_norm_shift_tuned
 from .packing import MARK as _MARK  # instance attribute: the kind of patch applied
-from .packing import PerThread, base_linear, hooked, plain_linear
+from .packing import PerThread, base_linear, hooked, plain_linear, replace_method
 
 
 
@@ -672,20 +672,9 @@ def _ours(fn) -> bool:
 
 
 def _unpatch_forward(m: nn.Module) -> None:
-    """Give m its class's forward back. Where a library wrapped the patched forward after patch (diffusers'
-    HookRegistry: layerwise casting, offloading, caches; accelerate's add_hook_to_module), its wrapper stays
-    in m's `forward` and the class's forward takes the patched one's place inside it (popping the wrapper
-    dropped the hooks: a crash, or a silently different output)."""
-    if _ours(m.__dict__.get("forward")):
-        del m.__dict__["forward"]
-        return
-    plain = types.MethodType(type(m).forward, m)
-    for ref in getattr(m.__dict__.get("_diffusers_hook"), "_fn_refs", ()):
-        for attr in ("forward", "original_forward"):
-            if _ours(getattr(ref, attr, None)):
-                setattr(ref, attr, plain)
-    if _ours(m.__dict__.get("_old_forward")):  # accelerate's
-        m._old_forward = plain
+    """Give m its class's forward back, also where a library wrapped the patched forward after patch (its
+    wrapper and hooks stay: popping it dropped them, a crash or a silently different output)."""
+    replace_method(m, "forward", _ours, None)
 
 
 def unpatch(model: nn.Module) -> int:

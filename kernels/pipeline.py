@@ -137,8 +137,10 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
         c = ComponentReport(name, type(m).__name__, rep, cl)
         if graphs:
             for meth, unused in _graph_methods(m).items():
-                c.graphs[meth] = GraphedCall(m, meth, max_graphs=max_graphs, repatch=lambda mod, o=opts: patch(mod, **o),
-                                             unused_kwargs=unused, pad_batch=pad_batch)
+                installed = m.__dict__.get(meth)  # a component shared with a pipeline optimized before (from_pipe)
+                c.graphs[meth] = installed if isinstance(installed, GraphedCall) else GraphedCall(
+                    m, meth, max_graphs=max_graphs, repatch=lambda mod, o=opts: patch(mod, **o),
+                    unused_kwargs=unused, pad_batch=pad_batch)
         comps[name] = c
     report = OptimizeReport(comps)
     setattr(pipe, _ATTR, report)

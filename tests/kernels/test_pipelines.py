@@ -60,3 +60,40 @@ def test_pipeline_optimized_under_inference_mode(kind, registry):
     kernels.optimize(pipe)
     with torch.inference_mode():
         torch.testing.assert_close(_run(kind, pipe), ref, atol=1e-4, rtol=0)
+
+
+def test_restore_of_pipelines_sharing_components_and_under_an_offload_wrapper(registry):
+    """Defects before (each left a GraphedCall installed after restore, which re-patched the 'restored' UNet at
+    the next change of its module tree and, on a GPU, went on capturing):
+    - optimize of a pipeline made with from_pipe over an optimized one wrapped the shared UNet's GraphedCall in
+      a second one; restoring both put the first one back;
+    - enable_model_cpu_offload after optimize wraps unet.forward (accelerate's _old_forward held the
+      GraphedCall), and restore left it inside the wrapper.
+    Now optimize reuses a shared component's GraphedCall, and restore takes it out from under a wrapper."""
+    import diffusers
+    from kernels.graphs import GraphedCall
+
+    def leftovers(unet):
+        return ([k for k in ("forward", "_old_forward") if isinstance(unet.__dict__.get(k), GraphedCall)],
+                sum("_shapetune_patched" in m.__dict__ for m in unet.modules()))
+
+    p1 = _build("text2img")
+    ref = _run("text2img", p1)
+    kernels.optimize(p1)
+    p2 = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(p1)
+    kernels.optimize(p2)
+    assert kernels.optimize(p2).components["unet"].graphs["forward"] is p1.unet.__dict__["forward"]
+    kernels.restore(p1)
+    kernels.restore(p2)
+    assert leftovers(p1.unet) == ([], 0)
+    torch.testing.assert_close(_run("text2img", p1), ref, atol=1e-5, rtol=0)
+
+    pipe = _build("text2img")
+    kernels.optimize(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    kernels.restore(pipe)
+    assert leftovers(pipe.unet) == ([], 0)
+    peft = pytest.importorskip("peft")
+    pipe.unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"]))  # a module-tree change
+    _run("text2img", pipe)
+    assert leftovers(pipe.unet) == ([], 0)
