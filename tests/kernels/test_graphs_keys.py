@@ -189,3 +189,20 @@ def test_a_dropout_in_training_mode_runs_eagerly(empty_registry):
         assert any(m.training for m in unet.modules())  # PEFT's layers, left in training mode
         unet(**inputs())
     assert g.stats["training"] == 2 and g.stats["cpu"] == 3
+
+
+def test_a_scaling_moved_by_an_ulp_keeps_its_graph_key():
+    """diffusers' LoRA `scale` multiplies each PEFT scaling and divides it back inside the UNet's forward, which
+    can move it by an ulp (0.75 * 0.7 / 0.7 != 0.75). Before, the key held the exact float: each call after
+    such a forward missed its graph and captured another. A real change of scale still changes the key."""
+    peft = pytest.importorskip("peft")
+    from kernels.graphs import _peft_state
+
+    m = nn.Sequential(nn.Linear(4, 4))
+    m = peft.get_peft_model(m, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0"])).base_model.model[0]
+    m.scaling["default"] = 0.75
+    key = _peft_state(m)
+    m.scaling["default"] = 0.75 * 0.7 / 0.7
+    assert m.scaling["default"] != 0.75 and _peft_state(m) == key
+    m.scaling["default"] = 0.7
+    assert _peft_state(m) != key
