@@ -258,12 +258,23 @@ def _peft_state(m: nn.Module) -> tuple:
     """A PEFT layer's adapter state as a key. Float scalings rounded to 1e-12: diffusers' LoRA `scale`
     (cross_attention_kwargs) multiplies each scaling and divides it back inside the forward, which can move it
     by an ulp (0.75 * 0.7 / 0.7 = 0.7499999999999999); keyed exactly, every call after such a forward would
-    capture a graph of its own. (The graph's launches keep the scaling of its capture: 1e-16 relative.)"""
+    capture a graph of its own. (The graph's launches keep the scaling of its capture: 1e-16 relative.) A
+    scaling held in a CPU tensor (PEFT's compiled hotswap makes them tensors on the weights' device, which stay
+    behind when the model moves) is read by the host when a kernel is launched, so a replay keeps the captured
+    value: keyed by its value, which a hotswap's in-place fill changes. A CUDA tensor is read from memory by
+    every replay."""
     scaling = getattr(m, "scaling", None)
     return (tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "merged", False)),
             bool(getattr(m, "disable_adapters", False)), tuple(getattr(m, "merged_adapters", ()) or ()),
-            tuple(sorted((k, round(v, 12) if type(v) is float else v) for k, v in scaling.items()))
-            if isinstance(scaling, dict) else None)
+            tuple(sorted((k, _scaling_key(v)) for k, v in scaling.items())) if isinstance(scaling, dict) else None)
+
+
+def _scaling_key(v):
+    if type(v) is float:
+        return round(v, 12)
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() == 1:
+        return ("cpu", round(v.item(), 12))
+    return v
 
 
 def _is_peft_layer(m: nn.Module) -> bool:

@@ -206,3 +206,19 @@ def test_a_scaling_moved_by_an_ulp_keeps_its_graph_key():
     assert m.scaling["default"] != 0.75 and _peft_state(m) == key
     m.scaling["default"] = 0.7
     assert _peft_state(m) != key
+
+
+def test_a_cpu_tensor_scaling_is_keyed_by_its_value():
+    """PEFT's compiled hotswap turns scalings into tensors on the weights' device; one left on the CPU (the model
+    moved to the GPU afterwards) is read by the host at each kernel launch, so a graph keeps the captured value.
+    Before, the key held the tensor object: a hotswap's in-place fill kept the key and the graph replayed the
+    old scale. Now such a scaling is keyed by its value (a CUDA one stays keyed by the tensor: replays read it)."""
+    peft = pytest.importorskip("peft")
+    from kernels.graphs import _peft_state
+
+    m = nn.Sequential(nn.Linear(4, 4))
+    m = peft.get_peft_model(m, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0"])).base_model.model[0]
+    m.scaling["default"] = torch.tensor(0.75)
+    key = _peft_state(m)
+    m.scaling["default"].fill_(0.5)
+    assert _peft_state(m) != key
