@@ -198,10 +198,18 @@ class TuningDB:
 
     def close(self) -> None:
         """Close the connection; the DB object is unusable afterwards. A DB file this object
-        created is removed (with its WAL files) if an import into it failed and it is empty."""
+        created is removed (with its WAL files) if an import into it failed, it is empty, and no other
+        connection has it open: leaving WAL mode needs every other connection gone (each holds the
+        shared-memory file's lock while open), so a tuner that opened the new DB meanwhile keeps it
+        (before, its records went into a deleted file, silently)."""
         discard = self._fresh and self._failed_import and not any(
             self._con.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
             for t in ("records", "baselines", "buckets"))
+        if discard:
+            try:
+                discard = self._con.execute("PRAGMA journal_mode = DELETE").fetchone()[0].lower() == "delete"
+            except sqlite3.DatabaseError:  # busy: another connection
+                discard = False
         self._con.close()
         self._fresh = False  # closing again removes nothing
         if discard:

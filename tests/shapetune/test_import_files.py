@@ -54,3 +54,63 @@ def test_export_import_export_is_byte_identical(tmp_path):
         assert d.buckets() == [BUCKET]
         d.export_jsonl(tmp_path / "2.jsonl")
     assert (tmp_path / "2.jsonl").read_bytes() == (tmp_path / "1.jsonl").read_bytes()
+
+
+def test_a_failed_import_keeps_a_new_db_another_connection_opened(tmp_path):
+    """Defect before: a failed import into a new path deleted the DB on close even where another connection
+    (a tuner started meanwhile) had opened it: that one's records then went into a deleted file, silently.
+    Now the file goes only when no other connection has it open."""
+    from shapetune.ops.linear import linear_workload
+    from shapetune.records import Candidate, LatencyStats, MeasureResult
+    from shapetune.target import detect
+
+    bad, new = tmp_path / "bad.jsonl", tmp_path / "new.db"
+    bad.write_text("{not json\n")
+    importer = TuningDB(new)
+    other = TuningDB(new)  # opened while the import runs
+    with pytest.raises(DBError):
+        importer.import_jsonl(bad)
+    importer.close()
+    w = linear_workload(8, 8, 8, bias=False, dtype="float32")
+    rec = MeasureResult(w, detect("llvm"), Candidate("dlight"), "ok", LatencyStats.of([5.0, 6.0]), max_rel_err=1e-6,
+                        run_id="r", created=1.7e9)
+    assert other.add_results([rec]) == 1
+    other.close()
+    with TuningDB(new, create=False) as d:
+        assert d.stats()["records"] == 1
+
+
+def test_a_record_whose_check_found_nan_outputs_round_trips(tmp_path):
+    """The verifier's verdict for a kernel that leaves outputs unwritten is wrong_result with max_rel_err NaN;
+    the DB stores it. Defect before: `db export` wrote it, and `db import` of that export rejected the whole
+    file (the codec required a finite error), and `db verify` reported it as an integrity problem and
+    re-verified nothing. An ok record with a NaN error is still refused."""
+    import json
+    import math
+
+    from shapetune.ops.linear import linear_workload
+    from shapetune.records import Candidate, LatencyStats, MeasureResult
+    from shapetune.target import detect
+
+    w = linear_workload(8, 8, 8, bias=False, dtype="float32")
+    t = detect("llvm")
+    src, dst, exp = tmp_path / "src.db", tmp_path / "dst.db", tmp_path / "exp.jsonl"
+    with TuningDB(src) as d:
+        d.add_results([
+            MeasureResult(w, t, Candidate("dlight"), "ok", LatencyStats.of([5.0, 6.0]), max_rel_err=1e-6,
+                          run_id="r", created=1.7e9),
+            MeasureResult(w, t, Candidate("dlight", (("x", 1),)), "wrong_result", error="outputs are NaN/Inf",
+                          max_rel_err=math.nan, run_id="r", created=1.7e9 + 1)])
+    for args in (["export", str(exp), "--db", str(src)], ["import", str(exp), "--db", str(dst)],
+                 ["verify", "--check-only", "--db", str(src)]):
+        r = CliRunner().invoke(main, ["db", *args])
+        assert r.exit_code == 0, r.output
+    with TuningDB(dst, create=False) as d:
+        assert d.stats()["records"] == 2
+    lines = exp.read_text().splitlines()
+    ok = next(json.loads(x) for x in lines if '"status": "ok"' in x)
+    ok["max_rel_err"] = float("nan")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ok) + "\n")
+    r = CliRunner().invoke(main, ["db", "import", str(bad), "--db", str(tmp_path / "x.db")])
+    assert r.exit_code == 1 and "max_rel_err" in r.output, r.output
