@@ -38,6 +38,16 @@ def outputs(eager, opt, registry, x: dict):
         return ref, opt(**x).sample
 
 
+def matches_eager_that_the_change_moved(eager, opt, moved_by: float) -> None:
+    """opt's output on inputs() matches eager's (TOL), and eager's differs from an unchanged twin's by more
+    than `moved_by` (what both were given, hooks or a processor, matters)."""
+    x = inputs()
+    with torch.no_grad():
+        ref, base = eager(**x).sample, pair()[0](**x).sample
+        torch.testing.assert_close(opt(**x).sample, ref, **TOL)
+    assert (ref - base).abs().max() > moved_by
+
+
 def patched(registry, **patch_kw):
     """(eager, opt): a fresh pair, opt patched (kernels.patch with `patch_kw`) and its output on inputs()
     matching eager's (TOL); the registry counting opt's calls of that forward only."""
