@@ -42,16 +42,17 @@ CUDA autocast's state (off, or on with its dtype): a graph captured outside `tor
 the model's dtypes and must not serve a call under it, nor the reverse.
 Not captured, run eagerly and counted by cause: CPU tensors (`cpu`), no CUDA tensor at all (`no_tensor`),
 autograd on (`grad_enabled`), a dropout with p > 0 or a batch norm in training mode (`training`: set by
-`.train()` / `.eval()`, which bump the tree epoch; an assignment to `.training` is not seen), under torch.compile or inside another capture (`compiling`,
-`capturing`), a tree holding hooks below its root (`hooks`: torch forward (pre-)hooks, torch's global
-ones, diffusers hooks (caches, layerwise casting, offloading: `diffusers.hooks`) or accelerate hooks;
-their Python runs on every call in eager and may keep state or decide per call what runs, which a
-replay would skip; registering or removing a torch or diffusers hook is seen on the next call, an
-accelerate hook at the next change of the module tree; the root's own hooks run around the graph), a
-non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a pytree of tensors
-and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a call whose capture
-failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then never tried again). Data-dependent Python control flow inside the forward that does not sync cannot be
-seen: the graph replays the branch taken at capture, as with any CUDA graph.
+`.train()` / `.eval()`, which bump the tree epoch; an assignment to `.training` is not seen), under
+torch.compile or inside another capture (`compiling`, `capturing`), a tree holding hooks below its root
+(`hooks`: torch forward (pre-)hooks, torch's global ones, diffusers hooks (caches, layerwise casting,
+offloading: `diffusers.hooks`) or accelerate hooks; their Python runs on every call in eager and may keep state
+or decide per call what runs, which a replay would skip; registering or removing a torch or diffusers hook is
+seen on the next call, an accelerate hook at the next change of the module tree; the root's own hooks run around
+the graph), a non-tensor argument that cannot be a key (`unhashable_arg`), an output that is not a pytree of
+tensors and plain values (`opaque_output`, e.g. a VAE encoder's distribution object), and a call whose capture
+failed (`capture_failed`, e.g. a host sync inside the forward; the signature is then never tried again).
+Data-dependent Python control flow inside the forward that does not sync cannot be seen: the graph replays the
+branch taken at capture, as with any CUDA graph.
 
 Threads and streams: every graph of a device shares one memory pool, and each graph its static buffers,
 so two replays must never overlap. One process-wide lock is held from a call's signature lookup

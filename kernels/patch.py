@@ -671,12 +671,6 @@ def _ours(fn) -> bool:
     return isinstance(fn, types.MethodType) and getattr(fn.__func__, "__module__", None) in (__name__, lora.__name__)
 
 
-def _unpatch_forward(m: nn.Module) -> None:
-    """Give m its class's forward back, also where a library wrapped the patched forward after patch (its
-    wrapper and hooks stay: popping it dropped them, a crash or a silently different output)."""
-    replace_method(m, "forward", _ours, None)
-
-
 def unpatch(model: nn.Module) -> int:
     """Undo `patch`: every module back to its class's forward / its previous processor, conv
     weights back to contiguous memory where patch made them channels_last. Returns how many
@@ -694,7 +688,9 @@ def unpatch(model: nn.Module) -> int:
             m.set_processor(proc.fallback if isinstance(proc, AttnProcessor) else proc)
             continue
         temb_.unpack(m)
-        _unpatch_forward(m)
+        # the class's forward back, also inside a library's wrapper put on the patched one after patch
+        # (its hooks stay: popping the wrapper dropped them, a crash or a silently different output)
+        replace_method(m, "forward", _ours, None)
         m.__dict__.pop("_get_output_for_continuous_inputs", None)
         if m.__dict__.pop("_shapetune_relaid", False):
             m.weight.data = m.weight.data.contiguous()
