@@ -42,6 +42,13 @@ def _unet():
     return diffusers.UNet2DConditionModel(**TINY).to("cuda", torch.float16).eval()
 
 
+def _optimized(**kw):
+    """A tiny UNet, its optimized deep copy (the same weights) and the copy's GraphedCall of forward."""
+    eager = _unet()
+    unet = copy.deepcopy(eager)
+    return eager, unet, kernels.optimize(unet, **kw).components["model"].graphs["forward"]
+
+
 def _inputs(batch=2, lat=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     return dict(sample=torch.randn(batch, 4, lat, lat, generator=g).to("cuda", torch.float16),
@@ -59,10 +66,7 @@ def _rel(a, b):
 
 
 def test_replay_equals_the_patched_eager_run_one_capture_per_shape():
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized()
     for seed in (1, 2, 3):
         x = _inputs(seed=seed)
         out = _run(unet, x)
@@ -101,10 +105,7 @@ class _Scaled:
 def _changed_after_capture_is_captured_again(change):
     """Capture, then `change(model)` in both the eager and the optimized UNet: the next call drops the graph
     and captures again (one invalidation), and matches eager with the change."""
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized()
     x = _inputs()
     _run(unet, x)
     for m in (eager, unet):
@@ -155,10 +156,7 @@ def test_lru_bound_evicts_the_least_recent_graph():
 
 
 def test_weights_changed_in_place_are_seen_replaced_storage_is_recaptured():
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized()
     x = _inputs()
     _run(unet, x)
     for m in (eager, unet):  # in place, through .data (as a PEFT merge writes): the graph reads the memory
@@ -177,10 +175,7 @@ def test_weights_changed_in_place_are_seen_replaced_storage_is_recaptured():
 def test_a_peft_adapter_is_patched_and_recaptured_and_matches_eager():
     from peft import LoraConfig
 
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized()
     x = _inputs()
     base = _run(unet, x)
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -226,10 +221,7 @@ def test_no_layout_transposes_inside_the_captured_forward():
 
 
 def test_pad_batch_replays_a_larger_captured_batch_and_matches_unpadded():
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet, pad_batch=True)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized(pad_batch=True)
     _run(unet, _inputs(batch=4))
     x3 = _inputs(batch=3, seed=9)
     out = _run(unet, x3)  # no graph of batch 3: the batch-4 graph, padded
@@ -275,10 +267,7 @@ def test_a_lora_switch_captures_without_warmups_and_matches_eager():
     output still equals eager with that adapter active."""
     from peft import LoraConfig
 
-    eager = _unet()
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
+    eager, unet, g = _optimized()
     cfg = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     for name, seed in (("a", 1), ("b", 2)):
         for m in (eager, unet):
@@ -318,11 +307,8 @@ def _lora_state(unet, seed: int) -> dict:
 def test_a_lora_hotswap_replays_the_graph_without_a_capture():
     """load_lora_adapter(..., hotswap=True) writes the new LoRA into the adapter's tensors in place: the
     graph captured with the old LoRA replays the new one, no capture, and matches eager."""
-    eager = _unet()
+    eager, unet, g = _optimized()
     la, lb = _lora_state(eager, 1), _lora_state(eager, 2)
-    unet = copy.deepcopy(eager)
-    rep = kernels.optimize(unet)
-    g = rep.components["model"].graphs["forward"]
     x = _inputs()
     for m in (eager, unet):
         m.load_lora_adapter(dict(la), prefix=None, adapter_name="x")
