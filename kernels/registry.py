@@ -10,9 +10,9 @@ live here too, so clearing or swapping the registry drops them):
   load the compiled module from the kernel cache (keyed by target: arch, GPU, versions), building
   it from the record's knobs on a miss.
 Anything that stops a tuned kernel from running (no record, vendor faster, no vendor timed in the
-record's run, stale target, build or load failure, SHAPETUNE_DISABLE=1) is a *fallback*: the op runs
-PyTorch's own implementation and the reason is counted. `fallback_summary()` reports the counts; one
-line is logged at exit.
+record's run, stale target, records of another version of the template or op definition only, build
+or load failure, SHAPETUNE_DISABLE=1) is a *fallback*: the op runs PyTorch's own implementation and
+the reason is counted. `fallback_summary()` reports the counts; one line is logged at exit.
 
 Serving from a pack (kernels.pack: `load_pack(path)` or SHAPETUNE_PACK=path): the pack's DB, and its
 artifacts only, checked against its manifest; nothing is built.
@@ -21,6 +21,7 @@ artifacts only, checked against its manifest; nothing is built.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ class _Index:
 
     runs: dict[Workload, dict[str, MeasureResult]]  # workload -> run id -> its fastest verified record
     vendors: dict[tuple[Workload, str], VendorBaseline]  # (workload, run id) -> its fastest vendor path
+    stale: dict[Workload, MeasureResult]  # workload -> its fastest verified record of another version
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Resolution:
     vendor: VendorBaseline | None = None
     bucket: Workload | None = None
     cause: str = "tuned"  # short, countable: tuned | disabled | no_db | not_tuned | stale | all_failed
-    #                       | unverified | outside_buckets | vendor_faster | no_baseline | load_failed
+    #                       | unverified | stale_version | outside_buckets | vendor_faster | no_baseline | load_failed
     #                       | db_unreadable | pack_target | pack_missing | pack_mismatch | pack_unreadable
 
 
@@ -119,10 +121,14 @@ class Registry:
 
     # -- resolution ---------------------------------------------------------------------------------
     def _load_index(self) -> _Index | None:
-        """Each run's fastest verified record (measured here: imports count once re-verified) and
-        fastest vendor baseline, per workload of this target, in memory: a new shape then resolves
-        with dict lookups, no DB query."""
+        """Each run's fastest verified record (measured here: imports count once re-verified; of the
+        current version of its template and op definition, Candidate.version, the others kept apart
+        as stale) and fastest vendor baseline, per workload of this target, in memory: a new shape
+        then resolves with dict lookups, no DB query."""
         if self._index is None:
+            from scheduler.templates import current_version
+
+            version = functools.cache(current_version)
             db = self._db()
             if db is None:
                 return None
@@ -133,18 +139,24 @@ class Registry:
                 for i in range(0, len(rows), 10_000):  # under SQLite's limit on bound parameters
                     trust.update(db.trust([j for j, _ in rows[i:i + 10_000]]))
                 runs: dict[Workload, dict[str, MeasureResult]] = {}
+                stale: dict[Workload, MeasureResult] = {}
                 for j, r in reversed(rows):  # oldest first: ties go to the earliest stored
-                    best = runs.setdefault(r.workload, {}).get(r.run_id)
                     us = r.latency.median_us
-                    faster = math.isfinite(us) and (best is None or us < best.latency.median_us)
-                    if trust[j][0] == "measured" and faster:
+                    if trust[j][0] != "measured" or not math.isfinite(us):
+                        continue
+                    if r.candidate.version != version(r.candidate.template, r.workload.op):  # never served
+                        if r.workload not in stale or us < stale[r.workload].latency.median_us:
+                            stale[r.workload] = r
+                        continue
+                    best = runs.setdefault(r.workload, {}).get(r.run_id)
+                    if best is None or us < best.latency.median_us:
                         runs[r.workload][r.run_id] = r
                 vendors: dict[tuple[Workload, str], VendorBaseline] = {}
                 for b in db.baselines(target_key=key):
                     v = vendors.get((b.workload, b.run_id))
                     if v is None or vendor_us(b) < vendor_us(v):
                         vendors[(b.workload, b.run_id)] = b
-            self._index = _Index({w: rs for w, rs in runs.items() if rs}, vendors)
+            self._index = _Index(runs, vendors, stale)
         return self._index
 
     def resolve(self, w: Workload) -> Resolution:
@@ -214,6 +226,15 @@ class Registry:
         if any(db.pending(self.target.key, workload_key=x.key) for x in (w, bucket)):
             return "unverified", ("imported, not yet re-verified on this target: run `shapetune db verify` "
                                   "(or `shapetune prebuild`)")
+        old = self._index.stale.get(w) or self._index.stale.get(bucket)
+        if old is not None:
+            from scheduler.templates import current_version
+
+            now = current_version(old.candidate.template, old.workload.op)
+            return "stale_version", (f"stale: tuned only with another version of its code ({old.candidate}, "
+                                     f"version {old.candidate.version or '1.1'}; this code's is {now or '1.1'}): "
+                                     f"`shapetune db verify` (or `shapetune prebuild`) re-verifies and re-times "
+                                     f"it as this version")
         others = [t for t in db.targets() if t.key != self.target.key
                   and t.kind == self.target.kind and t.arch == self.target.arch
                   and (db.best(w.key, t.key, include_pending=True)
@@ -279,7 +300,8 @@ class Registry:
 
     def prebuild(self, jobs: int | None = None, timeout_s: float = 600,
                  keys: Collection[str] | None = None) -> dict[str, int]:
-        """Re-verify this target's pending imports first (scheduler.reverify, as `shapetune db
+        """Re-verify this target's pending imports first, and its records of an older template or op
+        version and the other targets' portable ones (scheduler.reverify, as `shapetune db
         verify`; with require_faster only the claims that beat the vendor path in their own run,
         the ones this registry could serve), then build every kernel this registry would dispatch to
         (each workload's best record, where it beats the vendor path if require_faster) into the

@@ -23,11 +23,22 @@ another GPU of the same architecture) are candidates too, re-verified and re-tim
 after this target's imports. One that passes is stored as measured here; one that fails is stored as
 the failed result it gave here (so it is not tried again). Nothing of the other target is served as
 measured here.
+
+Versions (Candidate.version): a candidate carries the version of the code that makes its kernel, its
+template's (Template.version) and its op definition's (OpDef.version); bump one when a change alters
+the generated kernel for some knobs. Records of another version are never served as measured (the
+registry skips them) nor loaded from the kernel cache (the version is in the candidate's key, so in
+the artifact's name). Where this target has no verified record of the current version, its records of
+an older version (`stale`: each run's fastest) are candidates too, after its imports and before the
+portable records: the same knobs, rebuilt as the current version, verified and re-timed here, stored
+as measured (the current version's record) or as the failed result. Whatever is re-verified (an
+import, a portable or stale record) is rebuilt and stored as the current version of its knobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -39,7 +50,7 @@ from pathlib import Path
 
 from shapetune import config
 from shapetune.db import TuningDB
-from shapetune.records import STATUSES, MeasureResult
+from shapetune.records import STATUSES, Candidate, MeasureResult
 from shapetune.serving import servable, vendor_us
 from shapetune.target import Target
 from shapetune.workload import Workload
@@ -55,7 +66,8 @@ def knob_error(r: MeasureResult) -> str | None:
     A failed record (no kernel: never built, verified or served) needs only a known template: it is
     the history of a search, and an earlier version's attempt with a template that no longer applies
     there, or with knobs its space has since dropped, stays importable (an export of that version
-    would otherwise be refused whole)."""
+    would otherwise be refused whole). The knobs are compared whatever the candidate's version: a
+    record of another version is a candidate for the current one (`stale`)."""
     try:
         t = templates.get(r.candidate.template)
     except ValueError:
@@ -64,16 +76,21 @@ def knob_error(r: MeasureResult) -> str | None:
         return None
     if not t.applies(r.workload, r.target):
         return f"template {t.name} does not apply to {r.workload.op} on {r.target.kind}"
-    if r.candidate.key not in _space_keys(t, r.workload, r.target):
+    if current(r).key not in _space_keys(t, r.workload, r.target):
         return f"{r.candidate} is outside {t.name}'s space for {r.workload.name}"
     return None
 
 
-_spaces: dict[tuple[str, str, str], frozenset[str]] = {}
+def current(r: MeasureResult) -> Candidate:
+    """The record's candidate as this code's version of its knobs (what re-verification builds)."""
+    return dataclasses.replace(r.candidate, version=templates.current_version(r.candidate.template, r.workload.op))
+
+
+_spaces: dict[tuple[str, str, str, str], frozenset[str]] = {}
 
 
 def _space_keys(t, w: Workload, target: Target) -> frozenset[str]:
-    k = (t.name, w.key, target.key)
+    k = (t.name, w.key, target.key, templates.current_version(t.name, w.op))
     if k not in _spaces:
         _spaces[k] = frozenset(c.key for c in t.space(w, target))
     return _spaces[k]
@@ -154,13 +171,16 @@ def reverify(db_path: str | Path, target: Target, op: str | None = None, jobs: i
 def claims(db: TuningDB, target: Target, op: str | None = None
            ) -> dict[Workload, list[tuple[int | None, MeasureResult]]]:
     """What re-verification can take on `target`, per workload in the order it tries them: this
-    target's pending imports ((row id, record)), then the other targets' portable records ((None,
-    record))."""
+    target's pending imports ((row id, record)), then its records of an older version (`stale`) and
+    the other targets' portable records ((None, record); one per candidate of the current version)."""
     out: dict[Workload, list[tuple[int | None, MeasureResult]]] = {}
     for i, r in db.pending(target.key, op=op):
         out.setdefault(r.workload, []).append((i, r))
-    for r in portable(db, target, op):
-        out.setdefault(r.workload, []).append((None, r))
+    seen = set()
+    for r in stale(db, target, op) + portable(db, target, op):
+        if (r.workload, current(r)) not in seen:
+            seen.add((r.workload, current(r)))
+            out.setdefault(r.workload, []).append((None, r))
     return out
 
 
@@ -187,7 +207,7 @@ def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: st
     """Yield (workload, (id, import), MeasureResult measured here, or the reason it failed)."""
     checked = {w: knob_error(r) for w, (_, r) in batch.items()}
     ok = [w for w in batch if checked[w] is None]
-    args = [(w.to_json(), target.to_json(), batch[w][1].candidate.to_json(), tmp) for w in ok]
+    args = [(w.to_json(), target.to_json(), current(batch[w][1]).to_json(), tmp) for w in ok]
     built = dict(zip(ok, pool.run_all(builder.build_one, args, timeout_s)))
     for w, (i, r) in batch.items():
         if checked[w] is not None:
@@ -205,7 +225,7 @@ def _build_and_run(pool, runner: Runner, batch: dict, target: Target, run_id: st
             yield w, (i, r), f"{res.status}: {res.error}"
             continue
         _keep(Path(path), target)
-        yield w, (i, r), MeasureResult(w, target, r.candidate, "ok", res.latency,
+        yield w, (i, r), MeasureResult(w, target, current(r), "ok", res.latency,
                                        max_rel_err=res.rel_err, build_s=build_s, run_id=run_id,
                                        created=time.time())
 
@@ -232,28 +252,58 @@ def _keep(path: Path, target: Target) -> None:
 
 def portable(db: TuningDB, target: Target, op: str | None = None) -> list[MeasureResult]:
     """The other targets' records that are candidates here: for each workload without a verified
-    record on `target`, each other target's best record (imports included) where that target shares
-    this one's kernels (Target.shares_kernels_with) and `target` has not tried its candidate yet;
-    re-targeted to `target`, by workload name, fastest first."""
+    record of the current version on `target`, each other target's best record (imports included)
+    where that target shares this one's kernels (Target.shares_kernels_with) and `target` has not
+    tried its candidate (as the current version) yet; re-targeted to `target`, by workload name,
+    fastest first."""
     others = [t for t in db.targets() if t.key != target.key and target.shares_kernels_with(t)]
+    served = {r.workload for r in _measured(db, target, op) if current(r) == r.candidate}
     out: dict[tuple[str, str], MeasureResult] = {}
     for t in others:
         for r in db.best_all(target_key=t.key, op=op, include_pending=True):
-            k = (r.workload.key, r.candidate.key)
-            if k in out or db.best(r.workload.key, target.key) is not None:
-                continue
-            if r.candidate.key in db.held(r.workload, target)[0]:
+            k = (r.workload.key, current(r).key)
+            if k in out or r.workload in served or k[1] in db.held(r.workload, target)[0]:
                 continue
             out[k] = dataclasses.replace(r, target=target)
     return sorted(out.values(), key=lambda r: (r.workload.name, r.workload.key, r.latency.median_us))
 
 
+def stale(db: TuningDB, target: Target, op: str | None = None) -> list[MeasureResult]:
+    """This target's records of an older version that are candidates here: for each workload without
+    a verified record of the current version on `target`, each run's fastest record measured here
+    (imports count once re-verified: their measured copy) whose candidate is of another version than
+    the current one and whose knobs `target` has not tried as the current version yet; by workload
+    name, fastest first."""
+    runs: dict[tuple[Workload, str], MeasureResult] = {}
+    served = set()
+    for r in _measured(db, target, op):  # newest first
+        k = (r.workload, r.run_id)
+        if current(r) == r.candidate:
+            served.add(r.workload)
+        elif k not in runs or r.latency.median_us <= runs[k].latency.median_us:
+            runs[k] = r  # ties: the earliest stored
+    out: dict[tuple[str, str], MeasureResult] = {}
+    for r in sorted(runs.values(), key=lambda r: (r.workload.name, r.workload.key, r.latency.median_us)):
+        k = (r.workload.key, current(r).key)
+        if k not in out and r.workload not in served and k[1] not in db.held(r.workload, target)[0]:
+            out[k] = r
+    return list(out.values())
+
+
+def _measured(db: TuningDB, target: Target, op: str | None) -> list[MeasureResult]:
+    """`target`'s verified records with a finite time measured there (an import counts by its
+    re-verified copy), newest first."""
+    return [r for _, r in db.iter_results(target_key=target.key, op=op, status="ok", origin="measured")
+            if math.isfinite(r.latency.median_us)]
+
+
 def _adopt(db: TuningDB, v: Verdict, foreign: MeasureResult, outcome: MeasureResult | str, run_id: str) -> None:
-    """Store what re-verifying another target's record here gave: the record measured here, or the
-    failed result (its status from the outcome's prefix, else build_error), so it is not retried."""
+    """Store what re-verifying another target's (or an older version's) record here gave: the record
+    measured here, or the failed result of its current version (its status from the outcome's prefix,
+    else build_error), so it is not retried."""
     if isinstance(outcome, str):
         status = outcome.split(":", 1)[0]
-        db.add_result(MeasureResult(foreign.workload, foreign.target, foreign.candidate,
+        db.add_result(MeasureResult(foreign.workload, foreign.target, current(foreign),
                                     status if status in STATUSES and status != "ok" else "build_error",
                                     error=outcome[:2000], run_id=run_id))
         v.failed.append((foreign, outcome))

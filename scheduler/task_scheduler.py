@@ -33,7 +33,7 @@ from shapetune.serving import servable, vendor_us
 from shapetune.target import Target
 from shapetune.workload import Workload
 
-from .tuner import TuneOptions, Tuner, search_space
+from .tuner import TuneOptions, Tuner, search_space, versions
 
 FLOOR = 0.02  # no task's headroom falls below 2% of its time: none starves, however flat its search
 ALPHA = 0.5  # weight of the backward term (its last round's gain) against the forward one (1 / rounds)
@@ -129,12 +129,15 @@ def parse_budget(text: str) -> float:
 def refresh(task: Task, db: TuningDB, target: Target, options: TuneOptions) -> None:
     """Read the task's state back from the DB. Times follow the registry's dispatch rule
     (kernels.registry.Registry.dispatch): each run's fastest measured record against the fastest
-    vendor path timed in that run; served is the fastest record that is `servable` there."""
+    vendor path timed in that run (of the current version: Candidate.version); served is the fastest
+    record that is `servable` there."""
     w = task.workload
-    _, task.trials = db.held(w, target, options.templates)
+    current = versions(w, target)
+    _, task.trials = db.held(w, target, options.templates, current)
     rows = db.iter_results(w.key, target.key, status="ok")  # newest first
     trust = db.trust([i for i, _ in rows]) if rows else {}
-    recs = [r for i, r in rows if trust[i][0] == "measured" and _finite(r.latency.median_us)]
+    recs = [r for i, r in rows if trust[i][0] == "measured" and _finite(r.latency.median_us)
+            and current.get(r.candidate.template, r.candidate.version) == r.candidate.version]
     vendors: dict[str, float] = {}  # run id -> its fastest vendor path
     newest = None
     for b in db.baselines(w.key, target.key):  # newest first

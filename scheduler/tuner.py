@@ -15,7 +15,9 @@ workloads included: what was learned on one shape transfers to the next), ranks 
 candidates, and the top (1 - explore) of the batch plus a random `explore` share are built and
 measured. Every result is committed the moment it exists, so an
 interrupted run loses nothing and a rerun resumes: `trials` is a per-workload total (`top_up`),
-candidates already measured for (workload, target) are never measured again, and each round's
+candidates already measured for (workload, target) are never measured again (records of an older
+template or op version, Candidate.version, are history: not counted, their knobs measured as this
+version; the cost model still learns from them, its features being the knobs'), and each round's
 candidates are claimed in the DB first, so two tuners on the same workloads never measure one twice.
 `Tuner.tune_batch` gives one round to each of several workloads (the task scheduler's warm-up): the
 same steps, but every workload's candidates are built in one pool batch and picked by one fit.
@@ -89,6 +91,7 @@ class _Work:
 
     rep: WorkloadReport
     space: list[Candidate]
+    versions: dict[str, str]  # template -> the version of its candidates (`versions`)
     first: bool = True  # its next round is the call's first: it holds the dlight default
     picked: list[Candidate] = field(default_factory=list)
 
@@ -103,6 +106,12 @@ def _timed(r: MeasureResult) -> bool:
 def _faster(old: VendorBaseline, new: VendorBaseline) -> VendorBaseline:
     """The faster of two timings of one vendor path (`vendor_us`; a tie keeps the older)."""
     return new if vendor_us(new) < vendor_us(old) else old
+
+
+def versions(workload: Workload, target: Target) -> dict[str, str]:
+    """{template: the Candidate.version of its candidates for `workload` in this code}: what `TuningDB.held`
+    counts (a record of an older version is history; its knobs are measured again, as this version)."""
+    return {t.name: templates.current_version(t.name, workload.op) for t in templates.for_workload(workload, target)}
 
 
 def search_space(workload: Workload, target: Target, names: tuple[str, ...] = ()) -> list[Candidate]:
@@ -194,7 +203,8 @@ class Tuner(ClosedOnExit):
     def _begin(self, workload: Workload) -> _Work:
         if workload.dynamic:  # a shape-bucket workload: the DB names the policy it belongs to
             self.db.add_buckets(DEFAULT.rows(workload.op))
-        return _Work(WorkloadReport(workload), search_space(workload, self.target, self.opt.templates))
+        return _Work(WorkloadReport(workload), search_space(workload, self.target, self.opt.templates),
+                     versions(workload, self.target))
 
     def _claim(self, work: _Work, batch: int) -> list[Candidate]:
         """Pick and claim the next round's candidates of `work` (into work.picked); [] once its
@@ -204,14 +214,14 @@ class Tuner(ClosedOnExit):
         rep, tpl = work.rep, self.opt.templates
         work.picked = []
         while not work.picked:
-            held, rep.held = self.db.held(rep.workload, self.target, tpl)
+            held, rep.held = self.db.held(rep.workload, self.target, tpl, work.versions)
             budget = self.opt.trials - (rep.held if self.opt.top_up else rep.measured)
             untried = [c for c in work.space if c.key not in held]
             if budget <= 0 or not untried:
                 break
             picked = self._pick(rep.workload, untried, min(batch, budget), work.first)
             work.picked = self.db.claim(rep.workload, self.target, picked, self.run_id,
-                                        self.opt.trials if self.opt.top_up else None, tpl)
+                                        self.opt.trials if self.opt.top_up else None, tpl, work.versions)
             work.first = False
         return work.picked
 
@@ -241,7 +251,7 @@ class Tuner(ClosedOnExit):
 
     def _report(self, work: _Work) -> WorkloadReport:
         rep, w = work.rep, work.rep.workload
-        _, rep.held = self.db.held(w, self.target, self.opt.templates)
+        _, rep.held = self.db.held(w, self.target, self.opt.templates, work.versions)
         rep.vendor_retimed = w in self._retimed
         rep.best = self.db.best(w.key, self.target.key)
         dl = [r for r in self.db.results(w.key, self.target.key, template="dlight", status="ok") if _timed(r)]

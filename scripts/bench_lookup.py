@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.registry import Registry  # noqa: E402
+from scheduler.templates import current_version  # noqa: E402
 from shapetune.buckets import DEFAULT  # noqa: E402
 from shapetune.db import TuningDB  # noqa: E402
 from shapetune.records import Candidate, LatencyStats, MeasureResult  # noqa: E402
@@ -45,8 +46,8 @@ def main():
         db_path = Path(tmp) / "t.db"
         with TuningDB(db_path) as db:  # one tuned bucket record: enough to resolve against
             b = DEFAULT.bucket_of(linear_workload(3000, 320, 320, "float32", False))
-            db.add_result(MeasureResult(b, target, Candidate("gemm_llvm", (("tm", 4),)), "ok",
-                                        LatencyStats.of([10.0]), created=time.time()))
+            cand = Candidate("gemm_llvm", (("tm", 4),), current_version("gemm_llvm", "linear"))  # served: this version's
+            db.add_result(MeasureResult(b, target, cand, "ok", LatencyStats.of([10.0]), created=time.time()))
         reg = Registry(db_path, target, require_faster=False)
         reg._load = lambda res: res  # measure resolution, not module loading
         sig = ("linear", 3000, 320, 320, "float32", False, "cpu")

@@ -183,9 +183,14 @@ def ms_tune(w, target, trials: int, work_dir: Path, seed: int):
 
 # -- shapetune builds -------------------------------------------------------------------------
 def build_candidate(w, target, candidate, out_dir: Path) -> str:
+    """Build `candidate`'s knobs as this code's version (Candidate.version: what it is built from)."""
+    import dataclasses
+
     from scheduler.builder import build_one
+    from scheduler.templates import current_version
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    candidate = dataclasses.replace(candidate, version=current_version(candidate.template, w.op))
     path, _ = build_one(w.to_json(), target.to_json(), candidate.to_json(), str(out_dir))
     return path
 

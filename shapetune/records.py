@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,28 +18,41 @@ STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout")
 Knob = tuple[str, "int | str | bool"]
 
 
+def version_of(template_version: int, op_version: int) -> str:
+    """`Candidate.version` of a template's candidates for an op: "T.O" (the template's version, the op
+    definition's), "" for (1, 1), so every record and artifact made before versions existed keeps its key."""
+    return "" if (template_version, op_version) == (1, 1) else f"{template_version}.{op_version}"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A schedule as plain data: a template name and its knob values. Replaying it is deterministic."""
+    """A schedule as plain data: a template name, its knob values and the version of the code that
+    makes it (`version_of`: the template's and the op definition's). Replaying it is deterministic."""
 
     template: str
     knobs: tuple[Knob, ...] = ()
+    version: str = ""  # "" is version (1, 1): absent from the JSON and the key
 
     def __post_init__(self):
         object.__setattr__(self, "knobs", tuple(sorted((str(k), v) for k, v in self.knobs)))
+        if self.version and not (isinstance(self.version, str) and re.fullmatch(r"[1-9]\d*\.[1-9]\d*", self.version)):
+            raise ValueError(f"candidate version must be 'T.O' (two integers >= 1), got {self.version!r}")
+        if self.version == "1.1":
+            object.__setattr__(self, "version", "")
 
     @property
     def knob(self) -> dict:
         return dict(self.knobs)
 
     def to_json(self) -> dict:
-        return {"template": self.template, "knobs": dict(self.knobs)}
+        d = {"template": self.template, "knobs": dict(self.knobs)}
+        return d | {"version": self.version} if self.version else d
 
     @classmethod
     def from_json(cls, d: dict | str) -> Candidate:
         if isinstance(d, str):
             d = json.loads(d)
-        return cls(d["template"], tuple(d.get("knobs", {}).items()))
+        return cls(d["template"], tuple(d.get("knobs", {}).items()), d.get("version", ""))
 
     @property
     def key(self) -> str:
@@ -47,7 +61,7 @@ class Candidate:
 
     def __str__(self) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in self.knobs)
-        return f"{self.template}[{knobs}]"
+        return f"{self.template}[{knobs}]" + (f"@v{self.version}" if self.version else "")
 
 
 @dataclass(frozen=True)

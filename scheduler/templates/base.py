@@ -10,16 +10,23 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 
-from shapetune.records import Candidate
+from shapetune.ops import opdef
+from shapetune.records import Candidate, version_of
 from shapetune.target import Target
 from shapetune.workload import Workload
 
 
 class Template(ABC):
+    """One schedule template. version: of its code; bump it when a change alters the generated kernel
+    for some knobs: its candidates then carry the new version (Candidate.version, with the op
+    definition's: `current_version`), so its records are re-verified and re-timed, never served as
+    measured, and its kernels get new artifact names (scheduler.reverify)."""
+
     name: str
     ops: tuple[str, ...]
     kinds: tuple[str, ...]  # target kinds
     knob_choices: Mapping[str, tuple] = {}
+    version: int = 1
 
     def applies(self, workload: Workload, target: Target) -> bool:
         return workload.op in self.ops and target.kind in self.kinds
@@ -29,11 +36,12 @@ class Template(ABC):
 
     def space(self, workload: Workload, target: Target) -> list[Candidate]:
         names = sorted(self.knob_choices)
+        version = version_of(self.version, opdef(workload.op).version)
         out = []
         for values in itertools.product(*(self.knob_choices[n] for n in names)):
             knobs = dict(zip(names, values))
             if self.valid(workload, target, knobs):
-                out.append(Candidate(self.name, tuple(knobs.items())))
+                out.append(Candidate(self.name, tuple(knobs.items()), version))
         return out
 
     @abstractmethod
@@ -61,6 +69,19 @@ def get(name: str) -> Template:
         return _TEMPLATES[name]
     except KeyError:
         raise ValueError(f"unknown template {name!r}; known: {sorted(_TEMPLATES)}") from None
+
+
+def current_version(template: str, op: str) -> str:
+    """Candidate.version of `template`'s candidates for workloads of `op` in this code (a template or
+    op unknown here counts as version 1: its records fail to build, as before versions)."""
+    if template not in _TEMPLATES:
+        _load_builtin()
+    t = _TEMPLATES.get(template)
+    try:
+        op_version = opdef(op).version
+    except ValueError:
+        op_version = 1
+    return version_of(t.version if t else 1, op_version)
 
 
 def for_workload(workload: Workload, target: Target) -> list[Template]:

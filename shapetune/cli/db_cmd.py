@@ -117,6 +117,16 @@ def _print_table(table) -> None:
     console.print(table)
 
 
+def _candidate(r: MeasureResult) -> str:
+    """The record's candidate (`Candidate.__str__`: "@vT.O" where not version 1.1), marked stale where
+    this code's version of its template or op definition is another: never served, `db verify`
+    re-verifies its knobs as this version."""
+    from scheduler.templates import current_version
+
+    now = current_version(r.candidate.template, r.workload.op)
+    return str(r.candidate) + ("" if r.candidate.version == now else f" (stale: this code is v{now or '1.1'})")
+
+
 def _result_row(id_: int, r: MeasureResult, trust: str) -> dict:
     lat = r.latency
     return {"id": id_, "uid": r.uid, "workload": r.workload.name, "template": r.candidate.template, "status": r.status,
@@ -198,7 +208,7 @@ def show(ref, db_path, fmt):
     id_, r = hit
     row = {"id": id_, "uid": r.uid, "workload": r.workload.name, "workload_key": r.workload.key,
            "target": r.target.key, "device": r.target.describe(), "template": r.candidate.template,
-           "candidate_key": r.candidate.key, "knobs": r.candidate.knob, "status": r.status,
+           "candidate": _candidate(r), "candidate_key": r.candidate.key, "knobs": r.candidate.knob, "status": r.status,
            "verified": r.verified, "trust": trust, "trust_reason": why,
            "latency": r.latency.to_json() if r.latency else None,
            "max_rel_err": r.max_rel_err, "build_s": r.build_s, "run_id": r.run_id,
@@ -254,7 +264,7 @@ def best(op_arg, op, target_key, shape, dtype, bias, db_path, fmt):
             b = d.baseline(r.workload.key, r.target.key)
             bu, mu = (b.latency.median_us if b else None), r.latency.median_us
             rows.append({"workload": r.workload.name, "target": r.target.key,
-                         "template": r.candidate.template, "candidate": str(r.candidate),
+                         "template": r.candidate.template, "candidate": _candidate(r),
                          "median_us": mu, "baseline": b.name if b else None, "baseline_us": bu,
                          "speedup": bu / mu if bu is not None and mu > 0 else None,
                          "uid": r.uid})
@@ -636,10 +646,12 @@ def _integrity(db_path: str) -> tuple[list[str], list[str]]:
 def verify(op, jobs, check_only, db_path):
     """Check the DB's integrity (SQLite's own check, schema version, every row against its sha256
     and the import checks; stale and pending records counted), then rebuild and re-verify the
-    imported records of this machine's target that could be served (per workload the fastest
-    claim, then the next while they fail), as the tuner verifies; one that passes is served with
-    the latency measured here, one that fails is marked and never served. One line per workload.
-    Exits non-zero, rebuilding nothing, if a check fails."""
+    imported records of this machine's target that could be served and, where it has no verified
+    record of the current template and op version, its records of an older version (rebuilt as this
+    one) and other targets' portable ones (per workload the fastest claim, then the next while they
+    fail), as the tuner verifies; one that passes is served with the latency measured here, one that
+    fails is marked and never served. One line per workload. Exits non-zero, rebuilding nothing, if
+    a check fails."""
     from scheduler.reverify import reverify
 
     from shapetune.target import detect

@@ -16,7 +16,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -311,10 +311,11 @@ class TuningDB:
             return self._insert_baseline(b)
 
     # -- claims: candidates being measured now ---------------------------------------------
-    def _held(self, c: sqlite3.Connection, wid: int, tid: int, templates: tuple[str, ...]
-              ) -> tuple[set[str], int]:
+    def _held(self, c: sqlite3.Connection, wid: int, tid: int, templates: tuple[str, ...],
+              versions: Mapping[str, str] | None = None) -> tuple[set[str], int]:
         """Drop dead tuners' claims; then (candidate keys, count) held for (workload, target): its
-        records (rows counted) and live claims not yet recorded, of `templates` only if given."""
+        records (rows counted) and live claims not yet recorded, of `templates` only if given; a record
+        of a template in `versions` only if of that Candidate.version."""
         c.execute(CLAIMS)
         host = socket.gethostname()
         c.execute("DELETE FROM claims WHERE created < ?", (time.time() - CLAIM_TTL_S,))
@@ -326,27 +327,31 @@ class TuningDB:
             except PermissionError:
                 pass  # alive, another user's
         tsql = f" AND template IN ({','.join('?' * len(templates))})" if templates else ""
-        rec = [k for (k,) in c.execute(f"SELECT candidate_key FROM records WHERE workload_id = ? AND "
-                                       f"target_id = ?{tsql}", (wid, tid, *templates))]
+        rec = [k for k, t, cand in c.execute(f"SELECT candidate_key, template, knobs FROM records WHERE "
+                                             f"workload_id = ? AND target_id = ?{tsql}", (wid, tid, *templates))
+               if t not in (versions or {}) or Candidate.from_json(cand).version == versions[t]]
         claimed = {k for (k,) in c.execute(f"SELECT candidate_key FROM claims WHERE workload_id = ? AND "
                                            f"target_id = ?{tsql}", (wid, tid, *templates))}
         return set(rec) | claimed, len(rec) + len(claimed - set(rec))
 
-    def held(self, workload: Workload, target: Target, templates: tuple[str, ...] = ()
-             ) -> tuple[set[str], int]:
+    def held(self, workload: Workload, target: Target, templates: tuple[str, ...] = (),
+             versions: Mapping[str, str] | None = None) -> tuple[set[str], int]:
         """(candidate keys, count) that (workload, target) holds: records (every row counts, any
-        status) and the live claims of tuners measuring it now; only `templates` if given."""
+        status) and the live claims of tuners measuring it now; only `templates` if given. versions:
+        {template: the Candidate.version of its candidates now}; that template's records of another
+        version are not held (their knobs are measured again, as this version)."""
         with self._guard(), self._tx() as c:
-            return self._held(c, self._workload_id(workload), self._target_id(target), templates)
+            return self._held(c, self._workload_id(workload), self._target_id(target), templates, versions)
 
     def claim(self, workload: Workload, target: Target, candidates: list[Candidate], run_id: str,
-              total: int | None = None, templates: tuple[str, ...] = ()) -> list[Candidate]:
+              total: int | None = None, templates: tuple[str, ...] = (),
+              versions: Mapping[str, str] | None = None) -> list[Candidate]:
         """Claim `candidates` (in order) for measuring under `run_id`: those no record or live claim
         holds, and with `total`, no more than bring what (workload, target) holds (`held`) to it.
         Returns the claimed ones; `release` them once their results are stored."""
         with self._guard(), self._tx() as c:
             wid, tid = self._workload_id(workload), self._target_id(target)
-            keys, count = self._held(c, wid, tid, templates)
+            keys, count = self._held(c, wid, tid, templates, versions)
             free = [x for x in {x.key: x for x in candidates}.values() if x.key not in keys]
             out = free if total is None else free[:max(0, total - count)]
             now, host, pid = time.time(), socket.gethostname(), os.getpid()
@@ -400,10 +405,12 @@ class TuningDB:
 
     def iter_results(self, workload_key: str | None = None, target_key: str | None = None,
                      op: str | None = None, status: str | None = None,
-                     template: str | None = None, limit: int | None = None,
+                     template: str | None = None, limit: int | None = None, origin: str | None = None,
                      ) -> list[tuple[int, MeasureResult]]:
-        """Like `results`, with each record's row id: ``[(id, MeasureResult), ...]``."""
-        where, args = self._where(workload_key, target_key, op, status=status, template=template)
+        """Like `results`, with each record's row id: ``[(id, MeasureResult), ...]``; origin:
+        only "measured" (into this DB) or "imported" records."""
+        where, args = self._where(workload_key, target_key, op, status=status, template=template,
+                                  origin=origin)
         rows = self._select("records", REC_COLS, where, args, "x.created DESC, x.id DESC", limit)
         with self._guard():
             return [(row["id"], self._result_of(row)) for row in rows]

@@ -66,7 +66,10 @@ class OpDef:
     another way torch runs the op that a model may pay instead (e.g. group_norm's "nchw"), named
     baseline_name(v). The runner measures the default as scheduler.runner.VENDOR and variant v as
     vendor_artifact(v), both verified against the reference. flops(w) -> useful flops (None for
-    memory-bound ops, judged by bytes: scheduler.runner.min_traffic_bytes).
+    memory-bound ops, judged by bytes: scheduler.runner.min_traffic_bytes). version: of the compute
+    definition; bump it when a change alters what prim_func computes or how (every template's kernels
+    for the op then change): the op's records are re-verified and re-timed, never served as measured
+    (shapetune.records.version_of, scheduler.reverify).
     """
 
     prim_func: Callable
@@ -77,6 +80,7 @@ class OpDef:
     vendor_name: str
     vendor_variants: Mapping[str, Callable[[Workload], VendorPath]] = field(default_factory=dict)
     flops: Callable[[Workload], float] | None = None
+    version: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "vendor_variants", MappingProxyType(dict(self.vendor_variants)))
