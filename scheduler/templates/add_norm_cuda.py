@@ -1,9 +1,11 @@
 """add_layer_norm (a transformer block's residual add and the LayerNorm after it): CUDA, one block per row;
 the CPU, one parallel task per row.
 
-Each block sums its row s = a + r once into shared memory (vector loads of both operands), reduces
-S1 = sum s and S2 = sum s^2 from there (TVM's cross-thread allreduce), then writes the row twice in one
-loop over [s, y]: s (the residual stream, read by the next residual add) and y = LayerNorm(s). DRAM
+Each block sums its row s = a + r once into shared memory (vector loads of both operands), loads the
+row's pivot p = s[m, 0] into a register of every thread, reduces the shifted sums S1 = sum (s - p) and
+S2 = sum (s - p)^2 from there (TVM's cross-thread allreduce; shapetune/ops/norm.py), then writes the row
+twice in one loop over [s, y]: s (the residual stream, read by the next residual add) and y =
+LayerNorm(s). DRAM
 traffic: a and r read once, s and y written once: 4 rows, where torch's add then LayerNorm moves 5 and
 launches twice. Rows are SD's 320..1280 channels (fp16: 0.6..2.5 KB of shared memory a row).
 """
@@ -16,7 +18,7 @@ from cost_model import dtype_bytes
 from shapetune.ops import opdef
 
 from .base import Template, register
-from .norm_cuda import SMEM_LIMIT, _thread_split, inline_elementwise
+from .norm_cuda import SMEM_LIMIT, _thread_split, inline_elementwise, pivot_in_registers
 
 
 def row_major(workload):
@@ -61,6 +63,7 @@ class AddNormCuda(Template):
         for blk in reversed(stats):
             sch.set_scope(blk, 0, "shared")
             sch.compute_at(blk, li, preserve_unit_loops=True)
+        pivot_in_registers(sch, "pivot", li)  # s[m, 0], read from shared memory once s is there
         sch.set_scope(s, 0, "shared")
         sch.compute_at(s, li, preserve_unit_loops=True)
         _thread_split(sch, sch.get_loops(s)[-1:], T, V)
@@ -96,8 +99,9 @@ register(AddNormCuda())
 
 
 class AddNormLLVM(Template):
-    """The CPU's add_layer_norm: one parallel task per row, its sum s kept for the row (the statistics and
-    the [s, y] writes read it from cache), the writes vectorized `vec` wide over the channels."""
+    """The CPU's add_layer_norm: one parallel task per row, its sum s kept for the row (its pivot s[m, 0],
+    the statistics and the [s, y] writes read it from cache), the writes vectorized `vec` wide over the
+    channels."""
 
     name = "add_norm_llvm"
     ops = ("add_layer_norm",)
@@ -113,7 +117,7 @@ class AddNormLLVM(Template):
         sch.parallel(li)
         if V > 1:
             sch.vectorize(sch.split(lk, [None, V])[1])
-        for name in ("sqsum", "sum", "s"):
+        for name in ("sqsum", "sum", "pivot", "s"):
             sch.compute_at(sch.get_sblock(name), li, preserve_unit_loops=True)
         return sch.mod
 

@@ -1,10 +1,11 @@
 """CUDA normalization (group_norm, layer_norm): one thread block per statistics group.
 
-group_norm: a block per (n, g) reduces S1 = sum x, S2 = sum x^2 over its hw x C/G elements, then
-writes y for the same elements; layer_norm: a block per row m over its C elements. Each thread
-accumulates `vec`-wide loads in fp32 registers (strided by threads*vec, so a warp reads contiguous
-runs), then TVM's cross-thread allreduce (warp shuffles + shared memory) combines the threads; the
-statistics live in shared memory. The normalize pass re-reads x from global memory (an L2 hit
+group_norm: a block per (n, g) reduces the shifted sums S1 = sum (x - p), S2 = sum (x - p)^2 over its
+hw x C/G elements (p the group's pivot, its first element: shapetune/ops/norm.py), then writes y for the
+same elements; layer_norm: a block per row m over its C elements. Every thread first loads p into a
+register (one address for the block: a broadcast); each then accumulates `vec`-wide loads less p in fp32
+registers (strided by threads*vec, so a warp reads contiguous runs), then TVM's cross-thread allreduce
+(warp shuffles + shared memory) combines the threads; the statistics live in shared memory. The normalize pass re-reads x from global memory (an L2 hit
 while the block is resident), or, with `cache_x`, from a shared-memory copy of the group loaded
 once (so x crosses DRAM exactly once: the kernel moves 2 x size(x) bytes in all).
 
@@ -61,8 +62,9 @@ def norm_features(workload, target, kn, threads: int, vec: int, cache_x: bool) -
 
 
 def inline_elementwise(sch):
-    """xs (group_norm's "shift" prologue, x + b0 + t: into the statistics and y), mean, rstd, affine,
-    silu: folded into their readers (they are per-element or per-group scalars)."""
+    """xs (group_norm's "shift" prologue, x + b0 + t: into the statistics, the pivots and y), mean, rstd,
+    affine, silu: folded into their readers (they are per-element or per-group scalars). The pivot stages
+    stay: each template computes them once per block, thread or task (pivot_in_registers)."""
     for name in ("xs", "mean", "rstd", "affine", "silu"):
         try:
             sch.compute_inline(sch.get_sblock(name))
@@ -141,6 +143,7 @@ class NormCuda(Template):
                 xl = sch.cache_read(blk, 0, "local", consumer_blocks=[blk])
                 sch.compute_at(xl, r_s, preserve_unit_loops=True)
                 sch.vectorize(sch.get_loops(xl)[-1])
+        pivot_in_registers(sch, "pivot", bx)
         if kn["cache_x"]:
             sch.compute_at(xs, bx, preserve_unit_loops=True)
             loops = sch.get_loops(xs)[-n_red:]
@@ -156,6 +159,15 @@ class NormCuda(Template):
         f = norm_features(workload, target, kn, kn["threads"], kn["vec"], kn["cache_x"])
         f["threads"] = float(kn["threads"])
         return f
+
+
+def pivot_in_registers(sch, name: str, loop) -> None:
+    """The pivot stage `name` (shapetune/ops/norm.py: each statistics group's first element) computed under
+    `loop` (a block's or a thread's loop) into registers ("local"): every thread loads its group's pivot
+    once (one address for a block: a broadcast), and the reductions and the normalize pass subtract it."""
+    blk = sch.get_sblock(name)
+    sch.set_scope(blk, 0, "local")
+    sch.compute_at(blk, loop, preserve_unit_loops=True)
 
 
 def _thread_split(sch, loops, threads: int, vec: int):

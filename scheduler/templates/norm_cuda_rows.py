@@ -6,12 +6,14 @@ sectors partly used, and at 4096 positions those kernels stay near half of a dev
 bandwidth (see BENCHMARKS.md, "GroupNorm (+SiLU) and LayerNorm", the hw4096 rows). Here:
 
   kernel 1 (row partials)  grid n x ceil(hw / P): block (n, chunk) walks its P positions; thread j owns
-                           channels [vec*j, vec*j + vec) and sums x and x^2 of them over the chunk
-                           (a warp reads 32*vec contiguous channels per position: full sectors),
-                           writing partials[n, chunk, c, 2];
+                           channels [vec*j, vec*j + vec) and sums x - p and (x - p)^2 of them over the
+                           chunk, p each channel's group's pivot (its first element: shapetune/ops/
+                           norm.py; the thread's vec pivots loaded into registers first, a thread's
+                           channels may span two groups), a warp reading 32*vec contiguous channels per
+                           position (full sectors), writing partials[n, chunk, c, 2];
   kernel 2 (group stats)   grid n*g: block (n, g) reduces its chunks x C/G partials (cross-thread);
   kernel 3 (normalize)     memory order, one vector of `vec_y` channels of one group per thread, its
-                           group's two sums read from the stats (L1/L2 hits).
+                           group's two sums read from the stats (L1/L2 hits), its pivot into a register.
 
 DRAM traffic: x once (kernel 1), partials (n*hw/P*C*8 bytes: 1/16 of x at P = 64 in fp16), x again
 (kernel 3; SD's activations fit the 50/60 MB L2) and y once.
@@ -30,7 +32,7 @@ import math
 
 from cost_model import dtype_bytes
 from .base import Template, register
-from .norm_cuda import inline_elementwise
+from .norm_cuda import inline_elementwise, pivot_in_registers
 from .norm_cuda_split import group_norm_from_stats, stacked_term
 
 
@@ -50,11 +52,13 @@ def row_stats_group_norm(wl, chunk: int):
         nch = tirx.indexdiv(hw + chunk - 1, chunk)
         xrow = te.compute((n, nch * chunk, c), lambda i, h, k: x[i, h if exact else tirx.min(h, hw - 1), k],
                           name="xrow")
+        # channel k's group's pivot (x[n, 0, g * C/G], g = k // (C/G)): a thread's channels may span groups
+        pc = te.compute((n, c), lambda i, k: x[i, 0, k // cg * cg].astype(wl.acc_dtype), name="stats_pivot")
         rp = te.reduce_axis((0, chunk), "rp")
 
         def term(i, ch, k, t):
             h = ch * chunk + rp
-            v = stacked_term(xrow, (i, h, k), wl.acc_dtype, t, tirx)
+            v = stacked_term(xrow, (i, h, k), wl.acc_dtype, t, tirx, pc[i, k])
             return v if exact else tirx.Select(h < hw, v, tirx.const(0, wl.acc_dtype))
 
         part = te.compute((n, nch, c, 2), lambda i, ch, k, t: te.sum(term(i, ch, k, t), axis=rp), name="partial")
@@ -114,6 +118,7 @@ class NormCudaRows(Template):
         sch.bind(pco, "threadIdx.x")
         acc = sch.cache_write(part, 0, "local")
         sch.reverse_compute_at(acc, pco, preserve_unit_loops=True)
+        pivot_in_registers(sch, "stats_pivot", pco)  # the pivots of the thread's vec channels
         xl = sch.get_sblock("xrow")
         sch.set_scope(xl, 0, "local")
         sch.compute_at(xl, prp, preserve_unit_loops=True)
@@ -137,6 +142,7 @@ class NormCudaRows(Template):
         sch.bind(ybx, "blockIdx.x")
         sch.bind(ty, "threadIdx.x")
         sch.vectorize(yv)
+        pivot_in_registers(sch, "pivot", ty)
         return sch.mod
 
     def features(self, workload, target, kn):

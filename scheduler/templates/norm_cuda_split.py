@@ -5,12 +5,14 @@ Why: SD's GroupNorm has n x 32 = 64 groups at batch 2. One block per group (norm
 kernel stays far below a device copy's bandwidth there (see BENCHMARKS.md, "GroupNorm (+SiLU) and
 LayerNorm", the hw4096 rows). Here:
 
-  kernel 1 (statistics)  grid n*g*S: block (n, g, s) reduces S1 = sum x and S2 = sum x^2 over its
-                         1/S of the group's positions (threads strided over `vec_s`-wide vector
-                         loads of contiguous channels, TVM's cross-thread allreduce), writing partials [S, n, g, 2] to a global workspace;
+  kernel 1 (statistics)  grid n*g*S: block (n, g, s) reduces the shifted sums S1 = sum (x - p) and
+                         S2 = sum (x - p)^2 (p the group's pivot, its first element, in a register
+                         of every thread: shapetune/ops/norm.py) over its 1/S of the group's positions
+                         (threads strided over `vec_s`-wide vector loads of contiguous channels, TVM's
+                         cross-thread allreduce), writing partials [S, n, g, 2] to a global workspace;
   kernel 2 (normalize)   grid over all elements, `iters` x `vec` per thread: each thread first sums
-                         its group's S partials (2S loads, L1 broadcasts) into registers, then writes
-                         y = (x - mean) * rstd * w + b (, silu) for its elements.
+                         its group's S partials (2S loads, L1 broadcasts) and loads p into registers,
+                         then writes y = ((x - p) - mean) * rstd * w + b (, silu) for its elements.
 
 x is read twice, but SD's activations (<= 21 MB at batch 2) stay in the 50/60 MB L2 between the two
 kernels, so DRAM sees about x once and y once. The two statistics come from one reduction block
@@ -25,17 +27,21 @@ from __future__ import annotations
 import math
 
 from cost_model import dtype_bytes
-from shapetune.ops.norm import _normalize, eps_of, group_norm_input
+from shapetune.ops.norm import _normalize, eps_of, group_norm_input, group_pivot
 
 from .base import Template, register
-from .norm_cuda import inline_elementwise
+from .norm_cuda import inline_elementwise, pivot_in_registers
 
 
 def group_norm_from_stats(wl, stats):
     """group_norm(x, w, b) -> y whose sums come from `stats(x, te, tirx)`: a tensor st[n, g, t]
-    with t = 0: sum x, 1: sum x^2 over the group (the templates differ only in how they build it).
-    A bucket's dynamic n / hw are symbolic (x.shape tells `stats`), and with "shift" x is the stage
-    x + b0 + t, as in shapetune/ops/norm.py (group_norm_input)."""
+    with t = 0: sum (x - p), 1: sum (x - p)^2 over the group, p = x[n, 0, g * C/G] the group's pivot
+    (shifted moments, as in shapetune/ops/norm.py; the templates differ only in how they build st).
+    Each `stats` reads its pivot through a stage of its own, "stats_pivot" (group_pivot: computed in the
+    statistics kernel), the normalize pass through "pivot" (computed in the normalize kernel): one stage
+    cannot be computed in two kernels, and read inline, x[n, 0, ...] would widen the region of x a
+    thread's vector cache holds. A bucket's dynamic n / hw are symbolic (x.shape tells `stats`), and
+    with "shift" x is the stage x + b0 + t, as in shapetune/ops/norm.py (group_norm_input)."""
     from tvm import te, tirx
 
     d = wl.dim
@@ -52,26 +58,29 @@ def group_norm_from_stats(wl, stats):
     cnt = tirx.const(float(hw * cg), wl.acc_dtype) if isinstance(hw, int) else (hw * cg).astype(wl.acc_dtype)
     s1 = te.compute((n, g), lambda i, j: st[i, j, 0], name="sum")
     s2 = te.compute((n, g), lambda i, j: st[i, j, 1], name="sqsum")
-    y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
+    p = group_pivot(x, cg, wl.acc_dtype, te)
+    y = _normalize(te, tirx, x, p, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
                    lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, wl.acc_dtype, "silu" in wl.epilogue)
     return te.create_prim_func(args + [w, b, y]).with_attr("global_symbol", "main")
 
 
-def stacked_term(x, idx, acc: str, t, tirx):
-    """x (as acc) for t == 0, x^2 for t == 1: the two sums as one stacked reduction."""
-    v = x[idx].astype(acc)
+def stacked_term(x, idx, acc: str, t, tirx, p):
+    """v = x - p (as acc, p the group's pivot) for t == 0, v^2 for t == 1: the two shifted sums as one
+    stacked reduction."""
+    v = x[idx].astype(acc) - p
     return tirx.Select(t == 0, v, v * v)
 
 
 def stacked_group_norm(wl):
-    """group_norm(x, w, b) -> y with S1, S2 as one reduction: st[n, g, t], t = 0: x, 1: x^2."""
+    """group_norm(x, w, b) -> y with S1, S2 as one reduction: st[n, g, t], t = 0: x - p, 1: (x - p)^2."""
     d = wl.dim
     hw, cg = d["hw"], d["c"] // d["g"]
 
     def stats(x, te, tirx):
+        p = group_pivot(x, cg, wl.acc_dtype, te, "stats_pivot")
         rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
         return te.compute((d["n"], d["g"], 2), lambda i, j, t: te.sum(
-            stacked_term(x, (i, rh, j * cg + rc), wl.acc_dtype, t, tirx), axis=[rh, rc]), name="stats")
+            stacked_term(x, (i, rh, j * cg + rc), wl.acc_dtype, t, tirx, p[i, j]), axis=[rh, rc]), name="stats")
 
     return group_norm_from_stats(wl, stats)
 
@@ -145,6 +154,7 @@ class NormCudaSplit(Template):
             sch.vectorize(yv)
             sch.set_scope(st, 0, "local")
             sch.compute_at(st, ty, preserve_unit_loops=True)
+            pivot_in_registers(sch, "pivot", ty)
         else:
             normalize_in_memory_order(sch, st, cg, TY, V)
         return sch.mod
@@ -157,10 +167,13 @@ def schedule_partials(sch, block, loops, threads: int, vec_s: int) -> None:
     """Kernel 1 of the split templates: `block` computes the partial statistics [S, n, g, 2] under
     `loops` = (n, g, s, t, the reduction over positions, over the group's channels). A thread block per
     (n, g, s); thread t owns vectors t, t + T, ... of `vec_s` channels (TVM's cross-thread allreduce
-    combines them), each loaded into registers once, then vec_s scalar accumulations."""
+    combines them), each loaded into registers once, then vec_s scalar accumulations, each less the
+    group's pivot ("stats_pivot", loaded into a register by every thread first)."""
     ln, lg, ls, lt, lh, lc = loops
     sch.reorder(ln, lg, ls, lt, lh, lc)
-    sch.bind(sch.fuse(ln, lg, ls), "blockIdx.x")
+    bx = sch.fuse(ln, lg, ls)
+    sch.bind(bx, "blockIdx.x")
+    pivot_in_registers(sch, "stats_pivot", bx)
     lc_o, lc_v = sch.split(lc, [None, vec_s])
     r_s, tx = sch.split(sch.fuse(lh, lc_o), [None, threads])
     sch.reorder(tx, r_s, lc_v)
@@ -175,7 +188,8 @@ def normalize_in_memory_order(sch, stats, cg: int, threads_y: int, vec: int) -> 
     """Kernel 2 of the split templates in memory order: y as (n, hw, g, c % (C/G)), with the group a loop
     of its own so each thread's statistics region is provably one group (a fused index over-approximates
     it), one `vec`-wide vector per thread, each thread summing its group's S partials (`stats`, local)
-    first; the last thread block predicated where the sizes leave a remainder."""
+    and loading its group's pivot first; the last thread block predicated where the sizes leave a
+    remainder."""
     y = sch.get_sblock("y")
     sch.transform_block_layout(y, lambda n, h, c: (n, h, c // cg, c % cg))
     yn, yh, yg, yc = sch.get_loops(y)
@@ -186,6 +200,7 @@ def normalize_in_memory_order(sch, stats, cg: int, threads_y: int, vec: int) -> 
     sch.vectorize(yv)
     sch.set_scope(stats, 0, "local")
     sch.compute_at(stats, ty, preserve_unit_loops=True)
+    pivot_in_registers(sch, "pivot", ty)
 
 
 def split_features(workload, target, kn, iters: int, natural: bool) -> dict[str, float]:
@@ -229,14 +244,15 @@ def predicated_group_norm(wl, split: int):
 
     def stats(x, te, tirx):
         n, hw, _ = x.shape
+        p = group_pivot(x, cg, acc, te, "stats_pivot")
         chunk = tirx.indexdiv(hw + split - 1, split)
         rh, rc = te.reduce_axis((0, chunk), "rh"), te.reduce_axis((0, cg), "rc")
 
         def term(s, i, j, t):
             h = s * chunk + rh
             if exact:
-                return stacked_term(x, (i, h, j * cg + rc), acc, t, tirx)
-            v = stacked_term(x, (i, tirx.Min(h, hw - 1), j * cg + rc), acc, t, tirx)
+                return stacked_term(x, (i, h, j * cg + rc), acc, t, tirx, p[i, j])
+            v = stacked_term(x, (i, tirx.Min(h, hw - 1), j * cg + rc), acc, t, tirx, p[i, j])
             return tirx.Select(h < hw, v, tirx.const(0, acc))
 
         part = te.compute((split, n, g, 2), lambda s, i, j, t: te.sum(term(s, i, j, t), axis=[rh, rc]),

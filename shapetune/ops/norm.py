@@ -1,26 +1,39 @@
 """Normalization ops (memory-bound): group_norm over channels-last activations, layer_norm over rows.
 
 group_norm  x[n, hw, c] (NHWC flattened: the memory of a channels_last NCHW tensor), G groups of
-            C/G consecutive channels; per (n, g) over hw x C/G elements:
-              mean = S1 / cnt, var = max(S2 / cnt - mean^2, 0), cnt = HW * C/G,
-              y = (x - mean) * rsqrt(var + eps) * w[c] + b[c], then y * sigmoid(y) with "silu".
+            C/G consecutive channels; per (n, g) over hw x C/G elements (cnt = HW * C/G), the shifted
+            moments below, then y = (x - mean) * rsqrt(var + eps) * w[c] + b[c], then y * sigmoid(y)
+            with "silu".
             With the "shift" step (epilogue ("shift", "affine"[, "silu"]): a prologue, first in order)
             it normalizes xs = x + b0[c] + t[n, c] instead, summed in fp32 and never written:
             ResnetBlock2D's conv1 bias and time embedding, added to cuDNN's bias-free conv1 output
             in the GroupNorm norm2 that reads it (one pass of the activation less). The statistics
-            below are those of xs: the shift moves each group's mean, which the note on |mean| >> std
-            covers.
+            are those of xs: the shift moves each group's mean, which the shifted moments absorb.
 layer_norm  x[m, c]; the same with one group per row (cnt = C), always affine.
 add_layer_norm  a[m, c] + r[m, c] -> s (rounded to the dtype), then layer_norm(s): out[2, m, c] = [s, y]
             (a transformer block's residual add and the LayerNorm after it in one pass).
 
-Statistics: one fused pass of S1 = sum x and S2 = sum x^2, both accumulated in fp32 from the
-fp16/fp32 inputs (no Welford). The variance E[x^2] - mean^2 loses log2((mean^2 + var) / var) bits
-to cancellation: for the O(1)-magnitude, roughly centred activations of SD (|mean| <~ 3 std), that
-is <= 4 of fp32's 24 bits, far below fp16's 11-bit output rounding. Inputs with |mean| >> std (or
-magnitudes near fp16's range) would need a two-pass or Welford reduction; var is clamped at 0 so
-rounding can never produce NaN. eps is a compile-time constant and part of the workload key
-(in `layout`, e.g. "x[n,hw,c] nhwc eps=1e-05").
+Statistics: shifted moments, one fused pass. Each statistics group (group_norm (n, g), a row of
+layer_norm / add_layer_norm) has a pivot p, its first element (group_norm xs[n, 0, g*C/G], layer_norm
+x[m, 0], add_layer_norm s[m, 0]), a stage of its own ("pivot": the templates load it once per block,
+thread or task into a register). S1 = sum (x - p) and S2 = sum (x - p)^2 are accumulated in fp32 from
+the fp16/fp32 inputs (no Welford); d = S1 / cnt, var = max(S2 / cnt - d^2, 0), and the normalize pass
+computes ((x - p) - d) * rstd. The cancellation in S2 / cnt - d^2 loses log2(1 + ((mean - p) / std)^2)
+bits: p is a sample of its group, a few std from its mean whatever the group's offset, so |mean| / std
+no longer matters (the plain E[x^2] - mean^2 loses log2(1 + (mean / std)^2): measured on llvm, fp32,
+max error 1e-3 / 0.07 / 1.3e3 at |mean| / std 10 / 100 / 1000, now ~1e-5 at each, torch's 1e-6 / 1e-5
+/ 1.3e-4). x - p is exact where x and p lie within a factor 2 of each other (Sterbenz: a group whose
+|mean| >> std), and for fp16 inputs whenever their exponents differ by 13 or less. The subtract costs one
+instruction in the reductions' and the normalize pass's inner loops. Limits: a pivot k std from its
+group's mean costs log2(1 + k^2) bits (an outlier element heading its group, k = 10: ~7 of fp32's 24,
+still below fp16's output rounding); the sums' rounding grows with the serial accumulation length, which
+is the template's: the CPU templates sum a whole group in one accumulator (fp32 max error ~1e-5 at 1000
+elements, ~1e-4 at 40960: about the fp32 tolerance), the GPU templates a few hundred elements per thread,
+then a tree (~5e-6, emulated); with "shift" xs is rounded to fp32 (2^-24 |xs|: 6e-5 std at |mean| / std
+= 1000). var is clamped at 0 so rounding can never produce NaN.
+The random operands (group_norm_inputs, ...) give the groups offsets up to |mean| / std = 150 (fp32) /
+1000 (fp16), on which the plain formula fails verification (see OFFSET_MAX). eps is a compile-time
+constant and part of the workload key (in `layout`, e.g. "x[n,hw,c] nhwc eps=1e-05").
 
 Calling convention (destination-passing): group_norm (x[n,hw,c], w[c], b[c], y[n,hw,c]), with "shift"
 (x[n,hw,c], b0[c], t[n,c], w[c], b[c], y[n,hw,c]);
@@ -100,8 +113,22 @@ def add_layer_norm_workload(m: int, c: int, dtype: str = "float16", eps: float =
 
 
 # -- TE definitions ------------------------------------------------------------------------------
-def _normalize(te, tirx, x, w, b, s1, s2, cnt, eps, shape, idx_stat, idx_c, dtype, acc, silu):
-    """mean/rstd blocks from (S1, S2), then y = cast((x - mean) * rstd * w + b (, silu))."""
+def group_pivot(x, cg: int, acc: str, te, name: str = "pivot"):
+    """p[n, g] = x[n, 0, g * C/G] (as acc), of x[n, hw, c]: each group's first element, the shift of its
+    moments (a sample of the group, so |mean - p| is a few std at most, whatever the group's offset)."""
+    n, _, c = x.shape
+    return te.compute((n, c // cg), lambda i, j: x[i, 0, j * cg].astype(acc), name=name)
+
+
+def row_pivot(x, acc: str, te, name: str = "pivot"):
+    """p[m] = x[m, 0] (as acc), of x[m, c]: each row's first element (group_pivot for rows)."""
+    return te.compute((x.shape[0],), lambda i: x[i, 0].astype(acc), name=name)
+
+
+def _normalize(te, tirx, x, p, w, b, s1, s2, cnt, eps, shape, idx_stat, idx_c, dtype, acc, silu):
+    """mean/rstd blocks from the shifted sums S1 = sum (x - p), S2 = sum (x - p)^2 of each statistics
+    group (p its pivot), then y = cast(((x - p) - mean) * rstd * w + b (, silu)). "mean" is the mean of
+    x - p (d), var = S2 / cnt - d^2."""
     stat_shape = s1.shape
     mean = te.compute(stat_shape, lambda *i: s1(*i) / cnt, name="mean")
     rstd = te.compute(stat_shape, lambda *i: tirx.rsqrt(
@@ -110,7 +137,7 @@ def _normalize(te, tirx, x, w, b, s1, s2, cnt, eps, shape, idx_stat, idx_c, dtyp
     def affine(*i):
         st = idx_stat(*i)
         c = idx_c(*i)
-        return ((x(*i).astype(acc) - mean(*st)) * rstd(*st) * w[c].astype(acc) + b[c].astype(acc))
+        return ((x(*i).astype(acc) - p(*st)) - mean(*st)) * rstd(*st) * w[c].astype(acc) + b[c].astype(acc)
 
     out = te.compute(shape, affine, name="affine")
     if silu:
@@ -149,15 +176,17 @@ def group_norm_prim_func(wl: Workload):
     w = te.placeholder((c,), wl.dtype, name="w")
     b = te.placeholder((c,), wl.dtype, name="b")
 
+    p = group_pivot(x, cg, acc, te)
+
     def stat(name, f):
         rh, rc = te.reduce_axis((0, hw), "rh"), te.reduce_axis((0, cg), "rc")
-        return te.compute((n, g), lambda i, j: te.sum(f(x[i, rh, j * cg + rc].astype(acc)), axis=[rh, rc]),
-                          name=name)
+        return te.compute((n, g), lambda i, j: te.sum(f(x[i, rh, j * cg + rc].astype(acc) - p[i, j]),
+                                                      axis=[rh, rc]), name=name)
 
     s1 = stat("sum", lambda v: v)
     s2 = stat("sqsum", lambda v: v * v)
     cnt = (hw * cg).astype(acc) if not isinstance(hw, int) else tirx.const(float(hw * cg), acc)
-    y = _normalize(te, tirx, x, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
+    y = _normalize(te, tirx, x, p, w, b, s1, s2, cnt, eps_of(wl), (n, hw, c),
                    lambda i, h, k: (i, k // cg), lambda i, h, k: k, wl.dtype, acc, "silu" in wl.epilogue)
     return te.create_prim_func(args + [w, b, y]).with_attr("global_symbol", "main")
 
@@ -169,16 +198,18 @@ def _rows(wl: Workload, te) -> tuple:
 
 
 def _layer_norm_of(wl: Workload, x, w, b, m, c, te, tirx):
-    """y = LayerNorm(x[m, c]) with affine w, b: the row sums S1, S2 of x (as acc), then _normalize."""
+    """y = LayerNorm(x[m, c]) with affine w, b: the row sums S1, S2 of x - p (as acc, p = x[m, 0] the row's
+    pivot), then _normalize."""
     acc = wl.acc_dtype
+    p = row_pivot(x, acc, te)
 
     def stat(name, f):
         r = te.reduce_axis((0, c), "rc")
-        return te.compute((m,), lambda i: te.sum(f(x[i, r].astype(acc)), axis=r), name=name)
+        return te.compute((m,), lambda i: te.sum(f(x[i, r].astype(acc) - p[i]), axis=r), name=name)
 
     s1 = stat("sum", lambda v: v)
     s2 = stat("sqsum", lambda v: v * v)
-    return _normalize(te, tirx, x, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
+    return _normalize(te, tirx, x, p, w, b, s1, s2, tirx.const(float(c), acc), eps_of(wl), (m, c),
                       lambda i, k: (i,), lambda i, k: k, wl.dtype, acc, False)
 
 
@@ -209,6 +240,49 @@ def add_layer_norm_prim_func(wl: Workload):
 
 
 # -- operands, references, vendor paths -----------------------------------------------------------
+# The random operands give every statistics group (group_norm (n, g), layer_norm / add_layer_norm a row)
+# an offset of its own: x = o + N(0, 1), |o| log-spaced from OFFSET_MAX[dtype] down to OFFSET_MIN over the
+# groups (group_offsets). A kernel whose variance cancels (the plain E[x^2] - mean^2 in fp32: error
+# ~ (|o| / std)^2 x 2^-24 x the sums' rounding growth) fails verification on them: its worst error is
+# 6-25x fp32's tolerance at 150 (llvm's serial sums, and the GPU templates' order emulated: per-thread
+# sums, then a tree; ~1.4-17x at 100), while fp16's (1e-2 + 1e-2 |y|) holds it up to ~500 in the GPU
+# order (0.005-0.035 at 200), so 1000 for fp16 (3.5-40x its tolerance there). torch's own kernels
+# (Welford statistics in fp32; on the CPU then x * (rstd w) + (b - mean rstd w): error ~ 2^-24 |o| / std
+# |w| a few roundings) pass: at 150 in fp32 their worst is under half the tolerance (0.45 of it, layer_norm
+# 8192 x 320), in fp16 the output rounding dominates. fp16 holds |o| / std = 1000 on a grid of std / 2
+# (its spacing at 512..1024): coarse, but the reference is computed from the same rounded inputs. The sums
+# an eager torch path rounds in the dtype (group_norm's shift x + b0 + t, add_layer_norm's a + r) are made
+# exact there (exact_sums_grid, snap): rounded at |o| / std = 1000 they would be off by up to std / 4 in
+# fp16, which no tolerance of a normalized output passes.
+OFFSET_MIN = 0.1
+OFFSET_MAX = {"float16": 1000.0, "bfloat16": 100.0, "float32": 150.0, "float64": 150.0}
+_SIGNIFICAND_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
+
+
+def group_offsets(shape: tuple[int, ...], dtype: str, gen: torch.Generator) -> torch.Tensor:
+    """One offset per statistics group, of `shape`: magnitudes log-spaced from OFFSET_MAX[dtype] down to
+    OFFSET_MIN (every draw holds a group at OFFSET_MAX; a single group is at OFFSET_MAX), randomly
+    permuted over the groups, random signs."""
+    gd, k, hi = gen.device, math.prod(shape), OFFSET_MAX[dtype]
+    mags = hi * (OFFSET_MIN / hi) ** (torch.arange(k, device=gd) / max(k - 1, 1))
+    sign = torch.randint(0, 2, (k,), generator=gen, device=gd) * 2.0 - 1.0
+    return (mags[torch.randperm(k, generator=gen, device=gd)] * sign).reshape(shape)
+
+
+def exact_sums_grid(bound: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A power of 2 q per element of `bound`: multiples of q whose magnitudes add up to at most `bound`
+    (each group's largest |part| summed over the parts, before snap), snapped to q, sum exactly in
+    `dtype`, every partial sum too (the room the snapping adds is left)."""
+    p = _SIGNIFICAND_BITS[dtype]
+    return torch.exp2(torch.ceil(torch.log2(bound * (1 + 2.0 ** (2 - p)))) - p)
+
+
+def snap(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """v rounded to a multiple of q (broadcast), away from 0 where it would round to 0 (no zeros)."""
+    s = torch.round(v / q) * q
+    return torch.where(s == 0, torch.copysign(q.expand_as(v), v), s)
+
+
 def _affine_params(c: int, gen: torch.Generator) -> list[torch.Tensor]:
     gd = gen.device
     w = 1.0 + 0.25 * torch.randn(c, generator=gen, device=gd)
@@ -217,17 +291,29 @@ def _affine_params(c: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 
 def group_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
-    """x ~ N(0.5, 1) (a mean offset, as activations have) and w ~ 1 + N(0, 1/16), b ~ N(0, 1/16); with
-    "shift" also b0 ~ N(0, 1/16) (a conv's bias) and t ~ N(0, 1) (a time embedding: each image's groups
-    shifted apart), in calling order x, b0, t, w, b."""
+    """x[n, hw, c] = o[n, g] + N(0, 1) (each group (n, g) offset by its own o: group_offsets), w ~ 1 + N(0,
+    1/16), b ~ N(0, 1/16); with "shift" also b0 ~ N(0, 1/16) (a conv's bias) and t ~ N(0, 1) (a time
+    embedding), x, b0 and t of group (n, g) snapped to a grid on which x + b0 + t is exact in the dtype
+    (eager torch rounds after each add; b0 to the coarsest grid of its channel's groups); in calling order
+    x, b0, t, w, b."""
     d = wl.dim
     gd = generator.device
-    x = torch.randn(d["n"], d["hw"], d["c"], generator=generator, device=gd) + 0.5
-    ts = [x, *_affine_params(d["c"], generator)]
-    if "shift" in wl.epilogue:
-        shift = [0.25 * torch.randn(d["c"], generator=generator, device=gd),
-                 torch.randn(d["n"], d["c"], generator=generator, device=gd)]
-        ts = [x, *shift, *ts[1:]]
+    n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
+    cg = c // g
+    o = group_offsets((n, g), wl.dtype, generator).repeat_interleave(cg, dim=1)  # [n, c]
+    x = torch.randn(n, hw, c, generator=generator, device=gd) + o[:, None, :]
+    w, b = _affine_params(c, generator)
+    if "shift" not in wl.epilogue:
+        ts = [x, w, b]
+    else:
+        b0 = 0.25 * torch.randn(c, generator=generator, device=gd)
+        t = torch.randn(n, c, generator=generator, device=gd)
+
+        def per_group(v):  # [..., c] -> the largest |v| of each group, spread back over its channels
+            return v.abs().reshape(*v.shape[:-1], g, cg).amax(-1).repeat_interleave(cg, dim=-1)
+
+        q = exact_sums_grid(per_group(x.abs().amax(1)) + per_group(b0) + per_group(t), wl.dtype)  # [n, c]
+        ts = [snap(x, q[:, None, :]), snap(b0, q.amax(0)), snap(t, q), w, b]
     return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in ts]
 
 
@@ -238,8 +324,8 @@ def group_norm_output(wl: Workload, device) -> torch.Tensor:
 
 def group_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
     """float64 where the inputs are: F.group_norm on the NCHW view (H*W flattened into one axis) of x, or
-    of x + b0 + t with "shift" (exact in float64: the fp16 roundings eager adds between its adds are
-    within the tolerance), then SiLU."""
+    of x + b0 + t with "shift" (exact in float64, as the kernel's fp32 sum; eager rounds to the dtype
+    after each add, exact on group_norm_inputs' operands), then SiLU."""
     x, *ops = f64(inputs)
     if "shift" in wl.epilogue:
         b0, t, *ops = ops
@@ -281,8 +367,11 @@ def group_norm_vendor_nchw(wl: Workload) -> VendorPath:
 
 
 def layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
+    """x[m, c] = o[m] + N(0, 1) (each row offset by its own o: group_offsets), w ~ 1 + N(0, 1/16),
+    b ~ N(0, 1/16)."""
     d = wl.dim
-    x = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.5
+    o = group_offsets((d["m"], 1), wl.dtype, generator)
+    x = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + o
     return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [x, *_affine_params(d["c"], generator)]]
 
 
@@ -306,11 +395,17 @@ def layer_norm_vendor(wl: Workload):
 
 
 def add_layer_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[torch.Tensor]:
-    """a (an attention's or feed-forward's output) and r (the residual stream) ~ N(0, 1) + 0.25, w, b."""
+    """a (an attention's or feed-forward's output) ~ N(0.25, 1), r (the residual stream) = o[m] + N(0, 1)
+    (each row offset by its own o: group_offsets), w ~ 1 + N(0, 1/16), b ~ N(0, 1/16); a and r of each
+    row snapped to a grid on which a + r is exact in the dtype (torch's add, and the kernel's s, round it)."""
     d = wl.dim
-    a = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.25
-    r = torch.randn(d["m"], d["c"], generator=generator, device=generator.device) + 0.25
-    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in [a, r, *_affine_params(d["c"], generator)]]
+    gd = generator.device
+    o = group_offsets((d["m"], 1), wl.dtype, generator)
+    a = torch.randn(d["m"], d["c"], generator=generator, device=gd) + 0.25
+    r = torch.randn(d["m"], d["c"], generator=generator, device=gd) + o
+    q = exact_sums_grid(a.abs().amax(1, keepdim=True) + r.abs().amax(1, keepdim=True), wl.dtype)
+    ts = [snap(a, q), snap(r, q), *_affine_params(d["c"], generator)]
+    return [t.to(device=device, dtype=TORCH_DTYPE[wl.dtype]) for t in ts]
 
 
 def add_layer_norm_output(wl: Workload, device) -> torch.Tensor:
@@ -320,7 +415,8 @@ def add_layer_norm_output(wl: Workload, device) -> torch.Tensor:
 
 def add_layer_norm_reference(wl: Workload, inputs: list[torch.Tensor]) -> torch.Tensor:
     """float64: [a + r, LayerNorm(a + r)] (the kernel rounds s to its dtype before normalizing, as torch's
-    add does: one rounding of s, inside any fp16 tolerance)."""
+    add does: exact on add_layer_norm_inputs' operands; elsewhere one rounding of s, which at |s| / std
+    >> 1 moves y by up to |s| / std x 2^-12 in fp16)."""
     a, r, w, b = f64(inputs)
     s = a + r
     return torch.stack([s, torch.nn.functional.layer_norm(s, (wl.dim["c"],), w, b, eps_of(wl))])
@@ -338,14 +434,16 @@ def add_layer_norm_vendor(wl: Workload) -> VendorPath:
     return VendorPath(lambda inputs: inputs, run, lambda sy: torch.stack(sy))
 
 
+# version 2: shifted moments (each group's sums of x - p, p its first element); version 1 summed x and x^2,
+# whose variance cancelled where |mean| >> std: its records are re-verified, never served as measured.
 register_op("group_norm", OpDef(group_norm_prim_func, group_norm_inputs, group_norm_output, group_norm_reference,
                                 group_norm_vendor, "torch.nn.functional.group_norm",
-                                vendor_variants={"nchw": group_norm_vendor_nchw}))
+                                vendor_variants={"nchw": group_norm_vendor_nchw}, version=2))
 register_op("layer_norm", OpDef(layer_norm_prim_func, layer_norm_inputs, layer_norm_output, layer_norm_reference,
-                                layer_norm_vendor, "torch.nn.functional.layer_norm"))
+                                layer_norm_vendor, "torch.nn.functional.layer_norm", version=2))
 register_op("add_layer_norm", OpDef(add_layer_norm_prim_func, add_layer_norm_inputs, add_layer_norm_output,
                                     add_layer_norm_reference, add_layer_norm_vendor,
-                                    "torch.add+torch.nn.functional.layer_norm"))
+                                    "torch.add+torch.nn.functional.layer_norm", version=2))
 
 
 # -- module rules: nn.GroupNorm, nn.LayerNorm --------------------------------------------------------

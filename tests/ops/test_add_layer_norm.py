@@ -96,3 +96,5 @@ def test_cuda_template_builds_one_kernel_for_exact_and_bucket_rows():
             src = lib.mod.imports[0].inspect_source()
             assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 1, str(cand)
             assert re.search(r"__shared__ alignas\(\d+\) half s_shared_ptr\[" + str(w.dim["c"]) + r"\]", src), str(cand)
+            # the row's pivot s[m, 0], read from shared memory into a register once s is there
+            assert re.search(r"__syncthreads\(\);\s+pivot_local_ptr\[0\] = \(\(float\)s_shared_ptr\[0\]\);", src), str(cand)

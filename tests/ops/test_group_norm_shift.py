@@ -209,6 +209,8 @@ def test_cuda_templates_build_the_shift_for_sm90(name, w, kernels_):
         assert len(heads) == kernels_ and "xs_ptr" not in src, str(cand)
         reads_x = [h for h in heads if " x_ptr" in h]
         assert reads_x and all("b0_ptr" in h and " t_ptr" in h for h in reads_x), (str(cand), heads)
+        # the group's pivot x + b0 + t at its first element, loaded into registers
+        assert re.search(r"pivot_local_ptr\[\w+\] = \(\(\(\(float\)x_ptr\[.*\+ \(\(float\)b0_ptr\[.*\+ \(\(float\)t_ptr\[", src), str(cand)
 
 
 # -- the serving op ------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def test_rows_template_applies_to_buckets_and_builds_three_kernels(w):
         assert len(re.findall(r"__global__ void[^;{]*\{", src)) == 3, str(cand)
         assert re.findall(r"float partial_local_ptr\[(\d+)\]", src) == [str(2 * cand.knob["vec"])], str(cand)
         assert re.findall(r"half xrow_local_ptr\[(\d+)\]", src) == [str(cand.knob["vec"])], str(cand)
+        # the pivots of the thread's channels' groups in registers (the row pass), its group's (normalize)
+        assert re.findall(r"float stats_pivot_local_ptr\[(\d+)\]", src) == [str(cand.knob["vec"])], str(cand)
+        assert re.findall(r"float pivot_local_ptr\[(\d+)\]", src) == ["1"], str(cand)
         f = t.features(w, tgt, cand.knob)
         assert f["blocks"] >= 1 and 0 < f["chunk_util"] <= 1
 
