@@ -553,8 +553,26 @@ def summary(logs: Logs) -> str:
         "Reaching cuBLAS/cuDNN/FlashAttention needs the Hopper path: wgmma + TMA through TIRx "
         "(`../shared/TVM_NOTES.md`).",
         f"The memory-bound families run {span((r.m.ratio for r in rows), 1)}x faster than {torch_label(rows)}. "
-        f"{weakest_group_norm(rows)} {split_template_note(logs, rows)}",
+        f"{weakest_group_norm(rows)} {split_template_note(logs, rows)}" + norm_version_note(logs),
     ])
+
+
+def norm_version_note(logs: Logs) -> str:
+    """Where the shipped norm records are all of an older definition than this code's (shapetune.ops OpDef
+    version): their figures are of those kernels, and prebuild re-verifies and re-times them."""
+    from scheduler.templates import current_version
+
+    ops = ("group_norm", "layer_norm", "add_layer_norm")
+    recs = [r for r in logs.records if r.get("type") == "record" and r["workload"]["op"] in ops]
+    now = {r["candidate"].get("version", "") == current_version(r["candidate"]["template"], r["workload"]["op"])
+           for r in recs}
+    if not recs or True in now:
+        return ""
+    return (" Every shipped norm record (its figures here too) is of the statistics before the shifted moments of "
+            "2026-12-08 (shapetune/ops/norm.py: definition version 2, which no longer loses precision where a "
+            "group's |mean| >> std). On a GPU those records are candidates, not served: `shapetune prebuild` "
+            "re-verifies and re-times them as version 2 (one extra register load and one subtract per element; "
+            "not yet timed on a GPU).")
 
 
 def linear(logs: Logs) -> str:
