@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -74,11 +75,8 @@ class TuningDB:
 
     def __init__(self, path: str | Path | None = None, *, create: bool = True):
         self.path = Path(path) if path is not None else config.default_db_path()
-        if not create and not self.path.exists():
-            raise DBError(f"no tuning DB at {self.path} (nothing tuned yet, or a wrong --db path)")
-        if not create and self.path.is_file() and self.path.stat().st_size == 0:
-            raise DBError(f"{self.path} is an empty file, not a tuning DB (a wrong --db path, or "
-                          f"delete it to start a fresh DB)")
+        if not create:
+            self._check_file(self.path)
         self._create = create
         self._fresh = not self.path.exists()  # created by this open: a failed import removes it
         self._failed_import = False
@@ -100,6 +98,15 @@ class TuningDB:
             raise
 
     # -- setup -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_file(path: Path) -> None:
+        """An existing DB opened without create= must be a file that is not empty."""
+        if not path.exists():
+            raise DBError(f"no tuning DB at {path} (nothing tuned yet, or a wrong --db path)")
+        if path.is_file() and path.stat().st_size == 0:
+            raise DBError(f"{path} is an empty file, not a tuning DB (a wrong --db path, or "
+                          f"delete it to start a fresh DB)")
+
     def _fail(self, what: str, e: Exception | None = None) -> DBError:
         why = f": {e}" if e else ""
         return DBError(f"tuning DB {self.path} {what}{why}. Move it aside (or delete it) to start "
@@ -611,7 +618,7 @@ class TuningDB:
         (`import_jsonl`)."""
         if str(path).endswith((".jsonl", ".jsonl.xz")):
             return self.import_jsonl(path)
-        with TuningDB(path) as src:
+        with _read_only(path) as src:
             entries = list(src._stored())
             rows = src.buckets()
         with self._guard(), self._tx():
@@ -754,7 +761,7 @@ class TuningDB:
 
         Returns (added, skipped); raises DBError naming the entry and the reason."""
         with self._discard_if_failed():
-            with TuningDB(path, create=False) as src:
+            with _read_only(path) as src:
                 entries = [obj for obj, _, _ in src._stored()]
                 rows = src.buckets()
             for obj in entries:
@@ -787,3 +794,30 @@ class TuningDB:
             return None
         return (f"uid {obj.uid} is stored here with other contents (status, latency or error "
                 f"edited, or a different history)")
+
+
+@contextlib.contextmanager
+def _read_only(path: str | Path) -> Iterator[TuningDB]:
+    """Another tuning DB file, only read (`import_db`, `merge_from`): copied through a read-only connection
+    with SQLite's backup API (committed WAL pages included) into a temporary file, which is opened as the
+    TuningDB (an older schema is migrated there, not in the source: the shapetune that wrote it keeps reading
+    it, and a read-only file imports)."""
+    path = Path(path)
+    TuningDB._check_file(path)
+    with tempfile.TemporaryDirectory(prefix="shapetune-import-") as tmp:
+        copy = Path(tmp) / "source.db"
+        try:
+            src = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+            try:
+                with contextlib.closing(sqlite3.connect(copy)) as dst:
+                    src.backup(dst)
+            finally:
+                src.close()
+        except sqlite3.Error as e:
+            raise DBError(f"tuning DB {path} is not a readable SQLite DB (corrupt, or not a DB file): {e}") from e
+        try:
+            db = TuningDB(copy, create=False)
+        except DBError as e:  # name the file the user gave, not the copy
+            raise DBError(str(e).replace(str(copy), str(path))) from e
+        with db:
+            yield db

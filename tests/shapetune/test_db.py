@@ -284,3 +284,33 @@ def test_verdicts(full):
     measured = full.iter_results(workload_key=W1.key, limit=1)[0][0]
     with pytest.raises(ValueError, match="not an imported record"):
         full.add_reverification(measured, error="x")
+
+
+def test_importing_another_db_only_reads_it(full, tmp_path):
+    """Defect (before: import_db / merge_from opened the source as a TuningDB, which migrated an older schema
+    in place and switched it to WAL mode): importing an older-version DB rewrote it, so the shapetune that made
+    it no longer read it, and a read-only file could not be imported at all. Now the source is only read: a
+    read-only v2 file imports and its bytes are unchanged (SQLite's reader may still leave the -shm / -wal
+    files a WAL-mode DB's readers share next to it)."""
+    import hashlib
+    import stat
+
+    n = full.stats()["records"]
+    full.close()
+    _downgrade(full.path, 2)
+    src = full.path
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    src.chmod(stat.S_IRUSR | stat.S_IRGRP)
+    src.parent.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IXUSR | stat.S_IXGRP)  # (no effect for root)
+    try:
+        with TuningDB(tmp_path / "into.db") as d:
+            assert d.import_db(src) == (n + 3, 0)
+            assert d.stats()["by_trust"] == {"imported": n}
+        with TuningDB(tmp_path / "merged.db") as d:
+            assert d.merge_from(src) == (n + 3, 0)
+    finally:
+        src.parent.chmod(stat.S_IRWXU)
+        src.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    c = sqlite3.connect(src)
+    assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
