@@ -8,8 +8,9 @@ undoes it.
     kernels.restore(pipe)
 
 Per nn.Module component of the pipeline (`pipe.components`: unet, vae, text_encoder, text_encoder_2, ...):
-  - modules with convolutions (UNet, VAE) go to channels_last memory (`module.to(memory_format=...)`:
-    4-D parameters only), the layout the patched convs and norms take without a copy;
+  - modules with convolutions (UNet, VAE) go to channels_last memory (4-D parameters and buffers only:
+    `module.to(memory_format=...)` also takes the 5-D weights of a video model's Conv3d, which raised),
+    the layout the patched convs and norms take without a copy;
   - `kernels.patch(component)`: supported modules call the shapetune ops (tuned where faster, torch's
     ops elsewhere, counted by cause);
   - with `graphs` (default; SHAPETUNE_GRAPHS=0 turns it off), CUDA graphs per call signature
@@ -22,6 +23,7 @@ so new Linear layers are served without re-optimizing.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -74,6 +76,17 @@ class OptimizeReport:
             lines.append("op calls: " + "; ".join(f"{op} " + ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
                                                   for op, d in sorted(calls.items())))
         return "\n".join(lines)
+
+
+def _channels_last(m: nn.Module) -> None:
+    """m's 4-D parameters and buffers in channels_last memory, in place (what `m.to(memory_format=
+    torch.channels_last)` does to them). Not through `m.to`: it converts 5-D tensors too, and a Conv3d's weight
+    (SVD's and ModelScope's UNets, SVD's temporal VAE decoder) made it raise "required rank 4 tensor to use
+    channels_last format"."""
+    with torch.no_grad():
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
 
 
 def _components(pipe) -> dict[str, nn.Module]:
@@ -130,7 +143,7 @@ def optimize(pipe, graphs: bool = True, fuse: bool = True, max_graphs: int | Non
     for name, m in _components(pipe).items():
         cl = any(isinstance(x, nn.Conv2d) for x in m.modules())
         if cl:
-            m.to(memory_format=torch.channels_last)
+            _channels_last(m)
         opts = dict(fuse=fuse, fuse_qkv=fuse_qkv, fuse_temb=fuse_temb, fuse_ctxkv=fuse_ctxkv, fuse_add_norm=fuse_add_norm,
                     fuse_lora_add=fuse_lora_add, fuse_norm_shift=fuse_norm_shift)
         rep = patch(m, **opts)

@@ -124,3 +124,25 @@ def test_an_autoencoder_decode_drops_the_generator_it_never_reads(registry):
     with torch.no_grad():
         pipe.vae.decode(z, return_dict=False, generator=torch.Generator().manual_seed(1))
     assert seen == [["return_dict"]]
+
+
+def test_optimize_takes_a_video_model_with_3d_convolutions(registry):
+    """A model with an nn.Conv3d (SVD's temporal VAE decoder here; SVD's and ModelScope's UNets too): optimize put
+    the component in channels_last by `module.to(memory_format=...)`, which converts 5-D weights as well and
+    raised "required rank 4 tensor to use channels_last format". The 4-D tensors go to channels_last, the 5-D
+    ones stay as they are, and the decode matches eager's."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       layers_per_block=1, latent_channels=4, sample_size=16).eval()
+    conv3d = next(m for m in vae.modules() if isinstance(m, nn.Conv3d))
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = vae.decode(z, num_frames=3).sample
+        rep = kernels.optimize(vae)
+        assert rep.components["model"].channels_last and conv3d.weight.is_contiguous()
+        assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(vae.decode(z, num_frames=3).sample, ref, atol=1e-5, rtol=1e-5)
+    kernels.restore(vae)
+    assert vae.decoder.conv_in.weight.is_contiguous()
