@@ -134,15 +134,13 @@ class Registry:
                 return None
             with db:
                 key = self.target.key
-                rows = db.iter_results(target_key=key, status="ok")
-                trust = {}
-                for i in range(0, len(rows), 10_000):  # under SQLite's limit on bound parameters
-                    trust.update(db.trust([j for j, _ in rows[i:i + 10_000]]))
+                # measured here, in the one query (a second one by row id could meet other records: prune)
+                rows = db.iter_results(target_key=key, status="ok", origin="measured")
                 runs: dict[Workload, dict[str, MeasureResult]] = {}
                 stale: dict[Workload, MeasureResult] = {}
-                for j, r in reversed(rows):  # oldest first: ties go to the earliest stored
+                for _, r in reversed(rows):  # oldest first: ties go to the earliest stored
                     us = r.latency.median_us
-                    if trust[j][0] != "measured" or not math.isfinite(us):
+                    if not math.isfinite(us):
                         continue
                     if r.candidate.version != version(r.candidate.template, r.workload.op):  # never served
                         if r.workload not in stale or us < stale[r.workload].latency.median_us:

@@ -314,9 +314,9 @@ def _adopt(db: TuningDB, v: Verdict, foreign: MeasureResult, outcome: MeasureRes
 def _decide(db: TuningDB, v: Verdict, record_id: int, imported: MeasureResult,
             outcome: MeasureResult | str) -> None:
     if isinstance(outcome, str):
-        db.add_reverification(record_id, error=outcome)
+        db.add_reverification(record_id, error=outcome, uid=imported.uid)
         v.failed.append((imported, outcome))
-    elif db.add_reverification(record_id, measured=outcome):
+    elif db.add_reverification(record_id, measured=outcome, uid=imported.uid):
         v.passed, v.claimed_us = outcome, imported.latency.median_us
 
 

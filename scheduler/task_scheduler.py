@@ -134,9 +134,8 @@ def refresh(task: Task, db: TuningDB, target: Target, options: TuneOptions) -> N
     w = task.workload
     current = versions(w, target)
     _, task.trials = db.held(w, target, options.templates, current)
-    rows = db.iter_results(w.key, target.key, status="ok")  # newest first
-    trust = db.trust([i for i, _ in rows]) if rows else {}
-    recs = [r for i, r in rows if trust[i][0] == "measured" and _finite(r.latency.median_us)
+    rows = db.iter_results(w.key, target.key, status="ok", origin="measured")  # newest first
+    recs = [r for _, r in rows if _finite(r.latency.median_us)
             and current.get(r.candidate.template, r.candidate.version) == r.candidate.version]
     vendors: dict[str, float] = {}  # run id -> its fastest vendor path
     newest = None

@@ -199,7 +199,8 @@ def _trust(d: TuningDB, hits: list) -> dict:
 @_format_option
 @_errors
 def show(ref, db_path, fmt):
-    """One record in full, by row id, uid, or unique uid prefix."""
+    """One record in full, by row id, uid, or unique uid prefix (the uid names one record for good; the
+    row ids of the last records `prune` deleted go to the next records stored)."""
     with _open(db_path) as d:
         hit = d.find(ref)
         if hit is None:
@@ -508,9 +509,10 @@ def import_(paths, max_line_chars, max_file_chars, db_path):
 @_db_option
 @_errors
 def prune(target_key, stale, days, status, trust_state, op, yes, db_path):
-    """Delete the records matching EVERY filter given (and their re-verification verdicts); a dry
-    run unless --yes. The one command that deletes from the append-only DB: vendor baselines,
-    bucket rows and every record not selected stay byte for byte. At least one filter."""
+    """Delete the records matching EVERY filter given (and their re-verification verdicts; an import
+    that passed re-verification as a deleted record is pending again); a dry run unless --yes. The one
+    command that deletes from the append-only DB: vendor baselines, bucket rows and every record not
+    selected stay byte for byte. At least one filter."""
     import time
 
     if not any((target_key, stale, days is not None, status, trust_state, op)):
@@ -538,10 +540,16 @@ def prune(target_key, stale, days, status, trust_state, op, yes, db_path):
             con.execute("CREATE TEMP TABLE pruned AS SELECT x.id FROM records x "
                         "JOIN workloads w ON w.id = x.workload_id JOIN targets t ON t.id = x.target_id "
                         "LEFT JOIN reverifications v ON v.record_id = x.id WHERE " + " AND ".join(conds), args)
+            # an import re-verified as a record deleted here is pending again, not reverified with nothing served
+            con.execute("CREATE TEMP TABLE unverified AS SELECT v.record_id FROM reverifications v "
+                        "JOIN records m ON m.uid = v.measured_uid WHERE m.id IN (SELECT id FROM pruned) "
+                        "AND v.record_id NOT IN (SELECT id FROM pruned)")
             n = con.execute("SELECT COUNT(*) FROM pruned").fetchone()[0]
             total = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            again = con.execute("SELECT COUNT(*) FROM unverified").fetchone()[0]
             if yes:
-                con.execute("DELETE FROM reverifications WHERE record_id IN (SELECT id FROM pruned)")
+                con.execute("DELETE FROM reverifications WHERE record_id IN (SELECT id FROM pruned) "
+                            "OR record_id IN (SELECT record_id FROM unverified)")
                 con.execute("DELETE FROM records WHERE id IN (SELECT id FROM pruned)")
             con.execute("COMMIT" if yes else "ROLLBACK")
         except BaseException:
@@ -551,10 +559,12 @@ def prune(target_key, stale, days, status, trust_state, op, yes, db_path):
         raise DBError(f"tuning DB {db_path}: {e}") from e
     finally:
         con.close()
+    pending = (f"; {again} import(s) re-verified as one of them {'are' if yes else 'would be'} pending again "
+               f"(shapetune db verify)" if again else "")
     if yes:
-        click.echo(f"deleted {n} of {total} records from {db_path}")
+        click.echo(f"deleted {n} of {total} records from {db_path}{pending}")
     else:
-        click.echo(f"would delete {n} of {total} records from {db_path} (dry run: add --yes to delete)")
+        click.echo(f"would delete {n} of {total} records from {db_path}{pending} (dry run: add --yes to delete)")
 
 
 @db.command("diff")

@@ -531,14 +531,18 @@ class TuningDB:
             return {i: (state, why) for i, state, why in self._con.execute(sql, ids)}
 
     def add_reverification(self, record_id: int, measured: MeasureResult | None = None,
-                           error: str = "") -> bool:
+                           error: str = "", uid: str | None = None) -> bool:
         """Store the verdict of re-verifying imported record `record_id` on this target: passed,
         with `measured` (its result measured here, appended as a measured record), or failed with
-        `error`. Returns False if the record already had a verdict (it keeps the first)."""
+        `error`. Returns False if the record already had a verdict (it keeps the first), or `uid` is
+        given and the record is no longer that one (a row id read earlier: `db prune` may have deleted
+        it since, and SQLite gives the ids of the last rows deleted to the next rows stored)."""
         if (measured is None) == (not error) or (measured is not None and not measured.verified):
             raise ValueError("a verdict is either an ok result measured here or an error")
         with self._guard(), self._tx() as c:
-            row = c.execute("SELECT origin FROM records WHERE id = ?", (record_id,)).fetchone()
+            row = c.execute("SELECT origin, uid FROM records WHERE id = ?", (record_id,)).fetchone()
+            if uid is not None and (row is None or row[1] != uid):
+                return False
             if row is None or row[0] != "imported":
                 raise ValueError(f"record {record_id} is not an imported record")
             cur = c.execute("INSERT OR IGNORE INTO reverifications VALUES (?, ?, ?, ?, ?)",
@@ -807,12 +811,7 @@ def _read_only(path: str | Path) -> Iterator[TuningDB]:
     with tempfile.TemporaryDirectory(prefix="shapetune-import-") as tmp:
         copy = Path(tmp) / "source.db"
         try:
-            src = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
-            try:
-                with contextlib.closing(sqlite3.connect(copy)) as dst:
-                    src.backup(dst)
-            finally:
-                src.close()
+            _backup(path, copy)
         except sqlite3.Error as e:
             raise DBError(f"tuning DB {path} is not a readable SQLite DB (corrupt, or not a DB file): {e}") from e
         try:
@@ -821,3 +820,22 @@ def _read_only(path: str | Path) -> Iterator[TuningDB]:
             raise DBError(str(e).replace(str(copy), str(path))) from e
         with db:
             yield db
+
+
+def _backup(path: Path, copy: Path) -> None:
+    """Copy the DB at `path` into the file `copy`, through a read-only connection. A WAL-mode DB opens read-only
+    only where its -shm file exists or can be made: in a directory this process cannot write, with neither
+    -wal nor -journal beside it (every committed page in the file itself), it is read as immutable instead."""
+    uri = path.resolve().as_uri()
+    for query in ("mode=ro", "mode=ro&immutable=1"):
+        src = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as dst:
+                src.backup(dst)
+            return
+        except sqlite3.OperationalError as e:
+            if ("immutable" in query or "unable to open" not in str(e)
+                    or any(Path(f"{path}{s}").exists() for s in ("-wal", "-journal"))):
+                raise
+        finally:
+            src.close()

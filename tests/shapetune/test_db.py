@@ -2,11 +2,13 @@
 errors on corrupt/foreign/newer DBs, in-place migration, concurrent appends, reverification verdicts.
 Export/import/merge (the JSONL codec) are tested in tests/shapetune/test_codec.py."""
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import multiprocessing as mp
+import os
 import sqlite3
 
 import pytest
@@ -286,31 +288,53 @@ def test_verdicts(full):
         full.add_reverification(measured, error="x")
 
 
+@contextlib.contextmanager
+def _read_only(*paths):
+    """The paths (files, directories) read-only for this process, for root too (chattr +i where chmod does
+    not stop it); skips the test where neither can."""
+    import shutil
+    import stat
+    import subprocess
+
+    modes = {p: p.stat().st_mode for p in paths}
+    for p in paths:
+        p.chmod(stat.S_IMODE(modes[p]) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    immutable = any(os.access(p, os.W_OK) for p in paths)  # root: chmod stops nothing
+    try:
+        if immutable and (shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", *map(str, paths)], capture_output=True).returncode):
+            pytest.skip("root, and no chattr +i here: cannot make a file read-only")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", *map(str, paths)], capture_output=True)
+        for p in paths:
+            p.chmod(modes[p])
+
+
 def test_importing_another_db_only_reads_it(full, tmp_path):
     """Defect (before: import_db / merge_from opened the source as a TuningDB, which migrated an older schema
     in place and switched it to WAL mode): importing an older-version DB rewrote it, so the shapetune that made
     it no longer read it, and a read-only file could not be imported at all. Now the source is only read: a
-    read-only v2 file imports and its bytes are unchanged (SQLite's reader may still leave the -shm / -wal
-    files a WAL-mode DB's readers share next to it)."""
+    read-only v2 file in a read-only directory (a WAL-mode DB: no -shm beside it, and none can be made, so
+    SQLite's read-only open failed, "unable to open database file", until it was read as immutable) imports
+    and its bytes are unchanged."""
     import hashlib
-    import stat
 
     n = full.stats()["records"]
     full.close()
     _downgrade(full.path, 2)
     src = full.path
+    assert not src.with_name(src.name + "-wal").exists() and not src.with_name(src.name + "-shm").exists()
     before = hashlib.sha256(src.read_bytes()).hexdigest()
-    src.chmod(stat.S_IRUSR | stat.S_IRGRP)
-    src.parent.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IXUSR | stat.S_IXGRP)  # (no effect for root)
-    try:
+    with _read_only(src, src.parent):
         with TuningDB(tmp_path / "into.db") as d:
             assert d.import_db(src) == (n + 3, 0)
             assert d.stats()["by_trust"] == {"imported": n}
         with TuningDB(tmp_path / "merged.db") as d:
             assert d.merge_from(src) == (n + 3, 0)
-    finally:
-        src.parent.chmod(stat.S_IRWXU)
-        src.chmod(stat.S_IRUSR | stat.S_IWUSR)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert sorted(os.listdir(src.parent)) == [src.name]
     c = sqlite3.connect(src)
+    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"

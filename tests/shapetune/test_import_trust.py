@@ -199,6 +199,110 @@ def test_import_is_served_only_after_db_verify(tuned, tmp_path, cpu, monkeypatch
     assert again.exit_code == 0 and "nothing to re-verify" in again.output
 
 
+def test_pruning_the_copy_an_import_was_reverified_as_makes_it_pending_again(tuned, tmp_path, cpu, monkeypatch):
+    """Defect (before: prune deleted only the verdicts of the records it deleted): `db prune --trust measured`
+    deleted the record measured here that an import passed re-verification as, and left the import marked
+    reverified: never re-verified again, and nothing served for it. Now that verdict goes too: the import is
+    pending again, and `db verify` re-verifies it."""
+    monkeypatch.setenv("SHAPETUNE_TARGET", "llvm")
+    _, export = tuned
+    fresh = tmp_path / "fresh.db"
+    assert _cli("db", "import", export, "--db", fresh).exit_code == 0
+    assert _cli("db", "verify", "--db", fresh).exit_code == 0
+    assert _registry(fresh, cpu).resolve(W).kind == "exact"
+    dry = _cli("db", "prune", "--trust", "measured", "--db", fresh).output
+    assert "would delete 1 of" in dry and "1 import(s) re-verified as one of them would be pending again" in dry
+    assert _registry(fresh, cpu).resolve(W).kind == "exact"  # a dry run changes nothing
+    out = _cli("db", "prune", "--trust", "measured", "--yes", "--db", fresh)
+    assert out.exit_code == 0 and "deleted 1 of" in out.output and "1 import(s)" in out.output, out.output
+    with TuningDB(fresh) as db:
+        assert db.stats()["by_trust"] == {"imported": db.stats()["records"]}
+        assert db.best(W.key, cpu.key) is None and len(db.pending(cpu.key)) > 0
+    res = _registry(fresh, cpu).resolve(W)
+    assert res.kind == "fallback" and res.cause == "unverified", res
+    out = _cli("db", "verify", "--db", fresh)
+    assert out.exit_code == 0 and "reverified" in out.output, out.output
+    assert _registry(fresh, cpu).resolve(W).kind == "exact"
+
+
+def test_a_verdict_is_not_given_to_a_record_that_took_the_row_id_of_a_pruned_import(tuned, tmp_path, cpu):
+    """Defect (before: a re-verification run stored each verdict on the row id it read when it started): the
+    imports it was verifying pruned meanwhile and another export imported (another process, while the kernel
+    was built and run), SQLite gave the new records the deleted rows' ids (the largest were deleted), and
+    the verdict went to another workload's import: marked reverified, never re-verified, and nothing
+    measured for it (or the run crashed, "not an imported record", where the id was not reused). Now a verdict
+    is stored only on the record of the uid that was verified: the new imports stay pending."""
+    from scheduler.reverify import reverify
+    from scheduler.runner import Runner
+
+    _, export = tuned
+    fresh, other = tmp_path / "fresh.db", tmp_path / "other.jsonl"
+    assert _cli("db", "import", export, "--db", fresh).exit_code == 0
+    with TuningDB(fresh) as db:
+        n = db.stats()["records"]
+    with TuningDB(tmp_path / "o.db") as db:  # another export: as many dlight claims of another workload
+        db.add_results(MeasureResult(W_ONLY_WRONG, cpu, Candidate("dlight"), "ok", LatencyStats.of([5.0 + k]),
+                                     max_rel_err=0.0, run_id=f"other{k}", created=1.9e9 + k) for k in range(n))
+        db.export_jsonl(other)
+
+    class Meanwhile(Runner):
+        """A Runner during whose first kernel run (the vendor's are timed first) another process prunes every
+        import of `fresh` and imports `other`."""
+
+        timed_vendor = False
+
+        def vendors(self, workload):
+            out = super().vendors(workload)
+            self.timed_vendor = True
+            return out
+
+        def run(self, workload, artifact):
+            if self.timed_vendor and other.exists():
+                assert _cli("db", "prune", "--trust", "imported", "--yes", "--db", fresh).exit_code == 0
+                assert _cli("db", "import", other, "--db", fresh).exit_code == 0
+                other.unlink()
+            return super().run(workload, artifact)
+
+    (v,) = reverify(fresh, cpu, runner=Meanwhile(cpu))
+    assert not other.exists() and v.workload == W
+    with TuningDB(fresh) as db:
+        got = db.iter_results(origin="imported")
+        assert {i for i, _ in got} == set(range(1, n + 1))  # the ids of the pruned imports, reused
+        assert {r.workload for _, r in got} == {W_ONLY_WRONG}
+        assert {s for s, _ in db.trust([i for i, _ in got]).values()} == {"imported"}
+        assert db.iter_results(origin="measured") == []
+        assert len(db.pending(cpu.key, workload_key=W_ONLY_WRONG.key)) == n
+    assert v.passed is None and v.failed == []  # nothing left to verify
+
+
+def test_the_registry_serves_no_import_whose_row_id_a_measured_record_took_meanwhile(tuned, tmp_path, cpu,
+                                                                                       monkeypatch):
+    """Defect (before: the registry read this target's records, then their trust states by row id, in a second
+    query): the imports it read pruned in between and records measured here stored (another process), those
+    took the pruned rows' ids, and the imports were served as measured, never re-verified (or the registry
+    raised KeyError, where an id was not reused). Now it reads the measured records alone, in one query."""
+    _, export = tuned
+    fresh = tmp_path / "fresh.db"
+    assert _cli("db", "import", export, "--db", fresh).exit_code == 0
+    with TuningDB(fresh) as db:
+        n = db.stats()["records"]
+    iter_results = TuningDB.iter_results
+
+    def meanwhile(self, *args, **kwargs):
+        out = iter_results(self, *args, **kwargs)
+        monkeypatch.setattr(TuningDB, "iter_results", iter_results)  # once
+        assert _cli("db", "prune", "--trust", "imported", "--yes", "--db", fresh).exit_code == 0
+        with TuningDB(fresh) as db:  # a tuner of another workload stores as many records
+            db.add_results(MeasureResult(W_ONLY_WRONG, cpu, Candidate("dlight"), "ok", LatencyStats.of([5.0 + k]),
+                                         max_rel_err=0.0, run_id=f"here{k}", created=1.9e9 + k) for k in range(n))
+            assert {i for i, _ in db.iter_results()} == set(range(1, n + 1))  # the pruned imports' ids
+        return out
+
+    monkeypatch.setattr(TuningDB, "iter_results", meanwhile)
+    res = _registry(fresh, cpu).resolve(W)
+    assert res.kind == "fallback" and res.record is None, res
+
+
 def test_wrong_kernel_fails_reverification_and_is_never_served(tuned, tmp_path, cpu, bad_templates,
                                                                 monkeypatch):
     """Forged, valid-hash records of a deliberately wrong template claim 0.5 us: the fastest claim
