@@ -5,9 +5,8 @@ Each block sums its row s = a + r once into shared memory (vector loads of both 
 row's pivot p = s[m, 0] into a register of every thread, reduces the shifted sums S1 = sum (s - p) and
 S2 = sum (s - p)^2 from there (TVM's cross-thread allreduce; shapetune/ops/norm.py), then writes the row
 twice in one loop over [s, y]: s (the residual stream, read by the next residual add) and y =
-LayerNorm(s). DRAM
-traffic: a and r read once, s and y written once: 4 rows, where torch's add then LayerNorm moves 5 and
-launches twice. Rows are SD's 320..1280 channels (fp16: 0.6..2.5 KB of shared memory a row).
+LayerNorm(s). DRAM traffic: a and r read once, s and y written once: 4 rows, where torch's add then
+LayerNorm moves 5 and launches twice. Rows are SD's 320..1280 channels (fp16: 0.6..2.5 KB of shared memory a row).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ hw x C/G elements (p the group's pivot, its first element: shapetune/ops/norm.py
 same elements; layer_norm: a block per row m over its C elements. Every thread first loads p into a
 register (one address for the block: a broadcast); each then accumulates `vec`-wide loads less p in fp32
 registers (strided by threads*vec, so a warp reads contiguous runs), then TVM's cross-thread allreduce
-(warp shuffles + shared memory) combines the threads; the statistics live in shared memory. The normalize pass re-reads x from global memory (an L2 hit
-while the block is resident), or, with `cache_x`, from a shared-memory copy of the group loaded
-once (so x crosses DRAM exactly once: the kernel moves 2 x size(x) bytes in all).
+(warp shuffles + shared memory) combines the threads; the statistics live in shared memory. The
+normalize pass re-reads x from global memory (an L2 hit while the block is resident), or, with
+`cache_x`, from a shared-memory copy of the group loaded once (so x crosses DRAM exactly once: the
+kernel moves 2 x size(x) bytes in all).
 
 The y block is re-indexed from (n, hw, c) to (n, g, hw, c % (C/G)) (transform_block_layout), so
 the normalize loop nest sits under the same block index as the reductions.
