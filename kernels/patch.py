@@ -154,15 +154,22 @@ def _conv_weight_channels_last(conv: nn.Conv2d) -> None:
         conv._shapetune_relaid = True
 
 
-_SILU_ACT = "_shapetune_silu_act"  # on a GroupNorm whose SiLU is fused: the SiLU module that passes it through
+_SILU_ACT = "_shapetune_silu_act"  # on a GroupNorm whose SiLU is fused: (the SiLU module that passes it through,
+#   a weak reference to their parent, the parent's attribute names of the norm and of the SiLU)
 
 
 def _silu_after(norm: nn.Module) -> _FusedSiLU | None:
     """The pass-through of the SiLU module fused into this patched GroupNorm, or None where it is not fused
     or, on this call, the norm or that SiLU has hooks (then the norm's hooks see its own output and the
-    SiLU's see their input, as in eager: both run unfused)."""
-    silu, act = norm.__dict__.get("_shapetune_silu"), norm.__dict__.get(_SILU_ACT)
-    if silu is None or act is None or hooked(norm) or hooked(act):
+    SiLU's see their input, as in eager: both run unfused), or the parent no longer holds both where patch
+    found them (an activation replaced after patch, e.g. `resnet.nonlinearity = nn.Mish()`: the norm's
+    output is its own again and the new module applies itself to it)."""
+    silu, site = norm.__dict__.get("_shapetune_silu"), norm.__dict__.get(_SILU_ACT)
+    if silu is None or site is None or hooked(norm):
+        return None
+    act, parent, norm_name, act_name = site
+    mods = getattr(parent(), "_modules", None)
+    if mods is None or mods.get(act_name) is not act or mods.get(norm_name) is not norm or hooked(act):
         return None
     return silu
 
@@ -547,19 +554,35 @@ def patch_table() -> dict[type, tuple[ModuleRule, Callable]]:
     return {t: (r, REPLACEMENTS[r.kind]) for t, r in module_rules().items()}
 
 
-def _fuse_silu(norm: nn.Module, act: nn.Module) -> bool:
-    """Make `norm` apply SiLU and `act` (the SiLU module diffusers calls right after it) pass the
-    norm's output through. Only for a GroupNorm we patched and a plain nn.SiLU."""
-    if (getattr(norm, _MARK, None) != "group_norm" or type(act) is not nn.SiLU or "_shapetune_silu" in norm.__dict__
-            or hooked(act)):
+def _fuse_silu(parent: nn.Module, norm_name: str, act_name: str) -> bool:
+    """Make the parent's GroupNorm `norm_name` apply SiLU and its SiLU module `act_name` (the one diffusers
+    calls right after it) pass the norm's output through. Only for a GroupNorm we patched and a plain nn.SiLU;
+    a norm fused with a module its parent no longer holds is unfused first (True: fused now, not before)."""
+    norm, act = parent._modules.get(norm_name), parent._modules.get(act_name)
+    if getattr(norm, _MARK, None) != "group_norm":
+        return False
+    site = norm.__dict__.get(_SILU_ACT)
+    if site is not None:
+        if site[0] is act and site[1]() is parent and site[2] == norm_name:
+            return False  # fused already
+        _unfuse_silu(norm)
+    if type(act) is not nn.SiLU or hooked(act):
         return False
     fused = act.__dict__.get("_shapetune_fused") or _FusedSiLU()
     act._shapetune_fused = fused
     act.forward = types.MethodType(_silu_forward, act)
     setattr(act, _MARK, "silu_passthrough")
     norm._shapetune_silu = fused
-    norm.__dict__[_SILU_ACT] = act  # (not a registered submodule: a plain reference to the SiLU)
+    # (plain references, not registered submodules; the parent's weakly: the norm may outlive it)
+    norm.__dict__[_SILU_ACT] = (act, weakref.ref(parent), norm_name, act_name)
     return True
+
+
+def _unfuse_silu(norm: nn.Module) -> None:
+    """The norm computes its own output again (its former SiLU keeps passing through only what a norm fused
+    with it returned)."""
+    norm.__dict__.pop("_shapetune_silu", None)
+    norm.__dict__.pop(_SILU_ACT, None)
 
 
 def patch(model: nn.Module, fuse: bool = True, fuse_qkv: bool = True, fuse_temb: bool = True,
@@ -657,9 +680,13 @@ _INSTALL = {"ResnetBlock2D": _install_resnet, "Transformer2DModel": _install_tra
 def _fuse_sites(m: nn.Module, report: PatchReport) -> None:
     """Apply shapetune/fusions.py's sites inside module m."""
     sites = sites_of(m)
+    for name, child in m._modules.items():  # fused where a SiLU followed it, no longer (the activation replaced)
+        site = None if child is None else child.__dict__.get(_SILU_ACT)
+        if site is not None and site[1]() is m and getattr(sites.get(name), "kind", None) != "silu":
+            _unfuse_silu(child)
     for path, site in sites.items():
         if site.kind == "silu":
-            report.patched["group_norm+silu"] += _fuse_silu(m.get_submodule(path), getattr(m, site.act))
+            report.patched["group_norm+silu"] += _fuse_silu(m, path, site.act)
     install = _INSTALL.get(type(m).__name__)
     if (install is not None and _MARK not in m.__dict__ and any(s.kind != "silu" for s in sites.values())
             and not hooked(m)):

@@ -45,9 +45,11 @@ class Group(ModelGroup):
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first column, members, width) per run
 
     def member_intact(self, resnet: nn.Module, off: int, n: int) -> bool:
-        # the group's GEMM also applies the resnet's SiLU to temb: not where that module has hooks now
-        p = resnet.time_emb_proj
-        return plain_linear(p) and holds_rows(p, self.weight, self.bias, off, n) and not hooked(resnet.nonlinearity)
+        # the group's GEMM also applies the resnet's SiLU to temb: only while that module is still a SiLU
+        # (not one replaced after patch, e.g. by nn.Mish), without hooks, applied to temb (no skip_time_act)
+        p, act = resnet.time_emb_proj, resnet.nonlinearity
+        return (plain_linear(p) and holds_rows(p, self.weight, self.bias, off, n) and type(act) is nn.SiLU
+                and not hooked(act) and not resnet.skip_time_act)
 
     def split(self, y: torch.Tensor) -> dict[int, torch.Tensor]:
         """The packed GEMM's [B, sum C] output as each member's contiguous [B, C] (what the shift's consumer,
