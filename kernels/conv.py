@@ -35,7 +35,7 @@ from .elementwise import bias_add_resolve, run_bias_add
 from .registry import get_registry
 from scheduler.loader import call_on_current_stream
 
-from .custom_op import call_op, shapetune_op
+from .custom_op import TORCH_EXPR, call_op, shapetune_op
 
 CL = torch.channels_last
 
@@ -187,6 +187,8 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("shapetune::conv2d", _backward, setup_context=_setup_context)
+TORCH_EXPR["conv2d"] = lambda x, w, b, stride, padding, residual=None, shift=None: _torch_conv(
+    x, w, b, stride, padding, residual, shift, None)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1,

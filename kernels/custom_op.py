@@ -45,10 +45,45 @@ def direct_ok(args) -> bool:
     return True
 
 
+# -- autocast -------------------------------------------------------------------------------------
+# torch.autocast casts the inputs of torch's ops, not of custom ops. Under autocast an op computes what
+# autocast would have torch compute: where every floating tensor input already has the dtype autocast gives
+# that kind of op (its lower precision for GEMMs, convs, attention; float32 for the norms), the op runs as
+# without autocast; otherwise torch's own expression of the op runs (TORCH_EXPR), which autocast casts op by
+# op as in eager, counted (op, "autocast").
+TORCH_EXPR: dict = {}  # op name -> torch's expression of the op, same signature
+_AUTOCAST_FP32 = frozenset({"group_norm", "layer_norm", "add_layer_norm"})  # autocast's float32 list
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def autocast_on(t: torch.Tensor) -> bool:
+    """torch.autocast is on for t's device type (the fused paths patch picks per call stay off then)."""
+    return _any_autocast() and not _is_compiling() and torch.is_autocast_enabled(t.device.type)
+
+
+def _autocast_call(name: str, args):
+    """The op's result under autocast, or None where it runs as without autocast."""
+    t = next(a for a in args if isinstance(a, _Tensor))
+    dev = t.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    want = torch.float32 if name in _AUTOCAST_FP32 else torch.get_autocast_dtype(dev)
+    if all(a.dtype == want for a in args if isinstance(a, _Tensor) and a.is_floating_point()):
+        return None
+    from .dispatch import count
+
+    count(name, "autocast")
+    return TORCH_EXPR[name](*args)
+
+
 def call_op(name: str, *args):
     """torch.ops.shapetune.<name>(*args), skipping the custom-op dispatch (Python work per call far
     above the registry lookup's; the lookup: see BENCHMARKS.md, "Registry lookup") when `direct_ok`:
-    a patched diffusers UNet makes ~1000 op calls per step."""
+    a patched diffusers UNet makes ~1000 op calls per step. Under torch.autocast: see TORCH_EXPR."""
+    if _any_autocast() and not _is_compiling():
+        out = _autocast_call(name, args)
+        if out is not None:
+            return out
     if direct_ok(args):
         return _RAW[name](*args)
     op = _OPS.get(name)
@@ -63,7 +98,9 @@ def register_recompute_autograd(name: str, torch_fn) -> None:
     intermediates). Non-tensor inputs get no gradient. Under create_graph (gradient penalties,
     Hessian-vector products: the backward then runs with grad mode on) the recompute runs on the saved
     inputs themselves and the gradient keeps its graph, so second-order terms through the op are there
-    (before, the gradient was a constant and they were silently dropped)."""
+    (before, the gradient was a constant and they were silently dropped). `torch_fn` is also the op's
+    TORCH_EXPR."""
+    TORCH_EXPR[name] = torch_fn
     def setup(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
         ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]

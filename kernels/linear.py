@@ -11,7 +11,7 @@ from shapetune.ops.linear import linear_workload
 from .dispatch import SUPPORTED, plan, resolve
 from scheduler.loader import call_on_current_stream
 
-from .custom_op import call_op, shapetune_op
+from .custom_op import TORCH_EXPR, call_op, shapetune_op
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -72,6 +72,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("shapetune::linear", _backward, setup_context=_setup_context)
+TORCH_EXPR["linear"] = torch.nn.functional.linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -260,20 +260,25 @@ def add_layer_norm_prim_func(wl: Workload):
 # fp16, which no tolerance of a normalized output passes.
 OFFSET_MIN = 0.1
 OFFSET_MAX = {"float16": 1000.0, "bfloat16": 100.0, "float32": 60.0, "float64": 60.0}
+# group_norm's own caps where torch's CUDA group_norm (the yardstick) needs them lower: its fp16 error grows as
+# (|o| / std)^2 (as the plain moments'), 146092 of 1.2M elements out of tolerance at 1000 (H100, torch 2.11,
+# 2026-12-08): every fp16 group_norm tuning run aborted, every import stayed pending.
+OFFSET_MAX_GROUP_NORM = {"float16": 200.0}
 _SIGNIFICAND_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
 
 
 OFFSET_FULL_CNT = 64  # groups of fewer elements get OFFSET_MAX scaled by cnt / 64
 
 
-def group_offsets(shape: tuple[int, ...], dtype: str, gen: torch.Generator, cnt: int) -> torch.Tensor:
+def group_offsets(shape: tuple[int, ...], dtype: str, gen: torch.Generator, cnt: int,
+                  caps: dict | None = None) -> torch.Tensor:
     """One offset per statistics group (of cnt elements), of `shape`: magnitudes log-spaced from the cap down
     to OFFSET_MIN (every draw holds a group at the cap; a single group is at it), randomly permuted over the
     groups, random signs. The cap is OFFSET_MAX[dtype], scaled down by cnt / OFFSET_FULL_CNT for smaller
     groups: normalizing a group of 2 is ill-conditioned (y = +-1 from x1 - x2), so torch's own fp32 path (the
     yardstick: it rounds the mean, ulp(|o|), against |x - mean| < std) missed the tolerance there at 60
     (relative L2 5e-5, group_norm hw=1, C/G = 2)."""
-    hi = max(OFFSET_MIN, OFFSET_MAX[dtype] * min(1.0, cnt / OFFSET_FULL_CNT))
+    hi = max(OFFSET_MIN, (caps or {}).get(dtype, OFFSET_MAX[dtype]) * min(1.0, cnt / OFFSET_FULL_CNT))
     gd, k = gen.device, math.prod(shape)
     mags = hi * (OFFSET_MIN / hi) ** (torch.arange(k, device=gd) / max(k - 1, 1))
     sign = torch.randint(0, 2, (k,), generator=gen, device=gd) * 2.0 - 1.0
@@ -311,7 +316,7 @@ def group_norm_inputs(wl: Workload, device, generator: torch.Generator) -> list[
     gd = generator.device
     n, hw, c, g = d["n"], d["hw"], d["c"], d["g"]
     cg = c // g
-    o = group_offsets((n, g), wl.dtype, generator, hw * cg).repeat_interleave(cg, dim=1)  # [n, c]
+    o = group_offsets((n, g), wl.dtype, generator, hw * cg, OFFSET_MAX_GROUP_NORM).repeat_interleave(cg, dim=1)
     x = torch.randn(n, hw, c, generator=generator, device=gd) + o[:, None, :]
     w, b = _affine_params(c, generator)
     if "shift" not in wl.epilogue:

@@ -91,8 +91,10 @@ def test_templates_stay_accurate_far_from_zero(monkeypatch, w, at, offset):
             assert err <= BOUND, (str(cand), f"max error {err:.3g} (torch's {torch_err:.3g})")
 
 
-VERIFY_CASES = [(w, 2) for w, _ in WORKLOADS] + [(group_norm_workload(2, 77, 48, 4, "float16", silu=True), 2),
-                                                  (layer_norm_workload(37, 48, "float16"), 2)]
+# (fp16 group_norm is not among them: its inputs stop at |mean| / std = OFFSET_MAX_GROUP_NORM, where torch's
+# CUDA group_norm, the yardstick, still passes; the plain moments pass there too, and the fp32 cases and the
+# direct bounds above catch them)
+VERIFY_CASES = [(w, 2) for w, _ in WORKLOADS] + [(layer_norm_workload(37, 48, "float16"), 2)]
 
 
 @pytest.mark.parametrize("w, trials", VERIFY_CASES, ids=[w.name for w, _ in VERIFY_CASES])
@@ -156,19 +158,20 @@ def test_fp16_inputs_expose_the_plain_moments_in_a_gpu_summation_order(w):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_inputs_spread_the_groups_and_keep_eager_sums_exact(dtype):
-    """Each group of the ops' inputs is offset by its own o (|o| from 0.1 to OFFSET_MAX, both signs, one
-    group at OFFSET_MAX); no zeros; the sums an eager path rounds in the dtype are exact there: group_norm's
+    """Each group of the ops' inputs is offset by its own o (|o| from 0.1 to the cap, OFFSET_MAX or group_norm's
+    OFFSET_MAX_GROUP_NORM, both signs, one group at the cap); no zeros; the sums an eager path rounds in the dtype are exact there: group_norm's
     shift x + b0 + t (two adds), add_layer_norm's a + r."""
     gen = torch.Generator().manual_seed(3)
     w = group_norm_workload(2, 77, 48, 8, dtype, shift=True)
     x, b0, t, *_ = opdef("group_norm").inputs(w, "cpu", gen)
     means = x.double().reshape(2, 77, 8, 6).mean((1, 3))  # per (n, g): o + a sample mean of N(0, 1)
-    hi = norm.OFFSET_MAX[dtype]
+    hi = norm.OFFSET_MAX_GROUP_NORM.get(dtype, norm.OFFSET_MAX[dtype])  # (lower for group_norm in fp16)
     assert abs(float(means.abs().max()) - hi) < 1 and float(means.abs().min()) < 1
     assert bool((means > 0).any()) and bool((means < 0).any())
     assert all(bool((v != 0).all()) for v in (x, b0, t))
     eager = x + b0 + t[:, None, :]  # in the dtype, rounded after each add
     assert torch.equal(eager.double(), x.double() + b0.double() + t.double()[:, None, :])
+    hi = norm.OFFSET_MAX[dtype]
     a, r, *_ = opdef("add_layer_norm").inputs(add_layer_norm_workload(37, 64, dtype), "cpu", gen)
     assert abs(float(r.double().mean(1).abs().max()) - hi) < 1
     assert torch.equal((a + r).double(), a.double() + r.double()) and bool((a != 0).all())
