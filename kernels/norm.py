@@ -22,7 +22,7 @@ from shapetune.ops.norm import add_layer_norm_workload, group_norm_workload, lay
 from .dispatch import SUPPORTED, count, meta, plan, resolve, served
 from scheduler.loader import call_on_current_stream
 
-from .custom_op import autocast_on, call_op, register_recompute_autograd, shapetune_op
+from .custom_op import _any_autocast, autocast_on, call_op, register_recompute_autograd, shapetune_op
 
 
 def _affine(weight, bias) -> tuple:
@@ -292,7 +292,7 @@ def add_layer_norm_tuned(a: torch.Tensor, r: torch.Tensor, weight: Optional[torc
     """Whether `add_layer_norm(a, r, ...)` runs one tuned kernel (False while torch.compile traces). Where
     not, the call is counted under ("add_layer_norm", cause) here: the caller runs the unfused path. The
     op's own plan (one dict lookup once warm)."""
-    if torch.compiler.is_compiling() or autocast_on(a):  # autocast: the add, then the norm, as eager
+    if torch.compiler.is_compiling() or (_any_autocast() and autocast_on(a)):  # autocast: add, then norm, as eager
         return False
     return served(_aln_key(a, r, weight, bias, eps), _aln_plan, a, r, weight, bias, eps)
 

@@ -104,7 +104,7 @@ from shapetune.ops import ModuleRule, module_rules, rule_for
 from . import ctxkv, lora, qkv
 from . import temb as temb_
 from .attention import attention
-from .custom_op import autocast_on, call_op
+from .custom_op import _any_autocast, autocast_on, call_op
 from .dispatch import count
 from .elementwise import gelu_gate
 from .conv import conv2d_tuned
@@ -276,7 +276,8 @@ def _conv_shift_norm(resnet: nn.Module, x: torch.Tensor, shift: torch.Tensor) ->
         return norm(conv(x) + shift[:, :, None, None])
     w, b, stride, pad = conv.weight, conv.bias, conv.stride[0], conv.padding[0]
     # (under autocast the eager expression, which autocast casts op by op: kernels.custom_op)
-    if fuse and not torch.compiler.is_compiling() and not autocast_on(x) and not conv2d_tuned(x, w, b, stride, pad, shift):
+    if (fuse and not torch.compiler.is_compiling() and not (_any_autocast() and autocast_on(x))
+            and not conv2d_tuned(x, w, b, stride, pad, shift)):
         silu = _silu_after(norm)
         if group_norm_shift_tuned(_conv_out_shape(conv, x), x.dtype, x.device, norm.num_groups, norm.weight,
                                   norm.bias, float(norm.eps), silu is not None, b, shift):
@@ -459,8 +460,7 @@ def _attn_add_norm(attn: nn.Module, x, ctx, mask, cross_kwargs: dict, residual, 
     proc = attn.processor
     if (add_norm and mask is None and not cross_kwargs and isinstance(proc, AttnProcessor) and type(norm) is nn.LayerNorm
             and norm.__dict__.get(_MARK) == "layer_norm" and norm.weight is not None and norm.bias is not None
-            and not autocast_on(residual) and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias,
-                                                                   float(norm.eps))
+            and add_layer_norm_tuned(residual, residual, norm.weight, norm.bias, float(norm.eps))
             and not hooked(attn) and not hooked(norm)):
         o = proc.projected(attn, x, ctx)
         if o is not None and o.shape == residual.shape and o.dtype == residual.dtype:
