@@ -57,16 +57,17 @@ _any_autocast = torch._C._is_any_autocast_enabled
 
 
 def autocast_on(t: torch.Tensor) -> bool:
-    """torch.autocast is on for t's device type (the fused paths patch picks per call stay off then)."""
-    return _any_autocast() and not _is_compiling() and torch.is_autocast_enabled(t.device.type)
+    """torch.autocast is on for t's device type (the fused paths patch picks per call stay off then). Hot
+    paths ask the builtin `_any_autocast()` first and call this only where it is True (a Python call less)."""
+    return torch.is_autocast_enabled(t.device.type)
 
 
 def _autocast_call(name: str, args):
     """The op's result under autocast, or None where it runs as without autocast."""
     t = next(a for a in args if isinstance(a, _Tensor))
-    dev = t.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not autocast_on(t):
         return None
+    dev = t.device.type
     want = torch.float32 if name in _AUTOCAST_FP32 else torch.get_autocast_dtype(dev)
     if all(a.dtype == want for a in args if isinstance(a, _Tensor) and a.is_floating_point()):
         return None
